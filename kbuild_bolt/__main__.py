@@ -1,0 +1,5 @@
+import sys
+
+from kbuild_bolt.cli import main
+
+sys.exit(main())

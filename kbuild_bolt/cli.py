@@ -1,0 +1,211 @@
+"""The ``kbuild-bolt`` command line: thin subcommands over the layers below."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kbuild_bolt import __version__
+from kbuild_bolt.errors import KbbError
+
+
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+# ---------------------------------------------------------------------------
+# info
+
+
+def cmd_info(args) -> int:
+    from kbuild_bolt.kernel.inventory import describe, format_text, open_vmlinux
+
+    with open_vmlinux(args.vmlinux) as image:
+        report = describe(image)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_text(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# boot
+
+
+def cmd_boot(args) -> int:
+    from kbuild_bolt.lab.qemu import boot
+
+    initrd = args.initrd
+    if initrd is None:
+        from kbuild_bolt.lab.initramfs import build_lab_initramfs
+        import tempfile
+
+        tmpdir = tempfile.mkdtemp(prefix="kbuild-bolt-boot-")
+        initrd = os.path.join(tmpdir, "initramfs.cpio.gz")
+        modules = tuple(args.load or ())
+        if modules and not args.modules:
+            raise KbbError("--load needs --modules (an INSTALL_MOD_PATH with lib/modules/<release>)")
+        release = None
+        if args.modules:
+            root = os.path.join(args.modules, "lib/modules")
+            releases = sorted(os.listdir(root)) if os.path.isdir(root) else []
+            if len(releases) != 1:
+                raise KbbError(f"{args.modules}: expected exactly one lib/modules/<release>")
+            release = releases[0]
+        build_lab_initramfs(initrd, modules_root=args.modules, release=release, modules=modules)
+    echo = (lambda line: print(line, file=sys.stderr)) if args.verbose else None
+    result = boot(args.kernel, initrd, workload=args.workload, iterations=args.iterations,
+                  kaslr=not args.nokaslr, timeout=args.timeout, append=args.append or "",
+                  memory=args.memory, smp=args.smp, log=args.log, expect=args.expect, echo=echo)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        print(result.summary())
+    return 0 if result.ok else 1
+
+
+# ---------------------------------------------------------------------------
+# lab
+
+
+def cmd_lab(args) -> int:
+    from kbuild_bolt.lab.kernels import FLAVORS, lab_kernel
+
+    if args.lab_command == "demo":
+        return lab_demo(args)
+    if args.lab_command == "list":
+        for name in FLAVORS:
+            try:
+                kernel = lab_kernel(name, build=False)
+                state = f"built: {kernel.root}"
+            except KbbError as err:
+                state = str(err)
+            print(f"{name:<16} {state}")
+        return 0
+    names = list(FLAVORS) if args.flavor == ["all"] else args.flavor
+    for name in names:
+        kernel = lab_kernel(name, build=args.lab_command == "build")
+        if args.json:
+            _print_json({
+                "name": kernel.name, "release": kernel.release, "root": str(kernel.root),
+                "vmlinux": str(kernel.vmlinux), "bzImage": str(kernel.bzimage),
+                "initramfs": str(kernel.initramfs), "modules": str(kernel.modules_root),
+                "system_map": str(kernel.system_map),
+            })
+        else:
+            print(f"{kernel.name}: {kernel.release}")
+            print(f"  vmlinux (with relocations) {kernel.vmlinux}")
+            print(f"  bzImage                    {kernel.bzimage}")
+            print(f"  initramfs                  {kernel.initramfs}")
+            print(f"  modules                    {kernel.modules_root}")
+    return 0
+
+
+def lab_demo(args) -> int:
+    """The main job on a lab kernel: build it, report what it holds, boot it."""
+    from kbuild_bolt.kernel.inventory import describe, format_text, open_vmlinux
+    from kbuild_bolt.lab.kernels import lab_kernel
+    from kbuild_bolt.lab.qemu import boot
+
+    kernel = lab_kernel(args.flavor)
+    print(f"== {kernel.name}: {kernel.vmlinux}")
+    with open_vmlinux(kernel.vmlinux) as image:
+        print(format_text(describe(image)))
+    failed = 0
+    for workload in args.workload or ("files", "server"):
+        print(f"== boot {kernel.bzimage.name} (KASLR on), workload {workload}")
+        result = boot(kernel.bzimage, kernel.initramfs, workload=workload, kaslr=True)
+        print(result.summary())
+        failed |= not result.ok
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kbuild-bolt",
+        description="Post-link optimizer for the Linux kernel: lays vmlinux code out again "
+                    "from a profile and keeps every kernel table consistent.",
+    )
+    parser.add_argument("--version", action="version", version=f"kbuild-bolt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("info", help="what a vmlinux holds: version, relocations, functions, tables",
+                       description="Report a vmlinux's kernel version, relocations, function "
+                                   "counts and kernel patch tables.")
+    p.add_argument("vmlinux", help="an x86-64 vmlinux (ELF)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("boot", help="boot a kernel in QEMU (TCG) and check its console",
+                       description="Boot a bzImage (KASLR on by default) or a vmlinux (PVH entry) "
+                                   "in QEMU with an initramfs; report markers reached and every "
+                                   "WARNING/BUG/Oops/panic/'missing return thunk' line. Exit "
+                                   "status 1 when a marker is missing or a problem appears.")
+    p.add_argument("kernel", help="bzImage or vmlinux")
+    p.add_argument("--initrd", help="initramfs to boot with (default: a lab initramfs built now)")
+    p.add_argument("--modules", help="with no --initrd: INSTALL_MOD_PATH whose modules go in")
+    p.add_argument("--load", action="append", metavar="MODULE",
+                   help="with no --initrd: module to modprobe at boot (repeatable)")
+    p.add_argument("--workload", default="files", help="lab workload: files, server or none")
+    p.add_argument("--iterations", type=int, help="workload iterations (lab /init default 20)")
+    p.add_argument("--nokaslr", action="store_true", help="boot with nokaslr")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds before the VM is killed")
+    p.add_argument("--append", help="more kernel command line")
+    p.add_argument("--memory", default="512M", help="guest memory (default 512M)")
+    p.add_argument("--smp", type=int, default=2, help="guest CPUs (default 2)")
+    p.add_argument("--expect", action="append", metavar="MARKER",
+                   help="marker that must appear (instead of the lab /init's plan)")
+    p.add_argument("--log", help="write the serial console log here")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.add_argument("-v", "--verbose", action="store_true", help="echo the console to stderr")
+    p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("lab", help="the kernel lab: build and locate the test kernels",
+                       description="Build (once, cached under ~/.cache/kbuild-bolt) and locate "
+                                   "the lab kernels made from Debian's linux-source packages.")
+    lab_sub = p.add_subparsers(dest="lab_command", metavar="ACTION")
+    lab_sub.required = True
+    q = lab_sub.add_parser("build", help="build lab kernels (cached)")
+    q.add_argument("flavor", nargs="+", help="6.12-regular, 6.12-hardened, 6.1-regular or all")
+    q.add_argument("--json", action="store_true")
+    q = lab_sub.add_parser("path", help="print where a built lab kernel's files are")
+    q.add_argument("flavor", nargs="+")
+    q.add_argument("--json", action="store_true")
+    lab_sub.add_parser("list", help="list lab kernels and whether they are built")
+    q = lab_sub.add_parser("demo", help="the main job on a lab kernel: build, info, boot",
+                           description="Build the lab kernel (cached), report what it holds, "
+                                       "boot it in QEMU with KASLR and run the workloads.")
+    q.add_argument("flavor", nargs="?", default="6.12-regular")
+    q.add_argument("--workload", action="append", default=None,
+                   help="workload(s) to run (default: files and server)")
+    p.set_defaults(func=cmd_lab)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KbbError as err:
+        print(f"kbuild-bolt: error: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        print("kbuild-bolt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as err:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("KBUILD_BOLT_DEBUG"):
+            raise
+        print(f"kbuild-bolt: internal error: {type(err).__name__}: {err} "
+              "(set KBUILD_BOLT_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 3

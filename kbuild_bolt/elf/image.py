@@ -1,0 +1,307 @@
+"""An x86-64 ELF image, read through mmap with numpy views for the bulk tables.
+
+Only the ELF header, section headers and program headers are parsed eagerly
+(a few hundred records); symbols and relocations are numpy record arrays made
+on first use, so a 600 MB distro vmlinux with 400k relocations opens at once.
+Every structural problem becomes a one-line :class:`KbbError`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from kbuild_bolt.errors import KbbError
+
+EM_X86_64 = 62
+_MACHINES = {3: "i386", 40: "ARM", 183: "AArch64", 243: "RISC-V", 62: "x86-64", 8: "MIPS",
+             20: "PowerPC", 21: "PowerPC64", 22: "s390", 258: "LoongArch"}
+
+SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA = 0, 1, 2, 3, 4
+SHT_NOBITS, SHT_REL = 8, 9
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
+PT_LOAD, PT_NOTE = 1, 4
+SHN_UNDEF, SHN_ABS = 0, 0xFFF1
+STT_NOTYPE, STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 0, 1, 2, 3, 4
+STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
+
+EHDR = np.dtype([
+    ("ident", "16u1"), ("type", "<u2"), ("machine", "<u2"), ("version", "<u4"),
+    ("entry", "<u8"), ("phoff", "<u8"), ("shoff", "<u8"), ("flags", "<u4"),
+    ("ehsize", "<u2"), ("phentsize", "<u2"), ("phnum", "<u2"), ("shentsize", "<u2"),
+    ("shnum", "<u2"), ("shstrndx", "<u2"),
+])
+SHDR = np.dtype([
+    ("name", "<u4"), ("type", "<u4"), ("flags", "<u8"), ("addr", "<u8"), ("offset", "<u8"),
+    ("size", "<u8"), ("link", "<u4"), ("info", "<u4"), ("addralign", "<u8"), ("entsize", "<u8"),
+])
+PHDR = np.dtype([
+    ("type", "<u4"), ("flags", "<u4"), ("offset", "<u8"), ("vaddr", "<u8"), ("paddr", "<u8"),
+    ("filesz", "<u8"), ("memsz", "<u8"), ("align", "<u8"),
+])
+SYM = np.dtype([
+    ("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
+    ("value", "<u8"), ("size", "<u8"),
+])
+RELA = np.dtype([("offset", "<u8"), ("info", "<u8"), ("addend", "<i8")])
+
+
+@dataclass(frozen=True)
+class Section:
+    index: int
+    name: str
+    type: int
+    flags: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    addralign: int
+    entsize: int
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
+
+    @property
+    def is_alloc(self) -> bool:
+        return bool(self.flags & SHF_ALLOC)
+
+    @property
+    def is_exec(self) -> bool:
+        return bool(self.flags & SHF_EXECINSTR)
+
+    @property
+    def has_bits(self) -> bool:
+        return self.type != SHT_NOBITS
+
+    def contains(self, addr: int) -> bool:
+        return self.addr <= addr < self.addr + self.size
+
+
+def _cstring(blob, offset: int) -> str:
+    end = blob.find(b"\0", offset)
+    if end < 0:
+        end = len(blob)
+    return bytes(blob[offset:end]).decode("utf-8", "replace")
+
+
+class ElfImage:
+    """A 64-bit little-endian x86-64 ELF file, opened read-only."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        name = str(path)
+        try:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            raise KbbError(f"{name}: no such file") from None
+        except IsADirectoryError:
+            raise KbbError(f"{name}: is a directory") from None
+        except PermissionError:
+            raise KbbError(f"{name}: permission denied") from None
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 16 or handle.read(4) != b"\x7fELF":
+                raise KbbError(f"{name}: not an ELF file")
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = size
+        self.buf = memoryview(self._map)
+        self.bytes = np.frombuffer(self._map, dtype=np.uint8)
+        self._parse_headers(name)
+
+    # -- headers -----------------------------------------------------------
+
+    def _parse_headers(self, name: str) -> None:
+        ident = self.bytes[:16]
+        if ident[4] != 2:
+            raise KbbError(f"{name}: 32-bit ELF, kbuild-bolt needs a 64-bit x86-64 vmlinux")
+        if ident[5] != 1:
+            raise KbbError(f"{name}: big-endian ELF, kbuild-bolt needs an x86-64 vmlinux")
+        if self.size < EHDR.itemsize:
+            raise KbbError(f"{name}: truncated ELF header")
+        self.header = np.frombuffer(self._map, EHDR, 1)[0]
+        machine = int(self.header["machine"])
+        if machine != EM_X86_64:
+            arch = _MACHINES.get(machine, f"machine {machine}")
+            raise KbbError(f"{name}: {arch} ELF, kbuild-bolt needs an x86-64 vmlinux")
+        shoff, shnum = int(self.header["shoff"]), int(self.header["shnum"])
+        if shnum and int(self.header["shentsize"]) != SHDR.itemsize:
+            raise KbbError(f"{name}: unexpected section header size")
+        if shoff + shnum * SHDR.itemsize > self.size:
+            raise KbbError(f"{name}: truncated (section headers end past the end of the file)")
+        phoff, phnum = int(self.header["phoff"]), int(self.header["phnum"])
+        if phoff + phnum * PHDR.itemsize > self.size:
+            raise KbbError(f"{name}: truncated (program headers end past the end of the file)")
+        self.shdrs = np.frombuffer(self._map, SHDR, shnum, shoff).copy()
+        self.phdrs = np.frombuffer(self._map, PHDR, phnum, phoff).copy()
+        strndx = int(self.header["shstrndx"])
+        names = b""
+        if 0 < strndx < shnum:
+            sh = self.shdrs[strndx]
+            self._check_range(name, int(sh["offset"]), int(sh["size"]), "section names")
+            names = self._map[int(sh["offset"]):int(sh["offset"]) + int(sh["size"])]
+        self.sections: list[Section] = []
+        for i, sh in enumerate(self.shdrs):
+            section = Section(
+                index=i, name=_cstring(names, int(sh["name"])) if names else "",
+                type=int(sh["type"]), flags=int(sh["flags"]), addr=int(sh["addr"]),
+                offset=int(sh["offset"]), size=int(sh["size"]), link=int(sh["link"]),
+                info=int(sh["info"]), addralign=int(sh["addralign"]), entsize=int(sh["entsize"]),
+            )
+            if section.has_bits and section.type != SHT_NULL:
+                self._check_range(name, section.offset, section.size, section.name)
+            self.sections.append(section)
+        self._by_name = {}
+        for section in self.sections:
+            self._by_name.setdefault(section.name, section)
+        alloc = [s for s in self.sections if s.is_alloc and s.size]
+        alloc.sort(key=lambda s: s.addr)
+        self._alloc = alloc
+        self._alloc_starts = np.array([s.addr for s in alloc], dtype=np.uint64)
+
+    def _check_range(self, name: str, offset: int, size: int, what: str) -> None:
+        if offset + size > self.size:
+            raise KbbError(f"{name}: truncated ({what} ends past the end of the file)")
+
+    # -- sections ----------------------------------------------------------
+
+    def section(self, name: str) -> Section | None:
+        return self._by_name.get(name)
+
+    def section_at(self, addr: int) -> Section | None:
+        """The allocated section holding virtual address ``addr``."""
+        i = int(np.searchsorted(self._alloc_starts, np.uint64(addr), side="right")) - 1
+        # Allocated sections of a vmlinux do not overlap (per-CPU data sits at 0, far
+        # below the kernel's addresses), so the last section starting at or below
+        # addr is the only candidate.
+        if i >= 0 and self._alloc[i].contains(addr):
+            return self._alloc[i]
+        return None
+
+    def section_data(self, section: Section) -> memoryview:
+        if not section.has_bits:
+            return memoryview(bytes(section.size))
+        return self.buf[section.offset:section.offset + section.size]
+
+    def section_array(self, section: Section, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        count = section.size // dtype.itemsize
+        if not section.has_bits:
+            return np.zeros(count, dtype)
+        return np.frombuffer(self._map, dtype, count, section.offset)
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Bytes at virtual address ``addr`` (zeros for .bss-like sections)."""
+        section = self.section_at(addr)
+        if section is None or addr + size > section.end:
+            raise KbbError(f"{self.path}: address {addr:#x}+{size} is not inside one section")
+        if not section.has_bits:
+            return bytes(size)
+        start = section.offset + (addr - section.addr)
+        return bytes(self._map[start:start + size])
+
+    def array_at(self, addr: int, dtype, count: int) -> np.ndarray:
+        """``count`` records of ``dtype`` at virtual address ``addr`` (a read-only view)."""
+        dtype = np.dtype(dtype)
+        size = dtype.itemsize * count
+        section = self.section_at(addr) if size else None
+        if size == 0:
+            return np.zeros(0, dtype)
+        if section is None or addr + size > section.end:
+            raise KbbError(f"{self.path}: {size} bytes at {addr:#x} are not inside one section")
+        if not section.has_bits:
+            return np.zeros(count, dtype)
+        return np.frombuffer(self._map, dtype, count, section.offset + (addr - section.addr))
+
+    # -- symbols -----------------------------------------------------------
+
+    @cached_property
+    def symtab(self) -> Section | None:
+        for section in self.sections:
+            if section.type == SHT_SYMTAB:
+                return section
+        return None
+
+    @property
+    def has_symbols(self) -> bool:
+        return self.symtab is not None and self.symtab.size > SYM.itemsize
+
+    @cached_property
+    def symbols(self) -> "SymbolTable":
+        from kbuild_bolt.elf.symbols import SymbolTable
+
+        if not self.has_symbols:
+            return SymbolTable.empty()
+        symtab = self.symtab
+        if symtab.link >= len(self.sections):
+            raise KbbError(f"{self.path}: symbol table has no string table")
+        strtab = self.sections[symtab.link]
+        return SymbolTable(self.section_array(symtab, SYM), self.section_data(strtab))
+
+    # -- relocations -------------------------------------------------------
+
+    @cached_property
+    def rela_sections(self) -> list[Section]:
+        """The .rela.* sections that apply to allocated sections (--emit-relocs)."""
+        out = []
+        for section in self.sections:
+            if section.type == SHT_RELA and section.info < len(self.sections):
+                target = self.sections[section.info]
+                if target.is_alloc:
+                    out.append(section)
+        return out
+
+    @property
+    def has_relocations(self) -> bool:
+        return any(s.size for s in self.rela_sections)
+
+    def relocations(self, rela: Section) -> np.ndarray:
+        if rela.entsize not in (0, RELA.itemsize):
+            raise KbbError(f"{self.path}: {rela.name} has entry size {rela.entsize}")
+        return self.section_array(rela, RELA)
+
+    def relocations_for(self, target: str) -> np.ndarray:
+        """All relocations that apply to section ``target`` (empty when none)."""
+        parts = [self.relocations(r) for r in self.rela_sections
+                 if self.sections[r.info].name == target]
+        if not parts:
+            return np.zeros(0, RELA)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    # -- segments and notes ------------------------------------------------
+
+    def notes(self):
+        """(owner, type, desc) of every note in PT_NOTE segments."""
+        for ph in self.phdrs:
+            if int(ph["type"]) != PT_NOTE:
+                continue
+            pos, end = int(ph["offset"]), int(ph["offset"]) + int(ph["filesz"])
+            while pos + 12 <= end:
+                namesz, descsz, ntype = np.frombuffer(self._map, "<u4", 3, pos)
+                name_start = pos + 12
+                desc_start = name_start + ((int(namesz) + 3) & ~3)
+                owner = bytes(self._map[name_start:name_start + int(namesz)]).rstrip(b"\0")
+                yield owner.decode(errors="replace"), int(ntype), bytes(
+                    self._map[desc_start:desc_start + int(descsz)])
+                pos = desc_start + ((int(descsz) + 3) & ~3)
+
+    def close(self) -> None:
+        self.bytes = None
+        self.buf.release()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # numpy views still alive; the map goes with them
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

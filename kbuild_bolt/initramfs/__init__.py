@@ -1,0 +1,1 @@
+"""Initramfs archives: cpio (newc) and the compressions the kernel unpacks."""

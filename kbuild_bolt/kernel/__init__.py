@@ -1,0 +1,1 @@
+"""What kbuild-bolt knows about the Linux kernel: version, self-patching tables."""

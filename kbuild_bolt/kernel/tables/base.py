@@ -1,0 +1,188 @@
+"""Kernel self-patching tables described as data.
+
+A table is a run of fixed-size entries between two bounds (``__start_*`` /
+``__stop_*`` symbols, or its own output section).  Each entry is a handful of
+fields of a few kinds; the kinds say how a field points at code:
+
+``prel32``  s32, target = address of the field + value (most x86 tables)
+``prel32f`` s32 PC-relative with flag bits in the low bits (static call key)
+``prel64f`` s64 PC-relative with flag bits in the low bits (static key pointer)
+``abs64``   u64 absolute address (``__mcount_loc``, ``.parainstructions``)
+plain integers ``u8``/``u16``/``u32``/``s16``/``s32``/``u64`` are data.
+
+One generic reader (:func:`read_table`) turns any described table into a
+numpy record array plus the resolved target address of every pointer field.
+What is special about a table (padding, layouts that depend on the kernel
+version or config) lives in its own module beside this one, as data where it
+can and as a small hook where it must.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from kbuild_bolt.errors import KbbError
+
+POINTER_KINDS = ("prel32", "prel32f", "prel64f", "abs64")
+_NUMPY = {
+    "prel32": "<i4", "prel32f": "<i4", "prel64f": "<i8", "abs64": "<u8",
+    "u8": "u1", "u16": "<u2", "u32": "<u4", "u64": "<u8", "s16": "<i2", "s32": "<i4",
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    offset: int
+    kind: str
+    # For prel32f/prel64f: the low bits that carry flags, not address.
+    flag_mask: int = 0
+
+    def __post_init__(self):
+        if self.kind not in _NUMPY:
+            raise ValueError(f"unknown field kind {self.kind}")
+
+    @property
+    def is_pointer(self) -> bool:
+        return self.kind in POINTER_KINDS
+
+    @property
+    def size(self) -> int:
+        return np.dtype(_NUMPY[self.kind]).itemsize
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One entry layout: its size and fields (several may exist per table)."""
+
+    entry_size: int
+    fields: tuple[Field, ...]
+    note: str = ""
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype({
+            "names": [f.name for f in self.fields],
+            "formats": [_NUMPY[f.kind] for f in self.fields],
+            "offsets": [f.offset for f in self.fields],
+            "itemsize": self.entry_size,
+        })
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Where a table lives: start/stop symbols, or a whole output section."""
+
+    start: str | None = None
+    stop: str | None = None
+    section: str | None = None
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    bounds: Bounds
+    # Candidate layouts for a kernel version (major, minor); the first one whose
+    # probe accepts the data is used.
+    layouts: Callable[[tuple[int, int]], list[Layout]]
+    description: str = ""
+    # Trailing all-zero entries are padding (page-aligned .smp_locks).
+    zero_padding: bool = False
+    # Optional check that a layout fits the data (config-dependent entry sizes).
+    probe: Callable[["object", "TableData"], bool] | None = None
+    # Sections a pointer may legitimately target besides function code.
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TableData:
+    spec: TableSpec
+    layout: Layout
+    addr: int            # address of the first entry
+    size: int            # bytes between the bounds
+    entries: np.ndarray  # record array of all entries (padding included)
+    real_count: int      # entries that are not padding
+    located_by: str      # "symbols" or "section"
+
+    @property
+    def count(self) -> int:
+        return self.real_count
+
+    @property
+    def padding(self) -> int:
+        return len(self.entries) - self.real_count
+
+    def entry_address(self, index: np.ndarray | int):
+        return self.addr + np.asarray(index, dtype=np.uint64) * np.uint64(self.layout.entry_size)
+
+    def targets(self, field_name: str) -> np.ndarray:
+        """Resolved target addresses (uint64) of pointer field ``field_name``."""
+        f = self.layout.field(field_name)
+        raw = self.entries[field_name][: self.real_count]
+        if f.kind == "abs64":
+            return raw.astype(np.uint64)
+        where = self.entry_address(np.arange(self.real_count)) + np.uint64(f.offset)
+        value = raw.astype(np.int64)
+        if f.flag_mask:
+            value = value & ~np.int64(f.flag_mask)
+        return (where.astype(np.int64) + value).astype(np.uint64)
+
+    def flags(self, field_name: str) -> np.ndarray:
+        f = self.layout.field(field_name)
+        return (self.entries[field_name][: self.real_count].astype(np.int64)
+                & np.int64(f.flag_mask)).astype(np.uint64)
+
+
+def locate(image, spec: TableSpec) -> tuple[int, int, str] | None:
+    """(address, size, how) of a table, or None when this kernel has none."""
+    symbols = image.symbols
+    b = spec.bounds
+    if b.start and b.stop:
+        start, stop = symbols.address(b.start), symbols.address(b.stop)
+        if start is not None and stop is not None:
+            if stop < start:
+                raise KbbError(f"{spec.name}: {b.stop} lies before {b.start}")
+            return start, stop - start, "symbols"
+    if b.section:
+        section = image.section(b.section)
+        if section is not None and section.is_alloc:
+            return section.addr, section.size, "section"
+    return None
+
+
+def read_table(image, spec: TableSpec, version: tuple[int, int]) -> TableData | None:
+    """Read table ``spec`` from ``image``; None when the kernel has no such table."""
+    where = locate(image, spec)
+    if where is None:
+        return None
+    addr, size, how = where
+    candidates = spec.layouts(version)
+    if not candidates:
+        return None
+    problems = []
+    for layout in candidates:
+        if size % layout.entry_size:
+            problems.append(f"{size} bytes is not a whole number of {layout.entry_size}-byte entries")
+            continue
+        count = size // layout.entry_size
+        entries = image.array_at(addr, layout.dtype, count) if count else np.zeros(0, layout.dtype)
+        real = count
+        if spec.zero_padding and count:
+            raw = image.array_at(addr, np.dtype(("u1", layout.entry_size)), count)
+            nonzero = np.flatnonzero(raw.any(axis=1))
+            real = int(nonzero[-1]) + 1 if len(nonzero) else 0
+        data = TableData(spec, layout, addr, size, entries, real, how)
+        if spec.probe is not None and len(candidates) > 1 and not spec.probe(image, data):
+            problems.append(f"{layout.entry_size}-byte entries do not fit ({layout.note})")
+            continue
+        return data
+    raise KbbError(f"{spec.name} at {addr:#x}: {'; '.join(problems)}")

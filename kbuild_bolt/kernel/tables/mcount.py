@@ -1,0 +1,26 @@
+"""``__mcount_loc`` / ``__patchable_function_entries``: ftrace call sites.
+
+Absolute addresses of every ``call __fentry__`` (turned into a 5-byte nop at
+boot and back into calls when tracing). x86 uses ``__mcount_loc``, placed in
+.init.data; other architectures' -fpatchable-function-entry lands in
+``__patchable_function_entries``.
+"""
+
+from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+
+LAYOUT = Layout(8, (Field("site", 0, "abs64"),))
+
+SPECS = [
+    TableSpec(
+        name="__mcount_loc",
+        bounds=Bounds("__start_mcount_loc", "__stop_mcount_loc", "__mcount_loc"),
+        layouts=lambda version: [LAYOUT],
+        description="ftrace fentry sites",
+    ),
+    TableSpec(
+        name="__patchable_function_entries",
+        bounds=Bounds(None, None, "__patchable_function_entries"),
+        layouts=lambda version: [LAYOUT],
+        description="patchable function entries",
+    ),
+]

@@ -1,0 +1,218 @@
+"""Boot a kernel in QEMU (TCG) and judge the run from its serial console.
+
+A bzImage boots through the decompressor (KASLR on unless ``nokaslr``); an
+ELF vmlinux boots directly through its PVH entry note (no decompressor, so no
+KASLR). The lab /init prints ``KBB-PLAN`` with the markers it will print, then
+``KBB-MARK``/``KBB-FAIL`` lines; the result lists markers reached and missing,
+and every kernel problem line (WARNING, BUG, Oops, panic, missing return thunk, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kbuild_bolt.errors import KbbError
+
+QEMU = "qemu-system-x86_64"
+PVH_NOTE_OWNER = "Xen"
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+DEFAULT_TEXT = 0xFFFFFFFF81000000
+
+# Kernel log lines that make a boot fail, whatever the markers say.
+PROBLEM_PATTERNS = [
+    ("warning", re.compile(r"\bWARNING:")),
+    ("bug", re.compile(r"\bBUG:|kernel BUG at")),
+    ("oops", re.compile(r"\bOops\b|general protection fault|invalid opcode:|double fault")),
+    ("panic", re.compile(r"Kernel panic")),
+    ("return-thunk", re.compile(r"missing return thunk|Unpatched return thunk", re.I)),
+    ("stall", re.compile(r"rcu: INFO: .*detected stalls|INFO: task .* blocked for more than")),
+    ("stack", re.compile(r"Kernel stack is corrupted|stack guard page was hit")),
+    ("lab", re.compile(r"KBB-FAIL .*")),
+]
+_PLAN = re.compile(r"KBB-PLAN (.*)")
+_MARK = re.compile(r"KBB-MARK (\S+)")
+_TEXT = re.compile(r"KBB-TEXT ([0-9a-fA-F]+)")
+# Benign lines that match a pattern above.
+_BENIGN = [
+    re.compile(r"Spectre V2 : WARNING: Unprivileged eBPF"),
+]
+
+
+@dataclass
+class Problem:
+    kind: str
+    line: str
+    lineno: int
+
+
+@dataclass
+class BootResult:
+    kernel: str
+    initrd: str | None
+    entry: str                 # "bzImage" or "pvh"
+    kaslr: bool                # KASLR requested and possible
+    cmdline: str
+    seconds: float = 0.0
+    timed_out: bool = False
+    exit_code: int | None = None
+    plan: list[str] = field(default_factory=list)
+    markers: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    text_base: int | None = None
+    log: str | None = None
+    log_lines: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.timed_out and not self.missing and not self.problems and bool(self.plan
+                                                                                      or self.markers)
+
+    @property
+    def kaslr_offset(self) -> int | None:
+        return None if self.text_base is None else self.text_base - DEFAULT_TEXT
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("log_lines")
+        out["ok"] = self.ok
+        out["kaslr_offset"] = self.kaslr_offset
+        return out
+
+    def summary(self) -> str:
+        status = "ok" if self.ok else "FAILED"
+        parts = [f"boot {status}: {self.entry}, KASLR {'on' if self.kaslr else 'off'}, "
+                 f"{self.seconds:.1f} s"]
+        if self.text_base is not None:
+            parts.append(f"_text {self.text_base:#x}")
+        parts.append(f"markers {len(self.markers)}/{len(self.plan) or len(self.markers)}")
+        line = ", ".join(parts)
+        out = [line]
+        if self.timed_out:
+            out.append("  timed out")
+        for marker in self.missing:
+            out.append(f"  missing marker: {marker}")
+        for problem in self.problems:
+            out.append(f"  {problem.kind}: line {problem.lineno}: {problem.line}")
+        return "\n".join(out)
+
+
+def kernel_entry(path: Path) -> str:
+    """``bzImage`` or ``pvh`` for a kernel QEMU can boot; one-line error otherwise."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x210)
+    except FileNotFoundError:
+        raise KbbError(f"{path}: no such file") from None
+    if len(head) >= 0x206 and head[0x202:0x206] == b"HdrS":
+        return "bzImage"
+    if head[:4] == b"\x7fELF":
+        from kbuild_bolt.elf.image import ElfImage
+
+        with ElfImage(path) as image:
+            for owner, ntype, _ in image.notes():
+                if owner == PVH_NOTE_OWNER and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                    return "pvh"
+        raise KbbError(f"{path}: vmlinux has no PVH entry note (build with CONFIG_PVH=y)")
+    raise KbbError(f"{path}: neither a bzImage nor an ELF vmlinux")
+
+
+def qemu_command(kernel: Path, initrd: Path | None, cmdline: str, memory: str, smp: int,
+                 extra: list[str] | None = None) -> list[str]:
+    binary = shutil.which(QEMU)
+    if binary is None:
+        raise KbbError(f"{QEMU} not found (apt-get install qemu-system-x86)")
+    cmd = [
+        binary, "-accel", "tcg", "-machine", "pc", "-cpu", "max", "-m", memory,
+        "-smp", str(smp), "-nodefaults", "-display", "none", "-no-reboot",
+        "-serial", "stdio", "-kernel", str(kernel), "-append", cmdline,
+    ]
+    if initrd is not None:
+        cmd += ["-initrd", str(initrd)]
+    return cmd + list(extra or [])
+
+
+def scan_log(lines: list[str], result: BootResult) -> None:
+    """Fill markers, plan, problems and _text from console lines."""
+    for lineno, line in enumerate(lines, 1):
+        if m := _PLAN.search(line):
+            result.plan = m.group(1).split()
+            continue
+        if m := _MARK.search(line):
+            result.markers.append(m.group(1))
+            continue
+        if m := _TEXT.search(line):
+            result.text_base = int(m.group(1), 16)
+            continue
+        if any(b.search(line) for b in _BENIGN):
+            continue
+        for kind, pattern in PROBLEM_PATTERNS:
+            if pattern.search(line):
+                result.problems.append(Problem(kind, line.strip(), lineno))
+                break
+    expected = result.plan
+    result.missing = [m for m in expected if m not in result.markers]
+    if not expected and not result.markers:
+        result.missing = ["KBB-PLAN (the lab /init never ran)"]
+
+
+def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
+         workload: str = "none", iterations: int | None = None, kaslr: bool = True,
+         timeout: float = 120.0, append: str = "", memory: str = "512M", smp: int = 2,
+         log: str | os.PathLike | None = None, expect: list[str] | None = None,
+         extra_qemu: list[str] | None = None, echo=None) -> BootResult:
+    """Boot ``kernel`` with ``initrd`` and return what happened."""
+    kernel = Path(kernel)
+    entry = kernel_entry(kernel)
+    if initrd is not None and not Path(initrd).exists():
+        raise KbbError(f"{initrd}: no such file")
+    args = ["console=ttyS0,115200", "panic=-1", f"kbb.workload={workload}"]
+    if iterations is not None:
+        args.append(f"kbb.iterations={iterations}")
+    kaslr_possible = entry == "bzImage"
+    if not kaslr:
+        args.append("nokaslr")
+    if append:
+        args.append(append)
+    cmdline = " ".join(args)
+    result = BootResult(kernel=str(kernel), initrd=str(initrd) if initrd else None, entry=entry,
+                        kaslr=kaslr and kaslr_possible, cmdline=cmdline,
+                        log=str(log) if log else None)
+    cmd = qemu_command(kernel, Path(initrd) if initrd else None, cmdline, memory, smp, extra_qemu)
+    lines: list[str] = []
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def reader():
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(line)
+            if echo is not None:
+                echo(line)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        result.exit_code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        result.timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    thread.join(timeout=5)
+    result.seconds = round(time.monotonic() - started, 2)
+    result.log_lines = lines
+    if log is not None:
+        Path(log).write_text("\n".join(lines) + "\n")
+    scan_log(lines, result)
+    if expect:
+        result.missing = [m for m in expect if m not in result.markers]
+    return result
