@@ -260,7 +260,12 @@ class ElfImage:
 
     @property
     def has_relocations(self) -> bool:
-        return any(s.size for s in self.rela_sections)
+        """True when the code has its relocations (--emit-relocs, not stripped).
+
+        Only code relocations count: 6.12's post-link strip (``.rela.*``) misses
+        the ``.relaruntime_*`` sections, so a stripped vmlinux keeps a few.
+        """
+        return any(s.size and self.sections[s.info].is_exec for s in self.rela_sections)
 
     def relocations(self, rela: Section) -> np.ndarray:
         if rela.entsize not in (0, RELA.itemsize):

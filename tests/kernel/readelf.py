@@ -35,7 +35,7 @@ def symbols(path):
         if not in_symtab:
             continue
         parts = line.split()
-        if len(parts) < 8 or not parts[0].endswith(":"):
+        if len(parts) < 8 or not parts[0].endswith(":") or parts[0] == "Num:":
             continue
         num, value, size, kind, bind, _vis, ndx, name = parts[:8]
         size = int(size, 16) if size.startswith("0x") else int(size)

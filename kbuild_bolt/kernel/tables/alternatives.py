@@ -7,7 +7,9 @@ into cpuid:16 + flags:16 (14-byte entries); 6.1 has a u16 cpuid (12 bytes).
 6.12 also folds paravirt patching into alternatives.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, RANGE,
+)
 
 LAYOUT_6_1 = Layout(12, (
     Field("instr", 0, "prel32"),
@@ -35,4 +37,8 @@ SPECS = [TableSpec(
     bounds=Bounds("__alt_instructions", "__alt_instructions_end", ".altinstructions"),
     layouts=layouts,
     description="alternatives: original site + replacement",
+    refs=(
+        CodeRef("instr", RANGE, other="instrlen"),
+        CodeRef("repl", RANGE, other="replacementlen", places=(".altinstr_replacement",)),
+    ),
 )]

@@ -19,7 +19,7 @@ can and as a small hook where it must.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -78,6 +78,33 @@ class Layout:
         raise KeyError(name)
 
 
+# How a pointer field relates to the code it points at.
+SITE = "site"          # an instruction start; the entry follows the instruction when it moves
+ENTRY = "entry"        # control arrives there from elsewhere: a basic-block leader
+BRANCH = "branch"      # a patchable jump/nop site: ends its block, ``target`` field is the other edge
+RANGE = "range"        # instructions [addr, addr + length field) patched as one unit
+FUNCTION = "function"  # a function start
+SYMBOL = "symbol"      # any symbol: a function start or data
+DATA = "data"          # data, not code (static keys, strings)
+ORC_IP = "orc-ip"      # an ORC address: instruction start, inside a patch unit, or a code end
+OPERAND = "operand"    # inside an instruction: an operand the kernel patches in place
+
+
+@dataclass(frozen=True)
+class CodeRef:
+    """What one pointer field of a table must point at."""
+
+    field: str
+    role: str
+    # Name of an instruction pattern in kbuild_bolt.x86.patterns the target must match.
+    expect: str | None = None
+    # RANGE: the field holding the unit's length; BRANCH: the field holding the target.
+    other: str | None = None
+    # Code places the target may be in besides functions ("region": code no
+    # function symbol covers; or a section name such as .altinstr_replacement).
+    places: tuple[str, ...] = ("function", "region")
+
+
 @dataclass(frozen=True)
 class Bounds:
     """Where a table lives: start/stop symbols, or a whole output section."""
@@ -95,12 +122,16 @@ class TableSpec:
     # probe accepts the data is used.
     layouts: Callable[[tuple[int, int]], list[Layout]]
     description: str = ""
-    # Trailing all-zero entries are padding (page-aligned .smp_locks).
-    zero_padding: bool = False
+    # All-zero entries that are padding, not entries: "trailing" (page-aligned
+    # .smp_locks) or "any" (__mcount_loc: the linker pads between objects and
+    # resolves references to discarded code to 0; ftrace skips zeros).
+    zero_padding: str | None = None
     # Optional check that a layout fits the data (config-dependent entry sizes).
     probe: Callable[["object", "TableData"], bool] | None = None
-    # Sections a pointer may legitimately target besides function code.
-    extra: dict = field(default_factory=dict)
+    # What each pointer field points at (checked against the decoded code).
+    refs: tuple[CodeRef, ...] = ()
+    # Extra whole-table check: (model, data) -> list of (entry index, message).
+    check: Callable | None = None
 
 
 @dataclass
@@ -110,36 +141,58 @@ class TableData:
     addr: int            # address of the first entry
     size: int            # bytes between the bounds
     entries: np.ndarray  # record array of all entries (padding included)
-    real_count: int      # entries that are not padding
+    valid: np.ndarray    # bool per entry: False for padding
     located_by: str      # "symbols" or "section"
 
     @property
     def count(self) -> int:
-        return self.real_count
+        return int(self.valid.sum())
 
     @property
     def padding(self) -> int:
-        return len(self.entries) - self.real_count
+        return len(self.entries) - self.count
 
-    def entry_address(self, index: np.ndarray | int):
-        return self.addr + np.asarray(index, dtype=np.uint64) * np.uint64(self.layout.entry_size)
+    @property
+    def entry_size(self) -> int:
+        return self.layout.entry_size
 
-    def targets(self, field_name: str) -> np.ndarray:
-        """Resolved target addresses (uint64) of pointer field ``field_name``."""
+    def entry_address(self, index) -> np.ndarray:
+        return np.uint64(self.addr) + np.asarray(index, dtype=np.uint64) * np.uint64(self.entry_size)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Indices of the real (non-padding) entries."""
+        return np.flatnonzero(self.valid)
+
+    def targets(self, field_name: str, index=None) -> np.ndarray:
+        """Resolved target addresses (uint64) of pointer field ``field_name``
+        for the entries ``index`` (default: every real entry)."""
         f = self.layout.field(field_name)
-        raw = self.entries[field_name][: self.real_count]
+        if index is None:
+            index = self.indices
+        raw = self.entries[field_name][index]
         if f.kind == "abs64":
             return raw.astype(np.uint64)
-        where = self.entry_address(np.arange(self.real_count)) + np.uint64(f.offset)
+        where = self.entry_address(index) + np.uint64(f.offset)
         value = raw.astype(np.int64)
         if f.flag_mask:
             value = value & ~np.int64(f.flag_mask)
         return (where.astype(np.int64) + value).astype(np.uint64)
 
-    def flags(self, field_name: str) -> np.ndarray:
+    def flags(self, field_name: str, index=None) -> np.ndarray:
         f = self.layout.field(field_name)
-        return (self.entries[field_name][: self.real_count].astype(np.int64)
+        if index is None:
+            index = self.indices
+        return (self.entries[field_name][index].astype(np.int64)
                 & np.int64(f.flag_mask)).astype(np.uint64)
+
+
+def sorted_by(model, data: TableData, field_name: str) -> list[tuple[int, str]]:
+    """Check hook: the kernel binary-searches the table, so it must be sorted."""
+    targets = data.targets(field_name)
+    bad = np.flatnonzero(targets[1:] < targets[:-1])
+    return [(int(data.indices[i + 1]), f"not sorted: {field_name} below the previous entry's")
+            for i in bad]
 
 
 def locate(image, spec: TableSpec) -> tuple[int, int, str] | None:
@@ -175,12 +228,16 @@ def read_table(image, spec: TableSpec, version: tuple[int, int]) -> TableData | 
             continue
         count = size // layout.entry_size
         entries = image.array_at(addr, layout.dtype, count) if count else np.zeros(0, layout.dtype)
-        real = count
+        valid = np.ones(count, bool)
         if spec.zero_padding and count:
             raw = image.array_at(addr, np.dtype(("u1", layout.entry_size)), count)
-            nonzero = np.flatnonzero(raw.any(axis=1))
-            real = int(nonzero[-1]) + 1 if len(nonzero) else 0
-        data = TableData(spec, layout, addr, size, entries, real, how)
+            nonzero = raw.any(axis=1)
+            if spec.zero_padding == "any":
+                valid = nonzero
+            else:
+                last = np.flatnonzero(nonzero)
+                valid[int(last[-1]) + 1 if len(last) else 0:] = False
+        data = TableData(spec, layout, addr, size, entries, valid, how)
         if spec.probe is not None and len(candidates) > 1 and not spec.probe(image, data):
             problems.append(f"{layout.entry_size}-byte entries do not fit ({layout.note})")
             continue

@@ -5,7 +5,9 @@ Every BUG()/WARN() ``ud2`` site. The entry size depends on the kernel config:
 whose sites land on ``ud2`` instructions is the right one.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, DATA, SITE,
+)
 
 BUGFLAG_WARNING = 1 << 0
 BUGFLAG_ONCE = 1 << 1
@@ -47,4 +49,5 @@ SPECS = [TableSpec(
     layouts=lambda version: [VERBOSE, TERSE],
     probe=points_at_ud2,
     description="BUG/WARN ud2 sites",
+    refs=(CodeRef("bug_addr", SITE, expect="ud2"), CodeRef("file", DATA)),
 )]

@@ -5,7 +5,10 @@ registers). sorttable sorts it by instruction address at build time; the kernel
 binary-searches it, so it must stay sorted.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, ENTRY, SITE, sorted_by,
+)
+
 
 LAYOUT = Layout(12, (
     Field("insn", 0, "prel32"),
@@ -18,4 +21,6 @@ SPECS = [TableSpec(
     bounds=Bounds("__start___ex_table", "__stop___ex_table", "__ex_table"),
     layouts=lambda version: [LAYOUT],
     description="exception fixups",
+    refs=(CodeRef("insn", SITE), CodeRef("fixup", ENTRY)),
+    check=lambda model, data: sorted_by(model, data, "insn"),
 )]

@@ -5,7 +5,9 @@ PC-relative pointer to the static_key whose low bits are flags: bit 0 is the
 branch's default sense (static_branch_likely), bit 1 marks sites in init text.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, BRANCH, DATA, ENTRY,
+)
 
 JUMP_TYPE_TRUE = 1
 JUMP_TYPE_INIT = 2
@@ -21,4 +23,9 @@ SPECS = [TableSpec(
     bounds=Bounds("__start___jump_table", "__stop___jump_table", "__jump_table"),
     layouts=lambda version: [LAYOUT],
     description="static keys: jmp/nop sites",
+    refs=(
+        CodeRef("code", BRANCH, expect="static_key_site", other="target"),
+        CodeRef("target", ENTRY),
+        CodeRef("key", DATA),
+    ),
 )]

@@ -5,13 +5,16 @@ its name and its namespace. CRCs are plain u32 values (MODVERSIONS), one per
 ksymtab entry in the same order; modules are checked against them at load.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, DATA, SYMBOL,
+)
 
 KSYM = Layout(12, (
     Field("value", 0, "prel32"),
     Field("name", 4, "prel32"),
     Field("namespace", 8, "prel32"),
 ))
+KSYM_REFS = (CodeRef("value", SYMBOL), CodeRef("name", DATA), CodeRef("namespace", DATA))
 KCRC = Layout(4, (Field("crc", 0, "u32"),))
 
 SPECS = [
@@ -20,12 +23,14 @@ SPECS = [
         bounds=Bounds("__start___ksymtab", "__stop___ksymtab", "__ksymtab"),
         layouts=lambda version: [KSYM],
         description="exported symbols",
+        refs=KSYM_REFS,
     ),
     TableSpec(
         name="__ksymtab_gpl",
         bounds=Bounds("__start___ksymtab_gpl", "__stop___ksymtab_gpl", "__ksymtab_gpl"),
         layouts=lambda version: [KSYM],
         description="GPL-only exported symbols",
+        refs=KSYM_REFS,
     ),
     TableSpec(
         name="__kcrctab",

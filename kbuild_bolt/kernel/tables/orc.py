@@ -5,7 +5,9 @@ and the 6-byte ORC entry that holds from there up to the next address. 6.4+
 also has ``.orc_header``, a 20-byte hash of the ORC format that modules must match.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, ORC_IP, sorted_by,
+)
 
 ORC_TYPE_UNDEFINED = 0
 ORC_TYPE_END_OF_STACK = 1
@@ -28,6 +30,8 @@ SPECS = [
         bounds=Bounds("__start_orc_unwind_ip", "__stop_orc_unwind_ip", ".orc_unwind_ip"),
         layouts=lambda version: [IP],
         description="ORC: instruction addresses",
+        refs=(CodeRef("ip", ORC_IP),),
+        check=lambda model, data: sorted_by(model, data, "ip"),
     ),
     TableSpec(
         name=".orc_unwind",

@@ -4,7 +4,9 @@ Until 6.5 paravirt call sites had their own table with absolute addresses;
 later kernels patch them through alternatives.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, RANGE,
+)
 
 LAYOUT = Layout(16, (
     Field("instr", 0, "abs64"),
@@ -17,4 +19,5 @@ SPECS = [TableSpec(
     bounds=Bounds("__parainstructions", "__parainstructions_end", ".parainstructions"),
     layouts=lambda version: [LAYOUT] if version < (6, 5) else [],
     description="paravirt patch sites",
+    refs=(CodeRef("instr", RANGE, expect="pv_call", other="len"),),
 )]

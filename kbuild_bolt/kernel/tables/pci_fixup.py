@@ -4,7 +4,9 @@ Eight consecutive sub-tables (early, header, final, enable, resume, suspend,
 resume_early, suspend_late) of quirk functions matched by vendor/device/class.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, FUNCTION,
+)
 
 LAYOUT = Layout(16, (
     Field("vendor", 0, "u16"),
@@ -22,4 +24,5 @@ SPECS = [TableSpec(
     bounds=Bounds("__start_pci_fixups_early", "__end_pci_fixups_suspend_late", ".pci_fixup"),
     layouts=lambda version: [LAYOUT],
     description="PCI quirk hooks",
+    refs=(CodeRef("hook", FUNCTION),),
 )]

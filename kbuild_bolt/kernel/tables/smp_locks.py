@@ -4,7 +4,9 @@ The output section is padded to a page with zero entries (vmlinux.lds.S), which
 are not sites.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, SITE,
+)
 
 LAYOUT = Layout(4, (Field("site", 0, "prel32"),))
 
@@ -12,6 +14,7 @@ SPECS = [TableSpec(
     name=".smp_locks",
     bounds=Bounds("__smp_locks", "__smp_locks_end", ".smp_locks"),
     layouts=lambda version: [LAYOUT],
-    zero_padding=True,
+    zero_padding="trailing",
     description="lock prefixes",
+    refs=(CodeRef("site", SITE, expect="lock_prefix"),),
 )]

@@ -5,7 +5,9 @@ rewrites into a direct call of the current target. The key pointer's low bits
 are flags: bit 0 tail call, bit 1 site in init text.
 """
 
-from kbuild_bolt.kernel.tables.base import Bounds, Field, Layout, TableSpec
+from kbuild_bolt.kernel.tables.base import (
+    Bounds, CodeRef, Field, Layout, TableSpec, DATA, FUNCTION, SITE,
+)
 
 STATIC_CALL_SITE_TAIL = 1
 STATIC_CALL_SITE_INIT = 2
@@ -20,6 +22,7 @@ SPECS = [
                       ".static_call_sites"),
         layouts=lambda version: [SITES],
         description="static call sites: calls to trampolines",
+        refs=(CodeRef("addr", SITE, expect="static_call_site"), CodeRef("key", DATA)),
     ),
     TableSpec(
         name=".static_call_tramp_key",
@@ -27,5 +30,6 @@ SPECS = [
                       ".static_call_tramp_key"),
         layouts=lambda version: [TRAMP_KEY],
         description="exported static call trampolines and their keys",
+        refs=(CodeRef("tramp", FUNCTION), CodeRef("key", DATA)),
     ),
 ]

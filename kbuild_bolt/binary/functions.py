@@ -1,0 +1,153 @@
+"""Functions and other code regions of a vmlinux, from its symbol table.
+
+A function is an STT_FUNC symbol with a size in a code section; aliases (same
+address) are one function. Bytes of a code section that no function covers
+are *regions*: padding (int3/nop fill), ``__pfx_`` call padding in front of
+functions, and assembly code the kernel marks SYM_CODE (entry code), which has
+no STT_FUNC symbol. Regions are decoded too, so table entries that point
+there can be checked, but they are never moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kbuild_bolt.elf.image import STT_FUNC, STT_NOTYPE, STT_OBJECT
+
+# Code sections whose functions kbuild-bolt models (and may lay out again).
+FUNCTION_SECTIONS = (".text", ".init.text", ".exit.text")
+# Code that only tables point into (replacement and auxiliary code of alternatives).
+AUX_CODE_SECTIONS = (".altinstr_replacement", ".altinstr_aux")
+PREFIX_SYMBOLS = ("__pfx_", "__cfi_")
+
+
+@dataclass
+class FunctionTable:
+    """All functions, sorted by start address (numpy columns, one row per function)."""
+
+    start: np.ndarray        # uint64
+    end: np.ndarray          # uint64 (start + symbol size)
+    section: np.ndarray      # int32 section index
+    symbol: np.ndarray       # int64 symbol index of the primary name
+    names: list[str]
+    aliases: dict[int, list[str]] = field(default_factory=dict)  # row -> other names
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def find(self, addr: int) -> int:
+        """Row of the function containing ``addr``, or -1."""
+        i = int(np.searchsorted(self.start, np.uint64(addr), side="right")) - 1
+        if i >= 0 and addr < int(self.end[i]):
+            return i
+        return -1
+
+    def rows_containing(self, addrs: np.ndarray) -> np.ndarray:
+        """Vectorized :meth:`find` (-1 where no function contains the address)."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        i = np.searchsorted(self.start, addrs, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ok[ok] &= addrs[ok] < self.end[i[ok]]
+        return np.where(ok, i, -1)
+
+    def by_name(self, name: str) -> int:
+        for i, n in enumerate(self.names):
+            if n == name:
+                return i
+        for i, others in self.aliases.items():
+            if name in others:
+                return i
+        return -1
+
+
+@dataclass
+class CodeRegion:
+    start: int
+    end: int
+    section: str
+    kind: str      # "padding", "prefix", "code", "aux"
+    label: str     # a symbol covering it, or ""
+
+
+def discover_functions(image) -> FunctionTable:
+    symbols = image.symbols
+    sections = [image.section(n) for n in FUNCTION_SECTIONS]
+    indices = [s.index for s in sections if s is not None]
+    if not len(symbols) or not indices:
+        z = np.zeros(0, np.uint64)
+        return FunctionTable(z, z, np.zeros(0, np.int32), np.zeros(0, np.int64), [])
+    mask = (symbols.type == STT_FUNC) & np.isin(symbols.shndx, indices)
+    idx = np.flatnonzero(mask)
+    names = symbols.names
+    idx = np.array([i for i in idx.tolist() if not names[i].startswith(PREFIX_SYMBOLS)],
+                   dtype=np.int64)
+    value = symbols.value[idx]
+    size = symbols.size[idx]
+    bind = symbols.bind[idx]
+    # Sort by address, then prefer sized, global symbols as the primary name.
+    order = np.lexsort((-bind.astype(np.int64), -size.astype(np.int64), value))
+    idx, value, size = idx[order], value[order], size[order]
+    first = np.ones(len(idx), bool)
+    first[1:] = value[1:] != value[:-1]
+    rows = np.flatnonzero(first)
+    aliases: dict[int, list[str]] = {}
+    group = np.cumsum(first) - 1
+    for j in np.flatnonzero(~first).tolist():
+        aliases.setdefault(int(group[j]), []).append(names[int(idx[j])])
+    return FunctionTable(
+        start=value[rows].astype(np.uint64),
+        end=(value[rows] + size[rows]).astype(np.uint64),
+        section=symbols.shndx[idx[rows]].astype(np.int32),
+        symbol=idx[rows],
+        names=[names[int(i)] for i in idx[rows]],
+        aliases=aliases,
+    )
+
+
+def discover_regions(image, functions: FunctionTable) -> list[CodeRegion]:
+    """Code-section bytes outside every function, split at symbols."""
+    symbols = image.symbols
+    names = symbols.names
+    regions: list[CodeRegion] = []
+    for section_name in FUNCTION_SECTIONS + AUX_CODE_SECTIONS:
+        section = image.section(section_name)
+        if section is None or section.size == 0:
+            continue
+        if section_name in AUX_CODE_SECTIONS:
+            regions.append(CodeRegion(section.addr, section.end, section_name, "aux", section_name))
+            continue
+        rows = np.flatnonzero(functions.section == section.index)
+        # Labels: non-function symbols in the section (SYM_CODE, __pfx_, local labels).
+        in_sec = np.flatnonzero((symbols.shndx == section.index)
+                                & np.isin(symbols.type, (STT_NOTYPE, STT_FUNC, STT_OBJECT)))
+        label_addr = symbols.value[in_sec]
+        order = np.argsort(label_addr, kind="stable")
+        label_addr = label_addr[order]
+        label_idx = in_sec[order]
+        cursor = section.addr
+        starts = functions.start[rows].tolist()
+        ends = functions.end[rows].tolist()
+        spans = list(zip(starts, ends)) + [(section.end, section.end)]
+        for start, end in spans:
+            if start > cursor:
+                _split_gap(regions, cursor, start, section_name, label_addr, label_idx, names)
+            cursor = max(cursor, end)
+    return regions
+
+
+def _split_gap(regions, start, end, section_name, label_addr, label_idx, names):
+    lo = int(np.searchsorted(label_addr, np.uint64(start), side="left"))
+    hi = int(np.searchsorted(label_addr, np.uint64(end), side="left"))
+    cuts = sorted({int(a) for a in label_addr[lo:hi].tolist()} | {start})
+    for k, cut in enumerate(cuts):
+        stop = cuts[k + 1] if k + 1 < len(cuts) else end
+        if stop <= cut:
+            continue
+        j = int(np.searchsorted(label_addr, np.uint64(cut), side="right")) - 1
+        label = ""
+        if j >= 0 and int(label_addr[j]) == cut:
+            label = names[int(label_idx[j])]
+        kind = "prefix" if label.startswith(PREFIX_SYMBOLS) else "code"
+        regions.append(CodeRegion(cut, stop, section_name, kind, label))

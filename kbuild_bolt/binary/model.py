@@ -1,0 +1,395 @@
+"""The whole kernel as kbuild-bolt sees it before anything moves.
+
+:class:`BinaryModel` ties together the ELF image, the kernel version, every
+function and code region, their decoded instructions (flat numpy arrays, in
+address order), every self-patching table, and every reference into code from
+relocations and tables. Basic blocks and CFGs are built from it in
+:mod:`kbuild_bolt.binary.cfg`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+import multiprocessing
+
+import numpy as np
+
+from kbuild_bolt.binary.functions import (
+    AUX_CODE_SECTIONS, CodeRegion, FunctionTable, discover_functions, discover_regions,
+)
+from kbuild_bolt.elf.image import ElfImage
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel import tables as kernel_tables
+from kbuild_bolt.kernel.version import KernelVersion, kernel_version
+from kbuild_bolt.x86 import decode as x86
+
+# ---------------------------------------------------------------------------
+# Parallel decoding: workers are forked with the image already mapped.
+
+_WORKER_IMAGE: ElfImage | None = None
+
+
+def _decode_chunk(chunk: list[tuple[int, int, int]]) -> x86.Decoded:
+    """Decode ``(section_index, start, end)`` ranges of the inherited image."""
+    image = _WORKER_IMAGE
+    parts = []
+    by_section: dict[int, list[tuple[int, int]]] = {}
+    for sec, start, end in chunk:
+        by_section.setdefault(sec, []).append((start, end))
+    for sec, ranges in by_section.items():
+        section = image.sections[sec]
+        parts.append(x86.decode_ranges(image.section_data(section), section.addr, ranges))
+    return x86.Decoded.concatenate(parts)
+
+
+def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -> x86.Decoded:
+    """Decode every range; with ``jobs`` > 1 in forked worker processes."""
+    global _WORKER_IMAGE
+    ranges = sorted(ranges, key=lambda r: r[1])
+    # Padding between functions is int3 fill, often megabytes of it: every byte
+    # is a 1-byte instruction, no decoder needed.
+    fill, ranges = _split_int3_fill(image, ranges)
+    if fill:
+        decoded = decode_all(image, ranges, jobs) if ranges else x86.Decoded.empty()
+        merged = x86.Decoded.concatenate([decoded, fill])
+        order = np.argsort(merged.addr, kind="stable")
+        return x86.Decoded(*(getattr(merged, f)[order]
+                             for f in ("addr", "length", "flow", "ref", "ref_kind", "invalid")))
+    total = sum(end - start for _, start, end in ranges)
+    if jobs <= 1 or total < (1 << 20):
+        _WORKER_IMAGE = image
+        try:
+            return _decode_chunk(ranges)
+        finally:
+            _WORKER_IMAGE = None
+    # Contiguous chunks keep the result in address order; a few more chunks than
+    # workers even out their speed.
+    n_chunks = jobs * 4
+    target = total / n_chunks
+    chunks, current, size = [], [], 0
+    for r in ranges:
+        current.append(r)
+        size += r[2] - r[1]
+        if size >= target:
+            chunks.append(current)
+            current, size = [], 0
+    if current:
+        chunks.append(current)
+    _WORKER_IMAGE = image
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            parts = list(pool.map(_decode_chunk, chunks))
+    finally:
+        _WORKER_IMAGE = None
+    return x86.Decoded.concatenate(parts)
+
+
+def _split_int3_fill(image: ElfImage, ranges):
+    """Separate ranges made only of int3 bytes (returned already decoded)."""
+    rest, starts = [], []
+    for r in ranges:
+        sec, start, end = r
+        section = image.sections[sec]
+        if end - start >= 16:
+            data = image.bytes[section.offset + start - section.addr:
+                               section.offset + end - section.addr]
+            if (data == x86.INT3).all():
+                starts.append(np.arange(start, end, dtype=np.uint64))
+                continue
+        rest.append(r)
+    if not starts:
+        return None, rest
+    addr = np.concatenate(starts)
+    n = len(addr)
+    return x86.Decoded(addr, np.ones(n, np.uint8), np.full(n, x86.INTERRUPT, np.uint8),
+                       np.zeros(n, np.uint64), np.zeros(n, np.uint8), np.zeros(n, bool)), rest
+
+
+def default_jobs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    steps: dict
+
+    def add(self, name: str, started: float) -> float:
+        now = time.perf_counter()
+        self.steps[name] = round(now - started, 3)
+        return now
+
+
+@dataclass
+class RelocationIndex:
+    """Relocations as flat arrays sorted by the address they patch."""
+
+    offset: np.ndarray   # uint64
+    type: np.ndarray     # uint32
+    sym: np.ndarray      # int64 symbol index
+    addend: np.ndarray   # int64
+    rela: np.ndarray     # int16 index of the .rela section
+
+    @classmethod
+    def build(cls, image: ElfImage, exec_only: bool = False) -> "RelocationIndex":
+        parts = []
+        for rela in image.rela_sections:
+            if exec_only and not image.sections[rela.info].is_exec:
+                continue
+            r = image.relocations(rela)
+            parts.append((r, rela.index))
+        if not parts:
+            z = np.zeros(0)
+            return cls(z.astype(np.uint64), z.astype(np.uint32), z.astype(np.int64),
+                       z.astype(np.int64), z.astype(np.int16))
+        offset = np.concatenate([r["offset"] for r, _ in parts])
+        info = np.concatenate([r["info"] for r, _ in parts])
+        addend = np.concatenate([r["addend"] for r, _ in parts])
+        rela = np.concatenate([np.full(len(r), i, np.int16) for r, i in parts])
+        order = np.argsort(offset, kind="stable")
+        return cls(offset[order], (info[order] & 0xFFFFFFFF).astype(np.uint32),
+                   (info[order] >> np.uint64(32)).astype(np.int64), addend[order], rela[order])
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def first_in(self, starts, ends) -> np.ndarray:
+        """Index of the first relocation in each [start, end) range, or -1."""
+        i = np.searchsorted(self.offset, np.asarray(starts, dtype=np.uint64)).astype(np.int64)
+        ok = i < len(self.offset)
+        ok[ok] &= self.offset[i[ok]] < np.asarray(ends, dtype=np.uint64)[ok]
+        return np.where(ok, i, -1)
+
+
+class BinaryModel:
+    """Everything known about a vmlinux's code before it is rewritten."""
+
+    def __init__(self, image: ElfImage, *, jobs: int | None = None, require_relocations=False):
+        self.image = image
+        self.timing = Timing({})
+        t = time.perf_counter()
+        if not image.has_symbols:
+            raise KbbError(f"{image.path}: no symbol table (stripped vmlinux); kbuild-bolt needs "
+                           "the symbols of the linked vmlinux")
+        if require_relocations and not image.has_relocations:
+            raise KbbError(f"{image.path}: no relocations; link with --emit-relocs and keep them "
+                           "(6.12's x86 post-link pass strips them: use vmlinux.unstripped)")
+        self.version: KernelVersion = kernel_version(image)
+        self.functions: FunctionTable = discover_functions(image)
+        self.regions: list[CodeRegion] = discover_regions(image, self.functions)
+        t = self.timing.add("symbols", t)
+        self.tables = kernel_tables.read_all(image, self.version.series)
+        t = self.timing.add("tables", t)
+        ranges = [(int(self.functions.section[i]), int(self.functions.start[i]),
+                   int(self.functions.end[i])) for i in range(len(self.functions))]
+        for region in self.regions:
+            ranges.append((image.section(region.section).index, region.start, region.end))
+        self.insns: x86.Decoded = decode_all(image, ranges, jobs or default_jobs())
+        self.timing.add("decode", t)
+
+    @classmethod
+    def open(cls, path, **kw) -> "BinaryModel":
+        from kbuild_bolt.kernel.inventory import open_vmlinux
+
+        return cls(open_vmlinux(path), **kw)
+
+    # -- instruction lookups -----------------------------------------------
+
+    def insn_index(self, addrs) -> np.ndarray:
+        """Index of the instruction starting exactly at each address, or -1."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        i = np.searchsorted(self.insns.addr, addrs).astype(np.int64)
+        i_clipped = np.minimum(i, len(self.insns.addr) - 1)
+        hit = (i < len(self.insns.addr)) & (self.insns.addr[i_clipped] == addrs)
+        return np.where(hit, i_clipped, -1)
+
+    def insn_containing(self, addrs) -> np.ndarray:
+        """Index of the decoded instruction covering each address, or -1."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        i = np.searchsorted(self.insns.addr, addrs, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ok[ok] &= addrs[ok] < self.insns.end[i[ok]]
+        return np.where(ok, i, -1)
+
+    def is_boundary(self, addrs) -> np.ndarray:
+        """True where an address starts an instruction or ends the last one of a range."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        return (self.insn_index(addrs) >= 0) | np.isin(addrs, self.insns.end)
+
+    @cached_property
+    def function_of_insn(self) -> np.ndarray:
+        """Function row of every instruction (-1 for region code)."""
+        return self.functions.rows_containing(self.insns.addr)
+
+    @cached_property
+    def function_first_insn(self) -> np.ndarray:
+        return np.searchsorted(self.insns.addr, self.functions.start).astype(np.int64)
+
+    @cached_property
+    def function_end_insn(self) -> np.ndarray:
+        return np.searchsorted(self.insns.addr, self.functions.end).astype(np.int64)
+
+    def read_bytes(self, addrs, count: int) -> np.ndarray:
+        """``count`` bytes at each address, as an (n, count) uint8 array (0 past a section)."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        out = np.zeros((len(addrs), count), np.uint8)
+        if not len(addrs):
+            return out
+        for section in self.image.sections:
+            if not (section.is_alloc and section.has_bits and section.size):
+                continue
+            inside = (addrs >= np.uint64(section.addr)) & (addrs < np.uint64(section.end))
+            if not inside.any():
+                continue
+            data = self.image.bytes[section.offset:section.offset + section.size]
+            sel = np.flatnonzero(inside)
+            cols = (addrs[sel] - np.uint64(section.addr)).astype(np.int64)[:, None] \
+                + np.arange(count)[None, :]
+            values = data[np.minimum(cols, section.size - 1)]
+            values[cols >= section.size] = 0
+            out[sel] = values
+        return out
+
+    # -- sections and symbols ----------------------------------------------
+
+    aux_sections = AUX_CODE_SECTIONS
+
+    @cached_property
+    def _alloc_index(self):
+        alloc = sorted((s for s in self.image.sections if s.is_alloc and s.size),
+                       key=lambda s: s.addr)
+        return (np.array([s.addr for s in alloc], dtype=np.uint64),
+                np.array([s.end for s in alloc], dtype=np.uint64),
+                np.array([s.index for s in alloc], dtype=np.int64))
+
+    def section_index_of(self, addrs) -> np.ndarray:
+        """Index of the allocated section holding each address (-1: none)."""
+        starts, ends, index = self._alloc_index
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        i = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ok[ok] &= addrs[ok] < ends[i[ok]]
+        return np.where(ok, index[np.maximum(i, 0)], -1)
+
+    @cached_property
+    def symbol_values(self) -> np.ndarray:
+        """Sorted unique addresses of all defined symbols."""
+        symbols = self.image.symbols
+        defined = (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
+        return np.unique(symbols.value[defined])
+
+    def symbol_addresses(self, name: str, exact: bool = False) -> np.ndarray:
+        """Addresses of defined symbols named ``name`` (or starting with it)."""
+        key = (name, exact)
+        cache = self.__dict__.setdefault("_symbol_address_cache", {})
+        if key not in cache:
+            symbols = self.image.symbols
+            names = symbols.names
+            values = symbols.value
+            shndx = symbols.shndx
+            hits = [int(values[i]) for i, n in enumerate(names)
+                    if (n == name if exact else n.startswith(name)) and 0 < shndx[i] < 0xFF00]
+            cache[key] = np.unique(np.array(hits, dtype=np.uint64))
+        return cache[key]
+
+    @cached_property
+    def patch_units(self) -> tuple[np.ndarray, np.ndarray]:
+        """Merged [start, end) ranges in code the kernel patches as one unit
+        (alternative and paravirt original sites): moved whole, never split."""
+        from kbuild_bolt.kernel.tables import base
+
+        starts, ends = [], []
+        for data in self.tables.values():
+            for ref in data.spec.refs:
+                if ref.role != base.RANGE or "function" not in ref.places:
+                    continue
+                lengths = data.entries[ref.other][data.indices].astype(np.uint64)
+                targets = data.targets(ref.field)
+                keep = lengths > 0
+                starts.append(targets[keep])
+                ends.append(targets[keep] + lengths[keep])
+        if not starts:
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        start = np.concatenate(starts)
+        end = np.concatenate(ends)
+        order = np.argsort(start, kind="stable")
+        start, end = start[order], end[order]
+        # Merge overlapping ranges (ALTERNATIVE_2 and nested alternatives share sites).
+        running = np.maximum.accumulate(end)
+        new = np.ones(len(start), bool)
+        new[1:] = start[1:] >= running[:-1]
+        group = np.cumsum(new) - 1
+        merged_start = start[new]
+        merged_end = np.zeros(len(merged_start), np.uint64)
+        np.maximum.at(merged_end, group, end)
+        return merged_start, merged_end
+
+    def inside_patch_unit(self, addrs) -> np.ndarray:
+        """True where an address lies strictly inside a patch unit (not at its start)."""
+        starts, ends = self.patch_units
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        i = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ok[ok] &= (addrs[ok] < ends[i[ok]]) & (addrs[ok] > starts[i[ok]])
+        return ok
+
+    @cached_property
+    def code_relocations(self) -> "RelocationIndex":
+        """Relocations that apply to code sections, sorted by offset."""
+        return RelocationIndex.build(self.image, exec_only=True)
+
+    # -- naming ------------------------------------------------------------
+
+    @cached_property
+    def _label_index(self):
+        """Sorted (address, name) of function starts and code labels, for symbolizing."""
+        symbols = self.image.symbols
+        names = symbols.names
+        mask = np.isin(symbols.type, (0, 1, 2)) & (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
+        idx = np.flatnonzero(mask)
+        idx = np.array([i for i in idx.tolist() if names[i] and not names[i].startswith(".L")],
+                       dtype=np.int64)
+        # Prefer function symbols and globals at equal addresses.
+        rank = (symbols.type[idx] != 2).astype(np.int64) * 2 + (symbols.bind[idx] == 0)
+        order = np.lexsort((rank, symbols.value[idx]))
+        idx = idx[order]
+        values = symbols.value[idx]
+        first = np.ones(len(idx), bool)
+        first[1:] = values[1:] != values[:-1]
+        return values[first], [names[i] for i in idx[first].tolist()]
+
+    def symbolize(self, addr: int) -> str:
+        """``name+0xoff`` for an address (functions first, then the nearest label)."""
+        row = self.functions.find(addr)
+        if row >= 0:
+            off = addr - int(self.functions.start[row])
+            name = self.functions.names[row]
+            return f"{name}+{off:#x}" if off else name
+        values, names = self._label_index
+        i = int(np.searchsorted(values, np.uint64(addr), side="right")) - 1
+        if i >= 0:
+            off = addr - int(values[i])
+            if off < (1 << 20):
+                return f"{names[i]}+{off:#x}" if off else names[i]
+        return f"{addr:#x}"
+
+    def code_place(self, addr: int) -> str:
+        """Which kind of code an address is in: function, region kind, or section."""
+        if self.functions.find(addr) >= 0:
+            return "function"
+        section = self.image.section_at(addr)
+        if section is None:
+            return "outside"
+        if section.name in AUX_CODE_SECTIONS:
+            return section.name
+        return "region" if section.is_exec else section.name

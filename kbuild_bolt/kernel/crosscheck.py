@@ -1,0 +1,169 @@
+"""Cross-check every kernel table entry against the decoded code.
+
+Each pointer field of a table says what it must point at (a
+:class:`~kbuild_bolt.kernel.tables.base.CodeRef`); this module checks it for
+every entry, vectorized: the place (function, code region, replacement code),
+an instruction start, the expected instruction, a patch unit's end on an
+instruction boundary. Nothing is dropped: each failed entry is a
+:class:`Mismatch`; entries that are fine for a documented reason that is not
+the usual one (an ORC address inside an alternative, at the end of a code
+section) are counted under ``explained``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kbuild_bolt.kernel.tables import base
+from kbuild_bolt.x86 import patterns
+
+
+@dataclass
+class Mismatch:
+    table: str
+    index: int
+    field: str
+    address: int
+    where: str
+    message: str
+
+    def to_json(self) -> dict:
+        return {"table": self.table, "index": self.index, "field": self.field,
+                "address": self.address, "where": self.where, "message": self.message}
+
+
+@dataclass
+class TableCheck:
+    table: str
+    entries: int
+    checked_fields: list[str]
+    mismatches: list[Mismatch] = field(default_factory=list)
+    explained: Counter = field(default_factory=Counter)
+    places: Counter = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def places_of(model, addrs: np.ndarray) -> np.ndarray:
+    """Place name of each address: "function", "region", an aux code section, a data
+    section name, or "outside"."""
+    names = np.empty(len(addrs), dtype=object)
+    names[:] = "outside"
+    sec = model.section_index_of(addrs)
+    for index in np.unique(sec).tolist():
+        mask = sec == index
+        if index < 0:
+            continue
+        section = model.image.sections[index]
+        if section.is_exec:
+            names[mask] = section.name if section.name in model.aux_sections else "region"
+        else:
+            names[mask] = section.name
+    in_function = model.functions.rows_containing(addrs) >= 0
+    names[in_function] = "function"
+    return names
+
+
+def check_table(model, data: base.TableData) -> TableCheck:
+    spec = data.spec
+    result = TableCheck(spec.name, data.count, [r.field for r in spec.refs])
+    index = data.indices
+
+    def fail(mask, ref, targets, where, message):
+        for k in np.flatnonzero(mask).tolist():
+            result.mismatches.append(Mismatch(
+                spec.name, int(index[k]), ref.field, int(targets[k]),
+                model.symbolize(int(targets[k])), message if isinstance(message, str)
+                else message(k)))
+
+    for ref in spec.refs:
+        if ref.role == base.DATA or not len(index):
+            continue
+        targets = data.targets(ref.field)
+        live = np.ones(len(targets), bool)
+        if ref.role == base.RANGE:
+            lengths = data.entries[ref.other][index].astype(np.int64)
+            live = lengths > 0  # an empty replacement points nowhere in particular
+        where = places_of(model, targets)
+        result.places.update(Counter(where[live].tolist()))
+
+        if ref.role == base.SYMBOL:
+            known = np.isin(targets, model.symbol_values)
+            fail(live & ~known, ref, targets, where, "not the address of any symbol")
+            continue
+        if ref.role == base.FUNCTION:
+            known = np.isin(targets, model.functions.start) | np.isin(targets, model.symbol_values)
+            fail(live & ~known, ref, targets, where, "not a function start")
+            continue
+
+        allowed = np.isin(where, list(ref.places) + ["function"])
+        if ref.role == base.OPERAND:
+            fail(~allowed, ref, targets, where,
+                 lambda k: f"points into {where[k]}, expected {' or '.join(ref.places)}")
+            idx = model.insn_containing(targets)
+            fail(allowed & (idx < 0), ref, targets, where, "not inside a decoded instruction")
+            live = allowed & (idx >= 0)
+            good = np.zeros(len(targets), bool)
+            good[live] = patterns.PATTERNS[ref.expect](model, targets[live], idx[live])
+            fail(live & ~good, ref, targets, where, f"expected {patterns.DESCRIPTIONS[ref.expect]}")
+            continue
+        if ref.role == base.ORC_IP:
+            result.explained.update(_check_orc_ips(model, targets, fail, ref, where))
+            continue
+        fail(live & ~allowed, ref, targets, where,
+             lambda k: f"points into {where[k]}, expected {' or '.join(ref.places)}")
+        live &= allowed
+        idx = model.insn_index(targets)
+        fail(live & (idx < 0), ref, targets, where, "not an instruction start")
+        live &= idx >= 0
+        if ref.expect is not None and live.any():
+            good = np.zeros(len(targets), bool)
+            good[live] = patterns.PATTERNS[ref.expect](model, targets[live], idx[live])
+            fail(live & ~good, ref, targets, where,
+                 f"expected {patterns.DESCRIPTIONS[ref.expect]}")
+        if ref.role == base.RANGE:
+            ends = targets + lengths.astype(np.uint64)
+            fail(live & ~model.is_boundary(ends), ref, targets, where,
+                 lambda k: f"patch range of {lengths[k]} bytes ends inside an instruction")
+        if ref.role == base.BRANCH:
+            # A jmp site must jump exactly to the entry's target.
+            other = data.targets(ref.other)
+            jmp = live.copy()
+            jmp[live] = model.insns.ref_kind[idx[live]] == 1
+            wrong = jmp.copy()
+            wrong[jmp] = model.insns.ref[idx[jmp]] != other[jmp]
+            fail(wrong, ref, targets, where, "jump site does not jump to the entry's target")
+
+    if spec.check is not None:
+        for entry, message in spec.check(model, data):
+            addr = int(data.entry_address(entry))
+            result.mismatches.append(Mismatch(spec.name, entry, "", addr, model.symbolize(addr),
+                                              message))
+    return result
+
+
+def _check_orc_ips(model, targets, fail, ref, where) -> Counter:
+    """ORC addresses: an instruction start; or inside an alternative/paravirt unit
+    (objtool gives the replacement's instructions their own entries at the
+    original site); or the end of a code section (terminator entries)."""
+    explained = Counter()
+    idx = model.insn_index(targets)
+    ok = idx >= 0
+    inside_unit = ~ok & model.inside_patch_unit(targets)
+    explained["inside an alternative or paravirt site"] = int(inside_unit.sum())
+    ends = np.array([s.end for s in model.image.sections if s.is_exec and s.is_alloc],
+                    dtype=np.uint64)
+    at_end = ~ok & ~inside_unit & np.isin(targets, ends)
+    explained["end of a code section"] = int(at_end.sum())
+    fail(~(ok | inside_unit | at_end), ref, targets, where,
+         "not an instruction start, patch site or code end")
+    return +explained
+
+
+def check_all(model) -> dict[str, TableCheck]:
+    return {name: check_table(model, data) for name, data in model.tables.items()}

@@ -1,0 +1,156 @@
+"""Bulk x86-64 decoding with iced-x86 into flat numpy arrays.
+
+Kernel code is millions of instructions; a Python object per instruction
+would be too slow and too big. One pass over a code range keeps, per
+instruction, its length and iced's flow-control class; for the few that need
+it (branches, calls, RIP-relative operands) also the address they refer to.
+Everything else about an instruction is decoded again on demand.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+
+import numpy as np
+from iced_x86 import Code, Decoder, Instruction
+
+# iced-x86 FlowControl values (kept as plain ints in the arrays).
+NEXT = 0
+JMP = 1          # direct unconditional branch
+IND_JMP = 2      # indirect branch
+JCC = 3          # conditional branch (jcc, jrcxz, loop)
+RET = 4
+CALL = 5         # direct call
+IND_CALL = 6
+INTERRUPT = 7    # int3, int n
+XBEGIN = 8
+EXCEPTION = 9    # ud0/ud1/ud2, invalid
+
+FLOW_NAMES = {NEXT: "next", JMP: "jmp", IND_JMP: "ijmp", JCC: "jcc", RET: "ret", CALL: "call",
+              IND_CALL: "icall", INTERRUPT: "int", XBEGIN: "xbegin", EXCEPTION: "exception"}
+
+# ``ref_kind`` of an instruction: what its ``ref`` address is.
+REF_NONE = 0
+REF_BRANCH = 1   # near branch/call target
+REF_RIPREL = 2   # RIP-relative memory operand address
+
+UD2 = b"\x0f\x0b"
+INT3 = 0xCC
+ENDBR64 = b"\xf3\x0f\x1e\xfa"
+# XEN_EMULATE_PREFIX / KVM_EMULATE_PREFIX: ud2 followed by a signature; the
+# hypervisor emulates the next instruction. Not a trap, and the signature is
+# not code.
+EMULATE_PREFIXES = (b"\x0f\x0bxen", b"\x0f\x0bkvm")
+
+
+@dataclass
+class Decoded:
+    """Instructions of one or more code ranges, in address order."""
+
+    addr: np.ndarray      # uint64 start address
+    length: np.ndarray    # uint8
+    flow: np.ndarray      # uint8, one of the flow constants
+    ref: np.ndarray       # uint64 branch target / RIP-relative address (0: none)
+    ref_kind: np.ndarray  # uint8 REF_*
+    invalid: np.ndarray   # bool: iced could not decode the bytes
+
+    def __len__(self) -> int:
+        return len(self.addr)
+
+    @classmethod
+    def empty(cls) -> "Decoded":
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, np.uint8),
+                   np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, bool))
+
+    @classmethod
+    def concatenate(cls, parts: list["Decoded"]) -> "Decoded":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts])
+                     for f in ("addr", "length", "flow", "ref", "ref_kind", "invalid")))
+
+    @property
+    def end(self) -> np.ndarray:
+        return self.addr + self.length
+
+
+def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
+    """Decode each ``(start, end)`` address range of ``data`` (mapped at ``base``).
+
+    Every range is decoded on its own from its start, so a function's decoding
+    never depends on the bytes before it. An instruction that would run past
+    the end of its range is recorded as invalid.
+    """
+    lengths = array("B")
+    flows = array("B")
+    addrs = array("Q")
+    ref_index = array("q")
+    ref_value = array("Q")
+    ref_kinds = array("B")
+    bad = array("q")
+    count = 0
+    data = bytes(data)
+    decoder = Decoder(64, data, ip=base)
+    for start, end in ranges:
+        if end <= start:
+            continue
+        decoder.position = start - base
+        decoder.ip = start
+        pos = start
+        for ins in decoder:
+            n = ins.len
+            f = ins.flow_control
+            addrs.append(pos)
+            lengths.append(n)
+            flows.append(f)
+            if f:
+                if f == JMP or f == JCC or f == CALL:
+                    ref_index.append(count)
+                    ref_value.append(ins.near_branch_target)
+                    ref_kinds.append(REF_BRANCH)
+                elif f == EXCEPTION:
+                    if ins.code == Code.INVALID:
+                        bad.append(count)
+                    elif data[pos - base:pos - base + 5] in EMULATE_PREFIXES:
+                        # ud2 + "xen"/"kvm": a hypervisor-emulated prefix, one 5-byte unit.
+                        lengths[-1] = n = 5
+                        flows[-1] = f = NEXT
+                        decoder.position = pos - base + 5
+                        decoder.ip = pos + 5
+                elif (f == IND_JMP or f == IND_CALL) and ins.is_ip_rel_memory_operand:
+                    ref_index.append(count)
+                    ref_value.append(ins.ip_rel_memory_address)
+                    ref_kinds.append(REF_RIPREL)
+            elif ins.is_ip_rel_memory_operand:
+                ref_index.append(count)
+                ref_value.append(ins.ip_rel_memory_address)
+                ref_kinds.append(REF_RIPREL)
+            pos += n
+            count += 1
+            if pos >= end:
+                break
+        if pos > end:  # the last instruction runs past the end of its range
+            bad.append(count - 1)
+    out = Decoded(
+        addr=np.frombuffer(addrs, np.uint64).copy() if count else np.zeros(0, np.uint64),
+        length=np.frombuffer(lengths, np.uint8).copy() if count else np.zeros(0, np.uint8),
+        flow=np.frombuffer(flows, np.uint8).copy() if count else np.zeros(0, np.uint8),
+        ref=np.zeros(count, np.uint64),
+        ref_kind=np.zeros(count, np.uint8),
+        invalid=np.zeros(count, bool),
+    )
+    if len(ref_index):
+        idx = np.frombuffer(ref_index, np.int64)
+        out.ref[idx] = np.frombuffer(ref_value, np.uint64)
+        out.ref_kind[idx] = np.frombuffer(ref_kinds, np.uint8)
+    if len(bad):
+        out.invalid[np.frombuffer(bad, np.int64)] = True
+    return out
+
+
+def decode_one(data: bytes, addr: int) -> Instruction:
+    """The full iced Instruction at ``addr`` (``data`` starts there)."""
+    decoder = Decoder(64, data, ip=addr)
+    return decoder.decode()

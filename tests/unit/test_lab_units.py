@@ -1,0 +1,112 @@
+"""Pieces of the lab that need no kernel: cpio, /init, config fragments, log scanning."""
+
+import gzip
+
+import pytest
+
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.initramfs import cpio
+from kbuild_bolt.lab.initramfs import build_lab_initramfs, render_init
+from kbuild_bolt.lab.kernels import apply_fragment, fragment_mismatches, parse_config
+from kbuild_bolt.lab.qemu import BootResult, scan_log
+
+
+def test_cpio_round_trip_is_byte_exact():
+    entries = [cpio.directory("bin"), cpio.regular("bin/x", b"abc", mode=0o755),
+               cpio.symlink("bin/y", "x"), cpio.char_device("dev/console", 5, 1),
+               cpio.regular("empty", b"")]
+    blob = cpio.write_archive(entries)
+    back, end = cpio.read_archive(blob)
+    assert end == len(blob)
+    assert [e.name for e in back] == ["bin", "bin/x", "bin/y", "dev/console", "empty"]
+    assert back[1].data == b"abc" and back[2].data == b"x"
+    assert back[3].rdevmajor == 5 and back[3].rdevminor == 1
+    assert cpio.write_archive(back, number_inodes=False) == blob
+
+
+def test_cpio_errors():
+    blob = cpio.write_archive([cpio.regular("a", b"x" * 100)])
+    with pytest.raises(KbbError, match="truncated"):
+        cpio.read_archive(blob[:150])
+    with pytest.raises(KbbError, match="not a newc"):
+        cpio.read_archive(b"garbage" * 40)
+
+
+def test_cpio_matches_gnu_cpio(tmp_path):
+    import shutil
+    import subprocess
+    if shutil.which("cpio") is None:
+        pytest.skip("cpio missing")
+    blob = cpio.write_archive([cpio.directory("d"), cpio.regular("d/f", b"hello\n")])
+    out = subprocess.run(["cpio", "-i", "-d", "--quiet"], input=blob, cwd=tmp_path,
+                         capture_output=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "d/f").read_bytes() == b"hello\n"
+
+
+def test_init_plan_lists_modules_and_workload_markers():
+    script = render_init(["base", "test"], default_iterations=7)
+    assert script.startswith("#!/bin/busybox sh\n")
+    assert 'plan="init module:base module:test"' in script
+    assert "iterations=7" in script
+    assert 'if modprobe test; then echo "KBB-MARK module:test"' in script
+
+
+def test_lab_initramfs_without_modules(tmp_path):
+    out = build_lab_initramfs(tmp_path / "i.gz")
+    entries, _ = cpio.read_archive(gzip.decompress(out.read_bytes()))
+    names = {e.name for e in entries}
+    assert {"init", "bin/busybox", "dev/console"} <= names
+    assert not any(n.startswith("lib/modules/") for n in names)
+
+
+def test_lab_initramfs_needs_modules_dir(tmp_path):
+    with pytest.raises(KbbError):
+        build_lab_initramfs(tmp_path / "i.gz", modules=["x"])
+
+
+def test_config_fragment_apply_and_verify(tmp_path):
+    config = tmp_path / ".config"
+    config.write_text("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x\"\n")
+    wanted = parse_config("CONFIG_A=n\n# CONFIG_A is not set\nCONFIG_B=y\nCONFIG_D=m\n")
+    assert wanted == {"CONFIG_A": "n", "CONFIG_B": "y", "CONFIG_D": "m"}
+    apply_fragment(config, wanted)
+    have = parse_config(config.read_text())
+    assert have == {"CONFIG_A": "n", "CONFIG_B": "y", "CONFIG_C": '"x"', "CONFIG_D": "m"}
+    assert fragment_mismatches(config.read_text(), wanted) == []
+    assert fragment_mismatches("CONFIG_B=y\n", wanted) == ["CONFIG_D=m (got n)"]
+
+
+def _scan(lines):
+    result = BootResult(kernel="k", initrd=None, entry="bzImage", kaslr=True, cmdline="")
+    scan_log(lines, result)
+    return result
+
+
+def test_scan_log_clean_run():
+    result = _scan(["[0.1] booting", "KBB-PLAN init workload-start:files workload-end:files done",
+                    "KBB-MARK init", "KBB-TEXT ffffffff9a000000", "KBB-MARK workload-start:files",
+                    "KBB-MARK workload-end:files", "KBB-MARK done"])
+    assert result.ok
+    assert result.text_base == 0xFFFFFFFF9A000000
+    assert result.kaslr_offset == 0x19000000
+
+
+def test_scan_log_problems_and_missing_markers():
+    result = _scan([
+        "KBB-PLAN init done", "KBB-MARK init",
+        "[ 0.2] WARNING: CPU: 0 PID: 1 at arch/x86/kernel/alternative.c:730 apply_returns+0x1/0x2",
+        "[ 0.3] missing return thunk: foo+0x1/0x10-foo+0x6/0x10: e9 00 00 00 00",
+        "[ 0.4] Oops: invalid opcode: 0000 [#1] PREEMPT SMP",
+        "[ 0.5] Kernel panic - not syncing: Attempted to kill init!",
+        "KBB-FAIL workload files",
+    ])
+    assert not result.ok
+    assert [p.kind for p in result.problems] == ["warning", "return-thunk", "oops", "panic", "lab"]
+    assert result.missing == ["done"]
+
+
+def test_scan_log_without_lab_init():
+    result = _scan(["[0.1] Kernel panic - not syncing: VFS: Unable to mount root fs"])
+    assert not result.ok
+    assert result.missing
