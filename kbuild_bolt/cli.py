@@ -24,11 +24,56 @@ def cmd_info(args) -> int:
     from kbuild_bolt.kernel.inventory import describe, format_text, open_vmlinux
 
     with open_vmlinux(args.vmlinux) as image:
-        report = describe(image)
+        report = describe(image, analyse=not args.no_analysis)
     if args.json:
         _print_json(report)
     else:
         print(format_text(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# dump
+
+
+def cmd_dump(args) -> int:
+    from kbuild_bolt.binary import dump
+    from kbuild_bolt.binary.cfg import build_cfg
+    from kbuild_bolt.binary.model import BinaryModel
+    from kbuild_bolt.kernel.crosscheck import check_all
+
+    model = BinaryModel.open(args.vmlinux)
+    checks = check_all(model)
+    wanted = args.table or []
+    if "all" in wanted:
+        wanted = list(model.tables)
+    for name in wanted:
+        if name not in model.tables:
+            raise KbbError(f"this kernel has no table {name!r} (has: {', '.join(model.tables)})")
+    rows = [dump.find_function(model, name) for name in args.function or []]
+    cfg = build_cfg(model) if rows else None
+    summary = not wanted and not rows
+    if args.json:
+        out = {"file": str(model.image.path), "version": model.version.release, "tables": {}}
+        for name, data in model.tables.items():
+            if summary or name in wanted:
+                out["tables"][name] = dump.table_json(model, data, checks.get(name),
+                                                      with_entries=name in wanted)
+        if rows:
+            out["functions"] = [dump.function_view(model, cfg, row) for row in rows]
+        _print_json(out)
+        return 0
+    chunks = []
+    if summary:
+        for name, data in model.tables.items():
+            check = checks[name]
+            state = "ok" if check.ok else f"{len(check.mismatches)} MISMATCHES"
+            chunks.append(f"{name:<32} {data.count:>9,} entries  {state}")
+    for name in wanted:
+        chunks.append(dump.table_text(model, model.tables[name], checks.get(name), args.limit))
+    for row in rows:
+        chunks.append(dump.function_text(dump.function_view(model, cfg, row)))
+    print("\n".join(chunks))
     return 0
 
 
@@ -142,7 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "counts and kernel patch tables.")
     p.add_argument("vmlinux", help="an x86-64 vmlinux (ELF)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-analysis", action="store_true",
+                   help="skip decoding (no CFG, function states or table cross-check)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("dump", help="kernel tables and functions: entries, disassembly, CFG",
+                       description="Dump kernel patch tables (symbolized entries, cross-check "
+                                   "results) and functions (disassembly with basic blocks, "
+                                   "successors and table annotations). With neither --table "
+                                   "nor --function: a summary of every table.")
+    p.add_argument("vmlinux")
+    p.add_argument("--table", action="append", metavar="NAME",
+                   help="dump this table's entries (repeatable; 'all' for every table)")
+    p.add_argument("--function", action="append", metavar="NAME",
+                   help="dump this function (repeatable)")
+    p.add_argument("--limit", type=int, help="at most this many entries per table")
+    p.add_argument("--json", action="store_true", help="stable JSON (docs/json.md)")
+    p.set_defaults(func=cmd_dump)
 
     p = sub.add_parser("boot", help="boot a kernel in QEMU (TCG) and check its console",
                        description="Boot a bzImage (KASLR on by default) or a vmlinux (PVH entry) "

@@ -23,7 +23,6 @@ SECTIONS
   _text = .;
   .text : { *(.text .text.*) }
   _etext = .;
-  .altinstr_replacement : { *(.altinstr_replacement) }
   . = ALIGN(4096);
   .rodata : {
     *(.rodata .rodata.*)
@@ -31,12 +30,24 @@ SECTIONS
     __start___jump_table = .; KEEP(*(__jump_table)) __stop___jump_table = .;
     . = ALIGN(8);
     __start_static_call_sites = .; KEEP(*(.static_call_sites)) __stop_static_call_sites = .;
+    __start_static_call_tramp_key = .; KEEP(*(.static_call_tramp_key)) __stop_static_call_tramp_key = .;
   }
+  .pci_fixup : {
+    __start_pci_fixups_early = .; KEEP(*(.pci_fixup_early)) __end_pci_fixups_early = .;
+    __start_pci_fixups_header = .; KEEP(*(.pci_fixup_header)) __end_pci_fixups_header = .;
+    __start_pci_fixups_suspend_late = .; KEEP(*(.pci_fixup_suspend_late)) __end_pci_fixups_suspend_late = .;
+  }
+  __ksymtab : { __start___ksymtab = .; KEEP(*(__ksymtab)) __stop___ksymtab = .; }
+  __ksymtab_gpl : { __start___ksymtab_gpl = .; KEEP(*(__ksymtab_gpl)) __stop___ksymtab_gpl = .; }
+  __kcrctab : { __start___kcrctab = .; KEEP(*(__kcrctab)) __stop___kcrctab = .; }
+  __kcrctab_gpl : { __start___kcrctab_gpl = .; KEEP(*(__kcrctab_gpl)) __stop___kcrctab_gpl = .; }
+  __ksymtab_strings : { *(__ksymtab_strings) }
   . = ALIGN(16);
   __ex_table : { __start___ex_table = .; KEEP(*(__ex_table)) __stop___ex_table = .; }
   . = ALIGN(8);
   __bug_table : { __start___bug_table = .; KEEP(*(__bug_table)) __stop___bug_table = .; }
   . = ALIGN(4);
+  .orc_header : { __start_orc_header = .; KEEP(*(.orc_header)) __stop_orc_header = .; }
   .orc_unwind_ip : { __start_orc_unwind_ip = .; KEEP(*(.orc_unwind_ip)) __stop_orc_unwind_ip = .; }
   . = ALIGN(2);
   .orc_unwind : { __start_orc_unwind = .; KEEP(*(.orc_unwind)) __stop_orc_unwind = .; }
@@ -44,18 +55,22 @@ SECTIONS
   .data : { *(.data .data.*) }
   . = ALIGN(4096);
   .init.text : { *(.init.text) }
+  .altinstr_aux : { *(.altinstr_aux) }
   .init.data : {
     *(.init.data)
     . = ALIGN(8);
     __start_mcount_loc = .; KEEP(*(__mcount_loc)) __stop_mcount_loc = .;
   }
   . = ALIGN(8);
+  .parainstructions : { __parainstructions = .; KEEP(*(.parainstructions)) __parainstructions_end = .; }
   .retpoline_sites : { __retpoline_sites = .; KEEP(*(.retpoline_sites)) __retpoline_sites_end = .; }
   .return_sites : { __return_sites = .; KEEP(*(.return_sites)) __return_sites_end = .; }
   .call_sites : { __call_sites = .; KEEP(*(.call_sites)) __call_sites_end = .; }
   .ibt_endbr_seal : { __ibt_endbr_seal = .; KEEP(*(.ibt_endbr_seal)) __ibt_endbr_seal_end = .; }
   . = ALIGN(8);
   .altinstructions : { __alt_instructions = .; KEEP(*(.altinstructions)) __alt_instructions_end = .; }
+  .altinstr_replacement : { *(.altinstr_replacement) }
+  runtime_ptr_USER_PTR_MAX : { __start_runtime_ptr_USER_PTR_MAX = .; KEEP(*(runtime_ptr_USER_PTR_MAX)) __stop_runtime_ptr_USER_PTR_MAX = .; }
   . = ALIGN(4096);
   .smp_locks : { __smp_locks = .; KEEP(*(.smp_locks)) . = ALIGN(4096); __smp_locks_end = .; }
   .bss : { *(.bss) }

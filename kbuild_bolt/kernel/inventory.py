@@ -39,7 +39,7 @@ def relocation_counts(image: ElfImage) -> dict[str, int]:
     return {r.name: r.size // 24 for r in image.rela_sections}
 
 
-def describe(image: ElfImage) -> dict:
+def describe(image: ElfImage, analyse: bool = True) -> dict:
     """The whole inventory of a vmlinux."""
     version = kernel_version(image)
     report: dict = {
@@ -82,7 +82,50 @@ def describe(image: ElfImage) -> dict:
             table_report["kallsyms"] = {"entries": ks.count, "entry_size": 0,
                                         "address": ks.names_addr, "located_by": "symbols"}
     report["tables"] = table_report
+    if image.has_symbols and analyse:
+        report["analysis"] = analysis(image)
     return report
+
+
+def analysis(image: ElfImage) -> dict:
+    """Decode every function, build CFGs and cross-check every table."""
+    from kbuild_bolt.binary.cfg import build_cfg
+    from kbuild_bolt.binary.model import BinaryModel
+    from kbuild_bolt.kernel.crosscheck import check_all
+
+    model = BinaryModel(image)
+    cfg = build_cfg(model)
+    checks = check_all(model)
+    unnamed = unnamed_code(model)
+    return {
+        "instructions": len(model.insns),
+        "blocks": len(cfg),
+        "functions_by_reason": cfg.reason_counts(),
+        "unnamed_code": unnamed,
+        "mismatches": {name: len(c.mismatches) for name, c in checks.items() if c.mismatches},
+        "seconds": model.timing.steps,
+    }
+
+
+def unnamed_code(model) -> dict:
+    """Code in function sections that no STT_FUNC symbol covers and that is not
+    int3/nop fill: assembly SYM_CODE (entry code) or functions without symbols."""
+    from iced_x86 import Decoder, Mnemonic
+
+    regions = [r for r in model.regions if r.kind == "code"]
+    count = size = 0
+    labelled = 0
+    for region in regions:
+        raw = model.image.read(region.start, region.end - region.start)
+        if not raw.strip(b"\xcc"):
+            continue
+        real = sum(ins.len for ins in Decoder(64, raw, ip=region.start)
+                   if ins.mnemonic not in (Mnemonic.NOP, Mnemonic.INT3))
+        if real:
+            count += 1
+            size += real
+            labelled += bool(region.label)
+    return {"regions": count, "bytes": size, "labelled": labelled}
 
 
 def format_text(report: dict) -> str:
@@ -109,6 +152,21 @@ def format_text(report: dict) -> str:
             extra = f" (+{t['padding_entries']} padding)" if t.get("padding_entries") else ""
             size = f"{t['entry_size']:>3} B" if t["entry_size"] else "     "
             lines.append(f"  {name:<28} {t['entries']:>9,}  {size}  at {t['address']:#x}{extra}")
+    a = report.get("analysis")
+    if a:
+        lines.append(f"code:        {a['instructions']:,} instructions, {a['blocks']:,} basic blocks")
+        lines.append("functions by state:")
+        for reason, count in a["functions_by_reason"].items():
+            label = "simple (can be laid out again)" if reason == "simple" else f"left alone: {reason}"
+            lines.append(f"  {label:<40} {count:>9,}")
+        u = a["unnamed_code"]
+        lines.append(f"unnamed code: {u['bytes']:,} bytes in {u['regions']} regions "
+                     f"({u['labelled']} under non-function symbols), never moved")
+        if a["mismatches"]:
+            bad = ", ".join(f"{k}: {v}" for k, v in a["mismatches"].items())
+            lines.append(f"table cross-check: MISMATCHES ({bad}); see kbuild-bolt dump --table")
+        else:
+            lines.append("table cross-check: every entry matches the code")
     for problem in report["problems"]:
         lines.append(f"note: {problem}")
     return "\n".join(lines)

@@ -221,25 +221,33 @@ def read_table(image, spec: TableSpec, version: tuple[int, int]) -> TableData | 
     candidates = spec.layouts(version)
     if not candidates:
         return None
+    fitting = [layout for layout in candidates if size % layout.entry_size == 0]
+    if not fitting:
+        sizes = " or ".join(str(layout.entry_size) for layout in candidates)
+        raise KbbError(f"{spec.name} at {addr:#x}: {size} bytes is not a whole number of "
+                       f"{sizes}-byte entries (truncated or not this kernel's layout)")
     problems = []
-    for layout in candidates:
-        if size % layout.entry_size:
-            problems.append(f"{size} bytes is not a whole number of {layout.entry_size}-byte entries")
-            continue
-        count = size // layout.entry_size
-        entries = image.array_at(addr, layout.dtype, count) if count else np.zeros(0, layout.dtype)
-        valid = np.ones(count, bool)
-        if spec.zero_padding and count:
-            raw = image.array_at(addr, np.dtype(("u1", layout.entry_size)), count)
-            nonzero = raw.any(axis=1)
-            if spec.zero_padding == "any":
-                valid = nonzero
-            else:
-                last = np.flatnonzero(nonzero)
-                valid[int(last[-1]) + 1 if len(last) else 0:] = False
-        data = TableData(spec, layout, addr, size, entries, valid, how)
-        if spec.probe is not None and len(candidates) > 1 and not spec.probe(image, data):
+    for layout in fitting:
+        data = _read_entries(image, spec, layout, addr, size, how)
+        # The probe only decides between layouts that all fit the size.
+        if len(fitting) > 1 and spec.probe is not None and not spec.probe(image, data):
             problems.append(f"{layout.entry_size}-byte entries do not fit ({layout.note})")
             continue
         return data
     raise KbbError(f"{spec.name} at {addr:#x}: {'; '.join(problems)}")
+
+
+def _read_entries(image, spec: TableSpec, layout: Layout, addr: int, size: int,
+                  how: str) -> TableData:
+    count = size // layout.entry_size
+    entries = image.array_at(addr, layout.dtype, count) if count else np.zeros(0, layout.dtype)
+    valid = np.ones(count, bool)
+    if spec.zero_padding and count:
+        raw = image.array_at(addr, np.dtype(("u1", layout.entry_size)), count)
+        nonzero = raw.any(axis=1)
+        if spec.zero_padding == "any":
+            valid = nonzero
+        else:
+            last = np.flatnonzero(nonzero)
+            valid[int(last[-1]) + 1 if len(last) else 0:] = False
+    return TableData(spec, layout, addr, size, entries, valid, how)
