@@ -78,6 +78,93 @@ def cmd_dump(args) -> int:
 
 
 # ---------------------------------------------------------------------------
+# rewrite / verify
+
+
+def _name_list(values) -> set[str] | None:
+    if not values:
+        return None
+    out = set()
+    for value in values:
+        if value.startswith("@"):
+            try:
+                text = open(value[1:]).read()
+            except OSError as err:
+                raise KbbError(f"{value[1:]}: {err.strerror}") from None
+            out.update(line.strip() for line in text.splitlines() if line.strip())
+        else:
+            out.update(v for v in value.split(",") if v)
+    return out
+
+
+def rewrite_options(args):
+    from kbuild_bolt.rewrite.engine import RewriteOptions
+
+    profile = None
+    if getattr(args, "profile", None):
+        from kbuild_bolt.profile import load_profile
+        profile = load_profile(args.profile)
+    if args.plant_fault and args.verify:
+        raise KbbError("--plant-fault leaves a table stale on purpose: add --no-verify")
+    return RewriteOptions(
+        reorder_blocks=args.reorder_blocks, seed=args.seed, funcs=_name_list(args.funcs),
+        skip_funcs=_name_list(args.skip_funcs) or set(), profile=profile, verify=args.verify,
+        plant_fault=args.plant_fault, progress=not args.quiet,
+    )
+
+
+def cmd_rewrite(args) -> int:
+    from kbuild_bolt.rewrite.engine import rewrite
+
+    if args.reorder_blocks == "ext-tsp" and not args.profile:
+        raise KbbError("--reorder-blocks=ext-tsp needs --profile (or choose none/reverse/random)")
+    result = rewrite(args.vmlinux, args.output, rewrite_options(args))
+    print(result.summary())
+    if args.dyno_stats:
+        from kbuild_bolt.profile.dyno import print_dyno_comparison
+        print_dyno_comparison(args.vmlinux, args.output, rewrite_options(args).profile)
+    return 0
+
+
+def cmd_bisect(args) -> int:
+    from kbuild_bolt.rewrite.bisect import run_bisect
+
+    if not os.path.exists(args.initrd):
+        raise KbbError(f"{args.initrd}: no such file")
+    boot_kwargs = dict(workload=args.workload, iterations=args.iterations, timeout=args.timeout,
+                       smp=args.smp, memory=args.memory)
+    result = run_bisect(args.vmlinux, args.initrd, rewrite_options(args), boot_kwargs)
+    print(result.summary())
+    return 0 if result.full_run_ok else 1
+
+
+def cmd_verify(args) -> int:
+    from kbuild_bolt.rewrite.verify import verify
+
+    report = verify(args.vmlinux, against=args.against)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def add_rewrite_arguments(p) -> None:
+    from kbuild_bolt.layout.orders import STRATEGIES
+
+    p.add_argument("--reorder-blocks", choices=STRATEGIES, default="ext-tsp",
+                   help="block order: ext-tsp (needs --profile), random, reverse or none")
+    p.add_argument("--seed", type=int, default=0, help="random seed for --reorder-blocks=random")
+    p.add_argument("--profile", help="profile (kbuild-bolt, BOLT .fdata or perf script)")
+    p.add_argument("--funcs", action="append", metavar="NAMES",
+                   help="only these functions (comma-separated, or @file)")
+    p.add_argument("--skip-funcs", action="append", metavar="NAMES",
+                   help="leave these functions alone (comma-separated, or @file)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not verify the output before writing it")
+    p.add_argument("--plant-fault", choices=("smp-lock", "bug", "return"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+# ---------------------------------------------------------------------------
 # boot
 
 
@@ -204,6 +291,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many entries per table")
     p.add_argument("--json", action="store_true", help="stable JSON (docs/json.md)")
     p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("rewrite", help="lay out vmlinux code again and update every table",
+                       description="Reorder the basic blocks of every function that can be "
+                                   "rewritten safely, inside its own address range, and update "
+                                   "every relocation and kernel table; the output is verified "
+                                   "and written atomically.")
+    p.add_argument("vmlinux", help="vmlinux with relocations (--emit-relocs)")
+    p.add_argument("-o", "--output", required=True, help="where to write the new vmlinux")
+    add_rewrite_arguments(p)
+    p.add_argument("--dyno-stats", action="store_true",
+                   help="print BOLT's dyno-stats before and after (needs --profile)")
+    p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("bisect", help="find the rewritten functions that break a kernel",
+                       description="Rewrite with the given options and boot the result in QEMU; "
+                                   "if it fails or warns, rewrite subsets of the functions and "
+                                   "boot them until the smallest failing set is found. Exit "
+                                   "status 1 when culprits were found, 0 when the full rewrite "
+                                   "boots clean.")
+    p.add_argument("vmlinux", help="vmlinux with relocations (boots through its PVH entry)")
+    p.add_argument("--initrd", required=True, help="initramfs to boot with (a lab initramfs)")
+    add_rewrite_arguments(p)
+    p.add_argument("--workload", default="files", help="lab workload to run at each boot")
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=90.0)
+    p.add_argument("--smp", type=int, default=2)
+    p.add_argument("--memory", default="512M")
+    p.set_defaults(func=cmd_bisect)
+
+    p = sub.add_parser("verify", help="check a rewritten vmlinux (tables, relocations, headers)",
+                       description="Check every kernel table against the code and every "
+                                   "relocation against its bytes; with --against, also that "
+                                   "headers, symbols and unchanged bytes match the input.")
+    p.add_argument("vmlinux")
+    p.add_argument("--against", metavar="VMLINUX", help="the input it was rewritten from")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("boot", help="boot a kernel in QEMU (TCG) and check its console",
                        description="Boot a bzImage (KASLR on by default) or a vmlinux (PVH entry) "

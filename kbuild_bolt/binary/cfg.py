@@ -207,6 +207,16 @@ def build_cfg(model) -> CFG:
 
     terminator = (np.isin(flow, (x86.JMP, x86.IND_JMP, x86.JCC, x86.RET))
                   | int3 | (ud2 & ~warn_insn) | static_key)
+    # int3 right after a ret or jmp is a straight-line-speculation stop (SLS):
+    # it stays glued to the jump it guards instead of becoming a block.
+    glued = np.zeros(n, bool)
+    not_int3 = np.flatnonzero(~int3)
+    int3_idx = np.flatnonzero(int3)
+    if len(int3_idx) and len(not_int3):
+        prev = not_int3[np.maximum(np.searchsorted(not_int3, int3_idx) - 1, 0)]
+        ok = (prev < int3_idx) & np.isin(flow[prev], (x86.JMP, x86.IND_JMP, x86.RET))
+        ok &= f_of[prev] == f_of[int3_idx]
+        glued[int3_idx[ok]] = True
 
     # --- references into functions ----------------------------------------
     direct = (insns.ref_kind == x86.REF_BRANCH) & np.isin(flow, (x86.JMP, x86.JCC))
@@ -261,8 +271,9 @@ def build_cfg(model) -> CFG:
     func_first = model.function_first_insn
     func_end = model.function_end_insn
     hard = internal_target | external_entry | entry
+    glued &= ~hard
     soft = np.zeros(n, bool)
-    soft[1:] = terminator[:-1]
+    soft[1:] = terminator[:-1] & ~glued[1:]
     same_func = np.zeros(n, bool)
     same_func[1:] = (f_of[1:] == f_of[:-1]) & (f_of[1:] >= 0)
     soft &= same_func
@@ -303,7 +314,7 @@ def build_cfg(model) -> CFG:
     block_end = np.minimum(next_first, func_end[block_func])
     # The terminator of a block is its last terminator instruction (inside a patch
     # unit a jmp may be followed by padding that stays with it), else its last one.
-    term_pos = np.flatnonzero(terminator)
+    term_pos = np.flatnonzero(terminator & ~glued)
     k = np.searchsorted(term_pos, block_end, side="left") - 1
     cand = term_pos[np.maximum(k, 0)]
     has_term = (k >= 0) & (cand >= block_first)
@@ -323,6 +334,16 @@ def build_cfg(model) -> CFG:
     falls = has_next & ~np.isin(t_flow, (x86.JMP, x86.IND_JMP, x86.RET)) \
         & ~(int3[block_term] | (ud2[block_term] & ~warn_insn[block_term]))
     falls |= has_next & t_static
+    # A jump that is (part of) an alternative's original site may be patched into
+    # something that falls through (static_cpu_has: "jmp to aux code" becomes nops),
+    # so the block after the site stays a successor.
+    unit_start, unit_end = model.patch_units
+    if len(unit_start):
+        term_addr = insns.addr[block_term]
+        u = np.searchsorted(unit_start, term_addr, side="right").astype(np.int64) - 1
+        in_unit_term = u >= 0
+        in_unit_term[in_unit_term] &= term_addr[in_unit_term] < unit_end[u[in_unit_term]]
+        falls |= has_next & in_unit_term
     src_l = [blocks[falls]]
     dst_l = [blocks[falls] + 1]
     kind_l = [np.full(int(falls.sum()), FALLTHROUGH, np.uint8)]

@@ -56,9 +56,7 @@ def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -
     if fill:
         decoded = decode_all(image, ranges, jobs) if ranges else x86.Decoded.empty()
         merged = x86.Decoded.concatenate([decoded, fill])
-        order = np.argsort(merged.addr, kind="stable")
-        return x86.Decoded(*(getattr(merged, f)[order]
-                             for f in ("addr", "length", "flow", "ref", "ref_kind", "invalid")))
+        return merged.take(np.argsort(merged.addr, kind="stable"))
     total = sum(end - start for _, start, end in ranges)
     if jobs <= 1 or total < (1 << 20):
         _WORKER_IMAGE = image
@@ -106,8 +104,9 @@ def _split_int3_fill(image: ElfImage, ranges):
         return None, rest
     addr = np.concatenate(starts)
     n = len(addr)
+    z8 = np.zeros(n, np.uint8)
     return x86.Decoded(addr, np.ones(n, np.uint8), np.full(n, x86.INTERRUPT, np.uint8),
-                       np.zeros(n, np.uint64), np.zeros(n, np.uint8), np.zeros(n, bool)), rest
+                       np.zeros(n, np.uint64), z8, z8, z8, np.zeros(n, bool)), rest
 
 
 def default_jobs() -> int:

@@ -44,6 +44,9 @@ ENDBR64 = b"\xf3\x0f\x1e\xfa"
 EMULATE_PREFIXES = (b"\x0f\x0bxen", b"\x0f\x0bkvm")
 
 
+FIELDS = ("addr", "length", "flow", "ref", "ref_kind", "field_off", "field_size", "invalid")
+
+
 @dataclass
 class Decoded:
     """Instructions of one or more code ranges, in address order."""
@@ -53,6 +56,8 @@ class Decoded:
     flow: np.ndarray      # uint8, one of the flow constants
     ref: np.ndarray       # uint64 branch target / RIP-relative address (0: none)
     ref_kind: np.ndarray  # uint8 REF_*
+    field_off: np.ndarray  # uint8 offset of the rel8/rel32/disp32 field holding ``ref``
+    field_size: np.ndarray  # uint8 its size (0: no PC-relative field)
     invalid: np.ndarray   # bool: iced could not decode the bytes
 
     def __len__(self) -> int:
@@ -60,16 +65,19 @@ class Decoded:
 
     @classmethod
     def empty(cls) -> "Decoded":
-        return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, np.uint8),
-                   np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, bool))
+        z8 = np.zeros(0, np.uint8)
+        return cls(np.zeros(0, np.uint64), z8, z8, np.zeros(0, np.uint64), z8, z8, z8,
+                   np.zeros(0, bool))
 
     @classmethod
     def concatenate(cls, parts: list["Decoded"]) -> "Decoded":
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls.empty()
-        return cls(*(np.concatenate([getattr(p, f) for p in parts])
-                     for f in ("addr", "length", "flow", "ref", "ref_kind", "invalid")))
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
+
+    def take(self, index) -> "Decoded":
+        return Decoded(*(getattr(self, f)[index] for f in FIELDS))
 
     @property
     def end(self) -> np.ndarray:
@@ -89,6 +97,8 @@ def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
     ref_index = array("q")
     ref_value = array("Q")
     ref_kinds = array("B")
+    ref_field = array("B")
+    ref_fsize = array("B")
     bad = array("q")
     count = 0
     data = bytes(data)
@@ -107,9 +117,12 @@ def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
             flows.append(f)
             if f:
                 if f == JMP or f == JCC or f == CALL:
+                    co = decoder.get_constant_offsets(ins)
                     ref_index.append(count)
                     ref_value.append(ins.near_branch_target)
                     ref_kinds.append(REF_BRANCH)
+                    ref_field.append(co.immediate_offset)
+                    ref_fsize.append(co.immediate_size)
                 elif f == EXCEPTION:
                     if ins.code == Code.INVALID:
                         bad.append(count)
@@ -120,13 +133,19 @@ def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
                         decoder.position = pos - base + 5
                         decoder.ip = pos + 5
                 elif (f == IND_JMP or f == IND_CALL) and ins.is_ip_rel_memory_operand:
+                    co = decoder.get_constant_offsets(ins)
                     ref_index.append(count)
                     ref_value.append(ins.ip_rel_memory_address)
                     ref_kinds.append(REF_RIPREL)
+                    ref_field.append(co.displacement_offset)
+                    ref_fsize.append(co.displacement_size)
             elif ins.is_ip_rel_memory_operand:
+                co = decoder.get_constant_offsets(ins)
                 ref_index.append(count)
                 ref_value.append(ins.ip_rel_memory_address)
                 ref_kinds.append(REF_RIPREL)
+                ref_field.append(co.displacement_offset)
+                ref_fsize.append(co.displacement_size)
             pos += n
             count += 1
             if pos >= end:
@@ -139,12 +158,16 @@ def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
         flow=np.frombuffer(flows, np.uint8).copy() if count else np.zeros(0, np.uint8),
         ref=np.zeros(count, np.uint64),
         ref_kind=np.zeros(count, np.uint8),
+        field_off=np.zeros(count, np.uint8),
+        field_size=np.zeros(count, np.uint8),
         invalid=np.zeros(count, bool),
     )
     if len(ref_index):
         idx = np.frombuffer(ref_index, np.int64)
         out.ref[idx] = np.frombuffer(ref_value, np.uint64)
         out.ref_kind[idx] = np.frombuffer(ref_kinds, np.uint8)
+        out.field_off[idx] = np.frombuffer(ref_field, np.uint8)
+        out.field_size[idx] = np.frombuffer(ref_fsize, np.uint8)
     if len(bad):
         out.invalid[np.frombuffer(bad, np.int64)] = True
     return out

@@ -132,6 +132,9 @@ class TableSpec:
     refs: tuple[CodeRef, ...] = ()
     # Extra whole-table check: (model, data) -> list of (entry index, message).
     check: Callable | None = None
+    # The kernel's build-time sorttable sorts the table by this field (after the
+    # link, leaving the .rela records as they were).
+    sorted_field: str | None = None
 
 
 @dataclass

@@ -23,4 +23,5 @@ SPECS = [TableSpec(
     description="exception fixups",
     refs=(CodeRef("insn", SITE), CodeRef("fixup", ENTRY)),
     check=lambda model, data: sorted_by(model, data, "insn"),
+    sorted_field="insn",
 )]

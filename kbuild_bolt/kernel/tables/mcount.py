@@ -19,6 +19,7 @@ SPECS = [
         bounds=Bounds("__start_mcount_loc", "__stop_mcount_loc", "__mcount_loc"),
         layouts=lambda version: [LAYOUT],
         zero_padding="any",
+        sorted_field="site",  # CONFIG_BUILDTIME_MCOUNT_SORT
         description="ftrace fentry sites",
         refs=(CodeRef("site", SITE, expect="fentry_site"),),
     ),

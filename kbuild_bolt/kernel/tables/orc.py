@@ -32,6 +32,7 @@ SPECS = [
         description="ORC: instruction addresses",
         refs=(CodeRef("ip", ORC_IP),),
         check=lambda model, data: sorted_by(model, data, "ip"),
+        sorted_field="ip",
     ),
     TableSpec(
         name=".orc_unwind",
@@ -46,3 +47,102 @@ SPECS = [
         description="ORC: format hash",
     ),
 ]
+
+
+# ---------------------------------------------------------------------------
+# Regeneration after code moved
+
+
+class OrcCapacityError(Exception):
+    """The new layout needs more ORC entries than the table has room for."""
+
+
+def regenerate(model, plans, moved_ranges) -> tuple:
+    """New (ips, entries) for the ORC tables after ``plans`` moved code.
+
+    ORC describes the stack at every instruction; an instruction's state does
+    not depend on where it sits, so the new table is built from the old one:
+    every copied run of bytes takes its old entries along (including those
+    inside patch units, which describe the replacement's instructions), every
+    emitted jump takes the state of the instruction it stands for (an added
+    fall-through jump: the state where it lands), and the int3 fill after a
+    shortened function keeps the state that followed the old function.
+    Consecutive identical states are merged; the table keeps its size (the
+    section cannot grow): it is padded with repeats of its last entry, or, when
+    the new layout needs more entries, undefined entries in inter-function
+    padding are dropped first. ``moved_ranges``: (start, old end, new end) per plan.
+    """
+    import numpy as np
+
+    ip_table = model.tables[".orc_unwind_ip"]
+    orc_table = model.tables[".orc_unwind"]
+    old_ip = ip_table.targets("ip")
+    old_e = np.array(orc_table.entries)
+    capacity = len(old_ip)
+
+    def state_at(addrs):
+        i = np.searchsorted(old_ip, np.asarray(addrs, dtype=np.uint64), side="right") - 1
+        return np.maximum(i, 0)
+
+    # Old entries outside every rewritten range stay.
+    lo = np.array([r[0] for r in moved_ranges], dtype=np.uint64)
+    hi = np.array([max(r[1], r[2]) for r in moved_ranges], dtype=np.uint64)
+    order = np.argsort(lo)
+    lo, hi = lo[order], hi[order]
+    j = np.searchsorted(lo, old_ip, side="right").astype(np.int64) - 1
+    inside = (j >= 0)
+    inside[inside] &= old_ip[inside] < hi[j[inside]]
+    keep_ip = [old_ip[~inside]]
+    keep_src = [np.flatnonzero(~inside)]
+
+    for plan, (start, old_end, new_end) in zip(plans, moved_ranges):
+        for at, old_base, size in plan.runs:
+            keep_ip.append(np.array([at], dtype=np.uint64))
+            keep_src.append(state_at([old_base]))
+            a = np.searchsorted(old_ip, np.uint64(old_base), side="right")
+            b = np.searchsorted(old_ip, np.uint64(old_base + size), side="left")
+            if b > a:
+                keep_ip.append(old_ip[a:b] - np.uint64(old_base) + np.uint64(at))
+                keep_src.append(np.arange(a, b))
+        if plan.branch_states:
+            ats = np.array([s[0] for s in plan.branch_states], dtype=np.uint64)
+            olds = model.insns.addr[np.array([s[1] for s in plan.branch_states])]
+            keep_ip.append(ats)
+            keep_src.append(state_at(olds))
+        # After the new code: what followed the old function.
+        keep_ip.append(np.array([new_end], dtype=np.uint64))
+        keep_src.append(state_at([max(old_end, new_end)]))
+
+    ips = np.concatenate(keep_ip)
+    src = np.concatenate(keep_src).astype(np.int64)
+    order = np.argsort(ips, kind="stable")
+    ips, src = ips[order], src[order]
+    # The last entry at one address wins; then merge repeated states.
+    last_at = np.ones(len(ips), bool)
+    last_at[:-1] = ips[1:] != ips[:-1]
+    ips, src = ips[last_at], src[last_at]
+    states = old_e[src]
+    same = np.zeros(len(ips), bool)
+    same[1:] = ((states["sp_offset"][1:] == states["sp_offset"][:-1])
+                & (states["bp_offset"][1:] == states["bp_offset"][:-1])
+                & (states["bits"][1:] == states["bits"][:-1]))
+    ips, states = ips[~same], states[~same]
+
+    if len(ips) > capacity:
+        # Undefined entries in inter-function padding only stop the unwinder in
+        # bytes that never run: the cheapest to give up.
+        undefined = ((states["sp_offset"] == 0) & (states["bp_offset"] == 0)
+                     & (states["bits"] == 0) & (model.functions.rows_containing(ips) < 0))
+        extra = len(ips) - capacity
+        candidates = np.flatnonzero(undefined)
+        if len(candidates) < extra:
+            raise OrcCapacityError(f"the new layout needs {len(ips)} ORC entries, "
+                                   f"the table holds {capacity}")
+        drop = np.zeros(len(ips), bool)
+        drop[candidates[:extra]] = True
+        ips, states = ips[~drop], states[~drop]
+    if len(ips) < capacity:
+        pad = capacity - len(ips)
+        ips = np.concatenate([ips, np.full(pad, ips[-1], dtype=np.uint64)])
+        states = np.concatenate([states, np.repeat(states[-1:], pad)])
+    return ips, states

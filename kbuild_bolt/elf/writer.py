@@ -1,0 +1,133 @@
+"""Write a changed vmlinux without disturbing its ELF structure.
+
+The output starts as a byte copy of the input and is patched in place through
+a writable mmap: every section keeps its header, offset, address and size, so
+the loadable bytes that did not change are byte-identical and program headers
+stay exact (the seed's "stuck kernel" came from a writer that did not). Debug
+sections that would be stale are stripped with ``objcopy --strip-debug`` (the
+tool the kernel's own post-link pass uses). The file appears under its final
+name only after verification, by rename.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kbuild_bolt.errors import KbbError
+
+
+class OutputImage:
+    def __init__(self, source, dest):
+        self.source = source  # ElfImage of the input
+        self.dest = Path(dest)
+        directory = self.dest.parent if str(self.dest.parent) else Path(".")
+        if not directory.is_dir():
+            raise KbbError(f"{directory}: no such directory")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        try:
+            shutil.copyfile(source.path, self.tmp)
+            self._file = open(self.tmp, "r+b")
+            self.mem = mmap.mmap(self._file.fileno(), 0)
+        except BaseException:
+            self.discard()
+            raise
+        alloc = sorted((s for s in source.sections if s.is_alloc and s.has_bits and s.size),
+                       key=lambda s: s.addr)
+        self._starts = np.array([s.addr for s in alloc], dtype=np.uint64)
+        self._alloc = alloc
+
+    def _offset(self, addr: int, size: int) -> int:
+        i = int(np.searchsorted(self._starts, np.uint64(addr), side="right")) - 1
+        if i < 0:
+            raise KbbError(f"write outside every section at {addr:#x}")
+        s = self._alloc[i]
+        if not (s.addr <= addr and addr + size <= s.end):
+            raise KbbError(f"write of {size} bytes at {addr:#x} crosses a section boundary")
+        return s.offset + (addr - s.addr)
+
+    def write_at(self, addr: int, data: bytes) -> None:
+        off = self._offset(addr, len(data))
+        self.mem[off:off + len(data)] = data
+
+    def read_at(self, addr: int, size: int) -> bytes:
+        off = self._offset(addr, size)
+        return bytes(self.mem[off:off + size])
+
+    def array(self, addr: int, dtype, count: int) -> np.ndarray:
+        """A writable numpy view of ``count`` records at ``addr``."""
+        dtype = np.dtype(dtype)
+        off = self._offset(addr, dtype.itemsize * count)
+        return np.frombuffer(self.mem, dtype, count, off)
+
+    def read_fields(self, addrs: np.ndarray, size: int, signed: bool = True) -> np.ndarray:
+        """Little-endian ``size``-byte fields at each address, as uint64 (sign-extended
+        when ``signed``)."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        i = np.searchsorted(self._starts, addrs, side="right").astype(np.int64) - 1
+        offsets = np.empty(len(addrs), np.int64)
+        for k in np.unique(i).tolist():
+            s = self._alloc[k]
+            sel = i == k
+            offsets[sel] = s.offset + (addrs[sel] - np.uint64(s.addr)).astype(np.int64)
+        raw = np.frombuffer(self.mem, np.uint8)
+        cols = raw[offsets[:, None] + np.arange(size)[None, :]].astype(np.uint64)
+        value = np.zeros(len(addrs), np.uint64)
+        for k in range(size):
+            value |= cols[:, k] << np.uint64(8 * k)
+        if signed and size < 8:
+            top = np.uint64(1) << np.uint64(8 * size - 1)
+            value = np.where(value & top, value | ~((top << np.uint64(1)) - np.uint64(1)), value)
+        return value
+
+    def finish(self) -> Path:
+        """Flush and close the temporary file; returns its path."""
+        self.mem.flush()
+        self._close_map()
+        self._file.close()
+        return self.tmp
+
+    def _close_map(self) -> None:
+        import gc
+
+        gc.collect()
+        try:
+            self.mem.close()
+        except BufferError:
+            pass  # numpy views still point into it; the shared mapping is flushed
+
+    def strip_debug(self) -> list[str]:
+        """Remove .debug_* sections (stale once code moved); returns their names."""
+        names = [s.name for s in self.source.sections if s.name.startswith(".debug")]
+        if not names:
+            return []
+        objcopy = shutil.which("objcopy")
+        if objcopy is None:
+            raise KbbError("objcopy not found (apt-get install binutils): needed to remove "
+                           "debug sections that no longer match the code")
+        proc = subprocess.run([objcopy, "--strip-debug", str(self.tmp)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise KbbError(f"objcopy --strip-debug failed: {proc.stderr.strip()[:200]}")
+        return names
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.dest)
+
+    def discard(self) -> None:
+        try:
+            if hasattr(self, "mem") and not self.mem.closed:
+                self._close_map()
+            if hasattr(self, "_file"):
+                self._file.close()
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()

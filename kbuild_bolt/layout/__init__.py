@@ -1,0 +1,1 @@
+"""Block (and later function) ordering algorithms."""

@@ -1,0 +1,65 @@
+"""AddressMap: where every old address of rewritten code is now.
+
+Built from the function plans: for each old instruction of a rewritten
+function its new address (or none when the instruction was dropped: a jump
+that now falls through, alignment fill nobody reaches). An old address inside
+an instruction maps to the same offset inside the moved instruction (operand
+references such as runtime constants).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class AddressMap:
+    def __init__(self, model, plans):
+        insns = model.insns
+        self.func_start = np.array([p.start for p in plans], dtype=np.uint64)
+        self.func_end = np.array([int(model.functions.end[p.row]) for p in plans], dtype=np.uint64)
+        order = np.argsort(self.func_start)
+        self.func_start, self.func_end = self.func_start[order], self.func_end[order]
+        old, new = [], []
+        for p in plans:
+            n = len(p.new_addr)
+            old.append(insns.addr[p.first_insn:p.first_insn + n])
+            new.append(p.new_addr)
+        if old:
+            self.old = np.concatenate(old).astype(np.uint64)
+            self.new = np.concatenate(new).astype(np.uint64)  # 0: dropped
+            o = np.argsort(self.old, kind="stable")
+            self.old, self.new = self.old[o], self.new[o]
+        else:
+            self.old = np.zeros(0, np.uint64)
+            self.new = np.zeros(0, np.uint64)
+
+    def __len__(self) -> int:
+        return len(self.func_start)
+
+    def moved(self, addrs) -> np.ndarray:
+        """True where an address lies inside a rewritten function (start excluded:
+        function starts never move)."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        i = np.searchsorted(self.func_start, addrs, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ok[ok] &= (addrs[ok] < self.func_end[i[ok]]) & (addrs[ok] != self.func_start[i[ok]])
+        return ok
+
+    def is_moved(self, addr: int) -> bool:
+        return bool(self.moved(np.array([addr], dtype=np.uint64))[0])
+
+    def translate(self, addrs) -> tuple[np.ndarray, np.ndarray]:
+        """(new addresses as uint64, ok mask). Addresses outside rewritten functions
+        map to themselves; ``ok`` is False where the address was in dropped code."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        out = addrs.copy()
+        ok = np.ones(len(addrs), bool)
+        moved = self.moved(addrs)
+        if moved.any():
+            a = addrs[moved]
+            i = np.searchsorted(self.old, a, side="right").astype(np.int64) - 1
+            base_new = self.new[i]
+            good = base_new != 0
+            out[moved] = np.where(good, base_new + (a - self.old[i]), np.uint64(0))
+            ok[moved] = good
+        return out, ok

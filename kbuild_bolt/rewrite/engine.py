@@ -1,0 +1,426 @@
+"""The rewrite: lay functions out again and keep everything that points into them right.
+
+Phases (BOLT's, for a kernel):
+1. read: the binary model (functions, decoded code, kernel tables) and CFGs;
+2. layout: a block order per selected simple function;
+3. emit: each function's new bytes inside its own slot (function start and
+   size unchanged; growth may use the fill after it), or the function is left
+   byte-for-byte alone with a reason;
+4. update: code that points into moved code, every relocation (records and
+   bytes), ORC regenerated, __ex_table re-sorted; every other table is data
+   with relocations and follows through them;
+5. verify the output, then rename it into place.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kbuild_bolt.binary.cfg import REASONS, build_cfg
+from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.elf.writer import OutputImage
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel.tables import base
+from kbuild_bolt.kernel.tables import orc as orc_table
+from kbuild_bolt.layout import orders
+from kbuild_bolt.rewrite import relocations as relocs
+from kbuild_bolt.rewrite import tables as table_update
+from kbuild_bolt.rewrite.addressmap import AddressMap
+from kbuild_bolt.rewrite.emit import EmitContext, EmitError, plan_function
+from kbuild_bolt.x86 import decode as x86
+from kbuild_bolt.x86 import encode as enc
+
+
+@dataclass
+class RewriteOptions:
+    reorder_blocks: str = "ext-tsp"
+    seed: int = 0
+    funcs: set[str] | None = None
+    skip_funcs: set[str] = field(default_factory=set)
+    profile: object = None
+    verify: bool = True
+    # Testing hook for bisect: leave this many table entries stale on purpose.
+    plant_fault: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class RewriteResult:
+    functions: int = 0
+    rewritten: int = 0
+    unchanged: int = 0
+    left_alone: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    bytes_changed: int = 0
+    inserted_jumps: int = 0
+    dropped_bytes: int = 0
+    tables: dict = field(default_factory=dict)
+    relocations_changed: int = 0
+    fields_rewritten: int = 0
+    stripped: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    rewritten_names: list = field(default_factory=list)
+    orc_entries: tuple = (0, 0)
+    verify_summary: str = ""
+
+    def summary(self) -> str:
+        lines = [f"functions: {self.functions:,} in .text/.init.text/.exit.text"]
+        lines.append(f"  rewritten                 {self.rewritten:>9,}")
+        lines.append(f"  same layout (unchanged)   {self.unchanged:>9,}")
+        for reason, count in self.left_alone.most_common():
+            example = self.examples.get(reason, "")
+            lines.append(f"  left alone: {reason:<24} {count:>9,}   e.g. {example}")
+        lines.append(f"bytes changed: {self.bytes_changed:,} "
+                     f"(jumps added {self.inserted_jumps:,}, bytes dropped {self.dropped_bytes:,})")
+        lines.append(f"relocations updated: {self.relocations_changed:,} "
+                     f"({self.fields_rewritten:,} fields recomputed)")
+        if self.tables:
+            lines.append("tables updated: " + ", ".join(f"{k} {v:,}" for k, v in self.tables.items()))
+        lines.append(f"ORC entries: {self.orc_entries[0]:,} used of {self.orc_entries[1]:,}")
+        if self.stripped:
+            lines.append(f"debug sections removed (they described the old layout): "
+                         f"{', '.join(self.stripped)}")
+        if self.verify_summary:
+            lines.append(self.verify_summary)
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _say(options, message):
+    if options.progress:
+        print(f"  BOLT    {message}", file=sys.stderr, flush=True)
+
+
+def is_fill(model, idx: np.ndarray) -> np.ndarray:
+    """int3 or a nop (90 or 0f 1f, after any 66/2e prefixes) at each instruction."""
+    b = model.read_bytes(model.insns.addr[idx], 8)
+    prefix = (b == 0x66) | (b == 0x2E)
+    first = np.argmin(prefix, axis=1)          # first byte that is not a prefix
+    rows = np.arange(len(idx))
+    op = b[rows, np.minimum(first, 7)]
+    op2 = b[rows, np.minimum(first + 1, 7)]
+    return (b[:, 0] == x86.INT3) | (op == 0x90) | ((op == 0x0F) & (op2 == 0x1F))
+
+
+def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:
+    """End of each function's slot: its end plus the fill after it, up to the next symbol."""
+    functions = model.functions
+    labels = model.symbol_values
+    ends = functions.end.astype(np.uint64)
+    nxt = labels[np.minimum(np.searchsorted(labels, ends, side="left"), len(labels) - 1)]
+    nxt = np.where(nxt >= ends, nxt, ends)
+    out = ends.copy()
+    insns = model.insns
+    for row in range(len(functions)):
+        e, limit = int(ends[row]), int(nxt[row])
+        i = int(np.searchsorted(insns.addr, np.uint64(e)))
+        while e < limit and i < len(insns.addr) and int(insns.addr[i]) == e and fill_insn[i]:
+            e += int(insns.length[i])
+            i += 1
+        out[row] = min(e, limit)
+    return out
+
+
+def choose_order(strategy: str, blocks: list[int], rng: random.Random, layout_fn=None) -> list[int]:
+    if strategy == "none":
+        return orders.order_none(blocks)
+    if strategy == "reverse":
+        return orders.order_reverse(blocks)
+    if strategy == "random":
+        return orders.order_random(blocks, rng)
+    if layout_fn is None:
+        raise KbbError(f"--reorder-blocks={strategy} needs a profile (--profile)")
+    return layout_fn(blocks)
+
+
+class Session:
+    """A vmlinux read once and rewritten many times (bisect)."""
+
+    def __init__(self, input_path):
+        self.model = BinaryModel.open(input_path, require_relocations=True)
+        self.cfg = build_cfg(self.model)
+
+
+def rewrite(input_path, output_path, options: RewriteOptions,
+            session: Session | None = None) -> RewriteResult:
+    result = RewriteResult()
+    t0 = time.perf_counter()
+    if session is None:
+        _say(options, f"reading {input_path}")
+        session = Session(input_path)
+    model, cfg = session.model, session.cfg
+    functions = model.functions
+    result.functions = len(functions)
+    result.seconds["read"] = time.perf_counter() - t0
+    t = time.perf_counter()
+
+    # --- what to rewrite -----------------------------------------------------
+    names = functions.names
+    selected = np.ones(len(functions), bool)
+    if options.funcs is not None:
+        wanted = options.funcs
+        selected = np.array([n in wanted or any(a in wanted for a in functions.aliases.get(i, []))
+                             for i, n in enumerate(names)])
+        unknown = wanted - set(names) - {a for v in functions.aliases.values() for a in v}
+        if unknown:
+            raise KbbError(f"--funcs: no such function: {', '.join(sorted(unknown)[:5])}")
+    if options.skip_funcs:
+        selected &= np.array([n not in options.skip_funcs for n in names])
+    for row in np.flatnonzero(~selected).tolist():
+        result.left_alone["not selected"] += 1
+        result.examples.setdefault("not selected", names[row])
+    for row in np.flatnonzero(selected & (cfg.func_reason != 0)).tolist():
+        reason = REASONS[int(cfg.func_reason[row])]
+        result.left_alone[reason] += 1
+        result.examples.setdefault(reason, names[row])
+    candidates = np.flatnonzero(selected & (cfg.func_reason == 0))
+
+    layout_fn = None
+    if options.reorder_blocks == "ext-tsp":
+        from kbuild_bolt.layout.exttsp import ProfileLayout
+        if options.profile is None:
+            raise KbbError("--reorder-blocks=ext-tsp needs a profile (--profile)")
+        layout_fn = ProfileLayout(model, cfg, options.profile)
+    wanted_orders = {}
+    for row in candidates.tolist():
+        blocks = list(cfg.blocks_of(row))
+        # One generator per function: its order does not depend on which other
+        # functions are selected (bisect rewrites subsets and must see the same).
+        rng = random.Random(f"{options.seed}:{names[row]}")
+        order = choose_order(options.reorder_blocks, blocks, rng,
+                             layout_fn.for_function(row) if layout_fn else None)
+        if order == blocks:
+            result.unchanged += 1
+            continue
+        wanted_orders[row] = order
+
+    # --- emit --------------------------------------------------------------------
+    text = model.image.section(".text")
+    insns = model.insns
+    fill_insn = np.zeros(len(insns), bool)
+    rows_candidates = np.array(sorted(wanted_orders), dtype=np.int64)
+    # Alignment fill: between functions (room to grow) and in candidate functions
+    # (blocks of fill nobody reaches are dropped).
+    check = np.flatnonzero((model.function_of_insn < 0)
+                           | np.isin(model.function_of_insn, rows_candidates))
+    check = check[np.isin(insns.flow[check], (x86.NEXT, x86.INTERRUPT))]
+    fill_insn[check] = is_fill(model, check)
+    slots = slot_ends(model, fill_insn)
+
+    is_site = np.zeros(len(insns), bool)
+    for data in model.tables.values():
+        for ref in data.spec.refs:
+            if ref.role in (base.SITE, base.BRANCH, base.RANGE):
+                idx = model.insn_index(data.targets(ref.field))
+                is_site[idx[idx >= 0]] = True
+    in_unit = model.inside_patch_unit(insns.addr)
+
+    cand_start = functions.start[rows_candidates]
+    cand_end = functions.end[rows_candidates]
+
+    def moved_interior(addr: int) -> bool:
+        i = int(np.searchsorted(cand_start, np.uint64(addr), side="right")) - 1
+        return i >= 0 and int(cand_start[i]) < addr < int(cand_end[i])
+
+    sections = {}
+    plans = []
+    _say(options, f"laying out {len(wanted_orders):,} functions ({options.reorder_blocks})")
+    for row, order in wanted_orders.items():
+        sec = model.image.sections[int(functions.section[row])]
+        if sec.index not in sections:
+            sections[sec.index] = bytes(model.image.section_data(sec))
+        ctx = EmitContext(model, cfg, is_site, in_unit, fill_insn, sections[sec.index], sec.addr,
+                          moved_interior)
+        try:
+            plans.append(plan_function(ctx, row, order, int(slots[row])))
+        except EmitError as err:
+            result.left_alone[err.reason] += 1
+            result.examples.setdefault(err.reason, names[row])
+    result.seconds["emit"] = time.perf_counter() - t
+    t = time.perf_counter()
+
+    # --- update --------------------------------------------------------------------
+    amap = AddressMap(model, plans)
+    out = OutputImage(model.image, output_path)
+    try:
+        _apply(model, cfg, plans, amap, out, result, options, slots)
+        result.seconds["update"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tmp = out.finish()
+        import shutil
+        shutil.copymode(model.image.path, tmp)
+        result.stripped = out.strip_debug()
+        if options.verify:
+            from kbuild_bolt.rewrite.verify import verify
+            _say(options, "verifying")
+            report = verify(tmp, against=model, expect_rewritten={p.row for p in plans})
+            result.verify_summary = report.summary()
+            if not report.ok:
+                raise KbbError(f"verification failed, nothing written: {report.first_problem()}")
+            result.seconds["verify"] = time.perf_counter() - t
+        out.commit()
+    except BaseException:
+        out.discard()
+        raise
+    result.rewritten = len(plans)
+    result.rewritten_names = [names[p.row] for p in plans]
+    return result
+
+
+def _apply(model, cfg, plans, amap, out, result, options, slots) -> None:
+    insns = model.insns
+    functions = model.functions
+    # 1. New code, int3 after it up to the old end.
+    moved_ranges = []
+    for p in plans:
+        old_end = int(functions.end[p.row])
+        new_end = p.start + len(p.code)
+        out.write_at(p.start, p.code)
+        # int3 after the new code: up to the old end, or, when the code grew into
+        # the fill after it, over the rest of that fill (no half nop left behind).
+        fill_end = old_end if new_end <= old_end else int(slots[p.row])
+        if fill_end > new_end:
+            out.write_at(new_end, b"\xcc" * (fill_end - new_end))
+        moved_ranges.append((p.start, old_end, new_end))
+        result.bytes_changed += len(p.code)
+        result.inserted_jumps += p.inserted_jumps
+        result.dropped_bytes += p.dropped_bytes
+    # 2. PC-relative fields between two rewritten functions.
+    for p in plans:
+        for field_addr, size, next_ip, target in p.deferred:
+            new_target, ok = amap.translate(np.array([target], dtype=np.uint64))
+            if not ok[0]:
+                raise KbbError(f"reference at {field_addr:#x} to dropped code {target:#x}")
+            buf = bytearray(size)
+            if not enc.put_disp(buf, 0, size, enc.rel(int(new_target[0]), next_ip)):
+                raise KbbError(f"reference at {field_addr:#x} cannot reach its moved target")
+            out.write_at(field_addr, bytes(buf))
+    # 3. Code that stays but points into moved code without a relocation.
+    relocated = _relocated_field_starts(model)
+    outside = model.function_of_insn < 0
+    if len(plans):
+        rewritten_rows = np.array([p.row for p in plans])
+        outside |= ~np.isin(model.function_of_insn, rewritten_rows)
+    refs = np.flatnonzero(outside & (insns.field_size > 0))
+    hit = refs[amap.moved(insns.ref[refs])]
+    for i in hit.tolist():
+        field_addr = int(insns.addr[i]) + int(insns.field_off[i])
+        if field_addr in relocated:
+            continue  # the relocation pass rewrites it
+        new_target, ok = amap.translate(np.array([insns.ref[i]], dtype=np.uint64))
+        size = int(insns.field_size[i])
+        buf = bytearray(size)
+        next_ip = int(insns.addr[i]) + int(insns.length[i])
+        if not ok[0] or not enc.put_disp(buf, 0, size, enc.rel(int(new_target[0]), next_ip)):
+            raise KbbError(f"{model.symbolize(int(insns.addr[i]))} cannot reach moved code")
+        out.write_at(field_addr, bytes(buf))
+    # 4. Relocations outside the kernel tables (records and fields).
+    table_ranges = [(d.addr, d.addr + d.size) for d in model.tables.values()]
+    updates = relocs.plan_updates(model, amap, skip_ranges=table_ranges)
+    result.relocations_changed = sum(len(u.index) for u in updates)
+    result.fields_rewritten = relocs.apply_updates(model, out, updates)
+    # 5. Tables follow their code (and stay sorted); their records follow the bytes.
+    result.tables = table_update.update_entries(model, amap, out)
+    result.relocations_changed += table_update.recompute_records(model, out)
+    # 6. ORC for the new layout.
+    ips, states = orc_table.regenerate(model, plans, moved_ranges)
+    _write_orc(model, out, ips, states)
+    result.orc_entries = (int(len(np.unique(ips))), len(ips))
+    # 7. Functions that grew into the fill after them.
+    _grow_symbols(model, out, plans)
+    if options.plant_fault:
+        _plant_fault(model, amap, out, options.plant_fault)
+
+
+def _relocated_field_starts(model) -> set:
+    """Addresses of code fields that carry a relocation."""
+    r = model.code_relocations
+    return set(r.offset.tolist())
+
+
+def _write_orc(model, out, ips, states) -> None:
+    """Write the ORC tables and their relocations (PC32 against the section symbol)."""
+    ip_table = model.tables[".orc_unwind_ip"]
+    orc_table_data = model.tables[".orc_unwind"]
+    n = len(ips)
+    where = np.uint64(ip_table.addr) + np.uint64(4) * np.arange(n, dtype=np.uint64)
+    values = (ips - where).view(np.int64)
+    out.array(ip_table.addr, "<i4", n)[:] = values.astype(np.int32)
+    dest = out.array(orc_table_data.addr, orc_table_data.layout.dtype, n)
+    for name in ("sp_offset", "bp_offset", "bits"):
+        dest[name] = states[name]
+    rela = [r for r in model.image.rela_sections
+            if model.image.sections[r.info].name == ".orc_unwind_ip"]
+    if not rela:
+        return
+    from kbuild_bolt.elf.image import RELA
+    r = model.image.relocations(rela[0])
+    if len(r) != n:
+        raise KbbError(f".rela.orc_unwind_ip has {len(r)} entries for {n} ORC entries")
+    records = np.frombuffer(out.mem, RELA, n, rela[0].offset)
+    sec_sym = _section_symbols(model)
+    sec_idx = model.section_index_of(ips)
+    # Terminator entries sit at the end of a code section, just outside it.
+    for k in np.flatnonzero(sec_idx < 0).tolist():
+        ends = [sec.index for sec in model.image.sections
+                if sec.is_alloc and sec.is_exec and sec.end == int(ips[k])]
+        if ends:
+            sec_idx[k] = ends[0]
+    syms = np.array([sec_sym.get(int(s), 0) for s in sec_idx.tolist()], dtype=np.uint64)
+    if (syms == 0).any():
+        raise KbbError("ORC entry outside every section with a section symbol")
+    sec_addr = np.array([model.image.sections[int(s)].addr for s in sec_idx.tolist()],
+                        dtype=np.uint64)
+    order = np.argsort(r["offset"])
+    records["offset"][order] = where
+    records["info"][order] = (syms << np.uint64(32)) | np.uint64(relocs.R_X86_64_PC32)
+    records["addend"][order] = (ips - sec_addr).view(np.int64)
+
+
+def _section_symbols(model) -> dict[int, int]:
+    symbols = model.image.symbols
+    idx = np.flatnonzero(symbols.type == 3)
+    return {int(symbols.shndx[i]): int(i) for i in idx.tolist()}
+
+
+def _grow_symbols(model, out, plans) -> None:
+    """A function whose new code runs into the fill after it gets the new size."""
+    from kbuild_bolt.elf.image import SYM
+
+    image = model.image
+    symtab = image.symtab
+    symbols = image.symbols
+    records = np.frombuffer(out.mem, SYM, len(symbols), symtab.offset)
+    for p in plans:
+        new_size = len(p.code)
+        old_size = int(model.functions.end[p.row] - model.functions.start[p.row])
+        if new_size <= old_size:
+            continue
+        same = np.flatnonzero((symbols.value == np.uint64(p.start))
+                              & (symbols.size == np.uint64(old_size)) & (symbols.type == 2))
+        records["size"][same] = new_size
+
+
+def _plant_fault(model, amap, out, kind: str) -> None:
+    """Deliberately leave one table entry stale (to test bisect and verify)."""
+    name = {"smp-lock": ".smp_locks", "bug": "__bug_table", "return": ".return_sites"}.get(kind)
+    if name is None or name not in model.tables:
+        raise KbbError(f"--plant-fault {kind}: this kernel has no such table")
+    data = model.tables[name]
+    field_name = data.spec.refs[0].field
+    targets = data.targets(field_name)
+    moved = np.flatnonzero(amap.moved(targets))
+    if not len(moved):
+        raise KbbError(f"--plant-fault {kind}: no entry of {name} points into rewritten code")
+    k = int(moved[0])
+    index = int(data.indices[k])
+    f = data.layout.field(field_name)
+    field_addr = int(data.entry_address(index)) + f.offset
+    old_value = int(data.entries[field_name][index])
+    out.write_at(field_addr, int(old_value).to_bytes(f.size, "little", signed=True))

@@ -1,0 +1,155 @@
+"""Relocations after code moved: where they are, what they point at, the bytes they make.
+
+With --emit-relocs every reference between sections has a relocation: data
+pointing into code (jump tables, exception and other kernel tables, function
+pointers), code into data, code into other code. When code moves:
+
+- a relocation *in* moved code moves with its instruction (same offset inside it);
+- a relocation *to* moved code (symbol+addend inside a rewritten function, where
+  the symbol is a section symbol or lies in that function: anything else is
+  address arithmetic such as ``_text + 0xfff``) gets the new addend; in code a
+  PC-relative field refers to S + A + (end of instruction - P);
+- the field it describes is recomputed (S + A - P for PC-relative, S + A for
+  absolute), so bytes and records always agree, which is what x86's ``relocs``
+  tool needs to derive ``vmlinux.relocs`` for KASLR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kbuild_bolt.elf.image import RELA
+from kbuild_bolt.errors import KbbError
+
+R_X86_64_NONE = 0
+R_X86_64_64 = 1
+R_X86_64_PC32 = 2
+R_X86_64_PLT32 = 4
+R_X86_64_32 = 10
+R_X86_64_32S = 11
+R_X86_64_PC64 = 24
+
+PC_RELATIVE = (R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_PC64)
+FIELD_SIZE = {R_X86_64_64: 8, R_X86_64_PC32: 4, R_X86_64_PLT32: 4, R_X86_64_32: 4,
+              R_X86_64_32S: 4, R_X86_64_PC64: 8}
+SIGNED = {R_X86_64_64: False, R_X86_64_PC32: True, R_X86_64_PLT32: True, R_X86_64_32: False,
+          R_X86_64_32S: True, R_X86_64_PC64: True}
+
+
+def field_value(rtype: int, s: int, a: int, p: int) -> int:
+    """The relocated value, as a signed 64-bit number (kernel addresses are negative)."""
+    value = (s + a - p) if rtype in PC_RELATIVE else (s + a)
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def encode_field(rtype: int, value: int) -> bytes:
+    size = FIELD_SIZE[rtype]
+    bits = 8 * size
+    if bits < 64:
+        if SIGNED[rtype] and not -(1 << (bits - 1)) <= value < (1 << (bits - 1)):
+            raise KbbError(f"relocation type {rtype}: value {value:#x} does not fit")
+        if not SIGNED[rtype] and not 0 <= value < (1 << bits):
+            raise KbbError(f"relocation type {rtype}: value {value:#x} does not fit")
+    return (value & ((1 << bits) - 1)).to_bytes(size, "little")
+
+
+@dataclass
+class RelocationUpdate:
+    rela_section: object
+    index: np.ndarray      # relocations changed (indices into the section)
+    offset: np.ndarray     # their new offsets
+    addend: np.ndarray     # their new addends
+    rewrite_field: np.ndarray  # bool: recompute the field bytes
+
+
+def names_moved_code(model, sym: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """True where symbol+addend refers to code inside the function it lands in
+    (the symbol is a section, or lies in that same function)."""
+    symbols = model.image.symbols
+    functions = model.functions
+    row = functions.rows_containing(target)
+    same = functions.rows_containing(symbols.value[sym]) == row
+    return (symbols.type[sym] == 3) | same
+
+
+def plan_updates(model, amap, skip_ranges=()) -> list[RelocationUpdate]:
+    """Relocation changes for every .rela section, given the address map; records
+    located in ``skip_ranges`` (kernel tables, handled from their own bytes) are
+    left to the caller."""
+    image = model.image
+    symbols = image.symbols
+    updates = []
+    for rela in image.rela_sections:
+        r = image.relocations(rela)
+        if not len(r):
+            continue
+        rtype = (r["info"] & 0xFFFFFFFF).astype(np.int64)
+        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        offset = r["offset"]
+        addend = r["addend"]
+        handled = np.isin(rtype, list(FIELD_SIZE))
+        for lo, hi in skip_ranges:
+            handled &= ~((offset >= np.uint64(lo)) & (offset < np.uint64(hi)))
+
+        off_moved = amap.moved(offset)
+        new_offset, ok_off = amap.translate(offset)
+        if (off_moved & ~ok_off & handled).any():
+            bad = int(offset[off_moved & ~ok_off & handled][0])
+            raise KbbError(f"{rela.name}: relocation at {bad:#x} is in code that was dropped")
+
+        valid_sym = sym < len(symbols)
+        s_value = np.zeros(len(sym), np.int64)
+        s_value[valid_sym] = symbols.value[sym[valid_sym]].astype(np.int64)
+        target = (s_value + addend).astype(np.uint64)
+        if image.sections[rela.info].is_exec:
+            # A PC-relative field in an instruction is relative to the instruction's
+            # end: the address it refers to is S + A + (end - P) (call foo: A = -4).
+            pc_code = np.isin(rtype, PC_RELATIVE)
+            idx = model.insn_containing(offset[pc_code])
+            ends = np.where(idx >= 0, model.insns.end[np.maximum(idx, 0)], offset[pc_code])
+            target[pc_code] += ends - offset[pc_code]
+        tgt_moved = handled & valid_sym & amap.moved(target)
+        if tgt_moved.any():
+            tgt_moved[tgt_moved] &= names_moved_code(model, sym[tgt_moved], target[tgt_moved])
+        new_target, ok_t = amap.translate(target)
+        if (tgt_moved & ~ok_t).any():
+            k = np.flatnonzero(tgt_moved & ~ok_t)[0]
+            raise KbbError(f"{rela.name}: relocation at {int(offset[k]):#x} points to "
+                           f"{model.symbolize(int(target[k]))}, code that was dropped")
+        new_addend = addend.copy()
+        delta = (new_target[tgt_moved] - target[tgt_moved]).view(np.int64)
+        new_addend[tgt_moved] = addend[tgt_moved] + delta
+        pc = np.isin(rtype, PC_RELATIVE)
+        rewrite = handled & (tgt_moved | (off_moved & pc))
+        changed = (off_moved & handled) | tgt_moved
+        idx = np.flatnonzero(changed)
+        if len(idx):
+            updates.append(RelocationUpdate(
+                rela, idx, new_offset[idx].astype(np.uint64), new_addend[idx], rewrite[idx]))
+    return updates
+
+
+def apply_updates(model, out, updates) -> int:
+    """Write new relocation records and recompute their fields in ``out``."""
+    image = model.image
+    symbols = image.symbols
+    fields = 0
+    for u in updates:
+        rela = u.rela_section
+        r = image.relocations(rela)
+        records = np.frombuffer(out.mem, RELA, len(r), rela.offset)
+        records["offset"][u.index] = u.offset
+        records["addend"][u.index] = u.addend
+        info = r["info"][u.index]
+        rtype = (info & 0xFFFFFFFF).astype(np.int64)
+        sym = (info >> np.uint64(32)).astype(np.int64)
+        for k in np.flatnonzero(u.rewrite_field).tolist():
+            t = int(rtype[k])
+            s = int(symbols.value[sym[k]])
+            p = int(u.offset[k])
+            out.write_at(p, encode_field(t, field_value(t, s, int(u.addend[k]), p)))
+            fields += 1
+    return fields

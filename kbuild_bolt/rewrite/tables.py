@@ -1,0 +1,141 @@
+"""Kernel tables after code moved: entries follow their code, records follow the bytes.
+
+Every pointer field of every table (except ORC, which is regenerated) is
+read from the table itself, mapped through the address map and written back
+(PC-relative fields keep their flag bits). Tables the kernel's build-time
+``sorttable`` keeps sorted (``__ex_table`` by instruction) are sorted again.
+
+The relocation records inside table ranges are then recomputed from the bytes:
+``sorttable`` sorts tables after the link without touching ``.rela``, so in the
+input those records may describe entries at other positions; after this pass
+each record states exactly what its field holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kbuild_bolt.elf.image import RELA
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel.tables import base
+from kbuild_bolt.rewrite.relocations import FIELD_SIZE, PC_RELATIVE
+
+REGENERATED = (".orc_unwind_ip", ".orc_unwind")
+
+
+def update_entries(model, amap, out) -> dict[str, int]:
+    """Map every pointer field into moved code; returns entries changed per table."""
+    changed = {}
+    for name, data in model.tables.items():
+        if name in REGENERATED or not data.count:
+            continue
+        n_changed = 0
+        entries = out.array(data.addr, data.layout.dtype, len(data.entries))
+        index = data.indices
+        for f in data.layout.fields:
+            if not f.is_pointer:
+                continue
+            targets = data.targets(f.name)
+            moved = amap.moved(targets)
+            if not moved.any():
+                continue
+            new, ok = amap.translate(targets[moved])
+            if not ok.all():
+                k = int(np.flatnonzero(moved)[np.flatnonzero(~ok)[0]])
+                raise KbbError(f"{name}[{int(index[k])}].{f.name} points to "
+                               f"{model.symbolize(int(targets[k]))}, code that was dropped")
+            rows = index[moved]
+            if f.kind == "abs64":
+                entries[f.name][rows] = new
+            else:
+                where = data.entry_address(rows) + np.uint64(f.offset)
+                value = (new - where).view(np.int64)
+                if f.flag_mask:
+                    value = value | data.flags(f.name, rows).astype(np.int64)
+                entries[f.name][rows] = value.astype(entries.dtype[f.name])
+            n_changed += int(moved.sum())
+        if data.spec.sorted_field:
+            sort_entries(data, entries)
+        if n_changed:
+            changed[name] = n_changed
+    return changed
+
+
+def sort_entries(data, entries) -> None:
+    """Sort a table by one PC-relative field, as the kernel's sorttable does."""
+    f = data.layout.field(data.spec.sorted_field)
+    n = len(entries)
+    base_addr = np.uint64(data.addr)
+    size = np.uint64(data.entry_size)
+    where = base_addr + size * np.arange(n, dtype=np.uint64)
+    absolute = {}
+    for g in data.layout.fields:
+        raw = entries[g.name].astype(np.int64)
+        if g.kind in ("prel32", "prel32f", "prel64f"):
+            flags = raw & np.int64(g.flag_mask) if g.flag_mask else 0
+            absolute[g.name] = (where + np.uint64(g.offset) + (raw - flags).view(np.uint64), flags)
+        else:
+            absolute[g.name] = (entries[g.name].copy(), None)
+    key = absolute[f.name][0]
+    order = np.argsort(key, kind="stable")
+    if np.array_equal(order, np.arange(n)):
+        return
+    for g in data.layout.fields:
+        value, flags = absolute[g.name]
+        if flags is None:
+            entries[g.name] = value[order]
+        else:
+            rel = (value[order] - where - np.uint64(g.offset)).view(np.int64)
+            if g.flag_mask:
+                rel = rel | flags[order]
+            entries[g.name] = rel.astype(entries.dtype[g.name])
+
+
+def recompute_records(model, out) -> int:
+    """Make every relocation record inside a table range state what its field holds
+    (ORC records are written with the regenerated table)."""
+    image = model.image
+    symbols = image.symbols
+    ranges = sorted((d.addr, d.addr + d.size) for name, d in model.tables.items()
+                    if name not in REGENERATED)
+    lo = np.array([r[0] for r in ranges], dtype=np.uint64)
+    hi = np.array([r[1] for r in ranges], dtype=np.uint64)
+    total = 0
+    for rela in image.rela_sections:
+        r = image.relocations(rela)
+        if not len(r):
+            continue
+        i = np.searchsorted(lo, r["offset"], side="right").astype(np.int64) - 1
+        inside = i >= 0
+        inside[inside] &= r["offset"][inside] < hi[i[inside]]
+        if not inside.any():
+            continue
+        records = np.frombuffer(out.mem, RELA, len(r), rela.offset)
+        rtype = (r["info"] & 0xFFFFFFFF).astype(np.int64)
+        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        for t, size in FIELD_SIZE.items():
+            sel = np.flatnonzero(inside & (rtype == t))
+            if not len(sel):
+                continue
+            where = r["offset"][sel]
+            value = out.read_fields(where, size, signed=t != 10)  # R_X86_64_32 is unsigned
+            s = symbols.value[sym[sel]]
+            if t in PC_RELATIVE:
+                addend = (value + where - s).view(np.int64)
+            else:
+                addend = (value - s).view(np.int64)
+            records["addend"][sel] = addend
+            total += len(sel)
+    return total
+
+
+def sorted_ranges(model) -> list[tuple[int, int]]:
+    """Tables sorted after the link (their input relocation records may be stale)."""
+    out = []
+    for name, data in model.tables.items():
+        if data.spec.sorted_field:
+            out.append((data.addr, data.addr + data.size))
+    return out
+
+
+__all__ = ["update_entries", "recompute_records", "sorted_ranges", "base"]

@@ -1,0 +1,322 @@
+"""``kbuild-bolt verify``: check a rewritten vmlinux before anything relies on it.
+
+On the output alone:
+- it reads as a kernel: every table parses;
+- every table entry matches the code (the same cross-check as ``dump``):
+  static-key sites are 2/5-byte jmp/nop, lock prefixes, ud2, return/retpoline
+  sites, fentry calls, ORC sorted, __ex_table sorted, ...;
+- every relocation agrees with the bytes it describes (S + A - P, S + A).
+
+Against the input (``--against``):
+- ELF header, program headers and the allocated section headers are identical,
+  non-allocated ones too apart from removed debug sections; the symbol table
+  is identical;
+- data sections differ only inside kernel tables and relocated fields;
+- code differs only inside rewritten functions' slots and in PC-relative
+  fields that point into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.elf.image import ElfImage
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel.crosscheck import check_all
+from kbuild_bolt.rewrite.relocations import FIELD_SIZE, PC_RELATIVE
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def first_problem(self) -> str:
+        return self.problems[0] if self.problems else ""
+
+    def add(self, check: str, count: int, problems: list[str]) -> None:
+        self.checks[check] = (count, len(problems))
+        self.problems.extend(f"{check}: {p}" for p in problems[:20])
+        if len(problems) > 20:
+            self.problems.append(f"{check}: ... {len(problems) - 20} more")
+
+    def summary(self) -> str:
+        lines = ["verify: " + ("ok" if self.ok else f"FAILED ({len(self.problems)} problems)")]
+        for name, (count, bad) in self.checks.items():
+            state = "ok" if not bad else f"{bad} bad"
+            lines.append(f"  {name:<36} {count:>10,} checked  {state}")
+        for p in self.problems[:40]:
+            lines.append(f"  ! {p}")
+        return "\n".join(lines)
+
+
+def check_relocations(model: BinaryModel) -> tuple[int, list[str]]:
+    """Every relocation's field holds S + A (- P).
+
+    Tables the kernel's sorttable sorts after the link keep the records of the
+    unsorted order, so there the targets must be a permutation of what the
+    records say (compared as multisets of absolute targets)."""
+    image = model.image
+    symbols = image.symbols
+    problems: list[str] = []
+    total = 0
+    sorted_tables = [d for d in model.tables.values() if d.spec.sorted_field]
+    expected_sorted = {d.spec.name: [] for d in sorted_tables}
+    for rela in image.rela_sections:
+        r = image.relocations(rela)
+        if not len(r):
+            continue
+        rtype = (r["info"] & 0xFFFFFFFF).astype(np.int64)
+        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        target_section = image.sections[rela.info]
+        if not target_section.has_bits:
+            continue
+        data = image.bytes[target_section.offset:target_section.offset + target_section.size]
+        for t, size in FIELD_SIZE.items():
+            sel = np.flatnonzero(rtype == t)
+            if not len(sel):
+                continue
+            total += len(sel)
+            off = (r["offset"][sel] - np.uint64(target_section.addr)).astype(np.int64)
+            inside = (off >= 0) & (off + size <= target_section.size)
+            if not inside.all():
+                problems.append(f"{rela.name}: {int((~inside).sum())} relocations outside "
+                                f"{target_section.name}")
+                sel, off = sel[inside], off[inside]
+            cols = off[:, None] + np.arange(size)[None, :]
+            raw = data[cols].astype(np.uint64)
+            value = np.zeros(len(sel), np.uint64)
+            for k in range(size):
+                value |= raw[:, k] << np.uint64(8 * k)
+            where = r["offset"][sel]
+            s = symbols.value[sym[sel]]
+            target = s + r["addend"][sel].view(np.uint64)          # S + A
+            expect = target - where if t in PC_RELATIVE else target
+            mask = np.uint64((1 << (8 * size)) - 1) if size < 8 else np.uint64(0xFFFFFFFFFFFFFFFF)
+            bad = (expect & mask) != value
+            for d in sorted_tables:
+                inside = (where >= np.uint64(d.addr)) & (where < np.uint64(d.addr + d.size))
+                if inside.any():
+                    expected_sorted[d.spec.name].append(target[inside])
+                    bad[inside] = False
+            for k in np.flatnonzero(bad)[:5].tolist():
+                problems.append(f"{rela.name}[{int(sel[k])}] at {int(where[k]):#x}: "
+                                f"field {int(value[k]):#x}, relocation says "
+                                f"{int(expect[k] & mask):#x}")
+            if bad.sum() > 5:
+                problems.append(f"{rela.name}: {int(bad.sum()) - 5} more disagreeing fields")
+    for d in sorted_tables:
+        want = np.sort(np.concatenate(expected_sorted[d.spec.name])) \
+            if expected_sorted[d.spec.name] else np.zeros(0, np.uint64)
+        if not len(want):
+            continue
+        got = np.sort(np.concatenate([d.targets(f.name) for f in d.layout.fields
+                                      if f.is_pointer]))
+        # sorttable also zeroes __mcount_loc entries of overridden weak functions:
+        # their records stay, the entries become padding.
+        if not _sub_multiset(got, want) or len(want) - len(got) > d.padding * len(
+                [f for f in d.layout.fields if f.is_pointer]):
+            problems.append(f"{d.spec.name}: entries are not the targets its relocations name "
+                            f"({len(got)} entries, {len(want)} relocations)")
+    return total, problems
+
+
+def _sub_multiset(small: np.ndarray, big: np.ndarray) -> bool:
+    values, counts = np.unique(small, return_counts=True)
+    big_values, big_counts = np.unique(big, return_counts=True)
+    i = np.searchsorted(big_values, values)
+    i = np.minimum(i, len(big_values) - 1)
+    return bool(len(big_values) and np.all(big_values[i] == values) and np.all(big_counts[i] >= counts))
+
+
+def _header_problems(a: ElfImage, b: ElfImage) -> list[str]:
+    problems = []
+    ha, hb = a.header, b.header
+    for name in ("type", "machine", "entry", "phoff", "flags", "phnum", "phentsize"):
+        if ha[name] != hb[name]:
+            problems.append(f"ELF header {name}: {ha[name]} != {hb[name]}")
+    if not np.array_equal(a.phdrs, b.phdrs):
+        problems.append("program headers differ")
+    sa = {s.name: s for s in a.sections}
+    sb = {s.name: s for s in b.sections}
+    for name, s in sa.items():
+        if name.startswith(".debug") and name not in sb:
+            continue  # removed on purpose
+        other = sb.get(name)
+        if other is None:
+            problems.append(f"section {name} missing")
+            continue
+        fields = ("type", "flags", "addr", "size", "addralign", "entsize")
+        if s.is_alloc:
+            fields += ("offset",)
+        for f in fields:
+            if getattr(s, f) != getattr(other, f):
+                problems.append(f"section {name}: {f} {getattr(s, f):#x} != {getattr(other, f):#x}")
+    for name in sb:
+        if name not in sa:
+            problems.append(f"section {name} added")
+    return problems
+
+
+def _symbol_problems(inp: BinaryModel, b: ElfImage) -> list[str]:
+    a = inp.image
+    x, y = a.symbols, b.symbols
+    if len(x) != len(y):
+        return [f"{len(x)} symbols became {len(y)}"]
+    problems = []
+    for f in ("value", "info", "other"):
+        diff = np.flatnonzero(x.raw[f] != y.raw[f])
+        for i in diff[:5].tolist():
+            problems.append(f"symbol {x.names[i]}: {f} changed")
+    # A function may grow into the alignment fill that followed it, nothing more.
+    for i in np.flatnonzero(x.raw["size"] != y.raw["size"]).tolist():
+        old_end = int(x.value[i] + x.size[i])
+        new_end = int(y.value[i] + y.size[i])
+        lo = int(np.searchsorted(inp.insns.addr, np.uint64(old_end)))
+        hi = int(np.searchsorted(inp.insns.addr, np.uint64(new_end)))
+        fill = np.arange(lo, hi)
+        from kbuild_bolt.rewrite.engine import is_fill
+        if (new_end < old_end or x.type[i] != 2 or inp.function_of_insn[lo:hi].max(initial=-1) >= 0
+                or not is_fill(inp, fill).all()):
+            problems.append(f"symbol {x.names[i]}: size {int(x.size[i])} -> {int(y.size[i])}")
+    if x.names != y.names:
+        problems.append("symbol names differ")
+    return problems
+
+
+def _data_problems(inp: BinaryModel, out: BinaryModel) -> tuple[int, list[str]]:
+    """Changed bytes in allocated non-code sections must lie in tables or relocated fields."""
+    a, b = inp.image, out.image
+    covered = []
+    for data in out.tables.values():
+        covered.append((data.addr, data.addr + data.size))
+    allr = []
+    for rela in b.rela_sections:
+        rr = b.relocations(rela)
+        rtype = (rr["info"] & 0xFFFFFFFF).astype(np.int64)
+        size = np.array([FIELD_SIZE.get(int(t), 0) for t in rtype.tolist()], dtype=np.uint64)
+        allr.append(np.stack([rr["offset"], rr["offset"] + size], axis=1))
+    fields = np.concatenate(allr) if allr else np.zeros((0, 2), np.uint64)
+    fields = fields[np.argsort(fields[:, 0])]
+    problems = []
+    checked = 0
+    for s in a.sections:
+        if not (s.is_alloc and s.has_bits and s.size) or s.is_exec:
+            continue
+        other = b.section(s.name)
+        x = a.bytes[s.offset:s.offset + s.size]
+        y = b.bytes[other.offset:other.offset + other.size]
+        diff = np.flatnonzero(x != y).astype(np.uint64) + np.uint64(s.addr)
+        checked += s.size
+        if not len(diff):
+            continue
+        ok = np.zeros(len(diff), bool)
+        for lo, hi in covered:
+            ok |= (diff >= np.uint64(lo)) & (diff < np.uint64(hi))
+        i = np.searchsorted(fields[:, 0], diff, side="right").astype(np.int64) - 1
+        in_field = (i >= 0)
+        in_field[in_field] &= diff[in_field] < fields[i[in_field], 1]
+        ok |= in_field
+        for addr in diff[~ok][:5].tolist():
+            problems.append(f"{s.name}: byte at {int(addr):#x} changed outside tables and "
+                            "relocated fields")
+    return checked, problems
+
+
+def _code_problems(inp: BinaryModel, out: BinaryModel, rewritten: set) -> tuple[int, list[str]]:
+    """Changed code bytes must lie in rewritten functions' slots or in fields pointing there."""
+    a, b = inp.image, out.image
+    functions = inp.functions
+    slots = []
+    for row in sorted(rewritten):
+        start = int(functions.start[row])
+        nxt = inp.symbol_values[np.searchsorted(inp.symbol_values, functions.end[row])] \
+            if np.searchsorted(inp.symbol_values, functions.end[row]) < len(inp.symbol_values) \
+            else functions.end[row]
+        slots.append((start, int(max(int(nxt), int(functions.end[row])))))
+    slots.sort()
+    s_lo = np.array([x[0] for x in slots], dtype=np.uint64)
+    s_hi = np.array([x[1] for x in slots], dtype=np.uint64)
+    insns = inp.insns
+    with_field = np.flatnonzero(insns.field_size > 0)
+    f_lo = insns.addr[with_field] + insns.field_off[with_field]
+    f_hi = f_lo + insns.field_size[with_field]
+    rel = inp.code_relocations
+    r_lo = rel.offset
+    r_hi = rel.offset + np.uint64(4)
+    lo = np.concatenate([f_lo, r_lo])
+    hi = np.concatenate([f_hi, r_hi])
+    order = np.argsort(lo)
+    lo, hi = lo[order], hi[order]
+    problems = []
+    checked = 0
+    for s in a.sections:
+        if not (s.is_alloc and s.is_exec and s.has_bits and s.size):
+            continue
+        other = b.section(s.name)
+        x = a.bytes[s.offset:s.offset + s.size]
+        y = b.bytes[other.offset:other.offset + other.size]
+        diff = np.flatnonzero(x != y).astype(np.uint64) + np.uint64(s.addr)
+        checked += s.size
+        if not len(diff):
+            continue
+        i = np.searchsorted(s_lo, diff, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ok[ok] &= diff[ok] < s_hi[i[ok]]
+        j = np.searchsorted(lo, diff, side="right").astype(np.int64) - 1
+        in_field = j >= 0
+        in_field[in_field] &= diff[in_field] < hi[j[in_field]]
+        ok |= in_field
+        for addr in diff[~ok][:5].tolist():
+            problems.append(f"{s.name}: {inp.symbolize(int(addr))} changed outside rewritten "
+                            "functions")
+    return checked, problems
+
+
+def verify(path, against: BinaryModel | ElfImage | str | None = None,
+           expect_rewritten: set | None = None) -> VerifyReport:
+    report = VerifyReport()
+    try:
+        out = BinaryModel.open(path)
+    except KbbError as err:
+        report.add("output reads as a kernel", 1, [str(err)])
+        return report
+    checks = check_all(out)
+    entries = sum(c.entries for c in checks.values())
+    bad = [f"{m.table}[{m.index}] {m.field} -> {m.where}: {m.message}"
+           for c in checks.values() for m in c.mismatches]
+    report.add("table entries match the code", entries, bad)
+    total, problems = check_relocations(out)
+    report.add("relocations agree with the bytes", total, problems)
+    if against is not None:
+        inp = against if isinstance(against, BinaryModel) else BinaryModel.open(
+            against.path if isinstance(against, ElfImage) else against)
+        report.add("ELF and section headers", len(inp.image.sections),
+                   _header_problems(inp.image, out.image))
+        report.add("symbol table", len(inp.image.symbols), _symbol_problems(inp, out.image))
+        checked, problems = _data_problems(inp, out)
+        report.add("data changed only in tables/fields", checked, problems)
+        if expect_rewritten is None:
+            expect_rewritten = set(np.flatnonzero(_changed_functions(inp, out)).tolist())
+        checked, problems = _code_problems(inp, out, expect_rewritten)
+        report.add("code changed only where rewritten", checked, problems)
+        if out.tables[".orc_unwind_ip"].count != inp.tables[".orc_unwind_ip"].count:
+            report.add("ORC table size", 1, ["ORC entry count changed"])
+    return report
+
+
+def _changed_functions(inp: BinaryModel, out: BinaryModel) -> np.ndarray:
+    functions = inp.functions
+    changed = np.zeros(len(functions), bool)
+    for row in range(len(functions)):
+        start, end = int(functions.start[row]), int(functions.end[row])
+        if inp.image.read(start, end - start) != out.image.read(start, end - start):
+            changed[row] = True
+    return changed
