@@ -33,6 +33,7 @@ from kbuild_bolt.rewrite import relocations as relocs
 from kbuild_bolt.rewrite import tables as table_update
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.emit import EmitContext, EmitError, plan_function
+from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
 
@@ -48,6 +49,8 @@ class RewriteOptions:
     # Testing hook for bisect: leave this many table entries stale on purpose.
     plant_fault: str | None = None
     progress: bool = True
+    # Put blocks that do not fit a function's slot into free room in .text.
+    split: bool = True
 
 
 @dataclass
@@ -68,6 +71,9 @@ class RewriteResult:
     rewritten_names: list = field(default_factory=list)
     orc_entries: tuple = (0, 0)
     verify_summary: str = ""
+    fragments: int = 0
+    fragment_bytes: int = 0
+    free_room: int = 0
 
     def summary(self) -> str:
         lines = [f"functions: {self.functions:,} in .text/.init.text/.exit.text"]
@@ -76,13 +82,18 @@ class RewriteResult:
         for reason, count in self.left_alone.most_common():
             example = self.examples.get(reason, "")
             lines.append(f"  left alone: {reason:<24} {count:>9,}   e.g. {example}")
+        if self.fragments:
+            lines.append(f"cold fragments: {self.fragments:,} functions placed "
+                         f"{self.fragment_bytes:,} bytes in free room of .text "
+                         f"({self.free_room:,} bytes free)")
         lines.append(f"bytes changed: {self.bytes_changed:,} "
                      f"(jumps added {self.inserted_jumps:,}, bytes dropped {self.dropped_bytes:,})")
         lines.append(f"relocations updated: {self.relocations_changed:,} "
                      f"({self.fields_rewritten:,} fields recomputed)")
         if self.tables:
             lines.append("tables updated: " + ", ".join(f"{k} {v:,}" for k, v in self.tables.items()))
-        lines.append(f"ORC entries: {self.orc_entries[0]:,} used of {self.orc_entries[1]:,}")
+        lines.append(f"ORC entries: {self.orc_entries[0]:,} used of {self.orc_entries[1]:,} "
+                     "(regenerated; the table keeps its size)")
         if self.stripped:
             lines.append(f"debug sections removed (they described the old layout): "
                          f"{', '.join(self.stripped)}")
@@ -230,6 +241,8 @@ def rewrite(input_path, output_path, options: RewriteOptions,
 
     sections = {}
     plans = []
+    allocator = HoleAllocator(find_holes(model)) if options.split else None
+    result.free_room = allocator.free_bytes if allocator else 0
     _say(options, f"laying out {len(wanted_orders):,} functions ({options.reorder_blocks})")
     for row, order in wanted_orders.items():
         sec = model.image.sections[int(functions.section[row])]
@@ -238,10 +251,20 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         ctx = EmitContext(model, cfg, is_site, in_unit, fill_insn, sections[sec.index], sec.addr,
                           moved_interior)
         try:
-            plans.append(plan_function(ctx, row, order, int(slots[row])))
+            try:
+                plans.append(plan_function(ctx, row, order, int(slots[row])))
+            except EmitError as err:
+                # Too big for its slot: the blocks that do not fit go to free room.
+                # (Only .text: the free room is there, and relocations of code
+                # must stay in their section's .rela.)
+                if err.reason != "does-not-fit" or allocator is None or sec.name != ".text":
+                    raise
+                plans.append(plan_function(ctx, row, order, int(slots[row]), allocator))
         except EmitError as err:
             result.left_alone[err.reason] += 1
             result.examples.setdefault(err.reason, names[row])
+    result.fragments = sum(1 for p in plans if p.fragment)
+    result.fragment_bytes = sum(len(p.fragment[1]) for p in plans if p.fragment)
     result.seconds["emit"] = time.perf_counter() - t
     t = time.perf_counter()
 
@@ -259,7 +282,9 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         if options.verify:
             from kbuild_bolt.rewrite.verify import verify
             _say(options, "verifying")
-            report = verify(tmp, against=model, expect_rewritten={p.row for p in plans})
+            report = verify(tmp, against=model, expect_rewritten={p.row for p in plans},
+                            fragments=[(p.fragment[0], p.fragment[0] + len(p.fragment[1]))
+                                       for p in plans if p.fragment])
             result.verify_summary = report.summary()
             if not report.ok:
                 raise KbbError(f"verification failed, nothing written: {report.first_problem()}")
@@ -288,6 +313,11 @@ def _apply(model, cfg, plans, amap, out, result, options, slots) -> None:
         if fill_end > new_end:
             out.write_at(new_end, b"\xcc" * (fill_end - new_end))
         moved_ranges.append((p.start, old_end, new_end))
+        if p.fragment:
+            base, code = p.fragment
+            out.write_at(base, code)
+            moved_ranges.append((base, base, base + len(code)))
+            result.bytes_changed += len(code)
         result.bytes_changed += len(p.code)
         result.inserted_jumps += p.inserted_jumps
         result.dropped_bytes += p.dropped_bytes
@@ -331,7 +361,8 @@ def _apply(model, cfg, plans, amap, out, result, options, slots) -> None:
     # 6. ORC for the new layout.
     ips, states = orc_table.regenerate(model, plans, moved_ranges)
     _write_orc(model, out, ips, states)
-    result.orc_entries = (int(len(np.unique(ips))), len(ips))
+    padding = int(np.sum(ips[1:] == ips[:-1]))
+    result.orc_entries = (len(ips) - padding, len(ips))
     # 7. Functions that grew into the fill after them.
     _grow_symbols(model, out, plans)
     if options.plant_fault:

@@ -230,8 +230,10 @@ def _data_problems(inp: BinaryModel, out: BinaryModel) -> tuple[int, list[str]]:
     return checked, problems
 
 
-def _code_problems(inp: BinaryModel, out: BinaryModel, rewritten: set) -> tuple[int, list[str]]:
-    """Changed code bytes must lie in rewritten functions' slots or in fields pointing there."""
+def _code_problems(inp: BinaryModel, out: BinaryModel, rewritten: set,
+                   fragments) -> tuple[int, list[str]]:
+    """Changed code bytes must lie in rewritten functions' slots, in the free room
+    of .text (fragments), or in fields pointing there."""
     a, b = inp.image, out.image
     functions = inp.functions
     slots = []
@@ -241,6 +243,7 @@ def _code_problems(inp: BinaryModel, out: BinaryModel, rewritten: set) -> tuple[
             if np.searchsorted(inp.symbol_values, functions.end[row]) < len(inp.symbol_values) \
             else functions.end[row]
         slots.append((start, int(max(int(nxt), int(functions.end[row])))))
+    slots += list(fragments)
     slots.sort()
     s_lo = np.array([x[0] for x in slots], dtype=np.uint64)
     s_hi = np.array([x[1] for x in slots], dtype=np.uint64)
@@ -281,7 +284,7 @@ def _code_problems(inp: BinaryModel, out: BinaryModel, rewritten: set) -> tuple[
 
 
 def verify(path, against: BinaryModel | ElfImage | str | None = None,
-           expect_rewritten: set | None = None) -> VerifyReport:
+           expect_rewritten: set | None = None, fragments=None) -> VerifyReport:
     report = VerifyReport()
     try:
         out = BinaryModel.open(path)
@@ -305,7 +308,10 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
         report.add("data changed only in tables/fields", checked, problems)
         if expect_rewritten is None:
             expect_rewritten = set(np.flatnonzero(_changed_functions(inp, out)).tolist())
-        checked, problems = _code_problems(inp, out, expect_rewritten)
+        if fragments is None:
+            from kbuild_bolt.rewrite.holes import find_holes
+            fragments = find_holes(inp)  # standalone: anything in the free room
+        checked, problems = _code_problems(inp, out, expect_rewritten, fragments)
         report.add("code changed only where rewritten", checked, problems)
         if out.tables[".orc_unwind_ip"].count != inp.tables[".orc_unwind_ip"].count:
             report.add("ORC table size", 1, ["ORC entry count changed"])

@@ -70,7 +70,8 @@ def regenerate(model, plans, moved_ranges) -> tuple:
     Consecutive identical states are merged; the table keeps its size (the
     section cannot grow): it is padded with repeats of its last entry, or, when
     the new layout needs more entries, undefined entries in inter-function
-    padding are dropped first. ``moved_ranges``: (start, old end, new end) per plan.
+    padding are dropped first. ``moved_ranges``: (start, old end, new end) of every
+    rewritten slot and every fragment placed in free room (old end = start there).
     """
     import numpy as np
 
@@ -94,45 +95,55 @@ def regenerate(model, plans, moved_ranges) -> tuple:
     inside[inside] &= old_ip[inside] < hi[j[inside]]
     keep_ip = [old_ip[~inside]]
     keep_src = [np.flatnonzero(~inside)]
+    # Entries that only describe fill (int3/nop between functions, after new code):
+    # no instruction there ever runs, so they are the first to give up for room.
+    kept_fill = _in_fill(model, old_ip[~inside])
+    keep_fill = [kept_fill]
 
-    for plan, (start, old_end, new_end) in zip(plans, moved_ranges):
+    for plan in plans:
         for at, old_base, size in plan.runs:
             keep_ip.append(np.array([at], dtype=np.uint64))
             keep_src.append(state_at([old_base]))
             a = np.searchsorted(old_ip, np.uint64(old_base), side="right")
             b = np.searchsorted(old_ip, np.uint64(old_base + size), side="left")
+            keep_fill.append(np.zeros(1, bool))
             if b > a:
                 keep_ip.append(old_ip[a:b] - np.uint64(old_base) + np.uint64(at))
                 keep_src.append(np.arange(a, b))
+                keep_fill.append(np.zeros(b - a, bool))
         if plan.branch_states:
             ats = np.array([s[0] for s in plan.branch_states], dtype=np.uint64)
             olds = model.insns.addr[np.array([s[1] for s in plan.branch_states])]
             keep_ip.append(ats)
             keep_src.append(state_at(olds))
-        # After the new code: what followed the old function.
+            keep_fill.append(np.zeros(len(ats), bool))
+    for start, old_end, new_end in moved_ranges:
+        # After the new code: what followed the old code (int3 fill, the next function).
         keep_ip.append(np.array([new_end], dtype=np.uint64))
         keep_src.append(state_at([max(old_end, new_end)]))
+        keep_fill.append(np.ones(1, bool))
 
     ips = np.concatenate(keep_ip)
     src = np.concatenate(keep_src).astype(np.int64)
+    fill = np.concatenate(keep_fill)
     order = np.argsort(ips, kind="stable")
-    ips, src = ips[order], src[order]
+    ips, src, fill = ips[order], src[order], fill[order]
     # The last entry at one address wins; then merge repeated states.
     last_at = np.ones(len(ips), bool)
     last_at[:-1] = ips[1:] != ips[:-1]
-    ips, src = ips[last_at], src[last_at]
+    ips, src, fill = ips[last_at], src[last_at], fill[last_at]
     states = old_e[src]
     same = np.zeros(len(ips), bool)
     same[1:] = ((states["sp_offset"][1:] == states["sp_offset"][:-1])
                 & (states["bp_offset"][1:] == states["bp_offset"][:-1])
                 & (states["bits"][1:] == states["bits"][:-1]))
-    ips, states = ips[~same], states[~same]
+    ips, states, fill = ips[~same], states[~same], fill[~same]
 
     if len(ips) > capacity:
-        # Undefined entries in inter-function padding only stop the unwinder in
-        # bytes that never run: the cheapest to give up.
+        # Undefined entries over fill only stop the unwinder in bytes that never
+        # run: the cheapest to give up.
         undefined = ((states["sp_offset"] == 0) & (states["bp_offset"] == 0)
-                     & (states["bits"] == 0) & (model.functions.rows_containing(ips) < 0))
+                     & (states["bits"] == 0) & fill)
         extra = len(ips) - capacity
         candidates = np.flatnonzero(undefined)
         if len(candidates) < extra:
@@ -146,3 +157,19 @@ def regenerate(model, plans, moved_ranges) -> tuple:
         ips = np.concatenate([ips, np.full(pad, ips[-1], dtype=np.uint64)])
         states = np.concatenate([states, np.repeat(states[-1:], pad)])
     return ips, states
+
+
+def _in_fill(model, ips):
+    """True where an address starts int3/nop fill outside every function."""
+    import numpy as np
+
+    from kbuild_bolt.rewrite.engine import is_fill
+
+    idx = model.insn_index(ips)
+    out = np.zeros(len(ips), bool)
+    ok = idx >= 0
+    ok[ok] &= model.function_of_insn[idx[ok]] < 0
+    sel = np.flatnonzero(ok)
+    if len(sel):
+        out[sel] = is_fill(model, idx[sel])
+    return out

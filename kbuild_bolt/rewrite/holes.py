@@ -1,0 +1,94 @@
+"""Free room inside .text for code that no longer fits its function's slot.
+
+Linker alignment leaves megabytes of int3 fill inside .text (2.26 MB on the
+6.12 lab kernel: before the 2 MiB-aligned entry text and after it; 3.85 MB on
+Debian's 6.1 kernel). It is mapped and executable like the rest of .text and
+lies between _stext and _etext (so the kernel keeps it, and ORC and
+kernel_text_address() cover it), but no symbol covers it. A hole is usable when
+it is a run of int3 of at least 4 KiB, no symbol lies inside it (a label at its
+very start, such as __static_call_text_end, marks the end of what comes before)
+and it is not inside a ``__X_start``/``__X_end`` range the kernel treats
+specially (entry text, noinstr, kprobes, ...).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_HOLE = 4096
+MARGIN = 64
+ALIGN = 16
+
+
+def find_holes(model) -> list[tuple[int, int]]:
+    image = model.image
+    text = image.section(".text")
+    if text is None:
+        return []
+    symbols = image.symbols
+    lo = symbols.address("_stext") or text.addr
+    hi = symbols.address("_etext") or text.end
+    data = image.bytes[text.offset:text.offset + text.size]
+    cc = np.concatenate([[False], data == 0xCC, [False]]).astype(np.int8)
+    edges = np.diff(cc)
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    values = model.symbol_values
+    names = symbols.names
+    # Special ranges: __X_start ... __X_end (and X_start/X_end) label pairs.
+    by_name = {}
+    for i in np.flatnonzero((symbols.shndx == text.index)).tolist():
+        by_name.setdefault(names[i], int(symbols.value[i]))
+    ranges = []
+    for name, value in by_name.items():
+        if name.endswith("_start"):
+            end_name = name[:-len("_start")] + "_end"
+            if end_name in by_name and by_name[end_name] > value:
+                ranges.append((value, by_name[end_name]))
+    holes = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        if e - s < MIN_HOLE:
+            continue
+        a, b = text.addr + s, text.addr + e
+        a, b = max(a, lo), min(b, hi)
+        # Keep a margin at both ends (labels such as __static_call_text_end sit
+        # right at the start of the fill that follows what they close).
+        a = (a + MARGIN + ALIGN - 1) // ALIGN * ALIGN
+        b = b - MARGIN
+        if b - a < MIN_HOLE // 2:
+            continue
+        inside = values[(values >= np.uint64(a)) & (values < np.uint64(b))]
+        if len(inside):
+            continue
+        if any(r0 <= a and b <= r1 for r0, r1 in ranges):
+            continue
+        holes.append((a, b))
+    return holes
+
+
+class HoleAllocator:
+    """Bump allocation in the free holes, 16-byte aligned."""
+
+    def __init__(self, holes: list[tuple[int, int]]):
+        self.holes = [list(h) for h in holes]  # [next free, end]
+        self.used: list[tuple[int, int]] = []
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(e - s for s, e in self.holes)
+
+    def reserve(self, size: int) -> int | None:
+        for hole in self.holes:
+            base = (hole[0] + ALIGN - 1) // ALIGN * ALIGN
+            if base + size <= hole[1]:
+                hole[0] = base + size
+                return base
+        return None
+
+    def shrink(self, base: int, reserved: int, used: int) -> None:
+        """Give back the unused tail of the latest reservation."""
+        for hole in self.holes:
+            if hole[0] == base + reserved:
+                hole[0] = base + used
+                break
+        self.used.append((base, base + used))
