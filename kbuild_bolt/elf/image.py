@@ -234,7 +234,7 @@ class ElfImage:
         return self.symtab is not None and self.symtab.size > SYM.itemsize
 
     @cached_property
-    def symbols(self) -> "SymbolTable":
+    def symbols(self):
         from kbuild_bolt.elf.symbols import SymbolTable
 
         if not self.has_symbols:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kbuild_bolt.elf.image import STT_FUNC, ElfImage
+from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel import tables
 from kbuild_bolt.kernel.tables import kallsyms

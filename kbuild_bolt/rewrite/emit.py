@@ -34,12 +34,13 @@ class Item:
     """One piece of the new function: copied instructions or an emitted branch."""
 
     __slots__ = ("kind", "i0", "i1", "cc", "tkind", "target", "long", "origin", "state",
-                 "site_jmp")
+                 "site_jmp", "nbytes")
 
     def __init__(self, kind, i0=0, i1=0, cc=0, tkind=TO_BLOCK, target=0, origin=-1, state=-1,
-                 site_jmp=False):
+                 site_jmp=False, nbytes=0):
         self.kind = kind
         self.i0, self.i1 = i0, i1          # COPY: instructions [i0, i1)
+        self.nbytes = nbytes               # COPY: their size
         self.cc = cc                       # JCC: condition code
         self.tkind, self.target = tkind, target
         self.long = False                  # rel32 (jmp/jcc) or 5-byte site
@@ -47,9 +48,9 @@ class Item:
         self.state = state                 # old instruction whose ORC state applies
         self.site_jmp = site_jmp           # SITE: jmp (True) or nop (False)
 
-    def size(self, copy_size: int = 0) -> int:
+    def size(self) -> int:
         if self.kind == COPY:
-            return copy_size
+            return self.nbytes
         if self.kind == JMP:
             return enc.JMP32 if self.long else enc.JMP8
         if self.kind == JCC:
@@ -98,17 +99,67 @@ class EmitContext:
     code: bytes                 # the bytes of the section being rewritten
     code_base: int
     moved_interior: object      # callable(addrs) -> bool mask: inside another moved function
+    blocks: BlockTable = None
 
 
-def block_successors(cfg, b: int) -> tuple[int | None, int | None]:
-    """(fall-through block, taken block) of block ``b`` (None when absent)."""
-    fall = taken = None
-    for dst, kind in cfg.successors(b):
-        if kind == FALLTHROUGH:
-            fall = dst
-        elif kind in (TAKEN, STATIC_KEY):
-            taken = dst
-    return fall, taken
+# How a block ends, for emission (BlockTable.kind).
+END_COPY, END_SITE, END_JMP, END_JCC = 0, 1, 2, 3
+
+
+class BlockTable:
+    """Per-block facts emission needs, computed for all blocks at once (numpy),
+    kept as Python lists for fast access while laying out functions."""
+
+    def __init__(self, model, cfg, is_site: np.ndarray, in_unit: np.ndarray):
+        insns = model.insns
+        nb = len(cfg.block_first)
+        first, end, term = cfg.block_first, cfg.block_end, cfg.block_term
+        ends = insns.addr + insns.length
+        fall = np.full(nb, -1, np.int64)
+        taken = np.full(nb, -1, np.int64)
+        ft = cfg.edge_kind == FALLTHROUGH
+        fall[cfg.edge_src[ft]] = cfg.edge_dst[ft]
+        tk = np.isin(cfg.edge_kind, (TAKEN, STATIC_KEY))
+        taken[cfg.edge_src[tk]] = cfg.edge_dst[tk]
+        flow = insns.flow[term]
+        direct = np.isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[term] == x86.REF_BRANCH)
+        target = insns.ref[term]
+        t_idx = model.insn_index(target)
+        block_of = np.searchsorted(first, np.maximum(t_idx, 0), side="right").astype(np.int64) - 1
+        t_block = np.where((t_idx >= 0) & (first[np.maximum(block_of, 0)] == t_idx)
+                           & (cfg.block_func[np.maximum(block_of, 0)] == cfg.block_func),
+                           block_of, -1)
+        b = model.read_bytes(insns.addr[term], 2)
+        n = insns.length[term]
+        is_jmp = flow == x86.JMP
+        plain_jmp = ((n == 2) & (b[:, 0] == 0xEB)) | ((n == 5) & (b[:, 0] == 0xE9))
+        short_jcc = (n == 2) & (b[:, 0] >= 0x70) & (b[:, 0] <= 0x7F)
+        near_jcc = (n == 6) & (b[:, 0] == 0x0F) & (b[:, 1] >= 0x80) & (b[:, 1] <= 0x8F)
+        plain = np.where(is_jmp, plain_jmp, short_jcc | near_jcc)
+        cc = np.where(short_jcc, b[:, 0] & 0xF, b[:, 1] & 0xF)
+        site = is_site[term]
+        external_short = direct & (t_block < 0) & (n == 2) & plain & ~site
+        rebranch = direct & plain & ~site & ~in_unit[term] & ((t_block >= 0) | external_short)
+        kind = np.full(nb, END_COPY, np.int8)
+        kind[rebranch & is_jmp] = END_JMP
+        kind[rebranch & ~is_jmp] = END_JCC
+        static_key = cfg.static_key_insn[term]
+        kind[static_key] = END_SITE
+        self.kind = kind.tolist()
+        self.first = first.tolist()
+        self.end = end.tolist()
+        self.term = term.tolist()
+        self.fall = fall.tolist()
+        self.taken = taken.tolist()
+        self.t_block = t_block.tolist()
+        self.target = [int(t) for t in target.tolist()]
+        self.cc = cc.astype(np.int64).tolist()
+        self.site_jmp = is_jmp.tolist()
+        start = insns.addr[first]
+        self.whole = (ends[end - 1] - start).astype(np.int64).tolist()
+        self.body = (insns.addr[term] - start).astype(np.int64).tolist()
+        self.tail = (ends[end - 1] - ends[term]).astype(np.int64).tolist()
+        self.term_addr = [int(a) for a in insns.addr[term].tolist()]
 
 
 def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
@@ -126,36 +177,27 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
     blocks = list(cfg.blocks_of(row))
     first_insn = int(cfg.block_first[blocks[0]])
     last_insn = int(cfg.block_end[blocks[-1]])
-    flow, ref, ref_kind = insns.flow, insns.ref, insns.ref_kind
+    ref = insns.ref
     addr_of = insns.addr
     length = insns.length
 
     # Blocks nobody reaches that are only alignment fill are dropped.
     lo_b, hi_b = blocks[0], blocks[-1]
-    src_in = (cfg.edge_src >= lo_b) & (cfg.edge_src <= hi_b)
-    preds = set(cfg.edge_dst[src_in].tolist())
-    entries = {blocks[0]}
-    for b in blocks:
-        i = int(cfg.block_first[b])
-        if cfg.entry_insn[i] or cfg.external_entry_insn[i]:
-            entries.add(b)
+    e_lo, e_hi = np.searchsorted(cfg.edge_src, [lo_b, hi_b + 1])
+    preds = set(cfg.edge_dst[e_lo:e_hi].tolist())
+    firsts = cfg.block_first[lo_b:hi_b + 1]
+    entry_mask = cfg.entry_insn[firsts] | cfg.external_entry_insn[firsts]
+    entries = {blocks[0]} | {lo_b + k for k in np.flatnonzero(entry_mask).tolist()}
     dropped = 0
     layout = []
+    bt = ctx.blocks
     for b in order:
-        i0, i1 = int(cfg.block_first[b]), int(cfg.block_end[b])
-        if b not in preds and b not in entries and ctx.fill[i0:i1].all():
-            dropped += int(addr_of[i1 - 1] + length[i1 - 1] - addr_of[i0])
-            continue
+        if b not in preds and b not in entries:
+            i0, i1 = bt.first[b], bt.end[b]
+            if ctx.fill[i0:i1].all():
+                dropped += bt.whole[b]
+                continue
         layout.append(b)
-
-    def internal_block(target: int) -> int | None:
-        if not (start <= target < end):
-            return None
-        i = int(np.searchsorted(addr_of[first_insn:last_insn], np.uint64(target))) + first_insn
-        if i >= last_insn or int(addr_of[i]) != target:
-            return None
-        b = int(np.searchsorted(cfg.block_first, i, side="right")) - 1
-        return b if int(cfg.block_first[b]) == i else None
 
     def build_items(part: list[int], items: list, block_item: dict) -> tuple[int, int]:
         """Items for blocks ``part`` laid out contiguously; returns (inserted jumps,
@@ -164,69 +206,51 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         for k, b in enumerate(part):
             nxt = part[k + 1] if k + 1 < len(part) else None
             block_item[b] = len(items)
-            i0, i1 = int(cfg.block_first[b]), int(cfg.block_end[b])
-            term = int(cfg.block_term[b])
-            fall, taken = block_successors(cfg, b)
-            f = int(flow[term])
-            at = int(addr_of[term]) - ctx.code_base
-            code = ctx.code[at:at + int(length[term])]
-            direct = f in (x86.JMP, x86.JCC) and ref_kind[term] == x86.REF_BRANCH
-            target = int(ref[term]) if direct else 0
-            t_block = internal_block(target) if direct else None
-            plain = enc.is_plain_jmp(code) if f == x86.JMP else enc.condition_code(code) is not None
-            external_short = (direct and t_block is None and length[term] == 2 and plain
-                              and not ctx.is_site[term])
-            rebranch = (direct and plain and not ctx.is_site[term] and not ctx.in_unit[term]
-                        and (t_block is not None or external_short))
-
-            def fallthrough_jump():
-                nonlocal inserted
-                if fall is not None and fall != nxt:
-                    items.append(Item(JMP, tkind=TO_BLOCK, target=fall,
-                                      state=int(cfg.block_first[fall])))
-                    inserted += 1
-
-            if cfg.static_key_insn[term]:
+            i0, i1, term = bt.first[b], bt.end[b], bt.term[b]
+            fall = bt.fall[b]
+            kind = bt.kind[b]
+            if kind == END_COPY:
+                items.append(Item(COPY, i0, i1, nbytes=bt.whole[b]))
+            else:
                 if i0 < term:
-                    items.append(Item(COPY, i0, term))
-                if taken is None:
-                    raise EmitError("static-key-target", f"site at {int(addr_of[term]):#x}")
-                items.append(Item(SITE, target=taken, origin=term, state=term,
-                                  site_jmp=f == x86.JMP))
-                fallthrough_jump()
-                continue
-            if rebranch:
-                if i0 < term:
-                    items.append(Item(COPY, i0, term))
-                tkind, tgt = (TO_BLOCK, t_block) if t_block is not None else (TO_ADDR, target)
-                if f == x86.JMP:
-                    if tkind == TO_BLOCK and tgt == nxt:
-                        dropped_here += int(addr_of[i1 - 1] + length[i1 - 1] - addr_of[term])
-                        continue  # the jump (and any int3 after it) falls away
-                    items.append(Item(JMP, tkind=tkind, target=tgt, origin=term, state=term))
+                    items.append(Item(COPY, i0, term, nbytes=bt.body[b]))
+                if kind == END_SITE:
+                    if bt.taken[b] < 0:
+                        raise EmitError("static-key-target", f"site at {bt.term_addr[b]:#x}")
+                    items.append(Item(SITE, target=bt.taken[b], origin=term, state=term,
+                                      site_jmp=bt.site_jmp[b]))
                 else:
-                    cc = enc.condition_code(code)
-                    if fall is None:
-                        raise EmitError("jcc-without-fallthrough", f"{int(addr_of[term]):#x}")
-                    if fall == nxt:
-                        items.append(Item(JCC, cc=cc, tkind=tkind, target=tgt, origin=term,
-                                          state=term))
-                    elif tkind == TO_BLOCK and tgt == nxt:
-                        items.append(Item(JCC, cc=cc ^ 1, tkind=TO_BLOCK, target=fall,
-                                          origin=term, state=term))
+                    t_block = bt.t_block[b]
+                    tkind, tgt = (TO_BLOCK, t_block) if t_block >= 0 else (TO_ADDR, bt.target[b])
+                    if kind == END_JMP:
+                        if tkind == TO_BLOCK and tgt == nxt:
+                            # The jump (and any int3 after it) falls away.
+                            dropped_here += bt.whole[b] - bt.body[b]
+                            continue
+                        items.append(Item(JMP, tkind=tkind, target=tgt, origin=term, state=term))
                     else:
-                        items.append(Item(JCC, cc=cc, tkind=tkind, target=tgt, origin=term,
-                                          state=term))
-                        fallthrough_jump()
-                if term + 1 < i1:
-                    items.append(Item(COPY, term + 1, i1))
-                continue
-            items.append(Item(COPY, i0, i1))
-            fallthrough_jump()
+                        cc = bt.cc[b]
+                        if fall < 0:
+                            raise EmitError("jcc-without-fallthrough", f"{bt.term_addr[b]:#x}")
+                        if fall == nxt:
+                            items.append(Item(JCC, cc=cc, tkind=tkind, target=tgt, origin=term,
+                                              state=term))
+                            fall = -1
+                        elif tkind == TO_BLOCK and tgt == nxt:
+                            items.append(Item(JCC, cc=cc ^ 1, tkind=TO_BLOCK, target=fall,
+                                              origin=term, state=term))
+                            fall = -1
+                        else:
+                            items.append(Item(JCC, cc=cc, tkind=tkind, target=tgt, origin=term,
+                                              state=term))
+                    if term + 1 < i1:
+                        items.append(Item(COPY, term + 1, i1, nbytes=bt.tail[b]))
+                    if kind == END_JMP:
+                        continue
+            if fall >= 0 and fall != nxt:
+                items.append(Item(JMP, tkind=TO_BLOCK, target=fall, state=bt.first[fall]))
+                inserted += 1
         return inserted, dropped_here
-
-    def copy_bytes(it) -> int:
-        return int(addr_of[it.i1 - 1] + length[it.i1 - 1] - addr_of[it.i0])
 
     def arrange(parts: list[list[int]], bases: list[int]):
         """Items for ``parts`` placed at ``bases`` with relaxed branch sizes."""
@@ -240,7 +264,6 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
             inserted += ins
             dropped_jumps += drop
             part_of_item += [p] * (len(items) - before)
-        copy_size = {n: copy_bytes(it) for n, it in enumerate(items) if it.kind == COPY}
         item_addr = [0] * len(items)
 
         def destination(it) -> int:
@@ -250,7 +273,7 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
 
         # Relaxation: every branch starts short and grows until it reaches.
         for _round in range(64):
-            sizes = [it.size(copy_size.get(n, 0)) for n, it in enumerate(items)]
+            sizes = [it.size() for it in items]
             ends = list(bases[:len(parts)])
             for n, size in enumerate(sizes):
                 item_addr[n] = ends[part_of_item[n]]
@@ -264,39 +287,50 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
                     grew = True
             if not grew:
                 break
-        return (items, block_item, part_of_item, copy_size, item_addr, ends, destination,
+        return (items, block_item, part_of_item, item_addr, ends, destination,
                 inserted, dropped_jumps)
 
     slot = slot_end - start
     parts = [layout]
     arranged = arrange(parts, [start])
-    if arranged[5][0] - start > slot:
+    if arranged[4][0] - start > slot:
         if allocator is None:
-            raise EmitError("does-not-fit", f"{arranged[5][0] - start} bytes for a {slot}-byte slot")
-        # The longest prefix of the layout that fits stays; the rest goes to a
-        # fragment in free room (placed far away while choosing: cross jumps near).
+            raise EmitError("does-not-fit", f"{arranged[4][0] - start} bytes for a {slot}-byte slot")
+        # The longest prefix of the layout that surely fits stays (sizes with every
+        # branch near, plus a jump to the fragment); the rest goes to a fragment.
+        items0, block_item0 = arranged[0], arranged[1]
+        long_size = [it.nbytes if it.kind == COPY else
+                     (enc.JMP32 if it.kind == JMP else enc.JCC32 if it.kind == JCC else 5)
+                     for it in items0]
+        cum = np.concatenate([[0], np.cumsum(long_size)])
+        block_end_size = []
+        for k, b in enumerate(layout):
+            nxt_item = block_item0[layout[k + 1]] if k + 1 < len(layout) else len(items0)
+            block_end_size.append(int(cum[nxt_item]) + enc.JMP32)
         far = start + (1 << 30)
-        lo, hi = 1, len(layout) - 1
         best = None
-        while lo <= hi:
-            keep = (lo + hi) // 2
+        keep = int(np.searchsorted(np.array(block_end_size), slot, side="right"))
+        while keep >= 1 and best is None:
+            if keep >= len(layout):
+                keep = len(layout) - 1
+                continue
             trial = arrange([layout[:keep], layout[keep:]], [start, far])
-            if trial[5][0] - start <= slot:
-                best, lo = (keep, trial), keep + 1
+            if trial[4][0] - start <= slot:
+                best = (keep, trial)
             else:
-                hi = keep - 1
+                keep -= 1
         if best is None:
             raise EmitError("does-not-fit", "not even its entry block fits the slot")
         keep, trial = best
-        reserved = trial[5][1] - far
+        reserved = trial[4][1] - far
         frag_base = allocator.reserve(reserved)
         if frag_base is None:
             raise EmitError("no-room-for-cold-code", f"{reserved} bytes")
         parts = [layout[:keep], layout[keep:]]
         arranged = arrange(parts, [start, frag_base])
-        if arranged[5][0] - start > slot or arranged[5][1] - frag_base > reserved:
+        if arranged[4][0] - start > slot or arranged[4][1] - frag_base > reserved:
             raise EmitError("does-not-fit", "fragment placement grew the code")
-    (items, block_item, part_of_item, copy_size, item_addr, part_end, destination,
+    (items, block_item, part_of_item, item_addr, part_end, destination,
      inserted, dropped_jumps) = arranged
     dropped += dropped_jumps
     bases = [start] + ([frag_base] if len(parts) > 1 else [])
@@ -311,13 +345,15 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
     new_addr = np.zeros(last_insn - first_insn, np.uint64)
     runs = []
     branch_states = []
+    copied = np.zeros(last_insn - first_insn, bool)
     for n, it in enumerate(items):
         at = item_addr[n]
         if it.kind == COPY:
+            copied[it.i0 - first_insn:it.i1 - first_insn] = True
             base = int(addr_of[it.i0])
             new_addr[it.i0 - first_insn:it.i1 - first_insn] = (
                 addr_of[it.i0:it.i1] - np.uint64(base) + np.uint64(at))
-            runs.append((at, base, copy_size[n]))
+            runs.append((at, base, it.nbytes))
         else:
             if it.origin >= 0:
                 new_addr[it.origin - first_insn] = at
@@ -325,42 +361,14 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
 
     # --- bytes -----------------------------------------------------------------
     out = [bytearray(part_end[p] - bases[p]) for p in range(len(parts))]
-    deferred = []
-
-    def translate(target: int) -> int | None:
-        """New address of an old address inside this function (None: not mapped)."""
-        i = int(np.searchsorted(addr_of[first_insn:last_insn], np.uint64(target), side="right")) - 1
-        if i < 0 or new_addr[i] == 0:
-            return None
-        return int(new_addr[i]) + (target - int(addr_of[first_insn + i]))
-
     for n, it in enumerate(items):
         p = part_of_item[n]
         buf = out[p]
         here = item_addr[n]
         at = here - bases[p]
         if it.kind == COPY:
-            base = int(addr_of[it.i0])
-            size = copy_size[n]
-            buf[at:at + size] = ctx.code[base - ctx.code_base:base - ctx.code_base + size]
-            for i in (np.flatnonzero(insns.field_size[it.i0:it.i1] > 0) + it.i0).tolist():
-                fo, fs = int(insns.field_off[i]), int(insns.field_size[i])
-                old_i = int(addr_of[i])
-                new_i = old_i - base + here
-                next_ip = new_i + int(length[i])
-                target = int(ref[i])
-                if start <= target < end:
-                    new_target = translate(target)
-                    if new_target is None:
-                        raise EmitError("reference-to-dropped-code", f"{old_i:#x} -> {target:#x}")
-                elif ctx.moved_interior(target):
-                    deferred.append((new_i + fo, fs, next_ip, target))
-                    new_target = target  # placeholder, resolved once all functions are placed
-                else:
-                    new_target = target
-                if not enc.put_disp(buf, new_i - bases[p] + fo, fs, enc.rel(new_target, next_ip)):
-                    raise EmitError("branch-out-of-range",
-                                    f"{fs}-byte field at {old_i:#x} cannot reach {new_target:#x}")
+            base = int(addr_of[it.i0]) - ctx.code_base
+            buf[at:at + it.nbytes] = ctx.code[base:base + it.nbytes]
             continue
         size = it.size()
         dest = destination(it)
@@ -372,6 +380,54 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
             buf[at:at + size] = enc.jmp(size, dest - (here + size))
         else:
             buf[at:at + size] = enc.nop(size)
+
+    # PC-relative fields of copied instructions, all at once: the target moves
+    # with this function, lies in another moved function (resolved later), or stays.
+    fields = np.flatnonzero(insns.field_size[first_insn:last_insn] > 0)
+    fields = fields[copied[fields]] if len(fields) else fields
+    deferred = []
+    if len(fields):
+        idx = fields + first_insn
+        new_i = new_addr[fields]
+        next_ip = new_i + length[idx]
+        target = ref[idx]
+        new_target = target.copy()
+        local = (target >= np.uint64(start)) & (target < np.uint64(end))
+        if local.any():
+            t = target[local]
+            j = np.searchsorted(addr_of[first_insn:last_insn], t, side="right").astype(np.int64) - 1
+            mapped = new_addr[np.maximum(j, 0)]
+            bad = (j < 0) | (mapped == 0)
+            if bad.any():
+                k = int(np.flatnonzero(local)[np.flatnonzero(bad)[0]])
+                raise EmitError("reference-to-dropped-code",
+                                f"{int(addr_of[idx[k]]):#x} -> {int(target[k]):#x}")
+            new_target[local] = mapped + (t - addr_of[first_insn + j])
+        fo = insns.field_off[idx]
+        fs = insns.field_size[idx]
+        disp = (new_target - next_ip).view(np.int64)
+        for k in np.flatnonzero(~local).tolist():
+            if ctx.moved_interior(int(target[k])):
+                deferred.append((int(new_i[k]) + int(fo[k]), int(fs[k]), int(next_ip[k]),
+                                 int(target[k])))
+        limit = np.where(fs == 1, 1 << 7, 1 << 31).astype(np.int64)
+        out_of_range = (disp < -limit) | (disp >= limit)
+        if out_of_range.any():
+            k = int(np.flatnonzero(out_of_range)[0])
+            raise EmitError("branch-out-of-range", f"{int(fs[k])}-byte field at "
+                            f"{int(addr_of[idx[k]]):#x} cannot reach {int(new_target[k]):#x}")
+        field_addr = new_i + fo.astype(np.uint64)
+        for p in range(len(parts)):
+            in_part = (field_addr >= np.uint64(bases[p])) & (field_addr < np.uint64(part_end[p]))
+            if not in_part.any():
+                continue
+            view = np.frombuffer(out[p], np.uint8)
+            pos = (field_addr[in_part] - np.uint64(bases[p])).astype(np.int64)
+            d = disp[in_part].view(np.uint64)
+            size = fs[in_part]
+            for byte in range(4):
+                sel = size > byte
+                view[pos[sel] + byte] = ((d[sel] >> np.uint64(8 * byte)) & np.uint64(0xFF)).astype(np.uint8)
 
     return FunctionPlan(row=row, start=start, code=bytes(out[0]), new_addr=new_addr,
                         first_insn=first_insn, branch_states=branch_states, runs=runs,

@@ -14,16 +14,18 @@ Phases (BOLT's, for a kernel):
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kbuild_bolt.binary.cfg import REASONS, build_cfg
-from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.binary.model import BinaryModel, default_jobs
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.tables import base
@@ -32,7 +34,7 @@ from kbuild_bolt.layout import orders
 from kbuild_bolt.rewrite import relocations as relocs
 from kbuild_bolt.rewrite import tables as table_update
 from kbuild_bolt.rewrite.addressmap import AddressMap
-from kbuild_bolt.rewrite.emit import EmitContext, EmitError, plan_function
+from kbuild_bolt.rewrite.emit import BlockTable, EmitContext, EmitError, plan_function
 from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
@@ -51,6 +53,7 @@ class RewriteOptions:
     progress: bool = True
     # Put blocks that do not fit a function's slot into free room in .text.
     split: bool = True
+    jobs: int | None = None
 
 
 @dataclass
@@ -138,6 +141,79 @@ def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass
+class _EmitState:
+    model: object
+    cfg: object
+    is_site: np.ndarray
+    in_unit: np.ndarray
+    fill: np.ndarray
+    moved_interior: object
+    blocks: object
+    slots: np.ndarray
+    split: bool
+
+
+_STATE: _EmitState | None = None
+
+
+def _emit_chunk(work) -> tuple[list, list]:
+    """Emit a list of (row, order) with fragments in ``holes`` (runs in a worker)."""
+    pairs, holes = work
+    st = _STATE
+    model = st.model
+    functions = model.functions
+    allocator = HoleAllocator(holes) if st.split else None
+    sections = {}
+    plans, failures = [], []
+    for row, order in pairs:
+        sec = model.image.sections[int(functions.section[row])]
+        if sec.index not in sections:
+            sections[sec.index] = bytes(model.image.section_data(sec))
+        ctx = EmitContext(model, st.cfg, st.is_site, st.in_unit, st.fill, sections[sec.index],
+                          sec.addr, st.moved_interior, st.blocks)
+        try:
+            try:
+                plans.append(plan_function(ctx, row, order, int(st.slots[row])))
+            except EmitError as err:
+                # Too big for its slot: the blocks that do not fit go to free room.
+                # (Only .text: the free room is there, and relocations of code
+                # must stay in their section's .rela.)
+                if err.reason != "does-not-fit" or allocator is None or sec.name != ".text":
+                    raise
+                plans.append(plan_function(ctx, row, order, int(st.slots[row]), allocator))
+        except EmitError as err:
+            failures.append((row, err.reason))
+    return plans, failures
+
+
+def _emit_all(state: _EmitState, pairs, holes, jobs: int) -> tuple[list, list]:
+    """Emit every function, in ``jobs`` forked workers, each with its share of the
+    free room (so fragment placement needs no coordination)."""
+    global _STATE
+    _STATE = state
+    try:
+        if jobs <= 1 or len(pairs) < 256:
+            return _emit_chunk((pairs, holes))
+        shares = [[] for _ in range(jobs)]
+        for a, b in holes:
+            step = (b - a) // jobs // 16 * 16
+            for k in range(jobs):
+                lo = a + k * step
+                hi = b if k == jobs - 1 else lo + step
+                shares[k].append((lo, hi))
+        chunks = [(pairs[k::jobs], shares[k]) for k in range(jobs)]
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            results = list(pool.map(_emit_chunk, chunks))
+    finally:
+        _STATE = None
+    plans = [p for r in results for p in r[0]]
+    failures = [f for r in results for f in r[1]]
+    plans.sort(key=lambda p: p.row)
+    return plans, failures
+
+
 def choose_order(strategy: str, blocks: list[int], rng: random.Random, layout_fn=None) -> list[int]:
     if strategy == "none":
         return orders.order_none(blocks)
@@ -212,7 +288,6 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         wanted_orders[row] = order
 
     # --- emit --------------------------------------------------------------------
-    text = model.image.section(".text")
     insns = model.insns
     fill_insn = np.zeros(len(insns), bool)
     rows_candidates = np.array(sorted(wanted_orders), dtype=np.int64)
@@ -239,30 +314,17 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         i = int(np.searchsorted(cand_start, np.uint64(addr), side="right")) - 1
         return i >= 0 and int(cand_start[i]) < addr < int(cand_end[i])
 
-    sections = {}
-    plans = []
-    allocator = HoleAllocator(find_holes(model)) if options.split else None
-    result.free_room = allocator.free_bytes if allocator else 0
+    block_table = BlockTable(model, cfg, is_site, in_unit)
+    holes = find_holes(model) if options.split else []
+    result.free_room = sum(b - a for a, b in holes)
     _say(options, f"laying out {len(wanted_orders):,} functions ({options.reorder_blocks})")
-    for row, order in wanted_orders.items():
-        sec = model.image.sections[int(functions.section[row])]
-        if sec.index not in sections:
-            sections[sec.index] = bytes(model.image.section_data(sec))
-        ctx = EmitContext(model, cfg, is_site, in_unit, fill_insn, sections[sec.index], sec.addr,
-                          moved_interior)
-        try:
-            try:
-                plans.append(plan_function(ctx, row, order, int(slots[row])))
-            except EmitError as err:
-                # Too big for its slot: the blocks that do not fit go to free room.
-                # (Only .text: the free room is there, and relocations of code
-                # must stay in their section's .rela.)
-                if err.reason != "does-not-fit" or allocator is None or sec.name != ".text":
-                    raise
-                plans.append(plan_function(ctx, row, order, int(slots[row]), allocator))
-        except EmitError as err:
-            result.left_alone[err.reason] += 1
-            result.examples.setdefault(err.reason, names[row])
+    state = _EmitState(model, cfg, is_site, in_unit, fill_insn, moved_interior, block_table,
+                       slots, options.split)
+    plans, failures = _emit_all(state, list(wanted_orders.items()), holes,
+                                options.jobs or default_jobs())
+    for row, reason in failures:
+        result.left_alone[reason] += 1
+        result.examples.setdefault(reason, names[row])
     result.fragments = sum(1 for p in plans if p.fragment)
     result.fragment_bytes = sum(len(p.fragment[1]) for p in plans if p.fragment)
     result.seconds["emit"] = time.perf_counter() - t

@@ -100,23 +100,32 @@ def regenerate(model, plans, moved_ranges) -> tuple:
     kept_fill = _in_fill(model, old_ip[~inside])
     keep_fill = [kept_fill]
 
-    for plan in plans:
-        for at, old_base, size in plan.runs:
-            keep_ip.append(np.array([at], dtype=np.uint64))
-            keep_src.append(state_at([old_base]))
-            a = np.searchsorted(old_ip, np.uint64(old_base), side="right")
-            b = np.searchsorted(old_ip, np.uint64(old_base + size), side="left")
-            keep_fill.append(np.zeros(1, bool))
-            if b > a:
-                keep_ip.append(old_ip[a:b] - np.uint64(old_base) + np.uint64(at))
-                keep_src.append(np.arange(a, b))
-                keep_fill.append(np.zeros(b - a, bool))
-        if plan.branch_states:
-            ats = np.array([s[0] for s in plan.branch_states], dtype=np.uint64)
-            olds = model.insns.addr[np.array([s[1] for s in plan.branch_states])]
-            keep_ip.append(ats)
-            keep_src.append(state_at(olds))
-            keep_fill.append(np.zeros(len(ats), bool))
+    runs = np.array([r for plan in plans for r in plan.runs], dtype=np.uint64).reshape(-1, 3)
+    if len(runs):
+        r_at, r_base, r_size = runs[:, 0], runs[:, 1], runs[:, 2]
+        # An entry at the start of every copied run: the state there.
+        keep_ip.append(r_at)
+        keep_src.append(state_at(r_base))
+        keep_fill.append(np.zeros(len(r_at), bool))
+        # Old entries strictly inside a run move with it (patch-unit entries included).
+        order = np.argsort(r_base)
+        r_at, r_base, r_size = r_at[order], r_base[order], r_size[order]
+        k = np.searchsorted(r_base, old_ip, side="right").astype(np.int64) - 1
+        inside_run = k >= 0
+        inside_run[inside_run] &= ((old_ip[inside_run] > r_base[k[inside_run]])
+                                   & (old_ip[inside_run] < r_base[k[inside_run]]
+                                      + r_size[k[inside_run]]))
+        sel = np.flatnonzero(inside_run)
+        keep_ip.append(old_ip[sel] - r_base[k[sel]] + r_at[k[sel]])
+        keep_src.append(sel)
+        keep_fill.append(np.zeros(len(sel), bool))
+    states_at = [s for plan in plans for s in plan.branch_states]
+    if states_at:
+        ats = np.array([s[0] for s in states_at], dtype=np.uint64)
+        olds = model.insns.addr[np.array([s[1] for s in states_at])]
+        keep_ip.append(ats)
+        keep_src.append(state_at(olds))
+        keep_fill.append(np.zeros(len(ats), bool))
     for start, old_end, new_end in moved_ranges:
         # After the new code: what followed the old code (int3 fill, the next function).
         keep_ip.append(np.array([new_end], dtype=np.uint64))
