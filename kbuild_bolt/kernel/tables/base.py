@@ -105,6 +105,11 @@ class CodeRef:
     places: tuple[str, ...] = ("function", "region")
 
 
+# objtool also records sites in alternative replacement code (the kernel patches
+# them there before the replacement is copied over its original).
+WITH_REPLACEMENTS = ("function", "region", ".altinstr_replacement", ".altinstr_aux")
+
+
 @dataclass(frozen=True)
 class Bounds:
     """Where a table lives: start/stop symbols, or a whole output section."""

@@ -6,7 +6,7 @@ binary-searches it, so it must stay sorted.
 """
 
 from kbuild_bolt.kernel.tables.base import (
-    Bounds, CodeRef, Field, Layout, TableSpec, ENTRY, SITE, sorted_by,
+    Bounds, CodeRef, Field, Layout, TableSpec, ENTRY, SITE, WITH_REPLACEMENTS, sorted_by,
 )
 
 
@@ -21,7 +21,7 @@ SPECS = [TableSpec(
     bounds=Bounds("__start___ex_table", "__stop___ex_table", "__ex_table"),
     layouts=lambda version: [LAYOUT],
     description="exception fixups",
-    refs=(CodeRef("insn", SITE), CodeRef("fixup", ENTRY)),
+    refs=(CodeRef("insn", SITE, places=WITH_REPLACEMENTS), CodeRef("fixup", ENTRY, places=WITH_REPLACEMENTS)),
     check=lambda model, data: sorted_by(model, data, "insn"),
     sorted_field="insn",
 )]

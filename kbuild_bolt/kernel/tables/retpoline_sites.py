@@ -5,7 +5,7 @@ indirect branch); a stale entry makes it patch the wrong bytes.
 """
 
 from kbuild_bolt.kernel.tables.base import (
-    Bounds, CodeRef, Field, Layout, TableSpec, SITE,
+    Bounds, CodeRef, Field, Layout, TableSpec, SITE, WITH_REPLACEMENTS,
 )
 
 LAYOUT = Layout(4, (Field("site", 0, "prel32"),))
@@ -15,5 +15,5 @@ SPECS = [TableSpec(
     bounds=Bounds("__retpoline_sites", "__retpoline_sites_end", ".retpoline_sites"),
     layouts=lambda version: [LAYOUT],
     description="retpoline thunk call/jmp sites",
-    refs=(CodeRef("site", SITE, expect="retpoline_site"),),
+    refs=(CodeRef("site", SITE, expect="retpoline_site", places=WITH_REPLACEMENTS),),
 )]

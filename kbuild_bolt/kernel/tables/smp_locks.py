@@ -5,7 +5,7 @@ are not sites.
 """
 
 from kbuild_bolt.kernel.tables.base import (
-    Bounds, CodeRef, Field, Layout, TableSpec, SITE,
+    Bounds, CodeRef, Field, Layout, TableSpec, SITE, WITH_REPLACEMENTS,
 )
 
 LAYOUT = Layout(4, (Field("site", 0, "prel32"),))
@@ -16,5 +16,5 @@ SPECS = [TableSpec(
     layouts=lambda version: [LAYOUT],
     zero_padding="trailing",
     description="lock prefixes",
-    refs=(CodeRef("site", SITE, expect="lock_prefix"),),
+    refs=(CodeRef("site", SITE, expect="lock_prefix", places=WITH_REPLACEMENTS),),
 )]
