@@ -4,8 +4,7 @@ The output starts as a byte copy of the input and is patched in place through
 a writable mmap: every section keeps its header, offset, address and size, so
 the loadable bytes that did not change are byte-identical and program headers
 stay exact (the seed's "stuck kernel" came from a writer that did not). Debug
-sections that would be stale are stripped with ``objcopy --strip-debug`` (the
-tool the kernel's own post-link pass uses). The file appears under its final
+sections that would be stale are emptied (headers kept, bytes dropped). The file appears under its final
 name only after verification, by rename.
 """
 
@@ -14,13 +13,22 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from kbuild_bolt.errors import KbbError
+
+
+def _copy_range(src, dst, offset: int, size: int, chunk: int = 1 << 22) -> None:
+    src.seek(offset)
+    while size > 0:
+        block = src.read(min(chunk, size))
+        if not block:
+            raise KbbError("input file ended early while packing sections")
+        dst.write(block)
+        size -= len(block)
 
 
 class OutputImage:
@@ -105,19 +113,56 @@ class OutputImage:
             pass  # numpy views still point into it; the shared mapping is flushed
 
     def strip_debug(self) -> list[str]:
-        """Remove .debug_* sections (stale once code moved); returns their names."""
-        names = [s.name for s in self.source.sections if s.name.startswith(".debug")]
-        if not names:
+        """Empty the .debug_* sections (stale once code moved) and drop their bytes.
+
+        Section headers, indices and the symbol table stay exactly as they are
+        (objcopy --strip-debug would renumber symbols): the debug sections keep
+        their headers with size 0, the other non-allocated sections are packed
+        after the loadable part, then the section header table. Returns the
+        names of the emptied sections.
+        """
+        from kbuild_bolt.elf.image import SHT_NOBITS
+
+        sections = self.source.sections
+        debug = [s for s in sections if s.name.startswith((".debug", ".rela.debug"))
+                 and s.size and not s.is_alloc]
+        if not debug:
             return []
-        objcopy = shutil.which("objcopy")
-        if objcopy is None:
-            raise KbbError("objcopy not found (apt-get install binutils): needed to remove "
-                           "debug sections that no longer match the code")
-        proc = subprocess.run([objcopy, "--strip-debug", str(self.tmp)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            raise KbbError(f"objcopy --strip-debug failed: {proc.stderr.strip()[:200]}")
-        return names
+        header = self.source.header
+        shoff, shnum = int(header["shoff"]), int(header["shnum"])
+        shdrs = self.source.shdrs.copy()
+        # Everything up to the end of the last allocated section/segment stays put.
+        keep_end = max([s.offset + s.size for s in sections if s.is_alloc and s.type != SHT_NOBITS]
+                       + [int(p["offset"] + p["filesz"]) for p in self.source.phdrs] + [64])
+        debug_index = {s.index for s in debug}
+        movable = sorted((s for s in sections[1:] if not s.is_alloc and s.offset >= keep_end),
+                         key=lambda s: s.offset)
+        packed = self.tmp.with_suffix(".packed")
+        with open(self.tmp, "rb") as src, open(packed, "wb") as dst:
+            _copy_range(src, dst, 0, keep_end)
+            pos = keep_end
+            for s in movable:
+                if s.index in debug_index:
+                    shdrs["offset"][s.index] = pos
+                    shdrs["size"][s.index] = 0
+                    continue
+                pad = (-pos) % max(1, s.addralign)
+                dst.write(b"\0" * pad)
+                pos += pad
+                shdrs["offset"][s.index] = pos
+                if s.type != SHT_NOBITS:
+                    _copy_range(src, dst, s.offset, s.size)
+                    pos += s.size
+            pad = (-pos) % 8
+            dst.write(b"\0" * pad)
+            pos += pad
+            new_shoff = pos
+            dst.write(shdrs.tobytes())
+            dst.seek(0x28)  # e_shoff
+            dst.write(new_shoff.to_bytes(8, "little"))
+        del shoff, shnum
+        os.replace(packed, self.tmp)
+        return [s.name for s in debug]
 
     def commit(self) -> None:
         os.replace(self.tmp, self.dest)

@@ -15,7 +15,9 @@ Phases (BOLT's, for a kernel):
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +39,7 @@ from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.emit import BlockTable, EmitContext, EmitError, plan_function
 from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
 from kbuild_bolt.x86 import decode as x86
+from kbuild_bolt.x86.patterns import is_fill
 from kbuild_bolt.x86 import encode as enc
 
 
@@ -109,17 +112,6 @@ class RewriteResult:
 def _say(options, message):
     if options.progress:
         print(f"  BOLT    {message}", file=sys.stderr, flush=True)
-
-
-def is_fill(model, idx: np.ndarray) -> np.ndarray:
-    """int3 or a nop (90 or 0f 1f, after any 66/2e prefixes) at each instruction."""
-    b = model.read_bytes(model.insns.addr[idx], 8)
-    prefix = (b == 0x66) | (b == 0x2E)
-    first = np.argmin(prefix, axis=1)          # first byte that is not a prefix
-    rows = np.arange(len(idx))
-    op = b[rows, np.minimum(first, 7)]
-    op2 = b[rows, np.minimum(first + 1, 7)]
-    return (b[:, 0] == x86.INT3) | (op == 0x90) | ((op == 0x0F) & (op2 == 0x1F))
 
 
 def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:
@@ -338,7 +330,6 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         result.seconds["update"] = time.perf_counter() - t
         t = time.perf_counter()
         tmp = out.finish()
-        import shutil
         shutil.copymode(model.image.path, tmp)
         result.stripped = out.strip_debug()
         if options.verify:
@@ -349,6 +340,10 @@ def rewrite(input_path, output_path, options: RewriteOptions,
                                        for p in plans if p.fragment])
             result.verify_summary = report.summary()
             if not report.ok:
+                keep = os.environ.get("KBUILD_BOLT_KEEP_REJECTED")
+                if keep:  # for debugging the rewriter: keep what failed verification
+                    shutil.copyfile(tmp, keep)
+                print(report.summary(), file=sys.stderr)
                 raise KbbError(f"verification failed, nothing written: {report.first_problem()}")
             result.seconds["verify"] = time.perf_counter() - t
         out.commit()

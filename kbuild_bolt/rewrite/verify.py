@@ -27,6 +27,7 @@ from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.crosscheck import check_all
 from kbuild_bolt.rewrite.relocations import FIELD_SIZE, PC_RELATIVE
+from kbuild_bolt.x86.patterns import is_fill
 
 
 @dataclass
@@ -147,9 +148,9 @@ def _header_problems(a: ElfImage, b: ElfImage) -> list[str]:
     sa = {s.name: s for s in a.sections}
     sb = {s.name: s for s in b.sections}
     for name, s in sa.items():
-        if name.startswith(".debug") and name not in sb:
-            continue  # removed on purpose
         other = sb.get(name)
+        if name.startswith((".debug", ".rela.debug")) and (other is None or other.size == 0):
+            continue  # emptied on purpose: they described the old layout
         if other is None:
             problems.append(f"section {name} missing")
             continue
@@ -168,26 +169,41 @@ def _header_problems(a: ElfImage, b: ElfImage) -> list[str]:
 def _symbol_problems(inp: BinaryModel, b: ElfImage) -> list[str]:
     a = inp.image
     x, y = a.symbols, b.symbols
-    if len(x) != len(y):
-        return [f"{len(x)} symbols became {len(y)}"]
     problems = []
+    if len(x) != len(y):
+        # objcopy --strip-debug drops the section symbols of the debug sections.
+        gone = {s.index for s in a.sections if s.name.startswith(".debug")
+                and b.section(s.name) is None}
+        keep = ~((x.type == 3) & np.isin(x.shndx, list(gone)))
+        if int(keep.sum()) != len(y):
+            return [f"{len(x)} symbols became {len(y)}"]
+        index = np.flatnonzero(keep)
+    else:
+        index = np.arange(len(x))
+    names_a = [x.names[i] for i in index.tolist()]
+    if names_a != y.names:
+        problems.append("symbol names differ")
+    sec_a = np.array([a.sections[i].name if 0 < i < len(a.sections) else str(i)
+                      for i in x.shndx[index].tolist()])
+    sec_b = np.array([b.sections[i].name if 0 < i < len(b.sections) else str(i)
+                      for i in y.shndx.tolist()])
+    for i in np.flatnonzero(sec_a != sec_b)[:5].tolist():
+        problems.append(f"symbol {y.names[i]}: section changed")
+    xr = x.raw[index]
     for f in ("value", "info", "other"):
-        diff = np.flatnonzero(x.raw[f] != y.raw[f])
-        for i in diff[:5].tolist():
-            problems.append(f"symbol {x.names[i]}: {f} changed")
+        for i in np.flatnonzero(xr[f] != y.raw[f])[:5].tolist():
+            problems.append(f"symbol {y.names[i]}: {f} changed")
     # A function may grow into the alignment fill that followed it, nothing more.
-    for i in np.flatnonzero(x.raw["size"] != y.raw["size"]).tolist():
+    for j in np.flatnonzero(xr["size"] != y.raw["size"]).tolist():
+        i = int(index[j])
         old_end = int(x.value[i] + x.size[i])
-        new_end = int(y.value[i] + y.size[i])
+        new_end = int(y.value[j] + y.size[j])
         lo = int(np.searchsorted(inp.insns.addr, np.uint64(old_end)))
         hi = int(np.searchsorted(inp.insns.addr, np.uint64(new_end)))
         fill = np.arange(lo, hi)
-        from kbuild_bolt.rewrite.engine import is_fill
         if (new_end < old_end or x.type[i] != 2 or inp.function_of_insn[lo:hi].max(initial=-1) >= 0
                 or not is_fill(inp, fill).all()):
-            problems.append(f"symbol {x.names[i]}: size {int(x.size[i])} -> {int(y.size[i])}")
-    if x.names != y.names:
-        problems.append("symbol names differ")
+            problems.append(f"symbol {x.names[i]}: size {int(x.size[i])} -> {int(y.size[j])}")
     return problems
 
 

@@ -107,6 +107,17 @@ def imm8_operand(model, addrs, idx):
     return addrs + np.uint64(1) == ends
 
 
+def is_fill(model, idx: np.ndarray) -> np.ndarray:
+    """int3 or a nop (90 or 0f 1f, after any 66/2e prefixes) at each instruction."""
+    b = model.read_bytes(model.insns.addr[idx], 8)
+    prefix = (b == 0x66) | (b == 0x2E)
+    first = np.argmin(prefix, axis=1)          # first byte that is not a prefix
+    rows = np.arange(len(idx))
+    op = b[rows, np.minimum(first, 7)]
+    op2 = b[rows, np.minimum(first + 1, 7)]
+    return (b[:, 0] == x86.INT3) | (op == 0x90) | ((op == 0x0F) & (op2 == 0x1F))
+
+
 PATTERNS = {
     "lock_prefix": lock_prefix,
     "ud2": ud2,

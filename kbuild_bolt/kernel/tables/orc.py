@@ -172,7 +172,7 @@ def _in_fill(model, ips):
     """True where an address starts int3/nop fill outside every function."""
     import numpy as np
 
-    from kbuild_bolt.rewrite.engine import is_fill
+    from kbuild_bolt.x86.patterns import is_fill
 
     idx = model.insn_index(ips)
     out = np.zeros(len(ips), bool)
