@@ -138,6 +138,14 @@ def cmd_bisect(args) -> int:
     return 0 if result.full_run_ok else 1
 
 
+def cmd_bzimage(args) -> int:
+    from kbuild_bolt.kbuild.bzimage import rebuild_bzimage
+
+    out = rebuild_bzimage(args.build_dir, args.vmlinux, args.output)
+    print(f"  BZIMAGE {out}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from kbuild_bolt.rewrite.verify import verify
 
@@ -319,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smp", type=int, default=2)
     p.add_argument("--memory", default="512M")
     p.set_defaults(func=cmd_bisect)
+
+    p = sub.add_parser("bzimage", help="rebuild bzImage for a rewritten vmlinux",
+                       description="Replay the kernel build's own commands (vmlinux.relocs, "
+                                   "compression, decompressor, setup) for a new vmlinux, in a "
+                                   "scratch directory: the build tree is not modified.")
+    p.add_argument("vmlinux", help="the (rewritten) vmlinux, with its relocations")
+    p.add_argument("--build-dir", required=True, help="the kernel build tree (O=) it came from")
+    p.add_argument("-o", "--output", required=True, help="where to write the bzImage")
+    p.set_defaults(func=cmd_bzimage)
 
     p = sub.add_parser("verify", help="check a rewritten vmlinux (tables, relocations, headers)",
                        description="Check every kernel table against the code and every "

@@ -145,6 +145,18 @@ class BlockTable:
         kind[rebranch & ~is_jmp] = END_JCC
         static_key = cfg.static_key_insn[term]
         kind[static_key] = END_SITE
+        # Where each static-key site jumps (its __jump_table target).
+        site_target = np.zeros(nb, np.uint64)
+        jump_table = model.tables.get("__jump_table")
+        if jump_table is not None and static_key.any():
+            codes = jump_table.targets("code")
+            targets = jump_table.targets("target")
+            order = np.argsort(codes)
+            codes, targets = codes[order], targets[order]
+            sites = insns.addr[term[static_key]]
+            k = np.minimum(np.searchsorted(codes, sites), len(codes) - 1)
+            site_target[static_key] = np.where(codes[k] == sites, targets[k], 0)
+        self.site_target = [int(t) for t in site_target.tolist()]
         self.kind = kind.tolist()
         self.first = first.tolist()
         self.end = end.tolist()
@@ -215,10 +227,15 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
                 if i0 < term:
                     items.append(Item(COPY, i0, term, nbytes=bt.body[b]))
                 if kind == END_SITE:
-                    if bt.taken[b] < 0:
+                    if bt.taken[b] >= 0:
+                        items.append(Item(SITE, target=bt.taken[b], origin=term, state=term,
+                                          site_jmp=bt.site_jmp[b]))
+                    elif bt.site_target[b] and not ctx.moved_interior(bt.site_target[b]):
+                        # The jump side leaves the function (to code that stays put).
+                        items.append(Item(SITE, tkind=TO_ADDR, target=bt.site_target[b],
+                                          origin=term, state=term, site_jmp=bt.site_jmp[b]))
+                    else:
                         raise EmitError("static-key-target", f"site at {bt.term_addr[b]:#x}")
-                    items.append(Item(SITE, target=bt.taken[b], origin=term, state=term,
-                                      site_jmp=bt.site_jmp[b]))
                 else:
                     t_block = bt.t_block[b]
                     tkind, tgt = (TO_BLOCK, t_block) if t_block >= 0 else (TO_ADDR, bt.target[b])

@@ -416,10 +416,11 @@ def _apply(model, cfg, plans, amap, out, result, options, slots) -> None:
     result.tables = table_update.update_entries(model, amap, out)
     result.relocations_changed += table_update.recompute_records(model, out)
     # 6. ORC for the new layout.
-    ips, states = orc_table.regenerate(model, plans, moved_ranges)
-    _write_orc(model, out, ips, states)
-    padding = int(np.sum(ips[1:] == ips[:-1]))
-    result.orc_entries = (len(ips) - padding, len(ips))
+    if ".orc_unwind_ip" in model.tables and ".orc_unwind" in model.tables:
+        ips, states = orc_table.regenerate(model, plans, moved_ranges)
+        _write_orc(model, out, ips, states)
+        padding = int(np.sum(ips[1:] == ips[:-1]))
+        result.orc_entries = (len(ips) - padding, len(ips))
     # 7. Functions that grew into the fill after them.
     _grow_symbols(model, out, plans)
     if options.plant_fault:

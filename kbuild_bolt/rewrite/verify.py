@@ -329,7 +329,8 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
             fragments = find_holes(inp)  # standalone: anything in the free room
         checked, problems = _code_problems(inp, out, expect_rewritten, fragments)
         report.add("code changed only where rewritten", checked, problems)
-        if out.tables[".orc_unwind_ip"].count != inp.tables[".orc_unwind_ip"].count:
+        if ".orc_unwind_ip" in inp.tables and (out.tables[".orc_unwind_ip"].count
+                                                != inp.tables[".orc_unwind_ip"].count):
             report.add("ORC table size", 1, ["ORC entry count changed"])
     return report
 

@@ -1,0 +1,1 @@
+"""What Kbuild and packagers call: boot images, modules, initramfs, hooks."""
