@@ -322,16 +322,34 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     result.seconds["emit"] = time.perf_counter() - t
     t = time.perf_counter()
 
+    # --- ORC first: the table cannot grow, so the layout must fit it ----------------
+    orc = None
+    if ".orc_unwind_ip" in model.tables and ".orc_unwind" in model.tables and plans:
+        while True:
+            try:
+                orc = orc_table.regenerate(model, plans, _moved_ranges(model, plans))
+                break
+            except orc_table.OrcCapacityError:
+                # Leave alone the functions whose new layout costs the most entries.
+                cost = sorted(plans, key=lambda p: -(len(p.runs) + len(p.branch_states)))
+                drop = {p.row for p in cost[:max(1, len(plans) // 20)]}
+                for row in drop:
+                    result.left_alone["orc-table-full"] += 1
+                    result.examples.setdefault("orc-table-full", names[row])
+                plans = [p for p in plans if p.row not in drop]
+
     # --- update --------------------------------------------------------------------
     amap = AddressMap(model, plans)
     out = OutputImage(model.image, output_path)
     try:
-        _apply(model, cfg, plans, amap, out, result, options, slots)
+        if plans:  # (nothing moved: the output is the input, byte for byte)
+            _apply(model, cfg, plans, amap, out, result, options, slots, orc)
         result.seconds["update"] = time.perf_counter() - t
         t = time.perf_counter()
         tmp = out.finish()
         shutil.copymode(model.image.path, tmp)
-        result.stripped = out.strip_debug()
+        if plans:
+            result.stripped = out.strip_debug()
         if options.verify:
             from kbuild_bolt.rewrite.verify import verify
             _say(options, "verifying")
@@ -355,11 +373,21 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     return result
 
 
-def _apply(model, cfg, plans, amap, out, result, options, slots) -> None:
+def _moved_ranges(model, plans) -> list[tuple[int, int, int]]:
+    """(start, old end, new end) of every rewritten slot and placed fragment."""
+    ranges = []
+    for p in plans:
+        ranges.append((p.start, int(model.functions.end[p.row]), p.start + len(p.code)))
+        if p.fragment:
+            base, code = p.fragment
+            ranges.append((base, base, base + len(code)))
+    return ranges
+
+
+def _apply(model, cfg, plans, amap, out, result, options, slots, orc) -> None:
     insns = model.insns
     functions = model.functions
     # 1. New code, int3 after it up to the old end.
-    moved_ranges = []
     for p in plans:
         old_end = int(functions.end[p.row])
         new_end = p.start + len(p.code)
@@ -369,11 +397,9 @@ def _apply(model, cfg, plans, amap, out, result, options, slots) -> None:
         fill_end = old_end if new_end <= old_end else int(slots[p.row])
         if fill_end > new_end:
             out.write_at(new_end, b"\xcc" * (fill_end - new_end))
-        moved_ranges.append((p.start, old_end, new_end))
         if p.fragment:
             base, code = p.fragment
             out.write_at(base, code)
-            moved_ranges.append((base, base, base + len(code)))
             result.bytes_changed += len(code)
         result.bytes_changed += len(p.code)
         result.inserted_jumps += p.inserted_jumps
@@ -414,10 +440,10 @@ def _apply(model, cfg, plans, amap, out, result, options, slots) -> None:
     result.fields_rewritten = relocs.apply_updates(model, out, updates)
     # 5. Tables follow their code (and stay sorted); their records follow the bytes.
     result.tables = table_update.update_entries(model, amap, out)
-    result.relocations_changed += table_update.recompute_records(model, out)
+    result.relocations_changed += table_update.recompute_records(model, out, set(result.tables))
     # 6. ORC for the new layout.
-    if ".orc_unwind_ip" in model.tables and ".orc_unwind" in model.tables:
-        ips, states = orc_table.regenerate(model, plans, moved_ranges)
+    if orc is not None:
+        ips, states = orc
         _write_orc(model, out, ips, states)
         padding = int(np.sum(ips[1:] == ips[:-1]))
         result.orc_entries = (len(ips) - padding, len(ips))

@@ -44,6 +44,12 @@ def update_entries(model, amap, out) -> dict[str, int]:
                 k = int(np.flatnonzero(moved)[np.flatnonzero(~ok)[0]])
                 raise KbbError(f"{name}[{int(index[k])}].{f.name} points to "
                                f"{model.symbolize(int(targets[k]))}, code that was dropped")
+            # Only entries whose target really changed (the entry block stays put).
+            really = new != targets[moved]
+            moved[np.flatnonzero(moved)[~really]] = False
+            new = new[really]
+            if not moved.any():
+                continue
             rows = index[moved]
             if f.kind == "abs64":
                 entries[f.name][rows] = new
@@ -54,9 +60,9 @@ def update_entries(model, amap, out) -> dict[str, int]:
                     value = value | data.flags(f.name, rows).astype(np.int64)
                 entries[f.name][rows] = value.astype(entries.dtype[f.name])
             n_changed += int(moved.sum())
-        if data.spec.sorted_field:
-            sort_entries(data, entries)
         if n_changed:
+            if data.spec.sorted_field:
+                sort_entries(data, entries)
             changed[name] = n_changed
     return changed
 
@@ -91,13 +97,18 @@ def sort_entries(data, entries) -> None:
             entries[g.name] = rel.astype(entries.dtype[g.name])
 
 
-def recompute_records(model, out) -> int:
-    """Make every relocation record inside a table range state what its field holds
-    (ORC records are written with the regenerated table)."""
+def recompute_records(model, out, tables: set[str]) -> int:
+    """Make every relocation record inside the changed ``tables`` state what its
+    field holds. Records of unchanged tables are left as they were (in tables
+    sorttable sorted they may name other slots of the same table; recomputing
+    them could point an absolute relocation at a zeroed slot). ORC records are
+    written with the regenerated table."""
     image = model.image
     symbols = image.symbols
     ranges = sorted((d.addr, d.addr + d.size) for name, d in model.tables.items()
-                    if name not in REGENERATED)
+                    if name not in REGENERATED and name in tables)
+    if not ranges:
+        return 0
     lo = np.array([r[0] for r in ranges], dtype=np.uint64)
     hi = np.array([r[1] for r in ranges], dtype=np.uint64)
     total = 0

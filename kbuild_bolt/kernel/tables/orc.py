@@ -99,6 +99,7 @@ def regenerate(model, plans, moved_ranges) -> tuple:
     # no instruction there ever runs, so they are the first to give up for room.
     kept_fill = _in_fill(model, old_ip[~inside])
     keep_fill = [kept_fill]
+    keep_new = [np.zeros(int((~inside).sum()), bool)]
 
     runs = np.array([r for plan in plans for r in plan.runs], dtype=np.uint64).reshape(-1, 3)
     if len(runs):
@@ -107,6 +108,7 @@ def regenerate(model, plans, moved_ranges) -> tuple:
         keep_ip.append(r_at)
         keep_src.append(state_at(r_base))
         keep_fill.append(np.zeros(len(r_at), bool))
+        keep_new.append(np.ones(len(r_at), bool))
         # Old entries strictly inside a run move with it (patch-unit entries included).
         order = np.argsort(r_base)
         r_at, r_base, r_size = r_at[order], r_base[order], r_size[order]
@@ -119,6 +121,7 @@ def regenerate(model, plans, moved_ranges) -> tuple:
         keep_ip.append(old_ip[sel] - r_base[k[sel]] + r_at[k[sel]])
         keep_src.append(sel)
         keep_fill.append(np.zeros(len(sel), bool))
+        keep_new.append(np.ones(len(sel), bool))
     states_at = [s for plan in plans for s in plan.branch_states]
     if states_at:
         ats = np.array([s[0] for s in states_at], dtype=np.uint64)
@@ -126,28 +129,40 @@ def regenerate(model, plans, moved_ranges) -> tuple:
         keep_ip.append(ats)
         keep_src.append(state_at(olds))
         keep_fill.append(np.zeros(len(ats), bool))
+        keep_new.append(np.ones(len(ats), bool))
     for start, old_end, new_end in moved_ranges:
         # After the new code: what followed the old code (int3 fill, the next function).
         keep_ip.append(np.array([new_end], dtype=np.uint64))
         keep_src.append(state_at([max(old_end, new_end)]))
         keep_fill.append(np.ones(1, bool))
+        keep_new.append(np.ones(1, bool))
 
     ips = np.concatenate(keep_ip)
     src = np.concatenate(keep_src).astype(np.int64)
     fill = np.concatenate(keep_fill)
+    new = np.concatenate(keep_new)
     order = np.argsort(ips, kind="stable")
-    ips, src, fill = ips[order], src[order], fill[order]
-    # The last entry at one address wins; then merge repeated states.
+    ips, src, fill, new = ips[order], src[order], fill[order], new[order]
+    # The last entry at one address wins; then new entries that repeat the state
+    # before them are merged away (old entries stay exactly as they were).
     last_at = np.ones(len(ips), bool)
     last_at[:-1] = ips[1:] != ips[:-1]
-    ips, src, fill = ips[last_at], src[last_at], fill[last_at]
+    ips, src, fill, new = ips[last_at], src[last_at], fill[last_at], new[last_at]
     states = old_e[src]
     same = np.zeros(len(ips), bool)
     same[1:] = ((states["sp_offset"][1:] == states["sp_offset"][:-1])
                 & (states["bp_offset"][1:] == states["bp_offset"][:-1])
                 & (states["bits"][1:] == states["bits"][:-1]))
+    same &= new
     ips, states, fill = ips[~same], states[~same], fill[~same]
 
+    if len(ips) > capacity:
+        # Old entries that repeat the state before them say nothing: give them up.
+        same = np.zeros(len(ips), bool)
+        same[1:] = ((states["sp_offset"][1:] == states["sp_offset"][:-1])
+                    & (states["bp_offset"][1:] == states["bp_offset"][:-1])
+                    & (states["bits"][1:] == states["bits"][:-1]))
+        ips, states, fill = ips[~same], states[~same], fill[~same]
     if len(ips) > capacity:
         # Undefined entries over fill only stop the unwinder in bytes that never
         # run: the cheapest to give up.

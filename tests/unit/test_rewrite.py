@@ -1,0 +1,140 @@
+"""The rewrite engine on the small assembled kernel: every table follows its code,
+the output verifies, and what cannot be rewritten is left byte for byte."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from elfkit import tools_available
+from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.elf.image import ElfImage
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel.crosscheck import check_all
+from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite
+from kbuild_bolt.rewrite.verify import verify
+from synthetic_kernel import build
+
+pytestmark = pytest.mark.skipif(not tools_available(), reason="binutils (as, ld) missing")
+
+
+def options(**kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("jobs", 1)
+    return RewriteOptions(**kw)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("rewrite"))
+
+
+def loadable(path):
+    image = ElfImage(path)
+    return b"".join(image.read(s.addr, s.size) for s in image.sections
+                    if s.is_alloc and s.has_bits and s.size)
+
+
+def test_none_keeps_every_loadable_byte(kernel, tmp_path):
+    out = tmp_path / "none"
+    result = rewrite(kernel, out, options(reorder_blocks="none"))
+    assert result.rewritten == 0
+    assert loadable(out) == loadable(kernel)
+
+
+def test_reverse_moves_blocks_and_every_table_follows(kernel, tmp_path):
+    out = tmp_path / "reverse"
+    result = rewrite(kernel, out, options(reorder_blocks="reverse"))
+    assert result.rewritten >= 1
+    assert result.verify_summary.startswith("verify: ok")
+    before, after = BinaryModel.open(kernel, jobs=1), BinaryModel.open(out, jobs=1)
+    row = before.functions.by_name("startup_64")
+    start, size = int(before.functions.start[row]), int(after.functions.end[row]
+                                                         - after.functions.start[row])
+    assert before.image.read(start, 16) != after.image.read(start, 16) or \
+        before.image.read(start, size) != after.image.read(start, size)
+    assert all(c.ok for c in check_all(after).values())
+    # The static-key sites keep their state and the jump goes to the moved target.
+    jt_before, jt_after = before.tables["__jump_table"], after.tables["__jump_table"]
+    for field in ("code", "target"):
+        assert not np.array_equal(jt_before.targets(field), jt_after.targets(field)) or \
+            field == "code"
+    flags = jt_after.flags("key").tolist()
+    assert flags == [1, 0]
+    site = int(jt_after.targets("code")[1])
+    code = after.image.read(site, 5)
+    # Still a jmp (2 or 5 bytes: the kernel reads the size from the code) ...
+    assert code[0] in (0xEB, 0xE9)
+    size, disp = (2, int.from_bytes(code[1:2], "little", signed=True)) if code[0] == 0xEB \
+        else (5, int.from_bytes(code[1:5], "little", signed=True))
+    assert site + size + disp == int(jt_after.targets("target")[1])  # ... to its moved target
+    nop_site = int(jt_after.targets("code")[0])
+    assert after.image.read(nop_site, 2) in (b"\x66\x90", b"\x0f\x1f")  # still a nop
+    # ORC keeps its size; the exception table stays sorted.
+    assert after.tables[".orc_unwind_ip"].count == before.tables[".orc_unwind_ip"].count
+    insn = after.tables["__ex_table"].targets("insn")
+    assert np.all(insn[1:] >= insn[:-1])
+
+
+def test_verify_cli_against_input(kernel, tmp_path):
+    out = tmp_path / "random"
+    rewrite(kernel, out, options(reorder_blocks="random", seed=3))
+    proc = subprocess.run([sys.executable, "-m", "kbuild_bolt", "verify", str(out),
+                           "--against", str(kernel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    assert "verify: ok" in proc.stdout
+
+
+def test_verify_catches_a_stale_table(kernel, tmp_path):
+    out = tmp_path / "fault"
+    rewrite(kernel, out, options(reorder_blocks="reverse", verify=False, plant_fault="bug"))
+    report = verify(out, against=kernel)
+    assert not report.ok
+    assert any("__bug_table" in p for p in report.problems)
+
+
+def test_function_that_cannot_move_is_untouched(kernel, tmp_path):
+    out = tmp_path / "skip"
+    result = rewrite(kernel, out, options(reorder_blocks="reverse", skip_funcs={"startup_64"}))
+    before, after = ElfImage(kernel), ElfImage(out)
+    sym = before.symbols
+    start = sym.address("startup_64")
+    size = int(sym.size[sym.index("startup_64")])
+    assert before.read(start, size) == after.read(start, size)
+    assert result.left_alone["not selected"] == 1
+
+
+def test_funcs_selects_and_unknown_names_fail(kernel, tmp_path):
+    with pytest.raises(KbbError, match="no such function: nope"):
+        rewrite(kernel, tmp_path / "x", options(reorder_blocks="reverse", funcs={"nope"}))
+    assert not (tmp_path / "x").exists()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "kbuild_bolt", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    # Progress lines ("  BOLT    ...") may come first; the error is one line.
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("  BOLT ")]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def test_bad_inputs(kernel, tmp_path):
+    plain = build(tmp_path, replace=None)  # same source, linked below without relocations
+    import elfkit
+    from synthetic_kernel import CODE, TABLES
+    norel = elfkit.assemble(tmp_path, CODE + "".join(TABLES.values()), name="norel",
+                            ld_args=("-m", "elf_x86_64", "-z", "noexecstack"))
+    one_line_error(run_cli("rewrite", norel, "-o", tmp_path / "o", "--reorder-blocks=reverse"),
+                   "no relocations")
+    one_line_error(run_cli("rewrite", plain, "-o", tmp_path / "o"), "needs --profile")
+    one_line_error(run_cli("rewrite", plain, "-o", tmp_path / "nodir/o",
+                           "--reorder-blocks=reverse"), "no such directory")
+    one_line_error(run_cli("rewrite", plain, "-o", tmp_path / "o", "--reorder-blocks=reverse",
+                           "--plant-fault", "bug"), "--no-verify")
+    assert not (tmp_path / "o").exists()
