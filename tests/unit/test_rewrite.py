@@ -120,7 +120,8 @@ def one_line_error(proc, fragment):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     # Progress lines ("  BOLT    ...") may come first; the error is one line.
-    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("  BOLT ")]
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not line.startswith("  BOLT ")]
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
 
 
