@@ -167,8 +167,7 @@ def add_rewrite_arguments(p) -> None:
                    help="leave these functions alone (comma-separated, or @file)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="do not verify the output before writing it")
-    p.add_argument("--plant-fault", choices=("smp-lock", "bug", "return"),
-                   help=argparse.SUPPRESS)
+    p.add_argument("--plant-fault", metavar="KIND[@FUNCTION]", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 

@@ -75,6 +75,8 @@ class RewriteResult:
     stripped: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     rewritten_names: list = field(default_factory=list)
+    # Share of .text functions handled (rewritten or already in the chosen order).
+    text_coverage: float = 0.0
     orc_entries: tuple = (0, 0)
     verify_summary: str = ""
     fragments: int = 0
@@ -83,7 +85,8 @@ class RewriteResult:
 
     def summary(self) -> str:
         lines = [f"functions: {self.functions:,} in .text/.init.text/.exit.text"]
-        lines.append(f"  rewritten                 {self.rewritten:>9,}")
+        lines.append(f"  rewritten                 {self.rewritten:>9,}   "
+                     f"({100 * self.text_coverage:.1f}% of .text handled)")
         lines.append(f"  same layout (unchanged)   {self.unchanged:>9,}")
         for reason, count in self.left_alone.most_common():
             example = self.examples.get(reason, "")
@@ -267,6 +270,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
             raise KbbError("--reorder-blocks=ext-tsp needs a profile (--profile)")
         layout_fn = ProfileLayout(model, cfg, options.profile)
     wanted_orders = {}
+    unchanged_rows = []
     for row in candidates.tolist():
         blocks = list(cfg.blocks_of(row))
         # One generator per function: its order does not depend on which other
@@ -276,6 +280,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
                              layout_fn.for_function(row) if layout_fn else None)
         if order == blocks:
             result.unchanged += 1
+            unchanged_rows.append(row)
             continue
         wanted_orders[row] = order
 
@@ -370,6 +375,11 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         raise
     result.rewritten = len(plans)
     result.rewritten_names = [names[p.row] for p in plans]
+    text = model.image.section(".text")
+    in_text = functions.section == text.index
+    handled = np.zeros(len(functions), bool)
+    handled[[p.row for p in plans] + unchanged_rows] = True
+    result.text_coverage = float((handled & in_text).sum() / max(1, in_text.sum()))
     return result
 
 
@@ -522,19 +532,28 @@ def _grow_symbols(model, out, plans) -> None:
         records["size"][same] = new_size
 
 
-def _plant_fault(model, amap, out, kind: str) -> None:
-    """Deliberately leave one table entry stale (to test bisect and verify)."""
+def _plant_fault(model, amap, out, fault: str) -> None:
+    """Deliberately leave one table entry stale (to test verify and bisect).
+
+    ``fault`` is ``KIND`` or ``KIND@FUNCTION``: the first entry of that table
+    pointing into moved code (of FUNCTION, when given) keeps its old value."""
+    kind, _, function = fault.partition("@")
     name = {"smp-lock": ".smp_locks", "bug": "__bug_table", "return": ".return_sites"}.get(kind)
     if name is None or name not in model.tables:
         raise KbbError(f"--plant-fault {kind}: this kernel has no such table")
     data = model.tables[name]
     field_name = data.spec.refs[0].field
     targets = data.targets(field_name)
-    moved = np.flatnonzero(amap.moved(targets))
+    moved = amap.moved(targets)
+    if function:
+        row = model.functions.by_name(function)
+        if row < 0:
+            raise KbbError(f"--plant-fault: no function {function}")
+        moved &= model.functions.rows_containing(targets) == row
+    moved = np.flatnonzero(moved)
     if not len(moved):
-        raise KbbError(f"--plant-fault {kind}: no entry of {name} points into rewritten code")
-    k = int(moved[0])
-    index = int(data.indices[k])
+        return  # nothing of that table moved in this rewrite
+    index = int(data.indices[int(moved[0])])
     f = data.layout.field(field_name)
     field_addr = int(data.entry_address(index)) + f.offset
     old_value = int(data.entries[field_name][index])
