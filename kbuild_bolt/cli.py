@@ -100,10 +100,9 @@ def _name_list(values) -> set[str] | None:
 def rewrite_options(args):
     from kbuild_bolt.rewrite.engine import RewriteOptions
 
-    profile = None
-    if getattr(args, "profile", None):
-        from kbuild_bolt.profile import load_profile
-        profile = load_profile(args.profile)
+    profile = getattr(args, "profile", None)  # a path: loaded against the vmlinux
+    if profile and not os.path.exists(profile):
+        raise KbbError(f"{profile}: no such profile")
     if args.plant_fault and args.verify:
         raise KbbError("--plant-fault leaves a table stale on purpose: add --no-verify")
     return RewriteOptions(

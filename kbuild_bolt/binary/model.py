@@ -109,6 +109,16 @@ def _split_int3_fill(image: ElfImage, ranges):
                        np.zeros(n, np.uint64), z8, z8, z8, np.zeros(n, bool)), rest
 
 
+def in_sorted(haystack: np.ndarray, needles) -> np.ndarray:
+    """``np.isin`` for a sorted ``haystack``: a binary search instead of hashing
+    millions of values."""
+    needles = np.asarray(needles, dtype=haystack.dtype)
+    if not len(haystack):
+        return np.zeros(len(needles), bool)
+    i = np.minimum(np.searchsorted(haystack, needles), len(haystack) - 1)
+    return haystack[i] == needles
+
+
 def default_jobs() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -223,7 +233,7 @@ class BinaryModel:
     def is_boundary(self, addrs) -> np.ndarray:
         """True where an address starts an instruction or ends the last one of a range."""
         addrs = np.asarray(addrs, dtype=np.uint64)
-        return (self.insn_index(addrs) >= 0) | np.isin(addrs, self.insns.end)
+        return (self.insn_index(addrs) >= 0) | in_sorted(self.insns.end, addrs)
 
     @cached_property
     def function_of_insn(self) -> np.ndarray:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kbuild_bolt.binary.model import in_sorted
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import patterns
 
@@ -93,11 +94,12 @@ def check_table(model, data: base.TableData) -> TableCheck:
         result.places.update(Counter(where[live].tolist()))
 
         if ref.role == base.SYMBOL:
-            known = np.isin(targets, model.symbol_values)
+            known = in_sorted(model.symbol_values, targets)
             fail(live & ~known, ref, targets, where, "not the address of any symbol")
             continue
         if ref.role == base.FUNCTION:
-            known = np.isin(targets, model.functions.start) | np.isin(targets, model.symbol_values)
+            known = in_sorted(model.functions.start, targets) | in_sorted(model.symbol_values,
+                                                                           targets)
             fail(live & ~known, ref, targets, where, "not a function start")
             continue
 

@@ -77,6 +77,7 @@ class RewriteResult:
     rewritten_names: list = field(default_factory=list)
     # Share of .text functions handled (rewritten or already in the chosen order).
     text_coverage: float = 0.0
+    profile_used: float | None = None
     orc_entries: tuple = (0, 0)
     verify_summary: str = ""
     fragments: int = 0
@@ -209,16 +210,14 @@ def _emit_all(state: _EmitState, pairs, holes, jobs: int) -> tuple[list, list]:
     return plans, failures
 
 
-def choose_order(strategy: str, blocks: list[int], rng: random.Random, layout_fn=None) -> list[int]:
+def choose_order(strategy: str, blocks: list[int], rng: random.Random) -> list[int]:
     if strategy == "none":
         return orders.order_none(blocks)
     if strategy == "reverse":
         return orders.order_reverse(blocks)
     if strategy == "random":
         return orders.order_random(blocks, rng)
-    if layout_fn is None:
-        raise KbbError(f"--reorder-blocks={strategy} needs a profile (--profile)")
-    return layout_fn(blocks)
+    raise KbbError(f"--reorder-blocks={strategy} needs a profile (--profile)")
 
 
 class Session:
@@ -266,9 +265,14 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     layout_fn = None
     if options.reorder_blocks == "ext-tsp":
         from kbuild_bolt.layout.exttsp import ProfileLayout
+        from kbuild_bolt.profile import resolve_profile
         if options.profile is None:
             raise KbbError("--reorder-blocks=ext-tsp needs a profile (--profile)")
-        layout_fn = ProfileLayout(model, cfg, options.profile)
+        profile = resolve_profile(options.profile, model)
+        layout_fn = ProfileLayout(model, cfg, profile)
+        result.profile_used = layout_fn.profile.matched
+        _say(options, f"profile: {100 * layout_fn.profile.matched:.1f}% of its counts on this "
+                      f"kernel's code, {len(layout_fn.hot_rows):,} functions ran")
     wanted_orders = {}
     unchanged_rows = []
     for row in candidates.tolist():
@@ -276,8 +280,11 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         # One generator per function: its order does not depend on which other
         # functions are selected (bisect rewrites subsets and must see the same).
         rng = random.Random(f"{options.seed}:{names[row]}")
-        order = choose_order(options.reorder_blocks, blocks, rng,
-                             layout_fn.for_function(row) if layout_fn else None)
+        if layout_fn is not None:
+            by_profile = layout_fn.for_function(row)
+            order = by_profile(blocks) if by_profile else blocks  # never ran: keep its order
+        else:
+            order = choose_order(options.reorder_blocks, blocks, rng)
         if order == blocks:
             result.unchanged += 1
             unchanged_rows.append(row)

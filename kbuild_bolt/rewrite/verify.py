@@ -194,16 +194,23 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage) -> list[str]:
         for i in np.flatnonzero(xr[f] != y.raw[f])[:5].tolist():
             problems.append(f"symbol {y.names[i]}: {f} changed")
     # A function may grow into the alignment fill that followed it, nothing more.
-    for j in np.flatnonzero(xr["size"] != y.raw["size"]).tolist():
-        i = int(index[j])
-        old_end = int(x.value[i] + x.size[i])
-        new_end = int(y.value[j] + y.size[j])
-        lo = int(np.searchsorted(inp.insns.addr, np.uint64(old_end)))
-        hi = int(np.searchsorted(inp.insns.addr, np.uint64(new_end)))
-        fill = np.arange(lo, hi)
-        if (new_end < old_end or x.type[i] != 2 or inp.function_of_insn[lo:hi].max(initial=-1) >= 0
-                or not is_fill(inp, fill).all()):
-            problems.append(f"symbol {x.names[i]}: size {int(x.size[i])} -> {int(y.size[j])}")
+    grown = np.flatnonzero(xr["size"] != y.raw["size"])
+    if len(grown):
+        i = index[grown]
+        old_end = x.value[i] + x.size[i]
+        new_end = y.value[grown] + y.size[grown]
+        lo = np.searchsorted(inp.insns.addr, old_end)
+        hi = np.searchsorted(inp.insns.addr, new_end)
+        covered = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())]
+                                 + [np.zeros(0, np.int64)])
+        fill = np.ones(len(inp.insns.addr), bool)
+        fill[covered] = is_fill(inp, covered) & (inp.function_of_insn[covered] < 0)
+        for k, j in enumerate(grown.tolist()):
+            ok = (new_end[k] > old_end[k] and x.type[i[k]] == 2
+                  and bool(fill[lo[k]:hi[k]].all()))
+            if not ok:
+                problems.append(f"symbol {y.names[j]}: size {int(x.size[i[k]])} -> "
+                                f"{int(y.size[j])}")
     return problems
 
 

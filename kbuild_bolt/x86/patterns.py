@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kbuild_bolt.binary.model import in_sorted
 from kbuild_bolt.x86 import decode as x86
 
 NOP2 = (0x66, 0x90)
@@ -57,7 +58,8 @@ def static_key_site(model, addrs, idx):
 def _direct_to(model, idx, flows, targets):
     flow = model.insns.flow[idx]
     ok = np.isin(flow, flows) & (model.insns.ref_kind[idx] == x86.REF_BRANCH)
-    return ok & np.isin(model.insns.ref[idx], np.asarray(targets, dtype=np.uint64))
+    targets = np.unique(np.asarray(targets, dtype=np.uint64))
+    return ok & in_sorted(targets, model.insns.ref[idx])
 
 
 def static_call_site(model, addrs, idx):

@@ -1,0 +1,167 @@
+"""Put a profile on the code: instruction counts, block counts, weighted edges.
+
+Ranges give how often every instruction ran (a difference array over the
+decoded instructions, so a whole kernel profile attaches in one pass).
+Transfers give taken edges; a transfer is kept only when it is what the source
+instruction can do: a direct jmp/jcc to its target, an indirect jmp anywhere, a
+static-key site to its key's target (the kernel patches nops into jumps at run
+time), or anything from inside an alternative (patched at boot). Anything else
+is an interrupt or exception arriving between two blocks, not a branch.
+Fall-through weights follow: what ran at the end of a block and did not jump.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kbuild_bolt.binary.cfg import FALLTHROUGH
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.x86 import decode as x86
+
+
+@dataclass
+class CodeProfile:
+    insn_count: np.ndarray     # int64 executions per instruction
+    taken_src: np.ndarray      # int64 instruction index of a taken branch
+    taken_dst: np.ndarray      # uint64 where it went
+    taken_count: np.ndarray    # int64
+    matched: float             # share of profile counts that landed on decoded code
+    sampled: bool = False
+
+    def block_counts(self, cfg) -> np.ndarray:
+        """Executions per block (sampled profiles: the hits anywhere in the block)."""
+        if self.sampled:
+            return np.add.reduceat(self.insn_count, cfg.block_first)[:len(cfg.block_first)]
+        return self.insn_count[cfg.block_first]
+
+
+def attach(model, profile) -> CodeProfile:
+    insns = model.insns
+    n = len(insns.addr)
+    if not len(profile.range_start) and len(profile.src):
+        profile = _ranges_from_transfers(model, profile)
+    diff = np.zeros(n + 1, np.int64)
+    total = int(profile.range_count.sum()) or 1
+    if len(profile.range_start):
+        i0 = model.insn_index(profile.range_start)
+        i1 = model.insn_index(profile.range_last)
+        ok = (i0 >= 0) & (i1 >= i0)
+        np.add.at(diff, i0[ok], profile.range_count[ok])
+        np.add.at(diff, i1[ok] + 1, -profile.range_count[ok])
+        matched = float(profile.range_count[ok].sum()) / total
+    else:
+        matched = 0.0
+    insn_count = np.cumsum(diff[:-1])
+    if (insn_count < 0).any():
+        raise KbbError("profile ranges overlap inconsistently")
+
+    src = model.insn_index(profile.src)
+    ok = src >= 0
+    s, d, c = src[ok], profile.dst[ok], profile.count[ok]
+    flow = insns.flow[s]
+    ref = insns.ref[s]
+    ends = insns.end[s]
+    direct = np.isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[s] == x86.REF_BRANCH)
+    good = (direct & (d == ref)) | ((flow == x86.IND_JMP) & (d != ends))
+    # Static-key sites: nops in the file, jumps at run time.
+    jt = model.tables.get("__jump_table")
+    if jt is not None:
+        codes, targets = jt.targets("code"), jt.targets("target")
+        order = np.argsort(codes)
+        codes, targets = codes[order], targets[order]
+        k = np.minimum(np.searchsorted(codes, insns.addr[s]), max(len(codes) - 1, 0))
+        if len(codes):
+            good |= (codes[k] == insns.addr[s]) & (targets[k] == d)
+    # Alternatives: the code that ran is the replacement.
+    in_unit = model.inside_patch_unit(insns.addr[s])
+    unit_start, _ = model.patch_units
+    at_unit = np.zeros(len(s), bool)
+    if len(unit_start):
+        j = np.minimum(np.searchsorted(unit_start, insns.addr[s]), len(unit_start) - 1)
+        at_unit = unit_start[j] == insns.addr[s]
+    same_function = model.functions.rows_containing(d) == model.function_of_insn[s]
+    good |= (in_unit | at_unit) & same_function & (d != ends)
+    return CodeProfile(insn_count, s[good], d[good], c[good], matched,
+                       sampled=getattr(profile, "sampled", False))
+
+
+def _ranges_from_transfers(model, profile):
+    """A profile of transfers only (BOLT .fdata): execution runs from where each
+    transfer lands to the next control-transfer instruction."""
+    from kbuild_bolt.profile.model import Profile
+
+    insns = model.insns
+    n = len(insns.addr)
+    cti = np.flatnonzero(insns.flow != x86.NEXT)
+    dst = model.insn_index(profile.dst)
+    ok = dst >= 0
+    j = dst[ok]
+    k = np.searchsorted(cti, j)
+    last = np.where(k < len(cti), cti[np.minimum(k, len(cti) - 1)], n - 1)
+    return Profile(insns.addr[j], insns.addr[last], profile.count[ok], profile.src, profile.dst,
+                   profile.count, profile.kernel, profile.source, profile.hashes, profile.sampled)
+
+
+def function_edges(model, cfg, cp: CodeProfile, row: int):
+    """(block counts, {(src block, dst block): weight}) of one function."""
+    blocks = cfg.blocks_of(row)
+    lo, hi = blocks.start, blocks.stop
+    first = cfg.block_first[lo:hi]
+    if cp.sampled:
+        counts = np.array([int(cp.insn_count[cfg.block_first[b]:cfg.block_end[b]].sum())
+                           for b in range(lo, hi)], dtype=np.int64)
+    else:
+        counts = cp.insn_count[first]
+    edges: dict[tuple[int, int], int] = {}
+    f_lo = int(cfg.block_first[lo]) if hi > lo else 0
+    f_hi = int(cfg.block_end[hi - 1]) if hi > lo else 0
+    sel = np.flatnonzero((cp.taken_src >= f_lo) & (cp.taken_src < f_hi))
+    taken_out = {}
+    if len(sel):
+        dst_idx = model.insn_index(cp.taken_dst[sel])
+        for k, j in zip(sel.tolist(), dst_idx.tolist()):
+            if j < f_lo or j >= f_hi:
+                continue
+            b_src = int(np.searchsorted(cfg.block_first, cp.taken_src[k], side="right")) - 1
+            b_dst = int(np.searchsorted(cfg.block_first, j, side="right")) - 1
+            if int(cfg.block_first[b_dst]) != j:
+                continue  # lands inside a block (a runtime-only target): no edge
+            w = int(cp.taken_count[k])
+            edges[(b_src, b_dst)] = edges.get((b_src, b_dst), 0) + w
+            last = int(cfg.block_end[b_src]) - 1
+            if int(cp.taken_src[k]) == last or int(cp.taken_src[k]) == int(cfg.block_term[b_src]):
+                taken_out[b_src] = taken_out.get(b_src, 0) + w
+    if cp.sampled:
+        return counts, _infer_edges(cfg, lo, hi, counts, edges)
+    e_lo, e_hi = np.searchsorted(cfg.edge_src, [lo, hi])
+    for src, dst, kind in zip(cfg.edge_src[e_lo:e_hi].tolist(), cfg.edge_dst[e_lo:e_hi].tolist(),
+                              cfg.edge_kind[e_lo:e_hi].tolist()):
+        if kind != FALLTHROUGH:
+            continue
+        ran = int(cp.insn_count[int(cfg.block_end[src]) - 1])
+        w = ran - taken_out.get(src, 0)
+        if w > 0:
+            edges[(src, dst)] = edges.get((src, dst), 0) + w
+    return counts, edges
+
+
+def _infer_edges(cfg, lo, hi, counts, edges):
+    """Without branch records (sampled profiles): share each block's count among its
+    successors in proportion to their counts."""
+    e_lo, e_hi = np.searchsorted(cfg.edge_src, [lo, hi])
+    succ: dict[int, list[int]] = {}
+    for src, dst in zip(cfg.edge_src[e_lo:e_hi].tolist(), cfg.edge_dst[e_lo:e_hi].tolist()):
+        succ.setdefault(src, []).append(dst)
+    for src, dsts in succ.items():
+        c = int(counts[src - lo])
+        if not c:
+            continue
+        weights = [int(counts[d - lo]) for d in dsts]
+        total = sum(weights)
+        for d, w in zip(dsts, weights):
+            share = c * w // total if total else c // len(dsts)
+            if share:
+                edges[(src, d)] = edges.get((src, d), 0) + share
+    return edges

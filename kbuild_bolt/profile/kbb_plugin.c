@@ -1,0 +1,193 @@
+/*
+ * kbuild-bolt: a QEMU TCG plugin that records where the guest kernel runs.
+ *
+ * For every translation block (TB) of kernel code it counts executions, and
+ * for every pair of consecutive kernel TBs on a vCPU it counts the transition.
+ * A TB is keyed by its first and last instruction (QEMU may translate the same
+ * start again with fewer instructions: icount budget, faults), so a
+ * fall-through into a shorter translation is never mistaken for a jump.
+ *
+ * Debian ships no qemu-plugin.h, so the few API declarations this plugin uses
+ * (QEMU plugin API version 1, QEMU 7.x) are spelled out below.
+ *
+ * Output (text): "T start last ninsns count" per TB and
+ *                "E from_start from_last to_start to_last count" per transition.
+ */
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint64_t qemu_plugin_id_t;
+typedef struct qemu_info_t {
+    const char *target_name;
+    struct { int min; int cur; } version;
+    bool system_emulation;
+    union { struct { int smp_vcpus; int max_vcpus; } system; };
+} qemu_info_t;
+struct qemu_plugin_tb;
+struct qemu_plugin_insn;
+enum qemu_plugin_cb_flags { QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_CB_R_REGS, QEMU_PLUGIN_CB_RW_REGS };
+typedef void (*qemu_plugin_vcpu_tb_trans_cb_t)(qemu_plugin_id_t id, struct qemu_plugin_tb *tb);
+typedef void (*qemu_plugin_vcpu_udata_cb_t)(unsigned int vcpu_index, void *userdata);
+typedef void (*qemu_plugin_udata_cb_t)(qemu_plugin_id_t id, void *userdata);
+void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t id, qemu_plugin_vcpu_tb_trans_cb_t cb);
+void qemu_plugin_register_vcpu_tb_exec_cb(struct qemu_plugin_tb *tb, qemu_plugin_vcpu_udata_cb_t cb,
+                                          enum qemu_plugin_cb_flags flags, void *userdata);
+size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
+uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
+struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
+uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
+void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, qemu_plugin_udata_cb_t cb, void *userdata);
+
+__attribute__((visibility("default"))) int qemu_plugin_version = 1;
+
+#define KERNEL_BASE 0xffff800000000000ULL
+#define MAX_VCPUS 256
+
+struct tb_rec { uint64_t start, last, count; uint32_t ninsns; };
+struct edge { struct tb_rec *from, *to; uint64_t count; };
+
+static struct tb_rec **tbs;          /* hash table of TB records by (start, last) */
+static size_t tbs_cap, tbs_len;
+static struct edge *edges;           /* hash table of transitions */
+static size_t edges_cap, edges_len;
+static struct tb_rec *prev_tb[MAX_VCPUS];
+static char *out_path;
+
+static uint64_t mix(uint64_t a, uint64_t b)
+{
+    uint64_t h = a * 0x9E3779B97F4A7C15ULL ^ (b + 0x632BE59BD9B4E019ULL + (a << 6) + (a >> 2));
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ULL;
+    return h ^ (h >> 29);
+}
+
+static void tbs_grow(void)
+{
+    size_t cap = tbs_cap ? tbs_cap * 2 : 1 << 16;
+    struct tb_rec **t = calloc(cap, sizeof(*t));
+    for (size_t i = 0; i < tbs_cap; i++) {
+        struct tb_rec *r = tbs[i];
+        if (!r) continue;
+        size_t j = mix(r->start, r->last) & (cap - 1);
+        while (t[j]) j = (j + 1) & (cap - 1);
+        t[j] = r;
+    }
+    free(tbs);
+    tbs = t;
+    tbs_cap = cap;
+}
+
+static struct tb_rec *tb_get(uint64_t start, uint64_t last, uint32_t n)
+{
+    if ((tbs_len + 1) * 2 > tbs_cap) tbs_grow();
+    size_t j = mix(start, last) & (tbs_cap - 1);
+    while (tbs[j]) {
+        if (tbs[j]->start == start && tbs[j]->last == last) return tbs[j];
+        j = (j + 1) & (tbs_cap - 1);
+    }
+    struct tb_rec *r = calloc(1, sizeof(*r));
+    r->start = start; r->last = last; r->ninsns = n;
+    tbs[j] = r;
+    tbs_len++;
+    return r;
+}
+
+static void edges_grow(void)
+{
+    size_t cap = edges_cap ? edges_cap * 2 : 1 << 17;
+    struct edge *t = calloc(cap, sizeof(*t));
+    for (size_t i = 0; i < edges_cap; i++) {
+        struct edge *e = &edges[i];
+        if (!e->from) continue;
+        size_t j = mix((uint64_t)e->from, (uint64_t)e->to) & (cap - 1);
+        while (t[j].from) j = (j + 1) & (cap - 1);
+        t[j] = *e;
+    }
+    free(edges);
+    edges = t;
+    edges_cap = cap;
+}
+
+static void edge_add(struct tb_rec *from, struct tb_rec *to)
+{
+    if ((edges_len + 1) * 2 > edges_cap) edges_grow();
+    size_t j = mix((uint64_t)from, (uint64_t)to) & (edges_cap - 1);
+    while (edges[j].from) {
+        if (edges[j].from == from && edges[j].to == to) { edges[j].count++; return; }
+        j = (j + 1) & (edges_cap - 1);
+    }
+    edges[j].from = from; edges[j].to = to; edges[j].count = 1;
+    edges_len++;
+}
+
+static void tb_exec(unsigned int vcpu, void *udata)
+{
+    struct tb_rec *r = udata;
+    r->count++;
+    if (vcpu < MAX_VCPUS) {
+        if (prev_tb[vcpu]) edge_add(prev_tb[vcpu], r);
+        prev_tb[vcpu] = r;
+    }
+}
+
+static void user_exec(unsigned int vcpu, void *udata)
+{
+    (void)udata;
+    if (vcpu < MAX_VCPUS) prev_tb[vcpu] = NULL;  /* left the kernel */
+}
+
+static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    (void)id;
+    uint64_t start = qemu_plugin_tb_vaddr(tb);
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    if (start < KERNEL_BASE) {
+        qemu_plugin_register_vcpu_tb_exec_cb(tb, user_exec, QEMU_PLUGIN_CB_NO_REGS, NULL);
+        return;
+    }
+    uint64_t last = n ? qemu_plugin_insn_vaddr(qemu_plugin_tb_get_insn(tb, n - 1)) : start;
+    struct tb_rec *r = tb_get(start, last, (uint32_t)n);
+    qemu_plugin_register_vcpu_tb_exec_cb(tb, tb_exec, QEMU_PLUGIN_CB_NO_REGS, r);
+}
+
+static void at_exit(qemu_plugin_id_t id, void *udata)
+{
+    (void)id; (void)udata;
+    FILE *f = fopen(out_path, "w");
+    if (!f) return;
+    fprintf(f, "# kbuild-bolt qemu profile v1\n");
+    for (size_t i = 0; i < tbs_cap; i++) {
+        struct tb_rec *r = tbs[i];
+        if (r && r->count)
+            fprintf(f, "T %llx %llx %u %llu\n", (unsigned long long)r->start,
+                    (unsigned long long)r->last, r->ninsns, (unsigned long long)r->count);
+    }
+    for (size_t i = 0; i < edges_cap; i++) {
+        struct edge *e = &edges[i];
+        if (e->from)
+            fprintf(f, "E %llx %llx %llx %llx %llu\n", (unsigned long long)e->from->start,
+                    (unsigned long long)e->from->last, (unsigned long long)e->to->start,
+                    (unsigned long long)e->to->last, (unsigned long long)e->count);
+    }
+    fclose(f);
+}
+
+__attribute__((visibility("default")))
+int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv)
+{
+    (void)info;
+    for (int i = 0; i < argc; i++) {
+        if (strncmp(argv[i], "out=", 4) == 0) out_path = strdup(argv[i] + 4);
+    }
+    if (!out_path) {
+        fprintf(stderr, "kbb plugin: out=FILE missing\n");
+        return -1;
+    }
+    qemu_plugin_register_vcpu_tb_trans_cb(id, tb_trans);
+    qemu_plugin_register_atexit_cb(id, at_exit, NULL);
+    return 0;
+}
