@@ -126,7 +126,7 @@ def kernel_entry(path: Path) -> str:
 
 
 def qemu_command(kernel: Path, initrd: Path | None, cmdline: str, memory: str, smp: int,
-                 extra: list[str] | None = None) -> list[str]:
+                 extra: list[str] | None = None, cpu: str = "max") -> list[str]:
     binary = shutil.which(QEMU)
     if binary is None:
         raise KbbError(f"{QEMU} not found (apt-get install qemu-system-x86)")
@@ -134,7 +134,7 @@ def qemu_command(kernel: Path, initrd: Path | None, cmdline: str, memory: str, s
     # translation of code another CPU just patched (text_poke_bp's int3), and the
     # original kernel then oopses with "int3" now and then (seen: 1 boot in 15).
     cmd = [
-        binary, "-accel", "tcg,thread=single", "-machine", "pc", "-cpu", "max", "-m", memory,
+        binary, "-accel", "tcg,thread=single", "-machine", "pc", "-cpu", cpu, "-m", memory,
         "-smp", str(smp), "-nodefaults", "-display", "none", "-no-reboot",
         "-serial", "stdio", "-kernel", str(kernel), "-append", cmdline,
     ]
@@ -171,7 +171,7 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
          workload: str = "none", iterations: int | None = None, kaslr: bool = True,
          timeout: float = 120.0, append: str = "", memory: str = "512M", smp: int = 2,
          log: str | os.PathLike | None = None, expect: list[str] | None = None,
-         extra_qemu: list[str] | None = None, echo=None) -> BootResult:
+         extra_qemu: list[str] | None = None, echo=None, cpu: str = "max") -> BootResult:
     """Boot ``kernel`` with ``initrd`` and return what happened."""
     kernel = Path(kernel)
     entry = kernel_entry(kernel)
@@ -189,7 +189,8 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
     result = BootResult(kernel=str(kernel), initrd=str(initrd) if initrd else None, entry=entry,
                         kaslr=kaslr and kaslr_possible, cmdline=cmdline,
                         log=str(log) if log else None)
-    cmd = qemu_command(kernel, Path(initrd) if initrd else None, cmdline, memory, smp, extra_qemu)
+    cmd = qemu_command(kernel, Path(initrd) if initrd else None, cmdline, memory, smp, extra_qemu,
+                       cpu)
     lines: list[str] = []
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -82,7 +82,9 @@ def attach(model, profile) -> CodeProfile:
         j = np.minimum(np.searchsorted(unit_start, insns.addr[s]), len(unit_start) - 1)
         at_unit = unit_start[j] == insns.addr[s]
     same_function = model.functions.rows_containing(d) == model.function_of_insn[s]
-    good |= (in_unit | at_unit) & same_function & (d != ends)
+    # (A patched-in "rep movsb" restarts itself every iteration under QEMU: a
+    # transfer to its own address is not a branch.)
+    good |= (in_unit | at_unit) & same_function & (d != ends) & (d != insns.addr[s])
     return CodeProfile(insn_count, s[good], d[good], c[good], matched,
                        sampled=getattr(profile, "sampled", False))
 

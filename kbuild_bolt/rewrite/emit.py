@@ -25,7 +25,7 @@ from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
 
 # Item kinds
-COPY, JMP, JCC, SITE = 0, 1, 2, 3
+COPY, JMP, JCC, SITE, NOP = 0, 1, 2, 3, 4
 # Target kinds for branch items
 TO_BLOCK, TO_ADDR = 0, 1
 
@@ -49,7 +49,7 @@ class Item:
         self.site_jmp = site_jmp           # SITE: jmp (True) or nop (False)
 
     def size(self) -> int:
-        if self.kind == COPY:
+        if self.kind in (COPY, NOP):
             return self.nbytes
         if self.kind == JMP:
             return enc.JMP32 if self.long else enc.JMP8
@@ -103,7 +103,33 @@ class EmitContext:
 
 
 # How a block ends, for emission (BlockTable.kind).
-END_COPY, END_SITE, END_JMP, END_JCC = 0, 1, 2, 3
+END_COPY, END_SITE, END_JMP, END_JCC, END_UNIT_JMP = 0, 1, 2, 3, 4
+
+
+def _replacements_never_fall_through(model, site: int) -> bool:
+    """True when every replacement of the alternative at ``site`` ends in a
+    return or jump: once patched, nothing falls through the site, so what
+    follows it may change."""
+    from iced_x86 import Decoder
+
+    alt = model.tables.get(".altinstructions")
+    if alt is None:
+        return False
+    instr = alt.targets("instr")
+    hits = np.flatnonzero(instr == np.uint64(site))
+    if not len(hits):
+        return False
+    repl = alt.targets("repl")[hits]
+    lengths = alt.entries["replacementlen"][alt.indices[hits]]
+    for addr, n in zip(repl.tolist(), lengths.tolist()):
+        if n == 0:
+            return False
+        last = None
+        for ins in Decoder(64, model.image.read(int(addr), int(n)), ip=int(addr)):
+            last = ins
+        if last is None or last.flow_control not in (x86.RET, x86.JMP, x86.IND_JMP):
+            return False
+    return True
 
 
 class BlockTable:
@@ -145,6 +171,22 @@ class BlockTable:
         kind[rebranch & ~is_jmp] = END_JCC
         static_key = cfg.static_key_insn[term]
         kind[static_key] = END_SITE
+        # An alternative whose original site is exactly one direct jump within the
+        # function (static_cpu_has, ALTERNATIVE "jmp .L", ...): when the kernel does
+        # not patch it, it jumps; if its target is laid out right behind it, the
+        # jump can become a nop of the same size.
+        unit_start, unit_end = model.patch_units
+        exact_unit_jmp = np.zeros(nb, bool)
+        if len(unit_start):
+            ta = insns.addr[term]
+            u = np.searchsorted(unit_start, ta, side="right").astype(np.int64) - 1
+            ok = (u >= 0) & is_jmp & direct & (t_block >= 0)
+            ok[ok] &= (unit_start[u[ok]] == ta[ok]) & (unit_end[u[ok]] == ta[ok] + n[ok])
+            exact_unit_jmp = ok & (kind == END_COPY)
+            for b in np.flatnonzero(exact_unit_jmp).tolist():
+                if not _replacements_never_fall_through(model, int(insns.addr[term[b]])):
+                    exact_unit_jmp[b] = False
+        kind[exact_unit_jmp] = END_UNIT_JMP
         # Where each static-key site jumps (its __jump_table target).
         site_target = np.zeros(nb, np.uint64)
         jump_table = model.tables.get("__jump_table")
@@ -221,7 +263,13 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
             i0, i1, term = bt.first[b], bt.end[b], bt.term[b]
             fall = bt.fall[b]
             kind = bt.kind[b]
-            if kind == END_COPY:
+            if kind == END_UNIT_JMP and bt.t_block[b] == nxt and term + 1 == i1:
+                # The alternative's jump lands right behind it: a nop of its size.
+                if i0 < term:
+                    items.append(Item(COPY, i0, term, nbytes=bt.body[b]))
+                items.append(Item(NOP, origin=term, state=term, nbytes=bt.whole[b] - bt.body[b]))
+                fall = -1  # (what followed the site is no longer what follows it)
+            elif kind in (END_COPY, END_UNIT_JMP):
                 items.append(Item(COPY, i0, i1, nbytes=bt.whole[b]))
             else:
                 if i0 < term:
@@ -297,7 +345,7 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
                 ends[part_of_item[n]] += size
             grew = False
             for n, it in enumerate(items):
-                if it.kind == COPY or it.long:
+                if it.kind in (COPY, NOP) or it.long:
                     continue
                 if not enc.fits8(destination(it) - (item_addr[n] + sizes[n])):
                     it.long = True
@@ -316,7 +364,7 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         # The longest prefix of the layout that surely fits stays (sizes with every
         # branch near, plus a jump to the fragment); the rest goes to a fragment.
         items0, block_item0 = arranged[0], arranged[1]
-        long_size = [it.nbytes if it.kind == COPY else
+        long_size = [it.nbytes if it.kind in (COPY, NOP) else
                      (enc.JMP32 if it.kind == JMP else enc.JCC32 if it.kind == JCC else 5)
                      for it in items0]
         cum = np.concatenate([[0], np.cumsum(long_size)])
@@ -388,11 +436,13 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
             buf[at:at + it.nbytes] = ctx.code[base:base + it.nbytes]
             continue
         size = it.size()
-        dest = destination(it)
+        dest = destination(it) if it.kind != NOP else 0
         if it.kind == JMP:
             buf[at:at + size] = enc.jmp(size, dest - (here + size))
         elif it.kind == JCC:
             buf[at:at + size] = enc.jcc(it.cc, size, dest - (here + size))
+        elif it.kind == NOP:
+            buf[at:at + size] = enc.nop(size)
         elif it.site_jmp:
             buf[at:at + size] = enc.jmp(size, dest - (here + size))
         else:

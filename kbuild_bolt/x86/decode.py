@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from iced_x86 import Code, Decoder, Instruction
@@ -79,8 +80,9 @@ class Decoded:
     def take(self, index) -> "Decoded":
         return Decoded(*(getattr(self, f)[index] for f in FIELDS))
 
-    @property
+    @cached_property
     def end(self) -> np.ndarray:
+        """Address after each instruction (computed once: millions of them)."""
         return self.addr + self.length
 
 

@@ -55,13 +55,27 @@ def is_plain_jmp(code: bytes) -> bool:
     return (len(code) == 2 and code[0] == 0xEB) or (len(code) == 5 and code[0] == 0xE9)
 
 
+# The kernel's x86_nops[] (asm/nops.h): what it writes itself for each size.
+KERNEL_NOPS = {
+    1: b"\x90",
+    2: b"\x66\x90",
+    3: b"\x0f\x1f\x00",
+    4: b"\x0f\x1f\x40\x00",
+    5: b"\x0f\x1f\x44\x00\x00",
+    6: b"\x66\x0f\x1f\x44\x00\x00",
+    7: b"\x0f\x1f\x80\x00\x00\x00\x00",
+    8: b"\x0f\x1f\x84\x00\x00\x00\x00\x00",
+}
+
+
 def nop(size: int) -> bytes:
-    """The kernel's own nops for static-key sites (x86_nops[2], x86_nops[5])."""
-    if size == 2:
-        return NOP2
-    if size == 5:
-        return NOP5
-    raise ValueError(size)
+    """A nop of ``size`` bytes, as the kernel writes it (static-key sites use 2 or 5)."""
+    out = b""
+    while size > 0:
+        chunk = min(size, 8)
+        out += KERNEL_NOPS[chunk]
+        size -= chunk
+    return out
 
 
 def put_disp(buf: bytearray, offset: int, size: int, value: int) -> bool:
