@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from kbuild_bolt import __version__
 from kbuild_bolt.errors import KbbError
 
@@ -109,6 +111,7 @@ def rewrite_options(args):
         reorder_blocks=args.reorder_blocks, seed=args.seed, funcs=_name_list(args.funcs),
         skip_funcs=_name_list(args.skip_funcs) or set(), profile=profile, verify=args.verify,
         plant_fault=args.plant_fault, progress=not args.quiet,
+        dyno_stats=getattr(args, "dyno_stats", False),
     )
 
 
@@ -119,9 +122,6 @@ def cmd_rewrite(args) -> int:
         raise KbbError("--reorder-blocks=ext-tsp needs --profile (or choose none/reverse/random)")
     result = rewrite(args.vmlinux, args.output, rewrite_options(args))
     print(result.summary())
-    if args.dyno_stats:
-        from kbuild_bolt.profile.dyno import print_dyno_comparison
-        print_dyno_comparison(args.vmlinux, args.output, rewrite_options(args).profile)
     return 0
 
 
@@ -168,6 +168,130 @@ def add_rewrite_arguments(p) -> None:
                    help="do not verify the output before writing it")
     p.add_argument("--plant-fault", metavar="KIND[@FUNCTION]", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+# ---------------------------------------------------------------------------
+# profile / dyno
+
+
+def _model_and_cfg(path):
+    from kbuild_bolt.binary.cfg import build_cfg
+    from kbuild_bolt.binary.model import BinaryModel
+
+    model = BinaryModel.open(path)
+    return model, build_cfg(model)
+
+
+def _iterations(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise KbbError(f"--iterations {text}: expected SHORT,LONG (e.g. 2,12)") from None
+    return a, b
+
+
+def cmd_profile(args) -> int:
+    from kbuild_bolt.profile import write_profile
+    from kbuild_bolt.profile.model import combine
+
+    log = (lambda m: print(f"  PROFILE {m}", file=sys.stderr, flush=True))
+    if args.profile_command == "record":
+        from kbuild_bolt.lab.qemu import kernel_entry
+        from kbuild_bolt.profile import qemu
+        from kbuild_bolt.profile.stale import shapes_for
+
+        vmlinux = args.vmlinux or (args.kernel if kernel_entry(args.kernel) == "pvh" else None)
+        if vmlinux is None:
+            raise KbbError("--vmlinux is needed with a bzImage (to map the profile to code)")
+        if args.with_boot:
+            profile = qemu.record_boot(args.kernel, args.initrd, args.workload,
+                                       _iterations(args.iterations)[1], kaslr=not args.nokaslr)
+        else:
+            profile = qemu.record(args.kernel, args.initrd, args.workload,
+                                  _iterations(args.iterations), kaslr=not args.nokaslr, log=log)
+        model, cfg = _model_and_cfg(vmlinux)
+        profile.kernel = model.version.release
+        profile.shapes = shapes_for(model, cfg, profile)
+        from kbuild_bolt.profile.attach import attach
+        matched = attach(model, profile).matched
+        write_profile(profile, args.output)
+        print(f"profile: {len(profile.range_start):,} ranges, {len(profile.src):,} transfers, "
+              f"{profile.total:,} executions of kernel blocks, {100 * matched:.2f}% on "
+              f"{vmlinux}'s code -> {args.output}")
+        return 0
+    if args.profile_command == "convert":
+        from kbuild_bolt.profile import fdata, perf
+        from kbuild_bolt.profile.model import MAGIC, load_profile, read_profile
+
+        model, cfg = _model_and_cfg(args.vmlinux)
+        with open(args.input, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(MAGIC.encode()):
+            profile = read_profile(args.input)
+        elif perf.looks_like(head) and not fdata.looks_like(head):
+            text_base = None
+            if args.kallsyms:
+                text_base = perf.text_base_from_kallsyms(args.kallsyms)
+            elif args.text_base:
+                text_base = int(args.text_base, 16)
+            profile = perf.read_perf_script(args.input, text_base,
+                                            model.image.symbols.address("_text") or 0)
+        else:
+            profile = load_profile(args.input, model)
+        profile.kernel = model.version.release
+        if args.to == "fdata":
+            lines = fdata.write_fdata(profile, model, args.output)
+            print(f"fdata: {lines:,} lines -> {args.output}")
+            return 0
+        from kbuild_bolt.profile.stale import shapes_for
+        profile.shapes = profile.shapes or shapes_for(model, cfg, profile)
+        write_profile(profile, args.output)
+        print(f"profile: {len(profile.range_start):,} ranges, {len(profile.src):,} transfers "
+              f"-> {args.output}")
+        return 0
+    if args.profile_command == "merge":
+        from kbuild_bolt.profile.model import read_profile
+        merged = combine([read_profile(p) for p in args.inputs])
+        write_profile(merged, args.output)
+        print(f"profile: {len(args.inputs)} merged -> {args.output}")
+        return 0
+    if args.profile_command == "show":
+        from kbuild_bolt.profile import resolve_profile
+        from kbuild_bolt.profile.attach import attach
+
+        model, cfg = _model_and_cfg(args.vmlinux)
+        profile = resolve_profile(args.profile, model, cfg, log=log)
+        cp = attach(model, profile)
+        counts = cp.block_counts(cfg)
+        per_function = np.bincount(cfg.block_func, weights=counts * 1.0,
+                                   minlength=len(model.functions))
+        print(f"{args.profile}: {profile.total:,} counts, {100 * cp.matched:.2f}% on this "
+              f"kernel's code, {int((per_function > 0).sum()):,} functions ran")
+        for row in np.argsort(-per_function)[:args.top].tolist():
+            if per_function[row] <= 0:
+                break
+            print(f"  {int(per_function[row]):>14,}  {model.functions.names[row]}")
+        return 0
+    raise KbbError(f"unknown profile action {args.profile_command}")
+
+
+def cmd_dyno(args) -> int:
+    from kbuild_bolt.layout.exttsp import ProfileLayout
+    from kbuild_bolt.profile import resolve_profile
+    from kbuild_bolt.profile.dyno import MemoryCounter, dyno_stats, format_comparison
+
+    model, cfg = _model_and_cfg(args.vmlinux)
+    profile = resolve_profile(args.profile, model, cfg)
+    layout = ProfileLayout(model, cfg, profile)
+    memory = MemoryCounter(model)
+    before = dyno_stats(model, cfg, layout.profile, memory=memory)
+    orders = {}
+    for row in sorted(layout.hot_rows):
+        if row >= 0 and cfg.func_reason[row] == 0:
+            orders[row] = layout.order(row, list(cfg.blocks_of(row)))
+    after = dyno_stats(model, cfg, layout.profile, orders=orders, memory=memory)
+    print(format_comparison(before, after, "as built", "ext-tsp (predicted)"))
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +433,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dyno-stats", action="store_true",
                    help="print BOLT's dyno-stats before and after (needs --profile)")
     p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("profile", help="record, convert, merge and show kernel profiles",
+                       description="Profiles say where the kernel spends its time: recorded "
+                                   "exactly under QEMU (no LBR needed), or converted from perf "
+                                   "script output (LBR brstack or plain samples) and BOLT .fdata.")
+    prof = p.add_subparsers(dest="profile_command", metavar="ACTION")
+    prof.required = True
+    q = prof.add_parser("record", help="boot a kernel under QEMU and record the workload",
+                        description="Boot twice under QEMU with a short and a long workload "
+                                    "and keep the difference (boot cancels out): every kernel "
+                                    "branch of the workload, exactly.")
+    q.add_argument("--kernel", required=True, help="bzImage or vmlinux (PVH) to boot")
+    q.add_argument("--initrd", required=True, help="lab initramfs")
+    q.add_argument("--vmlinux", help="the vmlinux of --kernel (default: --kernel itself)")
+    q.add_argument("--workload", default="files", help="files or server")
+    q.add_argument("--iterations", default="2,12", help="SHORT,LONG workload iterations")
+    q.add_argument("--with-boot", action="store_true", help="one run, boot included")
+    q.add_argument("--nokaslr", action="store_true")
+    q.add_argument("-o", "--output", required=True)
+    q = prof.add_parser("convert", help="perf script / .fdata to kbuild-bolt, or to .fdata")
+    q.add_argument("input")
+    q.add_argument("--vmlinux", required=True)
+    q.add_argument("--text-base", help="the running kernel's _text (hex) for perf data (KASLR)")
+    q.add_argument("--kallsyms", help="a saved /proc/kallsyms of the running kernel (KASLR)")
+    q.add_argument("--to", choices=("kbb", "fdata"), default="kbb")
+    q.add_argument("-o", "--output", required=True)
+    q = prof.add_parser("merge", help="sum several kbuild-bolt profiles")
+    q.add_argument("inputs", nargs="+")
+    q.add_argument("-o", "--output", required=True)
+    q = prof.add_parser("show", help="what a profile covers on a vmlinux, hottest functions")
+    q.add_argument("profile")
+    q.add_argument("--vmlinux", required=True)
+    q.add_argument("--top", type=int, default=20)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("dyno", help="BOLT's dyno-stats of a vmlinux for a profile",
+                       description="Dyno-stats (executed/taken branches, calls, instructions, "
+                                   "loads, stores) as built and as ext-TSP would lay it out.")
+    p.add_argument("vmlinux")
+    p.add_argument("--profile", required=True)
+    p.set_defaults(func=cmd_dyno)
 
     p = sub.add_parser("bisect", help="find the rewritten functions that break a kernel",
                        description="Rewrite with the given options and boot the result in QEMU; "

@@ -5,11 +5,25 @@ from __future__ import annotations
 from kbuild_bolt.profile.model import Profile, load_profile, read_profile, write_profile
 
 
-def resolve_profile(profile, model) -> Profile:
-    """A Profile object from a Profile or a path (any supported format)."""
-    if isinstance(profile, Profile):
-        return profile
-    return load_profile(profile, model)
+def resolve_profile(profile, model, cfg=None, log=None) -> Profile:
+    """A Profile for this kernel from a Profile or a path (any supported format).
+
+    A profile that recorded its functions' shapes is moved onto this kernel
+    (unchanged functions keep their counts; changed ones by matching blocks)."""
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile, model)
+    if profile.shapes:
+        from kbuild_bolt.binary.cfg import build_cfg
+        from kbuild_bolt.profile.stale import adapt
+
+        profile, report = adapt(profile, model, cfg if cfg is not None else build_cfg(model),
+                                profile.shapes)
+        if log:
+            log(report.summary())
+        if report.total and report.used < 0.05:
+            from kbuild_bolt.errors import KbbError
+            raise KbbError(f"the profile does not match this kernel ({report.summary()})")
+    return profile
 
 
 __all__ = ["Profile", "load_profile", "read_profile", "write_profile", "resolve_profile"]

@@ -103,7 +103,7 @@ def _ranges_from_transfers(model, profile):
     k = np.searchsorted(cti, j)
     last = np.where(k < len(cti), cti[np.minimum(k, len(cti) - 1)], n - 1)
     return Profile(insns.addr[j], insns.addr[last], profile.count[ok], profile.src, profile.dst,
-                   profile.count, profile.kernel, profile.source, profile.hashes, profile.sampled)
+                   profile.count, profile.kernel, profile.source, profile.shapes, profile.sampled)
 
 
 def function_edges(model, cfg, cp: CodeProfile, row: int):

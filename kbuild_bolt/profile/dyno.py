@@ -141,8 +141,12 @@ def dyno_stats(model, cfg, code_profile, orders: dict | None = None,
                     stats["UNCOND_BRANCHES"] += w_fall
                 continue
             if f == x86.JMP and taken is not None:
+                # (The profile's taken weight: an alternative may have patched the
+                # jump away at run time.)
                 if nxt != taken:
-                    stats["UNCOND_BRANCHES"] += c
+                    stats["UNCOND_BRANCHES"] += edges.get((b, taken), 0)
+                if fall is not None and nxt != fall:
+                    stats["UNCOND_BRANCHES"] += w_fall
                 continue
             if f == x86.JMP:  # tail call / jump out of the function
                 stats["UNCOND_BRANCHES"] += c

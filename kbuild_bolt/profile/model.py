@@ -17,10 +17,12 @@ The file format (``kbuild-bolt profile v1``) is plain text, one record per line:
     source qemu
     R <start> <last> <count>
     B <src> <dst> <count>
-    H <function> <hash> <address>
+    H <function> <hash> <address> <size>
+    K <block offset> <block size> <block hash>
 
-addresses in hex, counts in decimal; ``H`` lines hold the function hashes
-used to apply a profile to a rebuilt kernel (stale profiles).
+addresses, offsets and hashes in hex, counts in decimal; ``H`` and the ``K``
+lines after it describe a function the profile saw (code hashes with addresses
+masked), so the profile can be applied to a rebuilt kernel (stale profiles).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Profile:
     count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     kernel: str = ""
     source: str = ""
-    hashes: dict = field(default_factory=dict)   # function name -> (hash, address)
+    shapes: dict = field(default_factory=dict)   # function name -> stale.FunctionShape
     # Samples without branch records (perf without LBR): instruction hits only.
     sampled: bool = False
 
@@ -56,7 +58,7 @@ class Profile:
 
     def merged(self) -> "Profile":
         """Identical records summed."""
-        out = Profile(kernel=self.kernel, source=self.source, hashes=dict(self.hashes),
+        out = Profile(kernel=self.kernel, source=self.source, shapes=dict(self.shapes),
                       sampled=self.sampled)
         if len(self.range_start):
             key = np.stack([self.range_start, self.range_last], axis=1)
@@ -77,13 +79,13 @@ class Profile:
         d = np.uint64(delta & 0xFFFFFFFFFFFFFFFF)
         return Profile(self.range_start - d, self.range_last - d, self.range_count.copy(),
                        self.src - d, self.dst - d, self.count.copy(), self.kernel, self.source,
-                       dict(self.hashes), self.sampled)
+                       dict(self.shapes), self.sampled)
 
     def scaled(self, factor: float) -> "Profile":
         return Profile(self.range_start, self.range_last,
                        np.round(self.range_count * factor).astype(np.int64), self.src, self.dst,
                        np.round(self.count * factor).astype(np.int64), self.kernel, self.source,
-                       dict(self.hashes), self.sampled)
+                       dict(self.shapes), self.sampled)
 
 
 def combine(profiles: list[Profile], weights: list[float] | None = None) -> Profile:
@@ -100,7 +102,7 @@ def combine(profiles: list[Profile], weights: list[float] | None = None) -> Prof
         np.concatenate([p.dst for p in parts]),
         np.concatenate([p.count for p in parts]),
         profiles[0].kernel, "+".join(sorted({p.source for p in profiles if p.source})),
-        {k: v for p in profiles for k, v in p.hashes.items()},
+        {k: v for p in profiles for k, v in p.shapes.items()},
         any(p.sampled for p in profiles),
     ).merged()
     # Differences of two noisy runs can go slightly negative: clip.
@@ -128,8 +130,8 @@ def write_profile(profile: Profile, path) -> None:
         lines.append(f"R {s:x} {l:x} {c}")
     for s, d, c in zip(profile.src.tolist(), profile.dst.tolist(), profile.count.tolist()):
         lines.append(f"B {s:x} {d:x} {c}")
-    for name, (h, addr) in sorted(profile.hashes.items()):
-        lines.append(f"H {name} {h:016x} {addr:x}")
+    from kbuild_bolt.profile.stale import write_shapes
+    lines += write_shapes(profile.shapes)
     with atomic_output(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -144,7 +146,10 @@ def read_profile(path) -> Profile:
         raise KbbError(f"{path}: not a text profile") from None
     if not text.startswith(MAGIC):
         raise KbbError(f"{path}: not a kbuild-bolt profile")
+    from kbuild_bolt.profile.stale import parse_shapes
+
     rs, rl, rc, bs, bd, bc = [], [], [], [], [], []
+    shape_lines = []
     profile = Profile()
     for n, line in enumerate(text.splitlines()[1:], 2):
         if not line or line.startswith("#"):
@@ -156,8 +161,9 @@ def read_profile(path) -> Profile:
                 rs.append(int(parts[1], 16)); rl.append(int(parts[2], 16)); rc.append(int(parts[3]))
             elif tag == "B":
                 bs.append(int(parts[1], 16)); bd.append(int(parts[2], 16)); bc.append(int(parts[3]))
-            elif tag == "H":
-                profile.hashes[parts[1]] = (int(parts[2], 16), int(parts[3], 16))
+            elif tag in ("H", "K"):
+                int(parts[2], 16)
+                shape_lines.append(line)
             elif tag == "kernel":
                 profile.kernel = parts[1]
             elif tag == "source":
@@ -168,6 +174,7 @@ def read_profile(path) -> Profile:
                 raise ValueError(tag)
         except (ValueError, IndexError):
             raise KbbError(f"{path}:{n}: malformed profile line: {line[:60]}") from None
+    profile.shapes = parse_shapes(shape_lines)
     profile.range_start = np.array(rs, dtype=np.uint64)
     profile.range_last = np.array(rl, dtype=np.uint64)
     profile.range_count = np.array(rc, dtype=np.int64)

@@ -57,6 +57,7 @@ class RewriteOptions:
     # Put blocks that do not fit a function's slot into free room in .text.
     split: bool = True
     jobs: int | None = None
+    dyno_stats: bool = False
 
 
 @dataclass
@@ -78,6 +79,7 @@ class RewriteResult:
     # Share of .text functions handled (rewritten or already in the chosen order).
     text_coverage: float = 0.0
     profile_used: float | None = None
+    dyno: tuple | None = None   # (before, after) predicted dyno-stats
     orc_entries: tuple = (0, 0)
     verify_summary: str = ""
     fragments: int = 0
@@ -109,6 +111,9 @@ class RewriteResult:
                          f"{', '.join(self.stripped)}")
         if self.verify_summary:
             lines.append(self.verify_summary)
+        if self.dyno:
+            from kbuild_bolt.profile.dyno import format_comparison
+            lines.append(format_comparison(*self.dyno, "before", "after (predicted)"))
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 
@@ -268,7 +273,8 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         from kbuild_bolt.profile import resolve_profile
         if options.profile is None:
             raise KbbError("--reorder-blocks=ext-tsp needs a profile (--profile)")
-        profile = resolve_profile(options.profile, model)
+        profile = resolve_profile(options.profile, model, cfg,
+                                  log=lambda m: _say(options, m))
         layout_fn = ProfileLayout(model, cfg, profile)
         result.profile_used = layout_fn.profile.matched
         _say(options, f"profile: {100 * layout_fn.profile.matched:.1f}% of its counts on this "
@@ -333,6 +339,16 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     result.fragment_bytes = sum(len(p.fragment[1]) for p in plans if p.fragment)
     result.seconds["emit"] = time.perf_counter() - t
     t = time.perf_counter()
+
+    if options.dyno_stats:
+        if layout_fn is None:
+            raise KbbError("--dyno-stats needs a profile (--profile)")
+        from kbuild_bolt.profile.dyno import MemoryCounter, dyno_stats
+        memory = MemoryCounter(model)
+        before = dyno_stats(model, cfg, layout_fn.profile, memory=memory)
+        after = dyno_stats(model, cfg, layout_fn.profile,
+                           orders={p.row: wanted_orders[p.row] for p in plans}, memory=memory)
+        result.dyno = (before, after)
 
     # --- ORC first: the table cannot grow, so the layout must fit it ----------------
     orc = None
