@@ -29,7 +29,7 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.lab.cache import cache_root, locked
 
 # Bump when the build steps change in a way that changes the output.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 HERE = Path(__file__).resolve().parent
 CONFIG_DIR = HERE / "configs"
@@ -109,18 +109,44 @@ def kernel_source(series: str) -> KernelSource:
         raise KbbError(f"{package} is not installed (apt-get install {package})")
     safe = re.sub(r"[^A-Za-z0-9.+-]", "_", version)
     tree = cache_root() / "src" / f"{package}_{safe}"
-    if not (tree / "Makefile").exists():
-        with locked(f"src-{package}"):
-            if not (tree / "Makefile").exists():
-                progress(f"unpacking {tarball}")
-                tree.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=tree.parent))
-                try:
-                    run(["tar", "-xf", str(tarball), "-C", str(tmp)])
-                    (tmp / package).rename(tree)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+    with locked(f"src-{package}"):
+        if not (tree / "Makefile").exists():
+            progress(f"unpacking {tarball}")
+            tree.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=tree.parent))
+            try:
+                run(["tar", "-xf", str(tarball), "-C", str(tmp)])
+                (tmp / package).rename(tree)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        _ensure_hooks(tree, series)
     return KernelSource(series, package, version, tree)
+
+
+HOOKS_MARKER = ".kbuild-bolt-hooks.patch"
+
+
+def _ensure_hooks(tree: Path, series: str) -> None:
+    """Lab trees carry the kbuild-bolt Kbuild hooks (CONFIG_BOLT stays off in the
+    lab configs, so the kernels are the same as without them). This applies
+    the patch the way users do, on every fresh unpack, and updates an older one."""
+    from kbuild_bolt.kbuild.hooks import committed_patch, install_hooks
+
+    patch = committed_patch(series).read_text()
+    marker = tree / HOOKS_MARKER
+    if marker.exists():
+        if marker.read_text() == patch:
+            return
+        progress(f"updating the kbuild-bolt hooks in {tree.name}")
+        run(["patch", "-p1", "-R", "-s", "-i", str(marker)], cwd=tree)
+    install_hooks(tree)
+    marker.write_text(patch)
+
+
+def hooks_digest(series: str) -> str:
+    from kbuild_bolt.kbuild.hooks import committed_patch
+
+    return hashlib.sha256(committed_patch(series).read_bytes()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------
@@ -230,6 +256,7 @@ def _build_key(name: str, source: KernelSource) -> str:
     digest.update(f"{RECIPE_VERSION}\0{name}\0{source.package}\0{source.version}\0".encode())
     digest.update(_compiler_id().encode())
     digest.update(POSTLINK_HOOK.read_bytes())
+    digest.update(hooks_digest(series).encode())
     for fragment in fragments:
         digest.update((CONFIG_DIR / fragment).read_bytes())
     return digest.hexdigest()[:12]

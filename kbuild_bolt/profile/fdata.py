@@ -49,6 +49,12 @@ def _name_table(model):
     return table
 
 
+def _normalize(name: str) -> str:
+    """perf2bolt writes local symbols as ``name/N`` (N: which file's): drop it."""
+    base, slash, index = name.rpartition("/")
+    return base if slash and index.isdigit() else name
+
+
 def read_fdata(path, model) -> Profile:
     names = _name_table(model)
     src, dst, count = [], [], []
@@ -66,7 +72,7 @@ def read_fdata(path, model) -> Profile:
             try:
                 if no_lbr:
                     kind, name, off, hits = parts[:4]
-                    base = names.get(name) if kind == "1" else 0
+                    base = names.get(_normalize(name)) if kind == "1" else 0
                     if base is None:
                         unknown += 1
                         continue
@@ -76,8 +82,8 @@ def read_fdata(path, model) -> Profile:
                 if len(parts) != 8:
                     raise ValueError
                 fk, fname, foff, tk, tname, toff, _mispred, c = parts
-                fbase = names.get(fname) if fk == "1" else 0
-                tbase = names.get(tname) if tk == "1" else 0
+                fbase = names.get(_normalize(fname)) if fk == "1" else 0
+                tbase = names.get(_normalize(tname)) if tk == "1" else 0
                 if fbase is None or tbase is None:
                     unknown += 1
                     continue

@@ -51,6 +51,8 @@ class Profile:
     shapes: dict = field(default_factory=dict)   # function name -> stale.FunctionShape
     # Samples without branch records (perf without LBR): instruction hits only.
     sampled: bool = False
+    # Share of a stale profile's counts that could be moved onto this kernel.
+    used: float | None = None
 
     @property
     def total(self) -> int:

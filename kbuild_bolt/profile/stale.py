@@ -200,7 +200,9 @@ def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tup
         if same_ranges else np.zeros(len(keep), bool)
     report.exact = int(profile.range_count[keep & from_same].sum())
     report.fuzzy = int(profile.range_count[keep & ~from_same].sum())
-    return out.merged(), report
+    out = out.merged()
+    out.used = report.used
+    return out, report
 
 
 def write_shapes(shapes: dict[str, FunctionShape]) -> list[str]:

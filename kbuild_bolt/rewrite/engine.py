@@ -276,7 +276,8 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         profile = resolve_profile(options.profile, model, cfg,
                                   log=lambda m: _say(options, m))
         layout_fn = ProfileLayout(model, cfg, profile)
-        result.profile_used = layout_fn.profile.matched
+        result.profile_used = (profile.used if profile.used is not None
+                               else layout_fn.profile.matched)
         _say(options, f"profile: {100 * layout_fn.profile.matched:.1f}% of its counts on this "
                       f"kernel's code, {len(layout_fn.hot_rows):,} functions ran")
     wanted_orders = {}
