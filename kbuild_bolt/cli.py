@@ -60,7 +60,8 @@ def cmd_dump(args) -> int:
         for name, data in model.tables.items():
             if summary or name in wanted:
                 out["tables"][name] = dump.table_json(model, data, checks.get(name),
-                                                      with_entries=name in wanted)
+                                                      with_entries=name in wanted,
+                                                      limit=args.limit)
         if rows:
             out["functions"] = [dump.function_view(model, cfg, row) for row in rows]
         _print_json(out)
@@ -121,7 +122,7 @@ def cmd_rewrite(args) -> int:
     if args.reorder_blocks == "ext-tsp" and not args.profile:
         raise KbbError("--reorder-blocks=ext-tsp needs --profile (or choose none/reverse/random)")
     result = rewrite(args.vmlinux, args.output, rewrite_options(args))
-    print(result.summary())
+    print(result.brief() if args.quiet else result.summary())
     return 0
 
 
@@ -151,6 +152,40 @@ def cmd_verify(args) -> int:
     report = verify(args.vmlinux, against=args.against)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def cmd_install_hooks(args) -> int:
+    from kbuild_bolt.kbuild.hooks import install_hooks
+
+    print(install_hooks(args.tree))
+    return 0
+
+
+def cmd_check_modules(args) -> int:
+    from kbuild_bolt.kbuild.modules import check_modules
+
+    for path in (args.vmlinux, args.symvers, args.system_map):
+        if path and not os.path.exists(path):
+            raise KbbError(f"{path}: no such file")
+    report = check_modules(args.vmlinux, args.modules_dir, symvers=args.symvers,
+                           system_map=args.system_map)
+    if args.json:
+        _print_json({"modules": report.modules, "imports": report.imports,
+                     "ok": report.ok, "problems": report.problems})
+    else:
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_repack_initramfs(args) -> int:
+    from kbuild_bolt.initramfs.repack import repack
+
+    stats = repack(args.input, args.output, args.modules)
+    print(f"  INITRD  {args.output}: {stats['modules']} modules and {stats['depmod_files']} "
+          f"depmod files replaced, {stats['entries'] - stats['modules'] - stats['depmod_files']} "
+          f"other entries kept, {stats['compression']}"
+          + (f", {stats['early_bytes']} bytes of early cpio kept" if stats["early_bytes"] else ""))
+    return 0
 
 
 def add_rewrite_arguments(p) -> None:
@@ -548,6 +583,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vmlinux")
     p.add_argument("--against", metavar="VMLINUX", help="the input it was rewritten from")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("install-hooks", help="patch a kernel tree for make CONFIG_BOLT=y",
+                       description="Apply kbuild-bolt's Kbuild patch (Kconfig.bolt, "
+                                   "Makefile.bolt) for the tree's version (6.12 or 6.1).")
+    p.add_argument("tree", help="kernel source tree")
+    p.set_defaults(func=cmd_install_hooks)
+
+    p = sub.add_parser("check-modules", help="do these modules load on this vmlinux?",
+                       description="Check every module's vermagic and every imported symbol's "
+                                   "CRC against the vmlinux's exports (and Module.symvers), and "
+                                   "run depmod with the System.map. Exit status 1 on a problem.")
+    p.add_argument("vmlinux")
+    p.add_argument("modules_dir", help="lib/modules/<release>, or an INSTALL_MOD_PATH")
+    p.add_argument("--symvers", metavar="FILE", help="Module.symvers of the build")
+    p.add_argument("--system-map", metavar="FILE", help="System.map for depmod")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check_modules)
+
+    p = sub.add_parser("repack-initramfs", help="put the optimized kernel's modules in an initramfs",
+                       description="Replace the kernel modules (and depmod files) inside an "
+                                   "initramfs; every other entry, an uncompressed early cpio in "
+                                   "front and the compression method are kept.")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--modules", required=True, metavar="DIR",
+                   help="lib/modules/<release>, or an INSTALL_MOD_PATH")
+    p.set_defaults(func=cmd_repack_initramfs)
 
     p = sub.add_parser("boot", help="boot a kernel in QEMU (TCG) and check its console",
                        description="Boot a bzImage (KASLR on by default) or a vmlinux (PVH entry) "

@@ -68,7 +68,8 @@ def format_fields(fields: dict) -> str:
     return " ".join(parts)
 
 
-def table_json(model, data: base.TableData, check: TableCheck | None, with_entries: bool) -> dict:
+def table_json(model, data: base.TableData, check: TableCheck | None, with_entries: bool,
+               limit: int | None = None) -> dict:
     out = {
         "entries": data.count,
         "entry_size": data.entry_size,
@@ -82,7 +83,8 @@ def table_json(model, data: base.TableData, check: TableCheck | None, with_entri
         out["explained"] = dict(check.explained)
     if with_entries:
         out["list"] = [{"index": int(i), "address": int(data.entry_address(int(i))),
-                        "fields": entry_fields(model, data, int(i))} for i in data.indices]
+                        "fields": entry_fields(model, data, int(i))}
+                       for i in (data.indices if limit is None else data.indices[:limit])]
     return out
 
 

@@ -107,7 +107,7 @@ def compress(data: bytes, comp: Compression) -> bytes:
         return lzma.compress(data, format=lzma.FORMAT_ALONE)
     if comp.name == "bzip2":
         return bz2.compress(data, 9)
-    tool = {"zstd": ["zstd", "-q", "-19", "-c"], "lz4": ["lz4", "-l", "-9", "-c", "-q"]}[comp.name]
+    tool = {"zstd": ["zstd", "-q", "-T0", "-12", "-c"], "lz4": ["lz4", "-l", "-9", "-c", "-q"]}[comp.name]
     proc = subprocess.run([_tool(tool[0]), *tool[1:]], input=data, capture_output=True)
     if proc.returncode != 0:
         raise KbbError(f"{comp.name} failed: {proc.stderr.decode(errors='replace').strip()[:120]}")
@@ -169,7 +169,10 @@ def repack(source, output, modules_dir) -> dict:
         raise KbbError(f"{source}: no such file") from None
     if not data:
         raise KbbError(f"{source}: empty file")
-    layout = split(data)
+    try:
+        layout = split(data)
+    except KbbError as err:
+        raise KbbError(f"{source}: {err}") from None
     stats = {"modules": 0, "depmod_files": 0, "entries": 0, "compression": layout.compression.name}
     found_release = set()
     module_entries = []

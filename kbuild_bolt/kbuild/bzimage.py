@@ -110,6 +110,10 @@ def rebuild_bzimage(build_dir, vmlinux, output, keep_dir: bool = False) -> Path:
                 raise KbbError(f"{build_dir}: no saved command for {target}")
             (scratch / target).unlink(missing_ok=True)
             _run(command, scratch, target)
+        differs = code_differences(scratch / BOOT / "bzImage", vmlinux)
+        if differs:
+            raise KbbError(f"the rebuilt bzImage does not carry {vmlinux.name}: "
+                           f"{', '.join(differs[:4])} differ")
         with atomic_output(output) as tmp:
             shutil.copyfile(scratch / BOOT / "bzImage", tmp)
         return Path(output)
@@ -124,3 +128,79 @@ def _run(command: str, cwd: Path, what: str) -> None:
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise KbbError(f"rebuilding {what} failed: {detail[-1] if detail else proc.returncode}")
+
+
+# ---------------------------------------------------------------------------
+# What a bzImage carries
+
+SETUP_SECTS = 0x1F1
+PAYLOAD_OFFSET = 0x248   # boot protocol 2.08+: compressed payload, from the protected-mode code
+PAYLOAD_LENGTH = 0x24C
+
+
+def _decompress_payload(data: bytes) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    if data[:2] == b"\x1f\x8b":
+        return gzip.decompress(data)
+    if data[:6] == b"\xfd7zXZ\x00":
+        return lzma.decompress(data, format=lzma.FORMAT_XZ)
+    if data[:3] == b"\x5d\x00\x00":
+        return lzma.decompress(data, format=lzma.FORMAT_ALONE)
+    if data[:3] == b"BZh":
+        return bz2.decompress(data)
+    tools = {b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"], b"\x02\x21\x4c\x18": ["lz4", "-dcq"]}
+    for magic, cmd in tools.items():
+        if data.startswith(magic):
+            if shutil.which(cmd[0]) is None:
+                raise KbbError(f"{cmd[0]} not found (apt-get install {cmd[0]})")
+            # The kernel appends the uncompressed size; the tools stop at the frame end.
+            proc = subprocess.run(cmd, input=data, capture_output=True)
+            if not proc.stdout:
+                raise KbbError(f"cannot decompress the bzImage payload with {cmd[0]}")
+            return proc.stdout
+    raise KbbError("unknown bzImage payload compression")
+
+
+def vmlinux_from_bzimage(bzimage) -> bytes:
+    """The ELF kernel inside a bzImage (stripped vmlinux; the KASLR relocations follow it)."""
+    try:
+        data = Path(bzimage).read_bytes()
+    except FileNotFoundError:
+        raise KbbError(f"{bzimage}: no such file") from None
+    if len(data) < 0x260 or data[0x202:0x206] != b"HdrS":
+        raise KbbError(f"{bzimage}: not a bzImage")
+    setup = ((data[SETUP_SECTS] or 4) + 1) * 512
+    offset = int.from_bytes(data[PAYLOAD_OFFSET:PAYLOAD_OFFSET + 4], "little")
+    length = int.from_bytes(data[PAYLOAD_LENGTH:PAYLOAD_LENGTH + 4], "little")
+    payload = data[setup + offset:setup + offset + length]
+    if len(payload) != length or not length:
+        raise KbbError(f"{bzimage}: truncated payload")
+    kernel = _decompress_payload(payload)
+    if kernel[:4] != b"\x7fELF":
+        raise KbbError(f"{bzimage}: the payload is not an ELF kernel")
+    return kernel
+
+
+def code_differences(bzimage, vmlinux) -> list[str]:
+    """Names of the allocated sections whose bytes differ between the kernel inside
+    ``bzimage`` and ``vmlinux`` (empty: the bzImage carries that vmlinux)."""
+    from kbuild_bolt.elf.image import ElfImage
+
+    inner = vmlinux_from_bzimage(bzimage)
+    with tempfile.NamedTemporaryFile(prefix="kbuild-bolt-inner-") as tmp:
+        tmp.write(inner)
+        tmp.flush()
+        with ElfImage(tmp.name) as a, ElfImage(vmlinux) as b:
+            theirs = {sec.name: sec for sec in b.sections if sec.is_alloc and sec.has_bits}
+            out = []
+            for sec in a.sections:
+                if not (sec.is_alloc and sec.has_bits):
+                    continue
+                other = theirs.pop(sec.name, None)
+                if other is None or bytes(a.section_data(sec)) != bytes(b.section_data(other)):
+                    out.append(sec.name)
+            out += sorted(theirs)
+            return out

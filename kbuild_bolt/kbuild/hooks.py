@@ -33,12 +33,23 @@ SUPPORTED = ("6.12", "6.1")
 VMLINUX_ANCHOR = "\t$(if $(ARCH_POSTLINK), $(MAKE) -f $(ARCH_POSTLINK) $@, true)\n"
 VMLINUX_HOOK = """
 # kbuild-bolt: lay vmlinux out again before the architecture's post-link pass
-# (scripts/Makefile.bolt). A changed profile or option relinks vmlinux.
+# (scripts/Makefile.bolt). A changed profile or BOLT option relinks vmlinux;
+# a missing profile stops the build before the link.
 ifdef CONFIG_BOLT
 ARCH_POSTLINK := $(srctree)/scripts/Makefile.bolt
 BOLT_PROFILE ?= $(patsubst "%",%,$(CONFIG_BOLT_PROFILE))
-cmd_link_vmlinux += ; : bolt $(BOLT_PROFILE) $(BOLT_LAYOUT) $(BOLT_FLAGS) $(BOLT_VERIFY)
-vmlinux: $(wildcard $(BOLT_PROFILE))
+ifeq ($(BOLT_PROFILE)$(BOLT_LAYOUT)$(CONFIG_BOLT_LAYOUT_NONE)$(CONFIG_BOLT_LAYOUT_RANDOM)$(CONFIG_BOLT_LAYOUT_REVERSE),)
+$(error CONFIG_BOLT: no profile (set CONFIG_BOLT_PROFILE or BOLT_PROFILE=..., or choose another BOLT layout))
+endif
+ifneq ($(BOLT_PROFILE),)
+ifeq ($(wildcard $(BOLT_PROFILE)),)
+$(error BOLT_PROFILE=$(BOLT_PROFILE): no such file (relative paths start in $(objtree)))
+endif
+endif
+cmd_link_vmlinux += ; : bolt $(BOLT_PROFILE) $(BOLT_LAYOUT) $(BOLT_FLAGS) $(BOLT_VERIFY) \\
+	$(CONFIG_BOLT_LAYOUT_NONE)$(CONFIG_BOLT_LAYOUT_RANDOM)$(CONFIG_BOLT_LAYOUT_REVERSE) \\
+	$(CONFIG_BOLT_VERIFY)
+vmlinux: $(BOLT_PROFILE)
 endif
 """
 KCONFIG_HOOK = '\nsource "scripts/Kconfig.bolt"\n'

@@ -29,7 +29,7 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.lab.cache import cache_root, locked
 
 # Bump when the build steps change in a way that changes the output.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 1
 
 HERE = Path(__file__).resolve().parent
 CONFIG_DIR = HERE / "configs"
@@ -127,9 +127,12 @@ HOOKS_MARKER = ".kbuild-bolt-hooks.patch"
 
 
 def _ensure_hooks(tree: Path, series: str) -> None:
-    """Lab trees carry the kbuild-bolt Kbuild hooks (CONFIG_BOLT stays off in the
-    lab configs, so the kernels are the same as without them). This applies
-    the patch the way users do, on every fresh unpack, and updates an older one."""
+    """Lab trees carry the kbuild-bolt Kbuild hooks, applied the way users do, on
+    every fresh unpack, and updated when the patch changes. CONFIG_BOLT stays off
+    in the lab configs, so the hooks are inert there and the lab kernels are the
+    same as without them: the patch is deliberately not part of the build key
+    (a new key means a new build directory, and objtool's absolute paths make
+    that a full rebuild)."""
     from kbuild_bolt.kbuild.hooks import committed_patch, install_hooks
 
     patch = committed_patch(series).read_text()
@@ -141,12 +144,6 @@ def _ensure_hooks(tree: Path, series: str) -> None:
         run(["patch", "-p1", "-R", "-s", "-i", str(marker)], cwd=tree)
     install_hooks(tree)
     marker.write_text(patch)
-
-
-def hooks_digest(series: str) -> str:
-    from kbuild_bolt.kbuild.hooks import committed_patch
-
-    return hashlib.sha256(committed_patch(series).read_bytes()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +253,6 @@ def _build_key(name: str, source: KernelSource) -> str:
     digest.update(f"{RECIPE_VERSION}\0{name}\0{source.package}\0{source.version}\0".encode())
     digest.update(_compiler_id().encode())
     digest.update(POSTLINK_HOOK.read_bytes())
-    digest.update(hooks_digest(series).encode())
     for fragment in fragments:
         digest.update((CONFIG_DIR / fragment).read_bytes())
     return digest.hexdigest()[:12]

@@ -86,6 +86,23 @@ class RewriteResult:
     fragment_bytes: int = 0
     free_room: int = 0
 
+    def brief(self) -> str:
+        """One line for build logs (``kbuild-bolt rewrite -q``)."""
+        parts = [f"{self.rewritten:,} functions rewritten",
+                 f"{sum(self.left_alone.values()):,} left alone"]
+        if self.profile_used is not None:
+            parts.append(f"profile {100 * self.profile_used:.1f}% used")
+        if self.dyno:
+            before, after = self.dyno
+            if before.get("ALL_TAKEN"):
+                change = 100 * (after["ALL_TAKEN"] / before["ALL_TAKEN"] - 1)
+                parts.append(f"taken branches {change:+.1f}% (predicted)")
+        if self.stripped:
+            parts.append("debug info removed")
+        parts.append(self.verify_summary.splitlines()[0].replace(":", "", 1)
+                     if self.verify_summary else "not verified")
+        return ", ".join(parts)
+
     def summary(self) -> str:
         lines = [f"functions: {self.functions:,} in .text/.init.text/.exit.text"]
         lines.append(f"  rewritten                 {self.rewritten:>9,}   "

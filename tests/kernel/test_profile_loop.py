@@ -19,6 +19,9 @@ from kbuild_bolt.profile.attach import attach
 from kbuild_bolt.profile.dyno import measured_taken_branches
 from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite
 
+# The tests share recorded profiles and rewritten kernels (_CACHE): one worker.
+pytestmark = pytest.mark.xdist_group("profile-loop")
+
 ITERATIONS = (2, 10)
 _CACHE = {}
 

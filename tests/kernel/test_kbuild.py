@@ -1,0 +1,253 @@
+"""make CONFIG_BOLT=y on the lab trees: the Kbuild hooks, the kernel image and
+packages built from the optimized vmlinux, its modules, a Debian initramfs.
+
+Every build runs in an overlay over a cached lab kernel (tests/kernel/buildtree.py),
+so only vmlinux is relinked and nothing in the cache changes. The lab source
+trees carry the hooks patch (applied by the lab as a user would, with
+``kbuild-bolt install-hooks``); CONFIG_BOLT is off in the lab configs.
+"""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kbuild_bolt.elf.image import ElfImage
+from kbuild_bolt.initramfs.repack import list_entries, split
+from kbuild_bolt.kbuild.bzimage import code_differences
+from kbuild_bolt.kbuild.modules import check_modules
+from kbuild_bolt.lab.initramfs import build_lab_initramfs
+from kbuild_bolt.lab.kernels import LAB_MODULES, lab_kernel
+from kbuild_bolt.lab.qemu import boot
+
+from buildtree import KBUILD_BOLT, OverlayBuild
+from debian_initramfs import make_debian_initramfs
+
+# These tests run make (2 cores): keep them on one xdist worker, one build at a time.
+pytestmark = pytest.mark.xdist_group("kbuild")
+
+REPO = Path(__file__).resolve().parents[2]
+BOLT_LINE = re.compile(r"^  BOLT    vmlinux$", re.M)
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([KBUILD_BOLT, *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kbuild-bolt {' '.join(map(str, args))}: {proc.stderr}")
+    return proc
+
+
+def record_profile(flavor: str, out: Path) -> Path:
+    kernel = lab_kernel(flavor)
+    cli("profile", "record", "--kernel", kernel.bzimage, "--vmlinux", kernel.vmlinux,
+        "--initrd", kernel.initramfs, "--workload", "files", "--iterations", "1,4", "-o", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def profile612(tmp_path_factory):
+    return record_profile("6.12-regular", tmp_path_factory.mktemp("profile612") / "files.kbb")
+
+
+@pytest.fixture(scope="module")
+def bolt612(tmp_path_factory, profile612):
+    """6.12 tree with our patch: make CONFIG_BOLT=y BOLT_PROFILE=... on the command line."""
+    scratch = tmp_path_factory.mktemp("kbuild612")
+    tree = OverlayBuild("6.12-regular", scratch)
+    build = tree.make("CONFIG_BOLT=y", f"BOLT_PROFILE={profile612}", "bzImage", "modules")
+    modules = scratch / "modules"
+    tree.make(f"INSTALL_MOD_PATH={modules}", "INSTALL_MOD_STRIP=1", "modules_install")
+    return tree, build.stdout, modules
+
+
+def optimized(tree: OverlayBuild, image: Path) -> None:
+    """``image`` (a bzImage or vmlinuz) carries the tree's vmlinux, which is not the
+    vmlinux the linker made."""
+    assert code_differences(image, tree.path("vmlinux")) == []
+    assert ".text" in code_differences(image, tree.path("vmlinux.pre-bolt"))
+
+
+def boot_with_modules(kernel_image: Path, modules_root: Path, release: str, scratch: Path,
+                      kaslr: bool = True):
+    initrd = scratch / f"initrd-{kaslr}.cpio.gz"
+    build_lab_initramfs(initrd, modules_root=modules_root, release=release, modules=LAB_MODULES)
+    outcome = boot(kernel_image, initrd, workload="files", iterations=2, kaslr=kaslr, timeout=180)
+    assert outcome.ok, outcome.summary()
+    assert "modules" in outcome.markers   # test_static_keys loaded and passed
+    return outcome
+
+
+def test_bolt_runs_in_the_post_link_step(bolt612):
+    tree, log, _ = bolt612
+    assert BOLT_LINE.search(log), log[-3000:]
+    summary = log[BOLT_LINE.search(log).end():].strip().splitlines()[0]
+    assert "functions rewritten" in summary and "verify ok" in summary, summary
+    used = float(re.search(r"profile ([\d.]+)% used", summary).group(1))
+    assert used > 99, summary
+    # x86's own post-link pass ran after ours: relocations out, vmlinux.relocs in.
+    with ElfImage(tree.path("vmlinux")) as image:
+        assert image.section(".rela.text") is None
+    with ElfImage(tree.path("vmlinux.pre-bolt")) as image:
+        assert image.section(".rela.text") is not None
+    assert tree.exists("arch/x86/boot/compressed/vmlinux.relocs")
+    optimized(tree, tree.path("arch/x86/boot/bzImage"))
+
+
+def test_system_map_matches_the_optimized_vmlinux(bolt612):
+    tree, _, _ = bolt612
+    with ElfImage(tree.path("vmlinux")) as image:
+        symbols = image.symbols
+        address = {}
+        for name, value in zip(symbols.names, symbols.value.tolist()):
+            address.setdefault(name, set()).add(value)
+    checked = 0
+    for line in tree.path("System.map").read_text().splitlines():
+        value, _kind, name = line.split()[:3]
+        if name in address:
+            assert int(value, 16) in address[name], line
+            checked += 1
+    assert checked > 10000
+
+
+def test_bzimage_boots_with_its_modules(bolt612, tmp_path):
+    tree, _, modules = bolt612
+    kernel = tree.kernel
+    report = check_modules(tree.path("vmlinux"), modules, symvers=tree.path("Module.symvers"),
+                           system_map=tree.path("System.map"))
+    assert report.ok and report.modules >= 2, report.summary()
+    bzimage = tmp_path / "bzImage"
+    shutil.copyfile(tree.path("arch/x86/boot/bzImage"), bzimage)
+    boot_with_modules(bzimage, modules, kernel.release, tmp_path, kaslr=True)
+    boot_with_modules(bzimage, modules, kernel.release, tmp_path, kaslr=False)
+
+
+def test_nothing_to_redo_when_nothing_changed(bolt612, profile612):
+    tree, _, _ = bolt612
+    again = tree.make("CONFIG_BOLT=y", f"BOLT_PROFILE={profile612}", "bzImage").stdout
+    assert not BOLT_LINE.search(again)
+    assert "LD      vmlinux" not in again
+
+
+@pytest.mark.parametrize("compress", ["zstd", "gzip", "xz", "lz4"])
+def test_debian_initramfs_repacked(bolt612, compress, tmp_path):
+    """A Debian initramfs (initramfs-tools, early cpio in front) of the lab kernel gets
+    the modules of the optimized build (stripped: different bytes); everything else
+    stays byte for byte, the compression too, and the optimized kernel boots with it."""
+    tree, _, modules = bolt612
+    kernel = lab_kernel("6.12-regular")
+    original = make_debian_initramfs(kernel.modules_root, kernel.release, kernel.config,
+                                     tmp_path / "initrd.img", tmp_path, compress)
+    repacked = tmp_path / "initrd.new"
+    out = cli("repack-initramfs", original, repacked, "--modules", modules).stdout
+    assert f"2 modules" in out and compress in out, out
+    before, after = split(original.read_bytes()), split(repacked.read_bytes())
+    assert before.compression.name == after.compression.name == compress
+    assert after.early == before.early and len(before.early) > 0
+    old, new = list_entries(original), list_entries(repacked)
+    assert [e.name for e in old] == [e.name for e in new]
+    changed = set()
+    for a, b in zip(old, new):
+        assert (a.mode, a.ino, a.mtime, a.uid, a.gid, a.nlink) == \
+               (b.mode, b.ino, b.mtime, b.uid, b.gid, b.nlink), a.name
+        if a.data != b.data:
+            changed.add(a.name)
+    release_dir = modules / "lib/modules" / kernel.release
+    for e in new:
+        if e.name.endswith(".ko"):
+            rel = e.name.split(f"lib/modules/{kernel.release}/", 1)[1]
+            assert e.data == (release_dir / rel).read_bytes()
+    assert {n for n in changed if n.endswith(".ko")} == {e.name for e in new
+                                                         if e.name.endswith(".ko")}
+    assert all(n.endswith(".ko") or "/modules." in n for n in changed), changed
+    outcome = boot(tree.path("arch/x86/boot/bzImage"), repacked, workload="none", timeout=180,
+                   expect=["initramfs-tools", "test_static_keys"])
+    assert outcome.ok, outcome.summary()
+
+
+def test_bindeb_pkg_ships_the_optimized_kernel(bolt612, profile612, tmp_path):
+    """Distro flow, .config options this time (a distro config carries CONFIG_BOLT):
+    switching from the command line to .config relinks (the BOLT options changed)."""
+    tree, _, _ = bolt612
+    profile = tmp_path / "distro.kbb"
+    shutil.copyfile(profile612, profile)
+    tree.run([str(tree.source / "scripts/config"), "--file", str(tree.build_dir / ".config"),
+              "--enable", "BOLT", "--set-str", "BOLT_PROFILE", str(profile)])
+    tree.make("olddefconfig")
+    config = tree.path(".config").read_text()
+    assert "CONFIG_BOLT=y" in config and "CONFIG_BOLT_VERIFY=y" in config
+    log = tree.make("bindeb-pkg").stdout
+    assert BOLT_LINE.search(log), log[-3000:]
+    debs = tree.new_files("linux-image-*.deb")
+    debs = [d for d in debs if "-dbg" not in d.name]
+    assert len(debs) == 1, debs
+    root = tmp_path / "deb"
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True)
+    release = tree.kernel.release
+    vmlinuz = root / "boot" / f"vmlinuz-{release}"
+    optimized(tree, vmlinuz)
+    assert (root / "boot" / f"System.map-{release}").read_bytes() == \
+        tree.path("System.map").read_bytes()
+    modules_root = root if (root / "lib/modules").is_dir() else root / "usr"
+    boot_with_modules(vmlinuz, modules_root, release, tmp_path)
+
+
+def test_binrpm_pkg_ships_the_optimized_kernel(bolt612, tmp_path):
+    tree, _, _ = bolt612
+    if shutil.which("rpmbuild") is None:
+        pytest.fail("rpmbuild missing: scripts/setup installs rpm")
+    tree.make("binrpm-pkg")
+    rpms = [p for p in tree.new_files("build/rpmbuild/RPMS/*/kernel-[0-9]*.rpm")]
+    assert len(rpms) == 1, rpms
+    root = tmp_path / "rpm"
+    root.mkdir()
+    subprocess.run(f"rpm2cpio {rpms[0]} | cpio -idm --quiet", shell=True, cwd=root, check=True)
+    images = list(root.glob("boot/vmlinuz-*")) + list(root.glob("lib/modules/*/vmlinuz"))
+    assert images, sorted(str(p.relative_to(root)) for p in root.rglob("*"))[:30]
+    for image in images:
+        optimized(tree, image)
+
+
+def test_missing_profile_stops_the_build_before_linking(bolt612, tmp_path):
+    tree, _, _ = bolt612
+    proc = tree.make("CONFIG_BOLT=y", f"BOLT_PROFILE={tmp_path}/nope.kbb", "vmlinux", check=False)
+    assert proc.returncode != 0
+    assert f"BOLT_PROFILE={tmp_path}/nope.kbb: no such file" in proc.stdout
+    assert "LD      vmlinux" not in proc.stdout
+
+
+def test_6_1_tree_with_config_options(tmp_path_factory, tmp_path):
+    profile = record_profile("6.1-regular", tmp_path_factory.mktemp("profile61") / "files.kbb")
+    tree = OverlayBuild("6.1-regular", tmp_path_factory.mktemp("kbuild61"))
+    tree.run([str(tree.source / "scripts/config"), "--file", str(tree.build_dir / ".config"),
+              "--enable", "BOLT", "--set-str", "BOLT_PROFILE", str(profile)])
+    tree.make("olddefconfig")
+    log = tree.make("bzImage", "modules").stdout
+    assert BOLT_LINE.search(log), log[-3000:]
+    optimized(tree, tree.path("arch/x86/boot/bzImage"))
+    modules = tmp_path / "modules"
+    tree.make(f"INSTALL_MOD_PATH={modules}", "modules_install")
+    assert check_modules(tree.path("vmlinux"), modules).ok
+    boot_with_modules(tree.path("arch/x86/boot/bzImage"), modules, tree.kernel.release, tmp_path)
+    # A profile of another kernel: refused with one line, nothing written.
+    proc = cli("rewrite", lab_kernel("6.12-regular").vmlinux, "-o", tmp_path / "out",
+               "--profile", profile, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "recorded on Linux 6.1" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_patch_mode(profile612, tmp_path_factory, tmp_path):
+    """make ARCH_POSTLINK=.../Makefile.bolt on a tree that does not enable the hook
+    (hardened flavor, CONFIG_BOLT unset): the regular kernel's profile, moved onto
+    this build by stale matching."""
+    tree = OverlayBuild("6.12-hardened", tmp_path_factory.mktemp("kbuild-nopatch"))
+    log = tree.make(f"ARCH_POSTLINK={REPO / 'Makefile.bolt'}", f"BOLT_PROFILE={profile612}",
+                    "bzImage", "modules").stdout
+    assert BOLT_LINE.search(log), log[-3000:]
+    assert "CONFIG_BOLT=y" not in tree.path(".config").read_text()
+    optimized(tree, tree.path("arch/x86/boot/bzImage"))
+    modules = tmp_path / "modules"
+    tree.make(f"INSTALL_MOD_PATH={modules}", "modules_install")
+    boot_with_modules(tree.path("arch/x86/boot/bzImage"), modules, tree.kernel.release, tmp_path)
