@@ -40,3 +40,14 @@ def best_of(command: list[str], repeat: int, env=None) -> Run:
         if run.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed ({run.returncode}):\n{run.output[-2000:]}")
     return min(runs, key=lambda r: r.seconds)
+
+
+def time_exttsp(model, cfg, profile) -> tuple[int, float]:
+    """ext-TSP for every function the profile saw, on one core: (functions, seconds)."""
+    from kbuild_bolt.layout.exttsp import ProfileLayout
+
+    started = time.perf_counter()
+    layout = ProfileLayout(model, cfg, profile)
+    for row in sorted(layout.hot_rows):
+        layout.order(row, list(cfg.blocks_of(row)))
+    return len(layout.hot_rows), time.perf_counter() - started

@@ -159,6 +159,19 @@ def find_modules(modules_dir: Path) -> tuple[Path, list[Path]]:
     return base, kos
 
 
+MISSING = object()
+
+
+def _crc_problem(name: str, crc: int, have) -> str | None:
+    """What is wrong with symbol ``name`` wanted with ``crc`` when the kernel has ``have``
+    (a CRC, None for an export without CRC, MISSING)."""
+    if have is MISSING:
+        return f"{name}, which nothing exports"
+    if have is not None and have != crc:
+        return f"{name} with CRC {crc:#010x}, but the kernel exports it with {have:#010x}"
+    return None
+
+
 def check_modules(vmlinux, modules_dir, symvers=None, system_map=None) -> ModuleReport:
     report = ModuleReport()
     with ElfImage(vmlinux) as image:
@@ -181,23 +194,17 @@ def check_modules(vmlinux, modules_dir, symvers=None, system_map=None) -> Module
             report.imports += 1
             if name == "module_layout":
                 continue
-            have = exports.get(name, module_exports.get(name, "missing"))
-            if have == "missing":
-                report.problems.append(f"{rel}: imports {name}, which nothing exports")
-            elif have is not None and have != crc:
-                report.problems.append(f"{rel}: {name} has CRC {crc:#010x}, the kernel exports "
-                                       f"{have:#010x}")
+            problem = _crc_problem(name, crc, exports.get(name, module_exports.get(name, MISSING)))
+            if problem:
+                report.problems.append(f"{rel}: imports {problem}")
     if symvers:
         for line in Path(symvers).read_text().splitlines():
             parts = line.split("\t")
             if len(parts) >= 3 and parts[2] == "vmlinux":
-                crc, name = int(parts[0], 16), parts[1]
-                have = exports.get(name, "missing")
-                if have == "missing":
-                    report.problems.append(f"Module.symvers: {name} is not exported by the vmlinux")
-                elif have is not None and have != crc:
-                    report.problems.append(f"Module.symvers: {name} CRC {crc:#010x} != "
-                                           f"{have:#010x} in the vmlinux")
+                problem = _crc_problem(parts[1], int(parts[0], 16),
+                                       exports.get(parts[1], MISSING))
+                if problem:
+                    report.problems.append(f"Module.symvers lists {problem}")
     if system_map:
         report.problems += run_depmod(base, system_map, symvers)
     return report

@@ -253,9 +253,11 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
                 continue
         layout.append(b)
 
-    def build_items(part: list[int], items: list, block_item: dict) -> tuple[int, int]:
+    def build_items(part: list[int], items: list, block_item: dict,
+                    elided: list) -> tuple[int, int]:
         """Items for blocks ``part`` laid out contiguously; returns (inserted jumps,
-        dropped bytes)."""
+        dropped bytes). Jumps that fall away are listed in ``elided`` as (jump, block
+        it went to)."""
         inserted = dropped_here = 0
         for k, b in enumerate(part):
             nxt = part[k + 1] if k + 1 < len(part) else None
@@ -291,6 +293,7 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
                         if tkind == TO_BLOCK and tgt == nxt:
                             # The jump (and any int3 after it) falls away.
                             dropped_here += bt.whole[b] - bt.body[b]
+                            elided.append((term, nxt))
                             continue
                         items.append(Item(JMP, tkind=tkind, target=tgt, origin=term, state=term))
                     else:
@@ -323,9 +326,10 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         block_item: dict[int, int] = {}
         part_of_item: list[int] = []
         inserted = dropped_jumps = 0
+        elided: list = []
         for p, part in enumerate(parts):
             before = len(items)
-            ins, drop = build_items(part, items, block_item)
+            ins, drop = build_items(part, items, block_item, elided)
             inserted += ins
             dropped_jumps += drop
             part_of_item += [p] * (len(items) - before)
@@ -353,7 +357,7 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
             if not grew:
                 break
         return (items, block_item, part_of_item, item_addr, ends, destination,
-                inserted, dropped_jumps)
+                inserted, dropped_jumps, elided)
 
     slot = slot_end - start
     parts = [layout]
@@ -396,7 +400,7 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         if arranged[4][0] - start > slot or arranged[4][1] - frag_base > reserved:
             raise EmitError("does-not-fit", "fragment placement grew the code")
     (items, block_item, part_of_item, item_addr, part_end, destination,
-     inserted, dropped_jumps) = arranged
+     inserted, dropped_jumps, elided) = arranged
     dropped += dropped_jumps
     bases = [start] + ([frag_base] if len(parts) > 1 else [])
 
@@ -423,6 +427,10 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
             if it.origin >= 0:
                 new_addr[it.origin - first_insn] = at
             branch_states.append((at, it.state))
+    # A jump that fell away is where its target now starts: code that lands on it
+    # (an exception fixup such as "jmp back to the loop") lands on what it ran next.
+    for term, nxt in elided:
+        new_addr[term - first_insn] = item_addr[block_item[nxt]]
 
     # --- bytes -----------------------------------------------------------------
     out = [bytearray(part_end[p] - bases[p]) for p in range(len(parts))]

@@ -143,7 +143,7 @@ def test_debian_initramfs_repacked(bolt612, compress, tmp_path):
                                      tmp_path / "initrd.img", tmp_path, compress)
     repacked = tmp_path / "initrd.new"
     out = cli("repack-initramfs", original, repacked, "--modules", modules).stdout
-    assert f"2 modules" in out and compress in out, out
+    assert "2 modules" in out and compress in out, out
     before, after = split(original.read_bytes()), split(repacked.read_bytes())
     assert before.compression.name == after.compression.name == compress
     assert after.early == before.early and len(before.early) > 0

@@ -3,6 +3,8 @@ every block and so exercise every fixup) must verify, keep x86's relocs tool hap
 (bzImage rebuilt from the output), and boot clean with KASLR on and off; `none`
 changes no loadable byte; bisect finds a planted fault."""
 
+import subprocess
+
 import pytest
 
 from kbuild_bolt.elf.image import ElfImage
@@ -68,6 +70,13 @@ def test_distro_layout_boots_clean(distro, layout, seed, tmp_path):
     assert result.verify_summary.startswith("verify: ok"), result.verify_summary
     assert result.text_coverage >= 0.95, result.summary()
     assert result.stripped  # the debug sections described the old layout
+    # x86's relocs tool (from the 6.1 lab build) accepts it: the same number of KASLR
+    # relocations as the input, at new places where code moved.
+    relocs = str(lab_kernel("6.1-regular").build_dir / "arch/x86/tools/relocs")
+    before = subprocess.run([relocs, str(distro.vmlinux)], capture_output=True)
+    after = subprocess.run([relocs, str(out)], capture_output=True)
+    assert before.returncode == 0 and after.returncode == 0, after.stderr[-500:]
+    assert len(after.stdout) == len(before.stdout) and after.stdout != before.stdout
     initrd = build_lab_initramfs(tmp_path / "initrd.gz")
     outcome = boot(out, initrd, workload="files" if seed % 2 == 0 else "server", iterations=3,
                    memory="1G")

@@ -13,7 +13,7 @@ import pytest
 
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.initramfs import cpio
-from kbuild_bolt.initramfs.repack import compress, detect, list_entries, repack, split, Compression
+from kbuild_bolt.initramfs.repack import Compression, compress, detect, list_entries, split
 from kbuild_bolt.kbuild import hooks
 from kbuild_bolt.kbuild.modules import read_module
 
