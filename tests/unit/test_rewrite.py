@@ -139,3 +139,53 @@ def test_bad_inputs(kernel, tmp_path):
     one_line_error(run_cli("rewrite", plain, "-o", tmp_path / "o", "--reorder-blocks=reverse",
                            "--plant-fault", "bug"), "--no-verify")
     assert not (tmp_path / "o").exists()
+
+
+LOOPER = r"""
+    .text
+    .globl looper
+    .type looper, @function
+looper:
+    test %edi, %edi
+    je .Lfault
+.Lbody:
+    mov %esi, %eax
+    jmp __x86_return_thunk
+.Lfault:
+    xor %eax, %eax
+.Lfaulting:
+    mov %eax, %fs
+.Lresume:
+    jmp .Lbody
+    .size looper, . - looper
+    .p2align 6, 0xcc
+    .section __ex_table, "a"
+    .long .Lfaulting - ., .Lresume - ., 5
+"""
+
+
+def test_fixup_on_a_jump_that_falls_away(tmp_path):
+    """Debian's xen_load_tls: the exception fixup is a lone "jmp back". When the
+    layout puts that block right before the jump's target the jump disappears; the
+    fixup must then point where the target now starts (found on the distro kernel)."""
+    kernel = build(tmp_path, extra=LOOPER)
+    before = BinaryModel.open(kernel, jobs=1)
+    row = before.functions.by_name("looper")
+    start = int(before.functions.start[row])
+    elided = 0
+    for seed in range(12):
+        out = tmp_path / f"random{seed}"
+        result = rewrite(kernel, out, options(reorder_blocks="random", seed=seed,
+                                              funcs={"looper"}))
+        assert result.verify_summary.startswith("verify: ok"), result.verify_summary
+        after = BinaryModel.open(out, jobs=1)
+        fixups = after.tables["__ex_table"].targets("fixup").tolist()
+        fixup = [f for f in fixups if start <= f < start + 64][0]
+        code = after.image.read(start, int(after.functions.end[row]) - start)
+        new_body = start + code.index(b"\x89\xf0")   # mov %esi,%eax starts .Lbody
+        if after.image.read(fixup, 1)[0] in (0xEB, 0xE9):
+            assert fixup != new_body   # the jump is still there and is the fixup
+        else:
+            elided += 1
+            assert fixup == new_body, (seed, hex(fixup), hex(new_body))
+    assert elided, "no seed put the fixup block right before its target"
