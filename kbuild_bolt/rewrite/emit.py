@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from itertools import accumulate
+
 import numpy as np
 
 from kbuild_bolt.binary.cfg import FALLTHROUGH, STATIC_KEY, TAKEN
@@ -327,12 +329,14 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         part_of_item: list[int] = []
         inserted = dropped_jumps = 0
         elided: list = []
+        ranges = []
         for p, part in enumerate(parts):
             before = len(items)
             ins, drop = build_items(part, items, block_item, elided)
             inserted += ins
             dropped_jumps += drop
             part_of_item += [p] * (len(items) - before)
+            ranges.append((before, len(items)))
         item_addr = [0] * len(items)
 
         def destination(it) -> int:
@@ -340,22 +344,29 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
             # the next block's items start; build_items guarantees that is an item.
             return item_addr[block_item[it.target]] if it.tkind == TO_BLOCK else it.target
 
-        # Relaxation: every branch starts short and grows until it reaches.
-        for _round in range(64):
-            sizes = [it.size() for it in items]
-            ends = list(bases[:len(parts)])
-            for n, size in enumerate(sizes):
-                item_addr[n] = ends[part_of_item[n]]
-                ends[part_of_item[n]] += size
+        # Relaxation: every branch starts short and grows until it reaches. Sizes
+        # only grow, so this ends; each round re-places the items (prefix sums)
+        # and checks the branches still short.
+        sizes = [it.size() for it in items]
+        short = [n for n, it in enumerate(items) if it.kind not in (COPY, NOP) and not it.long]
+        ends = list(bases[:len(parts)])
+        while True:
+            for p, (lo, hi) in enumerate(ranges):
+                placed = list(accumulate(sizes[lo:hi], initial=bases[p]))
+                item_addr[lo:hi] = placed[:-1]
+                ends[p] = placed[-1]
             grew = False
-            for n, it in enumerate(items):
-                if it.kind in (COPY, NOP) or it.long:
-                    continue
-                if not enc.fits8(destination(it) - (item_addr[n] + sizes[n])):
+            for n in short:
+                it = items[n]
+                dest = item_addr[block_item[it.target]] if it.tkind == TO_BLOCK else it.target
+                disp = dest - item_addr[n] - sizes[n]
+                if disp < -128 or disp > 127:
                     it.long = True
+                    sizes[n] = it.size()
                     grew = True
             if not grew:
                 break
+            short = [n for n in short if not items[n].long]
         return (items, block_item, part_of_item, item_addr, ends, destination,
                 inserted, dropped_jumps, elided)
 
