@@ -45,7 +45,9 @@ def entry_fields(model, data: base.TableData, index: int) -> dict:
     for f in data.layout.fields:
         raw = int(entry[f.name])
         item: dict = {"value": raw}
-        if f.is_pointer:
+        if f.is_pointer and not data.present(f.name, np.array([index]))[0]:
+            item["target"] = None
+        elif f.is_pointer:
             target = int(data.targets(f.name, np.array([index]))[0])
             item["target"] = target
             item["symbol"] = model.symbolize(target)

@@ -86,7 +86,7 @@ def check_table(model, data: base.TableData) -> TableCheck:
         if ref.role == base.DATA or not len(index):
             continue
         targets = data.targets(ref.field)
-        live = np.ones(len(targets), bool)
+        live = data.present(ref.field)
         if ref.role == base.RANGE:
             lengths = data.entries[ref.other][index].astype(np.int64)
             live = lengths > 0  # an empty replacement points nowhere in particular

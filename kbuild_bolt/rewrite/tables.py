@@ -36,7 +36,7 @@ def update_entries(model, amap, out) -> dict[str, int]:
             if not f.is_pointer:
                 continue
             targets = data.targets(f.name)
-            moved = amap.moved(targets)
+            moved = amap.moved(targets) & data.present(f.name)
             if not moved.any():
                 continue
             new, ok = amap.translate(targets[moved])

@@ -168,17 +168,23 @@ def test_debian_initramfs_repacked(bolt612, compress, tmp_path):
     assert outcome.ok, outcome.summary()
 
 
+def enable_in_config(tree: OverlayBuild, profile: Path, tmp_path: Path) -> None:
+    """CONFIG_BOLT=y with a profile in .config, as a distro config carries it (the
+    package targets build without the command line's options)."""
+    copy = tmp_path / "distro.kbb"
+    shutil.copyfile(profile, copy)
+    tree.run([str(tree.source / "scripts/config"), "--file", str(tree.build_dir / ".config"),
+              "--enable", "BOLT", "--set-str", "BOLT_PROFILE", str(copy)])
+    tree.make("olddefconfig")
+    config = tree.path(".config").read_text()
+    assert "CONFIG_BOLT=y" in config and "CONFIG_BOLT_VERIFY=y" in config
+
+
 def test_bindeb_pkg_ships_the_optimized_kernel(bolt612, profile612, tmp_path):
     """Distro flow, .config options this time (a distro config carries CONFIG_BOLT):
     switching from the command line to .config relinks (the BOLT options changed)."""
     tree, _, _ = bolt612
-    profile = tmp_path / "distro.kbb"
-    shutil.copyfile(profile612, profile)
-    tree.run([str(tree.source / "scripts/config"), "--file", str(tree.build_dir / ".config"),
-              "--enable", "BOLT", "--set-str", "BOLT_PROFILE", str(profile)])
-    tree.make("olddefconfig")
-    config = tree.path(".config").read_text()
-    assert "CONFIG_BOLT=y" in config and "CONFIG_BOLT_VERIFY=y" in config
+    enable_in_config(tree, profile612, tmp_path)
     log = tree.make("bindeb-pkg").stdout
     assert BOLT_LINE.search(log), log[-3000:]
     debs = tree.new_files("linux-image-*.deb")
@@ -195,10 +201,11 @@ def test_bindeb_pkg_ships_the_optimized_kernel(bolt612, profile612, tmp_path):
     boot_with_modules(vmlinuz, modules_root, release, tmp_path)
 
 
-def test_binrpm_pkg_ships_the_optimized_kernel(bolt612, tmp_path):
+def test_binrpm_pkg_ships_the_optimized_kernel(bolt612, profile612, tmp_path):
     tree, _, _ = bolt612
     if shutil.which("rpmbuild") is None:
         pytest.fail("rpmbuild missing: scripts/setup installs rpm")
+    enable_in_config(tree, profile612, tmp_path)
     tree.make("binrpm-pkg")
     rpms = [p for p in tree.new_files("build/rpmbuild/RPMS/*/kernel-[0-9]*.rpm")]
     assert len(rpms) == 1, rpms

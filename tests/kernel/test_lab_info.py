@@ -88,10 +88,25 @@ def check_report(report, path, release, expected):
                       if l.entry_size == table["entry_size"])
         pointers = sum(f.is_pointer for f in layout.fields)
         end = start + table["entries"] * table["entry_size"]
+        # A null pointer field (0 with null_if_zero) has no relocation.
+        nulls = 0
+        if any(f.null_if_zero for f in layout.fields):
+            with ElfImage(path) as image:
+                rows = image.array_at(start, layout.dtype, table["entries"])
+                nulls = sum(int((rows[f.name] == 0).sum()) for f in layout.fields
+                            if f.null_if_zero)
         inside = 0
         for offsets in rela_by_target.values():
             inside += bisect.bisect_left(offsets, end) - bisect.bisect_left(offsets, start)
-        assert inside == table["entries"] * pointers, (name, inside, table["entries"], pointers)
+        own = relocs.get(".rela" + name, [])
+        if inside == 0 and own and all(t == "R_X86_64_NONE" for _o, t in own):
+            # 6.1's sorttable sorts __ex_table in place and zeroes its relocation
+            # records (they would describe other slots afterwards); the count stays.
+            assert name == "__ex_table", name
+            assert len(own) == table["entries"] * pointers - nulls, (name, len(own))
+            continue
+        assert inside == table["entries"] * pointers - nulls, \
+            (name, inside, table["entries"], pointers, nulls)
 
 
 def test_info_lab(lab):

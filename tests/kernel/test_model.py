@@ -162,7 +162,13 @@ def test_dump_function_and_table(kernel):
     out = json.loads(proc.stdout)
     model, _cfg, _checks = model_for(kernel)
     assert out["tables"][".smp_locks"]["entries"] == model.tables[".smp_locks"].count
-    assert len(out["tables"][".smp_locks"]["list"]) == model.tables[".smp_locks"].count
+    # --limit caps the listed entries; the ones listed are the table's first, in order.
+    data = model.tables[".smp_locks"]
+    listed = out["tables"][".smp_locks"]["list"]
+    assert [e["index"] for e in listed] == list(range(min(5, data.count)))
+    assert [e["address"] for e in listed] == [data.addr + 4 * i for i in range(len(listed))]
+    assert all(e["fields"]["site"]["target"] == e["address"] + e["fields"]["site"]["value"]
+               for e in listed)
     func = out["functions"][0]
     assert func["name"] == "schedule" and func["simple"]
     addrs = [i["address"] for b in func["blocks"] for i in b["instructions"]]

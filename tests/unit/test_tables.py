@@ -73,19 +73,48 @@ def test_cfg_has_static_key_pseudo_branches_and_fixup_entries(model):
     assert REASONS[cfg.func_reason[model.functions.by_name("__x86_return_thunk")]] == "thunk"
 
 
-def test_6_1_layouts_and_paravirt(tmp_path):
-    replace = {"alt": r"""
+ALT_6_1 = r"""
     .section .altinstructions, "a"
     .long .Lalt - ., .Lrepl - .
     .short 0x10
     .byte .Lalt_end - .Lalt, .Lrepl_end - .Lrepl
-"""}
+"""
+
+
+def test_6_1_layouts_and_paravirt(tmp_path):
+    replace = {"alt": ALT_6_1}
     path = build(tmp_path, release="6.1.0-elfkit", replace=replace, extra=PARAVIRT)
     model = BinaryModel.open(path, jobs=1)
     assert model.tables[".altinstructions"].entry_size == 12
     assert model.tables[".parainstructions"].count == 1
     assert ".orc_header" not in model.tables           # 6.1 has none
     assert all(c.ok for c in check_all(model).values())
+
+
+def test_null_namespace_of_an_assembly_export(tmp_path):
+    """6.1's EXPORT_SYMBOL in assembly writes ``.long 0`` for "no namespace": a
+    null pointer, not a pointer to the field itself."""
+    replace = {"ksym": r"""
+    .section __ksymtab, "a"
+    .long startup_64 - ., .Lname - ., .Lns - .
+    .long second - ., .Lname - ., 0
+    .section __kcrctab, "a"
+    .long 0x12345678, 0x9abcdef0
+""", "alt": ALT_6_1}
+    path = build(tmp_path, release="6.1.0-elfkit", replace=replace)
+    model = BinaryModel.open(path, jobs=1)
+    data = model.tables["__ksymtab"]
+    assert data.count == 2
+    assert data.present("namespace").tolist() == [True, False]
+    assert data.present("value").tolist() == [True, True]
+    assert all(c.ok for c in check_all(model).values())
+    proc = subprocess.run([sys.executable, "-m", "kbuild_bolt", "dump", str(path), "--json",
+                           "--table", "__ksymtab"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(proc.stdout)["tables"]["__ksymtab"]["list"]
+    assert listed[1]["fields"]["namespace"] == {"value": 0, "target": None}
+    assert listed[1]["fields"]["value"]["symbol"] == "second"
+    assert listed[0]["fields"]["namespace"]["target"] is not None
 
 
 def mismatches(path):

@@ -40,6 +40,9 @@ class Field:
     kind: str
     # For prel32f/prel64f: the low bits that carry flags, not address.
     flag_mask: int = 0
+    # A zero value means "no pointer" rather than "points at this field"
+    # (6.1's assembly EXPORT_SYMBOL writes ``.long 0`` for "no namespace").
+    null_if_zero: bool = False
 
     def __post_init__(self):
         if self.kind not in _NUMPY:
@@ -186,6 +189,17 @@ class TableData:
         if f.flag_mask:
             value = value & ~np.int64(f.flag_mask)
         return (where.astype(np.int64) + value).astype(np.uint64)
+
+    def present(self, field_name: str, index=None) -> np.ndarray:
+        """bool per entry ``index`` (default: every real entry): the pointer field
+        holds a pointer (False only for the null value of a ``null_if_zero`` field)."""
+        f = self.layout.field(field_name)
+        if index is None:
+            index = self.indices
+        raw = self.entries[field_name][index]
+        if f.null_if_zero:
+            return raw != 0
+        return np.ones(len(raw), bool)
 
     def flags(self, field_name: str, index=None) -> np.ndarray:
         f = self.layout.field(field_name)

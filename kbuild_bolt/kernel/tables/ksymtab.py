@@ -1,7 +1,7 @@
 """Exported symbols: ``__ksymtab``/``__ksymtab_gpl`` and their CRCs ``__kcrctab``/``__kcrctab_gpl``.
 
 With relative pointers (x86) an entry is three PC-relative s32: the symbol,
-its name and its namespace. CRCs are plain u32 values (MODVERSIONS), one per
+its name and its namespace (0 when it has none: 6.1's assembly exports). CRCs are plain u32 values (MODVERSIONS), one per
 ksymtab entry in the same order; modules are checked against them at load.
 """
 
@@ -12,7 +12,7 @@ from kbuild_bolt.kernel.tables.base import (
 KSYM = Layout(12, (
     Field("value", 0, "prel32"),
     Field("name", 4, "prel32"),
-    Field("namespace", 8, "prel32"),
+    Field("namespace", 8, "prel32", null_if_zero=True),
 ))
 KSYM_REFS = (CodeRef("value", SYMBOL), CodeRef("name", DATA), CodeRef("namespace", DATA))
 KCRC = Layout(4, (Field("crc", 0, "u32"),))
