@@ -76,16 +76,34 @@ class OutputImage:
         off = self._offset(addr, dtype.itemsize * count)
         return np.frombuffer(self.mem, dtype, count, off)
 
-    def read_fields(self, addrs: np.ndarray, size: int, signed: bool = True) -> np.ndarray:
-        """Little-endian ``size``-byte fields at each address, as uint64 (sign-extended
-        when ``signed``)."""
-        addrs = np.asarray(addrs, dtype=np.uint64)
+    def _offsets(self, addrs: np.ndarray, size: int) -> np.ndarray:
+        """File offsets of ``size``-byte fields at ``addrs`` (each inside one section)."""
         i = np.searchsorted(self._starts, addrs, side="right").astype(np.int64) - 1
+        if len(i) and i.min() < 0:
+            raise KbbError(f"field outside every section at {int(addrs[i < 0][0]):#x}")
         offsets = np.empty(len(addrs), np.int64)
         for k in np.unique(i).tolist():
             s = self._alloc[k]
             sel = i == k
-            offsets[sel] = s.offset + (addrs[sel] - np.uint64(s.addr)).astype(np.int64)
+            inside = addrs[sel] - np.uint64(s.addr)
+            if len(inside) and int(inside.max()) + size > s.size:
+                raise KbbError(f"field of {size} bytes crosses the end of {s.name}")
+            offsets[sel] = s.offset + inside.astype(np.int64)
+        return offsets
+
+    def write_fields(self, addrs: np.ndarray, size: int, values: np.ndarray) -> None:
+        """Write the low ``size`` bytes of each value (little-endian) at each address."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        offsets = self._offsets(addrs, size)
+        low = np.asarray(values).astype("<u8").view(np.uint8).reshape(-1, 8)[:, :size]
+        raw = np.frombuffer(self.mem, np.uint8)
+        raw[offsets[:, None] + np.arange(size)[None, :]] = low
+
+    def read_fields(self, addrs: np.ndarray, size: int, signed: bool = True) -> np.ndarray:
+        """Little-endian ``size``-byte fields at each address, as uint64 (sign-extended
+        when ``signed``)."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        offsets = self._offsets(addrs, size)
         raw = np.frombuffer(self.mem, np.uint8)
         cols = raw[offsets[:, None] + np.arange(size)[None, :]].astype(np.uint64)
         value = np.zeros(len(addrs), np.uint64)

@@ -30,6 +30,10 @@ from kbuild_bolt.x86 import encode as enc
 COPY, JMP, JCC, SITE, NOP = 0, 1, 2, 3, 4
 # Target kinds for branch items
 TO_BLOCK, TO_ADDR = 0, 1
+# Branch item sizes: short (rel8 jmp/jcc, 2-byte static-key site) and long.
+SHORT_SIZE = {JMP: enc.JMP8, JCC: enc.JCC8, SITE: 2}
+LONG_SIZE = {JMP: enc.JMP32, JCC: enc.JCC32, SITE: 5}
+_BYTE4 = np.arange(4)
 
 
 class Item:
@@ -42,7 +46,8 @@ class Item:
                  site_jmp=False, nbytes=0):
         self.kind = kind
         self.i0, self.i1 = i0, i1          # COPY: instructions [i0, i1)
-        self.nbytes = nbytes               # COPY: their size
+        # Size in bytes: COPY/NOP as given; branches start short (see grow).
+        self.nbytes = nbytes if kind == COPY or kind == NOP else SHORT_SIZE[kind]
         self.cc = cc                       # JCC: condition code
         self.tkind, self.target = tkind, target
         self.long = False                  # rel32 (jmp/jcc) or 5-byte site
@@ -50,14 +55,10 @@ class Item:
         self.state = state                 # old instruction whose ORC state applies
         self.site_jmp = site_jmp           # SITE: jmp (True) or nop (False)
 
-    def size(self) -> int:
-        if self.kind in (COPY, NOP):
-            return self.nbytes
-        if self.kind == JMP:
-            return enc.JMP32 if self.long else enc.JMP8
-        if self.kind == JCC:
-            return enc.JCC32 if self.long else enc.JCC8
-        return 5 if self.long else 2
+    def grow(self) -> None:
+        """Make this branch long (rel32 jmp/jcc, 5-byte site)."""
+        self.long = True
+        self.nbytes = LONG_SIZE[self.kind]
 
 
 class EmitError(Exception):
@@ -100,7 +101,9 @@ class EmitContext:
     fill: np.ndarray            # bool per instruction: int3 or a nop
     code: bytes                 # the bytes of the section being rewritten
     code_base: int
-    moved_interior: object      # callable(addrs) -> bool mask: inside another moved function
+    # callable(address) -> bool, or (uint64 array) -> bool array: inside (not at the
+    # start of) a function that moves
+    moved_interior: object
     blocks: BlockTable = None
 
 
@@ -347,26 +350,28 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         # Relaxation: every branch starts short and grows until it reaches. Sizes
         # only grow, so this ends; each round re-places the items (prefix sums)
         # and checks the branches still short.
-        sizes = [it.size() for it in items]
-        short = [n for n, it in enumerate(items) if it.kind not in (COPY, NOP) and not it.long]
+        sizes = [it.nbytes for it in items]
+        # Short branches as (item, item it goes to or -1, address when -1).
+        short = [(n, block_item[it.target] if it.tkind == TO_BLOCK else -1, it.target)
+                 for n, it in enumerate(items) if it.kind != COPY and it.kind != NOP]
         ends = list(bases[:len(parts)])
         while True:
             for p, (lo, hi) in enumerate(ranges):
                 placed = list(accumulate(sizes[lo:hi], initial=bases[p]))
                 item_addr[lo:hi] = placed[:-1]
                 ends[p] = placed[-1]
-            grew = False
-            for n in short:
-                it = items[n]
-                dest = item_addr[block_item[it.target]] if it.tkind == TO_BLOCK else it.target
-                disp = dest - item_addr[n] - sizes[n]
+            still = []
+            for branch in short:
+                n, to, addr = branch
+                disp = (item_addr[to] if to >= 0 else addr) - item_addr[n] - sizes[n]
                 if disp < -128 or disp > 127:
-                    it.long = True
-                    sizes[n] = it.size()
-                    grew = True
-            if not grew:
+                    items[n].grow()
+                    sizes[n] = items[n].nbytes
+                else:
+                    still.append(branch)
+            if len(still) == len(short):
                 break
-            short = [n for n in short if not items[n].long]
+            short = still
         return (items, block_item, part_of_item, item_addr, ends, destination,
                 inserted, dropped_jumps, elided)
 
@@ -379,9 +384,7 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         # The longest prefix of the layout that surely fits stays (sizes with every
         # branch near, plus a jump to the fragment); the rest goes to a fragment.
         items0, block_item0 = arranged[0], arranged[1]
-        long_size = [it.nbytes if it.kind in (COPY, NOP) else
-                     (enc.JMP32 if it.kind == JMP else enc.JCC32 if it.kind == JCC else 5)
-                     for it in items0]
+        long_size = [LONG_SIZE.get(it.kind, it.nbytes) for it in items0]
         cum = np.concatenate([[0], np.cumsum(long_size)])
         block_end_size = []
         for k, b in enumerate(layout):
@@ -407,9 +410,16 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         if frag_base is None:
             raise EmitError("no-room-for-cold-code", f"{reserved} bytes")
         parts = [layout[:keep], layout[keep:]]
-        arranged = arrange(parts, [start, frag_base])
-        if arranged[4][0] - start > slot or arranged[4][1] - frag_base > reserved:
-            raise EmitError("does-not-fit", "fragment placement grew the code")
+        # The trial placed the fragment far away, so every branch into, out of or
+        # inside it that leaves it is already long: moving it to frag_base keeps
+        # every size, and the slot and the reservation fit exactly as measured.
+        arranged = trial
+        item_addr, ends = trial[3], trial[4]
+        shift = frag_base - far
+        for n, p in enumerate(trial[2]):
+            if p == 1:
+                item_addr[n] += shift
+        ends[1] += shift
     (items, block_item, part_of_item, item_addr, part_end, destination,
      inserted, dropped_jumps, elided) = arranged
     dropped += dropped_jumps
@@ -423,21 +433,29 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
 
     # --- new addresses ---------------------------------------------------------
     new_addr = np.zeros(last_insn - first_insn, np.uint64)
-    runs = []
     branch_states = []
-    copied = np.zeros(last_insn - first_insn, bool)
+    copy_i0, copy_i1, copy_at, copy_len = [], [], [], []
     for n, it in enumerate(items):
-        at = item_addr[n]
         if it.kind == COPY:
-            copied[it.i0 - first_insn:it.i1 - first_insn] = True
-            base = int(addr_of[it.i0])
-            new_addr[it.i0 - first_insn:it.i1 - first_insn] = (
-                addr_of[it.i0:it.i1] - np.uint64(base) + np.uint64(at))
-            runs.append((at, base, it.nbytes))
+            copy_i0.append(it.i0)
+            copy_i1.append(it.i1)
+            copy_at.append(item_addr[n])
+            copy_len.append(it.nbytes)
         else:
-            if it.origin >= 0:
-                new_addr[it.origin - first_insn] = at
-            branch_states.append((at, it.state))
+            branch_states.append((item_addr[n], it.state))
+    # Copied runs move as a whole: every instruction of a run by the run's shift.
+    i0 = np.array(copy_i0, np.int64)
+    counts = np.array(copy_i1, np.int64) - i0
+    old_base = addr_of[i0]
+    idx = np.repeat(i0 - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+    new_addr[idx - first_insn] = addr_of[idx] + np.repeat(
+        np.array(copy_at, np.uint64) - old_base, counts)
+    copied = np.zeros(last_insn - first_insn, bool)
+    copied[idx - first_insn] = True
+    runs = list(zip(copy_at, old_base.tolist(), copy_len))
+    for n, it in enumerate(items):
+        if it.kind != COPY and it.origin >= 0:
+            new_addr[it.origin - first_insn] = item_addr[n]
     # A jump that fell away is where its target now starts: code that lands on it
     # (an exception fixup such as "jmp back to the loop") lands on what it ran next.
     for term, nxt in elided:
@@ -454,7 +472,7 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
             base = int(addr_of[it.i0]) - ctx.code_base
             buf[at:at + it.nbytes] = ctx.code[base:base + it.nbytes]
             continue
-        size = it.size()
+        size = it.nbytes
         dest = destination(it) if it.kind != NOP else 0
         if it.kind == JMP:
             buf[at:at + size] = enc.jmp(size, dest - (here + size))
@@ -492,10 +510,12 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
         fo = insns.field_off[idx]
         fs = insns.field_size[idx]
         disp = (new_target - next_ip).view(np.int64)
-        for k in np.flatnonzero(~local).tolist():
-            if ctx.moved_interior(int(target[k])):
-                deferred.append((int(new_i[k]) + int(fo[k]), int(fs[k]), int(next_ip[k]),
-                                 int(target[k])))
+        elsewhere = np.flatnonzero(~local)
+        if len(elsewhere):
+            later = elsewhere[ctx.moved_interior(target[elsewhere])]
+            deferred = list(zip((new_i[later] + fo[later].astype(np.uint64)).tolist(),
+                                fs[later].tolist(), next_ip[later].tolist(),
+                                target[later].tolist()))
         limit = np.where(fs == 1, 1 << 7, 1 << 31).astype(np.int64)
         out_of_range = (disp < -limit) | (disp >= limit)
         if out_of_range.any():
@@ -509,11 +529,17 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
                 continue
             view = np.frombuffer(out[p], np.uint8)
             pos = (field_addr[in_part] - np.uint64(bases[p])).astype(np.int64)
-            d = disp[in_part].view(np.uint64)
+            # Little-endian two's complement: the low bytes of the 64-bit displacement.
+            low = disp[in_part].view(np.uint64).view(np.uint8).reshape(-1, 8)
             size = fs[in_part]
-            for byte in range(4):
-                sel = size > byte
-                view[pos[sel] + byte] = ((d[sel] >> np.uint64(8 * byte)) & np.uint64(0xFF)).astype(np.uint8)
+            wide = size == 4
+            if wide.all():
+                view[pos[:, None] + _BYTE4] = low[:, :4]
+            else:
+                for width in (1, 2, 4):
+                    sel = size == width
+                    if sel.any():
+                        view[pos[sel, None] + _BYTE4[:width]] = low[sel, :width]
 
     return FunctionPlan(row=row, start=start, code=bytes(out[0]), new_addr=new_addr,
                         first_insn=first_insn, branch_states=branch_states, runs=runs,

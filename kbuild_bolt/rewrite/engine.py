@@ -190,16 +190,12 @@ def _emit_chunk(work) -> tuple[list, list]:
             sections[sec.index] = bytes(model.image.section_data(sec))
         ctx = EmitContext(model, st.cfg, st.is_site, st.in_unit, st.fill, sections[sec.index],
                           sec.addr, st.moved_interior, st.blocks)
+        # Too big for its slot: the blocks that do not fit go to free room. (Only
+        # .text: the free room is there, and relocations of code must stay in
+        # their section's .rela.)
+        room = allocator if sec.name == ".text" else None
         try:
-            try:
-                plans.append(plan_function(ctx, row, order, int(st.slots[row])))
-            except EmitError as err:
-                # Too big for its slot: the blocks that do not fit go to free room.
-                # (Only .text: the free room is there, and relocations of code
-                # must stay in their section's .rela.)
-                if err.reason != "does-not-fit" or allocator is None or sec.name != ".text":
-                    raise
-                plans.append(plan_function(ctx, row, order, int(st.slots[row]), allocator))
+            plans.append(plan_function(ctx, row, order, int(st.slots[row]), room))
         except EmitError as err:
             failures.append((row, err.reason))
     return plans, failures
@@ -338,7 +334,11 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     cand_start = functions.start[rows_candidates]
     cand_end = functions.end[rows_candidates]
 
-    def moved_interior(addr: int) -> bool:
+    def moved_interior(addr):
+        if isinstance(addr, np.ndarray):
+            i = np.searchsorted(cand_start, addr, side="right").astype(np.int64) - 1
+            at = np.maximum(i, 0)
+            return (i >= 0) & (cand_start[at] < addr) & (addr < cand_end[at])
         i = int(np.searchsorted(cand_start, np.uint64(addr), side="right")) - 1
         return i >= 0 and int(cand_start[i]) < addr < int(cand_end[i])
 
@@ -563,14 +563,22 @@ def _grow_symbols(model, out, plans) -> None:
     symtab = image.symtab
     symbols = image.symbols
     records = np.frombuffer(out.mem, SYM, len(symbols), symtab.offset)
-    for p in plans:
-        new_size = len(p.code)
-        old_size = int(model.functions.end[p.row] - model.functions.start[p.row])
-        if new_size <= old_size:
-            continue
-        same = np.flatnonzero((symbols.value == np.uint64(p.start))
-                              & (symbols.size == np.uint64(old_size)) & (symbols.type == 2))
-        records["size"][same] = new_size
+    grown = [(p.start, int(model.functions.end[p.row] - model.functions.start[p.row]),
+              len(p.code)) for p in plans]
+    grown = [g for g in grown if g[2] > g[1]]
+    if not grown:
+        return
+    # Every FUNC symbol naming a grown function (its aliases too): same address, same size.
+    funcs = np.flatnonzero(symbols.type == 2)
+    funcs = funcs[np.argsort(symbols.value[funcs], kind="stable")]
+    values, sizes = symbols.value[funcs], symbols.size[funcs]
+    starts = np.array([g[0] for g in grown], np.uint64)
+    lo = np.searchsorted(values, starts, side="left").tolist()
+    hi = np.searchsorted(values, starts, side="right").tolist()
+    for (_start, old_size, new_size), a, b in zip(grown, lo, hi):
+        for k in range(a, b):
+            if int(sizes[k]) == old_size:
+                records["size"][funcs[k]] = new_size
 
 
 def _plant_fault(model, amap, out, fault: str) -> None:

@@ -38,22 +38,19 @@ SIGNED = {R_X86_64_64: False, R_X86_64_PC32: True, R_X86_64_PLT32: True, R_X86_6
           R_X86_64_32S: True, R_X86_64_PC64: True}
 
 
-def field_value(rtype: int, s: int, a: int, p: int) -> int:
-    """The relocated value, as a signed 64-bit number (kernel addresses are negative)."""
+def field_values(rtype: int, s: np.ndarray, a: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The relocated values (int64, wrapping as the 64-bit arithmetic does; kernel
+    addresses are negative), checked to fit the field."""
+    s, a, p = (np.asarray(x).astype(np.uint64).view(np.int64) for x in (s, a, p))
     value = (s + a - p) if rtype in PC_RELATIVE else (s + a)
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
-def encode_field(rtype: int, value: int) -> bytes:
-    size = FIELD_SIZE[rtype]
-    bits = 8 * size
+    bits = 8 * FIELD_SIZE[rtype]
     if bits < 64:
-        if SIGNED[rtype] and not -(1 << (bits - 1)) <= value < (1 << (bits - 1)):
-            raise KbbError(f"relocation type {rtype}: value {value:#x} does not fit")
-        if not SIGNED[rtype] and not 0 <= value < (1 << bits):
-            raise KbbError(f"relocation type {rtype}: value {value:#x} does not fit")
-    return (value & ((1 << bits) - 1)).to_bytes(size, "little")
+        lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if SIGNED[rtype] else (0, 1 << bits)
+        bad = np.flatnonzero((value < lo) | (value >= hi))
+        if len(bad):
+            raise KbbError(f"relocation type {rtype}: value {int(value[bad[0]]) & (2**64 - 1):#x} "
+                           f"at {int(p[bad[0]]) & (2**64 - 1):#x} does not fit")
+    return value
 
 
 @dataclass
@@ -146,10 +143,13 @@ def apply_updates(model, out, updates) -> int:
         info = r["info"][u.index]
         rtype = (info & 0xFFFFFFFF).astype(np.int64)
         sym = (info >> np.uint64(32)).astype(np.int64)
-        for k in np.flatnonzero(u.rewrite_field).tolist():
-            t = int(rtype[k])
-            s = int(symbols.value[sym[k]])
-            p = int(u.offset[k])
-            out.write_at(p, encode_field(t, field_value(t, s, int(u.addend[k]), p)))
-            fields += 1
+        rewrite = np.flatnonzero(u.rewrite_field)
+        for t, size in FIELD_SIZE.items():
+            k = rewrite[rtype[rewrite] == t]
+            if not len(k):
+                continue
+            p = u.offset[k]
+            value = field_values(t, symbols.value[sym[k]], u.addend[k], p)
+            out.write_fields(p, size, value)
+            fields += len(k)
     return fields

@@ -205,8 +205,9 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage) -> list[str]:
                                  + [np.zeros(0, np.int64)])
         fill = np.ones(len(inp.insns.addr), bool)
         fill[covered] = is_fill(inp, covered) & (inp.function_of_insn[covered] < 0)
+        kinds = x.type[i]
         for k, j in enumerate(grown.tolist()):
-            ok = (new_end[k] > old_end[k] and x.type[i[k]] == 2
+            ok = (new_end[k] > old_end[k] and kinds[k] == 2
                   and bool(fill[lo[k]:hi[k]].all()))
             if not ok:
                 problems.append(f"symbol {y.names[j]}: size {int(x.size[i[k]])} -> "

@@ -111,13 +111,20 @@ def imm8_operand(model, addrs, idx):
 
 def is_fill(model, idx: np.ndarray) -> np.ndarray:
     """int3 or a nop (90 or 0f 1f, after any 66/2e prefixes) at each instruction."""
-    b = model.read_bytes(model.insns.addr[idx], 8)
-    prefix = (b == 0x66) | (b == 0x2E)
-    first = np.argmin(prefix, axis=1)          # first byte that is not a prefix
-    rows = np.arange(len(idx))
-    op = b[rows, np.minimum(first, 7)]
-    op2 = b[rows, np.minimum(first + 1, 7)]
-    return (b[:, 0] == x86.INT3) | (op == 0x90) | ((op == 0x0F) & (op2 == 0x1F))
+    addrs = model.insns.addr[idx]
+    # Two bytes for all; eight only for the few with a prefix (this runs over
+    # millions of instructions).
+    b = model.read_bytes(addrs, 2)
+    out = (b[:, 0] == x86.INT3) | (b[:, 0] == 0x90) | ((b[:, 0] == 0x0F) & (b[:, 1] == 0x1F))
+    prefixed = np.flatnonzero((b[:, 0] == 0x66) | (b[:, 0] == 0x2E))
+    if len(prefixed):
+        b = model.read_bytes(addrs[prefixed], 8)
+        first = np.argmin((b == 0x66) | (b == 0x2E), axis=1)   # first byte not a prefix
+        rows = np.arange(len(prefixed))
+        op = b[rows, np.minimum(first, 7)]
+        op2 = b[rows, np.minimum(first + 1, 7)]
+        out[prefixed] = (op == 0x90) | ((op == 0x0F) & (op2 == 0x1F))
+    return out
 
 
 PATTERNS = {
