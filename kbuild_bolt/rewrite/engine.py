@@ -147,16 +147,23 @@ def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:
     ends = functions.end.astype(np.uint64)
     nxt = labels[np.minimum(np.searchsorted(labels, ends, side="left"), len(labels) - 1)]
     nxt = np.where(nxt >= ends, nxt, ends)
-    out = ends.copy()
     insns = model.insns
-    for row in range(len(functions)):
-        e, limit = int(ends[row]), int(nxt[row])
-        i = int(np.searchsorted(insns.addr, np.uint64(e)))
-        while e < limit and i < len(insns.addr) and int(insns.addr[i]) == e and fill_insn[i]:
-            e += int(insns.length[i])
-            i += 1
-        out[row] = min(e, limit)
-    return out
+    n = len(insns.addr)
+    if not n:
+        return ends.copy()
+    # End of the run of back-to-back fill instructions that starts at each instruction.
+    insn_end = insns.addr + insns.length.astype(np.uint64)
+    joined = np.zeros(n, bool)
+    joined[:-1] = fill_insn[1:] & (insn_end[:-1] == insns.addr[1:])
+    last = np.flatnonzero(fill_insn & ~joined)            # last instruction of each run
+    i = np.searchsorted(insns.addr, ends)
+    at = np.minimum(i, n - 1)
+    starts_run = (i < n) & (insns.addr[at] == ends) & fill_insn[at]
+    if not len(last) or not starts_run.any():
+        return ends.copy()
+    # A run that starts at ``at`` ends with the first run-last instruction at or after it.
+    run_end = insn_end[last[np.minimum(np.searchsorted(last, at), len(last) - 1)]]
+    return np.where(starts_run, np.minimum(run_end, nxt), ends).astype(np.uint64)
 
 
 @dataclass

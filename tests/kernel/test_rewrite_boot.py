@@ -48,6 +48,9 @@ def test_layout_boots_clean(flavor, layout, seed, tmp_path):
     assert result.verify_summary.startswith("verify: ok"), result.verify_summary
     assert result.rewritten > 5000
     assert result.text_coverage >= 0.95, result.summary()
+    # Reordering grows many functions past their slot: their cold end runs from free
+    # room in .text (the split path is part of what boots here).
+    assert result.fragments > 1000, result.summary()
     # x86's relocs tool derives vmlinux.relocs from the output (bzImage rebuilt).
     bzimage = rebuild_bzimage(kernel.build_dir, out, tmp_path / "bzImage")
     workload = "files" if seed % 2 == 0 else "server"

@@ -130,12 +130,14 @@ def regenerate(model, plans, moved_ranges) -> tuple:
         keep_src.append(state_at(olds))
         keep_fill.append(np.zeros(len(ats), bool))
         keep_new.append(np.ones(len(ats), bool))
-    for start, old_end, new_end in moved_ranges:
+    if moved_ranges:
         # After the new code: what followed the old code (int3 fill, the next function).
-        keep_ip.append(np.array([new_end], dtype=np.uint64))
-        keep_src.append(state_at([max(old_end, new_end)]))
-        keep_fill.append(np.ones(1, bool))
-        keep_new.append(np.ones(1, bool))
+        new_end = np.array([r[2] for r in moved_ranges], dtype=np.uint64)
+        keep_ip.append(new_end)
+        keep_src.append(state_at(np.maximum(new_end, np.array([r[1] for r in moved_ranges],
+                                                                dtype=np.uint64))))
+        keep_fill.append(np.ones(len(new_end), bool))
+        keep_new.append(np.ones(len(new_end), bool))
 
     ips = np.concatenate(keep_ip)
     src = np.concatenate(keep_src).astype(np.int64)
