@@ -357,6 +357,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
                        slots, options.split)
     plans, failures = _emit_all(state, list(wanted_orders.items()), holes,
                                 options.jobs or default_jobs())
+    del state, block_table  # per-block lists for emission: large, not needed again
     for row, reason in failures:
         result.left_alone[reason] += 1
         result.examples.setdefault(reason, names[row])
@@ -403,12 +404,16 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         shutil.copymode(model.image.path, tmp)
         if plans:
             result.stripped = out.strip_debug()
+        rewritten_rows = [p.row for p in plans]
+        fragments = [(p.fragment[0], p.fragment[0] + len(p.fragment[1]))
+                     for p in plans if p.fragment]
+        # Verification decodes the output beside the input: free the new code first.
+        del plans, amap, orc
         if options.verify:
             from kbuild_bolt.rewrite.verify import verify
             _say(options, "verifying")
-            report = verify(tmp, against=model, expect_rewritten={p.row for p in plans},
-                            fragments=[(p.fragment[0], p.fragment[0] + len(p.fragment[1]))
-                                       for p in plans if p.fragment])
+            report = verify(tmp, against=model, expect_rewritten=set(rewritten_rows),
+                            fragments=fragments)
             result.verify_summary = report.summary()
             if not report.ok:
                 keep = os.environ.get("KBUILD_BOLT_KEEP_REJECTED")
@@ -421,12 +426,12 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     except BaseException:
         out.discard()
         raise
-    result.rewritten = len(plans)
-    result.rewritten_names = [names[p.row] for p in plans]
+    result.rewritten = len(rewritten_rows)
+    result.rewritten_names = [names[row] for row in rewritten_rows]
     text = model.image.section(".text")
     in_text = functions.section == text.index
     handled = np.zeros(len(functions), bool)
-    handled[[p.row for p in plans] + unchanged_rows] = True
+    handled[rewritten_rows + unchanged_rows] = True
     result.text_coverage = float((handled & in_text).sum() / max(1, in_text.sum()))
     return result
 
