@@ -31,6 +31,13 @@ def _copy_range(src, dst, offset: int, size: int, chunk: int = 1 << 22) -> None:
         size -= len(block)
 
 
+def put_fields(raw: np.ndarray, offsets: np.ndarray, size: int, values: np.ndarray) -> None:
+    """Store the low ``size`` bytes of each 64-bit value (little-endian: two's complement
+    for negative ones) at each offset of the byte array ``raw``."""
+    low = np.asarray(values).astype("<u8").view(np.uint8).reshape(-1, 8)[:, :size]
+    raw[np.asarray(offsets, np.int64)[:, None] + np.arange(size)[None, :]] = low
+
+
 class OutputImage:
     def __init__(self, source, dest):
         self.source = source  # ElfImage of the input
@@ -94,10 +101,7 @@ class OutputImage:
     def write_fields(self, addrs: np.ndarray, size: int, values: np.ndarray) -> None:
         """Write the low ``size`` bytes of each value (little-endian) at each address."""
         addrs = np.asarray(addrs, dtype=np.uint64)
-        offsets = self._offsets(addrs, size)
-        low = np.asarray(values).astype("<u8").view(np.uint8).reshape(-1, 8)[:, :size]
-        raw = np.frombuffer(self.mem, np.uint8)
-        raw[offsets[:, None] + np.arange(size)[None, :]] = low
+        put_fields(np.frombuffer(self.mem, np.uint8), self._offsets(addrs, size), size, values)
 
     def read_fields(self, addrs: np.ndarray, size: int, signed: bool = True) -> np.ndarray:
         """Little-endian ``size``-byte fields at each address, as uint64 (sign-extended

@@ -38,6 +38,13 @@ from kbuild_bolt.errors import KbbError
 MAGIC = "# kbuild-bolt profile v1"
 
 
+def _sum_pairs(a: np.ndarray, b: np.ndarray, counts: np.ndarray):
+    """Distinct (a, b) pairs, sorted, with the counts of equal pairs summed."""
+    uniq, inv = np.unique(np.stack([a, b], axis=1), axis=0, return_inverse=True)
+    total = np.bincount(inv.ravel(), weights=counts, minlength=len(uniq)).astype(np.int64)
+    return uniq[:, 0].copy(), uniq[:, 1].copy(), total
+
+
 @dataclass
 class Profile:
     range_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
@@ -63,17 +70,10 @@ class Profile:
         out = Profile(kernel=self.kernel, source=self.source, shapes=dict(self.shapes),
                       sampled=self.sampled)
         if len(self.range_start):
-            key = np.stack([self.range_start, self.range_last], axis=1)
-            uniq, inv = np.unique(key, axis=0, return_inverse=True)
-            out.range_start, out.range_last = uniq[:, 0].copy(), uniq[:, 1].copy()
-            out.range_count = np.bincount(inv.ravel(), weights=self.range_count,
-                                          minlength=len(uniq)).astype(np.int64)
+            out.range_start, out.range_last, out.range_count = _sum_pairs(
+                self.range_start, self.range_last, self.range_count)
         if len(self.src):
-            key = np.stack([self.src, self.dst], axis=1)
-            uniq, inv = np.unique(key, axis=0, return_inverse=True)
-            out.src, out.dst = uniq[:, 0].copy(), uniq[:, 1].copy()
-            out.count = np.bincount(inv.ravel(), weights=self.count,
-                                    minlength=len(uniq)).astype(np.int64)
+            out.src, out.dst, out.count = _sum_pairs(self.src, self.dst, self.count)
         return out
 
     def shifted(self, delta: int) -> "Profile":

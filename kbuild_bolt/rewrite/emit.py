@@ -23,6 +23,7 @@ from itertools import accumulate
 import numpy as np
 
 from kbuild_bolt.binary.cfg import FALLTHROUGH, STATIC_KEY, TAKEN
+from kbuild_bolt.elf.writer import put_fields
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
 
@@ -33,13 +34,12 @@ TO_BLOCK, TO_ADDR = 0, 1
 # Branch item sizes: short (rel8 jmp/jcc, 2-byte static-key site) and long.
 SHORT_SIZE = {JMP: enc.JMP8, JCC: enc.JCC8, SITE: 2}
 LONG_SIZE = {JMP: enc.JMP32, JCC: enc.JCC32, SITE: 5}
-_BYTE4 = np.arange(4)
 
 
 class Item:
     """One piece of the new function: copied instructions or an emitted branch."""
 
-    __slots__ = ("kind", "i0", "i1", "cc", "tkind", "target", "long", "origin", "state",
+    __slots__ = ("kind", "i0", "i1", "cc", "tkind", "target", "origin", "state",
                  "site_jmp", "nbytes")
 
     def __init__(self, kind, i0=0, i1=0, cc=0, tkind=TO_BLOCK, target=0, origin=-1, state=-1,
@@ -50,14 +50,12 @@ class Item:
         self.nbytes = nbytes if kind == COPY or kind == NOP else SHORT_SIZE[kind]
         self.cc = cc                       # JCC: condition code
         self.tkind, self.target = tkind, target
-        self.long = False                  # rel32 (jmp/jcc) or 5-byte site
         self.origin = origin               # old instruction this branch re-encodes (-1: new)
         self.state = state                 # old instruction whose ORC state applies
         self.site_jmp = site_jmp           # SITE: jmp (True) or nop (False)
 
     def grow(self) -> None:
         """Make this branch long (rel32 jmp/jcc, 5-byte site)."""
-        self.long = True
         self.nbytes = LONG_SIZE[self.kind]
 
 
@@ -101,8 +99,7 @@ class EmitContext:
     fill: np.ndarray            # bool per instruction: int3 or a nop
     code: bytes                 # the bytes of the section being rewritten
     code_base: int
-    # callable(address) -> bool, or (uint64 array) -> bool array: inside (not at the
-    # start of) a function that moves
+    # callable(uint64 array) -> bool array: inside (not at the start of) a function that moves
     moved_interior: object
     blocks: BlockTable = None
 
@@ -285,7 +282,8 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
                     if bt.taken[b] >= 0:
                         items.append(Item(SITE, target=bt.taken[b], origin=term, state=term,
                                           site_jmp=bt.site_jmp[b]))
-                    elif bt.site_target[b] and not ctx.moved_interior(bt.site_target[b]):
+                    elif bt.site_target[b] and not ctx.moved_interior(
+                            np.array([bt.site_target[b]], np.uint64))[0]:
                         # The jump side leaves the function (to code that stays put).
                         items.append(Item(SITE, tkind=TO_ADDR, target=bt.site_target[b],
                                           origin=term, state=term, site_jmp=bt.site_jmp[b]))
@@ -529,17 +527,12 @@ def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
                 continue
             view = np.frombuffer(out[p], np.uint8)
             pos = (field_addr[in_part] - np.uint64(bases[p])).astype(np.int64)
-            # Little-endian two's complement: the low bytes of the 64-bit displacement.
-            low = disp[in_part].view(np.uint64).view(np.uint8).reshape(-1, 8)
+            d = disp[in_part]
             size = fs[in_part]
-            wide = size == 4
-            if wide.all():
-                view[pos[:, None] + _BYTE4] = low[:, :4]
-            else:
-                for width in (1, 2, 4):
-                    sel = size == width
-                    if sel.any():
-                        view[pos[sel, None] + _BYTE4[:width]] = low[sel, :width]
+            for width in (1, 2, 4):
+                sel = size == width
+                if sel.any():
+                    put_fields(view, pos[sel], width, d[sel])
 
     return FunctionPlan(row=row, start=start, code=bytes(out[0]), new_addr=new_addr,
                         first_insn=first_insn, branch_states=branch_states, runs=runs,

@@ -159,7 +159,7 @@ def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:
     i = np.searchsorted(insns.addr, ends)
     at = np.minimum(i, n - 1)
     starts_run = (i < n) & (insns.addr[at] == ends) & fill_insn[at]
-    if not len(last) or not starts_run.any():
+    if not starts_run.any():  # (a run starting there also means ``last`` is not empty)
         return ends.copy()
     # A run that starts at ``at`` ends with the first run-last instruction at or after it.
     run_end = insn_end[last[np.minimum(np.searchsorted(last, at), len(last) - 1)]]
@@ -341,13 +341,10 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     cand_start = functions.start[rows_candidates]
     cand_end = functions.end[rows_candidates]
 
-    def moved_interior(addr):
-        if isinstance(addr, np.ndarray):
-            i = np.searchsorted(cand_start, addr, side="right").astype(np.int64) - 1
-            at = np.maximum(i, 0)
-            return (i >= 0) & (cand_start[at] < addr) & (addr < cand_end[at])
-        i = int(np.searchsorted(cand_start, np.uint64(addr), side="right")) - 1
-        return i >= 0 and int(cand_start[i]) < addr < int(cand_end[i])
+    def moved_interior(addrs: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(cand_start, addrs, side="right").astype(np.int64) - 1
+        at = np.maximum(i, 0)
+        return (i >= 0) & (cand_start[at] < addrs) & (addrs < cand_end[at])
 
     block_table = BlockTable(model, cfg, is_site, in_unit)
     holes = find_holes(model) if options.split else []

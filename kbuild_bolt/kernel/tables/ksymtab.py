@@ -1,8 +1,9 @@
 """Exported symbols: ``__ksymtab``/``__ksymtab_gpl`` and their CRCs ``__kcrctab``/``__kcrctab_gpl``.
 
 With relative pointers (x86) an entry is three PC-relative s32: the symbol,
-its name and its namespace (0 when it has none: 6.1's assembly exports). CRCs are plain u32 values (MODVERSIONS), one per
-ksymtab entry in the same order; modules are checked against them at load.
+its name and its namespace (0 when it has none: 6.1's assembly exports). CRCs
+are plain u32 values (MODVERSIONS), one per ksymtab entry in the same order;
+modules are checked against them at load.
 """
 
 from kbuild_bolt.kernel.tables.base import (

@@ -86,10 +86,10 @@ def regenerate(model, plans, moved_ranges) -> tuple:
         return np.maximum(i, 0)
 
     # Old entries outside every rewritten range stay.
-    lo = np.array([r[0] for r in moved_ranges], dtype=np.uint64)
-    hi = np.array([max(r[1], r[2]) for r in moved_ranges], dtype=np.uint64)
-    order = np.argsort(lo)
-    lo, hi = lo[order], hi[order]
+    ranges = np.array(moved_ranges, dtype=np.uint64).reshape(-1, 3)
+    range_end = np.maximum(ranges[:, 1], ranges[:, 2])
+    order = np.argsort(ranges[:, 0])
+    lo, hi = ranges[order, 0], range_end[order]
     j = np.searchsorted(lo, old_ip, side="right").astype(np.int64) - 1
     inside = (j >= 0)
     inside[inside] &= old_ip[inside] < hi[j[inside]]
@@ -130,14 +130,11 @@ def regenerate(model, plans, moved_ranges) -> tuple:
         keep_src.append(state_at(olds))
         keep_fill.append(np.zeros(len(ats), bool))
         keep_new.append(np.ones(len(ats), bool))
-    if moved_ranges:
-        # After the new code: what followed the old code (int3 fill, the next function).
-        new_end = np.array([r[2] for r in moved_ranges], dtype=np.uint64)
-        keep_ip.append(new_end)
-        keep_src.append(state_at(np.maximum(new_end, np.array([r[1] for r in moved_ranges],
-                                                                dtype=np.uint64))))
-        keep_fill.append(np.ones(len(new_end), bool))
-        keep_new.append(np.ones(len(new_end), bool))
+    # After the new code: what followed the old code (int3 fill, the next function).
+    keep_ip.append(ranges[:, 2])
+    keep_src.append(state_at(range_end))
+    keep_fill.append(np.ones(len(ranges), bool))
+    keep_new.append(np.ones(len(ranges), bool))
 
     ips = np.concatenate(keep_ip)
     src = np.concatenate(keep_src).astype(np.int64)
