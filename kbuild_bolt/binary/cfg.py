@@ -278,7 +278,7 @@ def build_cfg(model) -> CFG:
     same_func[1:] = (f_of[1:] == f_of[:-1]) & (f_of[1:] >= 0)
     soft &= same_func
 
-    unit_inside = model.inside_patch_unit(insns.addr)
+    unit_inside = model.insn_inside_patch_unit
     split = hard & unit_inside & in_func
     flag(f_of[split], "patch-unit-split")
     # After a terminator inside a patch unit the next block starts where the unit ends.
@@ -322,7 +322,11 @@ def build_cfg(model) -> CFG:
 
     func_first_block = np.searchsorted(block_first, func_first).astype(np.int64)
     func_end_block = np.searchsorted(block_first, func_end).astype(np.int64)
-    block_of_insn = np.searchsorted(block_first, np.arange(n), side="right").astype(np.int64) - 1
+    # (the last block starting at or before each instruction: a running count of starts)
+    starts_here = np.zeros(n, np.int64)
+    starts_here[block_first] = 1
+    block_of_insn = np.cumsum(starts_here) - 1
+    del starts_here
 
     # --- edges --------------------------------------------------------------
     nb = len(block_first)

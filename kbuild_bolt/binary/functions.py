@@ -126,28 +126,33 @@ def discover_regions(image, functions: FunctionTable) -> list[CodeRegion]:
         order = np.argsort(label_addr, kind="stable")
         label_addr = label_addr[order]
         label_idx = in_sec[order]
-        cursor = section.addr
-        starts = functions.start[rows].tolist()
-        ends = functions.end[rows].tolist()
-        spans = list(zip(starts, ends)) + [(section.end, section.end)]
-        for start, end in spans:
-            if start > cursor:
-                _split_gap(regions, cursor, start, section_name, label_addr, label_idx, names)
-            cursor = max(cursor, end)
-    return regions
-
-
-def _split_gap(regions, start, end, section_name, label_addr, label_idx, names):
-    lo = int(np.searchsorted(label_addr, np.uint64(start), side="left"))
-    hi = int(np.searchsorted(label_addr, np.uint64(end), side="left"))
-    cuts = sorted({int(a) for a in label_addr[lo:hi].tolist()} | {start})
-    for k, cut in enumerate(cuts):
-        stop = cuts[k + 1] if k + 1 < len(cuts) else end
-        if stop <= cut:
+        # Gaps between functions (functions may overlap: aliases, nested symbols).
+        starts = functions.start[rows].astype(np.uint64)
+        ends = functions.end[rows].astype(np.uint64)
+        # Before each function: from the furthest end so far to its start; then up
+        # to the section's end.
+        g_start = np.maximum.accumulate(np.r_[np.uint64(section.addr), ends])
+        g_end = np.r_[starts, np.uint64(section.end)]
+        gap = g_end > g_start
+        g_start, g_end = g_start[gap], g_end[gap]
+        # Each gap is cut at every label inside it.
+        k = np.searchsorted(g_start, label_addr, side="right").astype(np.int64) - 1
+        inside = k >= 0
+        inside[inside] &= label_addr[inside] < g_end[k[inside]]
+        cuts = np.unique(np.concatenate([g_start, label_addr[inside]]))
+        if not len(cuts):
             continue
-        j = int(np.searchsorted(label_addr, np.uint64(cut), side="right")) - 1
-        label = ""
-        if j >= 0 and int(label_addr[j]) == cut:
-            label = names[int(label_idx[j])]
-        kind = "prefix" if label.startswith(PREFIX_SYMBOLS) else "code"
-        regions.append(CodeRegion(cut, stop, section_name, kind, label))
+        g = np.searchsorted(g_start, cuts, side="right").astype(np.int64) - 1
+        stop = np.r_[cuts[1:], np.uint64(0)]
+        last_of_gap = np.r_[g[1:] != g[:-1], True]
+        stop[last_of_gap] = g_end[g[last_of_gap]]
+        # The label at a cut: the last symbol (in symbol order) at that address.
+        j = np.searchsorted(label_addr, cuts, side="right").astype(np.int64) - 1
+        has = j >= 0
+        has[has] &= label_addr[j[has]] == cuts[has]
+        for cut, end, jj, labelled in zip(cuts.tolist(), stop.tolist(), j.tolist(),
+                                          has.tolist()):
+            label = names[int(label_idx[jj])] if labelled else ""
+            kind = "prefix" if label.startswith(PREFIX_SYMBOLS) else "code"
+            regions.append(CodeRegion(cut, end, section_name, kind, label))
+    return regions

@@ -55,8 +55,7 @@ def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -
     fill, ranges = _split_int3_fill(image, ranges)
     if fill:
         decoded = decode_all(image, ranges, jobs) if ranges else x86.Decoded.empty()
-        merged = x86.Decoded.concatenate([decoded, fill])
-        return merged.take(np.argsort(merged.addr, kind="stable"))
+        return x86.Decoded.merge(decoded, fill)
     total = sum(end - start for _, start, end in ranges)
     if jobs <= 1 or total < (1 << 20):
         _WORKER_IMAGE = image
@@ -84,16 +83,58 @@ def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -
             parts = list(pool.map(_decode_chunk, chunks))
     finally:
         _WORKER_IMAGE = None
-    return x86.Decoded.concatenate(parts)
+    return x86.Decoded.concatenate(parts, consume=True)
+
+
+def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]:
+    """Split ``ranges`` into the instructions ``like`` decoded for ranges that are the
+    same there (same bounds, same section placement, same bytes) and the ranges
+    still to decode."""
+    known = set(like.decoded_ranges)
+    same_bytes = {}
+    for sec in {r[0] for r in ranges}:
+        a = image.sections[sec]
+        b = like.image.section(a.name)
+        if (b is None or (a.addr, a.size) != (b.addr, b.size) or not a.has_bits
+                or not b.has_bits):
+            continue
+        changed = image.bytes[a.offset:a.offset + a.size] != like.image.bytes[
+            b.offset:b.offset + b.size]
+        # Changed bytes before each offset: a range is unchanged when the count
+        # does not grow over it.
+        same_bytes[sec] = (a.addr, np.concatenate([[0], np.cumsum(changed, dtype=np.int64)]))
+    keep, rest = [], []
+    for r in ranges:
+        sec, start, end = r
+        if r in known and sec in same_bytes:
+            base, before = same_bytes[sec]
+            if before[end - base] == before[start - base]:
+                keep.append(r)
+                continue
+        rest.append(r)
+    if not keep:
+        return None, ranges
+    keep.sort(key=lambda r: r[1])
+    addr = like.insns.addr
+    lo = np.searchsorted(addr, np.array([r[1] for r in keep], np.uint64))
+    hi = np.searchsorted(addr, np.array([r[2] for r in keep], np.uint64))
+    counts = hi - lo
+    index = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+    return like.insns.take(index), rest
 
 
 def _split_int3_fill(image: ElfImage, ranges):
     """Separate ranges made only of int3 bytes (returned already decoded)."""
     rest, starts = [], []
-    for r in ranges:
+    # Only ranges that start with int3 can be fill (one byte read for each first).
+    first_offset = np.array([image.sections[sec].offset + start - image.sections[sec].addr
+                             for sec, start, _ in ranges], np.int64)
+    first_offset = np.minimum(first_offset, len(image.bytes) - 1)
+    starts_int3 = (image.bytes[first_offset] == x86.INT3).tolist() if ranges else []
+    for r, maybe in zip(ranges, starts_int3):
         sec, start, end = r
         section = image.sections[sec]
-        if end - start >= 16:
+        if maybe and end - start >= 16:
             data = image.bytes[section.offset + start - section.addr:
                                section.offset + end - section.addr]
             if (data == x86.INT3).all():
@@ -183,7 +224,12 @@ class RelocationIndex:
 class BinaryModel:
     """Everything known about a vmlinux's code before it is rewritten."""
 
-    def __init__(self, image: ElfImage, *, jobs: int | None = None, require_relocations=False):
+    def __init__(self, image: ElfImage, *, jobs: int | None = None, require_relocations=False,
+                 like: "BinaryModel | None" = None):
+        """``like``: a model of a related vmlinux (the input of a rewrite, when this
+        is its output): code ranges with the same bounds and the same bytes in
+        both take its decoding instead of decoding again (the decoder is a pure
+        function of the bytes and their address)."""
         self.image = image
         self.timing = Timing({})
         t = time.perf_counter()
@@ -203,7 +249,13 @@ class BinaryModel:
                    int(self.functions.end[i])) for i in range(len(self.functions))]
         for region in self.regions:
             ranges.append((image.section(region.section).index, region.start, region.end))
+        self.decoded_ranges = ranges
+        reused = None
+        if like is not None:
+            reused, ranges = _unchanged_ranges(image, ranges, like)
         self.insns: x86.Decoded = decode_all(image, ranges, jobs or default_jobs())
+        if reused is not None and len(reused):
+            self.insns = x86.Decoded.merge(self.insns, reused)
         self.timing.add("decode", t)
 
     @classmethod
@@ -342,6 +394,19 @@ class BinaryModel:
         merged_end = np.zeros(len(merged_start), np.uint64)
         np.maximum.at(merged_end, group, end)
         return merged_start, merged_end
+
+    @cached_property
+    def insn_inside_patch_unit(self) -> np.ndarray:
+        """``inside_patch_unit`` for every instruction (bool per instruction)."""
+        starts, ends = self.patch_units
+        addr = self.insns.addr
+        # Instructions after a unit's start and before its end, marked per unit.
+        lo = np.searchsorted(addr, starts, side="right").astype(np.int64)
+        counts = np.maximum(np.searchsorted(addr, ends, side="left") - lo, 0)
+        inside = np.zeros(len(addr), bool)
+        inside[np.repeat(lo - np.cumsum(counts) + counts, counts)
+               + np.arange(int(counts.sum()))] = True
+        return inside
 
     def inside_patch_unit(self, addrs) -> np.ndarray:
         """True where an address lies strictly inside a patch unit (not at its start)."""

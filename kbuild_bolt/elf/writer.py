@@ -10,6 +10,7 @@ name only after verification, by rename.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import shutil
@@ -58,10 +59,11 @@ class OutputImage:
         alloc = sorted((s for s in source.sections if s.is_alloc and s.has_bits and s.size),
                        key=lambda s: s.addr)
         self._starts = np.array([s.addr for s in alloc], dtype=np.uint64)
+        self._start_list = [s.addr for s in alloc]  # (for one address at a time)
         self._alloc = alloc
 
     def _offset(self, addr: int, size: int) -> int:
-        i = int(np.searchsorted(self._starts, np.uint64(addr), side="right")) - 1
+        i = bisect.bisect_right(self._start_list, addr) - 1
         if i < 0:
             raise KbbError(f"write outside every section at {addr:#x}")
         s = self._alloc[i]

@@ -1,6 +1,6 @@
 """AddressMap: where every old address of rewritten code is now.
 
-Built from the function plans: for each old instruction of a rewritten
+Built from the emission: for each old instruction of a rewritten
 function its new address (or none when the instruction was dropped: a jump
 that now falls through, alignment fill nobody reaches). An old address inside
 an instruction maps to the same offset inside the moved instruction (operand
@@ -13,25 +13,13 @@ import numpy as np
 
 
 class AddressMap:
-    def __init__(self, model, plans):
-        insns = model.insns
-        self.func_start = np.array([p.start for p in plans], dtype=np.uint64)
-        self.func_end = np.array([int(model.functions.end[p.row]) for p in plans], dtype=np.uint64)
-        order = np.argsort(self.func_start)
-        self.func_start, self.func_end = self.func_start[order], self.func_end[order]
-        old, new = [], []
-        for p in plans:
-            n = len(p.new_addr)
-            old.append(insns.addr[p.first_insn:p.first_insn + n])
-            new.append(p.new_addr)
-        if old:
-            self.old = np.concatenate(old).astype(np.uint64)
-            self.new = np.concatenate(new).astype(np.uint64)  # 0: dropped
-            o = np.argsort(self.old, kind="stable")
-            self.old, self.new = self.old[o], self.new[o]
-        else:
-            self.old = np.zeros(0, np.uint64)
-            self.new = np.zeros(0, np.uint64)
+    def __init__(self, model, emission):
+        order = np.argsort(emission.start)
+        self.func_start = emission.start[order]
+        self.func_end = emission.end[order]
+        # Instructions in address order, and where each now is (0: not moved or dropped).
+        self.old = model.insns.addr
+        self.new = emission.new_addr
 
     def __len__(self) -> int:
         return len(self.func_start)

@@ -1,4 +1,4 @@
-"""Emit one function's blocks in a new order inside its own slot.
+"""Emit every rewritten function: its blocks in a new order inside its own slot.
 
 A block is emitted as its *body* (instructions copied byte for byte, with any
 PC-relative field recomputed for the new address) followed by its terminator:
@@ -10,15 +10,20 @@ Everything else is part of the body: table sites (retpoline, return, static
 call), patch units (alternatives, paravirt: never resized), calls, returns.
 
 Branch sizes are relaxed: all start short and grow until every displacement
-fits. The result is a :class:`FunctionPlan` with the new bytes, the new
-address of every old instruction, and what the ORC regeneration needs.
+fits. A function too big for its slot keeps the longest prefix of its layout
+that fits and sends the rest to one fragment in free room of .text.
+
+All functions are emitted together, as flat numpy columns: one row per layout
+position (a block in its new place), per *item* (a run of copied instructions
+or one emitted branch) and per instruction. Each function's result depends
+only on its own blocks (and, for fragments, on the functions before it in
+address order), so the whole kernel costs a handful of array passes instead of
+Python work per block. The result is an :class:`Emission`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from itertools import accumulate
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,83 +34,23 @@ from kbuild_bolt.x86 import encode as enc
 
 # Item kinds
 COPY, JMP, JCC, SITE, NOP = 0, 1, 2, 3, 4
-# Target kinds for branch items
-TO_BLOCK, TO_ADDR = 0, 1
-# Branch item sizes: short (rel8 jmp/jcc, 2-byte static-key site) and long.
-SHORT_SIZE = {JMP: enc.JMP8, JCC: enc.JCC8, SITE: 2}
-LONG_SIZE = {JMP: enc.JMP32, JCC: enc.JCC32, SITE: 5}
-
-
-class Item:
-    """One piece of the new function: copied instructions or an emitted branch."""
-
-    __slots__ = ("kind", "i0", "i1", "cc", "tkind", "target", "origin", "state",
-                 "site_jmp", "nbytes")
-
-    def __init__(self, kind, i0=0, i1=0, cc=0, tkind=TO_BLOCK, target=0, origin=-1, state=-1,
-                 site_jmp=False, nbytes=0):
-        self.kind = kind
-        self.i0, self.i1 = i0, i1          # COPY: instructions [i0, i1)
-        # Size in bytes: COPY/NOP as given; branches start short (see grow).
-        self.nbytes = nbytes if kind == COPY or kind == NOP else SHORT_SIZE[kind]
-        self.cc = cc                       # JCC: condition code
-        self.tkind, self.target = tkind, target
-        self.origin = origin               # old instruction this branch re-encodes (-1: new)
-        self.state = state                 # old instruction whose ORC state applies
-        self.site_jmp = site_jmp           # SITE: jmp (True) or nop (False)
-
-    def grow(self) -> None:
-        """Make this branch long (rel32 jmp/jcc, 5-byte site)."""
-        self.nbytes = LONG_SIZE[self.kind]
-
-
-class EmitError(Exception):
-    """This function cannot be emitted in this order (left untouched)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class FunctionPlan:
-    row: int
-    start: int
-    code: bytes                     # new bytes from ``start``
-    new_addr: np.ndarray            # uint64 new address of every old instruction (0: dropped)
-    first_insn: int                 # index of the function's first instruction
-    # ORC: (new address, old instruction index whose state applies) for emitted branches,
-    # and copied runs (new start, old start address, length).
-    branch_states: list[tuple[int, int]] = field(default_factory=list)
-    runs: list[tuple[int, int, int]] = field(default_factory=list)
-    # PC-relative fields that point into another function's interior: resolved
-    # once every function has its new addresses: (field address, size, next ip, old target).
-    deferred: list[tuple[int, int, int, int]] = field(default_factory=list)
-    dropped_bytes: int = 0
-    inserted_jumps: int = 0
-    # Blocks that did not fit the slot: (address, bytes) in free room elsewhere in .text.
-    fragment: tuple[int, bytes] | None = None
-
-
-@dataclass
-class EmitContext:
-    """What emission needs from the whole-kernel model (computed once)."""
-
-    model: object
-    cfg: object
-    is_site: np.ndarray         # bool per instruction: a table entry points at it
-    in_unit: np.ndarray         # bool per instruction: inside (not at the start of) a patch unit
-    fill: np.ndarray            # bool per instruction: int3 or a nop
-    code: bytes                 # the bytes of the section being rewritten
-    code_base: int
-    # callable(uint64 array) -> bool array: inside (not at the start of) a function that moves
-    moved_interior: object
-    blocks: BlockTable = None
-
+# Branch item sizes by kind: short (rel8 jmp/jcc, 2-byte static-key site) and long.
+SHORT_SIZE = np.array([0, enc.JMP8, enc.JCC8, 2, 0], np.int64)
+LONG_SIZE = np.array([0, enc.JMP32, enc.JCC32, 5, 0], np.int64)
 
 # How a block ends, for emission (BlockTable.kind).
 END_COPY, END_SITE, END_JMP, END_JCC, END_UNIT_JMP = 0, 1, 2, 3, 4
+
+# Why a function cannot be emitted (it is left byte-for-byte alone).
+FAILURES = ("", "static-key-target", "jcc-without-fallthrough", "does-not-fit",
+            "no-room-for-cold-code", "reference-to-dropped-code", "branch-out-of-range")
+(OK, STATIC_KEY_TARGET, JCC_WITHOUT_FALLTHROUGH, DOES_NOT_FIT, NO_ROOM, DROPPED_REF,
+ OUT_OF_RANGE) = range(len(FAILURES))
+
+# A fragment is first laid out this far from its function, so every branch that
+# crosses between the slot and the fragment is rel32: moving the fragment to its
+# place in free room then keeps every size.
+FAR = 1 << 30
 
 
 def _replacements_never_fall_through(model, site: int) -> bool:
@@ -135,10 +80,9 @@ def _replacements_never_fall_through(model, site: int) -> bool:
 
 
 class BlockTable:
-    """Per-block facts emission needs, computed for all blocks at once (numpy),
-    kept as Python lists for fast access while laying out functions."""
+    """Per-block facts emission needs, for all blocks at once (numpy columns)."""
 
-    def __init__(self, model, cfg, is_site: np.ndarray, in_unit: np.ndarray):
+    def __init__(self, model, cfg, is_site: np.ndarray, fill: np.ndarray):
         insns = model.insns
         nb = len(cfg.block_first)
         first, end, term = cfg.block_first, cfg.block_end, cfg.block_term
@@ -167,7 +111,9 @@ class BlockTable:
         cc = np.where(short_jcc, b[:, 0] & 0xF, b[:, 1] & 0xF)
         site = is_site[term]
         external_short = direct & (t_block < 0) & (n == 2) & plain & ~site
-        rebranch = direct & plain & ~site & ~in_unit[term] & ((t_block >= 0) | external_short)
+        # (a branch inside a patch unit is part of what the kernel patches: copied)
+        in_unit = model.inside_patch_unit(insns.addr[term])
+        rebranch = direct & plain & ~site & ~in_unit & ((t_block >= 0) | external_short)
         kind = np.full(nb, END_COPY, np.int8)
         kind[rebranch & is_jmp] = END_JMP
         kind[rebranch & ~is_jmp] = END_JCC
@@ -185,9 +131,9 @@ class BlockTable:
             ok = (u >= 0) & is_jmp & direct & (t_block >= 0)
             ok[ok] &= (unit_start[u[ok]] == ta[ok]) & (unit_end[u[ok]] == ta[ok] + n[ok])
             exact_unit_jmp = ok & (kind == END_COPY)
-            for b in np.flatnonzero(exact_unit_jmp).tolist():
-                if not _replacements_never_fall_through(model, int(insns.addr[term[b]])):
-                    exact_unit_jmp[b] = False
+            for k in np.flatnonzero(exact_unit_jmp).tolist():
+                if not _replacements_never_fall_through(model, int(insns.addr[term[k]])):
+                    exact_unit_jmp[k] = False
         kind[exact_unit_jmp] = END_UNIT_JMP
         # Where each static-key site jumps (its __jump_table target).
         site_target = np.zeros(nb, np.uint64)
@@ -200,341 +146,522 @@ class BlockTable:
             sites = insns.addr[term[static_key]]
             k = np.minimum(np.searchsorted(codes, sites), len(codes) - 1)
             site_target[static_key] = np.where(codes[k] == sites, targets[k], 0)
-        self.site_target = [int(t) for t in site_target.tolist()]
-        self.kind = kind.tolist()
-        self.first = first.tolist()
-        self.end = end.tolist()
-        self.term = term.tolist()
-        self.fall = fall.tolist()
-        self.taken = taken.tolist()
-        self.t_block = t_block.tolist()
-        self.target = [int(t) for t in target.tolist()]
-        self.cc = cc.astype(np.int64).tolist()
-        self.site_jmp = is_jmp.tolist()
+        # Blocks nobody reaches (no edge from their own function, not an entry)
+        # that are only alignment fill: dropped from the new layout.
+        same = cfg.block_func[cfg.edge_src] == cfg.block_func[cfg.edge_dst]
+        has_pred = np.zeros(nb, bool)
+        has_pred[cfg.edge_dst[same]] = True
+        entry = cfg.entry_insn[first] | cfg.external_entry_insn[first]
+        entry[cfg.func_first_block[cfg.func_first_block < cfg.func_end_block]] = True
+        not_fill = np.concatenate([[0], np.cumsum(~fill, dtype=np.int64)])
+        self.droppable = ~has_pred & ~entry & (not_fill[end] == not_fill[first])
+
+        self.kind, self.first, self.end, self.term = kind, first, end, term
+        self.fall, self.taken, self.t_block = fall, taken, t_block
+        self.target, self.cc, self.site_jmp = target, cc.astype(np.int64), is_jmp
+        self.site_target = site_target
         start = insns.addr[first]
-        self.whole = (ends[end - 1] - start).astype(np.int64).tolist()
-        self.body = (insns.addr[term] - start).astype(np.int64).tolist()
-        self.tail = (ends[end - 1] - ends[term]).astype(np.int64).tolist()
-        self.term_addr = [int(a) for a in insns.addr[term].tolist()]
+        self.whole = (ends[end - 1] - start).astype(np.int64)
+        self.body = (insns.addr[term] - start).astype(np.int64)
+        self.tail = (ends[end - 1] - ends[term]).astype(np.int64)
 
 
-def plan_function(ctx: EmitContext, row: int, order: list[int], slot_end: int,
-                  allocator=None) -> FunctionPlan:
-    """Emit function ``row`` with its blocks in ``order``.
+@dataclass
+class _Items:
+    """Items of a set of laid-out functions, in layout order (one part after the other)."""
 
-    Blocks that do not fit the slot (in layout order) go to one fragment placed
-    by ``allocator`` in free room elsewhere in .text (no allocator: the
-    function is left alone instead)."""
-    model, cfg = ctx.model, ctx.cfg
+    func: np.ndarray        # function (index into the emission's functions) of each item
+    part: np.ndarray        # global part index of each item
+    kind: np.ndarray
+    size: np.ndarray
+    i0: np.ndarray          # COPY: instructions [i0, i1)
+    i1: np.ndarray
+    cc: np.ndarray
+    dest_item: np.ndarray   # branch to a block: the item it lands on (-1: to dest_addr)
+    dest_addr: np.ndarray
+    origin: np.ndarray      # old instruction the branch stands for (-1: an added jump)
+    state: np.ndarray       # old instruction whose ORC state applies (branches)
+    site_jmp: np.ndarray
+    error: np.ndarray       # per position: failure code
+    elided: np.ndarray      # per position: its jump fell away
+    elided_to: np.ndarray   # per position: item where the elided jump's target starts
+    dropped: np.ndarray     # per position: bytes dropped (an elided jump and the int3 after it)
+    inserted: np.ndarray    # per position: a jump was added after it
+    first_item: np.ndarray  # per position: its first item (or the next one's, when empty)
+
+
+def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: np.ndarray,
+                 moved_interior) -> _Items:
+    """Items for the blocks ``lay`` (positions of functions ``lay_f`` in parts
+    ``lay_part``: contiguous per part), each part laid out contiguously."""
+    npos = len(lay)
+    nxt = np.full(npos, -1, np.int64)
+    if npos > 1:
+        cont = (lay_f[1:] == lay_f[:-1]) & (lay_part[1:] == lay_part[:-1])
+        nxt[:-1] = np.where(cont, lay[1:], -1)
+    b = lay
+    i0, i1, term = bt.first[b], bt.end[b], bt.term[b]
+    kind, fall, tb = bt.kind[b], bt.fall[b], bt.t_block[b]
+    whole, body = bt.whole[b], bt.body[b]
+    unit_nop = (kind == END_UNIT_JMP) & (tb >= 0) & (tb == nxt) & (term + 1 == i1)
+    plain = ~unit_nop & ((kind == END_COPY) | (kind == END_UNIT_JMP))
+    site = kind == END_SITE
+    is_jmp = kind == END_JMP
+    is_jcc = kind == END_JCC
+    error = np.zeros(npos, np.int8)
+    # Static-key sites: the jump side is a block of the function, or code that stays put.
+    taken = bt.taken[b]
+    site_target = bt.site_target[b]
+    site_block = site & (taken >= 0)
+    site_addr = site & ~site_block & (site_target != 0)
+    if site_addr.any():
+        site_addr[site_addr] = ~moved_interior(site_target[site_addr])
+    error[site & ~site_block & ~site_addr] = STATIC_KEY_TARGET
+    elide = is_jmp & (tb >= 0) & (tb == nxt)
+    error[is_jcc & (fall < 0)] = JCC_WITHOUT_FALLTHROUGH
+    jcc_keep = is_jcc & (fall >= 0) & (fall == nxt)              # taken side stays taken
+    jcc_flip = is_jcc & ~jcc_keep & (tb >= 0) & (tb == nxt)      # inverted: target follows
+    branch_end = site | is_jmp | is_jcc
+
+    # Up to four items per position: [body or whole copy] [terminator] [tail] [added jmp].
+    s0 = plain | ((unit_nop | branch_end) & (i0 < term))
+    s1 = unit_nop | site | (is_jmp & ~elide) | is_jcc
+    s2 = ((is_jmp & ~elide) | is_jcc | site) & (term + 1 < i1)
+    fall_left = np.where(unit_nop | is_jmp | jcc_keep | jcc_flip, -1, fall)
+    s3 = (fall_left >= 0) & (fall_left != nxt)
+    present = np.stack([s0, s1, s2, s3], axis=1)
+    counts = present.sum(axis=1)
+    first_item = np.zeros(npos, np.int64)
+    np.cumsum(counts[:-1], out=first_item[1:])
+
+    t_kind = np.select([unit_nop, site, is_jmp], [NOP, SITE, JMP], JCC).astype(np.int8)
+
+    def column(dtype, s0_value, s1_value, s2_value, s3_value) -> np.ndarray:
+        """One item attribute: the four slots' values, only the items present."""
+        m = np.empty((npos, 4), dtype)
+        for k, value in enumerate((s0_value, s1_value, s2_value, s3_value)):
+            m[:, k] = value
+        return m[present]
+
+    item_pos = column(np.int64, *(np.arange(npos),) * 4)
+    kinds = column(np.int8, COPY, t_kind, COPY, JMP)
+    sizes = column(np.int64, np.where(plain, whole, body),
+                   np.where(unit_nop, whole - body, SHORT_SIZE[t_kind]), bt.tail[b], enc.JMP8)
+    i0s = column(np.int64, i0, 0, term + 1, 0)
+    i1s = column(np.int64, np.where(plain, i1, term), 0, i1, 0)
+    ccs = column(np.int8, 0, np.where(jcc_flip, bt.cc[b] ^ 1, bt.cc[b]), 0, 0)
+    to_block = column(bool, False, np.where(site, site_block, jcc_flip | (tb >= 0)) & ~unit_nop,
+                      False, True)
+    blocks = column(np.int64, -1, np.where(site, taken, np.where(jcc_flip, fall, tb)), -1,
+                    fall_left)
+    dest_addr = column(np.uint64, 0, np.where(site, site_target, bt.target[b]), 0, 0)
+    origins = column(np.int64, -1, term, -1, -1)
+    states = column(np.int64, -1, term, -1, bt.first[np.maximum(fall_left, 0)])
+    site_jmps = column(bool, False, bt.site_jmp[b], False, False)
+    # Branches to a block land on that block's first item.
+    pos_of_block = np.full(len(bt.kind), -1, np.int64)
+    pos_of_block[lay] = np.arange(npos)
+    dest_pos = pos_of_block[np.maximum(blocks, 0)]
+    dest_item = np.where(to_block, first_item[np.maximum(dest_pos, 0)], -1)
+    # (a branch to a block not in the layout: only blocks nobody reaches are dropped)
+    lost = to_block & ((blocks < 0) | (dest_pos < 0))
+    if lost.any():
+        error[item_pos[lost]] = DROPPED_REF
+        dest_item[lost] = first_item[item_pos[lost]]
+    del blocks, dest_pos, to_block
+    elided_to = np.full(npos, -1, np.int64)
+    if elide.any():
+        elided_to[elide] = first_item[pos_of_block[nxt[elide]]]
+    return _Items(func=lay_f[item_pos], part=lay_part[item_pos], kind=kinds,
+                  size=sizes, i0=i0s, i1=i1s, cc=ccs, dest_item=dest_item, dest_addr=dest_addr,
+                  origin=origins, state=states, site_jmp=site_jmps,
+                  error=error, elided=elide, elided_to=elided_to,
+                  dropped=np.where(elide, whole - body, 0), inserted=s3,
+                  first_item=first_item)
+
+
+def _relax(items: _Items, part_base: np.ndarray) -> np.ndarray:
+    """Branch sizes (in ``items.size``) and item addresses: every branch starts
+    short and grows until it reaches. Sizes only grow, so this ends; functions
+    are independent, so relaxing them together gives each its own result."""
+    size = items.size
+    n = len(size)
+    part = items.part
+    starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]]) if n else np.zeros(0, np.int64)
+    first_of_item = np.repeat(starts, np.diff(np.r_[starts, n]))
+    base = part_base[part]
+    short = np.flatnonzero((items.kind != COPY) & (items.kind != NOP))
+    cs = np.zeros(n + 1, np.int64)
+    while True:
+        np.cumsum(size, out=cs[1:])
+        addr = base + (cs[:-1] - cs[first_of_item]).astype(np.uint64)
+        if not len(short):
+            return addr
+        d = items.dest_item[short]
+        dest = np.where(d >= 0, addr[np.maximum(d, 0)], items.dest_addr[short])
+        disp = (dest - addr[short] - size[short].astype(np.uint64)).view(np.int64)
+        out = (disp < -128) | (disp > 127)
+        if not out.any():
+            return addr
+        grow = short[out]
+        size[grow] = LONG_SIZE[items.kind[grow]]
+        short = short[~out]
+
+
+def _part_ends(items: _Items, addr: np.ndarray, nparts: int) -> np.ndarray:
+    end = np.zeros(nparts, np.uint64)
+    if len(addr):
+        last = np.flatnonzero(np.r_[items.part[1:] != items.part[:-1], True])
+        end[items.part[last]] = addr[last] + items.size[last].astype(np.uint64)
+    return end
+
+
+@dataclass
+class Emission:
+    """The new code of every rewritten function (rows ascending)."""
+
+    rows: np.ndarray          # function rows
+    start: np.ndarray         # uint64: unchanged function start
+    end: np.ndarray           # uint64: old end
+    first_insn: np.ndarray    # instructions [first_insn, last_insn) of each function
+    last_insn: np.ndarray
+    code: np.ndarray          # uint8: every function's new bytes, one after the other
+    code_off: np.ndarray      # where each function's bytes (from its start) are in ``code``
+    code_len: np.ndarray
+    frag_base: np.ndarray     # uint64 address of its fragment in free room (0: none)
+    frag_off: np.ndarray
+    frag_len: np.ndarray
+    inserted_jumps: np.ndarray
+    dropped_bytes: np.ndarray
+    item_func: np.ndarray     # per item: function index; items in layout order
+    item_kind: np.ndarray
+    item_addr: np.ndarray     # uint64 new address
+    item_size: np.ndarray
+    item_base: np.ndarray     # COPY: old address of its first byte
+    item_state: np.ndarray    # branches: old instruction whose ORC state applies
+    new_addr: np.ndarray      # uint64 per instruction of the model: new address (0: none)
+    # PC-relative fields that point into another rewritten function's interior,
+    # resolved once every function has its place: function, field address, size,
+    # next ip, old target.
+    deferred: tuple
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def runs(self) -> np.ndarray:
+        """(new start, old start, length) of every copied run, (n, 3) uint64."""
+        c = self.item_kind == COPY
+        return np.stack([self.item_addr[c], self.item_base[c],
+                         self.item_size[c].astype(np.uint64)], axis=1)
+
+    @property
+    def branch_states(self) -> tuple[np.ndarray, np.ndarray]:
+        """(new address, old instruction index) of every emitted branch or nop."""
+        b = self.item_kind != COPY
+        return self.item_addr[b], self.item_state[b]
+
+    def items_per_function(self) -> np.ndarray:
+        return np.bincount(self.item_func, minlength=len(self.rows))
+
+    def fragments(self) -> list[tuple[int, int]]:
+        has = self.frag_len > 0
+        return list(zip(self.frag_base[has].tolist(),
+                        (self.frag_base[has] + self.frag_len[has].astype(np.uint64)).tolist()))
+
+    def moved_ranges(self) -> np.ndarray:
+        """(start, old end, new end) of every rewritten slot and placed fragment."""
+        slots = np.stack([self.start, self.end,
+                          self.start + self.code_len.astype(np.uint64)], axis=1)
+        has = self.frag_len > 0
+        fb = self.frag_base[has]
+        frags = np.stack([fb, fb, fb + self.frag_len[has].astype(np.uint64)], axis=1)
+        return np.concatenate([slots, frags]).astype(np.uint64)
+
+    def select(self, keep: np.ndarray) -> "Emission":
+        """Only the functions where ``keep`` is True (the others keep their old code)."""
+        index = np.full(len(self.rows), -1, np.int64)
+        index[keep] = np.arange(int(keep.sum()))
+        items = keep[self.item_func]
+        new_addr = self.new_addr.copy()
+        for a, b in zip(self.first_insn[~keep].tolist(), self.last_insn[~keep].tolist()):
+            new_addr[a:b] = 0
+        d = self.deferred
+        dk = keep[d[0]]
+        return Emission(
+            rows=self.rows[keep], start=self.start[keep], end=self.end[keep],
+            first_insn=self.first_insn[keep], last_insn=self.last_insn[keep], code=self.code,
+            code_off=self.code_off[keep], code_len=self.code_len[keep],
+            frag_base=self.frag_base[keep], frag_off=self.frag_off[keep],
+            frag_len=self.frag_len[keep], inserted_jumps=self.inserted_jumps[keep],
+            dropped_bytes=self.dropped_bytes[keep], item_func=index[self.item_func[items]],
+            item_kind=self.item_kind[items], item_addr=self.item_addr[items],
+            item_size=self.item_size[items], item_base=self.item_base[items],
+            item_state=self.item_state[items], new_addr=new_addr,
+            deferred=(index[d[0][dk]],) + tuple(x[dk] for x in d[1:]))
+
+
+def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
+                   moved_interior, allocator) -> tuple[Emission, list[tuple[int, str]]]:
+    """Emit function ``row`` with its blocks in ``orders[row]``, for every row.
+
+    ``slots``: end of every function's slot. Blocks that do not fit the slot
+    (in layout order) go to one fragment placed by ``allocator`` in free room
+    of .text (no allocator, or another section: the function is left alone).
+    Returns the emission and the (row, reason) of every function left alone."""
     insns = model.insns
     functions = model.functions
-    start = int(functions.start[row])
-    end = int(functions.end[row])
-    blocks = list(cfg.blocks_of(row))
-    first_insn = int(cfg.block_first[blocks[0]])
-    last_insn = int(cfg.block_end[blocks[-1]])
-    ref = insns.ref
-    addr_of = insns.addr
-    length = insns.length
+    rows = np.array(sorted(orders), np.int64)
+    nf = len(rows)
+    if not nf:
+        none = np.zeros(0, np.int64)
+        nowhere = np.zeros(0, np.uint64)
+        return Emission(rows=none, start=nowhere, end=nowhere, first_insn=none,
+                        last_insn=none, code=np.zeros(0, np.uint8), code_off=none,
+                        code_len=none, frag_base=nowhere, frag_off=none, frag_len=none,
+                        inserted_jumps=none, dropped_bytes=none, item_func=none,
+                        item_kind=none, item_addr=nowhere, item_size=none, item_base=nowhere,
+                        item_state=none, new_addr=np.zeros(len(insns.addr), np.uint64),
+                        deferred=(none, nowhere, none, nowhere, nowhere)), []
+    lengths = np.array([len(orders[r]) for r in rows.tolist()], np.int64)
+    lay = np.fromiter((b for r in rows.tolist() for b in orders[r]), np.int64,
+                      int(lengths.sum()))
+    lay_f = np.repeat(np.arange(nf), lengths)
+    start = functions.start[rows].astype(np.uint64)
+    end = functions.end[rows].astype(np.uint64)
+    slot = (slots[rows].astype(np.uint64) - start).astype(np.int64)
+    first_insn = cfg.block_first[cfg.func_first_block[rows]]
+    last_insn = cfg.block_end[cfg.func_end_block[rows] - 1]
+    failure = np.zeros(nf, np.int8)
 
-    # Blocks nobody reaches that are only alignment fill are dropped.
-    lo_b, hi_b = blocks[0], blocks[-1]
-    e_lo, e_hi = np.searchsorted(cfg.edge_src, [lo_b, hi_b + 1])
-    preds = set(cfg.edge_dst[e_lo:e_hi].tolist())
-    firsts = cfg.block_first[lo_b:hi_b + 1]
-    entry_mask = cfg.entry_insn[firsts] | cfg.external_entry_insn[firsts]
-    entries = {blocks[0]} | {lo_b + k for k in np.flatnonzero(entry_mask).tolist()}
-    dropped = 0
-    layout = []
-    bt = ctx.blocks
-    for b in order:
-        if b not in preds and b not in entries:
-            i0, i1 = bt.first[b], bt.end[b]
-            if ctx.fill[i0:i1].all():
-                dropped += bt.whole[b]
-                continue
-        layout.append(b)
+    def fail(funcs, code):
+        # The first reason found for a function is the one reported.
+        funcs = np.asarray(funcs, np.int64)
+        code = np.broadcast_to(np.asarray(code, np.int8), funcs.shape)
+        new = failure[funcs] == OK
+        failure[funcs[new]] = code[new]
 
-    def build_items(part: list[int], items: list, block_item: dict,
-                    elided: list) -> tuple[int, int]:
-        """Items for blocks ``part`` laid out contiguously; returns (inserted jumps,
-        dropped bytes). Jumps that fall away are listed in ``elided`` as (jump, block
-        it went to)."""
-        inserted = dropped_here = 0
-        for k, b in enumerate(part):
-            nxt = part[k + 1] if k + 1 < len(part) else None
-            block_item[b] = len(items)
-            i0, i1, term = bt.first[b], bt.end[b], bt.term[b]
-            fall = bt.fall[b]
-            kind = bt.kind[b]
-            if kind == END_UNIT_JMP and bt.t_block[b] == nxt and term + 1 == i1:
-                # The alternative's jump lands right behind it: a nop of its size.
-                if i0 < term:
-                    items.append(Item(COPY, i0, term, nbytes=bt.body[b]))
-                items.append(Item(NOP, origin=term, state=term, nbytes=bt.whole[b] - bt.body[b]))
-                fall = -1  # (what followed the site is no longer what follows it)
-            elif kind in (END_COPY, END_UNIT_JMP):
-                items.append(Item(COPY, i0, i1, nbytes=bt.whole[b]))
-            else:
-                if i0 < term:
-                    items.append(Item(COPY, i0, term, nbytes=bt.body[b]))
-                if kind == END_SITE:
-                    if bt.taken[b] >= 0:
-                        items.append(Item(SITE, target=bt.taken[b], origin=term, state=term,
-                                          site_jmp=bt.site_jmp[b]))
-                    elif bt.site_target[b] and not ctx.moved_interior(
-                            np.array([bt.site_target[b]], np.uint64))[0]:
-                        # The jump side leaves the function (to code that stays put).
-                        items.append(Item(SITE, tkind=TO_ADDR, target=bt.site_target[b],
-                                          origin=term, state=term, site_jmp=bt.site_jmp[b]))
-                    else:
-                        raise EmitError("static-key-target", f"site at {bt.term_addr[b]:#x}")
-                else:
-                    t_block = bt.t_block[b]
-                    tkind, tgt = (TO_BLOCK, t_block) if t_block >= 0 else (TO_ADDR, bt.target[b])
-                    if kind == END_JMP:
-                        if tkind == TO_BLOCK and tgt == nxt:
-                            # The jump (and any int3 after it) falls away.
-                            dropped_here += bt.whole[b] - bt.body[b]
-                            elided.append((term, nxt))
-                            continue
-                        items.append(Item(JMP, tkind=tkind, target=tgt, origin=term, state=term))
-                    else:
-                        cc = bt.cc[b]
-                        if fall < 0:
-                            raise EmitError("jcc-without-fallthrough", f"{bt.term_addr[b]:#x}")
-                        if fall == nxt:
-                            items.append(Item(JCC, cc=cc, tkind=tkind, target=tgt, origin=term,
-                                              state=term))
-                            fall = -1
-                        elif tkind == TO_BLOCK and tgt == nxt:
-                            items.append(Item(JCC, cc=cc ^ 1, tkind=TO_BLOCK, target=fall,
-                                              origin=term, state=term))
-                            fall = -1
-                        else:
-                            items.append(Item(JCC, cc=cc, tkind=tkind, target=tgt, origin=term,
-                                              state=term))
-                    if term + 1 < i1:
-                        items.append(Item(COPY, term + 1, i1, nbytes=bt.tail[b]))
-                    if kind == END_JMP:
-                        continue
-            if fall >= 0 and fall != nxt:
-                items.append(Item(JMP, tkind=TO_BLOCK, target=fall, state=bt.first[fall]))
-                inserted += 1
-        return inserted, dropped_here
+    # Alignment fill nobody reaches is dropped.
+    drop = bt.droppable[lay]
+    dropped_fill = np.bincount(lay_f[drop], weights=bt.whole[lay[drop]], minlength=nf)
+    lay, lay_f = lay[~drop], lay_f[~drop]
 
-    def arrange(parts: list[list[int]], bases: list[int]):
-        """Items for ``parts`` placed at ``bases`` with relaxed branch sizes."""
-        items: list[Item] = []
-        block_item: dict[int, int] = {}
-        part_of_item: list[int] = []
-        inserted = dropped_jumps = 0
-        elided: list = []
-        ranges = []
-        for p, part in enumerate(parts):
-            before = len(items)
-            ins, drop = build_items(part, items, block_item, elided)
-            inserted += ins
-            dropped_jumps += drop
-            part_of_item += [p] * (len(items) - before)
-            ranges.append((before, len(items)))
-        item_addr = [0] * len(items)
+    def first_errors(items, lay_f):
+        bad = np.flatnonzero(items.error)
+        funcs, first = np.unique(lay_f[bad], return_index=True)
+        fail(funcs, items.error[bad[first]])
 
-        def destination(it) -> int:
-            # A block emitted as nothing (a jump to the next block) starts where
-            # the next block's items start; build_items guarantees that is an item.
-            return item_addr[block_item[it.target]] if it.tkind == TO_BLOCK else it.target
+    # --- one part per function: does it fit its slot? ------------------------------
+    whole = _build_items(bt, lay, lay_f, np.zeros(len(lay), np.int64) + lay_f, moved_interior)
+    first_errors(whole, lay_f)
+    addr = _relax(whole, start)
+    ends = _part_ends(whole, addr, nf)
+    over = (failure == OK) & ((ends - start).astype(np.int64) > slot)
+    in_text = np.zeros(nf, bool)
+    text = model.image.section(".text")
+    if allocator is not None and text is not None:
+        in_text = functions.section[rows] == text.index
+    fail(np.flatnonzero(over & ~in_text), DOES_NOT_FIT)
+    split = np.flatnonzero(over & in_text)
 
-        # Relaxation: every branch starts short and grows until it reaches. Sizes
-        # only grow, so this ends; each round re-places the items (prefix sums)
-        # and checks the branches still short.
-        sizes = [it.nbytes for it in items]
-        # Short branches as (item, item it goes to or -1, address when -1).
-        short = [(n, block_item[it.target] if it.tkind == TO_BLOCK else -1, it.target)
-                 for n, it in enumerate(items) if it.kind != COPY and it.kind != NOP]
-        ends = list(bases[:len(parts)])
-        while True:
-            for p, (lo, hi) in enumerate(ranges):
-                placed = list(accumulate(sizes[lo:hi], initial=bases[p]))
-                item_addr[lo:hi] = placed[:-1]
-                ends[p] = placed[-1]
-            still = []
-            for branch in short:
-                n, to, addr = branch
-                disp = (item_addr[to] if to >= 0 else addr) - item_addr[n] - sizes[n]
-                if disp < -128 or disp > 127:
-                    items[n].grow()
-                    sizes[n] = items[n].nbytes
-                else:
-                    still.append(branch)
-            if len(still) == len(short):
+    # --- too big: the longest prefix that fits stays, the rest goes to a fragment ---
+    keep = np.full(nf, -1, np.int64)  # positions that stay in the slot (-1: all)
+    reserved = np.zeros(nf, np.int64)
+    pos_start = np.zeros(nf + 1, np.int64)
+    np.cumsum(np.bincount(lay_f, minlength=nf), out=pos_start[1:])
+    # Part bases while laying out: the slot, and a fragment far away.
+    bases = np.zeros(2 * nf, np.uint64)
+    bases[0::2] = start
+    bases[1::2] = start + np.uint64(FAR)
+    if len(split):
+        # First guess: every branch near, plus a jump to the fragment.
+        long_size = np.where((whole.kind == COPY) | (whole.kind == NOP), whole.size,
+                             LONG_SIZE[whole.kind])
+        cum = np.zeros(len(long_size) + 1, np.int64)
+        np.cumsum(long_size, out=cum[1:])
+        first_of_f = whole.first_item[pos_start[:-1].clip(max=max(len(lay) - 1, 0))]
+        # (the first item of the next position: of the next function after the last)
+        nxt_item = np.r_[whole.first_item[1:], len(long_size)]
+        after = cum[nxt_item] - cum[first_of_f[lay_f]] + enc.JMP32
+        fits = (after <= slot[lay_f]) & np.isin(lay_f, split)
+        guess = np.bincount(lay_f[fits], minlength=nf)
+        npos = np.diff(pos_start)
+        keep[split] = np.minimum(guess[split], npos[split] - 1)
+        del long_size, cum, first_of_f, nxt_item, after, fits
+        pending = split
+        while len(pending):
+            bad = pending[keep[pending] < 1]
+            fail(bad, DOES_NOT_FIT)  # not even its entry block fits the slot
+            pending = pending[keep[pending] >= 1]
+            if not len(pending):
                 break
-            short = still
-        return (items, block_item, part_of_item, item_addr, ends, destination,
-                inserted, dropped_jumps, elided)
-
-    slot = slot_end - start
-    parts = [layout]
-    arranged = arrange(parts, [start])
-    if arranged[4][0] - start > slot:
-        if allocator is None:
-            raise EmitError("does-not-fit", f"{arranged[4][0] - start} bytes for a {slot}-byte slot")
-        # The longest prefix of the layout that surely fits stays (sizes with every
-        # branch near, plus a jump to the fragment); the rest goes to a fragment.
-        items0, block_item0 = arranged[0], arranged[1]
-        long_size = [LONG_SIZE.get(it.kind, it.nbytes) for it in items0]
-        cum = np.concatenate([[0], np.cumsum(long_size)])
-        block_end_size = []
-        for k, b in enumerate(layout):
-            nxt_item = block_item0[layout[k + 1]] if k + 1 < len(layout) else len(items0)
-            block_end_size.append(int(cum[nxt_item]) + enc.JMP32)
-        far = start + (1 << 30)
-        best = None
-        keep = int(np.searchsorted(np.array(block_end_size), slot, side="right"))
-        while keep >= 1 and best is None:
-            if keep >= len(layout):
-                keep = len(layout) - 1
-                continue
-            trial = arrange([layout[:keep], layout[keep:]], [start, far])
-            if trial[4][0] - start <= slot:
-                best = (keep, trial)
-            else:
-                keep -= 1
-        if best is None:
-            raise EmitError("does-not-fit", "not even its entry block fits the slot")
-        keep, trial = best
-        reserved = trial[4][1] - far
-        frag_base = allocator.reserve(reserved)
-        if frag_base is None:
-            raise EmitError("no-room-for-cold-code", f"{reserved} bytes")
-        parts = [layout[:keep], layout[keep:]]
-        # The trial placed the fragment far away, so every branch into, out of or
-        # inside it that leaves it is already long: moving it to frag_base keeps
-        # every size, and the slot and the reservation fit exactly as measured.
-        arranged = trial
-        item_addr, ends = trial[3], trial[4]
-        shift = frag_base - far
-        for n, p in enumerate(trial[2]):
-            if p == 1:
-                item_addr[n] += shift
-        ends[1] += shift
-    (items, block_item, part_of_item, item_addr, part_end, destination,
-     inserted, dropped_jumps, elided) = arranged
-    dropped += dropped_jumps
-    bases = [start] + ([frag_base] if len(parts) > 1 else [])
-
-    fragment = None
-    if len(parts) > 1:
-        used = part_end[1] - frag_base
-        allocator.shrink(frag_base, reserved, used)
-        fragment = (frag_base, used)
-
-    # --- new addresses ---------------------------------------------------------
-    new_addr = np.zeros(last_insn - first_insn, np.uint64)
-    branch_states = []
-    copy_i0, copy_i1, copy_at, copy_len = [], [], [], []
-    for n, it in enumerate(items):
-        if it.kind == COPY:
-            copy_i0.append(it.i0)
-            copy_i1.append(it.i1)
-            copy_at.append(item_addr[n])
-            copy_len.append(it.nbytes)
+            sel = np.isin(lay_f, pending)
+            t_lay, t_f = lay[sel], lay_f[sel]
+            t_part = 2 * t_f + (np.arange(len(lay))[sel] - pos_start[t_f] >= keep[t_f])
+            trial = _build_items(bt, t_lay, t_f, t_part, moved_interior)
+            t_addr = _relax(trial, bases)
+            t_end = _part_ends(trial, t_addr, 2 * nf)
+            ok = (t_end[2 * pending] - start[pending]).astype(np.int64) <= slot[pending]
+            done = pending[ok]
+            reserved[done] = (t_end[2 * done + 1] - bases[2 * done + 1]).astype(np.int64)
+            keep[pending[~ok]] -= 1
+            pending = pending[~ok]
+    del whole, addr, ends
+    # Fragments go to free room in address order (so the output does not depend on
+    # how the work was divided).
+    frag_base = np.zeros(nf, np.uint64)
+    for f in np.flatnonzero((keep >= 0) & (failure == OK)).tolist():
+        base = allocator.reserve(int(reserved[f]))
+        if base is None:
+            fail([f], NO_ROOM)
         else:
-            branch_states.append((item_addr[n], it.state))
-    # Copied runs move as a whole: every instruction of a run by the run's shift.
-    i0 = np.array(copy_i0, np.int64)
-    counts = np.array(copy_i1, np.int64) - i0
-    old_base = addr_of[i0]
-    idx = np.repeat(i0 - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-    new_addr[idx - first_insn] = addr_of[idx] + np.repeat(
-        np.array(copy_at, np.uint64) - old_base, counts)
-    copied = np.zeros(last_insn - first_insn, bool)
-    copied[idx - first_insn] = True
-    runs = list(zip(copy_at, old_base.tolist(), copy_len))
-    for n, it in enumerate(items):
-        if it.kind != COPY and it.origin >= 0:
-            new_addr[it.origin - first_insn] = item_addr[n]
+            allocator.shrink(base, int(reserved[f]), int(reserved[f]))
+            frag_base[f] = base
+
+    # --- the final layout: every function that is still in, all at once ------------
+    alive = failure[lay_f] == OK
+    lay, lay_f = lay[alive], lay_f[alive]
+    pos_start = np.zeros(nf + 1, np.int64)
+    np.cumsum(np.bincount(lay_f, minlength=nf), out=pos_start[1:])
+    in_frag = (keep[lay_f] >= 0) & (np.arange(len(lay)) - pos_start[lay_f] >= keep[lay_f])
+    lay_part = 2 * lay_f + in_frag
+    items = _build_items(bt, lay, lay_f, lay_part, moved_interior)
+    addr = _relax(items, bases)
+    # The fragment was laid out far away, so every branch between it and the slot
+    # is already rel32: moving it to its place in free room keeps every size (and
+    # so the slot and the reservation fit exactly as measured).
+    frag = items.part % 2 == 1
+    addr[frag] += frag_base[items.func[frag]] - bases[items.part[frag]]
+    part_len = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
+
+    # --- new addresses ---------------------------------------------------------------
+    new_addr = np.zeros(len(insns.addr), np.uint64)
+    copy = np.flatnonzero(items.kind == COPY)
+    c_i0 = items.i0[copy]
+    counts = items.i1[copy] - c_i0
+    total = int(counts.sum())
+    run_of = np.repeat(np.arange(len(copy)), counts)
+    idx = c_i0[run_of] + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+    item_base = np.zeros(len(items.kind), np.uint64)
+    item_base[copy] = insns.addr[c_i0]
+    new_addr[idx] = insns.addr[idx] + (addr[copy] - item_base[copy])[run_of]
+    del counts
+    branch = np.flatnonzero((items.kind != COPY) & (items.origin >= 0))
+    new_addr[items.origin[branch]] = addr[branch]
     # A jump that fell away is where its target now starts: code that lands on it
     # (an exception fixup such as "jmp back to the loop") lands on what it ran next.
-    for term, nxt in elided:
-        new_addr[term - first_insn] = item_addr[block_item[nxt]]
+    el = np.flatnonzero(items.elided)
+    new_addr[bt.term[lay[el]]] = addr[items.elided_to[el]]
 
-    # --- bytes -----------------------------------------------------------------
-    out = [bytearray(part_end[p] - bases[p]) for p in range(len(parts))]
-    for n, it in enumerate(items):
-        p = part_of_item[n]
-        buf = out[p]
-        here = item_addr[n]
-        at = here - bases[p]
-        if it.kind == COPY:
-            base = int(addr_of[it.i0]) - ctx.code_base
-            buf[at:at + it.nbytes] = ctx.code[base:base + it.nbytes]
-            continue
-        size = it.nbytes
-        dest = destination(it) if it.kind != NOP else 0
-        if it.kind == JMP:
-            buf[at:at + size] = enc.jmp(size, dest - (here + size))
-        elif it.kind == JCC:
-            buf[at:at + size] = enc.jcc(it.cc, size, dest - (here + size))
-        elif it.kind == NOP:
-            buf[at:at + size] = enc.nop(size)
-        elif it.site_jmp:
-            buf[at:at + size] = enc.jmp(size, dest - (here + size))
-        else:
-            buf[at:at + size] = enc.nop(size)
+    # --- bytes -----------------------------------------------------------------------
+    item_off = np.zeros(len(items.size) + 1, np.int64)
+    np.cumsum(items.size, out=item_off[1:])
+    code = np.zeros(int(item_off[-1]), np.uint8)
+    _copy_bytes(model, code, item_off[copy], item_base[copy], items.size[copy])
+    _encode_branches(items, addr, item_off, code)
 
     # PC-relative fields of copied instructions, all at once: the target moves
-    # with this function, lies in another moved function (resolved later), or stays.
-    fields = np.flatnonzero(insns.field_size[first_insn:last_insn] > 0)
-    fields = fields[copied[fields]] if len(fields) else fields
-    deferred = []
-    if len(fields):
-        idx = fields + first_insn
-        new_i = new_addr[fields]
-        next_ip = new_i + length[idx]
-        target = ref[idx]
-        new_target = target.copy()
-        local = (target >= np.uint64(start)) & (target < np.uint64(end))
-        if local.any():
-            t = target[local]
-            j = np.searchsorted(addr_of[first_insn:last_insn], t, side="right").astype(np.int64) - 1
-            mapped = new_addr[np.maximum(j, 0)]
-            bad = (j < 0) | (mapped == 0)
-            if bad.any():
-                k = int(np.flatnonzero(local)[np.flatnonzero(bad)[0]])
-                raise EmitError("reference-to-dropped-code",
-                                f"{int(addr_of[idx[k]]):#x} -> {int(target[k]):#x}")
-            new_target[local] = mapped + (t - addr_of[first_insn + j])
-        fo = insns.field_off[idx]
-        fs = insns.field_size[idx]
-        disp = (new_target - next_ip).view(np.int64)
-        elsewhere = np.flatnonzero(~local)
-        if len(elsewhere):
-            later = elsewhere[ctx.moved_interior(target[elsewhere])]
-            deferred = list(zip((new_i[later] + fo[later].astype(np.uint64)).tolist(),
-                                fs[later].tolist(), next_ip[later].tolist(),
-                                target[later].tolist()))
-        limit = np.where(fs == 1, 1 << 7, 1 << 31).astype(np.int64)
-        out_of_range = (disp < -limit) | (disp >= limit)
-        if out_of_range.any():
-            k = int(np.flatnonzero(out_of_range)[0])
-            raise EmitError("branch-out-of-range", f"{int(fs[k])}-byte field at "
-                            f"{int(addr_of[idx[k]]):#x} cannot reach {int(new_target[k]):#x}")
-        field_addr = new_i + fo.astype(np.uint64)
-        for p in range(len(parts)):
-            in_part = (field_addr >= np.uint64(bases[p])) & (field_addr < np.uint64(part_end[p]))
-            if not in_part.any():
-                continue
-            view = np.frombuffer(out[p], np.uint8)
-            pos = (field_addr[in_part] - np.uint64(bases[p])).astype(np.int64)
-            d = disp[in_part]
-            size = fs[in_part]
-            for width in (1, 2, 4):
-                sel = size == width
-                if sel.any():
-                    put_fields(view, pos[sel], width, d[sel])
+    # with its function, lies in another moved function (resolved later), or stays.
+    with_field = insns.field_size[idx] > 0
+    f_idx, f_item = idx[with_field], copy[run_of[with_field]]
+    f_func = items.func[f_item]
+    new_i = new_addr[f_idx]
+    next_ip = new_i + insns.length[f_idx]
+    target = insns.ref[f_idx]
+    new_target = target.copy()
+    local = (target >= start[f_func]) & (target < end[f_func])
+    t = target[local]
+    j = np.searchsorted(insns.addr, t, side="right").astype(np.int64) - 1
+    lf = f_func[local]
+    j_ok = (j >= first_insn[lf]) & (j < last_insn[lf])
+    mapped = new_addr[np.maximum(j, 0)]
+    bad = ~j_ok | (mapped == 0)
+    fail(np.unique(lf[bad]), DROPPED_REF)
+    new_target[local] = np.where(bad, t, mapped + (t - insns.addr[np.maximum(j, 0)]))
+    fo = insns.field_off[f_idx]
+    fs = insns.field_size[f_idx].astype(np.int64)
+    disp = (new_target - next_ip).view(np.int64)
+    limit = np.where(fs == 1, 1 << 7, 1 << 31).astype(np.int64)
+    out_of_range = (disp < -limit) | (disp >= limit)
+    fail(np.unique(f_func[out_of_range]), OUT_OF_RANGE)
+    pos = item_off[f_item] + (insns.addr[f_idx] - item_base[f_item]).astype(np.int64) \
+        + fo.astype(np.int64)
+    for width in (1, 2, 4):
+        sel = (fs == width) & ~out_of_range
+        if sel.any():
+            put_fields(code, pos[sel], width, disp[sel])
+    later = np.flatnonzero(~local)
+    later = later[moved_interior(target[later])]
+    deferred = (f_func[later], new_i[later] + fo[later].astype(np.uint64), fs[later],
+                next_ip[later], target[later])
 
-    return FunctionPlan(row=row, start=start, code=bytes(out[0]), new_addr=new_addr,
-                        first_insn=first_insn, branch_states=branch_states, runs=runs,
-                        deferred=deferred, dropped_bytes=dropped, inserted_jumps=inserted,
-                        fragment=(fragment[0], bytes(out[1])) if fragment else None)
+    # --- the result ------------------------------------------------------------------
+    part_off = np.zeros(2 * nf, np.int64)
+    if len(items.part):
+        firsts = np.flatnonzero(np.r_[True, items.part[1:] != items.part[:-1]])
+        part_off[items.part[firsts]] = item_off[firsts]
+    emission = Emission(
+        rows=rows, start=start, end=end, first_insn=first_insn, last_insn=last_insn,
+        code=code, code_off=part_off[0::2], code_len=part_len[0::2], frag_base=frag_base,
+        frag_off=part_off[1::2], frag_len=part_len[1::2],
+        inserted_jumps=np.bincount(lay_f[items.inserted], minlength=nf),
+        dropped_bytes=(dropped_fill + np.bincount(lay_f, weights=items.dropped,
+                                                  minlength=nf)).astype(np.int64),
+        item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
+        item_base=item_base, item_state=items.state, new_addr=new_addr, deferred=deferred)
+    failures = [(int(rows[f]), FAILURES[int(failure[f])])
+                for f in np.flatnonzero(failure).tolist()]
+    if failures:
+        emission = emission.select(failure == OK)
+    return emission, failures
+
+
+def _copy_bytes(model, code: np.ndarray, dest: np.ndarray, src_addr: np.ndarray,
+                size: np.ndarray, chunk: int = 1 << 16) -> None:
+    """Copy ``size`` bytes from each old address to each offset of ``code``."""
+    image = model.image
+    raw = image.bytes
+    src = np.zeros(len(src_addr), np.int64)
+    for s in image.sections:
+        if not (s.is_alloc and s.is_exec and s.has_bits and s.size):
+            continue
+        inside = (src_addr >= np.uint64(s.addr)) & (src_addr < np.uint64(s.end))
+        src[inside] = (src_addr[inside] - np.uint64(s.addr)).astype(np.int64) + s.offset
+    for lo in range(0, len(size), chunk):
+        n = size[lo:lo + chunk]
+        total = int(n.sum())
+        step = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
+        code[np.repeat(dest[lo:lo + chunk], n) + step] = raw[np.repeat(src[lo:lo + chunk], n)
+                                                            + step]
+
+
+def _encode_branches(items: _Items, addr: np.ndarray, item_off: np.ndarray,
+                     code: np.ndarray) -> None:
+    """Jumps, conditional jumps and static-key sites (jmp or nop), 2 to 6 bytes."""
+    kind, size = items.kind, items.size
+    br = np.flatnonzero((kind != COPY) & (kind != NOP))
+    d = items.dest_item[br]
+    dest = np.where(d >= 0, addr[np.maximum(d, 0)], items.dest_addr[br])
+    disp = (dest - addr[br] - size[br].astype(np.uint64)).view(np.int64)
+    at = item_off[br]
+    k, n = kind[br], size[br]
+    jumps = (k == JMP) | ((k == SITE) & items.site_jmp[br])
+    for sel, opcode, width in ((jumps & (n == 2), (0xEB,), 1), (jumps & (n == 5), (0xE9,), 4)):
+        code[at[sel]] = opcode[0]
+        put_fields(code, at[sel] + 1, width, disp[sel])
+    cc = items.cc[br].astype(np.int64)
+    sel = (k == JCC) & (n == 2)
+    code[at[sel]] = 0x70 | cc[sel]
+    put_fields(code, at[sel] + 1, 1, disp[sel])
+    sel = (k == JCC) & (n == 6)
+    code[at[sel]] = 0x0F
+    code[at[sel] + 1] = 0x80 | cc[sel]
+    put_fields(code, at[sel] + 2, 4, disp[sel])
+    nops = (k == SITE) & ~items.site_jmp[br]
+    for width in (2, 5):
+        sel = at[nops & (n == width)]
+        pattern = np.frombuffer(enc.nop(width), np.uint8)
+        code[sel[:, None] + np.arange(width)[None, :]] = pattern
+    for i in np.flatnonzero(kind == NOP).tolist():
+        at_i, n_i = int(item_off[i]), int(size[i])
+        code[at_i:at_i + n_i] = np.frombuffer(enc.nop(n_i), np.uint8)

@@ -14,33 +14,31 @@ Phases (BOLT's, for a kernel):
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kbuild_bolt.binary.cfg import REASONS, build_cfg
-from kbuild_bolt.binary.model import BinaryModel, default_jobs
+from kbuild_bolt.binary.model import BinaryModel, in_sorted
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.kernel.tables import orc as orc_table
 from kbuild_bolt.layout import orders
+from kbuild_bolt.memory import trim
 from kbuild_bolt.rewrite import relocations as relocs
 from kbuild_bolt.rewrite import tables as table_update
 from kbuild_bolt.rewrite.addressmap import AddressMap
-from kbuild_bolt.rewrite.emit import BlockTable, EmitContext, EmitError, plan_function
+from kbuild_bolt.rewrite.emit import BlockTable, emit_functions
 from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86.patterns import is_fill
-from kbuild_bolt.x86 import encode as enc
 
 
 @dataclass
@@ -56,7 +54,6 @@ class RewriteOptions:
     progress: bool = True
     # Put blocks that do not fit a function's slot into free room in .text.
     split: bool = True
-    jobs: int | None = None
     dyno_stats: bool = False
 
 
@@ -166,75 +163,6 @@ def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:
     return np.where(starts_run, np.minimum(run_end, nxt), ends).astype(np.uint64)
 
 
-@dataclass
-class _EmitState:
-    model: object
-    cfg: object
-    is_site: np.ndarray
-    in_unit: np.ndarray
-    fill: np.ndarray
-    moved_interior: object
-    blocks: object
-    slots: np.ndarray
-    split: bool
-
-
-_STATE: _EmitState | None = None
-
-
-def _emit_chunk(work) -> tuple[list, list]:
-    """Emit a list of (row, order) with fragments in ``holes`` (runs in a worker)."""
-    pairs, holes = work
-    st = _STATE
-    model = st.model
-    functions = model.functions
-    allocator = HoleAllocator(holes) if st.split else None
-    sections = {}
-    plans, failures = [], []
-    for row, order in pairs:
-        sec = model.image.sections[int(functions.section[row])]
-        if sec.index not in sections:
-            sections[sec.index] = bytes(model.image.section_data(sec))
-        ctx = EmitContext(model, st.cfg, st.is_site, st.in_unit, st.fill, sections[sec.index],
-                          sec.addr, st.moved_interior, st.blocks)
-        # Too big for its slot: the blocks that do not fit go to free room. (Only
-        # .text: the free room is there, and relocations of code must stay in
-        # their section's .rela.)
-        room = allocator if sec.name == ".text" else None
-        try:
-            plans.append(plan_function(ctx, row, order, int(st.slots[row]), room))
-        except EmitError as err:
-            failures.append((row, err.reason))
-    return plans, failures
-
-
-def _emit_all(state: _EmitState, pairs, holes, jobs: int) -> tuple[list, list]:
-    """Emit every function, in ``jobs`` forked workers, each with its share of the
-    free room (so fragment placement needs no coordination)."""
-    global _STATE
-    _STATE = state
-    try:
-        if jobs <= 1 or len(pairs) < 256:
-            return _emit_chunk((pairs, holes))
-        shares = [[] for _ in range(jobs)]
-        for a, b in holes:
-            step = (b - a) // jobs // 16 * 16
-            for k in range(jobs):
-                lo = a + k * step
-                hi = b if k == jobs - 1 else lo + step
-                shares[k].append((lo, hi))
-        chunks = [(pairs[k::jobs], shares[k]) for k in range(jobs)]
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            results = list(pool.map(_emit_chunk, chunks))
-    finally:
-        _STATE = None
-    plans = [p for r in results for p in r[0]]
-    failures = [f for r in results for f in r[1]]
-    plans.sort(key=lambda p: p.row)
-    return plans, failures
-
-
 def choose_order(strategy: str, blocks: list[int], rng: random.Random) -> list[int]:
     if strategy == "none":
         return orders.order_none(blocks)
@@ -261,6 +189,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         _say(options, f"reading {input_path}")
         session = Session(input_path)
     model, cfg = session.model, session.cfg
+    trim()
     functions = model.functions
     result.functions = len(functions)
     result.seconds["read"] = time.perf_counter() - t0
@@ -304,13 +233,15 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     unchanged_rows = []
     for row in candidates.tolist():
         blocks = list(cfg.blocks_of(row))
-        # One generator per function: its order does not depend on which other
-        # functions are selected (bisect rewrites subsets and must see the same).
-        rng = random.Random(f"{options.seed}:{names[row]}")
         if layout_fn is not None:
             by_profile = layout_fn.for_function(row)
             order = by_profile(blocks) if by_profile else blocks  # never ran: keep its order
+        elif len(blocks) <= 2 or options.reorder_blocks == "none":
+            order = blocks  # (the entry block stays first: nothing to reorder)
         else:
+            # One generator per function: its order does not depend on which other
+            # functions are selected (bisect rewrites subsets and must see the same).
+            rng = random.Random(f"{options.seed}:{names[row]}")
             order = choose_order(options.reorder_blocks, blocks, rng)
         if order == blocks:
             result.unchanged += 1
@@ -324,10 +255,14 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     rows_candidates = np.array(sorted(wanted_orders), dtype=np.int64)
     # Alignment fill: between functions (room to grow) and in candidate functions
     # (blocks of fill nobody reaches are dropped).
-    check = np.flatnonzero((model.function_of_insn < 0)
-                           | np.isin(model.function_of_insn, rows_candidates))
+    # (a lookup per function row; the last slot stands for -1: no function)
+    fill_checked = np.zeros(len(functions) + 1, bool)
+    fill_checked[rows_candidates] = True
+    fill_checked[-1] = True
+    check = np.flatnonzero(fill_checked[model.function_of_insn])
     check = check[np.isin(insns.flow[check], (x86.NEXT, x86.INTERRUPT))]
     fill_insn[check] = is_fill(model, check)
+    del check, fill_checked
     slots = slot_ends(model, fill_insn)
 
     is_site = np.zeros(len(insns), bool)
@@ -336,7 +271,6 @@ def rewrite(input_path, output_path, options: RewriteOptions,
             if ref.role in (base.SITE, base.BRANCH, base.RANGE):
                 idx = model.insn_index(data.targets(ref.field))
                 is_site[idx[idx >= 0]] = True
-    in_unit = model.inside_patch_unit(insns.addr)
 
     cand_start = functions.start[rows_candidates]
     cand_end = functions.end[rows_candidates]
@@ -346,20 +280,21 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         at = np.maximum(i, 0)
         return (i >= 0) & (cand_start[at] < addrs) & (addrs < cand_end[at])
 
-    block_table = BlockTable(model, cfg, is_site, in_unit)
+    block_table = BlockTable(model, cfg, is_site, fill_insn)
     holes = find_holes(model) if options.split else []
     result.free_room = sum(b - a for a, b in holes)
     _say(options, f"laying out {len(wanted_orders):,} functions ({options.reorder_blocks})")
-    state = _EmitState(model, cfg, is_site, in_unit, fill_insn, moved_interior, block_table,
-                       slots, options.split)
-    plans, failures = _emit_all(state, list(wanted_orders.items()), holes,
-                                options.jobs or default_jobs())
-    del state, block_table  # per-block lists for emission: large, not needed again
+    trim()
+    emission, failures = emit_functions(model, cfg, block_table, wanted_orders, slots,
+                                        moved_interior,
+                                        HoleAllocator(holes) if options.split else None)
+    del block_table, is_site
+    trim()
     for row, reason in failures:
         result.left_alone[reason] += 1
         result.examples.setdefault(reason, names[row])
-    result.fragments = sum(1 for p in plans if p.fragment)
-    result.fragment_bytes = sum(len(p.fragment[1]) for p in plans if p.fragment)
+    result.fragments = int((emission.frag_len > 0).sum())
+    result.fragment_bytes = int(emission.frag_len.sum())
     result.seconds["emit"] = time.perf_counter() - t
     t = time.perf_counter()
 
@@ -370,42 +305,47 @@ def rewrite(input_path, output_path, options: RewriteOptions,
         memory = MemoryCounter(model)
         before = dyno_stats(model, cfg, layout_fn.profile, memory=memory)
         after = dyno_stats(model, cfg, layout_fn.profile,
-                           orders={p.row: wanted_orders[p.row] for p in plans}, memory=memory)
+                           orders={row: wanted_orders[row] for row in emission.rows.tolist()},
+                           memory=memory)
         result.dyno = (before, after)
 
     # --- ORC first: the table cannot grow, so the layout must fit it ----------------
     orc = None
-    if ".orc_unwind_ip" in model.tables and ".orc_unwind" in model.tables and plans:
+    if ".orc_unwind_ip" in model.tables and ".orc_unwind" in model.tables and len(emission):
         while True:
             try:
-                orc = orc_table.regenerate(model, plans, _moved_ranges(model, plans))
+                orc = orc_table.regenerate(model, emission.runs, emission.branch_states,
+                                           emission.moved_ranges())
                 break
             except orc_table.OrcCapacityError:
-                # Leave alone the functions whose new layout costs the most entries.
-                cost = sorted(plans, key=lambda p: -(len(p.runs) + len(p.branch_states)))
-                drop = {p.row for p in cost[:max(1, len(plans) // 20)]}
-                for row in drop:
+                # Leave alone the functions whose new layout costs the most entries
+                # (an entry per copied run and per emitted branch at most).
+                cost = np.argsort(-emission.items_per_function(), kind="stable")
+                drop = cost[:max(1, len(emission) // 20)]
+                for row in emission.rows[drop].tolist():
                     result.left_alone["orc-table-full"] += 1
                     result.examples.setdefault("orc-table-full", names[row])
-                plans = [p for p in plans if p.row not in drop]
+                keep = np.ones(len(emission), bool)
+                keep[drop] = False
+                emission = emission.select(keep)
 
     # --- update --------------------------------------------------------------------
-    amap = AddressMap(model, plans)
+    amap = AddressMap(model, emission)
     out = OutputImage(model.image, output_path)
     try:
-        if plans:  # (nothing moved: the output is the input, byte for byte)
-            _apply(model, cfg, plans, amap, out, result, options, slots, orc)
+        if len(emission):  # (nothing moved: the output is the input, byte for byte)
+            _apply(model, cfg, emission, amap, out, result, options, slots, orc)
         result.seconds["update"] = time.perf_counter() - t
         t = time.perf_counter()
         tmp = out.finish()
         shutil.copymode(model.image.path, tmp)
-        if plans:
+        if len(emission):
             result.stripped = out.strip_debug()
-        rewritten_rows = [p.row for p in plans]
-        fragments = [(p.fragment[0], p.fragment[0] + len(p.fragment[1]))
-                     for p in plans if p.fragment]
+        rewritten_rows = emission.rows.tolist()
+        fragments = emission.fragments()
         # Verification decodes the output beside the input: free the new code first.
-        del plans, amap, orc
+        del emission, amap, orc
+        trim()
         if options.verify:
             from kbuild_bolt.rewrite.verify import verify
             _say(options, "verifying")
@@ -433,66 +373,65 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     return result
 
 
-def _moved_ranges(model, plans) -> list[tuple[int, int, int]]:
-    """(start, old end, new end) of every rewritten slot and placed fragment."""
-    ranges = []
-    for p in plans:
-        ranges.append((p.start, int(model.functions.end[p.row]), p.start + len(p.code)))
-        if p.fragment:
-            base, code = p.fragment
-            ranges.append((base, base, base + len(code)))
-    return ranges
-
-
-def _apply(model, cfg, plans, amap, out, result, options, slots, orc) -> None:
+def _apply(model, cfg, emission, amap, out, result, options, slots, orc) -> None:
     insns = model.insns
-    functions = model.functions
+    e = emission
+    code = e.code
     # 1. New code, int3 after it up to the old end.
-    for p in plans:
-        old_end = int(functions.end[p.row])
-        new_end = p.start + len(p.code)
-        out.write_at(p.start, p.code)
+    for row, start, end, off, n, frag, frag_off, frag_len in zip(
+            e.rows.tolist(), e.start.tolist(), e.end.tolist(), e.code_off.tolist(),
+            e.code_len.tolist(), e.frag_base.tolist(), e.frag_off.tolist(),
+            e.frag_len.tolist()):
+        new_end = start + n
+        out.write_at(start, code[off:off + n].tobytes())
         # int3 after the new code: up to the old end, or, when the code grew into
         # the fill after it, over the rest of that fill (no half nop left behind).
-        fill_end = old_end if new_end <= old_end else int(slots[p.row])
+        fill_end = end if new_end <= end else int(slots[row])
         if fill_end > new_end:
             out.write_at(new_end, b"\xcc" * (fill_end - new_end))
-        if p.fragment:
-            base, code = p.fragment
-            out.write_at(base, code)
-            result.bytes_changed += len(code)
-        result.bytes_changed += len(p.code)
-        result.inserted_jumps += p.inserted_jumps
-        result.dropped_bytes += p.dropped_bytes
+        if frag_len:
+            out.write_at(frag, code[frag_off:frag_off + frag_len].tobytes())
+    result.bytes_changed += int(e.code_len.sum() + e.frag_len.sum())
+    result.inserted_jumps += int(e.inserted_jumps.sum())
+    result.dropped_bytes += int(e.dropped_bytes.sum())
     # 2. PC-relative fields between two rewritten functions.
-    for p in plans:
-        for field_addr, size, next_ip, target in p.deferred:
-            new_target, ok = amap.translate(np.array([target], dtype=np.uint64))
-            if not ok[0]:
-                raise KbbError(f"reference at {field_addr:#x} to dropped code {target:#x}")
-            buf = bytearray(size)
-            if not enc.put_disp(buf, 0, size, enc.rel(int(new_target[0]), next_ip)):
-                raise KbbError(f"reference at {field_addr:#x} cannot reach its moved target")
-            out.write_at(field_addr, bytes(buf))
+    _, field_addr, size, next_ip, target = e.deferred
+    if len(target):
+        new_target, ok = amap.translate(target)
+        if not ok.all():
+            k = int(np.flatnonzero(~ok)[0])
+            raise KbbError(f"reference at {int(field_addr[k]):#x} to dropped code "
+                           f"{int(target[k]):#x}")
+        disp = (new_target - next_ip).view(np.int64)
+        limit = np.left_shift(1, 8 * size - 1).astype(np.int64)
+        bad = (disp < -limit) | (disp >= limit)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise KbbError(f"reference at {int(field_addr[k]):#x} cannot reach its moved target")
+        for width in np.unique(size).tolist():
+            sel = size == width
+            out.write_fields(field_addr[sel], int(width), disp[sel])
     # 3. Code that stays but points into moved code without a relocation.
-    relocated = _relocated_field_starts(model)
-    outside = model.function_of_insn < 0
-    if len(plans):
-        rewritten_rows = np.array([p.row for p in plans])
-        outside |= ~np.isin(model.function_of_insn, rewritten_rows)
-    refs = np.flatnonzero(outside & (insns.field_size > 0))
-    hit = refs[amap.moved(insns.ref[refs])]
-    for i in hit.tolist():
-        field_addr = int(insns.addr[i]) + int(insns.field_off[i])
-        if field_addr in relocated:
-            continue  # the relocation pass rewrites it
-        new_target, ok = amap.translate(np.array([insns.ref[i]], dtype=np.uint64))
-        size = int(insns.field_size[i])
-        buf = bytearray(size)
-        next_ip = int(insns.addr[i]) + int(insns.length[i])
-        if not ok[0] or not enc.put_disp(buf, 0, size, enc.rel(int(new_target[0]), next_ip)):
-            raise KbbError(f"{model.symbolize(int(insns.addr[i]))} cannot reach moved code")
-        out.write_at(field_addr, bytes(buf))
+    rewritten = np.zeros(len(model.functions) + 1, bool)
+    rewritten[e.rows] = True
+    refs = np.flatnonzero(~rewritten[model.function_of_insn] & (insns.field_size > 0))
+    refs = refs[amap.moved(insns.ref[refs])]
+    field_addr = insns.addr[refs] + insns.field_off[refs]
+    # (a field that carries a relocation is rewritten by the relocation pass)
+    refs = refs[~in_sorted(model.code_relocations.offset, field_addr)]
+    if len(refs):
+        field_addr = insns.addr[refs] + insns.field_off[refs]
+        new_target, ok = amap.translate(insns.ref[refs])
+        disp = (new_target - (insns.addr[refs] + insns.length[refs])).view(np.int64)
+        size = insns.field_size[refs].astype(np.int64)
+        limit = np.left_shift(1, 8 * size - 1)
+        bad = ~ok | (disp < -limit) | (disp >= limit)
+        if bad.any():
+            k = int(refs[np.flatnonzero(bad)[0]])
+            raise KbbError(f"{model.symbolize(int(insns.addr[k]))} cannot reach moved code")
+        for width in np.unique(size).tolist():
+            sel = size == width
+            out.write_fields(field_addr[sel], int(width), disp[sel])
     # 4. Relocations outside the kernel tables (records and fields).
     table_ranges = [(d.addr, d.addr + d.size) for d in model.tables.values()]
     updates = relocs.plan_updates(model, amap, skip_ranges=table_ranges)
@@ -508,15 +447,9 @@ def _apply(model, cfg, plans, amap, out, result, options, slots, orc) -> None:
         padding = int(np.sum(ips[1:] == ips[:-1]))
         result.orc_entries = (len(ips) - padding, len(ips))
     # 7. Functions that grew into the fill after them.
-    _grow_symbols(model, out, plans)
+    _grow_symbols(model, out, emission)
     if options.plant_fault:
         _plant_fault(model, amap, out, options.plant_fault)
-
-
-def _relocated_field_starts(model) -> set:
-    """Addresses of code fields that carry a relocation."""
-    r = model.code_relocations
-    return set(r.offset.tolist())
 
 
 def _write_orc(model, out, ips, states) -> None:
@@ -564,7 +497,7 @@ def _section_symbols(model) -> dict[int, int]:
     return {int(symbols.shndx[i]): int(i) for i in idx.tolist()}
 
 
-def _grow_symbols(model, out, plans) -> None:
+def _grow_symbols(model, out, emission) -> None:
     """A function whose new code runs into the fill after it gets the new size."""
     from kbuild_bolt.elf.image import SYM
 
@@ -572,8 +505,8 @@ def _grow_symbols(model, out, plans) -> None:
     symtab = image.symtab
     symbols = image.symbols
     records = np.frombuffer(out.mem, SYM, len(symbols), symtab.offset)
-    grown = [(p.start, int(model.functions.end[p.row] - model.functions.start[p.row]),
-              len(p.code)) for p in plans]
+    grown = list(zip(emission.start.tolist(), (emission.end - emission.start).tolist(),
+                     emission.code_len.tolist()))
     grown = [g for g in grown if g[2] > g[1]]
     if not grown:
         return

@@ -7,7 +7,8 @@ On the output alone:
   sites, fentry calls, ORC sorted, __ex_table sorted, ...;
 - every relocation agrees with the bytes it describes (S + A - P, S + A).
 
-Against the input (``--against``):
+Against the input (``--against``; code ranges whose bounds and bytes are the
+same as the input's take the input's decoding, the rest is decoded anew):
 - ELF header, program headers and the allocated section headers are identical,
   non-allocated ones too apart from removed debug sections; the symbol table
   is identical;
@@ -222,10 +223,14 @@ def _data_problems(inp: BinaryModel, out: BinaryModel) -> tuple[int, list[str]]:
     for data in out.tables.values():
         covered.append((data.addr, data.addr + data.size))
     allr = []
+    # Field size by relocation type (0: unknown type, the last entry).
+    field_size = np.zeros(max(FIELD_SIZE) + 2, np.uint64)
+    for t, n in FIELD_SIZE.items():
+        field_size[t] = n
     for rela in b.rela_sections:
         rr = b.relocations(rela)
         rtype = (rr["info"] & 0xFFFFFFFF).astype(np.int64)
-        size = np.array([FIELD_SIZE.get(int(t), 0) for t in rtype.tolist()], dtype=np.uint64)
+        size = field_size[np.minimum(rtype, len(field_size) - 1)]
         allr.append(np.stack([rr["offset"], rr["offset"] + size], axis=1))
     fields = np.concatenate(allr) if allr else np.zeros((0, 2), np.uint64)
     fields = fields[np.argsort(fields[:, 0])]
@@ -235,6 +240,8 @@ def _data_problems(inp: BinaryModel, out: BinaryModel) -> tuple[int, list[str]]:
         if not (s.is_alloc and s.has_bits and s.size) or s.is_exec:
             continue
         other = b.section(s.name)
+        if other is None or other.size != s.size:
+            continue  # (the header check reports it)
         x = a.bytes[s.offset:s.offset + s.size]
         y = b.bytes[other.offset:other.offset + other.size]
         diff = np.flatnonzero(x != y).astype(np.uint64) + np.uint64(s.addr)
@@ -260,58 +267,67 @@ def _code_problems(inp: BinaryModel, out: BinaryModel, rewritten: set,
     of .text (fragments), or in fields pointing there."""
     a, b = inp.image, out.image
     functions = inp.functions
-    slots = []
-    for row in sorted(rewritten):
-        start = int(functions.start[row])
-        nxt = inp.symbol_values[np.searchsorted(inp.symbol_values, functions.end[row])] \
-            if np.searchsorted(inp.symbol_values, functions.end[row]) < len(inp.symbol_values) \
-            else functions.end[row]
-        slots.append((start, int(max(int(nxt), int(functions.end[row])))))
-    slots += list(fragments)
-    slots.sort()
-    s_lo = np.array([x[0] for x in slots], dtype=np.uint64)
-    s_hi = np.array([x[1] for x in slots], dtype=np.uint64)
+    # A rewritten function's slot: up to the next symbol after its end.
+    rows = np.array(sorted(rewritten), np.int64)
+    ends = functions.end[rows].astype(np.uint64)
+    labels = inp.symbol_values
+    k = np.searchsorted(labels, ends)
+    nxt = np.where(k < len(labels), labels[np.minimum(k, len(labels) - 1)], ends) \
+        if len(labels) else ends
+    frag = np.array(list(fragments), dtype=np.uint64).reshape(-1, 2)
+    s_lo = np.concatenate([functions.start[rows].astype(np.uint64), frag[:, 0]])
+    s_hi = np.concatenate([np.maximum(nxt, ends), frag[:, 1]])
     insns = inp.insns
     with_field = np.flatnonzero(insns.field_size > 0)
     f_lo = insns.addr[with_field] + insns.field_off[with_field]
     f_hi = f_lo + insns.field_size[with_field]
     rel = inp.code_relocations
-    r_lo = rel.offset
-    r_hi = rel.offset + np.uint64(4)
-    lo = np.concatenate([f_lo, r_lo])
-    hi = np.concatenate([f_hi, r_hi])
-    order = np.argsort(lo)
-    lo, hi = lo[order], hi[order]
+    lo = np.concatenate([s_lo, f_lo, rel.offset])
+    hi = np.concatenate([s_hi, f_hi, rel.offset + np.uint64(4)])
     problems = []
     checked = 0
     for s in a.sections:
         if not (s.is_alloc and s.is_exec and s.has_bits and s.size):
             continue
         other = b.section(s.name)
+        if other is None or other.size != s.size:
+            continue  # (the header check reports it)
         x = a.bytes[s.offset:s.offset + s.size]
         y = b.bytes[other.offset:other.offset + other.size]
-        diff = np.flatnonzero(x != y).astype(np.uint64) + np.uint64(s.addr)
         checked += s.size
-        if not len(diff):
+        changed = x != y
+        if not changed.any():
             continue
-        i = np.searchsorted(s_lo, diff, side="right").astype(np.int64) - 1
-        ok = i >= 0
-        ok[ok] &= diff[ok] < s_hi[i[ok]]
-        j = np.searchsorted(lo, diff, side="right").astype(np.int64) - 1
-        in_field = j >= 0
-        in_field[in_field] &= diff[in_field] < hi[j[in_field]]
-        ok |= in_field
-        for addr in diff[~ok][:5].tolist():
-            problems.append(f"{s.name}: {inp.symbolize(int(addr))} changed outside rewritten "
-                            "functions")
+        bad = np.flatnonzero(changed & ~_covered(s.addr, s.size, lo, hi))
+        for off in bad[:5].tolist():
+            problems.append(f"{s.name}: {inp.symbolize(s.addr + off)} changed outside "
+                            "rewritten functions")
     return checked, problems
+
+
+def _covered(base: int, size: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per byte of [base, base + size): inside at least one [lo, hi) range."""
+    lo = np.clip((lo.astype(np.uint64) - np.uint64(base)).view(np.int64), 0, size)
+    hi = np.clip((hi.astype(np.uint64) - np.uint64(base)).view(np.int64), 0, size)
+    keep = hi > lo
+    # +1 where a range starts, -1 where it ends: covered where the running sum is
+    # positive (int32: a section is tens of megabytes).
+    depth = np.zeros(size + 1, np.int32)
+    np.add.at(depth, lo[keep], 1)
+    np.add.at(depth, hi[keep], -1)
+    np.cumsum(depth, out=depth)
+    return depth[:size] > 0
 
 
 def verify(path, against: BinaryModel | ElfImage | str | None = None,
            expect_rewritten: set | None = None, fragments=None) -> VerifyReport:
     report = VerifyReport()
+    inp = None
+    if against is not None:
+        inp = against if isinstance(against, BinaryModel) else BinaryModel.open(
+            against.path if isinstance(against, ElfImage) else against)
     try:
-        out = BinaryModel.open(path)
+        out = BinaryModel.open(path, like=inp)
     except KbbError as err:
         report.add("output reads as a kernel", 1, [str(err)])
         return report
@@ -322,9 +338,7 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     report.add("table entries match the code", entries, bad)
     total, problems = check_relocations(out)
     report.add("relocations agree with the bytes", total, problems)
-    if against is not None:
-        inp = against if isinstance(against, BinaryModel) else BinaryModel.open(
-            against.path if isinstance(against, ElfImage) else against)
+    if inp is not None:
         report.add("ELF and section headers", len(inp.image.sections),
                    _header_problems(inp.image, out.image))
         report.add("symbol table", len(inp.image.symbols), _symbol_problems(inp, out.image))

@@ -71,11 +71,39 @@ class Decoded:
                    np.zeros(0, bool))
 
     @classmethod
-    def concatenate(cls, parts: list["Decoded"]) -> "Decoded":
+    def concatenate(cls, parts: list["Decoded"], consume: bool = False) -> "Decoded":
+        """The parts one after the other. With ``consume``, each part's column is
+        released as soon as it is copied (millions of instructions: the parts and
+        the result are never all in memory at once)."""
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls.empty()
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
+        columns = {}
+        for f in FIELDS:
+            columns[f] = np.concatenate([getattr(p, f) for p in parts])
+            if consume:
+                for p in parts:
+                    setattr(p, f, None)
+        return cls(**columns)
+
+    @classmethod
+    def merge(cls, a: "Decoded", b: "Decoded") -> "Decoded":
+        """Two address-sorted sets of instructions, in address order (``a`` first at
+        equal addresses). Consumes both, column by column."""
+        n = len(a) + len(b)
+        at_b = np.searchsorted(a.addr, b.addr, side="right") + np.arange(len(b))
+        from_a = np.ones(n, bool)
+        from_a[at_b] = False
+        columns = {}
+        for f in FIELDS:
+            x, y = getattr(a, f), getattr(b, f)
+            out = np.empty(n, x.dtype)
+            out[from_a] = x
+            out[at_b] = y
+            columns[f] = out
+            setattr(a, f, None)
+            setattr(b, f, None)
+        return cls(**columns)
 
     def take(self, index) -> "Decoded":
         return Decoded(*(getattr(self, f)[index] for f in FIELDS))

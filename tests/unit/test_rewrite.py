@@ -21,7 +21,6 @@ pytestmark = pytest.mark.skipif(not tools_available(), reason="binutils (as, ld)
 
 def options(**kw):
     kw.setdefault("progress", False)
-    kw.setdefault("jobs", 1)
     return RewriteOptions(**kw)
 
 
@@ -92,6 +91,34 @@ def test_verify_catches_a_stale_table(kernel, tmp_path):
     report = verify(out, against=kernel)
     assert not report.ok
     assert any("__bug_table" in p for p in report.problems)
+
+
+def test_output_decoding_reuses_only_unchanged_ranges(kernel, tmp_path):
+    out = tmp_path / "reverse-like"
+    rewrite(kernel, out, options(reorder_blocks="reverse", verify=False))
+    before = BinaryModel.open(kernel, jobs=1)
+    fresh = BinaryModel.open(out, jobs=1)
+    reusing = BinaryModel.open(out, jobs=1, like=before)
+    for name in ("addr", "length", "flow", "ref", "ref_kind", "field_off", "field_size",
+                 "invalid"):
+        assert np.array_equal(getattr(fresh.insns, name), getattr(reusing.insns, name)), name
+    # The rewritten code differs from the input's decoding: it was decoded anew.
+    assert not np.array_equal(fresh.insns.addr, before.insns.addr) or \
+        not np.array_equal(fresh.insns.ref, before.insns.ref)
+
+
+def test_verify_catches_code_changed_outside_rewritten_functions(kernel, tmp_path):
+    out = tmp_path / "reverse-unexpected"
+    result = rewrite(kernel, out, options(reorder_blocks="reverse", verify=False))
+    before = BinaryModel.open(kernel, jobs=1)
+    rows = {before.functions.by_name(n) for n in result.rewritten_names}
+    assert verify(out, against=before, expect_rewritten=rows).ok
+    # Claim startup_64 was not rewritten: its changed bytes are now unexplained.
+    row = before.functions.by_name("startup_64")
+    report = verify(out, against=before, expect_rewritten=rows - {row})
+    assert not report.ok
+    assert any("startup_64" in p and "changed outside rewritten functions" in p
+               for p in report.problems), report.problems
 
 
 def test_function_that_cannot_move_is_untouched(kernel, tmp_path):

@@ -57,7 +57,7 @@ class OrcCapacityError(Exception):
     """The new layout needs more ORC entries than the table has room for."""
 
 
-def regenerate(model, plans, moved_ranges) -> tuple:
+def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     """New (ips, entries) for the ORC tables after ``plans`` moved code.
 
     ORC describes the stack at every instruction; an instruction's state does
@@ -70,7 +70,9 @@ def regenerate(model, plans, moved_ranges) -> tuple:
     Consecutive identical states are merged; the table keeps its size (the
     section cannot grow): it is padded with repeats of its last entry, or, when
     the new layout needs more entries, undefined entries in inter-function
-    padding are dropped first. ``moved_ranges``: (start, old end, new end) of every
+    padding are dropped first. ``runs``: (new start, old start, length) of every
+    copied run; ``branch_states``: (new addresses, old instruction indices) of the
+    emitted branches; ``moved_ranges``: (start, old end, new end) of every
     rewritten slot and every fragment placed in free room (old end = start there).
     """
     import numpy as np
@@ -101,7 +103,7 @@ def regenerate(model, plans, moved_ranges) -> tuple:
     keep_fill = [kept_fill]
     keep_new = [np.zeros(int((~inside).sum()), bool)]
 
-    runs = np.array([r for plan in plans for r in plan.runs], dtype=np.uint64).reshape(-1, 3)
+    runs = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)
     if len(runs):
         r_at, r_base, r_size = runs[:, 0], runs[:, 1], runs[:, 2]
         # An entry at the start of every copied run: the state there.
@@ -122,10 +124,10 @@ def regenerate(model, plans, moved_ranges) -> tuple:
         keep_src.append(sel)
         keep_fill.append(np.zeros(len(sel), bool))
         keep_new.append(np.ones(len(sel), bool))
-    states_at = [s for plan in plans for s in plan.branch_states]
-    if states_at:
-        ats = np.array([s[0] for s in states_at], dtype=np.uint64)
-        olds = model.insns.addr[np.array([s[1] for s in states_at])]
+    ats, state_insns = branch_states
+    if len(ats):
+        ats = np.asarray(ats, dtype=np.uint64)
+        olds = model.insns.addr[np.asarray(state_insns, np.int64)]
         keep_ip.append(ats)
         keep_src.append(state_at(olds))
         keep_fill.append(np.zeros(len(ats), bool))

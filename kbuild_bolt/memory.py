@@ -1,0 +1,30 @@
+"""Give freed heap memory back to the system between phases.
+
+Large numpy temporaries come from glibc's heap once its mmap threshold has
+grown (it grows each time a big block is freed), and freed heap memory is
+kept by the process: after reading the distro kernel ~350 MB of it would stay
+resident for the rest of the rewrite. ``malloc_trim`` returns it, so each
+phase's temporaries start from what is really in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+
+_libc = None
+
+
+def trim() -> None:
+    """Collect garbage and return free heap pages to the system (glibc only)."""
+    global _libc
+    gc.collect()
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
