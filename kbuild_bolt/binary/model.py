@@ -90,34 +90,38 @@ def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]
     """Split ``ranges`` into the instructions ``like`` decoded for ranges that are the
     same there (same bounds, same section placement, same bytes) and the ranges
     still to decode."""
-    known = set(like.decoded_ranges)
-    same_bytes = {}
-    for sec in {r[0] for r in ranges}:
-        a = image.sections[sec]
+    r = np.array(ranges, np.uint64).reshape(-1, 3)
+    sec, start, end = r[:, 0].astype(np.int64), r[:, 1], r[:, 2]
+    # The same range in ``like``: same start, end and section.
+    known = np.array(like.decoded_ranges, np.uint64).reshape(-1, 3)
+    known = known[np.argsort(known[:, 1], kind="stable")]
+    i = np.minimum(np.searchsorted(known[:, 1], start), max(len(known) - 1, 0))
+    same = (len(known) > 0) & (known[i, 1] == start) & (known[i, 2] == end) \
+        & (known[i, 0] == sec.astype(np.uint64))
+    for k in np.unique(sec).tolist():
+        a = image.sections[k]
         b = like.image.section(a.name)
+        in_sec = sec == k
         if (b is None or (a.addr, a.size) != (b.addr, b.size) or not a.has_bits
                 or not b.has_bits):
+            same &= ~in_sec
             continue
         changed = image.bytes[a.offset:a.offset + a.size] != like.image.bytes[
             b.offset:b.offset + b.size]
         # Changed bytes before each offset: a range is unchanged when the count
         # does not grow over it.
-        same_bytes[sec] = (a.addr, np.concatenate([[0], np.cumsum(changed, dtype=np.int64)]))
-    keep, rest = [], []
-    for r in ranges:
-        sec, start, end = r
-        if r in known and sec in same_bytes:
-            base, before = same_bytes[sec]
-            if before[end - base] == before[start - base]:
-                keep.append(r)
-                continue
-        rest.append(r)
-    if not keep:
+        before = np.concatenate([[0], np.cumsum(changed, dtype=np.int32)])
+        lo = (start[in_sec] - np.uint64(a.addr)).astype(np.int64)
+        hi = (end[in_sec] - np.uint64(a.addr)).astype(np.int64)
+        same[in_sec] &= before[np.clip(hi, 0, a.size)] == before[np.clip(lo, 0, a.size)]
+    rest = [rr for rr, reused in zip(ranges, same.tolist()) if not reused]
+    keep = r[same]
+    if not len(keep):
         return None, ranges
-    keep.sort(key=lambda r: r[1])
+    keep = keep[np.argsort(keep[:, 1], kind="stable")]
     addr = like.insns.addr
-    lo = np.searchsorted(addr, np.array([r[1] for r in keep], np.uint64))
-    hi = np.searchsorted(addr, np.array([r[2] for r in keep], np.uint64))
+    lo = np.searchsorted(addr, keep[:, 1])
+    hi = np.searchsorted(addr, keep[:, 2])
     counts = hi - lo
     index = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
     return like.insns.take(index), rest
@@ -306,14 +310,23 @@ class BinaryModel:
         out = np.zeros((len(addrs), count), np.uint8)
         if not len(addrs):
             return out
+        # Addresses in order (instruction lists usually are): each section is one
+        # slice, found by binary search instead of a pass over all of them.
+        ordered = bool(np.all(addrs[1:] >= addrs[:-1]))
         for section in self.image.sections:
             if not (section.is_alloc and section.has_bits and section.size):
                 continue
-            inside = (addrs >= np.uint64(section.addr)) & (addrs < np.uint64(section.end))
-            if not inside.any():
-                continue
+            if ordered:
+                lo, hi = np.searchsorted(addrs, np.array([section.addr, section.end], np.uint64))
+                if lo == hi:
+                    continue
+                sel = slice(int(lo), int(hi))
+            else:
+                inside = (addrs >= np.uint64(section.addr)) & (addrs < np.uint64(section.end))
+                if not inside.any():
+                    continue
+                sel = np.flatnonzero(inside)
             data = self.image.bytes[section.offset:section.offset + section.size]
-            sel = np.flatnonzero(inside)
             cols = (addrs[sel] - np.uint64(section.addr)).astype(np.int64)[:, None] \
                 + np.arange(count)[None, :]
             values = data[np.minimum(cols, section.size - 1)]

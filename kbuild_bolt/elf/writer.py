@@ -39,8 +39,35 @@ def put_fields(raw: np.ndarray, offsets: np.ndarray, size: int, values: np.ndarr
     raw[np.asarray(offsets, np.int64)[:, None] + np.arange(size)[None, :]] = low
 
 
+def _debug_sections(sections) -> list:
+    """Non-allocated debug sections (and their relocations): they describe the old layout."""
+    return [s for s in sections if s.name.startswith((".debug", ".rela.debug"))
+            and s.size and not s.is_alloc]
+
+
+def _copy_without(source_path, dest_path, size: int, holes: list[tuple[int, int]]) -> None:
+    """Copy a file except the byte ranges in ``holes``, which stay sparse zeros
+    (the debug sections of a distro vmlinux are most of its 600 MB)."""
+    keep, pos = [], 0
+    for lo, hi in sorted(holes):
+        if lo > pos:
+            keep.append((pos, lo))
+        pos = max(pos, hi)
+    if size > pos:
+        keep.append((pos, size))
+    with open(source_path, "rb") as src, open(dest_path, "r+b") as dst:
+        dst.truncate(size)
+        for lo, hi in keep:
+            src.seek(lo)
+            dst.seek(lo)
+            _copy_range(src, dst, lo, hi - lo)
+
+
 class OutputImage:
-    def __init__(self, source, dest):
+    def __init__(self, source, dest, drop_debug: bool = False):
+        """A copy of ``source`` to patch, renamed to ``dest`` by :meth:`commit`.
+        ``drop_debug``: the debug sections will be emptied (:meth:`strip_debug`),
+        so their bytes are not copied."""
         self.source = source  # ElfImage of the input
         self.dest = Path(dest)
         directory = self.dest.parent if str(self.dest.parent) else Path(".")
@@ -50,7 +77,12 @@ class OutputImage:
         os.close(fd)
         self.tmp = Path(tmp)
         try:
-            shutil.copyfile(source.path, self.tmp)
+            if drop_debug:
+                _copy_without(source.path, self.tmp, os.path.getsize(source.path),
+                              [(d.offset, d.offset + d.size)
+                               for d in _debug_sections(source.sections)])
+            else:
+                shutil.copyfile(source.path, self.tmp)
             self._file = open(self.tmp, "r+b")
             self.mem = mmap.mmap(self._file.fileno(), 0)
         except BaseException:
@@ -148,8 +180,7 @@ class OutputImage:
         from kbuild_bolt.elf.image import SHT_NOBITS
 
         sections = self.source.sections
-        debug = [s for s in sections if s.name.startswith((".debug", ".rela.debug"))
-                 and s.size and not s.is_alloc]
+        debug = _debug_sections(sections)
         if not debug:
             return []
         header = self.source.header

@@ -379,11 +379,12 @@ class Emission:
         return np.concatenate([slots, frags]).astype(np.uint64)
 
     def select(self, keep: np.ndarray) -> "Emission":
-        """Only the functions where ``keep`` is True (the others keep their old code)."""
+        """Only the functions where ``keep`` is True (the others keep their old code).
+        Replaces this emission: the per-instruction column is shared, updated in place."""
         index = np.full(len(self.rows), -1, np.int64)
         index[keep] = np.arange(int(keep.sum()))
         items = keep[self.item_func]
-        new_addr = self.new_addr.copy()
+        new_addr = self.new_addr
         for a, b in zip(self.first_insn[~keep].tolist(), self.last_insn[~keep].tolist()):
             new_addr[a:b] = 0
         d = self.deferred

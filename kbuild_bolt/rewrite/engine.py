@@ -331,7 +331,8 @@ def rewrite(input_path, output_path, options: RewriteOptions,
 
     # --- update --------------------------------------------------------------------
     amap = AddressMap(model, emission)
-    out = OutputImage(model.image, output_path)
+    # (debug sections are emptied when code moved: no need to copy them)
+    out = OutputImage(model.image, output_path, drop_debug=len(emission) > 0)
     try:
         if len(emission):  # (nothing moved: the output is the input, byte for byte)
             _apply(model, cfg, emission, amap, out, result, options, slots, orc)
