@@ -453,7 +453,8 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
         fail(funcs, items.error[bad[first]])
 
     # --- one part per function: does it fit its slot? ------------------------------
-    whole = _build_items(bt, lay, lay_f, np.zeros(len(lay), np.int64) + lay_f, moved_interior)
+    # (one part per function: its index)
+    whole = _build_items(bt, lay, lay_f, lay_f, moved_interior)
     first_errors(whole, lay_f)
     addr = _relax(whole, start)
     ends = _part_ends(whole, addr, nf)

@@ -58,7 +58,7 @@ class OrcCapacityError(Exception):
 
 
 def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
-    """New (ips, entries) for the ORC tables after ``plans`` moved code.
+    """New (ips, entries) for the ORC tables after the rewrite moved code.
 
     ORC describes the stack at every instruction; an instruction's state does
     not depend on where it sits, so the new table is built from the old one:
