@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kbuild_bolt.binary.cfg import FALLTHROUGH, STATIC_KEY, TAKEN
+from kbuild_bolt.binary.model import concat_ranges
 from kbuild_bolt.elf.writer import put_fields
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
@@ -189,6 +190,23 @@ class _Items:
     inserted: np.ndarray    # per position: a jump was added after it
     first_item: np.ndarray  # per position: its first item (or the next one's, when empty)
 
+    def part_starts(self) -> np.ndarray:
+        """Index of the first item of each part (parts are contiguous runs of items)."""
+        part = self.part
+        if not len(part):
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
+
+    def branches(self) -> np.ndarray:
+        """Indices of the branch items (jmp, jcc, static-key site)."""
+        return np.flatnonzero((self.kind != COPY) & (self.kind != NOP))
+
+    def displacements(self, addr: np.ndarray, which: np.ndarray) -> np.ndarray:
+        """Displacement (from its end) of each branch ``which`` to where it goes."""
+        d = self.dest_item[which]
+        dest = np.where(d >= 0, addr[np.maximum(d, 0)], self.dest_addr[which])
+        return (dest - addr[which] - self.size[which].astype(np.uint64)).view(np.int64)
+
 
 def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: np.ndarray,
                  moved_interior) -> _Items:
@@ -286,20 +304,17 @@ def _relax(items: _Items, part_base: np.ndarray) -> np.ndarray:
     are independent, so relaxing them together gives each its own result."""
     size = items.size
     n = len(size)
-    part = items.part
-    starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]]) if n else np.zeros(0, np.int64)
+    starts = items.part_starts()
     first_of_item = np.repeat(starts, np.diff(np.r_[starts, n]))
-    base = part_base[part]
-    short = np.flatnonzero((items.kind != COPY) & (items.kind != NOP))
+    base = part_base[items.part]
+    short = items.branches()
     cs = np.zeros(n + 1, np.int64)
     while True:
         np.cumsum(size, out=cs[1:])
         addr = base + (cs[:-1] - cs[first_of_item]).astype(np.uint64)
         if not len(short):
             return addr
-        d = items.dest_item[short]
-        dest = np.where(d >= 0, addr[np.maximum(d, 0)], items.dest_addr[short])
-        disp = (dest - addr[short] - size[short].astype(np.uint64)).view(np.int64)
+        disp = items.displacements(addr, short)
         out = (disp < -128) | (disp > 127)
         if not out.any():
             return addr
@@ -311,7 +326,7 @@ def _relax(items: _Items, part_base: np.ndarray) -> np.ndarray:
 def _part_ends(items: _Items, addr: np.ndarray, nparts: int) -> np.ndarray:
     end = np.zeros(nparts, np.uint64)
     if len(addr):
-        last = np.flatnonzero(np.r_[items.part[1:] != items.part[:-1], True])
+        last = np.r_[items.part_starts()[1:], len(addr)] - 1
         end[items.part[last]] = addr[last] + items.size[last].astype(np.uint64)
     return end
 
@@ -541,9 +556,8 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
     copy = np.flatnonzero(items.kind == COPY)
     c_i0 = items.i0[copy]
     counts = items.i1[copy] - c_i0
-    total = int(counts.sum())
     run_of = np.repeat(np.arange(len(copy)), counts)
-    idx = c_i0[run_of] + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+    idx = concat_ranges(c_i0, counts)
     item_base = np.zeros(len(items.kind), np.uint64)
     item_base[copy] = insns.addr[c_i0]
     new_addr[idx] = insns.addr[idx] + (addr[copy] - item_base[copy])[run_of]
@@ -599,9 +613,8 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
 
     # --- the result ------------------------------------------------------------------
     part_off = np.zeros(2 * nf, np.int64)
-    if len(items.part):
-        firsts = np.flatnonzero(np.r_[True, items.part[1:] != items.part[:-1]])
-        part_off[items.part[firsts]] = item_off[firsts]
+    firsts = items.part_starts()
+    part_off[items.part[firsts]] = item_off[firsts]
     emission = Emission(
         rows=rows, start=start, end=end, first_insn=first_insn, last_insn=last_insn,
         code=code, code_off=part_off[0::2], code_len=part_len[0::2], frag_base=frag_base,
@@ -631,20 +644,15 @@ def _copy_bytes(model, code: np.ndarray, dest: np.ndarray, src_addr: np.ndarray,
         src[inside] = (src_addr[inside] - np.uint64(s.addr)).astype(np.int64) + s.offset
     for lo in range(0, len(size), chunk):
         n = size[lo:lo + chunk]
-        total = int(n.sum())
-        step = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
-        code[np.repeat(dest[lo:lo + chunk], n) + step] = raw[np.repeat(src[lo:lo + chunk], n)
-                                                            + step]
+        code[concat_ranges(dest[lo:lo + chunk], n)] = raw[concat_ranges(src[lo:lo + chunk], n)]
 
 
 def _encode_branches(items: _Items, addr: np.ndarray, item_off: np.ndarray,
                      code: np.ndarray) -> None:
     """Jumps, conditional jumps and static-key sites (jmp or nop), 2 to 6 bytes."""
     kind, size = items.kind, items.size
-    br = np.flatnonzero((kind != COPY) & (kind != NOP))
-    d = items.dest_item[br]
-    dest = np.where(d >= 0, addr[np.maximum(d, 0)], items.dest_addr[br])
-    disp = (dest - addr[br] - size[br].astype(np.uint64)).view(np.int64)
+    br = items.branches()
+    disp = items.displacements(addr, br)
     at = item_off[br]
     k, n = kind[br], size[br]
     jumps = (k == JMP) | ((k == SITE) & items.site_jmp[br])

@@ -335,7 +335,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     out = OutputImage(model.image, output_path, drop_debug=len(emission) > 0)
     try:
         if len(emission):  # (nothing moved: the output is the input, byte for byte)
-            _apply(model, cfg, emission, amap, out, result, options, slots, orc)
+            _apply(model, emission, amap, out, result, options, slots, orc)
         result.seconds["update"] = time.perf_counter() - t
         t = time.perf_counter()
         tmp = out.finish()
@@ -374,7 +374,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     return result
 
 
-def _apply(model, cfg, emission, amap, out, result, options, slots, orc) -> None:
+def _apply(model, emission, amap, out, result, options, slots, orc) -> None:
     insns = model.insns
     e = emission
     code = e.code
@@ -397,21 +397,11 @@ def _apply(model, cfg, emission, amap, out, result, options, slots, orc) -> None
     result.dropped_bytes += int(e.dropped_bytes.sum())
     # 2. PC-relative fields between two rewritten functions.
     _, field_addr, size, next_ip, target = e.deferred
-    if len(target):
-        new_target, ok = amap.translate(target)
-        if not ok.all():
-            k = int(np.flatnonzero(~ok)[0])
-            raise KbbError(f"reference at {int(field_addr[k]):#x} to dropped code "
-                           f"{int(target[k]):#x}")
-        disp = (new_target - next_ip).view(np.int64)
-        limit = np.left_shift(1, 8 * size - 1).astype(np.int64)
-        bad = (disp < -limit) | (disp >= limit)
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise KbbError(f"reference at {int(field_addr[k]):#x} cannot reach its moved target")
-        for width in np.unique(size).tolist():
-            sel = size == width
-            out.write_fields(field_addr[sel], int(width), disp[sel])
+    _retarget(amap, out, field_addr, size, next_ip, target,
+              dropped=lambda k: f"reference at {int(field_addr[k]):#x} to dropped code "
+                                f"{int(target[k]):#x}",
+              unreachable=lambda k: f"reference at {int(field_addr[k]):#x} cannot reach its "
+                                    "moved target")
     # 3. Code that stays but points into moved code without a relocation.
     rewritten = np.zeros(len(model.functions) + 1, bool)
     rewritten[e.rows] = True
@@ -419,20 +409,15 @@ def _apply(model, cfg, emission, amap, out, result, options, slots, orc) -> None
     refs = refs[amap.moved(insns.ref[refs])]
     field_addr = insns.addr[refs] + insns.field_off[refs]
     # (a field that carries a relocation is rewritten by the relocation pass)
-    refs = refs[~in_sorted(model.code_relocations.offset, field_addr)]
-    if len(refs):
-        field_addr = insns.addr[refs] + insns.field_off[refs]
-        new_target, ok = amap.translate(insns.ref[refs])
-        disp = (new_target - (insns.addr[refs] + insns.length[refs])).view(np.int64)
-        size = insns.field_size[refs].astype(np.int64)
-        limit = np.left_shift(1, 8 * size - 1)
-        bad = ~ok | (disp < -limit) | (disp >= limit)
-        if bad.any():
-            k = int(refs[np.flatnonzero(bad)[0]])
-            raise KbbError(f"{model.symbolize(int(insns.addr[k]))} cannot reach moved code")
-        for width in np.unique(size).tolist():
-            sel = size == width
-            out.write_fields(field_addr[sel], int(width), disp[sel])
+    unrelocated = ~in_sorted(model.code_relocations.offset, field_addr)
+    refs, field_addr = refs[unrelocated], field_addr[unrelocated]
+
+    def unreachable(k: int) -> str:
+        return f"{model.symbolize(int(insns.addr[refs[k]]))} cannot reach moved code"
+
+    _retarget(amap, out, field_addr, insns.field_size[refs],
+              insns.addr[refs] + insns.length[refs], insns.ref[refs],
+              dropped=unreachable, unreachable=unreachable)
     # 4. Relocations outside the kernel tables (records and fields).
     table_ranges = [(d.addr, d.addr + d.size) for d in model.tables.values()]
     updates = relocs.plan_updates(model, amap, skip_ranges=table_ranges)
@@ -451,6 +436,26 @@ def _apply(model, cfg, emission, amap, out, result, options, slots, orc) -> None
     _grow_symbols(model, out, emission)
     if options.plant_fault:
         _plant_fault(model, amap, out, options.plant_fault)
+
+
+def _retarget(amap, out, field_addr, size, next_ip, target, dropped, unreachable) -> None:
+    """Point PC-relative fields (``size`` bytes at ``field_addr``, relative to
+    ``next_ip``) at where their old ``target`` moved. Raises with ``dropped(k)`` or
+    ``unreachable(k)`` for the first field whose target is gone or out of reach."""
+    if not len(target):
+        return
+    new_target, ok = amap.translate(target)
+    if not ok.all():
+        raise KbbError(dropped(int(np.flatnonzero(~ok)[0])))
+    disp = (new_target - next_ip).view(np.int64)
+    size = np.asarray(size).astype(np.int64)
+    limit = np.left_shift(1, 8 * size - 1)
+    bad = (disp < -limit) | (disp >= limit)
+    if bad.any():
+        raise KbbError(unreachable(int(np.flatnonzero(bad)[0])))
+    for width in np.unique(size).tolist():
+        sel = size == width
+        out.write_fields(field_addr[sel], int(width), disp[sel])
 
 
 def _write_orc(model, out, ips, states) -> None:

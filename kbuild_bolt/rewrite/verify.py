@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.binary.model import BinaryModel, concat_ranges
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.crosscheck import check_all
@@ -202,8 +202,7 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage) -> list[str]:
         new_end = y.value[grown] + y.size[grown]
         lo = np.searchsorted(inp.insns.addr, old_end)
         hi = np.searchsorted(inp.insns.addr, new_end)
-        covered = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist())]
-                                 + [np.zeros(0, np.int64)])
+        covered = concat_ranges(lo, np.maximum(hi - lo, 0))
         fill = np.ones(len(inp.insns.addr), bool)
         fill[covered] = is_fill(inp, covered) & (inp.function_of_insn[covered] < 0)
         kinds = x.type[i]
