@@ -29,7 +29,7 @@ from pathlib import Path
 from kbuild_bolt.binary.cfg import build_cfg
 from kbuild_bolt.binary.model import BinaryModel
 from kbuild_bolt.lab.kernels import lab_kernel
-from kbuild_bolt.lab.qemu import boot
+from kbuild_bolt.qemu.runner import boot
 from kbuild_bolt.profile import qemu
 from kbuild_bolt.profile.attach import attach
 from kbuild_bolt.profile.dyno import measured_taken_branches

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import numpy as np
 
 from kbuild_bolt import __version__
-from kbuild_bolt.errors import KbbError
+from kbuild_bolt.errors import Interrupted, KbbError
+from kbuild_bolt.processes import install_signal_handlers
 
 
 def _print_json(data) -> None:
@@ -23,7 +25,8 @@ def _print_json(data) -> None:
 
 
 def cmd_info(args) -> int:
-    from kbuild_bolt.kernel.inventory import describe, format_text, open_vmlinux
+    from kbuild_bolt.analysis.inventory import describe, format_text
+    from kbuild_bolt.kernel.vmlinux import open_vmlinux
 
     with open_vmlinux(args.vmlinux) as image:
         report = describe(image, analyse=not args.no_analysis)
@@ -39,10 +42,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    from kbuild_bolt.binary import dump
+    from kbuild_bolt.analysis import dump
     from kbuild_bolt.binary.cfg import build_cfg
     from kbuild_bolt.binary.model import BinaryModel
-    from kbuild_bolt.kernel.crosscheck import check_all
+    from kbuild_bolt.analysis.crosscheck import check_all
 
     model = BinaryModel.open(args.vmlinux)
     checks = check_all(model)
@@ -226,12 +229,12 @@ def _iterations(text: str) -> tuple[int, int]:
 
 
 def cmd_profile(args) -> int:
-    from kbuild_bolt.profile import write_profile
+    from kbuild_bolt.profile.model import write_profile
     from kbuild_bolt.profile.model import combine
 
     log = (lambda m: print(f"  PROFILE {m}", file=sys.stderr, flush=True))
     if args.profile_command == "record":
-        from kbuild_bolt.lab.qemu import kernel_entry
+        from kbuild_bolt.qemu.runner import kernel_entry
         from kbuild_bolt.profile import qemu
         from kbuild_bolt.profile.stale import shapes_for
 
@@ -256,7 +259,8 @@ def cmd_profile(args) -> int:
         return 0
     if args.profile_command == "convert":
         from kbuild_bolt.profile import fdata, perf
-        from kbuild_bolt.profile.model import MAGIC, load_profile, read_profile
+        from kbuild_bolt.profile.formats import load_profile
+        from kbuild_bolt.profile.model import MAGIC, read_profile
 
         model, cfg = _model_and_cfg(args.vmlinux)
         with open(args.input, "rb") as f:
@@ -291,7 +295,7 @@ def cmd_profile(args) -> int:
         print(f"profile: {len(args.inputs)} merged -> {args.output}")
         return 0
     if args.profile_command == "show":
-        from kbuild_bolt.profile import resolve_profile
+        from kbuild_bolt.profile.formats import resolve_profile
         from kbuild_bolt.profile.attach import attach
 
         model, cfg = _model_and_cfg(args.vmlinux)
@@ -312,7 +316,7 @@ def cmd_profile(args) -> int:
 
 def cmd_dyno(args) -> int:
     from kbuild_bolt.layout.exttsp import ProfileLayout
-    from kbuild_bolt.profile import resolve_profile
+    from kbuild_bolt.profile.formats import resolve_profile
     from kbuild_bolt.profile.dyno import MemoryCounter, dyno_stats, format_comparison
 
     model, cfg = _model_and_cfg(args.vmlinux)
@@ -334,7 +338,7 @@ def cmd_dyno(args) -> int:
 
 
 def cmd_boot(args) -> int:
-    from kbuild_bolt.lab.qemu import boot
+    from kbuild_bolt.qemu.runner import boot
 
     initrd = args.initrd
     if initrd is None:
@@ -407,10 +411,12 @@ def lab_demo(args) -> int:
     import tempfile
 
     from kbuild_bolt.kbuild.bzimage import rebuild_bzimage
-    from kbuild_bolt.kernel.inventory import describe, format_text, open_vmlinux
+    from kbuild_bolt.analysis.inventory import describe, format_text
+    from kbuild_bolt.kernel.vmlinux import open_vmlinux
     from kbuild_bolt.lab.kernels import lab_kernel
-    from kbuild_bolt.lab.qemu import boot
-    from kbuild_bolt.profile import qemu, write_profile
+    from kbuild_bolt.qemu.runner import boot
+    from kbuild_bolt.profile import qemu
+    from kbuild_bolt.profile.model import write_profile
     from kbuild_bolt.profile.attach import attach
     from kbuild_bolt.profile.dyno import measured_taken_branches
     from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite
@@ -663,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_signal_handlers()
     try:
         return args.func(args)
     except KbbError as err:
@@ -670,7 +677,10 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_status
     except KeyboardInterrupt:
         print("kbuild-bolt: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except Interrupted as stop:
+        print(f"kbuild-bolt: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
     except BrokenPipeError:
         return 0
     except Exception as err:  # noqa: BLE001 - the last line of defence against tracebacks

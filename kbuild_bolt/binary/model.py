@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-import multiprocessing
 
 import numpy as np
 
+from kbuild_bolt.arrays import concat_ranges, in_sorted
 from kbuild_bolt.binary.functions import (
     AUX_CODE_SECTIONS, CodeRegion, FunctionTable, discover_functions, discover_regions,
 )
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel import tables as kernel_tables
+from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.kernel.version import KernelVersion, kernel_version
+from kbuild_bolt.kernel.vmlinux import open_vmlinux
+from kbuild_bolt.processes import worker_pool
 from kbuild_bolt.x86 import decode as x86
 
 # ---------------------------------------------------------------------------
@@ -78,9 +80,8 @@ def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -
         chunks.append(current)
     _WORKER_IMAGE = image
     try:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            parts = list(pool.map(_decode_chunk, chunks))
+        with worker_pool(jobs) as pool:
+            parts = pool.map(_decode_chunk, chunks, chunksize=1)
     finally:
         _WORKER_IMAGE = None
     return x86.Decoded.concatenate(parts, consume=True)
@@ -150,24 +151,6 @@ def _split_int3_fill(image: ElfImage, ranges):
     z8 = np.zeros(n, np.uint8)
     return x86.Decoded(addr, np.ones(n, np.uint8), np.full(n, x86.INTERRUPT, np.uint8),
                        np.zeros(n, np.uint64), z8, z8, z8, np.zeros(n, bool)), rest
-
-
-def concat_ranges(lo: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``lo[k], lo[k] + 1, ..., lo[k] + counts[k] - 1`` for every k, one after another
-    (int64; the ranges of millions of runs without a Python loop)."""
-    lo = np.asarray(lo).astype(np.int64)
-    counts = np.asarray(counts).astype(np.int64)
-    return np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
-
-
-def in_sorted(haystack: np.ndarray, needles) -> np.ndarray:
-    """``np.isin`` for a sorted ``haystack``: a binary search instead of hashing
-    millions of values."""
-    needles = np.asarray(needles, dtype=haystack.dtype)
-    if not len(haystack):
-        return np.zeros(len(needles), bool)
-    i = np.minimum(np.searchsorted(haystack, needles), len(haystack) - 1)
-    return haystack[i] == needles
 
 
 def default_jobs() -> int:
@@ -270,8 +253,6 @@ class BinaryModel:
 
     @classmethod
     def open(cls, path, **kw) -> "BinaryModel":
-        from kbuild_bolt.kernel.inventory import open_vmlinux
-
         return cls(open_vmlinux(path), **kw)
 
     # -- instruction lookups -----------------------------------------------
@@ -386,8 +367,6 @@ class BinaryModel:
     def patch_units(self) -> tuple[np.ndarray, np.ndarray]:
         """Merged [start, end) ranges in code the kernel patches as one unit
         (alternative and paravirt original sites): moved whole, never split."""
-        from kbuild_bolt.kernel.tables import base
-
         starts, ends = [], []
         for data in self.tables.values():
             for ref in data.spec.refs:

@@ -26,7 +26,8 @@ SHT_NULL, SHT_PROGBITS, SHT_SYMTAB, SHT_STRTAB, SHT_RELA = 0, 1, 2, 3, 4
 SHT_NOBITS, SHT_REL = 8, 9
 SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 0x1, 0x2, 0x4
 PT_LOAD, PT_NOTE = 1, 4
-SHN_UNDEF, SHN_ABS = 0, 0xFFF1
+ET_REL, ET_EXEC = 1, 2
+SHN_UNDEF, SHN_LORESERVE, SHN_ABS, SHN_COMMON = 0, 0xFF00, 0xFFF1, 0xFFF2
 STT_NOTYPE, STT_OBJECT, STT_FUNC, STT_SECTION, STT_FILE = 0, 1, 2, 3, 4
 STB_LOCAL, STB_GLOBAL, STB_WEAK = 0, 1, 2
 
@@ -50,6 +51,34 @@ SYM = np.dtype([
 ])
 RELA = np.dtype([("offset", "<u8"), ("info", "<u8"), ("addend", "<i8")])
 
+# x86-64 relocation types a linked kernel carries (--emit-relocs), and the
+# size of the field each one fills. Any other type is refused: code under a
+# relocation kbuild-bolt cannot recompute must not move.
+R_X86_64_NONE = 0
+R_X86_64_64 = 1
+R_X86_64_PC32 = 2
+R_X86_64_PLT32 = 4
+R_X86_64_32 = 10
+R_X86_64_32S = 11
+R_X86_64_PC64 = 24
+PC_RELATIVE = (R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_PC64)
+FIELD_SIZE = {R_X86_64_64: 8, R_X86_64_PC32: 4, R_X86_64_PLT32: 4, R_X86_64_32: 4,
+              R_X86_64_32S: 4, R_X86_64_PC64: 8}
+SIGNED = {R_X86_64_64: False, R_X86_64_PC32: True, R_X86_64_PLT32: True, R_X86_64_32: False,
+          R_X86_64_32S: True, R_X86_64_PC64: True}
+# Types of the psABI, for naming what is not supported.
+_RELOCATION_NAMES = {
+    3: "GOT32", 5: "COPY", 6: "GLOB_DAT", 7: "JUMP_SLOT", 8: "RELATIVE", 9: "GOTPCREL",
+    12: "16", 13: "PC16", 14: "8", 15: "PC8", 16: "DTPMOD64", 17: "DTPOFF64", 18: "TPOFF64",
+    19: "TLSGD", 20: "TLSLD", 21: "DTPOFF32", 22: "GOTTPOFF", 23: "TPOFF32", 25: "GOTOFF64",
+    26: "GOTPC32", 27: "GOT64", 28: "GOTPCREL64", 29: "GOTPC64", 30: "GOTPLT64",
+    31: "PLTOFF64", 32: "SIZE32", 33: "SIZE64", 34: "GOTPC32_TLSDESC", 35: "TLSDESC_CALL",
+    36: "TLSDESC", 37: "IRELATIVE", 38: "RELATIVE64", 41: "GOTPCRELX", 42: "REX_GOTPCRELX",
+}
+# Symbol types and bindings a vmlinux uses (NOTYPE..FILE, TLS; LOCAL, GLOBAL, WEAK).
+_SYMBOL_TYPES = (0, 1, 2, 3, 4, 6)
+_SYMBOL_BINDS = (0, 1, 2)
+
 
 @dataclass(frozen=True)
 class Section:
@@ -70,6 +99,11 @@ class Section:
         return self.addr + self.size
 
     @property
+    def label(self) -> str:
+        """Its name, or its index when it has none (for messages)."""
+        return self.name or f"section {self.index}"
+
+    @property
     def is_alloc(self) -> bool:
         return bool(self.flags & SHF_ALLOC)
 
@@ -83,6 +117,11 @@ class Section:
 
     def contains(self, addr: int) -> bool:
         return self.addr <= addr < self.addr + self.size
+
+
+def _describe_symbol(record) -> str:
+    return (f"value {int(record['value']):#x}, type {int(record['info']) & 0xF}, "
+            f"binding {int(record['info']) >> 4}, section {int(record['shndx'])}")
 
 
 def _cstring(blob, offset: int) -> str:
@@ -156,11 +195,12 @@ class ElfImage:
                 info=int(sh["info"]), addralign=int(sh["addralign"]), entsize=int(sh["entsize"]),
             )
             if section.has_bits and section.type != SHT_NULL:
-                self._check_range(name, section.offset, section.size, section.name)
+                self._check_range(name, section.offset, section.size, section.label)
             self.sections.append(section)
         self._by_name = {}
         for section in self.sections:
             self._by_name.setdefault(section.name, section)
+        self._check_links(name)
         alloc = [s for s in self.sections if s.is_alloc and s.size]
         alloc.sort(key=lambda s: s.addr)
         self._alloc = alloc
@@ -169,6 +209,36 @@ class ElfImage:
     def _check_range(self, name: str, offset: int, size: int, what: str) -> None:
         if offset + size > self.size:
             raise KbbError(f"{name}: truncated ({what} ends past the end of the file)")
+
+    def _check_links(self, name: str) -> None:
+        """Symbol and relocation sections name sections that exist and hold what
+        they should; allocated sections do not overlap (lookups by address rely on it)."""
+        n = len(self.sections)
+        for s in self.sections:
+            if s.type == SHT_SYMTAB:
+                if not (0 < s.link < n and self.sections[s.link].type == SHT_STRTAB):
+                    raise KbbError(f"{name}: {s.label}: link {s.link} is not a string table")
+                if s.entsize not in (0, SYM.itemsize) or s.size % SYM.itemsize:
+                    raise KbbError(f"{name}: {s.label}: not a whole number of "
+                                   f"{SYM.itemsize}-byte symbols")
+            elif s.type == SHT_RELA:
+                if not 0 < s.info < n:
+                    raise KbbError(f"{name}: {s.label}: applies to section {s.info}, which "
+                                   "does not exist")
+                if s.entsize not in (0, RELA.itemsize) or s.size % RELA.itemsize:
+                    raise KbbError(f"{name}: {s.label}: not a whole number of "
+                                   f"{RELA.itemsize}-byte relocations")
+                if self.sections[s.info].is_alloc and not (
+                        0 < s.link < n and self.sections[s.link].type == SHT_SYMTAB):
+                    raise KbbError(f"{name}: {s.label}: link {s.link} is not the symbol table")
+        if self.is_relocatable:
+            return  # (every section of an object file starts at 0)
+        alloc = sorted((s for s in self.sections if s.is_alloc and s.size),
+                       key=lambda s: s.addr)
+        for a, b in zip(alloc, alloc[1:]):
+            if b.addr < a.end:
+                raise KbbError(f"{name}: sections {a.label} and {b.label} overlap "
+                               f"({a.addr:#x}+{a.size:#x}, {b.addr:#x})")
 
     # -- sections ----------------------------------------------------------
 
@@ -240,23 +310,68 @@ class ElfImage:
         if not self.has_symbols:
             return SymbolTable.empty()
         symtab = self.symtab
-        if symtab.link >= len(self.sections):
-            raise KbbError(f"{self.path}: symbol table has no string table")
         strtab = self.sections[symtab.link]
-        return SymbolTable(self.section_array(symtab, SYM), self.section_data(strtab))
+        raw = self.section_array(symtab, SYM)
+        self._check_symbols(raw, strtab)
+        return SymbolTable(raw, self.section_data(strtab))
+
+    @property
+    def is_relocatable(self) -> bool:
+        """An object file (a module): section addresses are all 0, symbol values
+        are offsets into their sections."""
+        return int(self.header["type"]) == ET_REL
+
+    def _check_symbols(self, raw: np.ndarray, strtab: Section) -> None:
+        """Every symbol's name, type, binding and section are valid, and a symbol
+        defined in a loaded section lies in it, or between the kernel's sections
+        (linker script symbols such as ``__end_rodata`` sit in gaps)."""
+        where = f"{self.path}: {self.symtab.name}"
+        checks = [
+            (raw["name"] >= max(strtab.size, 1), "name offset past the string table"),
+            (~np.isin(raw["info"] & 0xF, _SYMBOL_TYPES), "unknown symbol type"),
+            (~np.isin(raw["info"] >> 4, _SYMBOL_BINDS), "unknown symbol binding"),
+            ((raw["shndx"] >= len(self.sections)) & (raw["shndx"] != SHN_ABS)
+             & (raw["shndx"] != SHN_COMMON), "no such section"),
+        ]
+        for bad, what in checks:
+            if bad[1:].any():  # (entry 0 is the null symbol)
+                i = int(np.flatnonzero(bad[1:])[0]) + 1
+                raise KbbError(f"{where}[{i}]: {what} ({_describe_symbol(raw[i])})")
+        shndx = raw["shndx"].astype(np.int64)
+        value = raw["value"]
+        in_alloc = np.zeros(len(raw), bool)
+        sec_lo = np.zeros(len(self.sections), np.uint64)
+        sec_hi = np.zeros(len(self.sections), np.uint64)
+        alloc = np.zeros(len(self.sections) + 1, bool)
+        for s in self.sections:
+            sec_lo[s.index], sec_hi[s.index] = s.addr, s.addr + s.size
+            alloc[s.index] = s.is_alloc
+        defined = (shndx > 0) & (shndx < len(self.sections))
+        in_alloc[defined] = alloc[shndx[defined]]
+        k = np.flatnonzero(in_alloc)
+        if self.is_relocatable:
+            outside = value[k] > sec_hi[shndx[k]] - sec_lo[shndx[k]]
+        else:
+            outside = (value[k] < sec_lo[shndx[k]]) | (value[k] > sec_hi[shndx[k]])
+            # The span of the image's sections (per-CPU data, linked at 0, aside).
+            placed = [s for s in self.sections if s.is_alloc and s.size and s.addr]
+            if outside.any() and placed:
+                lo = np.uint64(min(s.addr for s in placed))
+                hi = np.uint64(max(s.addr + s.size for s in placed))
+                outside &= (value[k] < lo) | (value[k] > hi)
+        if outside.any():
+            i = int(k[outside][0])
+            section = self.sections[int(shndx[i])].name
+            raise KbbError(f"{where}[{i}]: value {int(value[i]):#x} lies outside its "
+                           f"section {section} ({_describe_symbol(raw[i])})")
 
     # -- relocations -------------------------------------------------------
 
     @cached_property
     def rela_sections(self) -> list[Section]:
         """The .rela.* sections that apply to allocated sections (--emit-relocs)."""
-        out = []
-        for section in self.sections:
-            if section.type == SHT_RELA and section.info < len(self.sections):
-                target = self.sections[section.info]
-                if target.is_alloc:
-                    out.append(section)
-        return out
+        return [s for s in self.sections
+                if s.type == SHT_RELA and self.sections[s.info].is_alloc]
 
     @property
     def has_relocations(self) -> bool:
@@ -268,9 +383,44 @@ class ElfImage:
         return any(s.size and self.sections[s.info].is_exec for s in self.rela_sections)
 
     def relocations(self, rela: Section) -> np.ndarray:
-        if rela.entsize not in (0, RELA.itemsize):
-            raise KbbError(f"{self.path}: {rela.name} has entry size {rela.entsize}")
-        return self.section_array(rela, RELA)
+        """The records of a relocation section, checked once: each names a symbol
+        of the symbol table, has a type kbuild-bolt handles, and fills a field
+        inside the section it applies to."""
+        records = self.section_array(rela, RELA)
+        checked = self.__dict__.setdefault("_checked_relocations", set())
+        if rela.index not in checked and self.sections[rela.info].is_alloc:
+            self._check_relocations(rela, records)
+            checked.add(rela.index)
+        return records
+
+    def _check_relocations(self, rela: Section, r: np.ndarray) -> None:
+        where = f"{self.path}: {rela.name}"
+        target = self.sections[rela.info]
+        rtype = (r["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        nsyms = self.sections[rela.link].size // SYM.itemsize
+        bad = np.flatnonzero(sym >= nsyms)
+        if len(bad):
+            i = int(bad[0])
+            raise KbbError(f"{where}[{i}]: symbol index {int(sym[i])} past the symbol table "
+                           f"({nsyms:,} symbols)")
+        known = np.isin(rtype, (R_X86_64_NONE, *FIELD_SIZE))
+        if not known.all():
+            i = int(np.flatnonzero(~known)[0])
+            t = int(rtype[i])
+            what = (f"R_X86_64_{_RELOCATION_NAMES[t]} is not supported in a kernel image"
+                    if t in _RELOCATION_NAMES else f"unknown relocation type {t}")
+            raise KbbError(f"{where}[{i}]: {what}")
+        size = np.zeros(len(r), np.uint64)
+        for t, n in FIELD_SIZE.items():
+            size[rtype == t] = n
+        fields = rtype != R_X86_64_NONE     # (sorttable zeroes records it made stale)
+        lo, hi = np.uint64(target.addr), np.uint64(target.addr + target.size)
+        outside = fields & ((r["offset"] < lo) | (r["offset"] > hi - size))
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise KbbError(f"{where}[{i}]: offset {int(r['offset'][i]):#x} is outside "
+                           f"{target.name} ({target.addr:#x}..{target.addr + target.size:#x})")
 
     def relocations_for(self, target: str) -> np.ndarray:
         """All relocations that apply to section ``target`` (empty when none)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.lab.cache import cache_root, locked
+from kbuild_bolt.cache import cache_root, locked
 from kbuild_bolt.lab.kernels import progress, run
 
 META_PACKAGE = "linux-image-amd64-dbg"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.lab.cache import cache_root, locked
+from kbuild_bolt.cache import cache_root, locked
 
 # Bump when the build steps change in a way that changes the output.
 RECIPE_VERSION = 1

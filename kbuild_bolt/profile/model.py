@@ -27,13 +27,13 @@ masked), so the profile can be applied to a rebuilt kernel (stale profiles).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kbuild_bolt.atomic import atomic_output
 from kbuild_bolt.errors import KbbError
+from kbuild_bolt.profile.shapes import parse_shapes, write_shapes
 
 MAGIC = "# kbuild-bolt profile v1"
 
@@ -55,7 +55,7 @@ class Profile:
     count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     kernel: str = ""
     source: str = ""
-    shapes: dict = field(default_factory=dict)   # function name -> stale.FunctionShape
+    shapes: dict = field(default_factory=dict)   # name@address -> shapes.FunctionShape
     # Samples without branch records (perf without LBR): instruction hits only.
     sampled: bool = False
     # Share of a stale profile's counts that could be moved onto this kernel.
@@ -132,7 +132,6 @@ def write_profile(profile: Profile, path) -> None:
         lines.append(f"R {s:x} {l:x} {c}")
     for s, d, c in zip(profile.src.tolist(), profile.dst.tolist(), profile.count.tolist()):
         lines.append(f"B {s:x} {d:x} {c}")
-    from kbuild_bolt.profile.stale import write_shapes
     lines += write_shapes(profile.shapes)
     with atomic_output(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -148,8 +147,6 @@ def read_profile(path) -> Profile:
         raise KbbError(f"{path}: not a text profile") from None
     if not text.startswith(MAGIC):
         raise KbbError(f"{path}: not a kbuild-bolt profile")
-    from kbuild_bolt.profile.stale import parse_shapes
-
     rs, rl, rc, bs, bd, bc = [], [], [], [], [], []
     shape_lines = []
     profile = Profile()
@@ -184,24 +181,3 @@ def read_profile(path) -> Profile:
     profile.dst = np.array(bd, dtype=np.uint64)
     profile.count = np.array(bc, dtype=np.int64)
     return profile
-
-
-def load_profile(path, model=None) -> Profile:
-    """Any supported profile file: kbuild-bolt's own, BOLT .fdata (needs the
-    vmlinux ``model`` to turn function offsets into addresses)."""
-    from kbuild_bolt.profile import fdata, perf
-
-    if not os.path.exists(path):
-        raise KbbError(f"{path}: no such profile")
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if head.startswith(MAGIC.encode()):
-        return read_profile(path)
-    if fdata.looks_like(head):
-        if model is None:
-            raise KbbError(f"{path}: a BOLT .fdata profile needs the vmlinux it was taken on")
-        return fdata.read_fdata(path, model)
-    if perf.looks_like(head):
-        raise KbbError(f"{path}: perf script output needs the running kernel's _text; "
-                       "convert it with `kbuild-bolt profile convert --vmlinux V --text-base A`")
-    raise KbbError(f"{path}: unknown profile format")

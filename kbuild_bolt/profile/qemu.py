@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.lab.cache import cache_root, locked
-from kbuild_bolt.lab.qemu import DEFAULT_TEXT, boot
+from kbuild_bolt.cache import cache_root, locked
+from kbuild_bolt.qemu.runner import DEFAULT_TEXT, boot
 from kbuild_bolt.profile.model import Profile, combine
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "kbb_plugin.c"

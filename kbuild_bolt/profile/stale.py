@@ -21,6 +21,7 @@ import numpy as np
 
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.model import Profile
+from kbuild_bolt.profile.shapes import FunctionShape
 
 
 def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
@@ -46,15 +47,6 @@ def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
 
 def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
-@dataclass
-class FunctionShape:
-    name: str
-    start: int
-    size: int
-    hash: int
-    blocks: list[tuple[int, int, int]] = field(default_factory=list)  # (offset, size, hash)
 
 
 def function_shape(model, cfg, row: int) -> FunctionShape:
@@ -203,26 +195,3 @@ def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tup
     out = out.merged()
     out.used = report.used
     return out, report
-
-
-def write_shapes(shapes: dict[str, FunctionShape]) -> list[str]:
-    lines = []
-    for s in shapes.values():
-        lines.append(f"H {s.name} {s.hash:016x} {s.start:x} {s.size:x}")
-        for off, size, h in s.blocks:
-            lines.append(f"K {off:x} {size:x} {h:016x}")
-    return lines
-
-
-def parse_shapes(lines: list[str]) -> dict[str, FunctionShape]:
-    shapes: dict[str, FunctionShape] = {}
-    current = None
-    for line in lines:
-        parts = line.split()
-        if parts[0] == "H":
-            current = FunctionShape(parts[1], int(parts[3], 16), int(parts[4], 16),
-                                    int(parts[2], 16))
-            shapes[f"{current.name}@{current.start:x}"] = current
-        elif parts[0] == "K" and current is not None:
-            current.blocks.append((int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)))
-    return shapes

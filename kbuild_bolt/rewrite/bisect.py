@@ -58,7 +58,7 @@ class Bisector:
 
     def run(self, funcs: set[str] | None):
         """Rewrite ``funcs`` (None: all) and boot; returns (ok, rewritten names, lines)."""
-        from kbuild_bolt.lab.qemu import boot
+        from kbuild_bolt.qemu.runner import boot
 
         out = os.path.join(self.workdir, "vmlinux")
         options = replace(self.options, funcs=funcs)

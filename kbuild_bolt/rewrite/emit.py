@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.arrays import concat_ranges
 from kbuild_bolt.binary.cfg import FALLTHROUGH, STATIC_KEY, TAKEN
-from kbuild_bolt.binary.model import concat_ranges
 from kbuild_bolt.elf.writer import put_fields
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
@@ -189,6 +189,8 @@ class _Items:
     dropped: np.ndarray     # per position: bytes dropped (an elided jump and the int3 after it)
     inserted: np.ndarray    # per position: a jump was added after it
     first_item: np.ndarray  # per position: its first item (or the next one's, when empty)
+    lay: np.ndarray         # per position: its block
+    lay_f: np.ndarray       # per position: its function
 
     def part_starts(self) -> np.ndarray:
         """Index of the first item of each part (parts are contiguous runs of items)."""
@@ -295,7 +297,7 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
                   origin=origins, state=states, site_jmp=site_jmps,
                   error=error, elided=elide, elided_to=elided_to,
                   dropped=np.where(elide, whole - body, 0), inserted=s3,
-                  first_item=first_item)
+                  first_item=first_item, lay=lay, lay_f=lay_f)
 
 
 def _relax(items: _Items, part_base: np.ndarray) -> np.ndarray:
@@ -417,6 +419,49 @@ class Emission:
             deferred=(index[d[0][dk]],) + tuple(x[dk] for x in d[1:]))
 
 
+@dataclass
+class _Plan:
+    """The functions being emitted (index f = 0..n-1, rows ascending) and the state
+    of their layouts as emission goes from one step to the next."""
+
+    rows: np.ndarray          # function rows
+    start: np.ndarray         # uint64
+    end: np.ndarray           # uint64
+    slot: np.ndarray          # bytes from start to the end of the slot
+    first_insn: np.ndarray
+    last_insn: np.ndarray
+    lay: np.ndarray           # per position: block, in layout order, function after function
+    lay_f: np.ndarray         # per position: function index
+    dropped_fill: np.ndarray  # bytes of unreachable fill dropped from each function
+    failure: np.ndarray       # int8 failure code per function (OK: still in)
+    keep: np.ndarray          # positions that stay in the slot (-1: all)
+    reserved: np.ndarray      # bytes of each function's fragment
+    frag_base: np.ndarray     # uint64 address of each function's fragment (0: none)
+    bases: np.ndarray         # uint64 base of each part: 2f the slot, 2f+1 the fragment
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fail(self, funcs, code) -> None:
+        """The first reason found for a function is the one reported."""
+        funcs = np.asarray(funcs, np.int64)
+        code = np.broadcast_to(np.asarray(code, np.int8), funcs.shape)
+        new = self.failure[funcs] == OK
+        self.failure[funcs[new]] = code[new]
+
+    def fail_on_errors(self, items: _Items) -> None:
+        """Each function with a position in error fails with its first error."""
+        bad = np.flatnonzero(items.error)
+        funcs, first = np.unique(items.lay_f[bad], return_index=True)
+        self.fail(funcs, items.error[bad[first]])
+
+    def positions_per_function(self, lay_f: np.ndarray) -> np.ndarray:
+        """Index of each function's first position in ``lay_f`` (and the end), n + 1."""
+        pos_start = np.zeros(len(self) + 1, np.int64)
+        np.cumsum(np.bincount(lay_f, minlength=len(self)), out=pos_start[1:])
+        return pos_start
+
+
 def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
                    moved_interior, allocator) -> tuple[Emission, list[tuple[int, str]]]:
     """Emit function ``row`` with its blocks in ``orders[row]``, for every row.
@@ -425,162 +470,232 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
     (in layout order) go to one fragment placed by ``allocator`` in free room
     of .text (no allocator, or another section: the function is left alone).
     Returns the emission and the (row, reason) of every function left alone."""
-    insns = model.insns
+    plan = _plan(model, cfg, bt, orders, slots)
+    if not len(plan):
+        return _no_emission(len(model.insns)), []
+    oversized, whole = _fit_slots(model, plan, bt, moved_interior, allocator is not None)
+    _split(plan, bt, oversized, whole, moved_interior)
+    del whole
+    _place_fragments(plan, allocator)
+    items, addr = _final_layout(plan, bt, moved_interior)
+    copied = _Copied.of(items, model.insns)
+    new_addr = _new_addresses(model.insns, bt, items, addr, copied)
+    code, item_off = _bytes(model, items, addr, copied)
+    deferred = _fields(model.insns, plan, items, copied, item_off, new_addr, code,
+                       moved_interior)
+    nf = len(plan)
+    part_len = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
+    part_off = np.zeros(2 * nf, np.int64)
+    firsts = items.part_starts()
+    part_off[items.part[firsts]] = item_off[firsts]
+    lay_f = items.lay_f
+    emission = Emission(
+        rows=plan.rows, start=plan.start, end=plan.end, first_insn=plan.first_insn,
+        last_insn=plan.last_insn, code=code, code_off=part_off[0::2], code_len=part_len[0::2],
+        frag_base=plan.frag_base, frag_off=part_off[1::2], frag_len=part_len[1::2],
+        inserted_jumps=np.bincount(lay_f[items.inserted], minlength=nf),
+        dropped_bytes=(plan.dropped_fill + np.bincount(lay_f, weights=items.dropped,
+                                                       minlength=nf)).astype(np.int64),
+        item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
+        item_base=copied.base, item_state=items.state, new_addr=new_addr, deferred=deferred)
+    failures = [(int(plan.rows[f]), FAILURES[int(plan.failure[f])])
+                for f in np.flatnonzero(plan.failure).tolist()]
+    if failures:
+        emission = emission.select(plan.failure == OK)
+    return emission, failures
+
+
+def _no_emission(n_insns: int) -> Emission:
+    none = np.zeros(0, np.int64)
+    nowhere = np.zeros(0, np.uint64)
+    return Emission(rows=none, start=nowhere, end=nowhere, first_insn=none,
+                    last_insn=none, code=np.zeros(0, np.uint8), code_off=none,
+                    code_len=none, frag_base=nowhere, frag_off=none, frag_len=none,
+                    inserted_jumps=none, dropped_bytes=none, item_func=none,
+                    item_kind=none, item_addr=nowhere, item_size=none, item_base=nowhere,
+                    item_state=none, new_addr=np.zeros(n_insns, np.uint64),
+                    deferred=(none, nowhere, none, nowhere, nowhere))
+
+
+def _plan(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray) -> _Plan:
+    """Every function's layout as positions; alignment fill nobody reaches is dropped."""
     functions = model.functions
     rows = np.array(sorted(orders), np.int64)
     nf = len(rows)
-    if not nf:
-        none = np.zeros(0, np.int64)
-        nowhere = np.zeros(0, np.uint64)
-        return Emission(rows=none, start=nowhere, end=nowhere, first_insn=none,
-                        last_insn=none, code=np.zeros(0, np.uint8), code_off=none,
-                        code_len=none, frag_base=nowhere, frag_off=none, frag_len=none,
-                        inserted_jumps=none, dropped_bytes=none, item_func=none,
-                        item_kind=none, item_addr=nowhere, item_size=none, item_base=nowhere,
-                        item_state=none, new_addr=np.zeros(len(insns.addr), np.uint64),
-                        deferred=(none, nowhere, none, nowhere, nowhere)), []
     lengths = np.array([len(orders[r]) for r in rows.tolist()], np.int64)
     lay = np.fromiter((b for r in rows.tolist() for b in orders[r]), np.int64,
                       int(lengths.sum()))
     lay_f = np.repeat(np.arange(nf), lengths)
     start = functions.start[rows].astype(np.uint64)
-    end = functions.end[rows].astype(np.uint64)
-    slot = (slots[rows].astype(np.uint64) - start).astype(np.int64)
-    first_insn = cfg.block_first[cfg.func_first_block[rows]]
-    last_insn = cfg.block_end[cfg.func_end_block[rows] - 1]
-    failure = np.zeros(nf, np.int8)
-
-    def fail(funcs, code):
-        # The first reason found for a function is the one reported.
-        funcs = np.asarray(funcs, np.int64)
-        code = np.broadcast_to(np.asarray(code, np.int8), funcs.shape)
-        new = failure[funcs] == OK
-        failure[funcs[new]] = code[new]
-
-    # Alignment fill nobody reaches is dropped.
     drop = bt.droppable[lay]
     dropped_fill = np.bincount(lay_f[drop], weights=bt.whole[lay[drop]], minlength=nf)
-    lay, lay_f = lay[~drop], lay_f[~drop]
-
-    def first_errors(items, lay_f):
-        bad = np.flatnonzero(items.error)
-        funcs, first = np.unique(lay_f[bad], return_index=True)
-        fail(funcs, items.error[bad[first]])
-
-    # --- one part per function: does it fit its slot? ------------------------------
-    # (one part per function: its index)
-    whole = _build_items(bt, lay, lay_f, lay_f, moved_interior)
-    first_errors(whole, lay_f)
-    addr = _relax(whole, start)
-    ends = _part_ends(whole, addr, nf)
-    over = (failure == OK) & ((ends - start).astype(np.int64) > slot)
-    in_text = np.zeros(nf, bool)
-    text = model.image.section(".text")
-    if allocator is not None and text is not None:
-        in_text = functions.section[rows] == text.index
-    fail(np.flatnonzero(over & ~in_text), DOES_NOT_FIT)
-    split = np.flatnonzero(over & in_text)
-
-    # --- too big: the longest prefix that fits stays, the rest goes to a fragment ---
-    keep = np.full(nf, -1, np.int64)  # positions that stay in the slot (-1: all)
-    reserved = np.zeros(nf, np.int64)
-    pos_start = np.zeros(nf + 1, np.int64)
-    np.cumsum(np.bincount(lay_f, minlength=nf), out=pos_start[1:])
     # Part bases while laying out: the slot, and a fragment far away.
     bases = np.zeros(2 * nf, np.uint64)
     bases[0::2] = start
     bases[1::2] = start + np.uint64(FAR)
-    if len(split):
-        # First guess: every branch near, plus a jump to the fragment.
-        long_size = np.where((whole.kind == COPY) | (whole.kind == NOP), whole.size,
-                             LONG_SIZE[whole.kind])
-        cum = np.zeros(len(long_size) + 1, np.int64)
-        np.cumsum(long_size, out=cum[1:])
-        first_of_f = whole.first_item[pos_start[:-1].clip(max=max(len(lay) - 1, 0))]
-        # (the first item of the next position: of the next function after the last)
-        nxt_item = np.r_[whole.first_item[1:], len(long_size)]
-        after = cum[nxt_item] - cum[first_of_f[lay_f]] + enc.JMP32
-        fits = (after <= slot[lay_f]) & np.isin(lay_f, split)
-        guess = np.bincount(lay_f[fits], minlength=nf)
-        npos = np.diff(pos_start)
-        keep[split] = np.minimum(guess[split], npos[split] - 1)
-        del long_size, cum, first_of_f, nxt_item, after, fits
-        pending = split
-        while len(pending):
-            bad = pending[keep[pending] < 1]
-            fail(bad, DOES_NOT_FIT)  # not even its entry block fits the slot
-            pending = pending[keep[pending] >= 1]
-            if not len(pending):
-                break
-            sel = np.isin(lay_f, pending)
-            t_lay, t_f = lay[sel], lay_f[sel]
-            t_part = 2 * t_f + (np.arange(len(lay))[sel] - pos_start[t_f] >= keep[t_f])
-            trial = _build_items(bt, t_lay, t_f, t_part, moved_interior)
-            t_addr = _relax(trial, bases)
-            t_end = _part_ends(trial, t_addr, 2 * nf)
-            ok = (t_end[2 * pending] - start[pending]).astype(np.int64) <= slot[pending]
-            done = pending[ok]
-            reserved[done] = (t_end[2 * done + 1] - bases[2 * done + 1]).astype(np.int64)
-            keep[pending[~ok]] -= 1
-            pending = pending[~ok]
-    del whole, addr, ends
-    # Fragments go to free room in address order (so the output does not depend on
-    # how the work was divided).
-    frag_base = np.zeros(nf, np.uint64)
-    for f in np.flatnonzero((keep >= 0) & (failure == OK)).tolist():
-        base = allocator.reserve(int(reserved[f]))
-        if base is None:
-            fail([f], NO_ROOM)
-        else:
-            allocator.shrink(base, int(reserved[f]), int(reserved[f]))
-            frag_base[f] = base
+    return _Plan(
+        rows=rows, start=start, end=functions.end[rows].astype(np.uint64),
+        slot=(slots[rows].astype(np.uint64) - start).astype(np.int64),
+        first_insn=cfg.block_first[cfg.func_first_block[rows]],
+        last_insn=cfg.block_end[cfg.func_end_block[rows] - 1],
+        lay=lay[~drop], lay_f=lay_f[~drop], dropped_fill=dropped_fill,
+        failure=np.zeros(nf, np.int8), keep=np.full(nf, -1, np.int64),
+        reserved=np.zeros(nf, np.int64), frag_base=np.zeros(nf, np.uint64), bases=bases)
 
-    # --- the final layout: every function that is still in, all at once ------------
-    alive = failure[lay_f] == OK
-    lay, lay_f = lay[alive], lay_f[alive]
-    pos_start = np.zeros(nf + 1, np.int64)
-    np.cumsum(np.bincount(lay_f, minlength=nf), out=pos_start[1:])
+
+def _fit_slots(model, plan: _Plan, bt: BlockTable, moved_interior,
+               can_split: bool) -> tuple[np.ndarray, _Items]:
+    """Lay every function out whole (one part each) and relax its branches.
+    Returns the functions that outgrow their slot and may be split (in .text,
+    with free room to split into), and the items of that layout; the others that
+    do not fit are left alone."""
+    nf = len(plan)
+    whole = _build_items(bt, plan.lay, plan.lay_f, plan.lay_f, moved_interior)
+    plan.fail_on_errors(whole)
+    addr = _relax(whole, plan.start)
+    ends = _part_ends(whole, addr, nf)
+    over = (plan.failure == OK) & ((ends - plan.start).astype(np.int64) > plan.slot)
+    in_text = np.zeros(nf, bool)
+    text = model.image.section(".text")
+    if can_split and text is not None:
+        in_text = model.functions.section[plan.rows] == text.index
+    plan.fail(np.flatnonzero(over & ~in_text), DOES_NOT_FIT)
+    return np.flatnonzero(over & in_text), whole
+
+
+def _split(plan: _Plan, bt: BlockTable, split: np.ndarray, whole: _Items,
+           moved_interior) -> None:
+    """The functions ``split``, too big for their slot (``whole``: the items of the
+    whole layout): the longest prefix of the layout that fits stays (plan.keep),
+    the rest goes to a fragment (plan.reserved bytes)."""
+    if not len(split):
+        return
+    lay, lay_f, keep, slot = plan.lay, plan.lay_f, plan.keep, plan.slot
+    nf = len(plan)
+    pos_start = plan.positions_per_function(lay_f)
+    # First guess: every branch near, plus a jump to the fragment.
+    long_size = np.where((whole.kind == COPY) | (whole.kind == NOP), whole.size,
+                         LONG_SIZE[whole.kind])
+    cum = np.zeros(len(long_size) + 1, np.int64)
+    np.cumsum(long_size, out=cum[1:])
+    first_of_f = whole.first_item[pos_start[:-1].clip(max=max(len(lay) - 1, 0))]
+    # (the first item of the next position: of the next function after the last)
+    nxt_item = np.r_[whole.first_item[1:], len(long_size)]
+    after = cum[nxt_item] - cum[first_of_f[lay_f]] + enc.JMP32
+    fits = (after <= slot[lay_f]) & np.isin(lay_f, split)
+    guess = np.bincount(lay_f[fits], minlength=nf)
+    npos = np.diff(pos_start)
+    keep[split] = np.minimum(guess[split], npos[split] - 1)
+    del long_size, cum, first_of_f, nxt_item, after, fits
+    pending = split
+    while len(pending):
+        bad = pending[keep[pending] < 1]
+        plan.fail(bad, DOES_NOT_FIT)  # not even its entry block fits the slot
+        pending = pending[keep[pending] >= 1]
+        if not len(pending):
+            break
+        sel = np.isin(lay_f, pending)
+        t_lay, t_f = lay[sel], lay_f[sel]
+        t_part = 2 * t_f + (np.arange(len(lay))[sel] - pos_start[t_f] >= keep[t_f])
+        trial = _build_items(bt, t_lay, t_f, t_part, moved_interior)
+        t_addr = _relax(trial, plan.bases)
+        t_end = _part_ends(trial, t_addr, 2 * nf)
+        ok = (t_end[2 * pending] - plan.start[pending]).astype(np.int64) <= slot[pending]
+        done = pending[ok]
+        plan.reserved[done] = (t_end[2 * done + 1] - plan.bases[2 * done + 1]).astype(np.int64)
+        keep[pending[~ok]] -= 1
+        pending = pending[~ok]
+
+
+def _place_fragments(plan: _Plan, allocator) -> None:
+    """Fragments go to free room in address order (so the output does not depend on
+    how the work was divided)."""
+    for f in np.flatnonzero((plan.keep >= 0) & (plan.failure == OK)).tolist():
+        size = int(plan.reserved[f])
+        base = allocator.reserve(size)
+        if base is None:
+            plan.fail([f], NO_ROOM)
+        else:
+            allocator.shrink(base, size, size)
+            plan.frag_base[f] = base
+
+
+def _final_layout(plan: _Plan, bt: BlockTable, moved_interior) -> tuple[_Items, np.ndarray]:
+    """Items and new addresses of every function that is still in, all at once."""
+    alive = plan.failure[plan.lay_f] == OK
+    lay, lay_f = plan.lay[alive], plan.lay_f[alive]
+    pos_start = plan.positions_per_function(lay_f)
+    keep = plan.keep
     in_frag = (keep[lay_f] >= 0) & (np.arange(len(lay)) - pos_start[lay_f] >= keep[lay_f])
-    lay_part = 2 * lay_f + in_frag
-    items = _build_items(bt, lay, lay_f, lay_part, moved_interior)
-    addr = _relax(items, bases)
+    items = _build_items(bt, lay, lay_f, 2 * lay_f + in_frag, moved_interior)
+    addr = _relax(items, plan.bases)
     # The fragment was laid out far away, so every branch between it and the slot
     # is already rel32: moving it to its place in free room keeps every size (and
     # so the slot and the reservation fit exactly as measured).
     frag = items.part % 2 == 1
-    addr[frag] += frag_base[items.func[frag]] - bases[items.part[frag]]
-    part_len = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
+    addr[frag] += plan.frag_base[items.func[frag]] - plan.bases[items.part[frag]]
+    return items, addr
 
-    # --- new addresses ---------------------------------------------------------------
+
+@dataclass
+class _Copied:
+    """The copied items (runs of old instructions) and their instructions."""
+
+    items: np.ndarray    # index of each COPY item
+    insn: np.ndarray     # every copied instruction, item after item
+    run_of: np.ndarray   # per copied instruction: its position in ``items``
+    base: np.ndarray     # per item (all items): old address of its first byte (COPY)
+
+    @classmethod
+    def of(cls, items: _Items, insns) -> "_Copied":
+        copy = np.flatnonzero(items.kind == COPY)
+        i0 = items.i0[copy]
+        counts = items.i1[copy] - i0
+        base = np.zeros(len(items.kind), np.uint64)
+        base[copy] = insns.addr[i0]
+        return cls(copy, concat_ranges(i0, counts), np.repeat(np.arange(len(copy)), counts),
+                   base)
+
+
+def _new_addresses(insns, bt: BlockTable, items: _Items, addr: np.ndarray,
+                   copied: _Copied) -> np.ndarray:
+    """New address of every old instruction of the emitted functions (0: none)."""
     new_addr = np.zeros(len(insns.addr), np.uint64)
-    copy = np.flatnonzero(items.kind == COPY)
-    c_i0 = items.i0[copy]
-    counts = items.i1[copy] - c_i0
-    run_of = np.repeat(np.arange(len(copy)), counts)
-    idx = concat_ranges(c_i0, counts)
-    item_base = np.zeros(len(items.kind), np.uint64)
-    item_base[copy] = insns.addr[c_i0]
-    new_addr[idx] = insns.addr[idx] + (addr[copy] - item_base[copy])[run_of]
-    del counts
+    copy, idx = copied.items, copied.insn
+    new_addr[idx] = insns.addr[idx] + (addr[copy] - copied.base[copy])[copied.run_of]
     branch = np.flatnonzero((items.kind != COPY) & (items.origin >= 0))
     new_addr[items.origin[branch]] = addr[branch]
     # A jump that fell away is where its target now starts: code that lands on it
     # (an exception fixup such as "jmp back to the loop") lands on what it ran next.
     el = np.flatnonzero(items.elided)
-    new_addr[bt.term[lay[el]]] = addr[items.elided_to[el]]
+    new_addr[bt.term[items.lay[el]]] = addr[items.elided_to[el]]
+    return new_addr
 
-    # --- bytes -----------------------------------------------------------------------
+
+def _bytes(model, items: _Items, addr: np.ndarray,
+           copied: _Copied) -> tuple[np.ndarray, np.ndarray]:
+    """Every function's new bytes, one after the other (copied runs and encoded
+    branches), and the offset of each item in them."""
     item_off = np.zeros(len(items.size) + 1, np.int64)
     np.cumsum(items.size, out=item_off[1:])
     code = np.zeros(int(item_off[-1]), np.uint8)
-    _copy_bytes(model, code, item_off[copy], item_base[copy], items.size[copy])
+    copy = copied.items
+    _copy_bytes(model, code, item_off[copy], copied.base[copy], items.size[copy])
     _encode_branches(items, addr, item_off, code)
+    return code, item_off
 
-    # PC-relative fields of copied instructions, all at once: the target moves
-    # with its function, lies in another moved function (resolved later), or stays.
+
+def _fields(insns, plan: _Plan, items: _Items, copied: _Copied, item_off, new_addr, code,
+            moved_interior) -> tuple:
+    """PC-relative fields of copied instructions, all at once: the target moves with
+    its function (written now), lies in another moved function (returned, to be
+    resolved once every function has its place), or stays (written now)."""
+    idx = copied.insn
     with_field = insns.field_size[idx] > 0
-    f_idx, f_item = idx[with_field], copy[run_of[with_field]]
+    f_idx, f_item = idx[with_field], copied.items[copied.run_of[with_field]]
+    item_base = copied.base
     f_func = items.func[f_item]
+    start, end = plan.start, plan.end
     new_i = new_addr[f_idx]
     next_ip = new_i + insns.length[f_idx]
     target = insns.ref[f_idx]
@@ -589,17 +704,17 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
     t = target[local]
     j = np.searchsorted(insns.addr, t, side="right").astype(np.int64) - 1
     lf = f_func[local]
-    j_ok = (j >= first_insn[lf]) & (j < last_insn[lf])
+    j_ok = (j >= plan.first_insn[lf]) & (j < plan.last_insn[lf])
     mapped = new_addr[np.maximum(j, 0)]
     bad = ~j_ok | (mapped == 0)
-    fail(np.unique(lf[bad]), DROPPED_REF)
+    plan.fail(np.unique(lf[bad]), DROPPED_REF)
     new_target[local] = np.where(bad, t, mapped + (t - insns.addr[np.maximum(j, 0)]))
     fo = insns.field_off[f_idx]
     fs = insns.field_size[f_idx].astype(np.int64)
     disp = (new_target - next_ip).view(np.int64)
     limit = np.where(fs == 1, 1 << 7, 1 << 31).astype(np.int64)
     out_of_range = (disp < -limit) | (disp >= limit)
-    fail(np.unique(f_func[out_of_range]), OUT_OF_RANGE)
+    plan.fail(np.unique(f_func[out_of_range]), OUT_OF_RANGE)
     pos = item_off[f_item] + (insns.addr[f_idx] - item_base[f_item]).astype(np.int64) \
         + fo.astype(np.int64)
     for width in (1, 2, 4):
@@ -608,27 +723,8 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
             put_fields(code, pos[sel], width, disp[sel])
     later = np.flatnonzero(~local)
     later = later[moved_interior(target[later])]
-    deferred = (f_func[later], new_i[later] + fo[later].astype(np.uint64), fs[later],
-                next_ip[later], target[later])
-
-    # --- the result ------------------------------------------------------------------
-    part_off = np.zeros(2 * nf, np.int64)
-    firsts = items.part_starts()
-    part_off[items.part[firsts]] = item_off[firsts]
-    emission = Emission(
-        rows=rows, start=start, end=end, first_insn=first_insn, last_insn=last_insn,
-        code=code, code_off=part_off[0::2], code_len=part_len[0::2], frag_base=frag_base,
-        frag_off=part_off[1::2], frag_len=part_len[1::2],
-        inserted_jumps=np.bincount(lay_f[items.inserted], minlength=nf),
-        dropped_bytes=(dropped_fill + np.bincount(lay_f, weights=items.dropped,
-                                                  minlength=nf)).astype(np.int64),
-        item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
-        item_base=item_base, item_state=items.state, new_addr=new_addr, deferred=deferred)
-    failures = [(int(rows[f]), FAILURES[int(failure[f])])
-                for f in np.flatnonzero(failure).tolist()]
-    if failures:
-        emission = emission.select(failure == OK)
-    return emission, failures
+    return (f_func[later], new_i[later] + fo[later].astype(np.uint64), fs[later],
+            next_ip[later], target[later])
 
 
 def _copy_bytes(model, code: np.ndarray, dest: np.ndarray, src_addr: np.ndarray,

@@ -20,23 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbuild_bolt.elf.image import RELA
+from kbuild_bolt.elf.image import (  # noqa: F401 - relocation facts used here and above
+    FIELD_SIZE, PC_RELATIVE, R_X86_64_PC32, RELA, SIGNED,
+)
 from kbuild_bolt.errors import KbbError
-
-R_X86_64_NONE = 0
-R_X86_64_64 = 1
-R_X86_64_PC32 = 2
-R_X86_64_PLT32 = 4
-R_X86_64_32 = 10
-R_X86_64_32S = 11
-R_X86_64_PC64 = 24
-
-PC_RELATIVE = (R_X86_64_PC32, R_X86_64_PLT32, R_X86_64_PC64)
-FIELD_SIZE = {R_X86_64_64: 8, R_X86_64_PC32: 4, R_X86_64_PLT32: 4, R_X86_64_32: 4,
-              R_X86_64_32S: 4, R_X86_64_PC64: 8}
-SIGNED = {R_X86_64_64: False, R_X86_64_PC32: True, R_X86_64_PLT32: True, R_X86_64_32: False,
-          R_X86_64_32S: True, R_X86_64_PC64: True}
-
 
 def field_values(rtype: int, s: np.ndarray, a: np.ndarray, p: np.ndarray) -> np.ndarray:
     """The relocated values (int64, wrapping as the 64-bit arithmetic does; kernel

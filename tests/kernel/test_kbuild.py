@@ -20,7 +20,7 @@ from kbuild_bolt.kbuild.bzimage import code_differences
 from kbuild_bolt.kbuild.modules import check_modules
 from kbuild_bolt.lab.initramfs import build_lab_initramfs
 from kbuild_bolt.lab.kernels import LAB_MODULES, lab_kernel
-from kbuild_bolt.lab.qemu import boot
+from kbuild_bolt.qemu.runner import boot
 
 from buildtree import KBUILD_BOLT, OverlayBuild
 from debian_initramfs import make_debian_initramfs

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from kbuild_bolt.elf.image import ElfImage
-from kbuild_bolt.lab.qemu import DEFAULT_TEXT, boot
+from kbuild_bolt.qemu.runner import DEFAULT_TEXT, boot
 
 
 def assert_clean(result):

@@ -10,7 +10,7 @@ import pytest
 
 from kbuild_bolt.binary.cfg import REASONS, build_cfg
 from kbuild_bolt.binary.model import BinaryModel
-from kbuild_bolt.kernel.crosscheck import check_all
+from kbuild_bolt.analysis.crosscheck import check_all
 from kbuild_bolt.x86 import decode as x86
 
 capstone = pytest.importorskip("capstone")

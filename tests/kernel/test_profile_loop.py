@@ -13,8 +13,9 @@ from kbuild_bolt.binary.cfg import build_cfg
 from kbuild_bolt.binary.model import BinaryModel
 from kbuild_bolt.kbuild.bzimage import rebuild_bzimage
 from kbuild_bolt.lab.kernels import lab_kernel
-from kbuild_bolt.lab.qemu import boot
-from kbuild_bolt.profile import qemu, write_profile
+from kbuild_bolt.qemu.runner import boot
+from kbuild_bolt.profile import qemu
+from kbuild_bolt.profile.model import write_profile
 from kbuild_bolt.profile.attach import attach
 from kbuild_bolt.profile.dyno import measured_taken_branches
 from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite

@@ -10,7 +10,7 @@ import pytest
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.kbuild.bzimage import rebuild_bzimage
 from kbuild_bolt.lab.kernels import lab_kernel
-from kbuild_bolt.lab.qemu import DEFAULT_TEXT, boot
+from kbuild_bolt.qemu.runner import DEFAULT_TEXT, boot
 from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite
 
 LAYOUTS = [("reverse", 0), ("random", 1), ("random", 2), ("random", 3)]

@@ -8,7 +8,7 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.initramfs import cpio
 from kbuild_bolt.lab.initramfs import build_lab_initramfs, render_init
 from kbuild_bolt.lab.kernels import apply_fragment, fragment_mismatches, parse_config
-from kbuild_bolt.lab.qemu import BootResult, scan_log
+from kbuild_bolt.qemu.runner import BootResult, scan_log
 
 
 def test_cpio_round_trip_is_byte_exact():

@@ -14,7 +14,8 @@ from kbuild_bolt.layout.exttsp import edge_score, ext_tsp_order, _Layout
 from kbuild_bolt.profile import fdata, perf
 from kbuild_bolt.profile.attach import attach, function_edges
 from kbuild_bolt.profile.dyno import dyno_stats
-from kbuild_bolt.profile.model import Profile, combine, load_profile, read_profile, write_profile
+from kbuild_bolt.profile.formats import load_profile
+from kbuild_bolt.profile.model import Profile, combine, read_profile, write_profile
 from kbuild_bolt.profile.stale import adapt, shapes_for
 from synthetic_kernel import CODE, TABLES, build
 

@@ -11,7 +11,7 @@ from elfkit import tools_available
 from kbuild_bolt.binary.model import BinaryModel
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.kernel.crosscheck import check_all
+from kbuild_bolt.analysis.crosscheck import check_all
 from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite
 from kbuild_bolt.rewrite.verify import verify
 from synthetic_kernel import build

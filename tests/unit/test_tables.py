@@ -13,7 +13,7 @@ from synthetic_kernel import EXPECTED_612, PARAVIRT, build
 from kbuild_bolt.binary.cfg import EDGE_NAMES, REASONS, build_cfg
 from kbuild_bolt.binary.model import BinaryModel
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.kernel.crosscheck import check_all
+from kbuild_bolt.analysis.crosscheck import check_all
 
 pytestmark = pytest.mark.skipif(not tools_available(), reason="binutils (as, ld) missing")
 

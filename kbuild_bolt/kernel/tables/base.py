@@ -225,7 +225,7 @@ def locate(image, spec: TableSpec) -> tuple[int, int, str] | None:
         start, stop = symbols.address(b.start), symbols.address(b.stop)
         if start is not None and stop is not None:
             if stop < start:
-                raise KbbError(f"{spec.name}: {b.stop} lies before {b.start}")
+                raise KbbError(f"{image.path}: {spec.name}: {b.stop} lies before {b.start}")
             return start, stop - start, "symbols"
     if b.section:
         section = image.section(b.section)
@@ -240,6 +240,10 @@ def read_table(image, spec: TableSpec, version: tuple[int, int]) -> TableData | 
     if where is None:
         return None
     addr, size, how = where
+    section = image.section_at(addr) if size else None
+    if size and (section is None or addr + size > section.end):
+        raise KbbError(f"{image.path}: {spec.name}: {size:,} bytes at {addr:#x} are not inside "
+                       "one section (its bounds are wrong)")
     candidates = spec.layouts(version)
     if not candidates:
         return None

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kbuild_bolt.errors import KbbError
+from kbuild_bolt.processes import child_dies_with_us
 
 QEMU = "qemu-system-x86_64"
 PVH_NOTE_OWNER = "Xen"
@@ -193,8 +194,11 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
                        cpu)
     lines: list[str] = []
     started = time.monotonic()
+    # (its own session: Ctrl-C reaches kbuild-bolt, which stops QEMU; and QEMU dies
+    # with kbuild-bolt if that is killed outright)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=child_dies_with_us())
 
     def reader():
         for raw in proc.stdout:
@@ -211,6 +215,10 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
         result.timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    except BaseException:   # (interrupted: QEMU goes too)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     thread.join(timeout=5)
     result.seconds = round(time.monotonic() - started, 2)
     result.log_lines = lines

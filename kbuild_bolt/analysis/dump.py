@@ -12,7 +12,7 @@ from iced_x86 import Decoder, Formatter, FormatterSyntax
 
 from kbuild_bolt.binary.cfg import CFG, EDGE_NAMES, REASONS
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.kernel.crosscheck import TableCheck
+from kbuild_bolt.analysis.crosscheck import TableCheck
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import decode as x86
 

@@ -1,4 +1,4 @@
-"""Cross-check every kernel table entry against the decoded code.
+"""Cross-check every kernel table entry, and every relocation, against the code.
 
 Each pointer field of a table says what it must point at (a
 :class:`~kbuild_bolt.kernel.tables.base.CodeRef`); this module checks it for
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kbuild_bolt.binary.model import in_sorted
+from kbuild_bolt.arrays import in_sorted
+from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import patterns
 
@@ -169,3 +170,82 @@ def _check_orc_ips(model, targets, fail, ref, where) -> Counter:
 
 def check_all(model) -> dict[str, TableCheck]:
     return {name: check_table(model, data) for name, data in model.tables.items()}
+
+
+def check_relocations(model) -> tuple[int, list[str]]:
+    """Every relocation's field holds S + A (- P).
+
+    Tables the kernel's sorttable sorts after the link keep the records of the
+    unsorted order, so there the targets must be a permutation of what the
+    records say (compared as multisets of absolute targets)."""
+    image = model.image
+    symbols = image.symbols
+    problems: list[str] = []
+    total = 0
+    sorted_tables = [d for d in model.tables.values() if d.spec.sorted_field]
+    expected_sorted = {d.spec.name: [] for d in sorted_tables}
+    for rela in image.rela_sections:
+        r = image.relocations(rela)
+        if not len(r):
+            continue
+        rtype = (r["info"] & 0xFFFFFFFF).astype(np.int64)
+        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        target_section = image.sections[rela.info]
+        if not target_section.has_bits:
+            continue
+        data = image.bytes[target_section.offset:target_section.offset + target_section.size]
+        for t, size in FIELD_SIZE.items():
+            sel = np.flatnonzero(rtype == t)
+            if not len(sel):
+                continue
+            total += len(sel)
+            off = (r["offset"][sel] - np.uint64(target_section.addr)).astype(np.int64)
+            inside = (off >= 0) & (off + size <= target_section.size)
+            if not inside.all():
+                problems.append(f"{rela.name}: {int((~inside).sum())} relocations outside "
+                                f"{target_section.name}")
+                sel, off = sel[inside], off[inside]
+            cols = off[:, None] + np.arange(size)[None, :]
+            raw = data[cols].astype(np.uint64)
+            value = np.zeros(len(sel), np.uint64)
+            for k in range(size):
+                value |= raw[:, k] << np.uint64(8 * k)
+            where = r["offset"][sel]
+            s = symbols.value[sym[sel]]
+            target = s + r["addend"][sel].view(np.uint64)          # S + A
+            expect = target - where if t in PC_RELATIVE else target
+            mask = np.uint64((1 << (8 * size)) - 1) if size < 8 else np.uint64(0xFFFFFFFFFFFFFFFF)
+            bad = (expect & mask) != value
+            for d in sorted_tables:
+                inside = (where >= np.uint64(d.addr)) & (where < np.uint64(d.addr + d.size))
+                if inside.any():
+                    expected_sorted[d.spec.name].append(target[inside])
+                    bad[inside] = False
+            for k in np.flatnonzero(bad)[:5].tolist():
+                problems.append(f"{rela.name}[{int(sel[k])}] at {int(where[k]):#x}: "
+                                f"field {int(value[k]):#x}, relocation says "
+                                f"{int(expect[k] & mask):#x}")
+            if bad.sum() > 5:
+                problems.append(f"{rela.name}: {int(bad.sum()) - 5} more disagreeing fields")
+    for d in sorted_tables:
+        want = np.sort(np.concatenate(expected_sorted[d.spec.name])) \
+            if expected_sorted[d.spec.name] else np.zeros(0, np.uint64)
+        if not len(want):
+            continue
+        got = np.sort(np.concatenate([d.targets(f.name) for f in d.layout.fields
+                                      if f.is_pointer]))
+        # sorttable also zeroes __mcount_loc entries of overridden weak functions:
+        # their records stay, the entries become padding.
+        if not _sub_multiset(got, want) or len(want) - len(got) > d.padding * len(
+                [f for f in d.layout.fields if f.is_pointer]):
+            problems.append(f"{d.spec.name}: entries are not the targets its relocations name "
+                            f"({len(got)} entries, {len(want)} relocations)")
+    return total, problems
+
+
+def _sub_multiset(small: np.ndarray, big: np.ndarray) -> bool:
+    values, counts = np.unique(small, return_counts=True)
+    big_values, big_counts = np.unique(big, return_counts=True)
+    i = np.searchsorted(big_values, values)
+    i = np.minimum(i, len(big_values) - 1)
+    return bool(len(big_values) and np.all(big_values[i] == values) and np.all(big_counts[i] >= counts))

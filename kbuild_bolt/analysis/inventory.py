@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from kbuild_bolt.analysis.crosscheck import check_all
+from kbuild_bolt.binary.cfg import build_cfg
+from kbuild_bolt.binary.model import BinaryModel
 from kbuild_bolt.elf.image import ElfImage
-from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel import tables
 from kbuild_bolt.kernel.tables import kallsyms
 from kbuild_bolt.kernel.version import kernel_version
@@ -89,10 +91,6 @@ def describe(image: ElfImage, analyse: bool = True) -> dict:
 
 def analysis(image: ElfImage) -> dict:
     """Decode every function, build CFGs and cross-check every table."""
-    from kbuild_bolt.binary.cfg import build_cfg
-    from kbuild_bolt.binary.model import BinaryModel
-    from kbuild_bolt.kernel.crosscheck import check_all
-
     model = BinaryModel(image)
     cfg = build_cfg(model)
     checks = check_all(model)
@@ -170,10 +168,3 @@ def format_text(report: dict) -> str:
     for problem in report["problems"]:
         lines.append(f"note: {problem}")
     return "\n".join(lines)
-
-
-def open_vmlinux(path) -> ElfImage:
-    image = ElfImage(path)
-    if image.section(".text") is None:
-        raise KbbError(f"{path}: no .text section (not a vmlinux)")
-    return image

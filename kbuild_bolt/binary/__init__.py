@@ -1,0 +1,1 @@
+"""The binary model: functions, decoded code, basic blocks and the CFG."""

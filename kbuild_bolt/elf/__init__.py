@@ -1,0 +1,1 @@
+"""ELF in (mmap + numpy: sections, symbols, relocations) and out (an atomic writer)."""

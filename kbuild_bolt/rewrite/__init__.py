@@ -1,0 +1,1 @@
+"""The rewrite engine: a list of passes over one rewrite context."""

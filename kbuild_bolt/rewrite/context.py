@@ -1,0 +1,151 @@
+"""What one rewrite knows: its options, its result, and the context its passes fill in."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kbuild_bolt.binary.cfg import build_cfg
+from kbuild_bolt.binary.model import BinaryModel
+
+
+@dataclass
+class RewriteOptions:
+    reorder_blocks: str = "ext-tsp"
+    seed: int = 0
+    funcs: set[str] | None = None
+    skip_funcs: set[str] = field(default_factory=set)
+    profile: object = None
+    verify: bool = True
+    # Testing hook for bisect: leave this many table entries stale on purpose.
+    plant_fault: str | None = None
+    progress: bool = True
+    # Put blocks that do not fit a function's slot into free room in .text.
+    split: bool = True
+    dyno_stats: bool = False
+
+
+@dataclass
+class RewriteResult:
+    functions: int = 0
+    rewritten: int = 0
+    unchanged: int = 0
+    left_alone: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    bytes_changed: int = 0
+    inserted_jumps: int = 0
+    dropped_bytes: int = 0
+    tables: dict = field(default_factory=dict)
+    relocations_changed: int = 0
+    fields_rewritten: int = 0
+    stripped: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    rewritten_names: list = field(default_factory=list)
+    # Share of .text functions handled (rewritten or already in the chosen order).
+    text_coverage: float = 0.0
+    profile_used: float | None = None
+    dyno: tuple | None = None   # (before, after) predicted dyno-stats
+    orc_entries: tuple = (0, 0)
+    verify_summary: str = ""
+    fragments: int = 0
+    fragment_bytes: int = 0
+    free_room: int = 0
+
+    def leave_alone(self, reason: str, names: list[str]) -> None:
+        """Count functions left byte for byte alone for ``reason`` (the first as example)."""
+        if names:
+            self.left_alone[reason] += len(names)
+            self.examples.setdefault(reason, names[0])
+
+    def brief(self) -> str:
+        """One line for build logs (``kbuild-bolt rewrite -q``)."""
+        parts = [f"{self.rewritten:,} functions rewritten",
+                 f"{sum(self.left_alone.values()):,} left alone"]
+        if self.profile_used is not None:
+            parts.append(f"profile {100 * self.profile_used:.1f}% used")
+        if self.dyno:
+            before, after = self.dyno
+            if before.get("ALL_TAKEN"):
+                change = 100 * (after["ALL_TAKEN"] / before["ALL_TAKEN"] - 1)
+                parts.append(f"taken branches {change:+.1f}% (predicted)")
+        if self.stripped:
+            parts.append("debug info removed")
+        parts.append(self.verify_summary.splitlines()[0].replace(":", "", 1)
+                     if self.verify_summary else "not verified")
+        return ", ".join(parts)
+
+    def summary(self) -> str:
+        lines = [f"functions: {self.functions:,} in .text/.init.text/.exit.text"]
+        lines.append(f"  rewritten                 {self.rewritten:>9,}   "
+                     f"({100 * self.text_coverage:.1f}% of .text handled)")
+        lines.append(f"  same layout (unchanged)   {self.unchanged:>9,}")
+        for reason, count in self.left_alone.most_common():
+            example = self.examples.get(reason, "")
+            lines.append(f"  left alone: {reason:<24} {count:>9,}   e.g. {example}")
+        if self.fragments:
+            lines.append(f"cold fragments: {self.fragments:,} functions placed "
+                         f"{self.fragment_bytes:,} bytes in free room of .text "
+                         f"({self.free_room:,} bytes free)")
+        lines.append(f"bytes changed: {self.bytes_changed:,} "
+                     f"(jumps added {self.inserted_jumps:,}, bytes dropped {self.dropped_bytes:,})")
+        lines.append(f"relocations updated: {self.relocations_changed:,} "
+                     f"({self.fields_rewritten:,} fields recomputed)")
+        if self.tables:
+            lines.append("tables updated: " + ", ".join(f"{k} {v:,}" for k, v in self.tables.items()))
+        lines.append(f"ORC entries: {self.orc_entries[0]:,} used of {self.orc_entries[1]:,} "
+                     "(regenerated; the table keeps its size)")
+        if self.stripped:
+            lines.append(f"debug sections removed (they described the old layout): "
+                         f"{', '.join(self.stripped)}")
+        if self.verify_summary:
+            lines.append(self.verify_summary)
+        if self.dyno:
+            from kbuild_bolt.profile.dyno import format_comparison
+            lines.append(format_comparison(*self.dyno, "before", "after (predicted)"))
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+class Session:
+    """A vmlinux read once and rewritten many times (bisect)."""
+
+    def __init__(self, input_path):
+        self.model = BinaryModel.open(input_path, require_relocations=True)
+        self.cfg = build_cfg(self.model)
+        self.checked = False   # the input's tables and relocations agree with its code
+
+
+@dataclass
+class RewriteContext:
+    """The state passes hand on to each other. Each field is written by one pass
+    (named beside it) and read by the passes after it."""
+
+    input_path: object
+    output_path: object
+    options: RewriteOptions
+    result: RewriteResult = field(default_factory=RewriteResult)
+    session: Session | None = None          # read (or given: bisect reuses one)
+    model: BinaryModel | None = None        # read
+    cfg: object = None                      # read: the CFG of every function
+    candidates: np.ndarray | None = None    # discover: rows that may be laid out again
+    profile_layout: object = None           # profile: ProfileLayout (counts per block/edge)
+    orders: dict = field(default_factory=dict)      # layout: row -> new block order
+    unchanged_rows: list = field(default_factory=list)  # layout: already in that order
+    slots: np.ndarray | None = None         # emit: end of every function's slot
+    emission: object = None                 # emit: new code of every rewritten function
+    metadata: list = field(default_factory=list)    # fit: the metadata rewriters of this run
+    output: object = None                   # update: the OutputImage (a temporary file)
+    rewritten_rows: list = field(default_factory=list)  # update: functions actually rewritten
+    fragments: list = field(default_factory=list)       # update: (start, end) of cold fragments
+    committed: bool = False                 # write
+
+    def say(self, message: str) -> None:
+        if self.options.progress:
+            print(f"  BOLT    {message}", file=sys.stderr, flush=True)
+
+    def leave_alone(self, rows, reason: str) -> None:
+        names = self.model.functions.names
+        self.result.leave_alone(reason, [names[row] for row in rows])

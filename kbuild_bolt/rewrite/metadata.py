@@ -1,0 +1,312 @@
+"""Metadata rewriters: everything that records an address of moved code, kept true.
+
+Like BOLT's ``MetadataRewriter``s, each one owns one kind of metadata and has
+phase hooks the engine calls in order:
+
+- ``post_emit(ctx)``: after emission, before anything is written; may leave
+  functions alone (the ORC table cannot grow, so the layout must fit it);
+- ``update(ctx, amap)``: write into the output image (``ctx.output``), through
+  the address map old -> new;
+- ``finalize(ctx, path)``: on the finished output file, for sections whose size
+  changes (debug info).
+
+Adding "update kallsyms" or "update DWARF" means adding a rewriter to
+:func:`metadata_rewriters`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kbuild_bolt.arrays import in_sorted
+from kbuild_bolt.elf.image import RELA, SYM
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel.tables import orc as orc_table
+from kbuild_bolt.rewrite import relocations as relocs
+from kbuild_bolt.rewrite import tables as table_update
+
+
+class MetadataRewriter:
+    name = ""
+
+    def post_emit(self, ctx) -> None:
+        pass
+
+    def update(self, ctx, amap) -> None:
+        pass
+
+    def finalize(self, ctx, path) -> None:
+        pass
+
+
+class NewCode(MetadataRewriter):
+    """The emitted code itself: each function in its slot (int3 after it up to the
+    old end, or over the fill it grew into), each cold fragment in free room."""
+
+    name = "code"
+
+    def update(self, ctx, amap) -> None:
+        e, out, result = ctx.emission, ctx.output, ctx.result
+        code = e.code
+        for row, start, end, off, n, frag, frag_off, frag_len in zip(
+                e.rows.tolist(), e.start.tolist(), e.end.tolist(), e.code_off.tolist(),
+                e.code_len.tolist(), e.frag_base.tolist(), e.frag_off.tolist(),
+                e.frag_len.tolist()):
+            new_end = start + n
+            out.write_at(start, code[off:off + n].tobytes())
+            # int3 after the new code: up to the old end, or, when the code grew into
+            # the fill after it, over the rest of that fill (no half nop left behind).
+            fill_end = end if new_end <= end else int(ctx.slots[row])
+            if fill_end > new_end:
+                out.write_at(new_end, b"\xcc" * (fill_end - new_end))
+            if frag_len:
+                out.write_at(frag, code[frag_off:frag_off + frag_len].tobytes())
+        result.bytes_changed += int(e.code_len.sum() + e.frag_len.sum())
+        result.inserted_jumps += int(e.inserted_jumps.sum())
+        result.dropped_bytes += int(e.dropped_bytes.sum())
+
+
+class CodeReferences(MetadataRewriter):
+    """PC-relative fields without a relocation that point into moved code: between
+    two rewritten functions (resolved once all have their place), and from code
+    that stays."""
+
+    name = "code references"
+
+    def update(self, ctx, amap) -> None:
+        model, e, out = ctx.model, ctx.emission, ctx.output
+        insns = model.insns
+        _, field_addr, size, next_ip, target = e.deferred
+        retarget(amap, out, field_addr, size, next_ip, target,
+                 dropped=lambda k: f"reference at {int(field_addr[k]):#x} to dropped code "
+                                   f"{int(target[k]):#x}",
+                 unreachable=lambda k: f"reference at {int(field_addr[k]):#x} cannot reach its "
+                                       "moved target")
+        rewritten = np.zeros(len(model.functions) + 1, bool)
+        rewritten[e.rows] = True
+        refs = np.flatnonzero(~rewritten[model.function_of_insn] & (insns.field_size > 0))
+        refs = refs[amap.moved(insns.ref[refs])]
+        field_addr = insns.addr[refs] + insns.field_off[refs]
+        # (a field that carries a relocation is rewritten by the relocation pass)
+        unrelocated = ~in_sorted(model.code_relocations.offset, field_addr)
+        refs, field_addr = refs[unrelocated], field_addr[unrelocated]
+
+        def unreachable(k: int) -> str:
+            return f"{model.symbolize(int(insns.addr[refs[k]]))} cannot reach moved code"
+
+        retarget(amap, out, field_addr, insns.field_size[refs],
+                 insns.addr[refs] + insns.length[refs], insns.ref[refs],
+                 dropped=unreachable, unreachable=unreachable)
+
+
+class Relocations(MetadataRewriter):
+    """Every relocation outside the kernel tables: its record and its field."""
+
+    name = "relocations"
+
+    def update(self, ctx, amap) -> None:
+        model = ctx.model
+        table_ranges = [(d.addr, d.addr + d.size) for d in model.tables.values()]
+        updates = relocs.plan_updates(model, amap, skip_ranges=table_ranges)
+        ctx.result.relocations_changed = sum(len(u.index) for u in updates)
+        ctx.result.fields_rewritten = relocs.apply_updates(model, ctx.output, updates)
+
+
+class KernelTables(MetadataRewriter):
+    """Self-patching tables follow their code (and stay sorted); their relocation
+    records follow the bytes."""
+
+    name = "kernel tables"
+
+    def update(self, ctx, amap) -> None:
+        result = ctx.result
+        result.tables = table_update.update_entries(ctx.model, amap, ctx.output)
+        result.relocations_changed += table_update.recompute_records(ctx.model, ctx.output,
+                                                                     set(result.tables))
+
+
+class OrcUnwind(MetadataRewriter):
+    """ORC regenerated for the new layout. The table cannot grow, so the layout
+    must fit it: the functions whose new layout costs the most entries are left
+    alone until it does."""
+
+    name = "ORC"
+
+    def __init__(self):
+        self.entries = None   # (ips, states) of the new table
+
+    def post_emit(self, ctx) -> None:
+        model = ctx.model
+        if not (".orc_unwind_ip" in model.tables and ".orc_unwind" in model.tables
+                and len(ctx.emission)):
+            return
+        while True:
+            e = ctx.emission
+            try:
+                self.entries = orc_table.regenerate(model, e.runs, e.branch_states,
+                                                    e.moved_ranges())
+                return
+            except orc_table.OrcCapacityError:
+                # (an entry per copied run and per emitted branch at most)
+                cost = np.argsort(-e.items_per_function(), kind="stable")
+                drop = cost[:max(1, len(e) // 20)]
+                ctx.leave_alone(e.rows[drop].tolist(), "orc-table-full")
+                keep = np.ones(len(e), bool)
+                keep[drop] = False
+                ctx.emission = e.select(keep)
+
+    def update(self, ctx, amap) -> None:
+        if self.entries is None:
+            return
+        ips, states = self.entries
+        write_orc(ctx.model, ctx.output, ips, states)
+        padding = int(np.sum(ips[1:] == ips[:-1]))
+        ctx.result.orc_entries = (len(ips) - padding, len(ips))
+        self.entries = None
+
+
+class GrownSymbols(MetadataRewriter):
+    """A function whose new code runs into the fill after it gets the new size (every
+    FUNC symbol naming it, aliases too: same address, same size)."""
+
+    name = "symbols"
+
+    def update(self, ctx, amap) -> None:
+        image, emission = ctx.model.image, ctx.emission
+        symbols = image.symbols
+        records = np.frombuffer(ctx.output.mem, SYM, len(symbols), image.symtab.offset)
+        grown = list(zip(emission.start.tolist(), (emission.end - emission.start).tolist(),
+                         emission.code_len.tolist()))
+        grown = [g for g in grown if g[2] > g[1]]
+        if not grown:
+            return
+        funcs = np.flatnonzero(symbols.type == 2)
+        funcs = funcs[np.argsort(symbols.value[funcs], kind="stable")]
+        values, sizes = symbols.value[funcs], symbols.size[funcs]
+        starts = np.array([g[0] for g in grown], np.uint64)
+        lo = np.searchsorted(values, starts, side="left").tolist()
+        hi = np.searchsorted(values, starts, side="right").tolist()
+        for (_start, old_size, new_size), a, b in zip(grown, lo, hi):
+            for k in range(a, b):
+                if int(sizes[k]) == old_size:
+                    records["size"][funcs[k]] = new_size
+
+
+class DebugSections(MetadataRewriter):
+    """DWARF would describe the old layout: the debug sections are emptied (their
+    headers and the symbol table stay, so no index changes)."""
+
+    name = "debug sections"
+
+    def finalize(self, ctx, path) -> None:
+        ctx.result.stripped = ctx.output.strip_debug()
+
+
+class PlantedFault(MetadataRewriter):
+    """Testing hook (``--plant-fault KIND[@FUNCTION]``): the first entry of a table
+    pointing into moved code (of FUNCTION, when given) keeps its old value, so
+    verify and bisect have something to find."""
+
+    name = "planted fault"
+
+    def __init__(self, fault: str):
+        self.fault = fault
+
+    def update(self, ctx, amap) -> None:
+        model, out = ctx.model, ctx.output
+        kind, _, function = self.fault.partition("@")
+        name = {"smp-lock": ".smp_locks", "bug": "__bug_table",
+                "return": ".return_sites"}.get(kind)
+        if name is None or name not in model.tables:
+            raise KbbError(f"--plant-fault {kind}: this kernel has no such table")
+        data = model.tables[name]
+        field_name = data.spec.refs[0].field
+        targets = data.targets(field_name)
+        moved = amap.moved(targets)
+        if function:
+            row = model.functions.by_name(function)
+            if row < 0:
+                raise KbbError(f"--plant-fault: no function {function}")
+            moved &= model.functions.rows_containing(targets) == row
+        moved = np.flatnonzero(moved)
+        if not len(moved):
+            return  # nothing of that table moved in this rewrite
+        index = int(data.indices[int(moved[0])])
+        f = data.layout.field(field_name)
+        field_addr = int(data.entry_address(index)) + f.offset
+        old_value = int(data.entries[field_name][index])
+        out.write_at(field_addr, int(old_value).to_bytes(f.size, "little", signed=True))
+
+
+def metadata_rewriters(options) -> list[MetadataRewriter]:
+    """The rewriters of one run, in the order their updates are applied (the
+    code first: relocated fields inside it are rewritten after it is copied)."""
+    rewriters = [NewCode(), CodeReferences(), Relocations(), KernelTables(), OrcUnwind(),
+                 GrownSymbols(), DebugSections()]
+    if options.plant_fault:
+        rewriters.append(PlantedFault(options.plant_fault))
+    return rewriters
+
+
+def retarget(amap, out, field_addr, size, next_ip, target, dropped, unreachable) -> None:
+    """Point PC-relative fields (``size`` bytes at ``field_addr``, relative to
+    ``next_ip``) at where their old ``target`` moved. Raises with ``dropped(k)`` or
+    ``unreachable(k)`` for the first field whose target is gone or out of reach."""
+    if not len(target):
+        return
+    new_target, ok = amap.translate(target)
+    if not ok.all():
+        raise KbbError(dropped(int(np.flatnonzero(~ok)[0])))
+    disp = (new_target - next_ip).view(np.int64)
+    size = np.asarray(size).astype(np.int64)
+    limit = np.left_shift(1, 8 * size - 1)
+    bad = (disp < -limit) | (disp >= limit)
+    if bad.any():
+        raise KbbError(unreachable(int(np.flatnonzero(bad)[0])))
+    for width in np.unique(size).tolist():
+        sel = size == width
+        out.write_fields(field_addr[sel], int(width), disp[sel])
+
+
+def write_orc(model, out, ips, states) -> None:
+    """Write the ORC tables and their relocations (PC32 against the section symbol)."""
+    ip_table = model.tables[".orc_unwind_ip"]
+    orc_table_data = model.tables[".orc_unwind"]
+    n = len(ips)
+    where = np.uint64(ip_table.addr) + np.uint64(4) * np.arange(n, dtype=np.uint64)
+    values = (ips - where).view(np.int64)
+    out.array(ip_table.addr, "<i4", n)[:] = values.astype(np.int32)
+    dest = out.array(orc_table_data.addr, orc_table_data.layout.dtype, n)
+    for name in ("sp_offset", "bp_offset", "bits"):
+        dest[name] = states[name]
+    rela = [r for r in model.image.rela_sections
+            if model.image.sections[r.info].name == ".orc_unwind_ip"]
+    if not rela:
+        return
+    r = model.image.relocations(rela[0])
+    if len(r) != n:
+        raise KbbError(f".rela.orc_unwind_ip has {len(r)} entries for {n} ORC entries")
+    records = np.frombuffer(out.mem, RELA, n, rela[0].offset)
+    sec_sym = _section_symbols(model)
+    sec_idx = model.section_index_of(ips)
+    # Terminator entries sit at the end of a code section, just outside it.
+    for k in np.flatnonzero(sec_idx < 0).tolist():
+        ends = [sec.index for sec in model.image.sections
+                if sec.is_alloc and sec.is_exec and sec.end == int(ips[k])]
+        if ends:
+            sec_idx[k] = ends[0]
+    syms = np.array([sec_sym.get(int(s), 0) for s in sec_idx.tolist()], dtype=np.uint64)
+    if (syms == 0).any():
+        raise KbbError("ORC entry outside every section with a section symbol")
+    sec_addr = np.array([model.image.sections[int(s)].addr for s in sec_idx.tolist()],
+                        dtype=np.uint64)
+    order = np.argsort(r["offset"])
+    records["offset"][order] = where
+    records["info"][order] = (syms << np.uint64(32)) | np.uint64(relocs.R_X86_64_PC32)
+    records["addend"][order] = (ips - sec_addr).view(np.int64)
+
+
+def _section_symbols(model) -> dict[int, int]:
+    symbols = model.image.symbols
+    idx = np.flatnonzero(symbols.type == 3)
+    return {int(symbols.shndx[i]): int(i) for i in idx.tolist()}
