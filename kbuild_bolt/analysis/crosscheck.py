@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kbuild_bolt.arrays import in_sorted
-from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE
+from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, type_and_symbol
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import patterns
 
@@ -188,8 +188,7 @@ def check_relocations(model) -> tuple[int, list[str]]:
         r = image.relocations(rela)
         if not len(r):
             continue
-        rtype = (r["info"] & 0xFFFFFFFF).astype(np.int64)
-        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        rtype, sym = type_and_symbol(r["info"])
         target_section = image.sections[rela.info]
         if not target_section.has_bits:
             continue

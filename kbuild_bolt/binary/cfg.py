@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.elf.image import type_and_symbol
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.kernel.tables.bug_table import BUGFLAG_WARNING
 from kbuild_bolt.x86 import decode as x86
@@ -116,8 +117,7 @@ def _code_references(model) -> np.ndarray:
         r = image.relocations(rela)
         if not len(r):
             continue
-        kind = (r["info"] & 0xFFFFFFFF).astype(np.int64)
-        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        kind, sym = type_and_symbol(r["info"])
         if target_section.is_exec:
             keep = np.isin(kind, (1, 10, 11))            # R_X86_64_64, _32, _32S
         else:

@@ -75,6 +75,15 @@ _RELOCATION_NAMES = {
     31: "PLTOFF64", 32: "SIZE32", 33: "SIZE64", 34: "GOTPC32_TLSDESC", 35: "TLSDESC_CALL",
     36: "TLSDESC", 37: "IRELATIVE", 38: "RELATIVE64", 41: "GOTPCRELX", 42: "REX_GOTPCRELX",
 }
+
+
+def type_and_symbol(info: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The relocation type and symbol index of each ``r_info`` (both int64)."""
+    info = np.asarray(info, np.uint64)
+    return ((info & np.uint64(0xFFFFFFFF)).astype(np.int64),
+            (info >> np.uint64(32)).astype(np.int64))
+
+
 # Symbol types and bindings a vmlinux uses (NOTYPE..FILE, TLS; LOCAL, GLOBAL, WEAK).
 _SYMBOL_TYPES = (0, 1, 2, 3, 4, 6)
 _SYMBOL_BINDS = (0, 1, 2)
@@ -396,8 +405,7 @@ class ElfImage:
     def _check_relocations(self, rela: Section, r: np.ndarray) -> None:
         where = f"{self.path}: {rela.name}"
         target = self.sections[rela.info]
-        rtype = (r["info"] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        rtype, sym = type_and_symbol(r["info"])
         nsyms = self.sections[rela.link].size // SYM.itemsize
         bad = np.flatnonzero(sym >= nsyms)
         if len(bad):

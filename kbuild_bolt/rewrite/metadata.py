@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from kbuild_bolt.arrays import in_sorted
-from kbuild_bolt.elf.image import RELA, SYM
+from kbuild_bolt.elf.image import R_X86_64_PC32, RELA, SYM
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.tables import orc as orc_table
 from kbuild_bolt.rewrite import relocations as relocs
@@ -302,7 +302,7 @@ def write_orc(model, out, ips, states) -> None:
                         dtype=np.uint64)
     order = np.argsort(r["offset"])
     records["offset"][order] = where
-    records["info"][order] = (syms << np.uint64(32)) | np.uint64(relocs.R_X86_64_PC32)
+    records["info"][order] = (syms << np.uint64(32)) | np.uint64(R_X86_64_PC32)
     records["addend"][order] = (ips - sec_addr).view(np.int64)
 
 

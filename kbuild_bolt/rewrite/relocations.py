@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbuild_bolt.elf.image import (  # noqa: F401 - relocation facts used here and above
-    FIELD_SIZE, PC_RELATIVE, R_X86_64_PC32, RELA, SIGNED,
-)
+from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, RELA, SIGNED, type_and_symbol
 from kbuild_bolt.errors import KbbError
 
 def field_values(rtype: int, s: np.ndarray, a: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -70,8 +68,7 @@ def plan_updates(model, amap, skip_ranges=()) -> list[RelocationUpdate]:
         r = image.relocations(rela)
         if not len(r):
             continue
-        rtype = (r["info"] & 0xFFFFFFFF).astype(np.int64)
-        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        rtype, sym = type_and_symbol(r["info"])
         offset = r["offset"]
         addend = r["addend"]
         handled = np.isin(rtype, list(FIELD_SIZE))
@@ -128,8 +125,7 @@ def apply_updates(model, out, updates) -> int:
         records["offset"][u.index] = u.offset
         records["addend"][u.index] = u.addend
         info = r["info"][u.index]
-        rtype = (info & 0xFFFFFFFF).astype(np.int64)
-        sym = (info >> np.uint64(32)).astype(np.int64)
+        rtype, sym = type_and_symbol(info)
         rewrite = np.flatnonzero(u.rewrite_field)
         for t, size in FIELD_SIZE.items():
             k = rewrite[rtype[rewrite] == t]

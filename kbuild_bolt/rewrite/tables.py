@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from kbuild_bolt.elf.image import RELA
+from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, RELA, type_and_symbol
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.tables import base
-from kbuild_bolt.rewrite.relocations import FIELD_SIZE, PC_RELATIVE
 
 REGENERATED = (".orc_unwind_ip", ".orc_unwind")
 
@@ -122,8 +121,7 @@ def recompute_records(model, out, tables: set[str]) -> int:
         if not inside.any():
             continue
         records = np.frombuffer(out.mem, RELA, len(r), rela.offset)
-        rtype = (r["info"] & 0xFFFFFFFF).astype(np.int64)
-        sym = (r["info"] >> np.uint64(32)).astype(np.int64)
+        rtype, sym = type_and_symbol(r["info"])
         for t, size in FIELD_SIZE.items():
             sel = np.flatnonzero(inside & (rtype == t))
             if not len(sel):

@@ -26,7 +26,7 @@ import numpy as np
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.arrays import concat_ranges
 from kbuild_bolt.binary.model import BinaryModel
-from kbuild_bolt.elf.image import FIELD_SIZE, ElfImage
+from kbuild_bolt.elf.image import FIELD_SIZE, ElfImage, type_and_symbol
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.x86.patterns import is_fill
 
@@ -149,7 +149,7 @@ def _data_problems(inp: BinaryModel, out: BinaryModel) -> tuple[int, list[str]]:
         field_size[t] = n
     for rela in b.rela_sections:
         rr = b.relocations(rela)
-        rtype = (rr["info"] & 0xFFFFFFFF).astype(np.int64)
+        rtype, _ = type_and_symbol(rr["info"])
         size = field_size[np.minimum(rtype, len(field_size) - 1)]
         allr.append(np.stack([rr["offset"], rr["offset"] + size], axis=1))
     fields = np.concatenate(allr) if allr else np.zeros((0, 2), np.uint64)

@@ -23,7 +23,6 @@ import pytest
 
 from kbuild_bolt.binary.model import BinaryModel
 from kbuild_bolt.cli import main as cli_main
-from kbuild_bolt.elf.image import ElfImage
 
 SEEDS = (1, 2, 3)
 
