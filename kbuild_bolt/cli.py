@@ -116,6 +116,7 @@ def rewrite_options(args):
         skip_funcs=_name_list(args.skip_funcs) or set(), profile=profile, verify=args.verify,
         plant_fault=args.plant_fault, progress=not args.quiet,
         dyno_stats=getattr(args, "dyno_stats", False),
+        reorder_functions=args.reorder_functions, split_functions=args.split_functions,
     )
 
 
@@ -124,6 +125,9 @@ def cmd_rewrite(args) -> int:
 
     if args.reorder_blocks == "ext-tsp" and not args.profile:
         raise KbbError("--reorder-blocks=ext-tsp needs --profile (or choose none/reverse/random)")
+    if args.reorder_functions in ("cdsort", "hfsort") and not args.profile:
+        raise KbbError(f"--reorder-functions={args.reorder_functions} needs --profile "
+                       "(or choose none/reverse/random)")
     result = rewrite(args.vmlinux, args.output, rewrite_options(args))
     print(result.brief() if args.quiet else result.summary())
     return 0
@@ -192,11 +196,19 @@ def cmd_repack_initramfs(args) -> int:
 
 
 def add_rewrite_arguments(p) -> None:
+    from kbuild_bolt.layout.functions import STRATEGIES as FUNCTION_STRATEGIES
     from kbuild_bolt.layout.orders import STRATEGIES
 
     p.add_argument("--reorder-blocks", choices=STRATEGIES, default="ext-tsp",
                    help="block order: ext-tsp (needs --profile), random, reverse or none")
-    p.add_argument("--seed", type=int, default=0, help="random seed for --reorder-blocks=random")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed for the random block and function orders and splits")
+    p.add_argument("--reorder-functions", choices=FUNCTION_STRATEGIES, default="none",
+                   help="function order inside each text region: cdsort or hfsort (need "
+                        "--profile), random, reverse, or none (functions keep their places)")
+    p.add_argument("--split-functions", action="store_true",
+                   help="move blocks the profile never saw (random ones without a profile) "
+                        "to a cold part of each function")
     p.add_argument("--profile", help="profile (kbuild-bolt, BOLT .fdata or perf script)")
     p.add_argument("--funcs", action="append", metavar="NAMES",
                    help="only these functions (comma-separated, or @file)")

@@ -103,6 +103,11 @@ class OutputImage:
             raise KbbError(f"write of {size} bytes at {addr:#x} crosses a section boundary")
         return s.offset + (addr - s.addr)
 
+    def fill(self, addr: int, size: int, byte: int) -> None:
+        """``size`` copies of ``byte`` from ``addr`` on."""
+        off = self._offset(addr, size)
+        np.frombuffer(self.mem, np.uint8, size, off)[:] = byte
+
     def write_at(self, addr: int, data: bytes) -> None:
         off = self._offset(addr, len(data))
         self.mem[off:off + len(data)] = data

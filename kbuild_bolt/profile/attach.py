@@ -29,6 +29,10 @@ class CodeProfile:
     taken_count: np.ndarray    # int64
     matched: float             # share of profile counts that landed on decoded code
     sampled: bool = False
+    # Transfers from call instructions (direct or indirect): the call graph.
+    call_src: np.ndarray | None = None   # int64 instruction index of the call
+    call_dst: np.ndarray | None = None   # uint64 where it went
+    call_count: np.ndarray | None = None
 
     def block_counts(self, cfg) -> np.ndarray:
         """Executions per block (sampled profiles: the hits anywhere in the block)."""
@@ -85,8 +89,51 @@ def attach(model, profile) -> CodeProfile:
     # (A patched-in "rep movsb" restarts itself every iteration under QEMU: a
     # transfer to its own address is not a branch.)
     good |= (in_unit | at_unit) & same_function & (d != ends) & (d != insns.addr[s])
+    calls = np.isin(flow, (x86.CALL, x86.IND_CALL)) & (d != ends)
     return CodeProfile(insn_count, s[good], d[good], c[good], matched,
-                       sampled=getattr(profile, "sampled", False))
+                       sampled=getattr(profile, "sampled", False),
+                       call_src=s[calls], call_dst=d[calls], call_count=c[calls])
+
+
+def function_calls(model, cp: CodeProfile) -> tuple[np.ndarray, ...]:
+    """Calls between functions: (caller row, callee row, count, call-site offset in
+    the caller). Direct calls and tail jumps count as often as their instruction
+    ran (exact for QEMU profiles, an estimate from samples); indirect calls as
+    often as the profile saw them land on a function's entry."""
+    insns = model.insns
+    functions = model.functions
+    f_of = model.function_of_insn
+    direct = np.flatnonzero((insns.ref_kind == x86.REF_BRANCH) & (cp.insn_count > 0)
+                            & np.isin(insns.flow, (x86.CALL, x86.JMP)))
+    callee = functions.rows_containing(insns.ref[direct])
+    at_entry = (callee >= 0) & (insns.ref[direct] == functions.start[np.maximum(callee, 0)])
+    direct, callee = direct[at_entry], callee[at_entry]
+    src = [direct]
+    dst = [callee]
+    count = [cp.insn_count[direct]]
+    if cp.call_src is not None and len(cp.call_src):
+        indirect = insns.flow[cp.call_src] == x86.IND_CALL
+        s, d = cp.call_src[indirect], cp.call_dst[indirect]
+        row = functions.rows_containing(d)
+        entry = (row >= 0) & (d == functions.start[np.maximum(row, 0)])
+        src.append(s[entry])
+        dst.append(row[entry])
+        count.append(cp.call_count[indirect][entry])
+    site = np.concatenate(src)
+    caller = f_of[site]
+    callee = np.concatenate(dst)
+    keep = (caller >= 0) & (callee >= 0)
+    site, caller, callee = site[keep], caller[keep], callee[keep]
+    offset = (insns.addr[site] - functions.start[caller]).astype(np.int64)
+    return caller, callee, np.concatenate(count)[keep].astype(np.int64), offset
+
+
+def function_samples(model, cp: CodeProfile) -> np.ndarray:
+    """Instructions each function executed (0: never ran)."""
+    f_of = model.function_of_insn
+    ok = f_of >= 0
+    return np.bincount(f_of[ok], weights=cp.insn_count[ok],
+                       minlength=len(model.functions)).astype(np.int64)
 
 
 def _ranges_from_transfers(model, profile):

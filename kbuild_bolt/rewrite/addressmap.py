@@ -5,6 +5,10 @@ function its new address (or none when the instruction was dropped: a jump
 that now falls through, alignment fill nobody reaches). An old address inside
 an instruction maps to the same offset inside the moved instruction (operand
 references such as runtime constants).
+
+A function rewritten in place keeps its entry (the entry block stays first), so
+its start is not "moved"; a function placed anew moves whole, its call padding
+included.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import numpy as np
 
 class AddressMap:
     def __init__(self, model, emission):
-        order = np.argsort(emission.start)
-        self.func_start = emission.start[order]
+        lo = emission.extent if emission.placed else emission.start
+        order = np.argsort(lo)
+        self.func_start = lo[order]
         self.func_end = emission.end[order]
+        self.entry = emission.start[order]
+        self.entry_moves = (emission.new_start != emission.start)[order]
         # Instructions in address order, and where each now is (0: not moved or dropped).
         self.old = model.insns.addr
         self.new = emission.new_addr
@@ -25,12 +32,14 @@ class AddressMap:
         return len(self.func_start)
 
     def moved(self, addrs) -> np.ndarray:
-        """True where an address lies inside a rewritten function (start excluded:
-        function starts never move)."""
+        """True where an address lies inside a rewritten function (its entry only
+        when the function moved whole)."""
         addrs = np.asarray(addrs, dtype=np.uint64)
         i = np.searchsorted(self.func_start, addrs, side="right").astype(np.int64) - 1
         ok = i >= 0
-        ok[ok] &= (addrs[ok] < self.func_end[i[ok]]) & (addrs[ok] != self.func_start[i[ok]])
+        j = i[ok]
+        ok[ok] &= (addrs[ok] < self.func_end[j]) & ((addrs[ok] != self.entry[j])
+                                                   | self.entry_moves[j])
         return ok
 
     def is_moved(self, addr: int) -> bool:

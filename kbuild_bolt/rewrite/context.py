@@ -26,6 +26,14 @@ class RewriteOptions:
     # Put blocks that do not fit a function's slot into free room in .text.
     split: bool = True
     dyno_stats: bool = False
+    # Whole-function layout: the order of functions in their regions, and
+    # hot/cold splitting (either one moves every movable function).
+    reorder_functions: str = "none"
+    split_functions: bool = False
+
+    @property
+    def moves_functions(self) -> bool:
+        return self.reorder_functions != "none" or self.split_functions
 
 
 @dataclass
@@ -53,6 +61,7 @@ class RewriteResult:
     fragments: int = 0
     fragment_bytes: int = 0
     free_room: int = 0
+    moved_functions: int = 0
 
     def leave_alone(self, reason: str, names: list[str]) -> None:
         """Count functions left byte for byte alone for ``reason`` (the first as example)."""
@@ -134,12 +143,19 @@ class RewriteContext:
     profile_layout: object = None           # profile: ProfileLayout (counts per block/edge)
     orders: dict = field(default_factory=dict)      # layout: row -> new block order
     unchanged_rows: list = field(default_factory=list)  # layout: already in that order
+    moves: object = None                    # functions: MovePlan (whole functions that move)
+    text: object = None                     # functions: the kernel's TextLayout
+    move_analysis: object = None            # functions: MoveAnalysis (what can move)
+    hot_len: dict = field(default_factory=dict)     # functions: row -> blocks in its hot part
+    rank: np.ndarray | None = None          # functions: placement order of each moving one
     slots: np.ndarray | None = None         # emit: end of every function's slot
     emission: object = None                 # emit: new code of every rewritten function
     metadata: list = field(default_factory=list)    # fit: the metadata rewriters of this run
     output: object = None                   # update: the OutputImage (a temporary file)
     rewritten_rows: list = field(default_factory=list)  # update: functions actually rewritten
     fragments: list = field(default_factory=list)       # update: (start, end) of cold fragments
+    symbol_values: np.ndarray | None = None  # update: every symbol's value in the output
+    moved_ranges: np.ndarray | None = None  # update: where whole functions were placed
     committed: bool = False                 # write
 
     def say(self, message: str) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from kbuild_bolt.arrays import concat_ranges
 from kbuild_bolt.binary.cfg import FALLTHROUGH, STATIC_KEY, TAKEN
 from kbuild_bolt.elf.writer import put_fields
+from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
 
@@ -78,6 +79,18 @@ def _replacements_never_fall_through(model, site: int) -> bool:
         if last is None or last.flow_control not in (x86.RET, x86.JMP, x86.IND_JMP):
             return False
     return True
+
+
+def table_sites(model) -> np.ndarray:
+    """True at every instruction a kernel table names as a site, branch or range
+    start (emission keeps those instructions as they are)."""
+    is_site = np.zeros(len(model.insns), bool)
+    for data in model.tables.values():
+        for ref in data.spec.refs:
+            if ref.role in (base.SITE, base.BRANCH, base.RANGE):
+                idx = model.insn_index(data.targets(ref.field))
+                is_site[idx[idx >= 0]] = True
+    return is_site
 
 
 class BlockTable:
@@ -165,6 +178,32 @@ class BlockTable:
         self.whole = (ends[end - 1] - start).astype(np.int64)
         self.body = (insns.addr[term] - start).astype(np.int64)
         self.tail = (ends[end - 1] - ends[term]).astype(np.int64)
+
+    _COLUMNS = ("kind", "first", "end", "term", "fall", "taken", "t_block", "target", "cc",
+                "site_jmp", "site_target", "whole", "body", "tail", "droppable")
+
+    def with_runs(self, model, first: np.ndarray, end: np.ndarray) -> tuple["BlockTable", int]:
+        """This table and, after its blocks, one pseudo-block per run of instructions
+        [first, end) that is copied as it is (a function's call padding, which
+        moves with it). Returns the table and the index of the first pseudo-block."""
+        insns = model.insns
+        n = len(first)
+        extra = {
+            "kind": np.full(n, END_COPY, np.int8), "first": first, "end": end,
+            "term": end - 1, "fall": np.full(n, -1, np.int64),
+            "taken": np.full(n, -1, np.int64), "t_block": np.full(n, -1, np.int64),
+            "target": np.zeros(n, np.uint64), "cc": np.zeros(n, np.int64),
+            "site_jmp": np.zeros(n, bool), "site_target": np.zeros(n, np.uint64),
+            "whole": (insns.end[end - 1] - insns.addr[first]).astype(np.int64),
+            "body": (insns.addr[end - 1] - insns.addr[first]).astype(np.int64),
+            "tail": np.zeros(n, np.int64), "droppable": np.zeros(n, bool),
+        }
+        out = BlockTable.__new__(BlockTable)
+        base = len(self.kind)
+        for name in self._COLUMNS:
+            mine = getattr(self, name)
+            setattr(out, name, np.concatenate([mine, extra[name].astype(mine.dtype)]))
+        return out, base
 
 
 @dataclass
@@ -361,9 +400,26 @@ class Emission:
     # resolved once every function has its place: function, field address, size,
     # next ip, old target.
     deferred: tuple
+    # Whole functions that moved (emit_placed): where each one's old extent starts
+    # (its call padding, when it has one), where its first part now starts, and the
+    # ranges of moved regions that are free once the old code is gone.
+    extent: np.ndarray | None = None
+    code_base: np.ndarray | None = None
+    free: np.ndarray | None = None      # (n, 2) uint64 [lo, hi)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def placed(self) -> bool:
+        return self.free is not None
+
+    @property
+    def new_start(self) -> np.ndarray:
+        """Where each function's entry now is."""
+        if not self.placed:
+            return self.start
+        return self.code_base + (self.start - self.extent)
 
     @property
     def runs(self) -> np.ndarray:
@@ -387,7 +443,10 @@ class Emission:
                         (self.frag_base[has] + self.frag_len[has].astype(np.uint64)).tolist()))
 
     def moved_ranges(self) -> np.ndarray:
-        """(start, old end, new end) of every rewritten slot and placed fragment."""
+        """(start, old end, new end) of every rewritten slot and placed fragment; for
+        whole functions that moved, every free range of their regions (lo, hi, hi)."""
+        if self.placed:
+            return np.stack([self.free[:, 0], self.free[:, 1], self.free[:, 1]], axis=1)
         slots = np.stack([self.start, self.end,
                           self.start + self.code_len.astype(np.uint64)], axis=1)
         has = self.frag_len > 0
@@ -398,6 +457,10 @@ class Emission:
     def select(self, keep: np.ndarray) -> "Emission":
         """Only the functions where ``keep`` is True (the others keep their old code).
         Replaces this emission: the per-instruction column is shared, updated in place."""
+        if self.placed and (self.code_len[~keep].any() or self.frag_len[~keep].any()):
+            # (a function that moved has no old code left to keep: its old place may
+            # hold another one now)
+            raise ValueError("functions placed anew cannot be left alone afterwards")
         index = np.full(len(self.rows), -1, np.int64)
         index[keep] = np.arange(int(keep.sum()))
         items = keep[self.item_func]
@@ -416,7 +479,9 @@ class Emission:
             item_kind=self.item_kind[items], item_addr=self.item_addr[items],
             item_size=self.item_size[items], item_base=self.item_base[items],
             item_state=self.item_state[items], new_addr=new_addr,
-            deferred=(index[d[0][dk]],) + tuple(x[dk] for x in d[1:]))
+            deferred=(index[d[0][dk]],) + tuple(x[dk] for x in d[1:]),
+            extent=None if self.extent is None else self.extent[keep],
+            code_base=None if self.code_base is None else self.code_base[keep], free=self.free)
 
 
 @dataclass
@@ -725,6 +790,170 @@ def _fields(insns, plan: _Plan, items: _Items, copied: _Copied, item_off, new_ad
     later = later[moved_interior(target[later])]
     return (f_func[later], new_i[later] + fo[later].astype(np.uint64), fs[later],
             next_ip[later], target[later])
+
+
+class NoRoom(Exception):
+    """Some functions cannot move: no room for them, or they cannot be laid out
+    (``reasons``: row -> why)."""
+
+    def __init__(self, rows, message: str, reasons: dict | None = None):
+        super().__init__(message)
+        self.rows = list(rows)
+        self.reasons = reasons or {}
+
+
+# Provisional part bases for laying out functions that move whole: every part
+# this far from every other and from every real address, so every branch that
+# leaves its part is laid out in its rel32 form, whatever the placement.
+PROVISIONAL = 1 << 48
+SPAN = 1 << 34
+
+
+def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixes: dict,
+                place) -> Emission:
+    """Emit functions that move as a whole, each to a place ``place`` chooses.
+
+    Function ``row`` gets its blocks in ``orders[row]``: the first ``hot_len[row]``
+    positions (all, when absent) in its hot part, the rest in its cold part. Its
+    call padding ``prefixes[row]`` (first and end instruction, when it has one)
+    is copied in front of its entry. Every part is laid out on its own first
+    (branches between parts and to other functions in their long form), so its
+    size does not depend on where it goes. ``place(hot, cold)`` (sizes per
+    function row) returns the base of every hot and cold part (per row; 0 for a
+    function that stays where it is after all). A function that cannot be laid
+    out raises :class:`NoRoom` before anything is placed."""
+    insns = model.insns
+    functions = model.functions
+    rows = np.array(sorted(orders), np.int64)
+    nf = len(rows)
+    if not nf:
+        return _no_emission(len(insns))
+    # Call padding: one pseudo-block per function that has it, first in its layout.
+    pre_rows = [r for r in rows.tolist() if r in prefixes]
+    pre_first = np.array([prefixes[r][0] for r in pre_rows], np.int64)
+    pre_end = np.array([prefixes[r][1] for r in pre_rows], np.int64)
+    bt, pre_base = bt.with_runs(model, pre_first, pre_end)
+    pre_block = dict(zip(pre_rows, range(pre_base, pre_base + len(pre_rows))))
+    seqs, cold = [], []
+    for r in rows.tolist():
+        order = orders[r]
+        hot = hot_len.get(r, len(order))
+        head = [pre_block[r]] if r in pre_block else []
+        seqs.append(head + list(order))
+        cold.append([False] * (len(head) + hot) + [True] * (len(order) - hot))
+    lengths = np.array([len(q) for q in seqs], np.int64)
+    lay = np.fromiter((b for q in seqs for b in q), np.int64, int(lengths.sum()))
+    in_cold = np.fromiter((c for q in cold for c in q), bool, int(lengths.sum()))
+    lay_f = np.repeat(np.arange(nf), lengths)
+    start = functions.start[rows].astype(np.uint64)
+    extent = start.copy()
+    has_pre = np.array([r in pre_block for r in rows.tolist()])
+    if has_pre.any():
+        extent[has_pre] = insns.addr[pre_first]
+    plan = _Plan(
+        rows=rows, start=start, end=functions.end[rows].astype(np.uint64),
+        slot=np.zeros(nf, np.int64),
+        first_insn=cfg.block_first[cfg.func_first_block[rows]],
+        last_insn=cfg.block_end[cfg.func_end_block[rows] - 1],
+        lay=lay, lay_f=lay_f, dropped_fill=np.zeros(nf),
+        failure=np.zeros(nf, np.int8), keep=np.full(nf, -1, np.int64),
+        reserved=np.zeros(nf, np.int64), frag_base=np.zeros(nf, np.uint64),
+        bases=PROVISIONAL + np.uint64(SPAN) * np.arange(2 * nf, dtype=np.uint64))
+    drop = bt.droppable[lay]
+    plan.dropped_fill = np.bincount(lay_f[drop], weights=bt.whole[lay[drop]], minlength=nf)
+    plan.lay, plan.lay_f, in_cold = lay[~drop], lay_f[~drop], in_cold[~drop]
+    part = 2 * plan.lay_f + in_cold
+
+    never = lambda addrs: np.zeros(len(np.asarray(addrs)), bool)  # noqa: E731
+    # (static-key sites may jump into other moved functions: their targets are
+    # translated below, like every branch that leaves its function)
+    items = _build_items(bt, plan.lay, plan.lay_f, part, never)
+    plan.fail_on_errors(items)
+    _raise_failures(model, plan)
+    addr = _relax(items, plan.bases)
+    ends = _part_ends(items, addr, 2 * nf)
+    sizes = np.where(ends > 0, (ends - plan.bases).view(np.int64), 0)
+    n_rows = len(functions)
+    hot_size, cold_size = np.zeros(n_rows, np.int64), np.zeros(n_rows, np.int64)
+    hot_size[rows], cold_size[rows] = sizes[0::2], sizes[1::2]
+    hot_base, cold_base = place(hot_size, cold_size)
+    placed = hot_base[rows] != 0
+    if not placed.all():
+        # Functions that stay where they are after all: laid out again without them
+        # (every part is laid out on its own: the others keep their sizes).
+        keep_pos = placed[plan.lay_f]
+        plan.lay, plan.lay_f, part = plan.lay[keep_pos], plan.lay_f[keep_pos], part[keep_pos]
+        items = _build_items(bt, plan.lay, plan.lay_f, part, never)
+        addr = _relax(items, plan.bases)
+    final = np.zeros(2 * nf, np.uint64)
+    final[0::2], final[1::2] = hot_base[rows], cold_base[rows]
+    addr += final[items.part] - plan.bases[items.part]
+    code_base, plan.frag_base = final[0::2].copy(), final[1::2].copy()
+
+    # Addresses inside the extent of a function that moved (its entry included).
+    lo, hi = extent[placed], plan.end[placed]
+    order = np.argsort(lo)
+    lo, hi = lo[order], hi[order]
+
+    def moved(addrs):
+        addrs = np.asarray(addrs, np.uint64)
+        i = np.searchsorted(lo, addrs, side="right").astype(np.int64) - 1
+        ok = i >= 0
+        ok[ok] &= addrs[ok] < hi[i[ok]]
+        return ok
+
+    copied = _Copied.of(items, insns)
+    new_addr = _new_addresses(insns, bt, items, addr, copied)
+    # Branches that leave their function go where their target now is.
+    out = np.flatnonzero(((items.kind == JMP) | (items.kind == JCC) | (items.kind == SITE))
+                         & (items.dest_item < 0))
+    if len(out):
+        items.dest_addr[out] = _translate(insns, new_addr, moved, items.dest_addr[out])
+    code, item_off = _bytes(model, items, addr, copied)
+    deferred = _fields(insns, plan, items, copied, item_off, new_addr, code, moved)
+    part_len = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
+    part_off = np.zeros(2 * nf, np.int64)
+    firsts = items.part_starts()
+    part_off[items.part[firsts]] = item_off[firsts]
+    lay_f = items.lay_f
+    _raise_failures(model, plan)   # (found only once placed: all is placed again)
+    emission = Emission(
+        rows=plan.rows, start=plan.start, end=plan.end, first_insn=plan.first_insn,
+        last_insn=plan.last_insn, code=code, code_off=part_off[0::2], code_len=part_len[0::2],
+        frag_base=plan.frag_base, frag_off=part_off[1::2], frag_len=part_len[1::2],
+        inserted_jumps=np.bincount(lay_f[items.inserted], minlength=nf),
+        dropped_bytes=(plan.dropped_fill + np.bincount(lay_f, weights=items.dropped,
+                                                       minlength=nf)).astype(np.int64),
+        item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
+        item_base=copied.base, item_state=items.state, new_addr=new_addr, deferred=deferred,
+        extent=extent, code_base=code_base, free=np.zeros((0, 2), np.uint64))
+    if not placed.all():
+        emission = emission.select(placed)
+    return emission
+
+
+def _raise_failures(model, plan: _Plan) -> None:
+    bad = np.flatnonzero(plan.failure != OK)
+    if len(bad):
+        reasons = {int(plan.rows[f]): FAILURES[int(plan.failure[f])] for f in bad.tolist()}
+        raise NoRoom(list(reasons), f"{len(reasons)} functions cannot be laid out", reasons)
+
+
+def _translate(insns, new_addr: np.ndarray, moved, addrs: np.ndarray) -> np.ndarray:
+    """Old -> new addresses for targets of branches (instruction starts, or inside
+    an instruction: same offset), through the new address of every moved
+    instruction; addresses outside moved code stay."""
+    addrs = np.asarray(addrs, np.uint64)
+    out = addrs.copy()
+    m = moved(addrs)
+    if m.any():
+        i = np.searchsorted(insns.addr, addrs[m], side="right").astype(np.int64) - 1
+        base = new_addr[i]
+        if (base == 0).any():
+            bad = int(addrs[m][base == 0][0])
+            raise NoRoom([], f"a branch goes to {bad:#x}, code that was dropped")
+        out[m] = base + (addrs[m] - insns.addr[i])
+    return out
 
 
 def _copy_bytes(model, code: np.ndarray, dest: np.ndarray, src_addr: np.ndarray,

@@ -8,6 +8,8 @@ BOLT's phases, for a kernel:
 - discover: which functions may be laid out again, which are left alone and why;
 - profile: counts onto blocks and edges (``--profile``);
 - layout: a block order per function;
+- functions: with ``--reorder-functions``/``--split-functions``, which functions
+  move whole, their order in their text regions, and which blocks go cold;
 - emit: each function's new bytes inside its own slot (function start
   unchanged; growth may use the fill after it; blocks that do not fit go to
   free room), or the function is left byte for byte alone with a reason;
@@ -40,14 +42,13 @@ from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.binary.cfg import REASONS
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.layout import orders as block_orders
 from kbuild_bolt.memory import trim
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
     RewriteContext, RewriteOptions, RewriteResult, Session,
 )
-from kbuild_bolt.rewrite.emit import BlockTable, emit_functions
+from kbuild_bolt.rewrite.emit import BlockTable, emit_functions, table_sites
 from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
 from kbuild_bolt.rewrite.metadata import metadata_rewriters
 from kbuild_bolt.x86 import decode as x86
@@ -144,8 +145,73 @@ def lay_out_blocks(ctx: RewriteContext) -> None:
             ctx.orders[row] = order
 
 
+def lay_out_functions(ctx: RewriteContext) -> None:
+    """candidates, orders, profile_layout -> moves, orders (every moving function),
+    hot_len, rank."""
+    from kbuild_bolt.kernel.text import text_layout
+    from kbuild_bolt.layout import functions as function_orders
+    from kbuild_bolt.layout.split import hot_first, random_split
+    from kbuild_bolt.rewrite.placement import MoveAnalysis
+
+    model, cfg, options = ctx.model, ctx.cfg, ctx.options
+    strategy = options.reorder_functions
+    if strategy in function_orders.NEEDS_PROFILE and ctx.profile_layout is None:
+        raise KbbError(f"--reorder-functions={strategy} needs a profile (--profile)")
+    layout = text_layout(model.image)
+    ctx.move_analysis = MoveAnalysis(model, layout)
+    moves = ctx.move_analysis.plan(ctx.candidates)
+    ctx.moves, ctx.text = moves, layout
+    names = model.functions.names
+    rows = moves.rows.tolist()
+    for row in rows:
+        ctx.orders.setdefault(row, list(cfg.blocks_of(row)))
+    ctx.unchanged_rows = [r for r in ctx.unchanged_rows if r not in ctx.orders]
+    # Blocks that go cold.
+    counts = None
+    if ctx.profile_layout is not None:
+        counts = ctx.profile_layout.profile.block_counts(cfg)
+    if options.split_functions:
+        for row in rows:
+            order = ctx.orders[row]
+            if counts is not None:
+                if counts[order].any():   # (a function that never ran stays whole)
+                    order, hot = hot_first(order, {b: int(counts[b]) for b in order})
+                    ctx.orders[row], ctx.hot_len[row] = order, hot
+            else:
+                rng = random.Random(f"{options.seed}:split:{names[row]}")
+                ctx.hot_len[row] = random_split(order, rng)
+    # The order of functions: profile orders put what ran first, by the call graph.
+    n = len(rows)
+    graph = None
+    if strategy in function_orders.NEEDS_PROFILE:
+        from kbuild_bolt.profile.attach import function_calls, function_samples
+
+        cp = ctx.profile_layout.profile
+        index = np.full(len(model.functions), -1, np.int64)
+        index[moves.rows] = np.arange(n)
+        caller, callee, count, offset = function_calls(model, cp)
+        keep = (index[caller] >= 0) & (index[callee] >= 0)
+        size = (model.functions.end - model.functions.start)[moves.rows].astype(np.int64)
+        graph = function_orders.CallGraph(
+            size=size, samples=function_samples(model, cp)[moves.rows],
+            src=index[caller[keep]], dst=index[callee[keep]], count=count[keep],
+            offset=offset[keep])
+    order = function_orders.order_functions(strategy, n, graph,
+                                            random.Random(f"{options.seed}:functions"))
+    rank = np.empty(n, np.int64)
+    rank[np.array(order, np.int64)] = np.arange(n)
+    if graph is not None:
+        # Functions that never ran keep their relative order, after those that did.
+        ran = graph.samples > 0
+        rank[~ran] = n + np.flatnonzero(~ran)
+    ctx.rank = np.full(len(model.functions), 2 * n, np.int64)
+    ctx.rank[moves.rows] = rank
+
+
 def emit(ctx: RewriteContext) -> None:
     """orders -> slots, emission (functions that cannot be emitted are left alone)."""
+    if ctx.moves is not None:
+        return emit_moved(ctx)
     model, cfg, result = ctx.model, ctx.cfg, ctx.result
     rows = np.array(sorted(ctx.orders), dtype=np.int64)
     fill_insn = alignment_fill(model, rows)
@@ -171,6 +237,60 @@ def emit(ctx: RewriteContext) -> None:
         ctx.leave_alone([row], reason)
     result.fragments = int((emission.frag_len > 0).sum())
     result.fragment_bytes = int(emission.frag_len.sum())
+    ctx.emission = emission
+
+
+def emit_moved(ctx: RewriteContext) -> None:
+    """moves, orders, hot_len, rank -> emission of every function that moves, placed
+    in its region. A function that finds no room, or cannot be laid out, stays
+    where it is; which functions can move is then decided again (a function that
+    stays may hold others where they are)."""
+    from kbuild_bolt.rewrite.emit import NoRoom, emit_placed
+    from kbuild_bolt.rewrite.placement import place_functions
+
+    model, cfg, result = ctx.model, ctx.cfg, ctx.result
+    analysis = ctx.move_analysis
+    moves = ctx.moves
+    fill_insn = alignment_fill(model, moves.rows)
+    ctx.slots = slot_ends(model, fill_insn)
+    block_table = BlockTable(model, cfg, table_sites(model), fill_insn)
+    ctx.say(f"laying out {len(moves.rows):,} functions ({ctx.options.reorder_blocks} blocks, "
+            f"{ctx.options.reorder_functions} functions"
+            f"{', split' if ctx.options.split_functions else ''})")
+    stay: dict[int, str] = {}
+    while True:
+        placed = {}
+
+        def place(hot, cold):
+            candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
+            plan, placement, hot_base, cold_base, no_room = place_functions(
+                model, analysis, candidates, hot, cold, ctx.rank)
+            placed.update(plan=plan, free=placement.free_ranges(), no_room=no_room)
+            return hot_base, cold_base
+
+        orders = {row: ctx.orders[row] for row in moves.rows.tolist()}
+        try:
+            emission = emit_placed(model, cfg, block_table, orders, ctx.hot_len, moves.prefix,
+                                   place)
+            break
+        except NoRoom as stop:
+            if not stop.rows:
+                raise KbbError(str(stop)) from None
+            for row in stop.rows:
+                stay[row] = stop.reasons.get(row, "no room")
+            candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
+            moves = ctx.moves = analysis.plan(candidates)
+    ctx.moves = moves = placed["plan"]
+    for row, reason in stay.items():
+        ctx.leave_alone([row], reason)
+    ctx.leave_alone(placed["no_room"], "stays: no room in its region")
+    for reason, rows in moves.pinned.items():
+        ctx.leave_alone(rows, f"stays: {reason}")
+    emission.free = placed["free"]
+    trim()
+    result.fragments = int((emission.frag_len > 0).sum())
+    result.fragment_bytes = int(emission.frag_len.sum())
+    result.moved_functions = len(emission)
     ctx.emission = emission
 
 
@@ -202,6 +322,7 @@ def update(ctx: RewriteContext) -> None:
     ctx.output = OutputImage(ctx.model.image, ctx.output_path, drop_debug=moved)
     if moved:  # (nothing moved: the output is the input, byte for byte)
         amap = AddressMap(ctx.model, ctx.emission)
+        ctx.symbol_values = symbol_values(ctx, amap)
         for rewriter in ctx.metadata:
             rewriter.update(ctx, amap)
         del amap
@@ -212,9 +333,28 @@ def update(ctx: RewriteContext) -> None:
             rewriter.finalize(ctx, path)
     ctx.rewritten_rows = ctx.emission.rows.tolist()
     ctx.fragments = ctx.emission.fragments()
+    ctx.moved_ranges = ctx.emission.free if ctx.emission.placed else None
     # Verification decodes the output beside the input: free the new code first.
     ctx.emission = ctx.metadata = None
     trim()
+
+
+def symbol_values(ctx: RewriteContext, amap) -> np.ndarray:
+    """Every symbol's value in the output: symbols of code that moved follow it.
+    Section symbols and markers at region edges stay (a marker and the first
+    function after it share an address; only the function moves)."""
+    symbols = ctx.model.image.symbols
+    values = symbols.value.copy()
+    defined = (symbols.shndx > 0) & (symbols.shndx < 0xFF00) & (symbols.type != 3)
+    if ctx.text is not None:
+        edges = np.unique(np.array([b for r in ctx.text.regions for b in (r.start, r.end)],
+                                   np.uint64))
+        marker = (symbols.type == 0) & np.isin(values, edges)
+        defined &= ~marker
+    idx = np.flatnonzero(defined)
+    new, ok = amap.translate(values[idx])
+    values[idx[ok]] = new[ok]
+    return values
 
 
 def verify_output(ctx: RewriteContext) -> None:
@@ -224,7 +364,7 @@ def verify_output(ctx: RewriteContext) -> None:
     ctx.say("verifying")
     path = ctx.output.tmp
     report = verify(path, against=ctx.model, expect_rewritten=set(ctx.rewritten_rows),
-                    fragments=ctx.fragments)
+                    fragments=ctx.fragments, moved_ranges=ctx.moved_ranges)
     ctx.result.verify_summary = report.summary()
     if not report.ok:
         keep = os.environ.get("KBUILD_BOLT_KEEP_REJECTED")
@@ -253,6 +393,7 @@ PASSES = (
     Pass("discover", discover),
     Pass("profile", attach_profile, when=lambda ctx: ctx.options.reorder_blocks == "ext-tsp"),
     Pass("layout", lay_out_blocks),
+    Pass("functions", lay_out_functions, when=lambda ctx: ctx.options.moves_functions),
     Pass("emit", emit),
     Pass("dyno", predict_dyno_stats, when=lambda ctx: ctx.options.dyno_stats),
     Pass("fit", fit_metadata),
@@ -333,15 +474,3 @@ def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:
     # A run that starts at ``at`` ends with the first run-last instruction at or after it.
     run_end = insn_end[last[np.minimum(np.searchsorted(last, at), len(last) - 1)]]
     return np.where(starts_run, np.minimum(run_end, nxt), ends).astype(np.uint64)
-
-
-def table_sites(model) -> np.ndarray:
-    """True at every instruction a kernel table names as a site, branch or range
-    start (emission keeps those instructions as they are)."""
-    is_site = np.zeros(len(model.insns), bool)
-    for data in model.tables.values():
-        for ref in data.spec.refs:
-            if ref.role in (base.SITE, base.BRANCH, base.RANGE):
-                idx = model.insn_index(data.targets(ref.field))
-                is_site[idx[idx >= 0]] = True
-    return is_site

@@ -48,6 +48,30 @@ class NewCode(MetadataRewriter):
     def update(self, ctx, amap) -> None:
         e, out, result = ctx.emission, ctx.output, ctx.result
         code = e.code
+        if e.placed:
+            self._placed(e, out)
+        else:
+            self._in_place(ctx, e, out, code)
+        result.bytes_changed += int(e.code_len.sum() + e.frag_len.sum())
+        result.inserted_jumps += int(e.inserted_jumps.sum())
+        result.dropped_bytes += int(e.dropped_bytes.sum())
+
+    @staticmethod
+    def _placed(e, out) -> None:
+        """Functions placed anew: the room they left becomes int3, then every part
+        goes to its place."""
+        for lo, hi in e.free.tolist():
+            out.fill(lo, hi - lo, 0xCC)
+        code = e.code
+        for base, off, n in zip(e.code_base.tolist(), e.code_off.tolist(), e.code_len.tolist()):
+            if n:
+                out.write_at(base, code[off:off + n].tobytes())
+        for base, off, n in zip(e.frag_base.tolist(), e.frag_off.tolist(), e.frag_len.tolist()):
+            if n:
+                out.write_at(base, code[off:off + n].tobytes())
+
+    @staticmethod
+    def _in_place(ctx, e, out, code) -> None:
         for row, start, end, off, n, frag, frag_off, frag_len in zip(
                 e.rows.tolist(), e.start.tolist(), e.end.tolist(), e.code_off.tolist(),
                 e.code_len.tolist(), e.frag_base.tolist(), e.frag_off.tolist(),
@@ -61,9 +85,6 @@ class NewCode(MetadataRewriter):
                 out.write_at(new_end, b"\xcc" * (fill_end - new_end))
             if frag_len:
                 out.write_at(frag, code[frag_off:frag_off + frag_len].tobytes())
-        result.bytes_changed += int(e.code_len.sum() + e.frag_len.sum())
-        result.inserted_jumps += int(e.inserted_jumps.sum())
-        result.dropped_bytes += int(e.dropped_bytes.sum())
 
 
 class CodeReferences(MetadataRewriter):
@@ -107,9 +128,10 @@ class Relocations(MetadataRewriter):
     def update(self, ctx, amap) -> None:
         model = ctx.model
         table_ranges = [(d.addr, d.addr + d.size) for d in model.tables.values()]
-        updates = relocs.plan_updates(model, amap, skip_ranges=table_ranges)
+        updates = relocs.plan_updates(model, amap, ctx.symbol_values, skip_ranges=table_ranges)
         ctx.result.relocations_changed = sum(len(u.index) for u in updates)
-        ctx.result.fields_rewritten = relocs.apply_updates(model, ctx.output, updates)
+        ctx.result.fields_rewritten = relocs.apply_updates(model, ctx.output, updates,
+                                                           ctx.symbol_values)
 
 
 class KernelTables(MetadataRewriter):
@@ -121,8 +143,8 @@ class KernelTables(MetadataRewriter):
     def update(self, ctx, amap) -> None:
         result = ctx.result
         result.tables = table_update.update_entries(ctx.model, amap, ctx.output)
-        result.relocations_changed += table_update.recompute_records(ctx.model, ctx.output,
-                                                                     set(result.tables))
+        result.relocations_changed += table_update.recompute_records(
+            ctx.model, ctx.output, set(result.tables), ctx.symbol_values)
 
 
 class OrcUnwind(MetadataRewriter):
@@ -146,7 +168,10 @@ class OrcUnwind(MetadataRewriter):
                 self.entries = orc_table.regenerate(model, e.runs, e.branch_states,
                                                     e.moved_ranges())
                 return
-            except orc_table.OrcCapacityError:
+            except orc_table.OrcCapacityError as full:
+                if e.placed:
+                    raise KbbError(f"{full}: the functions that moved cannot be left "
+                                   "alone now (fewer splits or the in-place layout fit)")
                 # (an entry per copied run and per emitted branch at most)
                 cost = np.argsort(-e.items_per_function(), kind="stable")
                 drop = cost[:max(1, len(e) // 20)]
@@ -165,9 +190,11 @@ class OrcUnwind(MetadataRewriter):
         self.entries = None
 
 
-class GrownSymbols(MetadataRewriter):
-    """A function whose new code runs into the fill after it gets the new size (every
-    FUNC symbol naming it, aliases too: same address, same size)."""
+class Symbols(MetadataRewriter):
+    """The symbol table: every symbol of moved code at its new address
+    (``ctx.symbol_values``), and function sizes: a function whose new code runs into
+    the fill after it gets the new size; a function placed anew, the size of its
+    hot part (every FUNC symbol naming it, aliases too: same address, same size)."""
 
     name = "symbols"
 
@@ -175,6 +202,11 @@ class GrownSymbols(MetadataRewriter):
         image, emission = ctx.model.image, ctx.emission
         symbols = image.symbols
         records = np.frombuffer(ctx.output.mem, SYM, len(symbols), image.symtab.offset)
+        moved = np.flatnonzero(ctx.symbol_values != symbols.value)
+        records["value"][moved] = ctx.symbol_values[moved]
+        if emission.placed:
+            self._placed_sizes(ctx, records)
+            return
         grown = list(zip(emission.start.tolist(), (emission.end - emission.start).tolist(),
                          emission.code_len.tolist()))
         grown = [g for g in grown if g[2] > g[1]]
@@ -190,6 +222,22 @@ class GrownSymbols(MetadataRewriter):
             for k in range(a, b):
                 if int(sizes[k]) == old_size:
                     records["size"][funcs[k]] = new_size
+
+    @staticmethod
+    def _placed_sizes(ctx, records) -> None:
+        symbols = ctx.model.image.symbols
+        e = ctx.emission
+        hot = (e.code_len - (e.start - e.extent).astype(np.int64)).astype(np.uint64)
+        old_size = (e.end - e.start).astype(np.uint64)
+        funcs = np.flatnonzero(symbols.type == 2)
+        funcs = funcs[np.argsort(symbols.value[funcs], kind="stable")]
+        values = symbols.value[funcs]
+        lo = np.searchsorted(values, e.start, side="left")
+        hi = np.searchsorted(values, e.start, side="right")
+        for a, b, old, new in zip(lo.tolist(), hi.tolist(), old_size.tolist(), hot.tolist()):
+            for k in range(a, b):
+                if int(symbols.size[funcs[k]]) == old:
+                    records["size"][funcs[k]] = new
 
 
 class DebugSections(MetadataRewriter):
@@ -242,7 +290,7 @@ def metadata_rewriters(options) -> list[MetadataRewriter]:
     """The rewriters of one run, in the order their updates are applied (the
     code first: relocated fields inside it are rewritten after it is copied)."""
     rewriters = [NewCode(), CodeReferences(), Relocations(), KernelTables(), OrcUnwind(),
-                 GrownSymbols(), DebugSections()]
+                 Symbols(), DebugSections()]
     if options.plant_fault:
         rewriters.append(PlantedFault(options.plant_fault))
     return rewriters

@@ -57,10 +57,15 @@ def names_moved_code(model, sym: np.ndarray, target: np.ndarray) -> np.ndarray:
     return (symbols.type[sym] == 3) | same
 
 
-def plan_updates(model, amap, skip_ranges=()) -> list[RelocationUpdate]:
-    """Relocation changes for every .rela section, given the address map; records
-    located in ``skip_ranges`` (kernel tables, handled from their own bytes) are
-    left to the caller."""
+def plan_updates(model, amap, new_values, skip_ranges=()) -> list[RelocationUpdate]:
+    """Relocation changes for every .rela section, given the address map and the
+    symbols' values in the output; records located in ``skip_ranges`` (kernel
+    tables, handled from their own bytes) are left to the caller.
+
+    A record that names moved code gets the addend that makes S' + A' the new
+    target; a record whose symbol moved but that does not name moved code (address
+    arithmetic relative to the symbol) keeps its addend, and its field follows the
+    symbol."""
     image = model.image
     symbols = image.symbols
     updates = []
@@ -84,6 +89,9 @@ def plan_updates(model, amap, skip_ranges=()) -> list[RelocationUpdate]:
         valid_sym = sym < len(symbols)
         s_value = np.zeros(len(sym), np.int64)
         s_value[valid_sym] = symbols.value[sym[valid_sym]].astype(np.int64)
+        s_new = s_value.copy()
+        s_new[valid_sym] = new_values[sym[valid_sym]].astype(np.int64)
+        sym_moved = handled & (s_new != s_value)
         target = (s_value + addend).astype(np.uint64)
         if image.sections[rela.info].is_exec:
             # A PC-relative field in an instruction is relative to the instruction's
@@ -102,10 +110,10 @@ def plan_updates(model, amap, skip_ranges=()) -> list[RelocationUpdate]:
                            f"{model.symbolize(int(target[k]))}, code that was dropped")
         new_addend = addend.copy()
         delta = (new_target[tgt_moved] - target[tgt_moved]).view(np.int64)
-        new_addend[tgt_moved] = addend[tgt_moved] + delta
+        new_addend[tgt_moved] = addend[tgt_moved] + delta - (s_new - s_value)[tgt_moved]
         pc = np.isin(rtype, PC_RELATIVE)
-        rewrite = handled & (tgt_moved | (off_moved & pc))
-        changed = (off_moved & handled) | tgt_moved
+        rewrite = handled & (tgt_moved | sym_moved | (off_moved & pc))
+        changed = (off_moved & handled) | tgt_moved | sym_moved
         idx = np.flatnonzero(changed)
         if len(idx):
             updates.append(RelocationUpdate(
@@ -113,10 +121,9 @@ def plan_updates(model, amap, skip_ranges=()) -> list[RelocationUpdate]:
     return updates
 
 
-def apply_updates(model, out, updates) -> int:
+def apply_updates(model, out, updates, new_values) -> int:
     """Write new relocation records and recompute their fields in ``out``."""
     image = model.image
-    symbols = image.symbols
     fields = 0
     for u in updates:
         rela = u.rela_section
@@ -132,7 +139,7 @@ def apply_updates(model, out, updates) -> int:
             if not len(k):
                 continue
             p = u.offset[k]
-            value = field_values(t, symbols.value[sym[k]], u.addend[k], p)
+            value = field_values(t, new_values[sym[k]], u.addend[k], p)
             out.write_fields(p, size, value)
             fields += len(k)
     return fields

@@ -96,14 +96,13 @@ def sort_entries(data, entries) -> None:
             entries[g.name] = rel.astype(entries.dtype[g.name])
 
 
-def recompute_records(model, out, tables: set[str]) -> int:
+def recompute_records(model, out, tables: set[str], new_values) -> int:
     """Make every relocation record inside the changed ``tables`` state what its
     field holds. Records of unchanged tables are left as they were (in tables
     sorttable sorted they may name other slots of the same table; recomputing
     them could point an absolute relocation at a zeroed slot). ORC records are
     written with the regenerated table."""
     image = model.image
-    symbols = image.symbols
     ranges = sorted((d.addr, d.addr + d.size) for name, d in model.tables.items()
                     if name not in REGENERATED and name in tables)
     if not ranges:
@@ -128,7 +127,7 @@ def recompute_records(model, out, tables: set[str]) -> int:
                 continue
             where = r["offset"][sel]
             value = out.read_fields(where, size, signed=t != 10)  # R_X86_64_32 is unsigned
-            s = symbols.value[sym[sel]]
+            s = new_values[sym[sel]]
             if t in PC_RELATIVE:
                 addend = (value + where - s).view(np.int64)
             else:

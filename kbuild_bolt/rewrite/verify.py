@@ -88,7 +88,11 @@ def _header_problems(a: ElfImage, b: ElfImage) -> list[str]:
     return problems
 
 
-def _symbol_problems(inp: BinaryModel, b: ElfImage) -> list[str]:
+def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None) -> list[str]:
+    """The symbol table is the input's, but for sizes of functions that grew into
+    the fill after them; with whole functions moved (``moved``: the (n, 2) ranges
+    their code was placed in), their symbols may move and change size within
+    those ranges."""
     a = inp.image
     x, y = a.symbols, b.symbols
     problems = []
@@ -112,11 +116,18 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage) -> list[str]:
     for i in np.flatnonzero(sec_a != sec_b)[:5].tolist():
         problems.append(f"symbol {y.names[i]}: section changed")
     xr = x.raw[index]
+    placed = np.zeros(len(index), bool)
+    if moved is not None and len(moved):
+        placed = _inside(moved, xr["value"]) & _inside(moved, y.raw["value"])
     for f in ("value", "info", "other"):
-        for i in np.flatnonzero(xr[f] != y.raw[f])[:5].tolist():
+        changed = xr[f] != y.raw[f]
+        if f == "value":
+            changed &= ~placed
+        for i in np.flatnonzero(changed)[:5].tolist():
             problems.append(f"symbol {y.names[i]}: {f} changed")
-    # A function may grow into the alignment fill that followed it, nothing more.
-    grown = np.flatnonzero(xr["size"] != y.raw["size"])
+    # A function may grow into the alignment fill that followed it, nothing more
+    # (or change size where whole functions were placed anew).
+    grown = np.flatnonzero((xr["size"] != y.raw["size"]) & ~placed)
     if len(grown):
         i = index[grown]
         old_end = x.value[i] + x.size[i]
@@ -181,13 +192,19 @@ def _data_problems(inp: BinaryModel, out: BinaryModel) -> tuple[int, list[str]]:
     return checked, problems
 
 
-def _code_problems(inp: BinaryModel, out: BinaryModel, rewritten: set,
-                   fragments) -> tuple[int, list[str]]:
-    """Changed code bytes must lie in rewritten functions' slots, in the free room
-    of .text (fragments), or in fields pointing there."""
-    a, b = inp.image, out.image
+def _inside(ranges: np.ndarray, addrs: np.ndarray) -> np.ndarray:
+    """True where an address lies in one of the sorted, disjoint (n, 2) ranges."""
+    ranges = np.asarray(ranges, np.uint64).reshape(-1, 2)
+    i = np.searchsorted(ranges[:, 0], addrs, side="right").astype(np.int64) - 1
+    ok = i >= 0
+    ok[ok] &= addrs[ok] < ranges[i[ok], 1]
+    return ok
+
+
+def _rewritten_ranges(inp: BinaryModel, rewritten: set, fragments) -> np.ndarray:
+    """Rewritten functions' slots (up to the next symbol after each one's end) and
+    the fragments placed in free room, as (n, 2) ranges."""
     functions = inp.functions
-    # A rewritten function's slot: up to the next symbol after its end.
     rows = np.array(sorted(rewritten), np.int64)
     ends = functions.end[rows].astype(np.uint64)
     labels = inp.symbol_values
@@ -197,6 +214,15 @@ def _code_problems(inp: BinaryModel, out: BinaryModel, rewritten: set,
     frag = np.array(list(fragments), dtype=np.uint64).reshape(-1, 2)
     s_lo = np.concatenate([functions.start[rows].astype(np.uint64), frag[:, 0]])
     s_hi = np.concatenate([np.maximum(nxt, ends), frag[:, 1]])
+    return np.stack([s_lo, s_hi], axis=1)
+
+
+def _code_problems(inp: BinaryModel, out: BinaryModel,
+                   ranges: np.ndarray) -> tuple[int, list[str]]:
+    """Changed code bytes must lie in ``ranges`` (where code was rewritten or
+    placed) or in fields pointing there."""
+    a, b = inp.image, out.image
+    s_lo, s_hi = ranges[:, 0].astype(np.uint64), ranges[:, 1].astype(np.uint64)
     insns = inp.insns
     with_field = np.flatnonzero(insns.field_size > 0)
     f_lo = insns.addr[with_field] + insns.field_off[with_field]
@@ -240,7 +266,10 @@ def _covered(base: int, size: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray
 
 
 def verify(path, against: BinaryModel | ElfImage | str | None = None,
-           expect_rewritten: set | None = None, fragments=None) -> VerifyReport:
+           expect_rewritten: set | None = None, fragments=None,
+           moved_ranges: np.ndarray | None = None) -> VerifyReport:
+    """``moved_ranges``: where whole functions were placed anew (their code and
+    symbols may change anywhere there); found from the symbols when not given."""
     report = VerifyReport()
     inp = None
     if against is not None:
@@ -261,20 +290,40 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     if inp is not None:
         report.add("ELF and section headers", len(inp.image.sections),
                    _header_problems(inp.image, out.image))
-        report.add("symbol table", len(inp.image.symbols), _symbol_problems(inp, out.image))
+        if moved_ranges is None and _functions_moved(inp.image, out.image):
+            moved_ranges = _movable_ranges(inp.image)
+        report.add("symbol table", len(inp.image.symbols),
+                   _symbol_problems(inp, out.image, moved_ranges))
         checked, problems = _data_problems(inp, out)
         report.add("data changed only in tables/fields", checked, problems)
-        if expect_rewritten is None:
-            expect_rewritten = set(np.flatnonzero(_changed_functions(inp, out)).tolist())
-        if fragments is None:
-            from kbuild_bolt.rewrite.holes import find_holes
-            fragments = find_holes(inp)  # standalone: anything in the free room
-        checked, problems = _code_problems(inp, out, expect_rewritten, fragments)
+        if moved_ranges is not None:
+            ranges = np.asarray(moved_ranges, np.uint64).reshape(-1, 2)
+        else:
+            if expect_rewritten is None:
+                expect_rewritten = set(np.flatnonzero(_changed_functions(inp, out)).tolist())
+            if fragments is None:
+                from kbuild_bolt.rewrite.holes import find_holes
+                fragments = find_holes(inp)  # standalone: anything in the free room
+            ranges = _rewritten_ranges(inp, expect_rewritten, fragments)
+        checked, problems = _code_problems(inp, out, ranges)
         report.add("code changed only where rewritten", checked, problems)
         if ".orc_unwind_ip" in inp.tables and (out.tables[".orc_unwind_ip"].count
                                                 != inp.tables[".orc_unwind_ip"].count):
             report.add("ORC table size", 1, ["ORC entry count changed"])
     return report
+
+
+def _functions_moved(a: ElfImage, b: ElfImage) -> bool:
+    x, y = a.symbols, b.symbols
+    funcs = np.flatnonzero(x.type == 2)
+    return len(x) <= len(y) and bool((x.value[funcs] != y.value[funcs]).any())
+
+
+def _movable_ranges(image: ElfImage) -> np.ndarray:
+    from kbuild_bolt.kernel.text import text_layout
+
+    regions = [(r.start, r.end) for r in text_layout(image).regions if r.movable]
+    return np.array(sorted(regions), np.uint64).reshape(-1, 2)
 
 
 def _changed_functions(inp: BinaryModel, out: BinaryModel) -> np.ndarray:
