@@ -26,6 +26,16 @@ def render_init(modules: tuple[str, ...] | list[str] = (),
     return template.render(modules=list(modules), default_iterations=default_iterations)
 
 
+def recipe_hash(modules=(), default_iterations: int = DEFAULT_ITERATIONS) -> str:
+    """A short hash of what a lab initramfs holds besides the modules' files: the
+    rendered /init and the busybox binary."""
+    import hashlib
+
+    digest = hashlib.sha256(render_init(modules, default_iterations).encode())
+    digest.update(BUSYBOX.read_bytes() if BUSYBOX.exists() else b"")
+    return digest.hexdigest()[:12]
+
+
 def _static_busybox(path: Path) -> bytes:
     try:
         data = path.read_bytes()

@@ -232,7 +232,17 @@ class LabKernel:
 
     @property
     def initramfs(self) -> Path:
-        return self.root / "initramfs.cpio.gz"
+        """The lab initramfs of this kernel, made again whenever the lab /init changes
+        (its name carries the hash of what goes in)."""
+        from kbuild_bolt.lab.initramfs import build_lab_initramfs, recipe_hash
+
+        path = self.root / f"initramfs-{recipe_hash(LAB_MODULES)}.cpio.gz"
+        if not path.exists():
+            with locked(f"initramfs-{self.root.name}"):
+                if not path.exists():
+                    build_lab_initramfs(path, modules_root=self.modules_root,
+                                        release=self.release, modules=LAB_MODULES)
+        return path
 
     @property
     def series(self) -> str:
@@ -291,8 +301,6 @@ def _make(source: KernelSource, build_dir: Path, *targets: str) -> list[str]:
 
 
 def _build(name: str, source: KernelSource, root: Path) -> None:
-    from kbuild_bolt.lab.initramfs import build_lab_initramfs
-
     started = time.monotonic()
     build_dir = root / "build"
     log = root / "build.log"
@@ -328,9 +336,7 @@ def _build(name: str, source: KernelSource, root: Path) -> None:
         if not (build_dir / required).exists():
             raise KbbError(f"{name}: build finished without {required}; see {log}")
 
-    kernel = LabKernel(name=name, root=root, release=release)
-    build_lab_initramfs(kernel.initramfs, modules_root=kernel.modules_root,
-                        release=release, modules=LAB_MODULES)
+    LabKernel(name=name, root=root, release=release).initramfs  # (made now, not on first boot)
     manifest = {
         "name": name,
         "release": release,

@@ -172,8 +172,13 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
          workload: str = "none", iterations: int | None = None, kaslr: bool = True,
          timeout: float = 120.0, append: str = "", memory: str = "512M", smp: int = 2,
          log: str | os.PathLike | None = None, expect: list[str] | None = None,
-         extra_qemu: list[str] | None = None, echo=None, cpu: str = "max") -> BootResult:
-    """Boot ``kernel`` with ``initrd`` and return what happened."""
+         extra_qemu: list[str] | None = None, echo=None, cpu: str = "max",
+         ftrace: str | None = None, kallsyms_to: str | os.PathLike | None = None) -> BootResult:
+    """Boot ``kernel`` with ``initrd`` and return what happened.
+
+    ``ftrace``: the lab /init runs the workload under this ftrace tracer
+    (``function``); ``kallsyms_to``: the lab /init writes /proc/kallsyms to a
+    second serial port, captured in this file."""
     kernel = Path(kernel)
     entry = kernel_entry(kernel)
     if initrd is not None and not Path(initrd).exists():
@@ -181,6 +186,12 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
     args = ["console=ttyS0,115200", "panic=-1", f"kbb.workload={workload}"]
     if iterations is not None:
         args.append(f"kbb.iterations={iterations}")
+    if ftrace:
+        args.append(f"kbb.ftrace={ftrace}")
+    extra_qemu = list(extra_qemu or [])
+    if kallsyms_to is not None:
+        args.append("kbb.kallsyms=1")
+        extra_qemu += ["-serial", f"file:{kallsyms_to}"]
     kaslr_possible = entry == "bzImage"
     if not kaslr:
         args.append("nokaslr")

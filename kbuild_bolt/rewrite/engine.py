@@ -158,7 +158,7 @@ def lay_out_functions(ctx: RewriteContext) -> None:
     if strategy in function_orders.NEEDS_PROFILE and ctx.profile_layout is None:
         raise KbbError(f"--reorder-functions={strategy} needs a profile (--profile)")
     layout = text_layout(model.image)
-    ctx.move_analysis = MoveAnalysis(model, layout)
+    ctx.move_analysis = MoveAnalysis(model, cfg, layout)
     moves = ctx.move_analysis.plan(ctx.candidates)
     ctx.moves, ctx.text = moves, layout
     names = model.functions.names

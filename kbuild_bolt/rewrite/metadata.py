@@ -240,6 +240,53 @@ class Symbols(MetadataRewriter):
                     records["size"][funcs[k]] = new
 
 
+class Kallsyms(MetadataRewriter):
+    """kallsyms inside the image: every symbol at its new address, the entries
+    sorted again as scripts/kallsyms.c sorts them, and the names, markers,
+    offsets and name index written in that order (same symbols: the arrays keep
+    their sizes)."""
+
+    name = "kallsyms"
+
+    def update(self, ctx, amap) -> None:
+        from kbuild_bolt.kernel.tables import kallsyms
+
+        image = ctx.model.image
+        table = kallsyms.read(image)
+        if table is None:
+            return
+        old = table.addresses
+        new = _kallsyms_addresses(ctx, table)
+        if np.array_equal(old, new):
+            return
+        order = kallsyms.address_order(table.names, new, np.arange(table.count))
+        arrays = kallsyms.encode(table, order, new[order])
+        for name, data in arrays.items():
+            at = table.arrays[name]
+            before = image.read(at, len(data))
+            if len(data) != len(before):
+                raise KbbError(f"kallsyms: {name} changes size")
+            ctx.output.write_at(at, data)
+        ctx.result.tables["kallsyms"] = int((old != new).sum())
+
+
+def _kallsyms_addresses(ctx, table) -> np.ndarray:
+    """Where every kallsyms entry is in the output: the new value of the symbol of
+    that name at that address (kallsyms is made from the symbol table); per-cpu
+    entries (absolute values) stay."""
+    symbols = ctx.model.image.symbols
+    new_values = ctx.symbol_values
+    moved = np.flatnonzero(new_values != symbols.value)
+    names = symbols.names
+    where = {(names[i], int(symbols.value[i])): int(new_values[i]) for i in moved.tolist()}
+    out = table.addresses.copy()
+    absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
+    for k, (name, addr) in enumerate(zip(table.names, table.addresses.tolist())):
+        if not absolute[k]:
+            out[k] = where.get((name[1:], addr), addr)
+    return out
+
+
 class DebugSections(MetadataRewriter):
     """DWARF would describe the old layout: the debug sections are emptied (their
     headers and the symbol table stay, so no index changes)."""
@@ -290,7 +337,7 @@ def metadata_rewriters(options) -> list[MetadataRewriter]:
     """The rewriters of one run, in the order their updates are applied (the
     code first: relocated fields inside it are rewritten after it is copied)."""
     rewriters = [NewCode(), CodeReferences(), Relocations(), KernelTables(), OrcUnwind(),
-                 Symbols(), DebugSections()]
+                 Symbols(), Kallsyms(), DebugSections()]
     if options.plant_fault:
         rewriters.append(PlantedFault(options.plant_fault))
     return rewriters

@@ -68,7 +68,7 @@ class MoveAnalysis:
     regions, the fill around them, the rel8 references and fall-throughs of code
     that might stay. :meth:`plan` then runs the closure for a set of candidates."""
 
-    def __init__(self, model, layout: TextLayout):
+    def __init__(self, model, cfg, layout: TextLayout):
         self.model = model
         self.layout = layout
         functions = model.functions
@@ -96,7 +96,9 @@ class MoveAnalysis:
             copied[first:last] = True
             copied[r[r >= 0]] = True
         self.static_pins["copied by address"] = copied
-        self.fill = free_fill(model)
+        from kbuild_bolt.binary.cfg import REASON_CODE
+
+        self.fill = free_fill(model, cfg.func_reason == REASON_CODE["falls-off-end"])
         f_of = model.function_of_insn
         # rel8 references between functions (or from code of no function).
         rel8 = np.flatnonzero((insns.field_size == 1) & (insns.ref_kind != 0))
@@ -158,17 +160,21 @@ class MoveAnalysis:
                         all_prefixes=list(self.prefix.values()))
 
 
-def free_fill(model) -> np.ndarray:
+def free_fill(model, falls_off: np.ndarray) -> np.ndarray:
     """True at every int3/nop instruction outside functions that no code runs into:
     alignment fill, free to reuse. A nop that code falls into (a static-key nop in
-    code without a symbol) or that a table names is code, not fill."""
+    code without a symbol), that a table names, or that pads an alternative's
+    original code is code, not fill. A function ends where it ends (its last
+    instruction may be a call that does not return) unless ``falls_off`` says it
+    runs on."""
     insns = model.insns
     n = len(insns)
     f_of = model.function_of_insn
     outside = np.flatnonzero(f_of < 0)
     fill = np.zeros(n, bool)
     fill[outside] = is_fill(model, outside)
-    fill &= ~table_sites(model)
+    # (a table's site, and the nops that pad an alternative's original code, are code)
+    fill &= ~table_sites(model) & ~model.insn_inside_patch_unit
     if not n:
         return fill
     # Runs of fill: a run that code falls into (the instruction before it is
@@ -181,7 +187,10 @@ def free_fill(model) -> np.ndarray:
     prev = starts - 1
     ok = prev >= 0
     entered = np.zeros(len(starts), bool)
-    entered[ok] = contiguous[starts[ok]] & ~fill[prev[ok]] & ~stops[prev[ok]]
+    p = prev[ok]
+    in_function = f_of[p] >= 0
+    runs_on = np.where(in_function, falls_off[np.maximum(f_of[p], 0)], ~stops[p])
+    entered[ok] = contiguous[starts[ok]] & ~fill[p] & runs_on
     run_id = np.cumsum(first) - 1
     bad_run = np.zeros(len(starts) + 1, bool)
     bad_run[:len(starts)] = entered

@@ -147,10 +147,41 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None) ->
     return problems
 
 
-def _data_problems(inp: BinaryModel, out: BinaryModel) -> tuple[int, list[str]]:
-    """Changed bytes in allocated non-code sections must lie in tables or relocated fields."""
+def _kallsyms_ranges(table) -> list[tuple[int, int]]:
+    """Where the kallsyms arrays a new layout rewrites lie."""
+    n = table.count
+    sizes = {"kallsyms_names": sum(len(r) for r in table.records),
+             "kallsyms_markers": 4 * ((n + 255) // 256), "kallsyms_offsets": 4 * n,
+             "kallsyms_addresses": 8 * n, "kallsyms_seqs_of_names": 3 * n}
+    return [(at, at + sizes[name]) for name, at in table.arrays.items() if name in sizes]
+
+
+def _kallsyms_problems(out: BinaryModel, table) -> tuple[int, list[str]]:
+    """Every kallsyms entry names a symbol of the symbol table at its address, in
+    address order, and the name index is sorted."""
+    symbols = out.image.symbols
+    at: dict[str, set[int]] = {}
+    for name, value in zip(symbols.names, symbols.value.tolist()):
+        at.setdefault(name, set()).add(value)
+    problems = []
+    absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
+    for k, (name, addr) in enumerate(zip(table.names, table.addresses.tolist())):
+        if not absolute[k] and addr not in at.get(name[1:], ()):
+            problems.append(f"{name[1:]} at {addr:#x}: no such symbol there")
+            if len(problems) >= 20:
+                break
+    rel = table.addresses[~absolute]
+    bad = np.flatnonzero(rel[1:] < rel[:-1])
+    for i in bad[:5].tolist():
+        problems.append(f"entry {i + 1} lies below the one before it")
+    return table.count, problems
+
+
+def _data_problems(inp: BinaryModel, out: BinaryModel, extra=()) -> tuple[int, list[str]]:
+    """Changed bytes in allocated non-code sections must lie in tables, in
+    ``extra`` ranges or in relocated fields."""
     a, b = inp.image, out.image
-    covered = []
+    covered = list(extra)
     for data in out.tables.values():
         covered.append((data.addr, data.addr + data.size))
     allr = []
@@ -287,6 +318,11 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     report.add("table entries match the code", entries, bad)
     total, problems = check_relocations(out)
     report.add("relocations agree with the bytes", total, problems)
+    from kbuild_bolt.kernel.tables import kallsyms
+
+    table = kallsyms.read(out.image)
+    if table is not None:
+        report.add("kallsyms agree with the symbols", *_kallsyms_problems(out, table))
     if inp is not None:
         report.add("ELF and section headers", len(inp.image.sections),
                    _header_problems(inp.image, out.image))
@@ -294,7 +330,8 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
             moved_ranges = _movable_ranges(inp.image)
         report.add("symbol table", len(inp.image.symbols),
                    _symbol_problems(inp, out.image, moved_ranges))
-        checked, problems = _data_problems(inp, out)
+        checked, problems = _data_problems(inp, out,
+                                           _kallsyms_ranges(table) if table is not None else ())
         report.add("data changed only in tables/fields", checked, problems)
         if moved_ranges is not None:
             ranges = np.asarray(moved_ranges, np.uint64).reshape(-1, 2)

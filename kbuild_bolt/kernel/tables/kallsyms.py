@@ -5,7 +5,13 @@ Not a run of fixed entries like the other tables, so it has its own reader:
 set) and that many token indices into ``kallsyms_token_table``/``_index``;
 addresses in ``kallsyms_offsets`` relative to ``kallsyms_relative_base``
 (with KALLSYMS_ABSOLUTE_PERCPU non-negative offsets are absolute values), or
-plain ``kallsyms_addresses`` on kernels without base-relative kallsyms.
+plain ``kallsyms_addresses`` on kernels without base-relative kallsyms;
+``kallsyms_markers`` (the offset into the names of every 256th symbol) and
+``kallsyms_seqs_of_names`` (3-byte indices, sorted by name).
+
+:func:`read_full` keeps each entry's compressed record so a new layout can
+write the same records in a new order (:func:`encode`), with the ordering
+rules of scripts/kallsyms.c (``compare_symbols``, ``compare_names``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ import numpy as np
 
 from kbuild_bolt.errors import KbbError
 
+# The arrays, in the names scripts/kallsyms.c gives them.
+ARRAYS = ("kallsyms_offsets", "kallsyms_relative_base", "kallsyms_num_syms",
+          "kallsyms_names", "kallsyms_markers", "kallsyms_seqs_of_names",
+          "kallsyms_token_table", "kallsyms_token_index", "kallsyms_addresses")
+
 
 @dataclass
 class Kallsyms:
@@ -24,6 +35,11 @@ class Kallsyms:
     addresses: np.ndarray | None = None   # uint64, decoded
     names: list[str] | None = None        # with the leading type character
     encoding: str = ""
+    records: list[bytes] | None = None    # compressed name records (token indices)
+    absolute: np.ndarray | None = None    # bool: stored as an absolute value (per-cpu)
+    tokens: list[str] | None = None
+    relative_base: int = 0
+    arrays: dict | None = None            # array name -> address
 
 
 def _sym(image, name: str) -> int | None:
@@ -58,9 +74,10 @@ def read(image) -> Kallsyms | None:
         tokens.append(blob[off:end].decode("latin-1"))
     section = image.section_at(table.names_addr)
     names_blob = image.read(table.names_addr, section.end - table.names_addr)
-    names = []
+    names, records = [], []
     pos = 0
     for _ in range(table.count):
+        start = pos
         length = names_blob[pos]
         pos += 1
         if length & 0x80:
@@ -68,9 +85,23 @@ def read(image) -> Kallsyms | None:
             pos += 1
         names.append("".join(tokens[b] for b in names_blob[pos:pos + length]))
         pos += length
+        records.append(names_blob[start:pos])
     table.names = names
+    table.records = records
+    table.tokens = tokens
+    table.arrays = {name: _sym(image, name) for name in ARRAYS
+                    if _sym(image, name) is not None}
     table.addresses, table.encoding = _addresses(image, table.count, names)
+    if table.encoding != "absolute":
+        offsets = image.array_at(table.arrays["kallsyms_offsets"], "<i4", table.count)
+        table.absolute = (offsets >= 0) if table.encoding == "absolute-percpu" \
+            else np.zeros(table.count, bool)
+        table.relative_base = int(image.array_at(table.arrays["kallsyms_relative_base"],
+                                                 "<u8", 1)[0])
     return table
+
+
+read_full = read
 
 
 def _addresses(image, count: int, names: list[str]) -> tuple[np.ndarray, str]:
@@ -99,3 +130,72 @@ def _addresses(image, count: int, names: list[str]) -> tuple[np.ndarray, str]:
     if agree["absolute-percpu"] > agree["relative"]:
         return percpu.astype(np.uint64), "absolute-percpu"
     return relative.astype(np.uint64), "relative"
+
+
+# ---------------------------------------------------------------------------
+# Writing a new layout
+
+
+def _linker_provided(name: str) -> bool:
+    """scripts/kallsyms.c may_be_linker_script_provide_symbol()."""
+    if len(name) < 8 or not name.startswith("__"):
+        return False
+    return (name.startswith(("__start_", "__stop_", "__end_"))
+            or name.endswith(("_start", "_end")))
+
+
+def address_order(names: list[str], addresses: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """The order scripts/kallsyms.c sorts symbols in (``compare_symbols``): by
+    address, then non-weak first, then not linker-provided, then fewer leading
+    underscores, then ``seq`` (the order they had)."""
+    weak = np.array([n[:1] in ("w", "W") for n in names], np.int64)
+    provided = np.array([_linker_provided(n[1:]) for n in names], np.int64)
+    underscores = np.array([len(n[1:]) - len(n[1:].lstrip("_")) for n in names], np.int64)
+    return np.lexsort((seq, underscores, provided, weak, addresses))
+
+
+def _clean(name: str) -> str:
+    """scripts/kallsyms.c cleanup_symbol_name(): clang LTO suffixes do not count."""
+    i = name.find(".llvm.")
+    return name if i < 0 else name[:i]
+
+
+def name_order(names: list[str], addresses: np.ndarray) -> list[int]:
+    """``kallsyms_seqs_of_names``: indices (into the address order) sorted by name,
+    then address, then index (``compare_names``)."""
+    keys = [(_clean(n[1:]), int(a), i) for i, (n, a) in enumerate(zip(names, addresses.tolist()))]
+    keys.sort()
+    return [k[2] for k in keys]
+
+
+def encode(table: Kallsyms, order: np.ndarray, addresses: np.ndarray) -> dict[str, bytes]:
+    """The bytes of every array for the entries of ``table`` in ``order`` at
+    ``addresses`` (already in that order): names, markers, offsets (or
+    addresses), seqs_of_names."""
+    records = [table.records[i] for i in order.tolist()]
+    names = [table.names[i] for i in order.tolist()]
+    out = {"kallsyms_names": b"".join(records)}
+    sizes = np.fromiter((len(r) for r in records), np.int64, len(records))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out["kallsyms_markers"] = starts[::256].astype("<u4").tobytes() if len(starts) else b""
+    if table.encoding == "absolute":
+        out["kallsyms_addresses"] = addresses.astype("<u8").tobytes()
+    else:
+        absolute = table.absolute[order]
+        base = np.uint64(table.relative_base)
+        if table.encoding == "absolute-percpu":
+            rel = (base - np.uint64(1) - addresses).view(np.int64)
+            value = np.where(absolute, addresses.view(np.int64), rel)
+            if (~absolute & ((value >= 0) | (value < -(1 << 31)))).any():
+                raise KbbError("kallsyms: a symbol lies out of reach of kallsyms_relative_base")
+        else:
+            value = (addresses - base).view(np.int64)
+            if ((value < 0) | (value >= 1 << 32)).any():
+                raise KbbError("kallsyms: a symbol lies out of reach of kallsyms_relative_base")
+        out["kallsyms_offsets"] = value.astype("<u8").astype("<u4").tobytes() \
+            if table.encoding == "relative" else value.astype("<i4").tobytes()
+    if "kallsyms_seqs_of_names" in (table.arrays or {}):
+        seqs = np.array(name_order(names, addresses), np.uint32)
+        b = np.stack([(seqs >> 16) & 0xFF, (seqs >> 8) & 0xFF, seqs & 0xFF], axis=1)
+        out["kallsyms_seqs_of_names"] = b.astype(np.uint8).tobytes()
+    return out
