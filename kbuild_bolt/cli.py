@@ -322,6 +322,10 @@ def cmd_profile(args) -> int:
             if per_function[row] <= 0:
                 break
             print(f"  {int(per_function[row]):>14,}  {model.functions.names[row]}")
+        from kbuild_bolt.profile.footprint import footprint, format_footprint
+
+        print("code footprint:")
+        print("  " + format_footprint(footprint(model, profile)).replace("\n", "\n  "))
         return 0
     raise KbbError(f"unknown profile action {args.profile_command}")
 

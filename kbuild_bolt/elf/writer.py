@@ -39,7 +39,7 @@ def put_fields(raw: np.ndarray, offsets: np.ndarray, size: int, values: np.ndarr
     raw[np.asarray(offsets, np.int64)[:, None] + np.arange(size)[None, :]] = low
 
 
-def _debug_sections(sections) -> list:
+def debug_sections(sections) -> list:
     """Non-allocated debug sections (and their relocations): they describe the old layout."""
     return [s for s in sections if s.name.startswith((".debug", ".rela.debug"))
             and s.size and not s.is_alloc]
@@ -80,7 +80,7 @@ class OutputImage:
             if drop_debug:
                 _copy_without(source.path, self.tmp, os.path.getsize(source.path),
                               [(d.offset, d.offset + d.size)
-                               for d in _debug_sections(source.sections)])
+                               for d in debug_sections(source.sections)])
             else:
                 shutil.copyfile(source.path, self.tmp)
             self._file = open(self.tmp, "r+b")
@@ -178,31 +178,41 @@ class OutputImage:
 
         Section headers, indices and the symbol table stay exactly as they are
         (objcopy --strip-debug would renumber symbols): the debug sections keep
-        their headers with size 0, the other non-allocated sections are packed
-        after the loadable part, then the section header table. Returns the
-        names of the emptied sections.
-        """
+        their headers with size 0. Returns the names of the emptied sections."""
+        debug = debug_sections(self.source.sections)
+        if debug:
+            self.repack(empty={s.index for s in debug})
+        return [s.name for s in debug]
+
+    def repack(self, empty=(), replace: dict | None = None, info: dict | None = None) -> None:
+        """Lay the non-allocated sections after the loadable part out again: the
+        sections in ``empty`` lose their bytes (header kept, size 0), those in
+        ``replace`` (index -> bytes) get new contents of any size, ``info``
+        (index -> value) sets sh_info. The loadable part, every section index and
+        every other section's bytes stay as they are; the section header table
+        goes last."""
         from kbuild_bolt.elf.image import SHT_NOBITS
 
         sections = self.source.sections
-        debug = _debug_sections(sections)
-        if not debug:
-            return []
-        header = self.source.header
-        shoff, shnum = int(header["shoff"]), int(header["shnum"])
+        replace = replace or {}
+        empty = set(empty)
         shdrs = self.source.shdrs.copy()
+        for index, value in (info or {}).items():
+            shdrs["info"][index] = value
         # Everything up to the end of the last allocated section/segment stays put.
         keep_end = max([s.offset + s.size for s in sections if s.is_alloc and s.type != SHT_NOBITS]
                        + [int(p["offset"] + p["filesz"]) for p in self.source.phdrs] + [64])
-        debug_index = {s.index for s in debug}
         movable = sorted((s for s in sections[1:] if not s.is_alloc and s.offset >= keep_end),
                          key=lambda s: s.offset)
+        moving = {s.index for s in movable}
+        if not set(replace) <= moving:
+            raise KbbError("only sections after the loadable part can change size")
         packed = self.tmp.with_suffix(".packed")
         with open(self.tmp, "rb") as src, open(packed, "wb") as dst:
             _copy_range(src, dst, 0, keep_end)
             pos = keep_end
             for s in movable:
-                if s.index in debug_index:
+                if s.index in empty:
                     shdrs["offset"][s.index] = pos
                     shdrs["size"][s.index] = 0
                     continue
@@ -210,7 +220,12 @@ class OutputImage:
                 dst.write(b"\0" * pad)
                 pos += pad
                 shdrs["offset"][s.index] = pos
-                if s.type != SHT_NOBITS:
+                if s.index in replace:
+                    data = replace[s.index]
+                    dst.write(data)
+                    shdrs["size"][s.index] = len(data)
+                    pos += len(data)
+                elif s.type != SHT_NOBITS:
                     _copy_range(src, dst, s.offset, s.size)
                     pos += s.size
             pad = (-pos) % 8
@@ -220,9 +235,7 @@ class OutputImage:
             dst.write(shdrs.tobytes())
             dst.seek(0x28)  # e_shoff
             dst.write(new_shoff.to_bytes(8, "little"))
-        del shoff, shnum
         os.replace(packed, self.tmp)
-        return [s.name for s in debug]
 
     def commit(self) -> None:
         os.replace(self.tmp, self.dest)

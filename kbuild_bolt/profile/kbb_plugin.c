@@ -10,8 +10,13 @@
  * Debian ships no qemu-plugin.h, so the few API declarations this plugin uses
  * (QEMU plugin API version 1, QEMU 7.x) are spelled out below.
  *
- * Output (text): "T start last ninsns count" per TB and
- *                "E from_start from_last to_start to_last count" per transition.
+ * It also drives a simulated L1 instruction cache (32 KiB, 8-way, 64-byte
+ * lines, LRU) per vCPU with the kernel TBs as they run: every line a TB's bytes
+ * touch is one fetch.
+ *
+ * Output (text): "T start last ninsns count" per TB,
+ *                "E from_start from_last to_start to_last count" per transition,
+ *                "L fetches misses" for the simulated L1i.
  */
 #include <stdbool.h>
 #include <stddef.h>
@@ -40,6 +45,7 @@ size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
 uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
 struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
 uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
+size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *insn);
 void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, qemu_plugin_udata_cb_t cb, void *userdata);
 
 __attribute__((visibility("default"))) int qemu_plugin_version = 1;
@@ -47,7 +53,30 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 1;
 #define KERNEL_BASE 0xffff800000000000ULL
 #define MAX_VCPUS 256
 
-struct tb_rec { uint64_t start, last, count; uint32_t ninsns; };
+struct tb_rec { uint64_t start, last, end, count; uint32_t ninsns; };
+
+/* The simulated L1i: 64 sets of 8 ways of 64-byte lines, LRU by age stamps. */
+#define L1I_SETS 64
+#define L1I_WAYS 8
+struct l1i { uint64_t tag[L1I_SETS][L1I_WAYS]; uint64_t used[L1I_SETS][L1I_WAYS]; uint64_t clock; };
+static struct l1i *l1i[MAX_VCPUS];
+static uint64_t l1i_fetches, l1i_misses;
+
+static void l1i_fetch(struct l1i *c, uint64_t line)
+{
+    unsigned set = line & (L1I_SETS - 1);
+    uint64_t tag = line + 1;            /* 0: an empty way */
+    int victim = 0;
+    c->clock++;
+    l1i_fetches++;
+    for (int w = 0; w < L1I_WAYS; w++) {
+        if (c->tag[set][w] == tag) { c->used[set][w] = c->clock; return; }
+        if (c->used[set][w] < c->used[set][victim]) victim = w;
+    }
+    l1i_misses++;
+    c->tag[set][victim] = tag;
+    c->used[set][victim] = c->clock;
+}
 struct edge { struct tb_rec *from, *to; uint64_t count; };
 
 static struct tb_rec **tbs;          /* hash table of TB records by (start, last) */
@@ -131,6 +160,9 @@ static void tb_exec(unsigned int vcpu, void *udata)
     if (vcpu < MAX_VCPUS) {
         if (prev_tb[vcpu]) edge_add(prev_tb[vcpu], r);
         prev_tb[vcpu] = r;
+        if (!l1i[vcpu]) l1i[vcpu] = calloc(1, sizeof(struct l1i));
+        for (uint64_t line = r->start >> 6; line <= (r->end - 1) >> 6; line++)
+            l1i_fetch(l1i[vcpu], line);
     }
 }
 
@@ -149,8 +181,10 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         qemu_plugin_register_vcpu_tb_exec_cb(tb, user_exec, QEMU_PLUGIN_CB_NO_REGS, NULL);
         return;
     }
-    uint64_t last = n ? qemu_plugin_insn_vaddr(qemu_plugin_tb_get_insn(tb, n - 1)) : start;
+    struct qemu_plugin_insn *last_insn = n ? qemu_plugin_tb_get_insn(tb, n - 1) : NULL;
+    uint64_t last = last_insn ? qemu_plugin_insn_vaddr(last_insn) : start;
     struct tb_rec *r = tb_get(start, last, (uint32_t)n);
+    r->end = last + (last_insn ? qemu_plugin_insn_size(last_insn) : 1);
     qemu_plugin_register_vcpu_tb_exec_cb(tb, tb_exec, QEMU_PLUGIN_CB_NO_REGS, r);
 }
 
@@ -173,6 +207,7 @@ static void at_exit(qemu_plugin_id_t id, void *udata)
                     (unsigned long long)e->from->last, (unsigned long long)e->to->start,
                     (unsigned long long)e->to->last, (unsigned long long)e->count);
     }
+    fprintf(f, "L %llu %llu\n", (unsigned long long)l1i_fetches, (unsigned long long)l1i_misses);
     fclose(f);
 }
 

@@ -19,10 +19,13 @@ The file format (``kbuild-bolt profile v1``) is plain text, one record per line:
     B <src> <dst> <count>
     H <function> <hash> <address> <size>
     K <block offset> <block size> <block hash>
+    S <name> <value>
 
 addresses, offsets and hashes in hex, counts in decimal; ``H`` and the ``K``
 lines after it describe a function the profile saw (code hashes with addresses
 masked), so the profile can be applied to a rebuilt kernel (stale profiles).
+``S`` lines are counters of the run the recorder measured besides the code
+(``l1i_fetches``/``l1i_misses``: the QEMU recorder's simulated L1i).
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class Profile:
     sampled: bool = False
     # Share of a stale profile's counts that could be moved onto this kernel.
     used: float | None = None
+    # Counters of the run (name -> value): combined like the counts.
+    stats: dict = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -68,7 +73,7 @@ class Profile:
     def merged(self) -> "Profile":
         """Identical records summed."""
         out = Profile(kernel=self.kernel, source=self.source, shapes=dict(self.shapes),
-                      sampled=self.sampled)
+                      sampled=self.sampled, stats=dict(self.stats))
         if len(self.range_start):
             out.range_start, out.range_last, out.range_count = _sum_pairs(
                 self.range_start, self.range_last, self.range_count)
@@ -81,13 +86,14 @@ class Profile:
         d = np.uint64(delta & 0xFFFFFFFFFFFFFFFF)
         return Profile(self.range_start - d, self.range_last - d, self.range_count.copy(),
                        self.src - d, self.dst - d, self.count.copy(), self.kernel, self.source,
-                       dict(self.shapes), self.sampled)
+                       dict(self.shapes), self.sampled, stats=dict(self.stats))
 
     def scaled(self, factor: float) -> "Profile":
         return Profile(self.range_start, self.range_last,
                        np.round(self.range_count * factor).astype(np.int64), self.src, self.dst,
                        np.round(self.count * factor).astype(np.int64), self.kernel, self.source,
-                       dict(self.shapes), self.sampled)
+                       dict(self.shapes), self.sampled,
+                       stats={k: round(v * factor) for k, v in self.stats.items()})
 
 
 def combine(profiles: list[Profile], weights: list[float] | None = None) -> Profile:
@@ -107,6 +113,8 @@ def combine(profiles: list[Profile], weights: list[float] | None = None) -> Prof
         {k: v for p in profiles for k, v in p.shapes.items()},
         any(p.sampled for p in profiles),
     ).merged()
+    names = set.intersection(*(set(p.stats) for p in parts)) if parts else set()
+    out.stats = {k: max(0, sum(p.stats[k] for p in parts)) for k in sorted(names)}
     # Differences of two noisy runs can go slightly negative: clip.
     out.range_count = np.maximum(out.range_count, 0)
     out.count = np.maximum(out.count, 0)
@@ -132,6 +140,8 @@ def write_profile(profile: Profile, path) -> None:
         lines.append(f"R {s:x} {l:x} {c}")
     for s, d, c in zip(profile.src.tolist(), profile.dst.tolist(), profile.count.tolist()):
         lines.append(f"B {s:x} {d:x} {c}")
+    for name, value in profile.stats.items():
+        lines.append(f"S {name} {int(value)}")
     lines += write_shapes(profile.shapes)
     with atomic_output(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -169,6 +179,8 @@ def read_profile(path) -> Profile:
                 profile.source = parts[1]
             elif tag == "sampled":
                 profile.sampled = True
+            elif tag == "S":
+                profile.stats[parts[1]] = int(parts[2])
             else:
                 raise ValueError(tag)
         except (ValueError, IndexError):

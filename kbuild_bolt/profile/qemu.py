@@ -57,6 +57,7 @@ def plugin_path() -> Path:
 def parse_plugin_output(path) -> Profile:
     """TB counts become ranges; TB transitions become transfers (last insn -> start)."""
     rs, rl, rc, es, ed, ec = [], [], [], [], [], []
+    stats = {}
     with open(path) as f:
         for line in f:
             parts = line.split()
@@ -70,10 +71,12 @@ def parse_plugin_output(path) -> Profile:
                 es.append(int(parts[2], 16))  # the last instruction of the source TB
                 ed.append(int(parts[3], 16))
                 ec.append(int(parts[5]))
+            elif parts[0] == "L":
+                stats = {"l1i_fetches": int(parts[1]), "l1i_misses": int(parts[2])}
     return Profile(np.array(rs, dtype=np.uint64), np.array(rl, dtype=np.uint64),
                    np.array(rc, dtype=np.int64), np.array(es, dtype=np.uint64),
                    np.array(ed, dtype=np.uint64), np.array(ec, dtype=np.int64),
-                   source="qemu").merged()
+                   source="qemu", stats=stats).merged()
 
 
 def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = True,

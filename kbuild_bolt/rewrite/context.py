@@ -30,6 +30,9 @@ class RewriteOptions:
     # hot/cold splitting (either one moves every movable function).
     reorder_functions: str = "none"
     split_functions: bool = False
+    # With a profile, blocks stay hot when they hold the fetches up to this share
+    # of all (1.0: every block that ran at all).
+    split_share: float = 1.0
 
     @property
     def moves_functions(self) -> bool:
@@ -62,6 +65,9 @@ class RewriteResult:
     fragment_bytes: int = 0
     free_room: int = 0
     moved_functions: int = 0
+    fallback: int = 0           # placed in their original order: their region was full
+    unnamed: int = 0            # cold parts without a kallsyms name (no room)
+    sympos_changed: list = field(default_factory=list)  # same-named functions reordered
 
     def leave_alone(self, reason: str, names: list[str]) -> None:
         """Count functions left byte for byte alone for ``reason`` (the first as example)."""
@@ -94,10 +100,23 @@ class RewriteResult:
         for reason, count in self.left_alone.most_common():
             example = self.examples.get(reason, "")
             lines.append(f"  left alone: {reason:<24} {count:>9,}   e.g. {example}")
+        if self.moved_functions:
+            lines.append(f"functions placed anew: {self.moved_functions:,}"
+                         + (f" ({self.fallback:,} in their original block order: their "
+                            "region had no room for the new one)" if self.fallback else ""))
         if self.fragments:
-            lines.append(f"cold fragments: {self.fragments:,} functions placed "
-                         f"{self.fragment_bytes:,} bytes in free room of .text "
-                         f"({self.free_room:,} bytes free)")
+            where = "in cold areas" if self.moved_functions else \
+                f"in free room of .text ({self.free_room:,} bytes free)"
+            lines.append(f"cold parts: {self.fragments:,} functions placed "
+                         f"{self.fragment_bytes:,} bytes {where}, each named name.cold")
+        if self.sympos_changed:
+            lines.append(f"livepatch sympos: {len(self.sympos_changed)} names whose same-named "
+                         f"functions changed order (e.g. {self.sympos_changed[0]}): a livepatch "
+                         "naming them by sympos must be built against this vmlinux")
+        if self.unnamed:
+            lines.append(f"kallsyms: no room for {self.unnamed:,} cold part names (build the "
+                         "kernel with CONFIG_BOLT to reserve it): stack traces, perf and "
+                         "/proc/kallsyms show them as part of the symbol before them")
         lines.append(f"bytes changed: {self.bytes_changed:,} "
                      f"(jumps added {self.inserted_jumps:,}, bytes dropped {self.dropped_bytes:,})")
         lines.append(f"relocations updated: {self.relocations_changed:,} "
@@ -148,6 +167,7 @@ class RewriteContext:
     move_analysis: object = None            # functions: MoveAnalysis (what can move)
     hot_len: dict = field(default_factory=dict)     # functions: row -> blocks in its hot part
     rank: np.ndarray | None = None          # functions: placement order of each moving one
+    same_name_before: np.ndarray | None = None  # functions: same-named function before each
     slots: np.ndarray | None = None         # emit: end of every function's slot
     emission: object = None                 # emit: new code of every rewritten function
     metadata: list = field(default_factory=list)    # fit: the metadata rewriters of this run
@@ -155,6 +175,7 @@ class RewriteContext:
     rewritten_rows: list = field(default_factory=list)  # update: functions actually rewritten
     fragments: list = field(default_factory=list)       # update: (start, end) of cold fragments
     symbol_values: np.ndarray | None = None  # update: every symbol's value in the output
+    new_symbols: list = field(default_factory=list)  # update: (name, value, size, section)
     moved_ranges: np.ndarray | None = None  # update: where whole functions were placed
     committed: bool = False                 # write
 

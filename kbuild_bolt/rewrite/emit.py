@@ -230,6 +230,9 @@ class _Items:
     first_item: np.ndarray  # per position: its first item (or the next one's, when empty)
     lay: np.ndarray         # per position: its block
     lay_f: np.ndarray       # per position: its function
+    # Branches to another function that moved: the item the target is in now and
+    # the offset into it (dest_item then points there; 0 for everything else).
+    dest_off: np.ndarray | None = None
 
     def part_starts(self) -> np.ndarray:
         """Index of the first item of each part (parts are contiguous runs of items)."""
@@ -246,6 +249,8 @@ class _Items:
         """Displacement (from its end) of each branch ``which`` to where it goes."""
         d = self.dest_item[which]
         dest = np.where(d >= 0, addr[np.maximum(d, 0)], self.dest_addr[which])
+        if self.dest_off is not None:
+            dest = dest + self.dest_off[which].astype(np.uint64)
         return (dest - addr[which] - self.size[which].astype(np.uint64)).view(np.int64)
 
 
@@ -406,6 +411,7 @@ class Emission:
     extent: np.ndarray | None = None
     code_base: np.ndarray | None = None
     free: np.ndarray | None = None      # (n, 2) uint64 [lo, hi)
+    fallback: int = 0                   # functions placed in their original order (no room)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -503,6 +509,7 @@ class _Plan:
     reserved: np.ndarray      # bytes of each function's fragment
     frag_base: np.ndarray     # uint64 address of each function's fragment (0: none)
     bases: np.ndarray         # uint64 base of each part: 2f the slot, 2f+1 the fragment
+    part: np.ndarray | None = None  # per position: its part (emit_placed)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -802,6 +809,10 @@ class NoRoom(Exception):
         self.reasons = reasons or {}
 
 
+# The layouts a function that moves may get: the new one, its original block
+# order (unsplit), or the new order unsplit (regions without room for splits).
+NEW, ORIGINAL, UNSPLIT = 0, 1, 2
+
 # Provisional part bases for laying out functions that move whole: every part
 # this far from every other and from every real address, so every branch that
 # leaves its part is laid out in its rel32 form, whatever the placement.
@@ -810,18 +821,24 @@ SPAN = 1 << 34
 
 
 def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixes: dict,
-                place) -> Emission:
+                place, align_of) -> Emission:
     """Emit functions that move as a whole, each to a place ``place`` chooses.
 
     Function ``row`` gets its blocks in ``orders[row]``: the first ``hot_len[row]``
     positions (all, when absent) in its hot part, the rest in its cold part. Its
     call padding ``prefixes[row]`` (first and end instruction, when it has one)
-    is copied in front of its entry. Every part is laid out on its own first
-    (branches between parts and to other functions in their long form), so its
-    size does not depend on where it goes. ``place(hot, cold)`` (sizes per
-    function row) returns the base of every hot and cold part (per row; 0 for a
-    function that stays where it is after all). A function that cannot be laid
-    out raises :class:`NoRoom` before anything is placed."""
+    is copied in front of its entry. Every part is laid out on its own first:
+    branches between its parts long, branches to other functions in the form they
+    had. ``place(hot, cold, original, unsplit)`` (sizes per function row; for
+    regions too full for the new layouts: ``original``, the size of the function
+    in its original order, ``unsplit``, in its new order but whole) returns the
+    base of every hot and cold part (per row; 0 for a function that stays where
+    it is after all), the room they were placed in (:class:`Room`) and the
+    layout each function gets (:data:`NEW`, :data:`ORIGINAL`, :data:`UNSPLIT`);
+    then every branch is relaxed again with the real addresses, parts moving
+    within their room (:func:`_tighten`). ``align_of(row)``: the alignment of a
+    function's hot part. A function that cannot be laid out raises
+    :class:`NoRoom` before anything is placed."""
     insns = model.insns
     functions = model.functions
     rows = np.array(sorted(orders), np.int64)
@@ -834,61 +851,64 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     pre_end = np.array([prefixes[r][1] for r in pre_rows], np.int64)
     bt, pre_base = bt.with_runs(model, pre_first, pre_end)
     pre_block = dict(zip(pre_rows, range(pre_base, pre_base + len(pre_rows))))
-    seqs, cold = [], []
-    for r in rows.tolist():
-        order = orders[r]
-        hot = hot_len.get(r, len(order))
-        head = [pre_block[r]] if r in pre_block else []
-        seqs.append(head + list(order))
-        cold.append([False] * (len(head) + hot) + [True] * (len(order) - hot))
-    lengths = np.array([len(q) for q in seqs], np.int64)
-    lay = np.fromiter((b for q in seqs for b in q), np.int64, int(lengths.sum()))
-    in_cold = np.fromiter((c for q in cold for c in q), bool, int(lengths.sum()))
-    lay_f = np.repeat(np.arange(nf), lengths)
     start = functions.start[rows].astype(np.uint64)
     extent = start.copy()
     has_pre = np.array([r in pre_block for r in rows.tolist()])
     if has_pre.any():
         extent[has_pre] = insns.addr[pre_first]
-    plan = _Plan(
-        rows=rows, start=start, end=functions.end[rows].astype(np.uint64),
-        slot=np.zeros(nf, np.int64),
-        first_insn=cfg.block_first[cfg.func_first_block[rows]],
-        last_insn=cfg.block_end[cfg.func_end_block[rows] - 1],
-        lay=lay, lay_f=lay_f, dropped_fill=np.zeros(nf),
-        failure=np.zeros(nf, np.int8), keep=np.full(nf, -1, np.int64),
-        reserved=np.zeros(nf, np.int64), frag_base=np.zeros(nf, np.uint64),
-        bases=PROVISIONAL + np.uint64(SPAN) * np.arange(2 * nf, dtype=np.uint64))
-    drop = bt.droppable[lay]
-    plan.dropped_fill = np.bincount(lay_f[drop], weights=bt.whole[lay[drop]], minlength=nf)
-    plan.lay, plan.lay_f, in_cold = lay[~drop], lay_f[~drop], in_cold[~drop]
-    part = 2 * plan.lay_f + in_cold
+    original = {r: list(cfg.blocks_of(r)) for r in rows.tolist()}
+    differs = [f for f, r in enumerate(rows.tolist())
+               if orders[r] != original[r] or hot_len.get(r, len(orders[r])) < len(orders[r])]
+
+    def plan_for(variant: np.ndarray) -> _Plan:
+        chosen, hot = {}, {}
+        for f, r in enumerate(rows.tolist()):
+            chosen[r] = original[r] if variant[f] == ORIGINAL else orders[r]
+            hot[r] = hot_len.get(r, len(chosen[r])) if variant[f] == NEW else len(chosen[r])
+        return _plan_positions(cfg, bt, rows, start, extent, chosen, hot, pre_block, functions)
 
     never = lambda addrs: np.zeros(len(np.asarray(addrs)), bool)  # noqa: E731
     # (static-key sites may jump into other moved functions: their targets are
-    # translated below, like every branch that leaves its function)
-    items = _build_items(bt, plan.lay, plan.lay_f, part, never)
-    plan.fail_on_errors(items)
-    _raise_failures(model, plan)
-    addr = _relax(items, plan.bases)
-    ends = _part_ends(items, addr, 2 * nf)
-    sizes = np.where(ends > 0, (ends - plan.bases).view(np.int64), 0)
+    # linked below, like every branch that leaves its function)
+
+    def laid_out(plan: _Plan) -> tuple[_Items, np.ndarray]:
+        items = _build_items(bt, plan.lay, plan.lay_f, plan.part, never)
+        plan.fail_on_errors(items)
+        _raise_failures(model, plan)
+        _relax(items, plan.bases)
+        _optimistic(insns, items)
+        sizes = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
+        return items, sizes
+
+    plan = plan_for(np.full(nf, NEW))
+    items, sizes = laid_out(plan)
     n_rows = len(functions)
     hot_size, cold_size = np.zeros(n_rows, np.int64), np.zeros(n_rows, np.int64)
     hot_size[rows], cold_size[rows] = sizes[0::2], sizes[1::2]
-    hot_base, cold_base = place(hot_size, cold_size)
+    other = {}
+    for variant in (ORIGINAL, UNSPLIT):
+        # The same functions in their original order, or in the new one but whole
+        # (layouts of functions are independent: the others' sizes do not change).
+        other[variant] = hot_size + cold_size
+        if differs:
+            try:
+                _, v_sizes = laid_out(plan_for(np.full(nf, variant)))
+                other[variant][rows] = v_sizes[0::2] + v_sizes[1::2]
+            except NoRoom:
+                pass   # (that variant is no smaller then)
+    hot_base, cold_base, room, variant = place(hot_size, cold_size, other[ORIGINAL],
+                                               other[UNSPLIT])
     placed = hot_base[rows] != 0
-    if not placed.all():
-        # Functions that stay where they are after all: laid out again without them
-        # (every part is laid out on its own: the others keep their sizes).
+    if (variant[rows] != NEW).any() or not placed.all():
+        # Laid out again: functions that got another layout, without those that
+        # stay where they are after all.
+        plan = plan_for(variant[rows])
         keep_pos = placed[plan.lay_f]
-        plan.lay, plan.lay_f, part = plan.lay[keep_pos], plan.lay_f[keep_pos], part[keep_pos]
-        items = _build_items(bt, plan.lay, plan.lay_f, part, never)
-        addr = _relax(items, plan.bases)
+        plan.lay, plan.lay_f, plan.part = plan.lay[keep_pos], plan.lay_f[keep_pos], \
+            plan.part[keep_pos]
+        items, _ = laid_out(plan)
     final = np.zeros(2 * nf, np.uint64)
     final[0::2], final[1::2] = hot_base[rows], cold_base[rows]
-    addr += final[items.part] - plan.bases[items.part]
-    code_base, plan.frag_base = final[0::2].copy(), final[1::2].copy()
 
     # Addresses inside the extent of a function that moved (its entry included).
     lo, hi = extent[placed], plan.end[placed]
@@ -902,13 +922,15 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
         ok[ok] &= addrs[ok] < hi[i[ok]]
         return ok
 
+    # Branches that leave their function go to where their target is now: the
+    # item it is in (when it moved) or its address (when it stays).
+    _link_targets(insns, bt, items, moved)
+    align = np.ones(2 * nf, np.int64)
+    align[0::2] = [int(align_of(r)) for r in rows.tolist()]
+    addr, final = _tighten(items, final, align, room, plan.rows)
+    code_base, plan.frag_base = final[0::2].copy(), final[1::2].copy()
     copied = _Copied.of(items, insns)
     new_addr = _new_addresses(insns, bt, items, addr, copied)
-    # Branches that leave their function go where their target now is.
-    out = np.flatnonzero(((items.kind == JMP) | (items.kind == JCC) | (items.kind == SITE))
-                         & (items.dest_item < 0))
-    if len(out):
-        items.dest_addr[out] = _translate(insns, new_addr, moved, items.dest_addr[out])
     code, item_off = _bytes(model, items, addr, copied)
     deferred = _fields(insns, plan, items, copied, item_off, new_addr, code, moved)
     part_len = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
@@ -929,7 +951,169 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
         extent=extent, code_base=code_base, free=np.zeros((0, 2), np.uint64))
     if not placed.all():
         emission = emission.select(placed)
+    emission.fallback = int((variant[rows][placed] != NEW).sum())
     return emission
+
+
+def _plan_positions(cfg, bt: BlockTable, rows, start, extent, orders, hot_len, pre_block,
+                    functions) -> _Plan:
+    """Positions of every function's layout (call padding first, then its blocks;
+    the first ``hot_len`` blocks hot), unreachable fill dropped, each position's
+    part (2f hot, 2f+1 cold)."""
+    nf = len(rows)
+    seqs, cold = [], []
+    for r in rows.tolist():
+        order = orders[r]
+        hot = hot_len[r]
+        head = [pre_block[r]] if r in pre_block else []
+        seqs.append(head + list(order))
+        cold.append([False] * (len(head) + hot) + [True] * (len(order) - hot))
+    lengths = np.array([len(q) for q in seqs], np.int64)
+    lay = np.fromiter((b for q in seqs for b in q), np.int64, int(lengths.sum()))
+    in_cold = np.fromiter((c for q in cold for c in q), bool, int(lengths.sum()))
+    lay_f = np.repeat(np.arange(nf), lengths)
+    plan = _Plan(
+        rows=rows, start=start, end=functions.end[rows].astype(np.uint64),
+        slot=np.zeros(nf, np.int64),
+        first_insn=cfg.block_first[cfg.func_first_block[rows]],
+        last_insn=cfg.block_end[cfg.func_end_block[rows] - 1],
+        lay=lay, lay_f=lay_f, dropped_fill=np.zeros(nf),
+        failure=np.zeros(nf, np.int8), keep=np.full(nf, -1, np.int64),
+        reserved=np.zeros(nf, np.int64), frag_base=np.zeros(nf, np.uint64),
+        bases=PROVISIONAL + np.uint64(SPAN) * np.arange(2 * nf, dtype=np.uint64))
+    drop = bt.droppable[lay]
+    plan.dropped_fill = np.bincount(lay_f[drop], weights=bt.whole[lay[drop]], minlength=nf)
+    plan.lay, plan.lay_f, in_cold = lay[~drop], lay_f[~drop], in_cold[~drop]
+    plan.part = 2 * plan.lay_f + in_cold
+    return plan
+
+
+class Room:
+    """The free ranges parts were placed in: for every function row, the range
+    its hot (``range_of[0, row]``) and cold (``range_of[1, row]``) part is in
+    (index into ``lo``/``hi``; -1: none), and which ranges its parts may move to
+    when their range overflows (``alternatives(row)``)."""
+
+    def __init__(self, lo, hi, range_of, alternatives):
+        self.lo = np.asarray(lo, np.uint64)
+        self.hi = np.asarray(hi, np.uint64)
+        self.range_of = np.asarray(range_of, np.int64)
+        self.alternatives = alternatives
+
+
+def _optimistic(insns, items: _Items) -> None:
+    """Branches to other functions take the size they had (laid out far away, they
+    all grew long): next to the same neighbours they reach as before; the
+    relaxation with real addresses (:func:`_tighten`) grows those that do not."""
+    out = np.flatnonzero(((items.kind == JMP) | (items.kind == JCC) | (items.kind == SITE))
+                         & (items.dest_item < 0) & (items.origin >= 0))
+    if len(out):
+        was_short = insns.length[items.origin[out]] <= 2
+        items.size[out] = np.where(was_short, SHORT_SIZE[items.kind[out]],
+                                   LONG_SIZE[items.kind[out]])
+
+
+def _link_targets(insns, bt: BlockTable, items: _Items, moved) -> None:
+    """Point every branch to another function that moved at the item its target is
+    in now (``dest_item`` + ``dest_off``): its address then follows the layout."""
+    out = np.flatnonzero(((items.kind == JMP) | (items.kind == JCC) | (items.kind == SITE))
+                         & (items.dest_item < 0))
+    items.dest_off = np.zeros(len(items.kind), np.int64)
+    if not len(out):
+        return
+    target = items.dest_addr[out]
+    m = moved(target)
+    out, target = out[m], target[m]
+    if not len(out):
+        return
+    # Old instruction -> (item, offset) for every instruction laid out.
+    n = len(insns.addr)
+    insn_item = np.full(n, -1, np.int64)
+    insn_off = np.zeros(n, np.int64)
+    copy = np.flatnonzero(items.kind == COPY)
+    i0 = items.i0[copy]
+    counts = items.i1[copy] - i0
+    idx = concat_ranges(i0, counts)
+    run = np.repeat(copy, counts)
+    insn_item[idx] = run
+    insn_off[idx] = (insns.addr[idx] - insns.addr[np.repeat(i0, counts)]).astype(np.int64)
+    br = np.flatnonzero((items.kind != COPY) & (items.origin >= 0))
+    insn_item[items.origin[br]] = br
+    insn_off[items.origin[br]] = 0
+    el = np.flatnonzero(items.elided)
+    insn_item[bt.term[items.lay[el]]] = items.elided_to[el]
+    insn_off[bt.term[items.lay[el]]] = 0
+    t = np.searchsorted(insns.addr, target, side="right").astype(np.int64) - 1
+    item = insn_item[t]
+    if (item < 0).any():
+        bad = int(target[item < 0][0])
+        raise NoRoom([], f"a branch goes to {bad:#x}, code that was dropped")
+    items.dest_item[out] = item
+    items.dest_off[out] = insn_off[t] + (target - insns.addr[t]).astype(np.int64)
+
+
+def _tighten(items: _Items, bases: np.ndarray, align: np.ndarray, room: Room,
+             rows: np.ndarray, rounds: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Relax every branch with the real addresses: parts keep their order inside
+    the free range they were placed in and close up behind parts that shrank;
+    a branch that does not reach grows, and the parts after it move up. A range
+    that overflows hands its last part to another range with room. Returns the
+    item addresses and the part bases."""
+    size = items.size
+    n = len(size)
+    nparts = len(bases)
+    starts = items.part_starts()
+    first_of_item = np.repeat(starts, np.diff(np.r_[starts, n]))
+    branches = np.flatnonzero((items.kind == JMP) | (items.kind == JCC) | (items.kind == SITE))
+    long_size = LONG_SIZE[items.kind[branches]]
+    cs = np.zeros(n + 1, np.int64)
+    range_of = np.full(nparts, -1, np.int64)
+    range_of[0::2] = room.range_of[0, rows]
+    range_of[1::2] = room.range_of[1, rows]
+    # Parts in each range, in the order they were placed.
+    used = np.flatnonzero(range_of >= 0)
+    members: dict[int, list[int]] = {}
+    for p in used[np.argsort(bases[used], kind="stable")].tolist():
+        members.setdefault(int(range_of[p]), []).append(p)
+    for _ in range(rounds):
+        part_size = np.bincount(items.part, weights=size, minlength=nparts).astype(np.int64)
+        bases = bases.copy()
+        overflow = []
+        for r, parts in members.items():
+            at = int(room.lo[r])
+            for p in parts:
+                a = int(align[p])
+                at = (at + a - 1) // a * a
+                bases[p] = at
+                at += int(part_size[p])
+            if at > int(room.hi[r]):
+                overflow.append(r)
+        if overflow:
+            for r in overflow:
+                p = members[r].pop()
+                target = None
+                for q in room.alternatives(int(rows[p // 2])):
+                    tail = members.get(q, [])
+                    end = int(bases[tail[-1]]) + int(part_size[tail[-1]]) if tail \
+                        else int(room.lo[q])
+                    a = int(align[p])
+                    if (end + a - 1) // a * a + int(part_size[p]) <= int(room.hi[q]):
+                        target = q
+                        break
+                if target is None:
+                    raise NoRoom([int(rows[p // 2])], "no room once jumps grew")
+                members.setdefault(target, []).append(p)
+                range_of[p] = target
+            continue
+        np.cumsum(size, out=cs[1:])
+        addr = bases[items.part] + (cs[:-1] - cs[first_of_item]).astype(np.uint64)
+        disp = items.displacements(addr, branches)
+        short = size[branches] < long_size
+        grow = short & ((disp < -128) | (disp > 127))
+        if not grow.any():
+            return addr, bases
+        size[branches[grow]] = long_size[grow]
+    raise NoRoom(rows.tolist()[:1], "branch relaxation did not settle")
 
 
 def _raise_failures(model, plan: _Plan) -> None:

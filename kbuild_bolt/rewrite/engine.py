@@ -50,7 +50,7 @@ from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public na
 )
 from kbuild_bolt.rewrite.emit import BlockTable, emit_functions, table_sites
 from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
-from kbuild_bolt.rewrite.metadata import metadata_rewriters
+from kbuild_bolt.rewrite.metadata import FileChanges, metadata_rewriters
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86.patterns import is_fill
 
@@ -150,7 +150,7 @@ def lay_out_functions(ctx: RewriteContext) -> None:
     hot_len, rank."""
     from kbuild_bolt.kernel.text import text_layout
     from kbuild_bolt.layout import functions as function_orders
-    from kbuild_bolt.layout.split import hot_first, random_split
+    from kbuild_bolt.layout.split import hot_first, hot_threshold, random_split
     from kbuild_bolt.rewrite.placement import MoveAnalysis
 
     model, cfg, options = ctx.model, ctx.cfg, ctx.options
@@ -171,11 +171,15 @@ def lay_out_functions(ctx: RewriteContext) -> None:
     if ctx.profile_layout is not None:
         counts = ctx.profile_layout.profile.block_counts(cfg)
     if options.split_functions:
+        threshold = 1
+        if counts is not None:
+            threshold = hot_threshold(cfg, counts, options.split_share)
         for row in rows:
             order = ctx.orders[row]
             if counts is not None:
                 if counts[order].any():   # (a function that never ran stays whole)
-                    order, hot = hot_first(order, {b: int(counts[b]) for b in order})
+                    order, hot = hot_first(order, {b: int(counts[b]) for b in order},
+                                           threshold)
                     ctx.orders[row], ctx.hot_len[row] = order, hot
             else:
                 rng = random.Random(f"{options.seed}:split:{names[row]}")
@@ -206,6 +210,29 @@ def lay_out_functions(ctx: RewriteContext) -> None:
         rank[~ran] = n + np.flatnonzero(~ran)
     ctx.rank = np.full(len(model.functions), 2 * n, np.int64)
     ctx.rank[moves.rows] = rank
+    ctx.same_name_before = same_name_order(model, ctx.rank, moves.rows)
+
+
+def same_name_order(model, rank: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """For every function, the function of the same name just before it in address
+    order (-1: none). Same-named functions that move get their ranks in their
+    address order, so placement keeps that order (livepatch's ``sympos`` is a
+    function's rank among same-named symbols by address)."""
+    names = model.functions.names
+    by_name: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        by_name.setdefault(name, []).append(row)
+    before = np.full(len(names), -1, np.int64)
+    moves = np.zeros(len(names), bool)
+    moves[moving] = True
+    for rows in by_name.values():
+        if len(rows) < 2:
+            continue
+        for a, b in zip(rows, rows[1:]):
+            before[b] = a
+        mine = [r for r in rows if moves[r]]
+        rank[mine] = np.sort(rank[mine])
+    return before
 
 
 def emit(ctx: RewriteContext) -> None:
@@ -261,17 +288,18 @@ def emit_moved(ctx: RewriteContext) -> None:
     while True:
         placed = {}
 
-        def place(hot, cold):
+        def place(hot, cold, original, unsplit):
             candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
-            plan, placement, hot_base, cold_base, no_room = place_functions(
-                model, analysis, candidates, hot, cold, ctx.rank)
+            plan, placement, hot_base, cold_base, room, no_room, variant = place_functions(
+                model, analysis, candidates, hot, cold, original, unsplit, ctx.rank,
+                ctx.slots, ctx.same_name_before)
             placed.update(plan=plan, free=placement.free_ranges(), no_room=no_room)
-            return hot_base, cold_base
+            return hot_base, cold_base, room, variant
 
         orders = {row: ctx.orders[row] for row in moves.rows.tolist()}
         try:
             emission = emit_placed(model, cfg, block_table, orders, ctx.hot_len, moves.prefix,
-                                   place)
+                                   place, lambda row: analysis.align_all[row])
             break
         except NoRoom as stop:
             if not stop.rows:
@@ -291,6 +319,7 @@ def emit_moved(ctx: RewriteContext) -> None:
     result.fragments = int((emission.frag_len > 0).sum())
     result.fragment_bytes = int(emission.frag_len.sum())
     result.moved_functions = len(emission)
+    result.fallback = emission.fallback
     ctx.emission = emission
 
 
@@ -323,20 +352,65 @@ def update(ctx: RewriteContext) -> None:
     if moved:  # (nothing moved: the output is the input, byte for byte)
         amap = AddressMap(ctx.model, ctx.emission)
         ctx.symbol_values = symbol_values(ctx, amap)
+        ctx.new_symbols = cold_symbols(ctx)
+        ctx.result.sympos_changed = sympos_changes(ctx)
         for rewriter in ctx.metadata:
             rewriter.update(ctx, amap)
         del amap
     path = ctx.output.finish()
     shutil.copymode(ctx.model.image.path, path)
     if moved:
+        changes = FileChanges()
         for rewriter in ctx.metadata:
-            rewriter.finalize(ctx, path)
+            rewriter.finalize(ctx, changes)
+        if changes:
+            ctx.output.repack(changes.empty, changes.replace, changes.info)
     ctx.rewritten_rows = ctx.emission.rows.tolist()
     ctx.fragments = ctx.emission.fragments()
     ctx.moved_ranges = ctx.emission.free if ctx.emission.placed else None
     # Verification decodes the output beside the input: free the new code first.
     ctx.emission = ctx.metadata = None
     trim()
+
+
+def cold_symbols(ctx: RewriteContext) -> list[tuple[str, int, int, int]]:
+    """A name for every cold part, GCC's way: ``name.cold`` (``name.cold.N`` when
+    taken) -- (name, address, size, section index)."""
+    e = ctx.emission
+    image = ctx.model.image
+    names = ctx.model.functions.names
+    taken = set(image.symbols.names)
+    out = []
+    for f in np.flatnonzero(e.frag_len > 0).tolist():
+        base = f"{names[int(e.rows[f])]}.cold"
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}.{k}"
+        taken.add(name)
+        at = int(e.frag_base[f])
+        out.append((name, at, int(e.frag_len[f]), image.section_at(at).index))
+    return out
+
+
+def sympos_changes(ctx: RewriteContext) -> list[str]:
+    """Names whose same-named functions changed their order by address (livepatch
+    addresses a static function as name + sympos, its rank in that order)."""
+    symbols = ctx.model.image.symbols
+    funcs = np.flatnonzero(symbols.type == 2)
+    names = symbols.names
+    groups: dict[str, list[int]] = {}
+    for i in funcs.tolist():
+        groups.setdefault(names[i], []).append(i)
+    changed = []
+    for name, members in groups.items():
+        if len(members) < 2:
+            continue
+        old = symbols.value[members]
+        new = ctx.symbol_values[members]
+        if not np.array_equal(np.argsort(old, kind="stable"), np.argsort(new, kind="stable")):
+            changed.append(name)
+    return changed
 
 
 def symbol_values(ctx: RewriteContext, amap) -> np.ndarray:

@@ -7,14 +7,17 @@ phase hooks the engine calls in order:
   functions alone (the ORC table cannot grow, so the layout must fit it);
 - ``update(ctx, amap)``: write into the output image (``ctx.output``), through
   the address map old -> new;
-- ``finalize(ctx, path)``: on the finished output file, for sections whose size
-  changes (debug info).
+- ``finalize(ctx, changes)``: sections after the loadable part whose size
+  changes (debug info emptied, a symbol table with new symbols), recorded in
+  :class:`FileChanges` and applied to the finished file at once.
 
 Adding "update kallsyms" or "update DWARF" means adding a rewriter to
 :func:`metadata_rewriters`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +29,19 @@ from kbuild_bolt.rewrite import relocations as relocs
 from kbuild_bolt.rewrite import tables as table_update
 
 
+@dataclass
+class FileChanges:
+    """Non-allocated sections to empty, to replace (index -> bytes), and sh_info
+    values to set."""
+
+    empty: set = field(default_factory=set)
+    replace: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.empty or self.replace or self.info)
+
+
 class MetadataRewriter:
     name = ""
 
@@ -35,7 +51,7 @@ class MetadataRewriter:
     def update(self, ctx, amap) -> None:
         pass
 
-    def finalize(self, ctx, path) -> None:
+    def finalize(self, ctx, changes: FileChanges) -> None:
         pass
 
 
@@ -194,9 +210,14 @@ class Symbols(MetadataRewriter):
     """The symbol table: every symbol of moved code at its new address
     (``ctx.symbol_values``), and function sizes: a function whose new code runs into
     the fill after it gets the new size; a function placed anew, the size of its
-    hot part (every FUNC symbol naming it, aliases too: same address, same size)."""
+    hot part (every FUNC symbol naming it, aliases too: same address, same size).
+    Every cold part gets a local symbol of its own (``ctx.new_symbols``), after the
+    other locals; the global symbols' indices move up, in every relocation too."""
 
     name = "symbols"
+
+    def __init__(self):
+        self.tables = None
 
     def update(self, ctx, amap) -> None:
         image, emission = ctx.model.image, ctx.emission
@@ -206,7 +227,22 @@ class Symbols(MetadataRewriter):
         records["value"][moved] = ctx.symbol_values[moved]
         if emission.placed:
             self._placed_sizes(ctx, records)
-            return
+        else:
+            self._grown_sizes(ctx, records)
+        if ctx.new_symbols:
+            self.tables = _insert_symbols(ctx, records)
+
+    def finalize(self, ctx, changes: FileChanges) -> None:
+        if self.tables is not None:
+            symtab, strtab, first_global = self.tables
+            image = ctx.model.image
+            changes.replace[image.symtab.index] = symtab
+            changes.replace[image.symtab.link] = strtab
+            changes.info[image.symtab.index] = first_global
+
+    @staticmethod
+    def _grown_sizes(ctx, records) -> None:
+        symbols, emission = ctx.model.image.symbols, ctx.emission
         grown = list(zip(emission.start.tolist(), (emission.end - emission.start).tolist(),
                          emission.code_len.tolist()))
         grown = [g for g in grown if g[2] > g[1]]
@@ -241,10 +277,10 @@ class Symbols(MetadataRewriter):
 
 
 class Kallsyms(MetadataRewriter):
-    """kallsyms inside the image: every symbol at its new address, the entries
-    sorted again as scripts/kallsyms.c sorts them, and the names, markers,
-    offsets and name index written in that order (same symbols: the arrays keep
-    their sizes)."""
+    """kallsyms inside the image: every symbol at its new address, a name for
+    every cold part (as far as the arrays have room: a kernel built with
+    CONFIG_BOLT reserves it), the entries sorted again as scripts/kallsyms.c
+    sorts them, and the names, markers, offsets and name index written anew."""
 
     name = "kallsyms"
 
@@ -257,17 +293,56 @@ class Kallsyms(MetadataRewriter):
             return
         old = table.addresses
         new = _kallsyms_addresses(ctx, table)
-        if np.array_equal(old, new):
+        added = self._add_names(ctx, table, kallsyms)
+        if np.array_equal(old, new) and not added:
             return
+        if added:
+            names, records, addrs = zip(*added)
+            table.names = table.names + list(names)
+            table.records = table.records + list(records)
+            table.absolute = np.concatenate([table.absolute, np.zeros(len(added), bool)]) \
+                if table.absolute is not None else None
+            new = np.concatenate([new, np.array(addrs, np.uint64)])
+            table.count += len(added)
         order = kallsyms.address_order(table.names, new, np.arange(table.count))
         arrays = kallsyms.encode(table, order, new[order])
+        room = kallsyms.capacities(image, table)
         for name, data in arrays.items():
-            at = table.arrays[name]
-            before = image.read(at, len(data))
-            if len(data) != len(before):
-                raise KbbError(f"kallsyms: {name} changes size")
-            ctx.output.write_at(at, data)
-        ctx.result.tables["kallsyms"] = int((old != new).sum())
+            if len(data) > room[name]:
+                raise KbbError(f"kallsyms: {name} needs {len(data)} bytes, has {room[name]}")
+            ctx.output.write_at(table.arrays[name], data)
+        ctx.result.tables["kallsyms"] = int((old != new[:len(old)]).sum()) + len(added)
+
+    @staticmethod
+    def _add_names(ctx, table, kallsyms) -> list[tuple[str, bytes, int]]:
+        """(name with type, record, address) of the cold parts' names that fit the
+        arrays' room; the summary counts the others."""
+        image = ctx.model.image
+        room = kallsyms.capacities(image, table)
+        n = table.count
+        used = {"kallsyms_names": sum(len(r) for r in table.records), "kallsyms_offsets": 4 * n,
+                "kallsyms_addresses": 8 * n, "kallsyms_seqs_of_names": 3 * n}
+        per_entry = {"kallsyms_offsets": 4, "kallsyms_addresses": 8, "kallsyms_seqs_of_names": 3}
+        free = {k: room[k] - v for k, v in used.items() if k in room}
+        added = []
+        unnamed = 0
+        for name, value, _size, _shndx in ctx.new_symbols:
+            record = kallsyms.compress("t" + name, table.tokens)
+            k = n + len(added) + 1
+            markers = 4 * ((k + 255) // 256)
+            fits = record is not None and free["kallsyms_names"] >= len(record) \
+                and all(free[a] >= b for a, b in per_entry.items() if a in free) \
+                and room.get("kallsyms_markers", markers) >= markers
+            if not fits:
+                unnamed += 1
+                continue
+            free["kallsyms_names"] -= len(record)
+            for a, b in per_entry.items():
+                if a in free:
+                    free[a] -= b
+            added.append(("t" + name, record, value))
+        ctx.result.unnamed = unnamed
+        return added
 
 
 def _kallsyms_addresses(ctx, table) -> np.ndarray:
@@ -287,14 +362,45 @@ def _kallsyms_addresses(ctx, table) -> np.ndarray:
     return out
 
 
+def _insert_symbols(ctx, records) -> tuple[bytes, bytes, int]:
+    """The symbol table with ``ctx.new_symbols`` (name, value, size, section) added
+    as local functions after the other locals, its string table, and the index of
+    its first global symbol. Relocations naming a global symbol are renumbered in
+    the output."""
+    from kbuild_bolt.elf.image import SHT_RELA, STB_LOCAL, STT_FUNC
+
+    image = ctx.model.image
+    symtab = image.symtab
+    first_global = symtab.info
+    strtab = bytearray(image.section_data(image.sections[symtab.link]))
+    new = np.zeros(len(ctx.new_symbols), SYM)
+    for k, (name, value, size, shndx) in enumerate(ctx.new_symbols):
+        new[k] = (len(strtab), (STB_LOCAL << 4) | STT_FUNC, 0, shndx, value, size)
+        strtab += name.encode() + b"\0"
+    table = np.concatenate([records[:first_global], new, records[first_global:]])
+    shift = np.uint64(len(new))
+    for s in image.sections:
+        if s.type != SHT_RELA or s.link != symtab.index or not s.size:
+            continue
+        r = np.frombuffer(ctx.output.mem, RELA, s.size // RELA.itemsize, s.offset)
+        sym = r["info"] >> np.uint64(32)
+        up = sym >= np.uint64(first_global)
+        r["info"][up] += shift << np.uint64(32)
+    return table.tobytes(), bytes(strtab), first_global + len(new)
+
+
 class DebugSections(MetadataRewriter):
     """DWARF would describe the old layout: the debug sections are emptied (their
-    headers and the symbol table stay, so no index changes)."""
+    headers stay, so no section index changes)."""
 
     name = "debug sections"
 
-    def finalize(self, ctx, path) -> None:
-        ctx.result.stripped = ctx.output.strip_debug()
+    def finalize(self, ctx, changes: FileChanges) -> None:
+        from kbuild_bolt.elf.writer import debug_sections
+
+        debug = debug_sections(ctx.model.image.sections)
+        changes.empty |= {s.index for s in debug}
+        ctx.result.stripped = [s.name for s in debug]
 
 
 class PlantedFault(MetadataRewriter):

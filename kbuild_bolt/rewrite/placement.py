@@ -233,6 +233,7 @@ class Placement:
     def __init__(self, model, layout: TextLayout, plan: MovePlan):
         self.layout = layout
         self.plan = plan
+        self.start_of = model.functions.start
         insns = model.insns
         regions = layout.regions
         # Occupied: every instruction of a movable region that does not move and is
@@ -281,113 +282,144 @@ class Placement:
         return {k: sum(b - a for a, b in v) for k, v in self.free.items()}
 
     def place(self, hot: np.ndarray, cold: np.ndarray, rank: np.ndarray,
-              cold_align: int = 1) -> tuple[np.ndarray, np.ndarray]:
+              cold_align: int = 1, before: np.ndarray | None = None):
         """Bases of the hot and cold part of every moving function (arrays over all
-        function rows: ``hot``/``cold`` sizes, 0 for none). Hot parts go by
-        ``rank``, then cold parts by ``rank``, each first fit in its region; a part
-        of plain text that finds no room there goes to the plain gaps.
-        Raises :class:`NoRoom` with the functions that found no room."""
+        function rows: ``hot``/``cold`` sizes, 0 for none), and the :class:`Room`
+        they are in. Hot parts go by ``rank``, then cold parts by ``rank``, each
+        first fit in its region; a part of plain text that finds no room there
+        goes to the plain gaps. ``before[row]``: the function of the same name
+        just before it (-1: none): a function goes after it (livepatch's
+        ``sympos`` counts same-named functions in address order). Raises
+        :class:`NoRoom` with the functions that found no room."""
+        from kbuild_bolt.rewrite.emit import Room
+
         plan = self.plan
         n = len(hot)
-        hot_base = np.zeros(n, np.uint64)
-        cold_base = np.zeros(n, np.uint64)
-        room = {k: (np.array([a for a, _ in v], np.uint64), np.array([b for _, b in v], np.uint64))
-                for k, v in self.free.items()}
-        cursor = {k: v[0].copy() for k, v in room.items()}
+        bases = {0: np.zeros(n, np.uint64), 1: np.zeros(n, np.uint64)}
+        # Every free range, globally numbered; each region's are consecutive.
+        regions = sorted(self.free)
+        first = {}
+        lo, hi = [], []
+        for k in regions:
+            first[k] = len(lo)
+            for a, b in self.free[k]:
+                lo.append(a)
+                hi.append(b)
+        lo_arr = np.array(lo, np.uint64)
+        hi_arr = np.array(hi, np.uint64)
+        cursor = lo_arr.copy()
+        span = {k: (first[k], first[k] + len(self.free[k])) for k in regions}
         region_of = dict(zip(plan.rows.tolist(), plan.region.tolist()))
         align_of = dict(zip(plan.rows.tolist(), plan.align.tolist()))
         rows = plan.rows
         order = [(0, int(rank[r]), r) for r in rows[hot[rows] > 0].tolist()]
         order += [(1, int(rank[r]), r) for r in rows[cold[rows] > 0].tolist()]
         order.sort()
+        where: dict[tuple[int, int], int] = {}
+
+        def choices(region):
+            out = [span[region]] if region in span else []
+            if self.layout.regions[region].kind == PLAIN:
+                out += [span[k] for k in self.spill if k != region and k in span]
+            return out
+
         failed = []
         for kind, _rank, row in order:
             region = region_of[row]
             align = np.uint64(align_of[row] if kind == 0 else cold_align)
             need = np.uint64(int(hot[row] if kind == 0 else cold[row]))
-            choices = [region]
-            if self.layout.regions[region].kind == PLAIN:
-                choices += [k for k in self.spill if k != region]
-            for k in choices:
-                if k not in cursor:
-                    continue
-                at = (cursor[k] + align - np.uint64(1)) & ~(align - np.uint64(1))
-                fits = np.flatnonzero(at + need <= room[k][1])
+            floor = np.uint64(0)
+            if kind == 0 and before is not None and before[row] >= 0:
+                prev = int(before[row])
+                if prev in region_of and region_of[prev] == region:
+                    floor = bases[0][prev]       # (placed already: ranks follow the order)
+                elif prev not in region_of:
+                    floor = np.uint64(self.start_of[prev])
+            for a, b in choices(region):
+                at = (cursor[a:b] + align - np.uint64(1)) & ~(align - np.uint64(1))
+                fits = np.flatnonzero((at + need <= hi_arr[a:b]) & (at >= floor))
+                if not len(fits):
+                    fits = np.flatnonzero(at + need <= hi_arr[a:b])
                 if len(fits):
-                    i = int(fits[0])
-                    (hot_base if kind == 0 else cold_base)[row] = at[i]
-                    cursor[k][i] = at[i] + need
+                    i = a + int(fits[0])
+                    bases[kind][row] = at[i - a]
+                    cursor[i] = at[i - a] + need
+                    where[(row, kind)] = i
                     break
             else:
                 failed.append(row)
         if failed:
             raise NoRoom(sorted(set(failed)), f"no room for {len(failed)} functions")
-        return hot_base, cold_base
+
+        range_of = np.full((2, n), -1, np.int64)
+        for (row, kind), i in where.items():
+            range_of[kind, row] = i
+
+        def alternatives(row):
+            return [i for a, b in choices(region_of[row]) for i in range(a, b)]
+
+        return bases[0], bases[1], Room(lo_arr, hi_arr, range_of, alternatives)
 
 
 def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: np.ndarray,
-                    cold: np.ndarray, rank: np.ndarray):
-    """Place every function of ``candidates`` that can move. Where a region cannot
-    hold all of its moved code, the functions that grew most stay where they are
-    (and may keep others where they are: the closure runs again), more of them
-    each time placement still fails there, and after a few tries the region
-    keeps all its functions. Returns (plan, placement, hot bases, cold bases,
-    rows that stayed for want of room)."""
-    extra: dict[int, int] = {}
+                    cold: np.ndarray, original: np.ndarray, unsplit: np.ndarray,
+                    rank: np.ndarray, slots: np.ndarray, before: np.ndarray | None = None):
+    """Place every function of ``candidates`` that can move, each in the layout
+    it was given (``hot``/``cold`` sizes). Where a region cannot hold those, the
+    functions whose layouts grew most (the coldest first: ranks order by heat)
+    are laid out in their original order instead (size ``original``), a little
+    more each time placement fails there; after a few tries the region is kept
+    as it was: its functions in their original order, each in its new block
+    order unsplit when that fits its old slot (``slots``: the end of each
+    function's slot, fill after it included; size ``unsplit``), else in its
+    original order, which always fits; and when even that fails, all its
+    functions stay where they are. Returns (plan, placement, hot bases, cold
+    bases, room, rows that stayed for want of room, layout per function row:
+    NEW, ORIGINAL or UNSPLIT)."""
+    from kbuild_bolt.rewrite.emit import NEW, ORIGINAL, UNSPLIT
+
+    variant = np.full(len(hot), NEW, np.int64)
+    place_rank = rank.copy()
     tries: dict[int, int] = {}
-    whole: set[int] = set()
+    as_was: set[int] = set()
+    stayed: list[int] = []
+    plan = analysis.plan(candidates)
     while True:
-        stayed = _too_big(model, analysis, candidates, hot, cold, extra, whole)
-        plan = analysis.plan(np.setdiff1d(candidates, np.array(stayed, np.int64)))
         placement = Placement(model, analysis.layout, plan)
+        h, c = hot.copy(), cold.copy()
+        for v, size in ((ORIGINAL, original), (UNSPLIT, unsplit)):
+            m = variant == v
+            h[m], c[m] = size[m], 0
         try:
-            hot_base, cold_base = placement.place(hot, cold, rank)
-            return plan, placement, hot_base, cold_base, stayed
+            hot_base, cold_base, free = placement.place(h, c, place_rank, before=before)
+            return plan, placement, hot_base, cold_base, free, stayed, variant
         except NoRoom as full:
             region_of = dict(zip(plan.rows.tolist(), plan.region.tolist()))
+            short: dict[int, int] = {}
             for row in full.rows:
-                k = region_of[row]
-                extra[k] = extra.get(k, 0) + int(hot[row] + cold[row])
-            for k in {region_of[row] for row in full.rows}:
-                tries[k] = tries.get(k, 0) + 1
-                if tries[k] >= 4:
-                    whole.add(k)
-
-
-def _too_big(model, analysis: MoveAnalysis, candidates, hot, cold, extra: dict,
-             whole: set) -> list[int]:
-    """Functions to leave where they are so that every region can hold the rest:
-    where a region's moved code needs more room than it has (grown jumps, added
-    jumps, alignment; ``extra`` more bytes for regions where placement failed),
-    the functions that grew most stay, until what is left fits with a margin.
-    Regions in ``whole`` keep all their functions. (Plain text may also use the
-    plain gaps: it needs no such care.)"""
-    plan = analysis.plan(candidates)
-    placement = Placement(model, analysis.layout, plan)
-    room = placement.room()
-    regions = analysis.layout.regions
-    rows = plan.rows
-    align = plan.align.astype(np.int64)
-    need = ((hot[rows] + align - 1) // align) * align + cold[rows]
-    old = (model.functions.end[rows] - plan.extent).astype(np.int64)
-    growth = need - old
-    stay = []
-    for k in np.unique(plan.region).tolist():
-        sel = np.flatnonzero(plan.region == k)
-        if k in whole:
-            stay += rows[sel].tolist()
-            continue
-        if regions[k].kind == PLAIN and not extra.get(k):
-            continue
-        capacity = room.get(k, 0)
-        # (every free range can waste up to an alignment at its start)
-        margin = capacity // 100 + BASE_ALIGN * len(placement.free.get(k, ())) + extra.get(k, 0)
-        excess = int(need[sel].sum()) - (capacity - margin)
-        if excess <= 0:
-            continue
-        for i in sel[np.argsort(-growth[sel], kind="stable")].tolist():
-            if excess <= 0:
-                break
-            stay.append(int(rows[i]))
-            excess -= max(int(growth[i]), 1)
-    return stay
+                short[region_of[row]] = short.get(region_of[row], 0) + int(h[row] + c[row])
+        for k, missing in short.items():
+            tries[k] = tries.get(k, 0) + 1
+            sel = np.flatnonzero(plan.region == k)
+            r = plan.rows[sel]
+            if k in as_was:
+                # Not even as it was (rel8 jumps out of reach?): all stay.
+                stayed += r.tolist()
+            elif tries[k] <= 3:
+                # The layouts that grew most go back to their original order,
+                # the coldest first, for twice the room that was missing.
+                saving = (h[r] + c[r]) - original[r]
+                want = 2 * missing * tries[k]
+                for i in np.lexsort((-saving, -rank[r])).tolist():
+                    if want <= 0:
+                        break
+                    if saving[i] > 0 and variant[r[i]] == NEW:
+                        variant[r[i]] = ORIGINAL
+                        want -= int(saving[i])
+            else:
+                slot = (slots[r] - plan.extent[sel]).astype(np.int64)
+                variant[r] = np.where(unsplit[r] <= slot, UNSPLIT, ORIGINAL)
+                place_rank[r] = -(1 << 40) + np.argsort(np.argsort(plan.extent[sel]))
+                as_was.add(k)
+        if stayed:
+            plan = analysis.plan(np.setdiff1d(candidates, np.array(stayed, np.int64)))

@@ -26,7 +26,9 @@ import numpy as np
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.arrays import concat_ranges
 from kbuild_bolt.binary.model import BinaryModel
-from kbuild_bolt.elf.image import FIELD_SIZE, ElfImage, type_and_symbol
+from kbuild_bolt.elf.image import (
+    FIELD_SIZE, SHT_STRTAB, SHT_SYMTAB, ElfImage, type_and_symbol,
+)
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.x86.patterns import is_fill
 
@@ -79,6 +81,8 @@ def _header_problems(a: ElfImage, b: ElfImage) -> list[str]:
         fields = ("type", "flags", "addr", "size", "addralign", "entsize")
         if s.is_alloc:
             fields += ("offset",)
+        elif s.type in (SHT_SYMTAB, SHT_STRTAB) and s.index in (a.symtab.index, a.symtab.link):
+            fields = fields[:3]   # (symbols may be added: the symbol check judges them)
         for f in fields:
             if getattr(s, f) != getattr(other, f):
                 problems.append(f"section {name}: {f} {getattr(s, f):#x} != {getattr(other, f):#x}")
@@ -88,50 +92,64 @@ def _header_problems(a: ElfImage, b: ElfImage) -> list[str]:
     return problems
 
 
-def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None) -> list[str]:
+def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
+                     code: np.ndarray) -> list[str]:
     """The symbol table is the input's, but for sizes of functions that grew into
     the fill after them; with whole functions moved (``moved``: the (n, 2) ranges
     their code was placed in), their symbols may move and change size within
-    those ranges."""
+    those ranges. Local ``.cold`` function symbols may follow the input's locals,
+    for cold parts in ``code`` (where code was rewritten or placed)."""
     a = inp.image
     x, y = a.symbols, b.symbols
     problems = []
-    if len(x) != len(y):
+    index = np.arange(len(x))
+    out_index = index
+    added = len(y) - len(x)
+    first_x, first_y = a.symtab.info, b.symtab.info
+    if added > 0 and first_y - first_x == added:
+        out_index = np.where(index < first_x, index, index + added)
+        for j in range(first_x, first_y):
+            name, value = y.names[j], int(y.value[j])
+            if not (y.type[j] == 2 and y.bind[j] == 0 and ".cold" in name
+                    and bool(_inside(code, np.array([value], np.uint64))[0])):
+                problems.append(f"symbol {name} added at {value:#x}: not a cold part")
+    elif added:
         # objcopy --strip-debug drops the section symbols of the debug sections.
         gone = {s.index for s in a.sections if s.name.startswith(".debug")
                 and b.section(s.name) is None}
         keep = ~((x.type == 3) & np.isin(x.shndx, list(gone)))
         if int(keep.sum()) != len(y):
             return [f"{len(x)} symbols became {len(y)}"]
-        index = np.flatnonzero(keep)
-    else:
-        index = np.arange(len(x))
+        index = out_index = np.flatnonzero(keep)
+        out_index = np.arange(len(y))
+    y_names = [y.names[j] for j in out_index.tolist()]
     names_a = [x.names[i] for i in index.tolist()]
-    if names_a != y.names:
+    if names_a != y_names:
         problems.append("symbol names differ")
     sec_a = np.array([a.sections[i].name if 0 < i < len(a.sections) else str(i)
                       for i in x.shndx[index].tolist()])
     sec_b = np.array([b.sections[i].name if 0 < i < len(b.sections) else str(i)
-                      for i in y.shndx.tolist()])
+                      for i in y.shndx[out_index].tolist()])
     for i in np.flatnonzero(sec_a != sec_b)[:5].tolist():
-        problems.append(f"symbol {y.names[i]}: section changed")
+        problems.append(f"symbol {y_names[i]}: section changed")
     xr = x.raw[index]
+    yr = y.raw[out_index]
     placed = np.zeros(len(index), bool)
     if moved is not None and len(moved):
-        placed = _inside(moved, xr["value"]) & _inside(moved, y.raw["value"])
+        placed = _inside(moved, xr["value"]) & _inside(moved, yr["value"])
     for f in ("value", "info", "other"):
-        changed = xr[f] != y.raw[f]
+        changed = xr[f] != yr[f]
         if f == "value":
             changed &= ~placed
         for i in np.flatnonzero(changed)[:5].tolist():
-            problems.append(f"symbol {y.names[i]}: {f} changed")
+            problems.append(f"symbol {y_names[i]}: {f} changed")
     # A function may grow into the alignment fill that followed it, nothing more
     # (or change size where whole functions were placed anew).
-    grown = np.flatnonzero((xr["size"] != y.raw["size"]) & ~placed)
+    grown = np.flatnonzero((xr["size"] != yr["size"]) & ~placed)
     if len(grown):
         i = index[grown]
         old_end = x.value[i] + x.size[i]
-        new_end = y.value[grown] + y.size[grown]
+        new_end = yr['value'][grown] + yr['size'][grown]
         lo = np.searchsorted(inp.insns.addr, old_end)
         hi = np.searchsorted(inp.insns.addr, new_end)
         covered = concat_ranges(lo, np.maximum(hi - lo, 0))
@@ -142,8 +160,8 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None) ->
             ok = (new_end[k] > old_end[k] and kinds[k] == 2
                   and bool(fill[lo[k]:hi[k]].all()))
             if not ok:
-                problems.append(f"symbol {y.names[j]}: size {int(x.size[i[k]])} -> "
-                                f"{int(y.size[j])}")
+                problems.append(f"symbol {y_names[j]}: size {int(x.size[i[k]])} -> "
+                                f"{int(yr['size'][j])}")
     return problems
 
 
@@ -328,11 +346,6 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
                    _header_problems(inp.image, out.image))
         if moved_ranges is None and _functions_moved(inp.image, out.image):
             moved_ranges = _movable_ranges(inp.image)
-        report.add("symbol table", len(inp.image.symbols),
-                   _symbol_problems(inp, out.image, moved_ranges))
-        checked, problems = _data_problems(inp, out,
-                                           _kallsyms_ranges(table) if table is not None else ())
-        report.add("data changed only in tables/fields", checked, problems)
         if moved_ranges is not None:
             ranges = np.asarray(moved_ranges, np.uint64).reshape(-1, 2)
         else:
@@ -342,6 +355,12 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
                 from kbuild_bolt.rewrite.holes import find_holes
                 fragments = find_holes(inp)  # standalone: anything in the free room
             ranges = _rewritten_ranges(inp, expect_rewritten, fragments)
+            ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
+        report.add("symbol table", len(inp.image.symbols),
+                   _symbol_problems(inp, out.image, moved_ranges, ranges))
+        checked, problems = _data_problems(inp, out,
+                                           _kallsyms_ranges(table) if table is not None else ())
+        report.add("data changed only in tables/fields", checked, problems)
         checked, problems = _code_problems(inp, out, ranges)
         report.add("code changed only where rewritten", checked, problems)
         if ".orc_unwind_ip" in inp.tables and (out.tables[".orc_unwind_ip"].count

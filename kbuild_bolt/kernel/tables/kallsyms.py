@@ -168,13 +168,54 @@ def name_order(names: list[str], addresses: np.ndarray) -> list[int]:
     return [k[2] for k in keys]
 
 
+def compress(text: str, tokens: list[str]) -> bytes | None:
+    """A name record ("t" + name) in this kernel's token table: greedy longest
+    match, the way the kernel expands it back (None when a character has no
+    token of its own)."""
+    index: dict[str, int] = {}
+    for k, t in enumerate(tokens):
+        if t:
+            index.setdefault(t, k)
+    longest = max((len(t) for t in tokens), default=1)
+    out = []
+    i = 0
+    while i < len(text):
+        for n in range(min(longest, len(text) - i), 0, -1):
+            k = index.get(text[i:i + n])
+            if k is not None:
+                out.append(k)
+                i += n
+                break
+        else:
+            return None
+    n = len(out)
+    if n > 0x3FFF:
+        return None
+    head = bytes([n]) if n <= 0x7F else bytes([(n & 0x7F) | 0x80, n >> 7])
+    return head + bytes(out)
+
+
+def capacities(image, table: Kallsyms) -> dict[str, int]:
+    """Bytes each array may take: up to the next symbol (a kernel built with
+    kbuild-bolt's kallsyms reserve leaves room there for names it adds)."""
+    values = np.unique(image.symbols.value)
+    out = {}
+    for name, at in (table.arrays or {}).items():
+        section = image.section_at(at)
+        i = int(np.searchsorted(values, np.uint64(at), side="right"))
+        nxt = int(values[i]) if i < len(values) else section.end
+        out[name] = min(nxt, section.end) - at
+    return out
+
+
 def encode(table: Kallsyms, order: np.ndarray, addresses: np.ndarray) -> dict[str, bytes]:
     """The bytes of every array for the entries of ``table`` in ``order`` at
     ``addresses`` (already in that order): names, markers, offsets (or
     addresses), seqs_of_names."""
     records = [table.records[i] for i in order.tolist()]
     names = [table.names[i] for i in order.tolist()]
-    out = {"kallsyms_names": b"".join(records)}
+    out = {"kallsyms_names": b"".join(records),
+           "kallsyms_num_syms": np.uint32(len(records)).astype("<u4").tobytes()}
     sizes = np.fromiter((len(r) for r in records), np.int64, len(records))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     out["kallsyms_markers"] = starts[::256].astype("<u4").tobytes() if len(starts) else b""
