@@ -123,7 +123,11 @@ def discover_regions(image, functions: FunctionTable) -> list[CodeRegion]:
         in_sec = np.flatnonzero((symbols.shndx == section.index)
                                 & np.isin(symbols.type, (STT_NOTYPE, STT_FUNC, STT_OBJECT)))
         label_addr = symbols.value[in_sec]
-        order = np.argsort(label_addr, kind="stable")
+        # (call padding named __pfx_/__cfi_ wins over a marker at the same address:
+        # _sinittext is where __pfx_ of the first init function is)
+        is_prefix = np.array([names[i].startswith(PREFIX_SYMBOLS) for i in in_sec.tolist()],
+                             bool)
+        order = np.lexsort((in_sec, is_prefix, label_addr))
         label_addr = label_addr[order]
         label_idx = in_sec[order]
         # Gaps between functions (functions may overlap: aliases, nested symbols).
@@ -146,7 +150,7 @@ def discover_regions(image, functions: FunctionTable) -> list[CodeRegion]:
         stop = np.r_[cuts[1:], np.uint64(0)]
         last_of_gap = np.r_[g[1:] != g[:-1], True]
         stop[last_of_gap] = g_end[g[last_of_gap]]
-        # The label at a cut: the last symbol (in symbol order) at that address.
+        # The label at a cut: the last symbol (in symbol order, padding last) there.
         j = np.searchsorted(label_addr, cuts, side="right").astype(np.int64) - 1
         has = j >= 0
         has[has] &= label_addr[j[has]] == cuts[has]

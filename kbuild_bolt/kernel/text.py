@@ -33,6 +33,8 @@ import numpy as np
 
 from kbuild_bolt.elf.image import STT_FILE, STT_FUNC, STT_NOTYPE
 
+# The alignment of entry text under page-table isolation (PMD_SIZE).
+ENTRY_ALIGN = 2 << 20
 # Regions whose code never moves.
 PINNED_KINDS = ("head", "entry", "irqentry", "thunks", "static_call")
 # Plain text: no run-time membership test, so its cold code may also go to the
@@ -121,6 +123,17 @@ def text_layout(image) -> TextLayout:
     return TextLayout(regions, sorted(pinned))
 
 
+def region_markers(image, layout: TextLayout) -> np.ndarray:
+    """Per symbol: a marker at a region edge (``_sinittext``, ``__sched_text_start``,
+    ``__cpuidle_text_end``). A marker shares its address with the first function
+    after it, but names the edge: it stays when that function moves."""
+    symbols = image.symbols
+    edges = np.unique(np.array([b for r in layout.regions for b in (r.start, r.end)],
+                               np.uint64))
+    defined = (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
+    return (symbols.type == STT_NOTYPE) & defined & np.isin(symbols.value, edges)
+
+
 def _text_regions(image, text) -> list[TextRegion]:
     symbols = image.symbols
     names = symbols.names
@@ -156,7 +169,25 @@ def _text_regions(image, text) -> list[TextRegion]:
             kind = min(((hi - lo, n) for n, lo, hi in pairs if n in inside))[1]
         movable = not any(n in PINNED_KINDS for n in inside)
         out.append(TextRegion(a, b, ".text", kind, movable, inside))
-    return out
+    return _entry_padding(out)
+
+
+def _entry_padding(regions: list[TextRegion]) -> list[TextRegion]:
+    """With page-table isolation the linker aligns entry text to 2 MiB on both
+    sides (ALIGN_ENTRY_TEXT_BEGIN/END) and PTI maps that whole PMD into user
+    page tables: the padding after entry text, up to the next 2 MiB boundary,
+    must stay empty, or the code put there would be mapped for user space too."""
+    entry = [r for r in regions if r.kind in ("entry", "irqentry")]
+    if not entry:
+        return regions
+    start, end = min(r.start for r in entry), max(r.end for r in entry)
+    if start % ENTRY_ALIGN:
+        return regions   # (no PTI alignment: entry text shares its PMD anyway)
+    limit = (end + ENTRY_ALIGN - 1) & -ENTRY_ALIGN
+    for r in regions:
+        if r.kind == PLAIN and end <= r.start and r.end <= limit:
+            r.kind, r.movable = "entry_padding", False
+    return regions
 
 
 def _head_end(image, text) -> int:

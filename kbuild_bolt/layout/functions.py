@@ -223,7 +223,8 @@ def cdsort(graph: CallGraph) -> list[int]:
             old_b = between.pop((min(b, z), max(b, z)), [])
             key = (min(a, z), max(a, z))
             between[key] = between.get(key, []) + old_b
-            version[z] += 1
+            # (z's pairs with other chains keep their scores: only (a, z) changed,
+            # and its stale entries carry a's old version.)
         between.pop((min(a, b), max(a, b)), None)
         for z in merged_neighbours:
             push(a, z)

@@ -175,6 +175,7 @@ class RewriteContext:
     rewritten_rows: list = field(default_factory=list)  # update: functions actually rewritten
     fragments: list = field(default_factory=list)       # update: (start, end) of cold fragments
     symbol_values: np.ndarray | None = None  # update: every symbol's value in the output
+    fixed_symbols: np.ndarray | None = None  # update: markers that stay where code moved
     new_symbols: list = field(default_factory=list)  # update: (name, value, size, section)
     moved_ranges: np.ndarray | None = None  # update: where whole functions were placed
     committed: bool = False                 # write

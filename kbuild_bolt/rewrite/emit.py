@@ -821,7 +821,7 @@ SPAN = 1 << 34
 
 
 def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixes: dict,
-                place, align_of) -> Emission:
+                place, align_of, keep_order=frozenset()) -> Emission:
     """Emit functions that move as a whole, each to a place ``place`` chooses.
 
     Function ``row`` gets its blocks in ``orders[row]``: the first ``hot_len[row]``
@@ -837,7 +837,9 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     layout each function gets (:data:`NEW`, :data:`ORIGINAL`, :data:`UNSPLIT`);
     then every branch is relaxed again with the real addresses, parts moving
     within their room (:func:`_tighten`). ``align_of(row)``: the alignment of a
-    function's hot part. A function that cannot be laid out raises
+    function's hot part. ``keep_order``: rows whose hot part stays in the range
+    it was placed in when ranges overflow (same-named functions: their order is
+    livepatch's sympos). A function that cannot be laid out raises
     :class:`NoRoom` before anything is placed."""
     insns = model.insns
     functions = model.functions
@@ -927,7 +929,9 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     _link_targets(insns, bt, items, moved)
     align = np.ones(2 * nf, np.int64)
     align[0::2] = [int(align_of(r)) for r in rows.tolist()]
-    addr, final = _tighten(items, final, align, room, plan.rows)
+    ordered = np.zeros(2 * nf, bool)
+    ordered[0::2] = [r in keep_order for r in plan.rows.tolist()]
+    addr, final = _tighten(items, final, align, room, plan.rows, keep_in_place=ordered)
     code_base, plan.frag_base = final[0::2].copy(), final[1::2].copy()
     copied = _Copied.of(items, insns)
     new_addr = _new_addresses(insns, bt, items, addr, copied)
@@ -1053,12 +1057,14 @@ def _link_targets(insns, bt: BlockTable, items: _Items, moved) -> None:
 
 
 def _tighten(items: _Items, bases: np.ndarray, align: np.ndarray, room: Room,
-             rows: np.ndarray, rounds: int = 64) -> tuple[np.ndarray, np.ndarray]:
+             rows: np.ndarray, rounds: int = 64,
+             keep_in_place: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Relax every branch with the real addresses: parts keep their order inside
     the free range they were placed in and close up behind parts that shrank;
     a branch that does not reach grows, and the parts after it move up. A range
-    that overflows hands its last part to another range with room. Returns the
-    item addresses and the part bases."""
+    that overflows hands its last part to another range with room (the last
+    one not in ``keep_in_place``, when there is one: those keep their order
+    among others). Returns the item addresses and the part bases."""
     size = items.size
     n = len(size)
     nparts = len(bases)
@@ -1090,7 +1096,9 @@ def _tighten(items: _Items, bases: np.ndarray, align: np.ndarray, room: Room,
                 overflow.append(r)
         if overflow:
             for r in overflow:
-                p = members[r].pop()
+                movable = [k for k, q in enumerate(members[r])
+                           if keep_in_place is None or not keep_in_place[q]]
+                p = members[r].pop(movable[-1] if movable else -1)
                 target = None
                 for q in room.alternatives(int(rows[p // 2])):
                     tail = members.get(q, [])

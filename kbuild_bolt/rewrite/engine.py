@@ -284,7 +284,10 @@ def emit_moved(ctx: RewriteContext) -> None:
     ctx.say(f"laying out {len(moves.rows):,} functions ({ctx.options.reorder_blocks} blocks, "
             f"{ctx.options.reorder_functions} functions"
             f"{', split' if ctx.options.split_functions else ''})")
+    before = ctx.same_name_before
+    same_named = set(np.flatnonzero(before >= 0).tolist()) | set(before[before >= 0].tolist())
     stay: dict[int, str] = {}
+    memo: dict = {}   # (placements of regions, for the rounds after one that failed)
     while True:
         placed = {}
 
@@ -292,14 +295,14 @@ def emit_moved(ctx: RewriteContext) -> None:
             candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
             plan, placement, hot_base, cold_base, room, no_room, variant = place_functions(
                 model, analysis, candidates, hot, cold, original, unsplit, ctx.rank,
-                ctx.slots, ctx.same_name_before)
+                ctx.slots, ctx.same_name_before, memo)
             placed.update(plan=plan, free=placement.free_ranges(), no_room=no_room)
             return hot_base, cold_base, room, variant
 
         orders = {row: ctx.orders[row] for row in moves.rows.tolist()}
         try:
             emission = emit_placed(model, cfg, block_table, orders, ctx.hot_len, moves.prefix,
-                                   place, lambda row: analysis.align_all[row])
+                                   place, lambda row: analysis.align_all[row], same_named)
             break
         except NoRoom as stop:
             if not stop.rows:
@@ -420,14 +423,18 @@ def symbol_values(ctx: RewriteContext, amap) -> np.ndarray:
     symbols = ctx.model.image.symbols
     values = symbols.value.copy()
     defined = (symbols.shndx > 0) & (symbols.shndx < 0xFF00) & (symbols.type != 3)
+    marker = np.zeros(len(values), bool)
     if ctx.text is not None:
-        edges = np.unique(np.array([b for r in ctx.text.regions for b in (r.start, r.end)],
-                                   np.uint64))
-        marker = (symbols.type == 0) & np.isin(values, edges)
+        from kbuild_bolt.kernel.text import region_markers
+
+        marker = region_markers(ctx.model.image, ctx.text)
         defined &= ~marker
     idx = np.flatnonzero(defined)
     new, ok = amap.translate(values[idx])
     values[idx[ok]] = new[ok]
+    # (references to a marker keep naming the region edge: in_sched_functions(),
+    # core_kernel_text() and the like compare addresses with it)
+    ctx.fixed_symbols = marker
     return values
 
 

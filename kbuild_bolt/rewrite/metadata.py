@@ -144,7 +144,8 @@ class Relocations(MetadataRewriter):
     def update(self, ctx, amap) -> None:
         model = ctx.model
         table_ranges = [(d.addr, d.addr + d.size) for d in model.tables.values()]
-        updates = relocs.plan_updates(model, amap, ctx.symbol_values, skip_ranges=table_ranges)
+        updates = relocs.plan_updates(model, amap, ctx.symbol_values, skip_ranges=table_ranges,
+                                      fixed=ctx.fixed_symbols)
         ctx.result.relocations_changed = sum(len(u.index) for u in updates)
         ctx.result.fields_rewritten = relocs.apply_updates(model, ctx.output, updates,
                                                            ctx.symbol_values)

@@ -281,89 +281,167 @@ class Placement:
         """Free bytes per region."""
         return {k: sum(b - a for a, b in v) for k, v in self.free.items()}
 
+    def groups(self) -> list[tuple[int, ...]]:
+        """Regions placed together: plain text with every plain region whose free
+        room its parts may spill to; every other region alone."""
+        plain = tuple(sorted(k for k in self.free if self.layout.regions[k].kind == PLAIN))
+        return ([plain] if plain else []) + [(k,) for k in sorted(self.free) if k not in plain]
+
     def place(self, hot: np.ndarray, cold: np.ndarray, rank: np.ndarray,
-              cold_align: int = 1, before: np.ndarray | None = None):
+              cold_align: int = 1, before: np.ndarray | None = None,
+              memo: dict | None = None):
         """Bases of the hot and cold part of every moving function (arrays over all
         function rows: ``hot``/``cold`` sizes, 0 for none), and the :class:`Room`
         they are in. Hot parts go by ``rank``, then cold parts by ``rank``, each
         first fit in its region; a part of plain text that finds no room there
         goes to the plain gaps. ``before[row]``: the function of the same name
         just before it (-1: none): a function goes after it (livepatch's
-        ``sympos`` counts same-named functions in address order). Raises
-        :class:`NoRoom` with the functions that found no room."""
+        ``sympos`` counts same-named functions in address order). Groups of
+        regions (:meth:`groups`) are independent: ``memo`` keeps each group's
+        answer for the same inputs (placement is tried again after a region
+        overflowed; the others need not be). Raises :class:`NoRoom` with the
+        functions that found no room."""
         from kbuild_bolt.rewrite.emit import Room
 
         plan = self.plan
         n = len(hot)
-        bases = {0: np.zeros(n, np.uint64), 1: np.zeros(n, np.uint64)}
+        bases = np.zeros((2, n), np.uint64)
+        range_of = np.full((2, n), -1, np.int64)
         # Every free range, globally numbered; each region's are consecutive.
         regions = sorted(self.free)
-        first = {}
-        lo, hi = [], []
+        first, lo, hi = {}, [], []
         for k in regions:
             first[k] = len(lo)
             for a, b in self.free[k]:
                 lo.append(a)
                 hi.append(b)
-        lo_arr = np.array(lo, np.uint64)
-        hi_arr = np.array(hi, np.uint64)
-        cursor = lo_arr.copy()
         span = {k: (first[k], first[k] + len(self.free[k])) for k in regions}
-        region_of = dict(zip(plan.rows.tolist(), plan.region.tolist()))
-        align_of = dict(zip(plan.rows.tolist(), plan.align.tolist()))
-        rows = plan.rows
-        order = [(0, int(rank[r]), r) for r in rows[hot[rows] > 0].tolist()]
-        order += [(1, int(rank[r]), r) for r in rows[cold[rows] > 0].tolist()]
-        order.sort()
-        where: dict[tuple[int, int], int] = {}
-
-        def choices(region):
-            out = [span[region]] if region in span else []
-            if self.layout.regions[region].kind == PLAIN:
-                out += [span[k] for k in self.spill if k != region and k in span]
-            return out
-
+        align = np.zeros(n, np.int64)
+        align[plan.rows] = plan.align
         failed = []
-        for kind, _rank, row in order:
-            region = region_of[row]
-            align = np.uint64(align_of[row] if kind == 0 else cold_align)
-            need = np.uint64(int(hot[row] if kind == 0 else cold[row]))
-            floor = np.uint64(0)
-            if kind == 0 and before is not None and before[row] >= 0:
-                prev = int(before[row])
-                if prev in region_of and region_of[prev] == region:
-                    floor = bases[0][prev]       # (placed already: ranks follow the order)
-                elif prev not in region_of:
-                    floor = np.uint64(self.start_of[prev])
-            for a, b in choices(region):
-                at = (cursor[a:b] + align - np.uint64(1)) & ~(align - np.uint64(1))
-                fits = np.flatnonzero((at + need <= hi_arr[a:b]) & (at >= floor))
-                if not len(fits):
-                    fits = np.flatnonzero(at + need <= hi_arr[a:b])
-                if len(fits):
-                    i = a + int(fits[0])
-                    bases[kind][row] = at[i - a]
-                    cursor[i] = at[i - a] + need
-                    where[(row, kind)] = i
-                    break
-            else:
-                failed.append(row)
+        for group in self.groups():
+            members = plan.rows[np.isin(plan.region, group)]
+            floors = self._floors(members, before)
+            key = None
+            if memo is not None:
+                key = (group, tuple(lo[span[group[0]][0]:span[group[-1]][1]]),
+                       tuple(hi[span[group[0]][0]:span[group[-1]][1]]),
+                       members.tobytes(), hot[members].tobytes(), cold[members].tobytes(),
+                       rank[members].tobytes(), align[members].tobytes(), cold_align,
+                       tuple(sorted(floors.items())),
+                       # (range numbers are global: they shift when an earlier
+                       # region's room changes)
+                       tuple(span[k] for k in group))
+            answer = memo.get(key) if key is not None else None
+            if answer is None:
+                answer = self._first_fit(group, members, span, lo, hi, hot, cold, rank, align,
+                                         cold_align, floors)
+                if key is not None:
+                    memo[key] = answer
+            g_bases, g_ranges, g_failed = answer
+            bases[:, members], range_of[:, members] = g_bases, g_ranges
+            failed += g_failed
         if failed:
             raise NoRoom(sorted(set(failed)), f"no room for {len(failed)} functions")
-
-        range_of = np.full((2, n), -1, np.int64)
-        for (row, kind), i in where.items():
-            range_of[kind, row] = i
+        region_of = dict(zip(plan.rows.tolist(), plan.region.tolist()))
 
         def alternatives(row):
-            return [i for a, b in choices(region_of[row]) for i in range(a, b)]
+            return [i for a, b in self._choices(region_of[row], span) for i in range(a, b)]
 
-        return bases[0], bases[1], Room(lo_arr, hi_arr, range_of, alternatives)
+        return bases[0], bases[1], Room(lo, hi, range_of, alternatives)
+
+    def _choices(self, region: int, span: dict) -> list[tuple[int, int]]:
+        """The free ranges (as spans of global range numbers) a part may go to."""
+        out = [span[region]] if region in span else []
+        if self.layout.regions[region].kind == PLAIN:
+            out += [span[k] for k in self.spill if k != region and k in span]
+        return out
+
+    def _floors(self, members: np.ndarray, before: np.ndarray | None) -> dict:
+        """Member row -> what its hot part must follow: ("row", r), the same-named
+        function r that moves in the same region, or ("addr", a), the address of
+        one that stays."""
+        if before is None or not len(members):
+            return {}
+        prev = before[members]
+        region_of = dict(zip(self.plan.rows.tolist(), self.plan.region.tolist()))
+        out = {}
+        for i in np.flatnonzero(prev >= 0).tolist():
+            p, me = int(prev[i]), int(members[i])
+            if p in region_of:
+                if region_of[p] == region_of[me]:
+                    out[me] = ("row", p)
+            else:
+                out[me] = ("addr", int(self.start_of[p]))
+        return out
+
+    def _first_fit(self, group, members, span, lo, hi, hot, cold, rank, align, cold_align,
+                   floors):
+        """Place the parts of ``members`` (functions of the regions of ``group``) in
+        their free ranges: (bases [2, members], range numbers [2, members], rows
+        that found no room)."""
+        region_of = dict(zip(self.plan.rows.tolist(), self.plan.region.tolist()))
+        at_member = {int(r): i for i, r in enumerate(members.tolist())}
+        m_bases = np.zeros((2, len(members)), np.uint64)
+        m_ranges = np.full((2, len(members)), -1, np.int64)
+        cursor = list(lo)
+        # Ranges in chunks, each with the most room any of its ranges has left: a
+        # part skips the chunks where it cannot fit (first fit stays exact).
+        chunk = 16
+        most = [max(hi[i] - cursor[i] for i in range(a, min(a + chunk, len(lo))))
+                for a in range(0, len(lo), chunk)]
+        hot_rows = members[hot[members] > 0]
+        cold_rows = members[cold[members] > 0]
+        parts = [(0, int(rank[r]), int(r)) for r in hot_rows.tolist()]
+        parts += [(1, int(rank[r]), int(r)) for r in cold_rows.tolist()]
+        parts.sort()
+        failed = []
+
+        def fit(a, b, need, al, floor):
+            for c in range(a // chunk, (b - 1) // chunk + 1):
+                if most[c] < need:
+                    continue
+                for i in range(max(a, c * chunk), min(b, (c + 1) * chunk)):
+                    at = (cursor[i] + al - 1) & -al
+                    if at + need <= hi[i] and at >= floor:
+                        return i, at
+            return None
+
+        for kind, _rank, row in parts:
+            need = int(hot[row] if kind == 0 else cold[row])
+            al = int(align[row]) if kind == 0 else cold_align
+            floor = 0
+            if kind == 0 and row in floors:
+                what, value = floors[row]
+                # (a same-named function that moves was placed already: ranks
+                # follow address order among them)
+                floor = int(m_bases[0, at_member[value]]) if what == "row" else value
+            found = None
+            choices = self._choices(region_of[row], span)
+            for wanted in ((floor, 0) if floor else (0,)):
+                for a, b in choices:
+                    found = fit(a, b, need, al, wanted)
+                    if found:
+                        break
+                if found:
+                    break
+            if not found:
+                failed.append(row)
+                continue
+            i, at = found
+            j = at_member[row]
+            m_bases[kind, j] = at
+            m_ranges[kind, j] = i
+            cursor[i] = at + need
+            c = i // chunk
+            most[c] = max(hi[k] - cursor[k] for k in range(c * chunk, min(len(lo), (c + 1) * chunk)))
+        return m_bases, m_ranges, failed
 
 
 def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: np.ndarray,
                     cold: np.ndarray, original: np.ndarray, unsplit: np.ndarray,
-                    rank: np.ndarray, slots: np.ndarray, before: np.ndarray | None = None):
+                    rank: np.ndarray, slots: np.ndarray, before: np.ndarray | None = None,
+                    memo: dict | None = None):
     """Place every function of ``candidates`` that can move, each in the layout
     it was given (``hot``/``cold`` sizes). Where a region cannot hold those, the
     functions whose layouts grew most (the coldest first: ranks order by heat)
@@ -375,9 +453,11 @@ def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: 
     original order, which always fits; and when even that fails, all its
     functions stay where they are. Returns (plan, placement, hot bases, cold
     bases, room, rows that stayed for want of room, layout per function row:
-    NEW, ORIGINAL or UNSPLIT)."""
+    NEW, ORIGINAL or UNSPLIT). ``memo``: kept between calls, it spares placing
+    regions again whose inputs did not change."""
     from kbuild_bolt.rewrite.emit import NEW, ORIGINAL, UNSPLIT
 
+    memo = {} if memo is None else memo
     variant = np.full(len(hot), NEW, np.int64)
     place_rank = rank.copy()
     tries: dict[int, int] = {}
@@ -391,7 +471,8 @@ def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: 
             m = variant == v
             h[m], c[m] = size[m], 0
         try:
-            hot_base, cold_base, free = placement.place(h, c, place_rank, before=before)
+            hot_base, cold_base, free = placement.place(h, c, place_rank, before=before,
+                                                         memo=memo)
             return plan, placement, hot_base, cold_base, free, stayed, variant
         except NoRoom as full:
             region_of = dict(zip(plan.rows.tolist(), plan.region.tolist()))

@@ -47,20 +47,26 @@ class RelocationUpdate:
     rewrite_field: np.ndarray  # bool: recompute the field bytes
 
 
-def names_moved_code(model, sym: np.ndarray, target: np.ndarray) -> np.ndarray:
+def names_moved_code(model, sym: np.ndarray, target: np.ndarray,
+                     fixed: np.ndarray | None = None) -> np.ndarray:
     """True where symbol+addend refers to code inside the function it lands in
-    (the symbol is a section, or lies in that same function)."""
+    (the symbol is a section, or lies in that same function). A symbol in
+    ``fixed`` (a region marker: ``_sinittext``, ``__sched_text_start``) names
+    its own place, not the function that happened to start there."""
     symbols = model.image.symbols
     functions = model.functions
     row = functions.rows_containing(target)
     same = functions.rows_containing(symbols.value[sym]) == row
+    if fixed is not None:
+        same &= ~fixed[sym]
     return (symbols.type[sym] == 3) | same
 
 
-def plan_updates(model, amap, new_values, skip_ranges=()) -> list[RelocationUpdate]:
+def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[RelocationUpdate]:
     """Relocation changes for every .rela section, given the address map and the
     symbols' values in the output; records located in ``skip_ranges`` (kernel
-    tables, handled from their own bytes) are left to the caller.
+    tables, handled from their own bytes) are left to the caller. ``fixed``:
+    symbols that stay although code at their address moved (region markers).
 
     A record that names moved code gets the addend that makes S' + A' the new
     target; a record whose symbol moved but that does not name moved code (address
@@ -102,7 +108,8 @@ def plan_updates(model, amap, new_values, skip_ranges=()) -> list[RelocationUpda
             target[pc_code] += ends - offset[pc_code]
         tgt_moved = handled & valid_sym & amap.moved(target)
         if tgt_moved.any():
-            tgt_moved[tgt_moved] &= names_moved_code(model, sym[tgt_moved], target[tgt_moved])
+            tgt_moved[tgt_moved] &= names_moved_code(model, sym[tgt_moved], target[tgt_moved],
+                                                      fixed)
         new_target, ok_t = amap.translate(target)
         if (tgt_moved & ~ok_t).any():
             k = np.flatnonzero(tgt_moved & ~ok_t)[0]

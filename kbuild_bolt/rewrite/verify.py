@@ -168,7 +168,7 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
 def _kallsyms_ranges(table) -> list[tuple[int, int]]:
     """Where the kallsyms arrays a new layout rewrites lie."""
     n = table.count
-    sizes = {"kallsyms_names": sum(len(r) for r in table.records),
+    sizes = {"kallsyms_num_syms": 4, "kallsyms_names": sum(len(r) for r in table.records),
              "kallsyms_markers": 4 * ((n + 255) // 256), "kallsyms_offsets": 4 * n,
              "kallsyms_addresses": 8 * n, "kallsyms_seqs_of_names": 3 * n}
     return [(at, at + sizes[name]) for name, at in table.arrays.items() if name in sizes]
@@ -358,6 +358,7 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
             ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
         report.add("symbol table", len(inp.image.symbols),
                    _symbol_problems(inp, out.image, moved_ranges, ranges))
+        report.add("region markers keep their places", *_marker_problems(inp.image, out.image))
         checked, problems = _data_problems(inp, out,
                                            _kallsyms_ranges(table) if table is not None else ())
         report.add("data changed only in tables/fields", checked, problems)
@@ -367,6 +368,40 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
                                                 != inp.tables[".orc_unwind_ip"].count):
             report.add("ORC table size", 1, ["ORC entry count changed"])
     return report
+
+
+def _marker_problems(a: ElfImage, b: ElfImage) -> tuple[int, list[str]]:
+    """Region markers (``_sinittext``, ``__sched_text_start``) keep their values,
+    and every relocation against one keeps its addend: the kernel compares
+    addresses with the region edge, not with whatever function started there."""
+    from kbuild_bolt.kernel.text import region_markers, text_layout
+
+    x = a.symbols
+    marker = region_markers(a, text_layout(a))
+    names = {x.names[i]: int(x.value[i]) for i in np.flatnonzero(marker).tolist()}
+    problems = [f"marker {name} moved from {value:#x} to {b.symbols.address(name):#x}"
+                for name, value in names.items()
+                if b.symbols.address(name) not in (None, value)]
+    y = b.symbols
+    y_marker = np.array([y.names[j] in names for j in range(len(y))], bool) \
+        if names else np.zeros(len(y), bool)
+    checked = len(names)
+    for rela in a.rela_sections:
+        other = b.section(rela.name)
+        if other is None:
+            continue
+        r_in, r_out = a.relocations(rela), b.relocations(other)
+        if len(r_in) != len(r_out):
+            continue   # (reported with the headers)
+        _, sym = type_and_symbol(r_out["info"])
+        on_marker = np.flatnonzero(y_marker[np.minimum(sym, len(y) - 1)] & (sym < len(y)))
+        checked += len(on_marker)
+        bad = on_marker[r_in["addend"][on_marker] != r_out["addend"][on_marker]]
+        for k in bad[:5].tolist():
+            problems.append(f"{rela.name}: relocation at {int(r_out['offset'][k]):#x} against "
+                            f"{y.names[int(sym[k])]} now has addend "
+                            f"{int(r_out['addend'][k]):#x}, was {int(r_in['addend'][k]):#x}")
+    return checked, problems
 
 
 def _functions_moved(a: ElfImage, b: ElfImage) -> bool:
