@@ -3,7 +3,13 @@
     .venv/bin/python benchmarks/bench_rewrite.py [--repeat N] [--vmlinux PATH]
 
 kbuild-bolt: ``rewrite --reorder-blocks=random`` (moves nearly every block of
-every function: the most work), with and without verification.
+every function), and the whole-kernel layout on top of it
+(``--reorder-functions=random --split-functions``: every movable function placed
+anew, split, kallsyms and .symtab rebuilt: the most work), each with and without
+verification. llvm-bolt-22 refuses function reordering and splitting on a
+kernel ("function reordering only works when relocations are enabled"; "split
+functions require reserved space in the Linux kernel binary"), so its block
+rewrite is the comparison.
 llvm-bolt-22: ``-reorder-blocks=none -lite=0`` (BOLT rewrites every function it
 can, keeping their order), the closest to the same amount of work it offers;
 also its booting option set from ../shared/KERNEL-LAB.md. Wall time and peak RSS
@@ -41,12 +47,24 @@ def main() -> int:
         out = os.path.join(tmp, "out")
         kbb = [sys.executable, "-m", "kbuild_bolt", "rewrite", vmlinux, "-o", out,
                "--reorder-blocks=random", "--seed=1"]
+        whole = ["--reorder-functions=random", "--split-functions"]
         for label, extra in (("kbuild-bolt rewrite --reorder-blocks=random", []),
                              ("kbuild-bolt rewrite --reorder-blocks=random --no-verify",
-                              ["--no-verify"])):
+                              ["--no-verify"]),
+                             ("kbuild-bolt rewrite --reorder-blocks=random "
+                              "--reorder-functions=random --split-functions", whole),
+                             ("kbuild-bolt rewrite --reorder-blocks=random "
+                              "--reorder-functions=random --split-functions --no-verify",
+                              whole + ["--no-verify"])):
             run = best_of(kbb + extra, args.repeat)
             m = re.search(r"rewritten\s+([\d,]+)\s+\(([\d.]+)% of .text handled\)", run.output)
             detail = f"{m.group(1)} functions rewritten ({m.group(2)}% of .text)" if m else ""
+            placed = re.search(r"functions placed anew: ([\d,]+)", run.output)
+            split = re.search(r"cold parts: ([\d,]+) functions", run.output)
+            if placed:
+                detail += f", {placed.group(1)} placed anew"
+            if split:
+                detail += f", {split.group(1)} split"
             steps = re.search(r"^time: (.*)$", run.output, re.M)
             rows.append((label, run, detail + (f"; {steps.group(1)}" if steps else "")))
             print(f"{label}: {run.seconds} s, {run.peak_rss_mb} MB  {rows[-1][2]}", flush=True)

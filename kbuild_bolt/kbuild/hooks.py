@@ -107,6 +107,9 @@ KALLSYMS_FILLS = {
 LINK_RESERVE = """\t# kbuild-bolt: room for the names it adds (CONFIG_BOLT_KALLSYMS_RESERVE)
 \tlocal bolt_reserve
 \tbolt_reserve=$(sed -n 's/^CONFIG_BOLT_KALLSYMS_RESERVE=//p' include/config/auto.conf)
+\tif [ -z "${bolt_reserve}" ] && [ "${CONFIG_BOLT}" = y ]; then
+\t\tbolt_reserve=16384	# make CONFIG_BOLT=y: Kconfig's default
+\tfi
 \tif [ -n "${bolt_reserve}" ] && [ "${bolt_reserve}" != 0 ]; then
 \t\tkallsymopt="${kallsymopt} --reserve=${bolt_reserve}"
 \tfi

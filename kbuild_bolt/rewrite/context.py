@@ -65,6 +65,7 @@ class RewriteResult:
     fragment_bytes: int = 0
     free_room: int = 0
     moved_functions: int = 0
+    in_place: int = 0           # functions that stay, their blocks laid out anew inside them
     fallback: int = 0           # placed in their original order: their region was full
     unnamed: int = 0            # cold parts without a kallsyms name (no room)
     sympos_changed: list = field(default_factory=list)  # same-named functions reordered
@@ -79,6 +80,12 @@ class RewriteResult:
         """One line for build logs (``kbuild-bolt rewrite -q``)."""
         parts = [f"{self.rewritten:,} functions rewritten",
                  f"{sum(self.left_alone.values()):,} left alone"]
+        if self.moved_functions:
+            parts.append(f"{self.moved_functions:,} placed anew, {self.fragments:,} cold parts")
+        if self.unnamed:
+            parts.append(f"{self.unnamed:,} cold parts unnamed in kallsyms (no room)")
+        if self.sympos_changed:
+            parts.append(f"livepatch sympos changed for {len(self.sympos_changed)} names")
         if self.profile_used is not None:
             parts.append(f"profile {100 * self.profile_used:.1f}% used")
         if self.dyno:
@@ -104,6 +111,9 @@ class RewriteResult:
             lines.append(f"functions placed anew: {self.moved_functions:,}"
                          + (f" ({self.fallback:,} in their original block order: their "
                             "region had no room for the new one)" if self.fallback else ""))
+            if self.in_place:
+                lines.append(f"functions that stay, their blocks laid out in place: "
+                             f"{self.in_place:,}")
         if self.fragments:
             where = "in cold areas" if self.moved_functions else \
                 f"in free room of .text ({self.free_room:,} bytes free)"
@@ -163,6 +173,7 @@ class RewriteContext:
     orders: dict = field(default_factory=dict)      # layout: row -> new block order
     unchanged_rows: list = field(default_factory=list)  # layout: already in that order
     moves: object = None                    # functions: MovePlan (whole functions that move)
+    relaid: np.ndarray | None = None        # functions: bool per function, new block order
     text: object = None                     # functions: the kernel's TextLayout
     move_analysis: object = None            # functions: MoveAnalysis (what can move)
     hot_len: dict = field(default_factory=dict)     # functions: row -> blocks in its hot part

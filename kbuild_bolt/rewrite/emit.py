@@ -757,6 +757,38 @@ def _bytes(model, items: _Items, addr: np.ndarray,
     return code, item_off
 
 
+def _short_fields_in_reach(insns, bt: BlockTable, plan: _Plan, items: _Items) -> None:
+    """Fail the functions whose copied rel8 fields (a short jump inside an
+    alternative or a patch unit keeps its size) no longer reach their target in
+    the function, with the parts laid out alone (a target in the other part is
+    ``FAR`` away: out of reach). Found now, before anything is placed, rather
+    than once every function has its place (which would all be placed again)."""
+    copied = _Copied.of(items, insns)
+    idx = copied.insn
+    short = insns.field_size[idx] == 1
+    if not short.any():
+        return
+    n = len(items.size)
+    cs = np.zeros(n + 1, np.int64)
+    np.cumsum(items.size, out=cs[1:])
+    starts = items.part_starts()
+    first_of_item = np.repeat(starts, np.diff(np.r_[starts, n]))
+    addr = plan.bases[items.part] + (cs[:-1] - cs[first_of_item]).astype(np.uint64)
+    new_addr = _new_addresses(insns, bt, items, addr, copied)
+    f_idx = idx[short]
+    f_func = items.func[copied.items[copied.run_of[short]]]
+    target = insns.ref[f_idx]
+    local = (target >= plan.start[f_func]) & (target < plan.end[f_func])
+    j = np.searchsorted(insns.addr, target, side="right").astype(np.int64) - 1
+    mapped = new_addr[np.maximum(j, 0)]
+    ok = local & (j >= 0) & (mapped != 0)
+    new_target = mapped + (target - insns.addr[np.maximum(j, 0)])
+    disp = (new_target - (new_addr[f_idx] + insns.length[f_idx].astype(np.uint64))).view(np.int64)
+    out = ok & ((disp < -128) | (disp > 127))
+    if out.any():
+        plan.fail(np.unique(f_func[out]), OUT_OF_RANGE)
+
+
 def _fields(insns, plan: _Plan, items: _Items, copied: _Copied, item_off, new_addr, code,
             moved_interior) -> tuple:
     """PC-relative fields of copied instructions, all at once: the target moves with
@@ -821,7 +853,7 @@ SPAN = 1 << 34
 
 
 def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixes: dict,
-                place, align_of, keep_order=frozenset()) -> Emission:
+                place, align_of, keep_order=frozenset(), sizes: dict | None = None) -> Emission:
     """Emit functions that move as a whole, each to a place ``place`` chooses.
 
     Function ``row`` gets its blocks in ``orders[row]``: the first ``hot_len[row]``
@@ -829,9 +861,11 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     call padding ``prefixes[row]`` (first and end instruction, when it has one)
     is copied in front of its entry. Every part is laid out on its own first:
     branches between its parts long, branches to other functions in the form they
-    had. ``place(hot, cold, original, unsplit)`` (sizes per function row; for
+    had. ``place(hot, cold, original, unsplit, grow)`` (sizes per function row; for
     regions too full for the new layouts: ``original``, the size of the function
-    in its original order, ``unsplit``, in its new order but whole) returns the
+    in its original order, ``unsplit``, in its new order but whole; ``grow``, per
+    hot and cold part, what its branches to other functions gain if all have to
+    grow long) returns the
     base of every hot and cold part (per row; 0 for a function that stays where
     it is after all), the room they were placed in (:class:`Room`) and the
     layout each function gets (:data:`NEW`, :data:`ORIGINAL`, :data:`UNSPLIT`);
@@ -840,7 +874,9 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     function's hot part. ``keep_order``: rows whose hot part stays in the range
     it was placed in when ranges overflow (same-named functions: their order is
     livepatch's sympos). A function that cannot be laid out raises
-    :class:`NoRoom` before anything is placed."""
+    :class:`NoRoom` before anything is placed. ``sizes``: kept between calls
+    for the same functions (row -> sizes of its layouts, which do not depend on
+    the other functions): a call after one that raised lays out only once."""
     insns = model.insns
     functions = model.functions
     rows = np.array(sorted(orders), np.int64)
@@ -879,31 +915,60 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
         _raise_failures(model, plan)
         _relax(items, plan.bases)
         _optimistic(insns, items)
+        _short_fields_in_reach(insns, bt, plan, items)
+        _raise_failures(model, plan)
         sizes = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
         return items, sizes
 
-    plan = plan_for(np.full(nf, NEW))
-    items, sizes = laid_out(plan)
+    def growth(items: _Items) -> np.ndarray:
+        """Per part: the bytes its branches to other functions gain if every
+        short one has to grow long."""
+        out = np.flatnonzero(((items.kind == JMP) | (items.kind == JCC) | (items.kind == SITE))
+                             & (items.dest_item < 0))
+        more = np.maximum(LONG_SIZE[items.kind[out]] - items.size[out], 0)
+        return np.bincount(items.part[out], weights=more, minlength=2 * nf).astype(np.int64)
+
     n_rows = len(functions)
     hot_size, cold_size = np.zeros(n_rows, np.int64), np.zeros(n_rows, np.int64)
-    hot_size[rows], cold_size[rows] = sizes[0::2], sizes[1::2]
-    other = {}
-    for variant in (ORIGINAL, UNSPLIT):
-        # The same functions in their original order, or in the new one but whole
-        # (layouts of functions are independent: the others' sizes do not change).
-        other[variant] = hot_size + cold_size
-        if differs:
-            try:
-                _, v_sizes = laid_out(plan_for(np.full(nf, variant)))
-                other[variant][rows] = v_sizes[0::2] + v_sizes[1::2]
-            except NoRoom:
-                pass   # (that variant is no smaller then)
+    other = {ORIGINAL: np.zeros(n_rows, np.int64), UNSPLIT: np.zeros(n_rows, np.int64)}
+    grow = np.zeros((2, n_rows), np.int64)
+    known = sizes is not None and all(r in sizes for r in rows.tolist())
+    items = None
+    if known:
+        # (every layout was sized before: placed, then laid out once below)
+        hot_size[rows], cold_size[rows], other[ORIGINAL][rows], other[UNSPLIT][rows], \
+            grow[0, rows], grow[1, rows] = np.array([sizes[r] for r in rows.tolist()],
+                                                    np.int64).T
+    else:
+        plan = plan_for(np.full(nf, NEW))
+        items, new_sizes = laid_out(plan)
+        hot_size[rows], cold_size[rows] = new_sizes[0::2], new_sizes[1::2]
+        part_growth = growth(items)
+        grow[0, rows], grow[1, rows] = part_growth[0::2], part_growth[1::2]
+        for variant in (ORIGINAL, UNSPLIT):
+            # The same functions in their original order, or in the new one but
+            # whole (layouts of functions are independent: the others' sizes do
+            # not change).
+            other[variant] = hot_size + cold_size
+            if differs:
+                try:
+                    # (only the sizes: the items go at once, memory is the limit here)
+                    v_sizes = laid_out(plan_for(np.full(nf, variant)))[1]
+                    other[variant][rows] = v_sizes[0::2] + v_sizes[1::2]
+                except NoRoom:
+                    pass   # (that variant is no smaller then)
+        if sizes is not None:
+            sizes.update(zip(rows.tolist(), zip(
+                hot_size[rows].tolist(), cold_size[rows].tolist(),
+                other[ORIGINAL][rows].tolist(), other[UNSPLIT][rows].tolist(),
+                grow[0, rows].tolist(), grow[1, rows].tolist())))
     hot_base, cold_base, room, variant = place(hot_size, cold_size, other[ORIGINAL],
-                                               other[UNSPLIT])
+                                               other[UNSPLIT], grow)
     placed = hot_base[rows] != 0
-    if (variant[rows] != NEW).any() or not placed.all():
+    if items is None or (variant[rows] != NEW).any() or not placed.all():
         # Laid out again: functions that got another layout, without those that
         # stay where they are after all.
+        items = plan = None   # (the first layout's arrays go before the new ones come)
         plan = plan_for(variant[rows])
         keep_pos = placed[plan.lay_f]
         plan.lay, plan.lay_f, plan.part = plan.lay[keep_pos], plan.lay_f[keep_pos], \
@@ -955,7 +1020,11 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
         extent=extent, code_base=code_base, free=np.zeros((0, 2), np.uint64))
     if not placed.all():
         emission = emission.select(placed)
-    emission.fallback = int((variant[rows][placed] != NEW).sum())
+    # Functions whose new block order was given up for want of room (kept whole in
+    # the new order is no loss to the block layout: not counted).
+    lost = np.array([variant[r] == ORIGINAL and orders[r] != original[r]
+                     for r in rows.tolist()], bool)
+    emission.fallback = int(lost[placed].sum())
     return emission
 
 
@@ -1081,6 +1150,7 @@ def _tighten(items: _Items, bases: np.ndarray, align: np.ndarray, room: Room,
     members: dict[int, list[int]] = {}
     for p in used[np.argsort(bases[used], kind="stable")].tolist():
         members.setdefault(int(range_of[p]), []).append(p)
+    failed: list[int] = []   # functions a part of which found no room: all reported at once
     for _ in range(rounds):
         part_size = np.bincount(items.part, weights=size, minlength=nparts).astype(np.int64)
         bases = bases.copy()
@@ -1109,10 +1179,15 @@ def _tighten(items: _Items, bases: np.ndarray, align: np.ndarray, room: Room,
                         target = q
                         break
                 if target is None:
-                    raise NoRoom([int(rows[p // 2])], "no room once jumps grew")
+                    # (the others go on: every function that overflows in this
+                    # layout is found in one go, not one per emission)
+                    failed.append(int(rows[p // 2]))
+                    continue
                 members.setdefault(target, []).append(p)
                 range_of[p] = target
             continue
+        if failed:
+            raise NoRoom(sorted(set(failed)), "no room once jumps grew")
         np.cumsum(size, out=cs[1:])
         addr = bases[items.part] + (cs[:-1] - cs[first_of_item]).astype(np.uint64)
         disp = items.displacements(addr, branches)

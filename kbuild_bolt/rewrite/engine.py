@@ -159,7 +159,10 @@ def lay_out_functions(ctx: RewriteContext) -> None:
         raise KbbError(f"--reorder-functions={strategy} needs a profile (--profile)")
     layout = text_layout(model.image)
     ctx.move_analysis = MoveAnalysis(model, cfg, layout)
-    moves = ctx.move_analysis.plan(ctx.candidates)
+    # (functions with a new block order: those that must stay get it in place)
+    ctx.relaid = np.zeros(len(model.functions), bool)
+    ctx.relaid[list(ctx.orders)] = True
+    moves = ctx.move_analysis.plan(ctx.candidates, ctx.relaid)
     ctx.moves, ctx.text = moves, layout
     names = model.functions.names
     rows = moves.rows.tolist()
@@ -196,6 +199,15 @@ def lay_out_functions(ctx: RewriteContext) -> None:
         caller, callee, count, offset = function_calls(model, cp)
         keep = (index[caller] >= 0) & (index[callee] >= 0)
         size = (model.functions.end - model.functions.start)[moves.rows].astype(np.int64)
+        if ctx.hot_len:
+            # Split functions are ordered by what lands in the hot area: their hot
+            # part (as BOLT orders by the hot size when it splits).
+            insns = model.insns
+            nbytes = (insns.end[cfg.block_end - 1] - insns.addr[cfg.block_first]).astype(np.int64)
+            for i, row in enumerate(rows):
+                hot = ctx.hot_len.get(row)
+                if hot is not None:
+                    size[i] = max(1, int(nbytes[ctx.orders[row][:hot]].sum()))
         graph = function_orders.CallGraph(
             size=size, samples=function_samples(model, cp)[moves.rows],
             src=index[caller[keep]], dst=index[callee[keep]], count=count[keep],
@@ -273,12 +285,12 @@ def emit_moved(ctx: RewriteContext) -> None:
     where it is; which functions can move is then decided again (a function that
     stays may hold others where they are)."""
     from kbuild_bolt.rewrite.emit import NoRoom, emit_placed
-    from kbuild_bolt.rewrite.placement import place_functions
+    from kbuild_bolt.rewrite.placement import lay_in_place, place_functions
 
     model, cfg, result = ctx.model, ctx.cfg, ctx.result
     analysis = ctx.move_analysis
     moves = ctx.moves
-    fill_insn = alignment_fill(model, moves.rows)
+    fill_insn = alignment_fill(model, np.union1d(moves.rows, moves.in_place))
     ctx.slots = slot_ends(model, fill_insn)
     block_table = BlockTable(model, cfg, table_sites(model), fill_insn)
     ctx.say(f"laying out {len(moves.rows):,} functions ({ctx.options.reorder_blocks} blocks, "
@@ -288,21 +300,28 @@ def emit_moved(ctx: RewriteContext) -> None:
     same_named = set(np.flatnonzero(before >= 0).tolist()) | set(before[before >= 0].tolist())
     stay: dict[int, str] = {}
     memo: dict = {}   # (placements of regions, for the rounds after one that failed)
+    sizes: dict = {}  # (sizes of every function's layouts, likewise)
     while True:
         placed = {}
 
-        def place(hot, cold, original, unsplit):
+        def place(hot, cold, original, unsplit, grow):
             candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
             plan, placement, hot_base, cold_base, room, no_room, variant = place_functions(
                 model, analysis, candidates, hot, cold, original, unsplit, ctx.rank,
-                ctx.slots, ctx.same_name_before, memo)
-            placed.update(plan=plan, free=placement.free_ranges(), no_room=no_room)
+                ctx.slots, ctx.same_name_before, memo, grow)
+            room, own = lay_in_place(model, moves.in_place, hot_base, cold_base, room, variant,
+                                     unsplit)
+            free = np.concatenate([placement.free_ranges(), own])
+            placed.update(plan=plan, free=free[np.argsort(free[:, 0], kind="stable")],
+                          no_room=no_room)
             return hot_base, cold_base, room, variant
 
         orders = {row: ctx.orders[row] for row in moves.rows.tolist()}
+        orders.update((row, ctx.orders[row]) for row in moves.in_place.tolist())
         try:
             emission = emit_placed(model, cfg, block_table, orders, ctx.hot_len, moves.prefix,
-                                   place, lambda row: analysis.align_all[row], same_named)
+                                   place, lambda row: analysis.align_all[row], same_named,
+                                   sizes)
             break
         except NoRoom as stop:
             if not stop.rows:
@@ -310,18 +329,20 @@ def emit_moved(ctx: RewriteContext) -> None:
             for row in stop.rows:
                 stay[row] = stop.reasons.get(row, "no room")
             candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
-            moves = ctx.moves = analysis.plan(candidates)
+            moves = ctx.moves = analysis.plan(candidates, ctx.relaid)
+    in_place = set(moves.in_place.tolist())
     ctx.moves = moves = placed["plan"]
     for row, reason in stay.items():
         ctx.leave_alone([row], reason)
     ctx.leave_alone(placed["no_room"], "stays: no room in its region")
     for reason, rows in moves.pinned.items():
-        ctx.leave_alone(rows, f"stays: {reason}")
+        ctx.leave_alone([r for r in rows if r not in in_place], f"stays: {reason}")
     emission.free = placed["free"]
     trim()
     result.fragments = int((emission.frag_len > 0).sum())
     result.fragment_bytes = int(emission.frag_len.sum())
-    result.moved_functions = len(emission)
+    result.in_place = len(in_place & set(emission.rows.tolist()))
+    result.moved_functions = len(emission) - result.in_place
     result.fallback = emission.fallback
     ctx.emission = emission
 
@@ -371,8 +392,11 @@ def update(ctx: RewriteContext) -> None:
     ctx.rewritten_rows = ctx.emission.rows.tolist()
     ctx.fragments = ctx.emission.fragments()
     ctx.moved_ranges = ctx.emission.free if ctx.emission.placed else None
-    # Verification decodes the output beside the input: free the new code first.
+    # Verification decodes the output beside the input: free the new code, and
+    # what only the layout needed, first.
     ctx.emission = ctx.metadata = None
+    ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
+    ctx.hot_len = {}
     trim()
 
 

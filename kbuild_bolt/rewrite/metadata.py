@@ -327,8 +327,9 @@ class Kallsyms(MetadataRewriter):
         free = {k: room[k] - v for k, v in used.items() if k in room}
         added = []
         unnamed = 0
+        lookup = kallsyms.token_index(table.tokens)
         for name, value, _size, _shndx in ctx.new_symbols:
-            record = kallsyms.compress("t" + name, table.tokens)
+            record = kallsyms.compress("t" + name, table.tokens, lookup)
             k = n + len(added) + 1
             markers = 4 * ((k + 255) // 256)
             fits = record is not None and free["kallsyms_names"] >= len(record) \
@@ -380,8 +381,13 @@ def _insert_symbols(ctx, records) -> tuple[bytes, bytes, int]:
         strtab += name.encode() + b"\0"
     table = np.concatenate([records[:first_global], new, records[first_global:]])
     shift = np.uint64(len(new))
+    from kbuild_bolt.elf.writer import debug_sections
+
+    # (the relocations of debug sections are emptied with them: renumbering them
+    # would only fill the sparse holes of the output with pages)
+    dropped = {d.index for d in debug_sections(image.sections)}
     for s in image.sections:
-        if s.type != SHT_RELA or s.link != symtab.index or not s.size:
+        if s.type != SHT_RELA or s.link != symtab.index or not s.size or s.index in dropped:
             continue
         r = np.frombuffer(ctx.output.mem, RELA, s.size // RELA.itemsize, s.offset)
         sym = r["info"] >> np.uint64(32)
@@ -492,16 +498,20 @@ def write_orc(model, out, ips, states) -> None:
     sec_sym = _section_symbols(model)
     sec_idx = model.section_index_of(ips)
     # Terminator entries sit at the end of a code section, just outside it.
-    for k in np.flatnonzero(sec_idx < 0).tolist():
-        ends = [sec.index for sec in model.image.sections
-                if sec.is_alloc and sec.is_exec and sec.end == int(ips[k])]
-        if ends:
-            sec_idx[k] = ends[0]
-    syms = np.array([sec_sym.get(int(s), 0) for s in sec_idx.tolist()], dtype=np.uint64)
+    at_end: dict[int, int] = {}
+    for sec in model.image.sections:
+        if sec.is_alloc and sec.is_exec:
+            at_end.setdefault(sec.end, sec.index)
+    outside = np.flatnonzero(sec_idx < 0)
+    sec_idx[outside] = [at_end.get(ip, -1) for ip in ips[outside].tolist()]
+    sections = model.image.sections
+    sym_of = np.array([sec_sym.get(k, 0) for k in range(len(sections))] + [0], np.uint64)
+    addr_of = np.array([sec.addr for sec in sections] + [0], np.uint64)
+    k = np.where(sec_idx < 0, len(sections), sec_idx)    # (-1: no section)
+    syms = sym_of[k]
     if (syms == 0).any():
         raise KbbError("ORC entry outside every section with a section symbol")
-    sec_addr = np.array([model.image.sections[int(s)].addr for s in sec_idx.tolist()],
-                        dtype=np.uint64)
+    sec_addr = addr_of[k]
     order = np.argsort(r["offset"])
     records["offset"][order] = where
     records["info"][order] = (syms << np.uint64(32)) | np.uint64(R_X86_64_PC32)

@@ -32,6 +32,11 @@ MAX_ALIGN = 4096
 
 PIN_REASONS = ("pinned region", "copied by address", "reached by a short jump that stays",
                "fallen into", "spans regions")
+# Functions that stay for these reasons need only their entry where it was: their
+# blocks may still be laid out anew inside their own bytes, as when no function
+# moves. (Code copied or checked by address stays byte for byte; a function across
+# two regions has no one place.)
+IN_PLACE_REASONS = ("pinned region", "reached by a short jump that stays", "fallen into")
 
 
 @dataclass
@@ -42,6 +47,7 @@ class MovePlan:
     prefix: dict                # row -> (first insn, end insn) of its call padding
     align: np.ndarray           # alignment of each one's first part
     pinned: dict                # reason -> rows that stay although they are simple
+    in_place: np.ndarray        # rows of ``pinned`` laid out anew inside their own bytes
     fill: np.ndarray            # bool per instruction: int3/nop fill outside functions
     all_prefixes: list          # (first insn, end insn) of every function's call padding
 
@@ -100,13 +106,19 @@ class MoveAnalysis:
 
         self.fill = free_fill(model, cfg.func_reason == REASON_CODE["falls-off-end"])
         f_of = model.function_of_insn
-        # rel8 references between functions (or from code of no function).
+        # rel8 references between functions, from code of no function, or to
+        # code of no function (-1: it never moves).
         rel8 = np.flatnonzero((insns.field_size == 1) & (insns.ref_kind != 0))
         tgt = functions.rows_containing(insns.ref[rel8])
-        cross = (tgt >= 0) & (tgt != f_of[rel8])
+        cross = tgt != f_of[rel8]
         rel8, tgt = rel8[cross], tgt[cross]
         self.rel8_src = f_of[rel8]
         self.rel8_tgt = tgt
+        # Functions a rel8 from elsewhere enters past their entry: their insides
+        # are not theirs to lay out anew while that code stays.
+        self.entered_inside = np.zeros(nf, bool)
+        into = tgt >= 0
+        self.entered_inside[tgt[into][insns.ref[rel8][into] != functions.start[tgt[into]]]] = True
         # (emission re-encodes a plain jump or jcc; anything else, or a jump that
         # starts or sits inside a patch unit, keeps its size: then both stay)
         self.rel8_fixed = ~np.isin(insns.flow[rel8], (x86.JMP, x86.JCC)) \
@@ -121,8 +133,10 @@ class MoveAnalysis:
         self.fall_src = np.where(falls, f_of[prev], -2)     # -2: nothing falls in
         self.align_all = None
 
-    def plan(self, candidates: np.ndarray) -> MovePlan:
-        """Which of ``candidates`` (simple functions) move: the closure."""
+    def plan(self, candidates: np.ndarray, relaid: np.ndarray | None = None) -> MovePlan:
+        """Which of ``candidates`` (simple functions) move: the closure. Of those
+        that stay, the ones in ``relaid`` (bool per function: a new block order)
+        that need only keep their entry are laid out in place (``in_place``)."""
         nf = self.nf
         moves = np.zeros(nf, bool)
         moves[candidates] = True
@@ -141,8 +155,9 @@ class MoveAnalysis:
             stays = np.ones(nf + 1, bool)
             stays[:nf] = ~moves                            # (row -1: code of no function)
             src_stays = stays[self.rel8_src]
-            reached = np.zeros(nf, bool)
-            reached[self.rel8_tgt[src_stays]] = True
+            reached = np.zeros(nf + 1, bool)
+            reached[self.rel8_tgt[src_stays]] = True      # (-1: code of no function)
+            reached = reached[:nf]
             n = pin(reached, PIN_REASONS[2])
             fixed = np.zeros(nf, bool)
             fixed[self.rel8_src[~src_stays & self.rel8_fixed]] = True
@@ -152,11 +167,18 @@ class MoveAnalysis:
             if not n:
                 break
         rows = np.flatnonzero(moves)
+        in_place = np.zeros(0, np.int64)
+        if relaid is not None:
+            may = np.zeros(nf, bool)
+            for reason in IN_PLACE_REASONS:
+                may[pinned.get(reason, [])] = True
+            in_place = np.flatnonzero(may & relaid & ~self.entered_inside)
         if self.align_all is None:
             self.align_all = alignment(self.model, self.extent, np.arange(nf), self.fill)
         return MovePlan(rows=rows, region=self.region[rows], extent=self.extent[rows],
                         prefix={r: self.prefix[r] for r in rows.tolist() if r in self.prefix},
-                        align=self.align_all[rows], pinned=pinned, fill=self.fill,
+                        align=self.align_all[rows], pinned=pinned, in_place=in_place,
+                        fill=self.fill,
                         all_prefixes=list(self.prefix.values()))
 
 
@@ -289,7 +311,7 @@ class Placement:
 
     def place(self, hot: np.ndarray, cold: np.ndarray, rank: np.ndarray,
               cold_align: int = 1, before: np.ndarray | None = None,
-              memo: dict | None = None):
+              memo: dict | None = None, best_fit: frozenset = frozenset()):
         """Bases of the hot and cold part of every moving function (arrays over all
         function rows: ``hot``/``cold`` sizes, 0 for none), and the :class:`Room`
         they are in. Hot parts go by ``rank``, then cold parts by ``rank``, each
@@ -299,8 +321,10 @@ class Placement:
         ``sympos`` counts same-named functions in address order). Groups of
         regions (:meth:`groups`) are independent: ``memo`` keeps each group's
         answer for the same inputs (placement is tried again after a region
-        overflowed; the others need not be). Raises :class:`NoRoom` with the
-        functions that found no room."""
+        overflowed; the others need not be). ``best_fit``: regions whose parts
+        go to the free range they leave least room in, not the first one (a
+        region split by functions that stay packs tighter so). Raises
+        :class:`NoRoom` with the functions that found no room."""
         from kbuild_bolt.rewrite.emit import Room
 
         plan = self.plan
@@ -328,14 +352,14 @@ class Placement:
                        tuple(hi[span[group[0]][0]:span[group[-1]][1]]),
                        members.tobytes(), hot[members].tobytes(), cold[members].tobytes(),
                        rank[members].tobytes(), align[members].tobytes(), cold_align,
-                       tuple(sorted(floors.items())),
+                       tuple(sorted(floors.items())), tuple(sorted(best_fit & set(group))),
                        # (range numbers are global: they shift when an earlier
                        # region's room changes)
                        tuple(span[k] for k in group))
             answer = memo.get(key) if key is not None else None
             if answer is None:
                 answer = self._first_fit(group, members, span, lo, hi, hot, cold, rank, align,
-                                         cold_align, floors)
+                                         cold_align, floors, best_fit)
                 if key is not None:
                     memo[key] = answer
             g_bases, g_ranges, g_failed = answer
@@ -376,10 +400,11 @@ class Placement:
         return out
 
     def _first_fit(self, group, members, span, lo, hi, hot, cold, rank, align, cold_align,
-                   floors):
+                   floors, best_fit=frozenset()):
         """Place the parts of ``members`` (functions of the regions of ``group``) in
-        their free ranges: (bases [2, members], range numbers [2, members], rows
-        that found no room)."""
+        their free ranges, first fit (best fit in the regions of ``best_fit``):
+        (bases [2, members], range numbers [2, members], rows that found no
+        room)."""
         region_of = dict(zip(self.plan.rows.tolist(), self.plan.region.tolist()))
         at_member = {int(r): i for i, r in enumerate(members.tolist())}
         m_bases = np.zeros((2, len(members)), np.uint64)
@@ -407,6 +432,16 @@ class Placement:
                         return i, at
             return None
 
+        def tightest(choices, need, al, floor):
+            best = None
+            for a, b in choices:
+                for i in range(a, b):
+                    at = (cursor[i] + al - 1) & -al
+                    left = hi[i] - (at + need)
+                    if left >= 0 and at >= floor and (best is None or left < best[0]):
+                        best = (left, i, at)
+            return best[1:] if best else None
+
         for kind, _rank, row in parts:
             need = int(hot[row] if kind == 0 else cold[row])
             al = int(align[row]) if kind == 0 else cold_align
@@ -419,6 +454,11 @@ class Placement:
             found = None
             choices = self._choices(region_of[row], span)
             for wanted in ((floor, 0) if floor else (0,)):
+                if region_of[row] in best_fit:
+                    found = tightest(choices, need, al, wanted)
+                    if found:
+                        break
+                    continue
                 for a, b in choices:
                     found = fit(a, b, need, al, wanted)
                     if found:
@@ -438,26 +478,68 @@ class Placement:
         return m_bases, m_ranges, failed
 
 
+def _give_way(variant: np.ndarray, rows: np.ndarray, size: np.ndarray, unsplit: np.ndarray,
+              original: np.ndarray, rank: np.ndarray, want: int) -> bool:
+    """Give ``want`` bytes of a full region back: the coldest functions (larger
+    savings first among equals) take smaller layouts, first whole in their new
+    block order (``unsplit``: no jumps to and from a cold part, taken branches as
+    in the block layout alone), and only when that is not enough in their
+    original order (no jumps the new order added). The hottest functions keep
+    their layouts longest. ``want`` doubles with each failed try, so the room
+    the alignment of the functions eats (not in the sizes) is found in a few
+    tries. False when no function could give anything more."""
+    from kbuild_bolt.rewrite.emit import NEW, ORIGINAL, UNSPLIT
+
+    smaller_than = {NEW: 0, UNSPLIT: 1, ORIGINAL: 2}   # (the order layouts give way in)
+    size = size.astype(np.int64).copy()
+    gave = False
+    for target, smaller in ((UNSPLIT, unsplit), (ORIGINAL, original)):
+        saving = size - smaller
+        for i in np.lexsort((-saving, -rank)).tolist():
+            if want <= 0:
+                return gave
+            if saving[i] > 0 and smaller_than[int(variant[rows[i]])] < smaller_than[target]:
+                variant[rows[i]] = target
+                want -= int(saving[i])
+                size[i] = smaller[i]
+                gave = True
+    return gave
+
+
 def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: np.ndarray,
                     cold: np.ndarray, original: np.ndarray, unsplit: np.ndarray,
                     rank: np.ndarray, slots: np.ndarray, before: np.ndarray | None = None,
-                    memo: dict | None = None):
+                    memo: dict | None = None, grow: np.ndarray | None = None):
     """Place every function of ``candidates`` that can move, each in the layout
     it was given (``hot``/``cold`` sizes). Where a region cannot hold those, the
-    functions whose layouts grew most (the coldest first: ranks order by heat)
-    are laid out in their original order instead (size ``original``), a little
-    more each time placement fails there; after a few tries the region is kept
-    as it was: its functions in their original order, each in its new block
+    coldest functions (ranks order by heat) get smaller layouts (``_give_way``:
+    whole in their new order, size ``unsplit``, then in their original order, size
+    ``original``), twice as much each time placement fails there; when nothing
+    more can give way the region is kept as it was: its functions in their original order, each in its new block
     order unsplit when that fits its old slot (``slots``: the end of each
     function's slot, fill after it included; size ``unsplit``), else in its
     original order, which always fits; and when even that fails, all its
     functions stay where they are. Returns (plan, placement, hot bases, cold
     bases, room, rows that stayed for want of room, layout per function row:
     NEW, ORIGINAL or UNSPLIT). ``memo``: kept between calls, it spares placing
-    regions again whose inputs did not change."""
+    regions again whose inputs did not change. ``grow`` (2 x rows: hot, cold):
+    how much each part's branches to other functions may grow once it moves
+    (short ones that may no longer reach); reserved in the regions other than
+    plain text, whose parts have nowhere else to go when their range overflows
+    (not in a region kept as it was: there every neighbour stays in reach)."""
     from kbuild_bolt.rewrite.emit import NEW, ORIGINAL, UNSPLIT
 
     memo = {} if memo is None else memo
+    pad_hot, pad_cold = np.zeros(len(hot), np.int64), np.zeros(len(hot), np.int64)
+    if grow is not None:
+        kinds = np.array([r.kind != PLAIN for r in analysis.layout.regions] + [False])
+        tight = kinds[analysis.region]
+        pad_hot, pad_cold = np.where(tight, grow[0], 0), np.where(tight, grow[1], 0)
+    pad_all = pad_hot + pad_cold
+    # (a new block order moves a function's branches to other functions: kept
+    # as it was, it must fit its old slot even if all of those grow long)
+    may_grow = np.zeros(len(hot), np.int64) if grow is None else grow[0] + grow[1]
+    best_fit: set[int] = set()
     variant = np.full(len(hot), NEW, np.int64)
     place_rank = rank.copy()
     tries: dict[int, int] = {}
@@ -466,13 +548,16 @@ def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: 
     plan = analysis.plan(candidates)
     while True:
         placement = Placement(model, analysis.layout, plan)
-        h, c = hot.copy(), cold.copy()
+        h, c = hot + pad_hot, cold + pad_cold
         for v, size in ((ORIGINAL, original), (UNSPLIT, unsplit)):
             m = variant == v
-            h[m], c[m] = size[m], 0
+            h[m], c[m] = size[m] + pad_all[m], 0
+        for k in as_was:
+            r = plan.rows[plan.region == k]
+            h[r] -= pad_all[r]
         try:
             hot_base, cold_base, free = placement.place(h, c, place_rank, before=before,
-                                                         memo=memo)
+                                                         memo=memo, best_fit=frozenset(best_fit))
             return plan, placement, hot_base, cold_base, free, stayed, variant
         except NoRoom as full:
             region_of = dict(zip(plan.rows.tolist(), plan.region.tolist()))
@@ -486,21 +571,48 @@ def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: 
             if k in as_was:
                 # Not even as it was (rel8 jumps out of reach?): all stay.
                 stayed += r.tolist()
-            elif tries[k] <= 3:
-                # The layouts that grew most go back to their original order,
-                # the coldest first, for twice the room that was missing.
-                saving = (h[r] + c[r]) - original[r]
-                want = 2 * missing * tries[k]
-                for i in np.lexsort((-saving, -rank[r])).tolist():
-                    if want <= 0:
-                        break
-                    if saving[i] > 0 and variant[r[i]] == NEW:
-                        variant[r[i]] = ORIGINAL
-                        want -= int(saving[i])
+            elif (k not in best_fit and len(placement.free.get(k, ())) > 1
+                  and analysis.layout.regions[k].kind != PLAIN):
+                # Room cut up by functions that stay (a special region: a few
+                # ranges): pack it tighter first.
+                best_fit.add(k)
+            elif tries[k] <= 10 and _give_way(variant, r, h[r] + c[r],
+                                              unsplit[r] + pad_all[r],
+                                              original[r] + pad_all[r], rank[r],
+                                              missing << tries[k]):
+                # The coldest functions took smaller layouts; place again.
+                pass
             else:
                 slot = (slots[r] - plan.extent[sel]).astype(np.int64)
-                variant[r] = np.where(unsplit[r] <= slot, UNSPLIT, ORIGINAL)
+                variant[r] = np.where(unsplit[r] + may_grow[r] <= slot, UNSPLIT, ORIGINAL)
                 place_rank[r] = -(1 << 40) + np.argsort(np.argsort(plan.extent[sel]))
                 as_was.add(k)
+                best_fit.discard(k)  # (first fit in address order: as the linker had it)
         if stayed:
             plan = analysis.plan(np.setdiff1d(candidates, np.array(stayed, np.int64)))
+
+
+def lay_in_place(model, rows: np.ndarray, hot_base: np.ndarray, cold_base: np.ndarray,
+                 room, variant: np.ndarray, unsplit: np.ndarray):
+    """Functions laid out anew inside their own bytes (``rows``: they stay): each
+    gets a free range of its own, [start, end), and its hot part goes to its
+    start, whole in its new block order when that fits, else in its original
+    order (which always does). Its parts move nowhere else when the range
+    overflows (relaxation then raises :class:`NoRoom` for it, and it is left
+    alone). Returns the room with those ranges added, and the ranges."""
+    from kbuild_bolt.rewrite.emit import ORIGINAL, UNSPLIT, Room
+
+    functions = model.functions
+    start = functions.start[rows].astype(np.uint64)
+    end = functions.end[rows].astype(np.uint64)
+    first = len(room.lo)
+    range_of = room.range_of.copy()
+    range_of[0, rows] = first + np.arange(len(rows))
+    range_of[1, rows] = -1
+    hot_base[rows], cold_base[rows] = start, 0
+    variant[rows] = np.where(unsplit[rows] <= (end - start).astype(np.int64), UNSPLIT, ORIGINAL)
+    mine = set(rows.tolist())
+    others = room.alternatives
+    new_room = Room(np.concatenate([room.lo, start]), np.concatenate([room.hi, end]), range_of,
+                    lambda row: [] if row in mine else others(row))
+    return new_room, np.stack([start, end], axis=1)

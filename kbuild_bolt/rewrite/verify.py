@@ -108,11 +108,14 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
     first_x, first_y = a.symtab.info, b.symtab.info
     if added > 0 and first_y - first_x == added:
         out_index = np.where(index < first_x, index, index + added)
-        for j in range(first_x, first_y):
-            name, value = y.names[j], int(y.value[j])
-            if not (y.type[j] == 2 and y.bind[j] == 0 and ".cold" in name
-                    and bool(_inside(code, np.array([value], np.uint64))[0])):
-                problems.append(f"symbol {name} added at {value:#x}: not a cold part")
+        new = np.arange(first_x, first_y)
+        info = y.raw["info"][new]
+        ok = ((info & 0xF) == 2) & ((info >> 4) == 0) & _inside(code, y.value[new])
+        names = y.names
+        for j, fine in zip(new.tolist(), ok.tolist()):
+            if not (fine and ".cold" in names[j]):
+                problems.append(f"symbol {names[j]} added at {int(y.value[j]):#x}: "
+                                "not a cold part")
     elif added:
         # objcopy --strip-debug drops the section symbols of the debug sections.
         gone = {s.index for s in a.sections if s.name.startswith(".debug")
@@ -274,11 +277,13 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
     s_lo, s_hi = ranges[:, 0].astype(np.uint64), ranges[:, 1].astype(np.uint64)
     insns = inp.insns
     with_field = np.flatnonzero(insns.field_size > 0)
+    # (instruction fields are disjoint and in address order, so are relocated
+    # fields: each is checked by a binary search, not as millions of ranges)
     f_lo = insns.addr[with_field] + insns.field_off[with_field]
     f_hi = f_lo + insns.field_size[with_field]
+    del with_field
     rel = inp.code_relocations
-    lo = np.concatenate([s_lo, f_lo, rel.offset])
-    hi = np.concatenate([s_hi, f_hi, rel.offset + np.uint64(4)])
+    r_lo = np.sort(rel.offset)
     problems = []
     checked = 0
     for s in a.sections:
@@ -293,11 +298,28 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
         changed = x != y
         if not changed.any():
             continue
-        bad = np.flatnonzero(changed & ~_covered(s.addr, s.size, lo, hi))
+        bad = np.flatnonzero(changed & ~_covered(s.addr, s.size, s_lo, s_hi))
+        if len(bad):
+            at = np.uint64(s.addr) + bad.astype(np.uint64)
+            bad = bad[~(_in_sorted_ranges(f_lo, f_hi, at)
+                        | _in_sorted_ranges(r_lo, r_lo + np.uint64(4), at))]
         for off in bad[:5].tolist():
             problems.append(f"{s.name}: {inp.symbolize(s.addr + off)} changed outside "
                             "rewritten functions")
     return checked, problems
+
+
+def _in_sorted_ranges(lo: np.ndarray, hi: np.ndarray, addrs: np.ndarray) -> np.ndarray:
+    """True where an address lies in [lo[i], hi[i]) of the range starting last at
+    or before it (``lo`` ascending; ranges that overlap only their neighbours
+    before them, as 4-byte relocated fields may not, are checked one step back)."""
+    i = np.searchsorted(lo, addrs, side="right").astype(np.int64) - 1
+    out = np.zeros(len(addrs), bool)
+    for back in (0, 1):
+        j = i - back
+        ok = j >= 0
+        out[ok] |= addrs[ok] < hi[j[ok]]
+    return out
 
 
 def _covered(base: int, size: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -405,9 +427,13 @@ def _marker_problems(a: ElfImage, b: ElfImage) -> tuple[int, list[str]]:
 
 
 def _functions_moved(a: ElfImage, b: ElfImage) -> bool:
+    """Some input function symbol is not at its old address in the output. Matched
+    by name and address, not by index: the output may have gained local symbols
+    (``name.cold`` for parts placed in free room), which renumbers the rest."""
     x, y = a.symbols, b.symbols
-    funcs = np.flatnonzero(x.type == 2)
-    return len(x) <= len(y) and bool((x.value[funcs] != y.value[funcs]).any())
+    before = {(x.names[i], int(x.value[i])) for i in np.flatnonzero(x.type == 2).tolist()}
+    after = {(y.names[i], int(y.value[i])) for i in np.flatnonzero(y.type == 2).tolist()}
+    return not before <= after
 
 
 def _movable_ranges(image: ElfImage) -> np.ndarray:

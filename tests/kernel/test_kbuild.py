@@ -88,6 +88,10 @@ def test_bolt_runs_in_the_post_link_step(bolt612):
     assert "functions rewritten" in summary and "verify ok" in summary, summary
     used = float(re.search(r"profile ([\d.]+)% used", summary).group(1))
     assert used > 99, summary
+    # The default with a profile: cdsort function order and hot/cold splitting, the
+    # cold parts named in kallsyms (link-vmlinux.sh reserved room for them).
+    placed = int(re.search(r"([\d,]+) placed anew", summary).group(1).replace(",", ""))
+    assert placed > 1000 and "cold parts" in summary and "unnamed" not in summary, summary
     # x86's own post-link pass ran after ours: relocations out, vmlinux.relocs in.
     with ElfImage(tree.path("vmlinux")) as image:
         assert image.section(".rela.text") is None
@@ -98,14 +102,23 @@ def test_bolt_runs_in_the_post_link_step(bolt612):
 
 
 def test_system_map_matches_the_optimized_vmlinux(bolt612):
-    tree, _, _ = bolt612
+    assert_system_map(bolt612[0])
+
+
+def assert_system_map(tree):
+    """System.map is made again from the optimized vmlinux: every line at the
+    symbol's new address, the cold parts listed, in address order."""
+    lines = tree.path("System.map").read_text().splitlines()
+    values = [int(line.split()[0], 16) for line in lines]
+    assert values == sorted(values)
+    assert any(line.endswith(".cold") for line in lines)
     with ElfImage(tree.path("vmlinux")) as image:
         symbols = image.symbols
         address = {}
         for name, value in zip(symbols.names, symbols.value.tolist()):
             address.setdefault(name, set()).add(value)
     checked = 0
-    for line in tree.path("System.map").read_text().splitlines():
+    for line in lines:
         value, _kind, name = line.split()[:3]
         if name in address:
             assert int(value, 16) in address[name], line
@@ -234,7 +247,10 @@ def test_6_1_tree_with_config_options(tmp_path_factory, tmp_path):
     tree.make("olddefconfig")
     log = tree.make("bzImage", "modules").stdout
     assert BOLT_LINE.search(log), log[-3000:]
+    summary = log[BOLT_LINE.search(log).end():].strip().splitlines()[0]
+    assert "placed anew" in summary and "unnamed" not in summary, summary
     optimized(tree, tree.path("arch/x86/boot/bzImage"))
+    assert_system_map(tree)
     modules = tmp_path / "modules"
     tree.make(f"INSTALL_MOD_PATH={modules}", "modules_install")
     assert check_modules(tree.path("vmlinux"), modules).ok

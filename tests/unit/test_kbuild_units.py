@@ -41,6 +41,11 @@ def test_committed_patch_carries_the_current_files(series):
     # The hook's leading blank line may be context in the diff.
     assert "".join(f"+{line}\n" for line in hooks.VMLINUX_HOOK.strip("\n").splitlines()) in patch
     assert '+source "scripts/Kconfig.bolt"' in patch
+    # The kallsyms reserve, as hooks.py writes it today.
+    for line in hooks.LINK_RESERVE.strip("\n").splitlines():
+        assert f"+{line}\n" in patch, line
+    for line in hooks.KALLSYMS_GLOBALS.strip("\n").splitlines()[1:]:   # (after context)
+        assert f"+{line}\n" in patch, line
 
 
 def fake_tree(tmp_path, version, patchlevel):

@@ -23,3 +23,14 @@ def test_two_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci/run").read_text().splitlines()
     assert readme_commands()[1] in ci
+
+
+def test_test_modules_have_unique_names():
+    """tests/ has no __init__.py files, so pytest imports each test module by its
+    basename: two files with one name in different directories stop collection
+    ("import file mismatch") and with it the whole run."""
+    root = Path(__file__).resolve().parents[1]
+    seen: dict[str, Path] = {}
+    for path in sorted(root.rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a module name"
+        seen[path.name] = path

@@ -216,3 +216,26 @@ def test_fixup_on_a_jump_that_falls_away(tmp_path):
             elided += 1
             assert fixup == new_body, (seed, hex(fixup), hex(new_body))
     assert elided, "no seed put the fixup block right before its target"
+
+
+def test_verify_tells_functions_that_moved_from_symbols_renumbered():
+    # A block layout that put a cold part in free room gains a local symbol
+    # (name.cold) in front of the globals: every later symbol is renumbered, but
+    # no function moved (verify then checks the code function by function).
+    from types import SimpleNamespace
+
+    from kbuild_bolt.rewrite.verify import _functions_moved
+
+    def image(entries):
+        names = [n for n, _t, _v in entries]
+        return SimpleNamespace(symbols=SimpleNamespace(
+            names=names, type=np.array([t for _n, t, _v in entries]),
+            value=np.array([v for _n, _t, v in entries], np.uint64)))
+
+    before = image([("a", 2, 0x100), ("b", 2, 0x200), ("c", 0, 0x300)])
+    renumbered = image([("a", 2, 0x100), ("a.cold", 2, 0x900), ("b", 2, 0x200),
+                        ("c", 0, 0x300)])
+    moved = image([("a", 2, 0x100), ("a.cold", 2, 0x900), ("b", 2, 0x240),
+                   ("c", 0, 0x300)])
+    assert not _functions_moved(before, renumbered)
+    assert _functions_moved(before, moved)

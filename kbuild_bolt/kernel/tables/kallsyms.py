@@ -168,15 +168,21 @@ def name_order(names: list[str], addresses: np.ndarray) -> list[int]:
     return [k[2] for k in keys]
 
 
-def compress(text: str, tokens: list[str]) -> bytes | None:
-    """A name record ("t" + name) in this kernel's token table: greedy longest
-    match, the way the kernel expands it back (None when a character has no
-    token of its own)."""
+def token_index(tokens: list[str]) -> tuple[dict[str, int], int]:
+    """The token table as a lookup for :func:`compress` (token -> first index, and
+    the longest token's length): build it once for many names."""
     index: dict[str, int] = {}
     for k, t in enumerate(tokens):
         if t:
             index.setdefault(t, k)
-    longest = max((len(t) for t in tokens), default=1)
+    return index, max((len(t) for t in tokens), default=1)
+
+
+def compress(text: str, tokens: list[str], lookup: tuple | None = None) -> bytes | None:
+    """A name record ("t" + name) in this kernel's token table: greedy longest
+    match, the way the kernel expands it back (None when a character has no
+    token of its own). ``lookup``: :func:`token_index` of ``tokens``."""
+    index, longest = lookup if lookup is not None else token_index(tokens)
     out = []
     i = 0
     while i < len(text):
