@@ -23,6 +23,7 @@ Python work per block. The result is an :class:`Emission`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -555,21 +556,7 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
     code, item_off = _bytes(model, items, addr, copied)
     deferred = _fields(model.insns, plan, items, copied, item_off, new_addr, code,
                        moved_interior)
-    nf = len(plan)
-    part_len = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
-    part_off = np.zeros(2 * nf, np.int64)
-    firsts = items.part_starts()
-    part_off[items.part[firsts]] = item_off[firsts]
-    lay_f = items.lay_f
-    emission = Emission(
-        rows=plan.rows, start=plan.start, end=plan.end, first_insn=plan.first_insn,
-        last_insn=plan.last_insn, code=code, code_off=part_off[0::2], code_len=part_len[0::2],
-        frag_base=plan.frag_base, frag_off=part_off[1::2], frag_len=part_len[1::2],
-        inserted_jumps=np.bincount(lay_f[items.inserted], minlength=nf),
-        dropped_bytes=(plan.dropped_fill + np.bincount(lay_f, weights=items.dropped,
-                                                       minlength=nf)).astype(np.int64),
-        item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
-        item_base=copied.base, item_state=items.state, new_addr=new_addr, deferred=deferred)
+    emission = _emission(plan, items, addr, copied, code, item_off, new_addr, deferred)
     failures = [(int(plan.rows[f]), FAILURES[int(plan.failure[f])])
                 for f in np.flatnonzero(plan.failure).tolist()]
     if failures:
@@ -909,14 +896,20 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     # (static-key sites may jump into other moved functions: their targets are
     # linked below, like every branch that leaves its function)
 
-    def laid_out(plan: _Plan) -> tuple[_Items, np.ndarray]:
+    def laid_out(plan: _Plan, defer: bool = False) -> tuple[_Items, np.ndarray]:
+        """Items and part sizes (of ``plan``'s functions); ``defer``: functions
+        that cannot be laid out are only marked (``plan.failure``), for the
+        caller to raise."""
+        nf = len(plan.rows)
         items = _build_items(bt, plan.lay, plan.lay_f, plan.part, never)
         plan.fail_on_errors(items)
-        _raise_failures(model, plan)
+        if not defer:
+            _raise_failures(model, plan)
         _relax(items, plan.bases)
         _optimistic(insns, items)
         _short_fields_in_reach(insns, bt, plan, items)
-        _raise_failures(model, plan)
+        if not defer:
+            _raise_failures(model, plan)
         sizes = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
         return items, sizes
 
@@ -930,40 +923,55 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
 
     n_rows = len(functions)
     hot_size, cold_size = np.zeros(n_rows, np.int64), np.zeros(n_rows, np.int64)
-    other = {ORIGINAL: np.zeros(n_rows, np.int64), UNSPLIT: np.zeros(n_rows, np.int64)}
     grow = np.zeros((2, n_rows), np.int64)
-    known = sizes is not None and all(r in sizes for r in rows.tolist())
+    rl = rows.tolist()
     items = None
-    if known:
-        # (every layout was sized before: placed, then laid out once below)
-        hot_size[rows], cold_size[rows], other[ORIGINAL][rows], other[UNSPLIT][rows], \
-            grow[0, rows], grow[1, rows] = np.array([sizes[r] for r in rows.tolist()],
-                                                    np.int64).T
+    cache = {} if sizes is None else sizes
+    if all(("new", r) in cache for r in rl):
+        # (sized by an earlier call for the same functions: layouts of
+        # functions are independent, the others' sizes do not change)
+        hot_size[rows], cold_size[rows], grow[0, rows], grow[1, rows] = \
+            np.array([cache["new", r] for r in rl], np.int64).T
     else:
         plan = plan_for(np.full(nf, NEW))
-        items, new_sizes = laid_out(plan)
+        items, new_sizes = laid_out(plan, defer=True)
         hot_size[rows], cold_size[rows] = new_sizes[0::2], new_sizes[1::2]
         part_growth = growth(items)
         grow[0, rows], grow[1, rows] = part_growth[0::2], part_growth[1::2]
-        for variant in (ORIGINAL, UNSPLIT):
-            # The same functions in their original order, or in the new one but
-            # whole (layouts of functions are independent: the others' sizes do
-            # not change).
-            other[variant] = hot_size + cold_size
-            if differs:
+        ok = (plan.failure == OK).tolist()
+        cache.update((("new", r), (int(hot_size[r]), int(cold_size[r]), int(grow[0, r]),
+                                   int(grow[1, r])))
+                     for r, fine in zip(rl, ok) if fine)
+        _raise_failures(model, plan)
+    position = {r: f for f, r in enumerate(rl)}
+    different = set(rows[differs].tolist()) if differs else set()
+
+    def measure(want: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sizes of ``want``'s functions in their original order and in the new
+        one whole, laid out only for the functions that ask (most regions never
+        do)."""
+        sub = np.array(sorted(set(want.tolist()) & different), np.int64)
+        whole = hot_size[want] + cold_size[want]
+        out = {ORIGINAL: dict(zip(want.tolist(), whole.tolist())),
+               UNSPLIT: dict(zip(want.tolist(), whole.tolist()))}
+        if len(sub):
+            f = np.array([position[r] for r in sub.tolist()], np.int64)
+            for v in (ORIGINAL, UNSPLIT):
+                chosen = {r: original[r] if v == ORIGINAL else orders[r] for r in sub.tolist()}
+                hot = {r: len(chosen[r]) for r in sub.tolist()}
                 try:
-                    # (only the sizes: the items go at once, memory is the limit here)
-                    v_sizes = laid_out(plan_for(np.full(nf, variant)))[1]
-                    other[variant][rows] = v_sizes[0::2] + v_sizes[1::2]
+                    plan = _plan_positions(cfg, bt, sub, start[f], extent[f], chosen, hot,
+                                           pre_block, functions)
+                    v_sizes = laid_out(plan)[1]
                 except NoRoom:
-                    pass   # (that variant is no smaller then)
-        if sizes is not None:
-            sizes.update(zip(rows.tolist(), zip(
-                hot_size[rows].tolist(), cold_size[rows].tolist(),
-                other[ORIGINAL][rows].tolist(), other[UNSPLIT][rows].tolist(),
-                grow[0, rows].tolist(), grow[1, rows].tolist())))
-    hot_base, cold_base, room, variant = place(hot_size, cold_size, other[ORIGINAL],
-                                               other[UNSPLIT], grow)
+                    continue   # (that layout is no smaller then)
+                out[v].update(zip(sub.tolist(), (v_sizes[0::2] + v_sizes[1::2]).tolist()))
+        return (np.array([out[ORIGINAL][r] for r in want.tolist()], np.int64),
+                np.array([out[UNSPLIT][r] for r in want.tolist()], np.int64))
+
+    hot_base, cold_base, room, variant = place(hot_size, cold_size,
+                                               OtherLayouts(hot_size + cold_size, measure),
+                                               grow)
     placed = hot_base[rows] != 0
     if items is None or (variant[rows] != NEW).any() or not placed.all():
         # Laid out again: functions that got another layout, without those that
@@ -1002,22 +1010,9 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     new_addr = _new_addresses(insns, bt, items, addr, copied)
     code, item_off = _bytes(model, items, addr, copied)
     deferred = _fields(insns, plan, items, copied, item_off, new_addr, code, moved)
-    part_len = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
-    part_off = np.zeros(2 * nf, np.int64)
-    firsts = items.part_starts()
-    part_off[items.part[firsts]] = item_off[firsts]
-    lay_f = items.lay_f
     _raise_failures(model, plan)   # (found only once placed: all is placed again)
-    emission = Emission(
-        rows=plan.rows, start=plan.start, end=plan.end, first_insn=plan.first_insn,
-        last_insn=plan.last_insn, code=code, code_off=part_off[0::2], code_len=part_len[0::2],
-        frag_base=plan.frag_base, frag_off=part_off[1::2], frag_len=part_len[1::2],
-        inserted_jumps=np.bincount(lay_f[items.inserted], minlength=nf),
-        dropped_bytes=(plan.dropped_fill + np.bincount(lay_f, weights=items.dropped,
-                                                       minlength=nf)).astype(np.int64),
-        item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
-        item_base=copied.base, item_state=items.state, new_addr=new_addr, deferred=deferred,
-        extent=extent, code_base=code_base, free=np.zeros((0, 2), np.uint64))
+    emission = _emission(plan, items, addr, copied, code, item_off, new_addr, deferred,
+                         extent=extent, code_base=code_base, free=np.zeros((0, 2), np.uint64))
     if not placed.all():
         emission = emission.select(placed)
     # Functions whose new block order was given up for want of room (kept whole in
@@ -1034,17 +1029,24 @@ def _plan_positions(cfg, bt: BlockTable, rows, start, extent, orders, hot_len, p
     the first ``hot_len`` blocks hot), unreachable fill dropped, each position's
     part (2f hot, 2f+1 cold)."""
     nf = len(rows)
-    seqs, cold = [], []
-    for r in rows.tolist():
-        order = orders[r]
-        hot = hot_len[r]
-        head = [pre_block[r]] if r in pre_block else []
-        seqs.append(head + list(order))
-        cold.append([False] * (len(head) + hot) + [True] * (len(order) - hot))
-    lengths = np.array([len(q) for q in seqs], np.int64)
-    lay = np.fromiter((b for q in seqs for b in q), np.int64, int(lengths.sum()))
-    in_cold = np.fromiter((c for q in cold for c in q), bool, int(lengths.sum()))
+    rl = rows.tolist()
+    seqs = [orders[r] for r in rl]
+    head = np.array([r in pre_block for r in rl], bool)
+    n_body = np.fromiter((len(q) for q in seqs), np.int64, nf)
+    lengths = n_body + head
+    total = int(lengths.sum())
+    first = np.zeros(nf, np.int64)
+    np.cumsum(lengths[:-1], out=first[1:])
+    # Call padding (a pseudo-block) first where there is some, then the blocks.
+    lay = np.empty(total, np.int64)
+    is_body = np.ones(total, bool)
+    is_body[first[head]] = False
+    lay[is_body] = np.fromiter(itertools.chain.from_iterable(seqs), np.int64,
+                               int(n_body.sum()))
+    lay[first[head]] = [pre_block[r] for r, h in zip(rl, head.tolist()) if h]
     lay_f = np.repeat(np.arange(nf), lengths)
+    hot = np.fromiter((hot_len[r] for r in rl), np.int64, nf)
+    in_cold = (np.arange(total) - first[lay_f]) >= (head + hot)[lay_f]
     plan = _Plan(
         rows=rows, start=start, end=functions.end[rows].astype(np.uint64),
         slot=np.zeros(nf, np.int64),
@@ -1059,6 +1061,27 @@ def _plan_positions(cfg, bt: BlockTable, rows, start, extent, orders, hot_len, p
     plan.lay, plan.lay_f, in_cold = lay[~drop], lay_f[~drop], in_cold[~drop]
     plan.part = 2 * plan.lay_f + in_cold
     return plan
+
+
+class OtherLayouts:
+    """Sizes of every function's other layouts, whole in its original block order
+    (``original``) and whole in its new one (``unsplit``), measured on first use
+    (:meth:`ensure`) by ``measure(rows) -> (original, unsplit)``: only functions
+    of regions too full for the new layouts ever need them. Until measured, both
+    read as ``whole`` (the new layout's size)."""
+
+    def __init__(self, whole: np.ndarray, measure):
+        self.original = whole.astype(np.int64).copy()
+        self.unsplit = whole.astype(np.int64).copy()
+        self.known = np.zeros(len(whole), bool)
+        self.measure = measure
+
+    def ensure(self, rows) -> None:
+        rows = np.asarray(rows, np.int64)
+        need = rows[~self.known[rows]]
+        if len(need):
+            self.original[need], self.unsplit[need] = self.measure(need)
+            self.known[need] = True
 
 
 class Room:
@@ -1197,6 +1220,29 @@ def _tighten(items: _Items, bases: np.ndarray, align: np.ndarray, room: Room,
             return addr, bases
         size[branches[grow]] = long_size[grow]
     raise NoRoom(rows.tolist()[:1], "branch relaxation did not settle")
+
+
+def _emission(plan: _Plan, items: _Items, addr, copied: _Copied, code, item_off, new_addr,
+              deferred, **placed) -> "Emission":
+    """The Emission of ``plan``'s functions laid out as ``items`` (each part's code
+    one after the other in ``code``); ``placed``: the fields of functions placed
+    anew."""
+    nf = len(plan.rows)
+    part_len = np.bincount(items.part, weights=items.size, minlength=2 * nf).astype(np.int64)
+    part_off = np.zeros(2 * nf, np.int64)
+    firsts = items.part_starts()
+    part_off[items.part[firsts]] = item_off[firsts]
+    lay_f = items.lay_f
+    return Emission(
+        rows=plan.rows, start=plan.start, end=plan.end, first_insn=plan.first_insn,
+        last_insn=plan.last_insn, code=code, code_off=part_off[0::2], code_len=part_len[0::2],
+        frag_base=plan.frag_base, frag_off=part_off[1::2], frag_len=part_len[1::2],
+        inserted_jumps=np.bincount(lay_f[items.inserted], minlength=nf),
+        dropped_bytes=(plan.dropped_fill + np.bincount(lay_f, weights=items.dropped,
+                                                       minlength=nf)).astype(np.int64),
+        item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
+        item_base=copied.base, item_state=items.state, new_addr=new_addr, deferred=deferred,
+        **placed)
 
 
 def _raise_failures(model, plan: _Plan) -> None:

@@ -304,13 +304,14 @@ def emit_moved(ctx: RewriteContext) -> None:
     while True:
         placed = {}
 
-        def place(hot, cold, original, unsplit, grow):
+        def place(hot, cold, others, grow):
             candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
             plan, placement, hot_base, cold_base, room, no_room, variant = place_functions(
-                model, analysis, candidates, hot, cold, original, unsplit, ctx.rank,
+                model, analysis, candidates, hot, cold, others, ctx.rank,
                 ctx.slots, ctx.same_name_before, memo, grow)
+            others.ensure(moves.in_place)
             room, own = lay_in_place(model, moves.in_place, hot_base, cold_base, room, variant,
-                                     unsplit)
+                                     others.unsplit)
             free = np.concatenate([placement.free_ranges(), own])
             placed.update(plan=plan, free=free[np.argsort(free[:, 0], kind="stable")],
                           no_room=no_room)

@@ -507,26 +507,30 @@ def _give_way(variant: np.ndarray, rows: np.ndarray, size: np.ndarray, unsplit: 
 
 
 def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: np.ndarray,
-                    cold: np.ndarray, original: np.ndarray, unsplit: np.ndarray,
-                    rank: np.ndarray, slots: np.ndarray, before: np.ndarray | None = None,
+                    cold: np.ndarray, others, rank: np.ndarray, slots: np.ndarray,
+                    before: np.ndarray | None = None,
                     memo: dict | None = None, grow: np.ndarray | None = None):
     """Place every function of ``candidates`` that can move, each in the layout
-    it was given (``hot``/``cold`` sizes). Where a region cannot hold those, the
+    it was given (``hot``/``cold`` sizes). Where a region cannot hold those, it
+    is packed best-fit first when functions that stay cut its room up; then the
     coldest functions (ranks order by heat) get smaller layouts (``_give_way``:
-    whole in their new order, size ``unsplit``, then in their original order, size
-    ``original``), twice as much each time placement fails there; when nothing
-    more can give way the region is kept as it was: its functions in their original order, each in its new block
-    order unsplit when that fits its old slot (``slots``: the end of each
-    function's slot, fill after it included; size ``unsplit``), else in its
-    original order, which always fits; and when even that fails, all its
-    functions stay where they are. Returns (plan, placement, hot bases, cold
-    bases, room, rows that stayed for want of room, layout per function row:
-    NEW, ORIGINAL or UNSPLIT). ``memo``: kept between calls, it spares placing
-    regions again whose inputs did not change. ``grow`` (2 x rows: hot, cold):
-    how much each part's branches to other functions may grow once it moves
-    (short ones that may no longer reach); reserved in the regions other than
-    plain text, whose parts have nowhere else to go when their range overflows
-    (not in a region kept as it was: there every neighbour stays in reach)."""
+    whole in their new order, size ``others.unsplit``, then in their original
+    order, size ``others.original``; :class:`~kbuild_bolt.rewrite.emit.OtherLayouts`
+    measures them for the rows of such regions only), twice as much each time
+    placement fails there. When nothing more can give way the region is kept as
+    it was: its functions in their original order, each in its new block order
+    unsplit when that fits its old slot with every branch to another function
+    grown long (``slots``: the end of each function's slot, fill after it
+    included), else in its original order, which always fits; and when even
+    that fails, all its functions stay where they are. Returns (plan,
+    placement, hot bases, cold bases, room, rows that stayed for want of room,
+    layout per function row: NEW, ORIGINAL or UNSPLIT). ``memo``: kept between
+    calls, it spares placing regions again whose inputs did not change.
+    ``grow`` (2 x rows: hot, cold): how much each part's branches to other
+    functions may grow once it moves (short ones that may no longer reach);
+    reserved in the regions other than plain text, whose parts have nowhere
+    else to go when their range overflows (not in a region kept as it was:
+    there every neighbour stays in reach)."""
     from kbuild_bolt.rewrite.emit import NEW, ORIGINAL, UNSPLIT
 
     memo = {} if memo is None else memo
@@ -549,7 +553,7 @@ def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: 
     while True:
         placement = Placement(model, analysis.layout, plan)
         h, c = hot + pad_hot, cold + pad_cold
-        for v, size in ((ORIGINAL, original), (UNSPLIT, unsplit)):
+        for v, size in ((ORIGINAL, others.original), (UNSPLIT, others.unsplit)):
             m = variant == v
             h[m], c[m] = size[m] + pad_all[m], 0
         for k in as_was:
@@ -568,6 +572,8 @@ def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: 
             tries[k] = tries.get(k, 0) + 1
             sel = np.flatnonzero(plan.region == k)
             r = plan.rows[sel]
+            others.ensure(r)
+            original, unsplit = others.original, others.unsplit
             if k in as_was:
                 # Not even as it was (rel8 jumps out of reach?): all stay.
                 stayed += r.tolist()
