@@ -41,6 +41,7 @@ PROBLEM_PATTERNS = [
 _PLAN = re.compile(r"KBB-PLAN (.*)")
 _MARK = re.compile(r"KBB-MARK (\S+)")
 _TEXT = re.compile(r"KBB-TEXT ([0-9a-fA-F]+)")
+_NOTES = re.compile(r"KBB-NOTES ([0-9a-fA-F]*)")
 # Benign lines that match a pattern above.
 _BENIGN = [
     re.compile(r"Spectre V2 : WARNING: Unprivileged eBPF"),
@@ -69,6 +70,7 @@ class BootResult:
     missing: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     text_base: int | None = None
+    notes: bytes | None = None      # /sys/kernel/notes of the running kernel
     log: str | None = None
     log_lines: list[str] = field(default_factory=list, repr=False)
 
@@ -155,6 +157,9 @@ def scan_log(lines: list[str], result: BootResult) -> None:
             continue
         if m := _TEXT.search(line):
             result.text_base = int(m.group(1), 16)
+            continue
+        if m := _NOTES.search(line):
+            result.notes = bytes.fromhex(m.group(1))
             continue
         if any(b.search(line) for b in _BENIGN):
             continue

@@ -69,6 +69,7 @@ class RewriteResult:
     fallback: int = 0           # placed in their original order: their region was full
     unnamed: int = 0            # cold parts without a kallsyms name (no room)
     sympos_changed: list = field(default_factory=list)  # same-named functions reordered
+    build_id: tuple | None = None  # (input's, output's) hex build-ids, when code changed
 
     def leave_alone(self, reason: str, names: list[str]) -> None:
         """Count functions left byte for byte alone for ``reason`` (the first as example)."""
@@ -123,6 +124,8 @@ class RewriteResult:
             lines.append(f"livepatch sympos: {len(self.sympos_changed)} names whose same-named "
                          f"functions changed order (e.g. {self.sympos_changed[0]}): a livepatch "
                          "naming them by sympos must be built against this vmlinux")
+        if self.build_id:
+            lines.append(f"build-id: {self.build_id[1]} (was {self.build_id[0]})")
         if self.unnamed:
             lines.append(f"kallsyms: no room for {self.unnamed:,} cold part names (build the "
                          "kernel with CONFIG_BOLT to reserve it): stack traces, perf and "

@@ -40,6 +40,8 @@ import numpy as np
 
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.binary.cfg import REASONS
+from kbuild_bolt.elf.notes import build_id
+from kbuild_bolt.elf.notes import stamp as stamp_build_id
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout import orders as block_orders
@@ -390,6 +392,10 @@ def update(ctx: RewriteContext) -> None:
             rewriter.finalize(ctx, changes)
         if changes:
             ctx.output.repack(changes.empty, changes.replace, changes.info)
+        # A new binary, a new build-id (last: it hashes the finished file).
+        note = build_id(ctx.model.image)
+        if note is not None:
+            ctx.result.build_id = (note.hex(), stamp_build_id(path, note).hex())
     ctx.rewritten_rows = ctx.emission.rows.tolist()
     ctx.fragments = ctx.emission.fragments()
     ctx.moved_ranges = ctx.emission.free if ctx.emission.placed else None

@@ -29,6 +29,8 @@ from kbuild_bolt.binary.model import BinaryModel
 from kbuild_bolt.elf.image import (
     FIELD_SIZE, SHT_STRTAB, SHT_SYMTAB, ElfImage, type_and_symbol,
 )
+from kbuild_bolt.elf.notes import build_id
+from kbuild_bolt.elf.notes import compute as compute_build_id
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.x86.patterns import is_fill
 
@@ -166,6 +168,22 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
                 problems.append(f"symbol {y_names[j]}: size {int(x.size[i[k]])} -> "
                                 f"{int(yr['size'][j])}")
     return problems
+
+
+def _build_id_problems(a: ElfImage, b: ElfImage, path, note) -> list[str]:
+    """A rewritten kernel is a new binary (the debug vmlinux and the running
+    kernel must match by build-id): its build-id is the hash of the output. An
+    output whose loaded bytes are the input's keeps the input's."""
+    before = build_id(a)
+    if before is not None and note.value == before.value:
+        same = all(b.section(s.name) is not None
+                   and a.section_data(s) == b.section_data(b.section(s.name))
+                   for s in a.sections if s.is_alloc and s.has_bits and s.size)
+        return [] if same else [f"build-id {note.hex()} is the input's: the output is "
+                                "another binary"]
+    value = compute_build_id(path, note)
+    return [] if note.value == value else [f"build-id {note.hex()} is not the output's "
+                                           f"({value.hex()})"]
 
 
 def _kallsyms_ranges(table) -> list[tuple[int, int]]:
@@ -367,7 +385,13 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
         report.add("ELF and section headers", len(inp.image.sections),
                    _header_problems(inp.image, out.image))
         if moved_ranges is None and _functions_moved(inp.image, out.image):
-            moved_ranges = _movable_ranges(inp.image)
+            # Whole functions placed anew: anywhere in the movable regions; and
+            # functions that had to stay may have their blocks laid out in place.
+            functions = inp.functions
+            changed = np.flatnonzero(_changed_functions(inp, out))
+            own = np.stack([functions.start[changed], functions.end[changed]],
+                           axis=1).astype(np.uint64)
+            moved_ranges = _union(np.concatenate([_movable_ranges(inp.image), own]))
         if moved_ranges is not None:
             ranges = np.asarray(moved_ranges, np.uint64).reshape(-1, 2)
         else:
@@ -381,9 +405,14 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
         report.add("symbol table", len(inp.image.symbols),
                    _symbol_problems(inp, out.image, moved_ranges, ranges))
         report.add("region markers keep their places", *_marker_problems(inp.image, out.image))
-        checked, problems = _data_problems(inp, out,
-                                           _kallsyms_ranges(table) if table is not None else ())
+        note = build_id(out.image)
+        own = [(note.addr, note.addr + note.size)] if note is not None and note.addr else []
+        checked, problems = _data_problems(inp, out, own + (
+            _kallsyms_ranges(table) if table is not None else []))
         report.add("data changed only in tables/fields", checked, problems)
+        if note is not None:
+            report.add("build-id is the output's own", 1,
+                       _build_id_problems(inp.image, out.image, path, note))
         checked, problems = _code_problems(inp, out, ranges)
         report.add("code changed only where rewritten", checked, problems)
         if ".orc_unwind_ip" in inp.tables and (out.tables[".orc_unwind_ip"].count
@@ -434,6 +463,19 @@ def _functions_moved(a: ElfImage, b: ElfImage) -> bool:
     before = {(x.names[i], int(x.value[i])) for i in np.flatnonzero(x.type == 2).tolist()}
     after = {(y.names[i], int(y.value[i])) for i in np.flatnonzero(y.type == 2).tolist()}
     return not before <= after
+
+
+def _union(ranges: np.ndarray) -> np.ndarray:
+    """(n, 2) ranges as sorted, disjoint ones covering the same addresses."""
+    ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
+    if not len(ranges):
+        return ranges
+    reach = np.maximum.accumulate(ranges[:, 1])
+    # A range starts a new run where it begins after everything before it ended.
+    new_run = np.r_[True, ranges[1:, 0] > reach[:-1]]
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:] - 1, len(ranges) - 1]
+    return np.stack([ranges[starts, 0], reach[ends]], axis=1)
 
 
 def _movable_ranges(image: ElfImage) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kbuild_bolt.elf.image import STT_FUNC, ElfImage
+from kbuild_bolt.elf.notes import build_id
 from kbuild_bolt.kbuild.bzimage import rebuild_bzimage
 from kbuild_bolt.kernel.tables import kallsyms
 from kbuild_bolt.kernel.text import PLAIN, text_layout
@@ -142,9 +143,34 @@ def test_random_function_layout_boots_clean(flavor, tmp_path_factory, tmp_path):
     assert len(cold) > 0.9 * result.fragments
     assert cold <= set(read_dump(dump))
 
+    # A new binary, a new build-id: in the ELF note and in the loaded copy the
+    # running kernel shows in /sys/kernel/notes (perf and debuginfod match by it).
+    before, after = build_id(ElfImage(kernel.vmlinux)), build_id(ElfImage(out))
+    assert after.value != before.value
+    assert result.build_id == (before.hex(), after.hex())
+    assert traced.notes is not None and after.value in traced.notes
+    assert before.value not in traced.notes
+
     plain = boot(bzimage, kernel.initramfs, workload="server", kaslr=False, iterations=2)
     assert plain.ok, plain.summary() + "\n" + "\n".join(plain.log_lines[-30:])
     assert plain.text_base == DEFAULT_TEXT
+
+
+def test_verify_rejects_a_build_id_that_is_not_the_outputs(tmp_path_factory, tmp_path):
+    from kbuild_bolt.rewrite.verify import verify
+
+    kernel = lab_kernel("6.12-regular")
+    out, _result = random_layout("6.12-regular", kernel.vmlinux, tmp_path_factory)
+    note = build_id(ElfImage(out))
+    for name, value in (("stale", build_id(ElfImage(kernel.vmlinux)).value),
+                        ("wrong", bytes(b ^ 1 for b in note.value))):
+        bad = tmp_path / name
+        data = bytearray(out.read_bytes())
+        data[note.offset:note.offset + note.size] = value
+        bad.write_bytes(bytes(data))
+        report = verify(bad, against=kernel.vmlinux)
+        assert not report.ok
+        assert [p for p in report.problems if "build-id" in p], report.problems
 
 
 @pytest.mark.distro
