@@ -16,6 +16,7 @@ Three questions, answered from the model and the kernel's text layout:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -295,6 +296,11 @@ class Placement:
             self.free[k] = [[int(starts[i]), int(ends[j])] for i, j in zip(a, b)]
         self.spill = [k for k, r in enumerate(regions) if r.movable and r.kind == PLAIN]
 
+    @cached_property
+    def region_of(self) -> dict[int, int]:
+        """Function row -> its region, for every function that moves."""
+        return dict(zip(self.plan.rows.tolist(), self.plan.region.tolist()))
+
     def free_ranges(self) -> np.ndarray:
         out = [(lo, hi) for ranges in self.free.values() for lo, hi in ranges]
         return np.array(sorted(out), np.uint64).reshape(-1, 2)
@@ -367,7 +373,7 @@ class Placement:
             failed += g_failed
         if failed:
             raise NoRoom(sorted(set(failed)), f"no room for {len(failed)} functions")
-        region_of = dict(zip(plan.rows.tolist(), plan.region.tolist()))
+        region_of = self.region_of
 
         def alternatives(row):
             return [i for a, b in self._choices(region_of[row], span) for i in range(a, b)]
@@ -388,7 +394,7 @@ class Placement:
         if before is None or not len(members):
             return {}
         prev = before[members]
-        region_of = dict(zip(self.plan.rows.tolist(), self.plan.region.tolist()))
+        region_of = self.region_of
         out = {}
         for i in np.flatnonzero(prev >= 0).tolist():
             p, me = int(prev[i]), int(members[i])
@@ -405,7 +411,7 @@ class Placement:
         their free ranges, first fit (best fit in the regions of ``best_fit``):
         (bases [2, members], range numbers [2, members], rows that found no
         room)."""
-        region_of = dict(zip(self.plan.rows.tolist(), self.plan.region.tolist()))
+        region_of = self.region_of
         at_member = {int(r): i for i, r in enumerate(members.tolist())}
         m_bases = np.zeros((2, len(members)), np.uint64)
         m_ranges = np.full((2, len(members)), -1, np.int64)
@@ -564,7 +570,7 @@ def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: 
                                                          memo=memo, best_fit=frozenset(best_fit))
             return plan, placement, hot_base, cold_base, free, stayed, variant
         except NoRoom as full:
-            region_of = dict(zip(plan.rows.tolist(), plan.region.tolist()))
+            region_of = placement.region_of
             short: dict[int, int] = {}
             for row in full.rows:
                 short[region_of[row]] = short.get(region_of[row], 0) + int(h[row] + c[row])

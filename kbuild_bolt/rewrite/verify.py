@@ -295,13 +295,14 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
     s_lo, s_hi = ranges[:, 0].astype(np.uint64), ranges[:, 1].astype(np.uint64)
     insns = inp.insns
     with_field = np.flatnonzero(insns.field_size > 0)
-    # (instruction fields are disjoint and in address order, so are relocated
-    # fields: each is checked by a binary search, not as millions of ranges)
+    # (instruction fields are disjoint and in address order; relocated fields are
+    # all 4 bytes, so the last one starting at or before an address reaches
+    # furthest: each is checked by a binary search, not as millions of ranges)
     f_lo = insns.addr[with_field] + insns.field_off[with_field]
-    f_hi = f_lo + insns.field_size[with_field]
-    del with_field
-    rel = inp.code_relocations
-    r_lo = np.sort(rel.offset)
+    fields = np.stack([f_lo, f_lo + insns.field_size[with_field]], axis=1)
+    del with_field, f_lo
+    r_lo = np.sort(inp.code_relocations.offset)
+    relocated = np.stack([r_lo, r_lo + np.uint64(4)], axis=1)
     problems = []
     checked = 0
     for s in a.sections:
@@ -319,25 +320,11 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
         bad = np.flatnonzero(changed & ~_covered(s.addr, s.size, s_lo, s_hi))
         if len(bad):
             at = np.uint64(s.addr) + bad.astype(np.uint64)
-            bad = bad[~(_in_sorted_ranges(f_lo, f_hi, at)
-                        | _in_sorted_ranges(r_lo, r_lo + np.uint64(4), at))]
+            bad = bad[~(_inside(fields, at) | _inside(relocated, at))]
         for off in bad[:5].tolist():
             problems.append(f"{s.name}: {inp.symbolize(s.addr + off)} changed outside "
                             "rewritten functions")
     return checked, problems
-
-
-def _in_sorted_ranges(lo: np.ndarray, hi: np.ndarray, addrs: np.ndarray) -> np.ndarray:
-    """True where an address lies in [lo[i], hi[i]) of the range starting last at
-    or before it (``lo`` ascending; ranges that overlap only their neighbours
-    before them, as 4-byte relocated fields may not, are checked one step back)."""
-    i = np.searchsorted(lo, addrs, side="right").astype(np.int64) - 1
-    out = np.zeros(len(addrs), bool)
-    for back in (0, 1):
-        j = i - back
-        ok = j >= 0
-        out[ok] |= addrs[ok] < hi[j[ok]]
-    return out
 
 
 def _covered(base: int, size: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
