@@ -117,6 +117,8 @@ def rewrite_options(args):
         plant_fault=args.plant_fault, progress=not args.quiet,
         dyno_stats=getattr(args, "dyno_stats", False),
         reorder_functions=args.reorder_functions, split_functions=args.split_functions,
+        strip_debug=getattr(args, "strip_debug", False),
+        address_map=getattr(args, "address_map", None),
     )
 
 
@@ -156,6 +158,18 @@ def cmd_bzimage(args) -> int:
 def cmd_verify(args) -> int:
     from kbuild_bolt.rewrite.verify import verify
 
+    if args.debug:
+        from kbuild_bolt.rewrite.verify_debug import verify_debug
+
+        if not args.against or not args.address_map:
+            raise KbbError("verify --debug needs --against INPUT and --address-map MAP")
+        for path in (args.vmlinux, args.against, args.address_map):
+            if not os.path.exists(path):
+                raise KbbError(f"{path}: no such file")
+        report = verify_debug(args.vmlinux, args.against, args.address_map,
+                              sample=args.sample, seed=args.seed)
+        print(report.summary())
+        return 0 if report.ok else 1
     report = verify(args.vmlinux, against=args.against)
     print(report.summary())
     return 0 if report.ok else 1
@@ -216,6 +230,11 @@ def add_rewrite_arguments(p) -> None:
                    help="leave these functions alone (comma-separated, or @file)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="do not verify the output before writing it")
+    p.add_argument("--strip-debug", action="store_true",
+                   help="empty the debug sections instead of updating their DWARF")
+    p.add_argument("--address-map", metavar="FILE",
+                   help="write where old code is now (for verify --debug and profiles of the "
+                        "optimized kernel)")
     p.add_argument("--plant-fault", metavar="KIND[@FUNCTION]", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -618,6 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "headers, symbols and unchanged bytes match the input.")
     p.add_argument("vmlinux")
     p.add_argument("--against", metavar="VMLINUX", help="the input it was rewritten from")
+    p.add_argument("--debug", action="store_true",
+                   help="check the DWARF instead: inline chains (llvm-symbolizer) at new "
+                        "addresses equal the input's at old ones")
+    p.add_argument("--address-map", metavar="MAP", help="what rewrite --address-map wrote")
+    p.add_argument("--sample", type=int, default=20000,
+                   help="check this many moved instructions (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="which sample")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("install-hooks", help="patch a kernel tree for make CONFIG_BOLT=y",

@@ -64,10 +64,11 @@ def _copy_without(source_path, dest_path, size: int, holes: list[tuple[int, int]
 
 
 class OutputImage:
-    def __init__(self, source, dest, drop_debug: bool = False):
+    def __init__(self, source, dest, drop_debug=False):
         """A copy of ``source`` to patch, renamed to ``dest`` by :meth:`commit`.
-        ``drop_debug``: the debug sections will be emptied (:meth:`strip_debug`),
-        so their bytes are not copied."""
+        ``drop_debug``: the debug sections will be emptied or replaced, so their
+        bytes are not copied: True for all of them, or a set of names (the
+        relocations of debug sections are always among them)."""
         self.source = source  # ElfImage of the input
         self.dest = Path(dest)
         directory = self.dest.parent if str(self.dest.parent) else Path(".")
@@ -80,7 +81,9 @@ class OutputImage:
             if drop_debug:
                 _copy_without(source.path, self.tmp, os.path.getsize(source.path),
                               [(d.offset, d.offset + d.size)
-                               for d in debug_sections(source.sections)])
+                               for d in debug_sections(source.sections)
+                               if drop_debug is True or d.name in drop_debug
+                               or d.name.startswith(".rela.debug")])
             else:
                 shutil.copyfile(source.path, self.tmp)
             self._file = open(self.tmp, "r+b")

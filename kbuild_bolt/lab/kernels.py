@@ -43,6 +43,7 @@ FLAVORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "6.12-regular": ("6.12", ("lab.config",)),
     "6.12-hardened": ("6.12", ("lab.config", "hardened-6.12.config")),
     "6.1-regular": ("6.1", ("lab.config",)),
+    "6.1-debug": ("6.1", ("lab.config", "debug-info-dwarf4.config")),
 }
 
 

@@ -22,6 +22,8 @@ class RewriteOptions:
     verify: bool = True
     # Testing hook for bisect: leave this many table entries stale on purpose.
     plant_fault: str | None = None
+    strip_debug: bool = False               # empty the debug sections instead of updating them
+    address_map: str | None = None          # write old -> new code pieces here (npz)
     progress: bool = True
     # Put blocks that do not fit a function's slot into free room in .text.
     split: bool = True
@@ -53,6 +55,8 @@ class RewriteResult:
     relocations_changed: int = 0
     fields_rewritten: int = 0
     stripped: list = field(default_factory=list)
+    debug_stats: dict = field(default_factory=dict)      # DWARF updated: what changed
+    debug_problems: list = field(default_factory=list)   # DWARF that could not be made true
     seconds: dict = field(default_factory=dict)
     rewritten_names: list = field(default_factory=list)
     # Share of .text functions handled (rewritten or already in the chosen order).
@@ -138,6 +142,10 @@ class RewriteResult:
             lines.append("tables updated: " + ", ".join(f"{k} {v:,}" for k, v in self.tables.items()))
         lines.append(f"ORC entries: {self.orc_entries[0]:,} used of {self.orc_entries[1]:,} "
                      "(regenerated; the table keeps its size)")
+        if self.debug_stats:
+            lines.append("DWARF updated: " + ", ".join(f"{k} {v:,}" for k, v in self.debug_stats.items()))
+        for problem in self.debug_problems:
+            lines.append(f"DWARF: {problem}")
         if self.stripped:
             lines.append(f"debug sections removed (they described the old layout): "
                          f"{', '.join(self.stripped)}")

@@ -401,6 +401,7 @@ class Emission:
     item_size: np.ndarray
     item_base: np.ndarray     # COPY: old address of its first byte
     item_state: np.ndarray    # branches: old instruction whose ORC state applies
+    item_origin: np.ndarray   # branches: old instruction it stands for (-1: an added jump)
     new_addr: np.ndarray      # uint64 per instruction of the model: new address (0: none)
     # PC-relative fields that point into another rewritten function's interior,
     # resolved once every function has its place: function, field address, size,
@@ -485,7 +486,8 @@ class Emission:
             dropped_bytes=self.dropped_bytes[keep], item_func=index[self.item_func[items]],
             item_kind=self.item_kind[items], item_addr=self.item_addr[items],
             item_size=self.item_size[items], item_base=self.item_base[items],
-            item_state=self.item_state[items], new_addr=new_addr,
+            item_state=self.item_state[items], item_origin=self.item_origin[items],
+            new_addr=new_addr,
             deferred=(index[d[0][dk]],) + tuple(x[dk] for x in d[1:]),
             extent=None if self.extent is None else self.extent[keep],
             code_base=None if self.code_base is None else self.code_base[keep], free=self.free)
@@ -572,7 +574,7 @@ def _no_emission(n_insns: int) -> Emission:
                     code_len=none, frag_base=nowhere, frag_off=none, frag_len=none,
                     inserted_jumps=none, dropped_bytes=none, item_func=none,
                     item_kind=none, item_addr=nowhere, item_size=none, item_base=nowhere,
-                    item_state=none, new_addr=np.zeros(n_insns, np.uint64),
+                    item_state=none, item_origin=none, new_addr=np.zeros(n_insns, np.uint64),
                     deferred=(none, nowhere, none, nowhere, nowhere))
 
 
@@ -1241,7 +1243,8 @@ def _emission(plan: _Plan, items: _Items, addr, copied: _Copied, code, item_off,
         dropped_bytes=(plan.dropped_fill + np.bincount(lay_f, weights=items.dropped,
                                                        minlength=nf)).astype(np.int64),
         item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
-        item_base=copied.base, item_state=items.state, new_addr=new_addr, deferred=deferred,
+        item_base=copied.base, item_state=items.state, item_origin=items.origin,
+        new_addr=new_addr, deferred=deferred,
         **placed)
 
 

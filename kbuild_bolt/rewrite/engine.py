@@ -374,8 +374,11 @@ def fit_metadata(ctx: RewriteContext) -> None:
 def update(ctx: RewriteContext) -> None:
     """emission, metadata -> output (a finished temporary file), rewritten_rows, fragments."""
     moved = len(ctx.emission) > 0
-    # (debug sections are emptied when code moved: no need to copy them)
-    ctx.output = OutputImage(ctx.model.image, ctx.output_path, drop_debug=moved)
+    # (debug sections emptied or written again when code moved: no need to copy them)
+    from kbuild_bolt.dwarf.update import UPDATED
+
+    drop = (True if ctx.options.strip_debug else set(UPDATED)) if moved else False
+    ctx.output = OutputImage(ctx.model.image, ctx.output_path, drop_debug=drop)
     if moved:  # (nothing moved: the output is the input, byte for byte)
         amap = AddressMap(ctx.model, ctx.emission)
         ctx.symbol_values = symbol_values(ctx, amap)

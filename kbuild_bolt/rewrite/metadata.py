@@ -397,17 +397,51 @@ def _insert_symbols(ctx, records) -> tuple[bytes, bytes, int]:
 
 
 class DebugSections(MetadataRewriter):
-    """DWARF would describe the old layout: the debug sections are emptied (their
-    headers stay, so no section index changes)."""
+    """DWARF made true for the new layout (kbuild_bolt.dwarf): line programs,
+    scopes, range and location lists, aranges, .debug_frame. The relocations of
+    the debug sections are dropped (they describe the old bytes; gdb, binutils and
+    LLVM do not apply them to a linked kernel). With ``--strip-debug`` or DWARF
+    this tool cannot read, the debug sections are emptied instead (their headers
+    stay, so no section index changes)."""
 
     name = "debug sections"
 
-    def finalize(self, ctx, changes: FileChanges) -> None:
-        from kbuild_bolt.elf.writer import debug_sections
+    def __init__(self, keep: bool = True):
+        self.keep = keep
 
-        debug = debug_sections(ctx.model.image.sections)
-        changes.empty |= {s.index for s in debug}
-        ctx.result.stripped = [s.name for s in debug]
+    def finalize(self, ctx, changes: FileChanges) -> None:
+        from kbuild_bolt.dwarf.update import UPDATED, update_debug
+        from kbuild_bolt.elf.writer import debug_sections
+        from kbuild_bolt.rewrite.debuginfo import code_image, save_code_image
+
+        image = ctx.model.image
+        debug = debug_sections(image.sections)
+        if not debug:
+            return
+        if not self.keep:
+            changes.empty |= {s.index for s in debug}
+            ctx.result.stripped = [s.name for s in debug]
+            return
+
+        def read(name):
+            s = image.section(name)
+            if s is None or s.is_alloc or not s.size:
+                return None
+            return bytes(image.section_data(s))
+
+        code = code_image(ctx.model, ctx.emission)
+        if getattr(ctx.options, "address_map", None):
+            save_code_image(ctx.options.address_map, code)
+        result = update_debug(read, code, progress=getattr(ctx, "progress", None))
+        for s in debug:
+            if s.name.startswith(".rela.debug"):
+                changes.empty.add(s.index)
+            elif s.name in result.sections:
+                changes.replace[s.index] = result.sections[s.name]
+            elif s.name in UPDATED:
+                changes.replace[s.index] = read(s.name)
+        ctx.result.debug_stats = result.stats
+        ctx.result.debug_problems = result.problems
 
 
 class PlantedFault(MetadataRewriter):
@@ -450,7 +484,7 @@ def metadata_rewriters(options) -> list[MetadataRewriter]:
     """The rewriters of one run, in the order their updates are applied (the
     code first: relocated fields inside it are rewritten after it is copied)."""
     rewriters = [NewCode(), CodeReferences(), Relocations(), KernelTables(), OrcUnwind(),
-                 Symbols(), Kallsyms(), DebugSections()]
+                 Symbols(), Kallsyms(), DebugSections(keep=not getattr(options, "strip_debug", False))]
     if options.plant_fault:
         rewriters.append(PlantedFault(options.plant_fault))
     return rewriters

@@ -5,7 +5,8 @@ import pytest
 from kbuild_bolt.lab.distro import distro_kernel
 from kbuild_bolt.lab.kernels import FLAVORS, lab_kernel
 
-LAB_FLAVORS = tuple(FLAVORS)
+# (the debug-info flavor serves the DWARF tests only)
+LAB_FLAVORS = tuple(f for f in FLAVORS if not f.endswith("-debug"))
 
 
 def pytest_collection_modifyitems(items):

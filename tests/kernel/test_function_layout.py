@@ -34,7 +34,7 @@ def random_layout(flavor, vmlinux, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"functions-{flavor}") / "vmlinux"
         result = rewrite(vmlinux, out, RewriteOptions(
             reorder_blocks="random", reorder_functions="random", split_functions=True,
-            seed=SEEDS[flavor], progress=False))
+            seed=SEEDS[flavor], progress=False, strip_debug=True))
         _REWRITES[flavor] = (out, result)
     return _REWRITES[flavor]
 

@@ -22,6 +22,7 @@ LAYERS = [
                     "kbuild_bolt.memory", "kbuild_bolt.arrays", "kbuild_bolt.cache",
                     "kbuild_bolt.processes"]),
     ("elf", ["kbuild_bolt.elf"]),
+    ("dwarf", ["kbuild_bolt.dwarf"]),
     ("x86", ["kbuild_bolt.x86"]),
     ("kernel tables", ["kbuild_bolt.kernel"]),
     ("binary", ["kbuild_bolt.binary"]),

@@ -1,0 +1,203 @@
+"""Range lists and location lists: DWARF 5 (.debug_rnglists, .debug_loclists) and
+DWARF 4 (.debug_ranges, .debug_loc), read to absolute addresses and written
+again for moved code.
+
+New lists are appended: for DWARF 5 as one more unit at the end of the section
+(a header of its own, so tools that walk the section's units read them), for
+DWARF 4 after the old lists. Old lists nobody points at any more stay where they
+are; these sections are not loaded.
+
+GCC's location views (DW_AT_GNU_locviews): a list of (begin view, end view)
+ULEB128 pairs, one per bounded entry, placed right before the location list.
+A new list keeps that shape.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kbuild_bolt.dwarf.leb import DwarfError, enc_uleb, u16, u64, uleb
+
+_PAIR = struct.Struct("<QQ").unpack_from
+
+MAX = 0xFFFFFFFFFFFFFFFF
+
+# DWARF 5 location list entries
+LLE_END, LLE_BASE_X, LLE_STARTX_ENDX, LLE_STARTX_LENGTH, LLE_OFFSET_PAIR = 0, 1, 2, 3, 4
+LLE_DEFAULT, LLE_BASE, LLE_START_END, LLE_START_LENGTH, LLE_GNU_VIEW_PAIR = 5, 6, 7, 8, 9
+# DWARF 5 range list entries
+RLE_END, RLE_BASE_X, RLE_STARTX_ENDX, RLE_STARTX_LENGTH, RLE_OFFSET_PAIR = 0, 1, 2, 3, 4
+RLE_BASE, RLE_START_END, RLE_START_LENGTH = 5, 6, 7
+
+DEFAULT = -1   # lo of a DW_LLE_default_location entry
+
+
+def read_loclist(b, off: int, version: int, base: int) -> list[tuple[int, int, int, int, tuple]]:
+    """Entries (lo, hi, expression start, expression length, views) with absolute
+    addresses; a default location has lo == DEFAULT. ``views`` is () unless the
+    list carries DW_LLE_GNU_view_pair entries itself."""
+    out = []
+    p = off
+    if version >= 5:
+        view = ()
+        while True:
+            kind = b[p]
+            p += 1
+            if kind == LLE_END:
+                return out
+            if kind == LLE_BASE:
+                base = u64(b, p)
+                p += 8
+                continue
+            if kind == LLE_GNU_VIEW_PAIR:
+                v0, p = uleb(b, p)
+                v1, p = uleb(b, p)
+                view = (v0, v1)
+                continue
+            if kind == LLE_OFFSET_PAIR:
+                a, p = uleb(b, p)
+                c, p = uleb(b, p)
+                lo, hi = base + a, base + c
+            elif kind == LLE_START_END:
+                lo, hi = u64(b, p), u64(b, p + 8)
+                p += 16
+            elif kind == LLE_START_LENGTH:
+                lo = u64(b, p)
+                n, p = uleb(b, p + 8)
+                hi = lo + n
+            elif kind == LLE_DEFAULT:
+                lo = hi = DEFAULT
+            else:
+                raise DwarfError(f".debug_loclists at {off:#x}: entry kind {kind} is not supported")
+            n, p = uleb(b, p)
+            out.append((lo & MAX, hi & MAX, p, n, view))
+            view = ()
+            p += n
+    while True:
+        lo, hi = _PAIR(b, p)
+        p += 16
+        if lo == 0 and hi == 0:
+            return out
+        if lo == MAX:
+            base = hi
+            continue
+        n = u16(b, p)
+        p += 2
+        out.append(((base + lo) & MAX, (base + hi) & MAX, p, n, ()))
+        p += n
+
+
+def read_rnglist(b, off: int, version: int, base: int) -> list[tuple[int, int]]:
+    out = []
+    p = off
+    if version >= 5:
+        while True:
+            kind = b[p]
+            p += 1
+            if kind == RLE_END:
+                return out
+            if kind == RLE_BASE:
+                base = u64(b, p)
+                p += 8
+            elif kind == RLE_OFFSET_PAIR:
+                a, p = uleb(b, p)
+                c, p = uleb(b, p)
+                out.append(((base + a) & MAX, (base + c) & MAX))
+            elif kind == RLE_START_END:
+                out.append((u64(b, p), u64(b, p + 8)))
+                p += 16
+            elif kind == RLE_START_LENGTH:
+                lo = u64(b, p)
+                n, p = uleb(b, p + 8)
+                out.append((lo, lo + n))
+            else:
+                raise DwarfError(f".debug_rnglists at {off:#x}: entry kind {kind} is not supported")
+    while True:
+        lo, hi = _PAIR(b, p)
+        p += 16
+        if lo == 0 and hi == 0:
+            return out
+        if lo == MAX:
+            base = hi
+            continue
+        out.append(((base + lo) & MAX, (base + hi) & MAX))
+
+
+def read_views(b, off: int, count: int) -> list[tuple[int, int]]:
+    out = []
+    p = off
+    for _ in range(count):
+        v0, p = uleb(b, p)
+        v1, p = uleb(b, p)
+        out.append((v0, v1))
+    return out
+
+
+class ListWriter:
+    """New lists appended to one section (``old`` is its current content)."""
+
+    def __init__(self, old, version: int, kind: str):
+        self.version = version
+        self.out = bytearray(old)
+        self.kind = kind
+        self._unit = None
+        if version >= 5:
+            self._unit = len(self.out)
+            self.out += bytes(12)            # unit header, filled in by finish()
+
+    def rnglist(self, ranges) -> int:
+        off = len(self.out)
+        out = self.out
+        if self.version >= 5:
+            for lo, hi in ranges:
+                out.append(RLE_START_LENGTH)
+                out += lo.to_bytes(8, "little") + enc_uleb(hi - lo)
+            out.append(RLE_END)
+        else:
+            out += MAX.to_bytes(8, "little") + bytes(8)     # base address 0: absolute pairs
+            for lo, hi in ranges:
+                if lo == hi:
+                    continue                                  # (an empty pair could end the list)
+                out += lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+            out += bytes(16)
+        return off
+
+    def loclist(self, entries, exprs, views) -> tuple[int, int]:
+        """entries: (lo, hi, expression index); exprs: bytes; views: (begin, end) per
+        entry or None. Returns (offset of the views, offset of the list)."""
+        out = self.out
+        v_off = len(out)
+        if views is not None:
+            for (v0, v1), (lo, _, _) in zip(views, entries):
+                if lo != DEFAULT:
+                    out += enc_uleb(v0) + enc_uleb(v1)
+        off = len(out)
+        if self.version >= 5:
+            for lo, hi, e in entries:
+                x = exprs[e]
+                if lo == DEFAULT:
+                    out.append(LLE_DEFAULT)
+                else:
+                    out.append(LLE_START_LENGTH)
+                    out += lo.to_bytes(8, "little") + enc_uleb(hi - lo)
+                out += enc_uleb(len(x)) + x
+            out.append(LLE_END)
+        else:
+            out += MAX.to_bytes(8, "little") + bytes(8)
+            for lo, hi, e in entries:
+                x = exprs[e]
+                if lo == DEFAULT:
+                    raise DwarfError("a DWARF 4 location list cannot hold a default location")
+                if lo == 0 and hi == 0:
+                    continue
+                out += lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+                out += len(x).to_bytes(2, "little") + x
+            out += bytes(16)
+        return v_off, off
+
+    def finish(self) -> bytes:
+        if self._unit is not None:
+            n = len(self.out) - self._unit - 4
+            self.out[self._unit:self._unit + 12] = (n.to_bytes(4, "little") + (5).to_bytes(2, "little")
+                                                    + bytes((8, 0)) + bytes(4))
+        return bytes(self.out)

@@ -1,0 +1,517 @@
+"""The debug sections of a kernel whose code moved: every code address made true.
+
+.debug_info keeps its size and layout (no DIE moves, so no reference inside it
+changes): addresses are patched in place; a scope that is no longer contiguous
+gets DW_AT_ranges in place of DW_AT_high_pc (same bytes: the section offset and a
+padding attribute; its abbreviation is changed for every DIE that uses it, and
+DW_AT_low_pc stays as the scope's entry). New range and location lists are
+appended to their sections; .debug_line and .debug_aranges are written again;
+.debug_frame loses the FDEs of code that moved (see ``frame``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kbuild_bolt.dwarf import aranges as aranges_mod
+from kbuild_bolt.dwarf import frame as frame_mod
+from kbuild_bolt.dwarf.expr import addr_operands
+from kbuild_bolt.dwarf.image import CodeImage
+from kbuild_bolt.dwarf.info import (AT_KBB_PADDING, AT_RANGES, FORM_ADDR, FORM_BLOCK, FORM_DATA1,
+                                    FORM_DATA2, FORM_DATA4, FORM_DATA8, FORM_SEC_OFFSET,
+                                    FORM_UDATA, TAG_COMPILE_UNIT, TAG_PARTIAL_UNIT, walk)
+from kbuild_bolt.dwarf.leb import DwarfError, enc_sleb, enc_uleb, enc_uleb_padded, uleb
+from kbuild_bolt.dwarf.lines import update_lines
+from kbuild_bolt.dwarf.lists import DEFAULT, ListWriter, read_loclist, read_rnglist, read_views
+
+# The sections this module writes again (the others, .debug_str and friends, stay).
+UPDATED = (".debug_info", ".debug_abbrev", ".debug_line", ".debug_loclists", ".debug_rnglists",
+           ".debug_loc", ".debug_ranges", ".debug_aranges", ".debug_frame")
+HIGH_SIZE = {FORM_DATA1: 1, FORM_DATA2: 2, FORM_DATA4: 4, FORM_DATA8: 8, FORM_ADDR: 8}
+
+
+@dataclass
+class DebugUpdate:
+    sections: dict                       # name -> new bytes
+    stats: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+
+
+class _Bytes:
+    """Fixed-size little-endian fields of a bytearray, many at a time."""
+
+    def __init__(self, buf: bytearray):
+        self.buf = buf
+        self.a = np.frombuffer(buf, np.uint8)
+
+    def get(self, pos: np.ndarray, size: int) -> np.ndarray:
+        idx = pos.astype(np.int64)[:, None] + np.arange(size)
+        raw = np.ascontiguousarray(self.a[idx])
+        return raw.view({8: "<u8", 4: "<u4", 2: "<u2", 1: "u1"}[size]).ravel().astype(np.uint64)
+
+    def put(self, pos: np.ndarray, values: np.ndarray, size: int) -> None:
+        if not len(pos):
+            return
+        dt = {8: "<u8", 4: "<u4", 2: "<u2", 1: "u1"}[size]
+        raw = np.asarray(values).astype(dt).view(np.uint8).reshape(-1, size)
+        idx = pos.astype(np.int64)[:, None] + np.arange(size)
+        self.a[idx] = raw
+
+
+def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
+    """``read(name)``: a debug section's bytes (None when absent)."""
+    info = read(".debug_info")
+    abbrev = read(".debug_abbrev")
+    if info is None or abbrev is None:
+        return DebugUpdate({})
+    say = progress or (lambda *_: None)
+    say("DWARF: reading .debug_info")
+    found = walk(info, abbrev)
+    out = bytearray(info)
+    f = _Bytes(out)
+    res = DebugUpdate({})
+    stats = res.stats
+    units = found.units
+    version = np.array([u.version for u in units], np.int64)
+    base = np.array([u.base for u in units], np.uint64)
+
+    loc_name = ".debug_loclists" if (version >= 5).any() else ".debug_loc"
+    rng5, rng4 = read(".debug_rnglists"), read(".debug_ranges")
+    loc5, loc4 = read(".debug_loclists"), read(".debug_loc")
+    writers = {5: {"rng": ListWriter(rng5 or b"", 5, "rng"), "loc": ListWriter(loc5 or b"", 5, "loc")},
+               4: {"rng": ListWriter(rng4 or b"", 4, "rng"), "loc": ListWriter(loc4 or b"", 4, "loc")}}
+    used = {(5, "rng"): False, (5, "loc"): False, (4, "rng"): False, (4, "loc"): False}
+    del loc_name
+
+    def writer(v: int, kind: str) -> ListWriter:
+        k = 5 if v >= 5 else 4
+        used[(k, kind)] = True
+        return writers[k][kind]
+
+    # Points: entry_pc, return addresses, labels.
+    say("DWARF: addresses")
+    p_pos = np.frombuffer(found.p_pos, np.int64)
+    p_end = np.frombuffer(found.p_end, np.int64).astype(bool)
+    vals = f.get(p_pos, 8)
+    new = vals.copy()
+    gone = 0
+    for flag in (False, True):
+        sel = p_end == flag
+        if sel.any():
+            n, ok = image.points(vals[sel], end=flag)
+            new[sel] = n
+            gone += int((~ok).sum())
+    ch = new != vals
+    f.put(p_pos[ch], new[ch], 8)
+    stats["addresses"] = int(ch.sum())
+    if gone:
+        res.problems.append(f"{gone} addresses point at code that is gone (kept as they were)")
+
+    # Expressions in .debug_info: DW_OP_addr of code.
+    stats["expression addresses"] = _patch_exprs(info, f, np.frombuffer(found.e_pos, np.int64),
+                                                 np.frombuffer(found.e_len, np.int64), image)
+
+    # Scopes.
+    say("DWARF: scopes")
+    convert = _scopes(found, info, f, image, version, base, writer, res)
+
+    # Range lists of DIEs that already have DW_AT_ranges.
+    _range_lists(found, f, image, version, base, rng5, rng4, writer, res)
+
+    # Location lists.
+    say("DWARF: location lists")
+    _location_lists(found, f, image, version, base, loc5, loc4, writer, res)
+
+    # Abbreviations changed for scopes that became ranges.
+    new_abbrev, abbrev_offsets = _abbrevs(found, abbrev, convert)
+    for u in units:
+        f.put(np.array([u.abbrev_field]), np.array([abbrev_offsets[u.abbrev_offset]]), 4)
+
+    say("DWARF: line programs")
+    line = read(".debug_line")
+    if line is not None:
+        new_line, offsets = update_lines(line, image)
+        for u in units:
+            if u.stmt_list_field >= 0:
+                if u.stmt_list not in offsets:
+                    raise DwarfError(f".debug_info unit at {u.offset:#x}: DW_AT_stmt_list "
+                                     f"{u.stmt_list:#x} is not a line program")
+                f.put(np.array([u.stmt_list_field]), np.array([offsets[u.stmt_list]]), 4)
+        res.sections[".debug_line"] = new_line
+
+    ar = read(".debug_aranges")
+    if ar is not None:
+        res.sections[".debug_aranges"] = aranges_mod.update(ar, image)
+    fr = read(".debug_frame")
+    if fr is not None:
+        res.sections[".debug_frame"], stats["FDEs dropped"] = frame_mod.update(fr, image)
+
+    res.sections[".debug_info"] = bytes(out)
+    res.sections[".debug_abbrev"] = new_abbrev
+    for (v, kind), was_used in used.items():
+        name = {(5, "rng"): ".debug_rnglists", (5, "loc"): ".debug_loclists",
+                (4, "rng"): ".debug_ranges", (4, "loc"): ".debug_loc"}[(v, kind)]
+        if was_used:
+            res.sections[name] = writers[v][kind].finish()
+    return res
+
+
+def _patch_exprs(data, f: _Bytes, pos: np.ndarray, length: np.ndarray, image: CodeImage) -> int:
+    ops = []
+    for p, n in zip(pos.tolist(), length.tolist()):
+        if n >= 9:
+            ops += addr_operands(data, p, n)
+    if not ops:
+        return 0
+    ops = np.array(ops, np.int64)
+    vals = f.get(ops, 8)
+    new, ok = image.points(vals)
+    ch = ok & (new != vals)
+    f.put(ops[ch], new[ch], 8)
+    return int(ch.sum())
+
+
+def _high_values(info, found, sel: np.ndarray, f: _Bytes, lo: np.ndarray):
+    """(hi, field size) of the DW_AT_high_pc of scopes ``sel``."""
+    high = np.frombuffer(found.s_high, np.int64)[sel]
+    form = np.frombuffer(found.s_high_form, np.int64)[sel]
+    hi = np.zeros(len(high), np.uint64)
+    size = np.zeros(len(high), np.int64)
+    for fm, sz in HIGH_SIZE.items():
+        m = form == fm
+        if m.any():
+            v = f.get(high[m], sz)
+            hi[m] = v if fm == FORM_ADDR else lo[m] + v
+            size[m] = sz
+    m = form == FORM_UDATA
+    for k in np.flatnonzero(m).tolist():
+        v, e = uleb(info, int(high[k]))
+        hi[k] = lo[k] + np.uint64(v)
+        size[k] = e - int(high[k])
+    bad = ~np.isin(form, list(HIGH_SIZE) + [FORM_UDATA])
+    if bad.any():
+        raise DwarfError(f"DW_AT_high_pc as form {int(form[bad][0]):#x} is not supported")
+    return hi, size, form
+
+
+def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res):
+    """low_pc/high_pc scopes: moved, or turned into ranges. Returns the
+    abbreviations to convert: {(table offset, code): (high_pc form)}."""
+    s_low = np.frombuffer(found.s_low, np.int64)
+    s_high = np.frombuffer(found.s_high, np.int64)
+    s_unit = np.frombuffer(found.s_unit, np.int64)
+    s_code = np.frombuffer(found.s_code, np.int64)
+    s_tag = np.frombuffer(found.s_tag, np.int64)
+    sel = np.flatnonzero((s_high >= 0) & (s_low >= 0))
+    lo = f.get(s_low[sel], 8)
+    hi, size, form = _high_values(info, found, sel, f, lo)
+    idx, nlo, nhi = image.ranges(lo, hi)
+    count = np.bincount(idx, minlength=len(sel))
+    first = np.searchsorted(idx, np.arange(len(sel)))
+    fc = np.minimum(first, max(len(idx) - 1, 0))
+    same = (count == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else count == 0
+    empty_same = (count == 0) & (lo == hi)
+    changed = ~(same | empty_same)
+    is_cu = np.isin(s_tag[sel], [TAG_COMPILE_UNIT, TAG_PARTIAL_UNIT])
+    table = np.array([found.units[u].abbrev_offset for u in s_unit[sel].tolist()], np.int64) \
+        if len(sel) else np.zeros(0, np.int64)
+    # Contiguous still: new low_pc, new length.
+    single = changed & (count == 1) & ~is_cu
+    fits = single.copy()
+    new_len = (nhi[fc] - nlo[fc]) if len(idx) else np.zeros(len(sel), np.uint64)
+    for sz in (1, 2, 4):
+        m = single & (size == sz) & (form != FORM_UDATA)
+        fits[m] &= new_len[m] < (1 << (8 * sz))
+    m = single & (form == FORM_UDATA)
+    for k in np.flatnonzero(m).tolist():
+        fits[k] = enc_uleb_padded(int(new_len[k]), int(size[k])) is not None
+    empty_moved = changed & (count == 0) & (lo == hi)
+    if empty_moved.any():
+        # an empty scope stays empty where its address is now
+        n, ok = image.points(lo[empty_moved])
+        k = np.flatnonzero(empty_moved)
+        f.put(s_low[sel][k[ok]], n[ok], 8)
+        changed[k] = False
+    simple = np.flatnonzero(fits)
+    f.put(s_low[sel][simple], nlo[fc][simple], 8)
+    for sz in (1, 2, 4, 8):
+        m = simple[(size[simple] == sz) & (form[simple] != FORM_UDATA) & (form[simple] != FORM_ADDR)]
+        f.put(s_high[sel][m], new_len[m], sz)
+    m = simple[form[simple] == FORM_ADDR]
+    f.put(s_high[sel][m], nhi[fc][m], 8)
+    for k in simple[form[simple] == FORM_UDATA].tolist():
+        p = int(s_high[sel][k])
+        f.buf[p:p + int(size[k])] = enc_uleb_padded(int(new_len[k]), int(size[k]))
+    res.stats["scopes moved"] = len(simple)
+    # Not contiguous any more (or a unit's scope: its low_pc is the base of its lists).
+    need = changed & ~fits
+    convert = {}
+    for t, c, fm in zip(table[need].tolist(), s_code[sel][need].tolist(), form[need].tolist()):
+        convert[(t, c)] = fm
+    if not convert:
+        res.stats["scopes made ranges"] = 0
+        return convert
+    keys = table * (1 << 32) + s_code[sel]
+    want = np.array([t * (1 << 32) + c for t, c in convert], np.int64)
+    members = np.flatnonzero(np.isin(keys, want))
+    # every DIE of a converted abbreviation must have room for a section offset
+    small = members[(size[members] < 4) | ((form[members] == FORM_UDATA) & (size[members] < 5))]
+    if len(small):
+        bad_keys = set(keys[small].tolist())
+        for key in bad_keys:
+            convert.pop((key >> 32, key & 0xFFFFFFFF), None)
+        lost = int(np.isin(keys[need], list(bad_keys)).sum())
+        res.problems.append(f"{lost} scopes are not contiguous any more and their DW_AT_high_pc "
+                            "has no room for DW_AT_ranges (kept as they were)")
+        members = members[~np.isin(keys[members], list(bad_keys))]
+    starts = (np.cumsum(count) - count).tolist()
+    cnt = count.tolist()
+    nlo_l, nhi_l = nlo.tolist(), nhi.tolist()
+    lo_entry, ok = image.points(lo[members])
+    unit_l = s_unit[sel][members].tolist()
+    high_l = s_high[sel][members].tolist()
+    size_l = size[members].tolist()
+    cu_l = is_cu[members].tolist()
+    entry_l = np.where(ok, lo_entry, lo[members]).tolist()
+    vers = version.tolist()
+    buf = f.buf
+    low_pos, low_val = [], []
+    s_low_m = s_low[sel][members].tolist()
+    for j, k in enumerate(members.tolist()):
+        a = starts[k]
+        rl = list(zip(nlo_l[a:a + cnt[k]], nhi_l[a:a + cnt[k]]))
+        off = writer(vers[unit_l[j]], "rng").rnglist(rl)
+        p = high_l[j]
+        n = size_l[j]
+        blob = off.to_bytes(4, "little")
+        if n > 4:
+            blob += enc_uleb(n - 5) + bytes(n - 5)
+        buf[p:p + n] = blob
+        if not cu_l[j]:
+            # low_pc: the scope's entry (where its first instruction is now)
+            low_pos.append(s_low_m[j])
+            low_val.append(entry_l[j] if ok[j] or not rl else rl[0][0])
+    if low_pos:
+        f.put(np.array(low_pos, np.int64), np.array(low_val, np.uint64), 8)
+    res.stats["scopes made ranges"] = len(members)
+    return convert
+
+
+def _list_images(image: CodeImage, lo: np.ndarray, hi: np.ndarray):
+    """Images of many ranges; an empty range maps to an empty range at its point."""
+    idx, nlo, nhi = image.ranges(lo, hi)
+    empty = np.flatnonzero(lo == hi)
+    if len(empty):
+        n, ok = image.points(lo[empty])
+        idx = np.r_[idx, empty[ok]]
+        nlo = np.r_[nlo, n[ok]]
+        nhi = np.r_[nhi, n[ok]]
+        order = np.lexsort((nlo, idx))
+        idx, nlo, nhi = idx[order], nlo[order], nhi[order]
+    return idx, nlo, nhi
+
+
+def _range_lists(found, f, image, version, base, rng5, rng4, writer, res) -> None:
+    s_ranges = np.frombuffer(found.s_ranges, np.int64)
+    s_unit = np.frombuffer(found.s_unit, np.int64)
+    sel = np.flatnonzero(s_ranges >= 0)
+    if not len(sel):
+        return
+    offs = f.get(s_ranges[sel], 4)
+    lists = {}
+    flat_lo, flat_hi, flat_list = [], [], []
+    keys = []
+    for off, ui in zip(offs.tolist(), s_unit[sel].tolist()):
+        v = int(version[ui])
+        key = (off, v, int(base[ui]))
+        keys.append(key)
+        if key in lists:
+            continue
+        data = rng5 if v >= 5 else rng4
+        if data is None:
+            raise DwarfError("DW_AT_ranges without a range list section")
+        rl = read_rnglist(data, off, v, key[2])
+        lists[key] = len(lists)
+        for a, b in rl:
+            flat_lo.append(a)
+            flat_hi.append(b)
+            flat_list.append(lists[key])
+    lo = np.array(flat_lo, np.uint64)
+    hi = np.array(flat_hi, np.uint64)
+    which = np.array(flat_list, np.int64)
+    idx, nlo, nhi = image.ranges(lo, hi)
+    count = np.bincount(idx, minlength=len(lo))
+    first = np.searchsorted(idx, np.arange(len(lo)))
+    fc = np.minimum(first, max(len(idx) - 1, 0))
+    same = (count == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else count == 0
+    same |= (count == 0) & (lo == hi)
+    changed_list = np.zeros(len(lists), bool)
+    np.logical_or.at(changed_list, which[~same], True)
+    new_off = {}
+    by_list = {}
+    for k, li in enumerate(which.tolist()):
+        by_list.setdefault(li, []).append(k)
+    nlo_l, nhi_l = nlo.tolist(), nhi.tolist()
+    start = np.r_[0, np.cumsum(count)[:-1]].tolist() if len(count) else []
+    cnt = count.tolist()
+    for key, li in lists.items():
+        if not changed_list[li]:
+            continue
+        rl = []
+        for k in by_list.get(li, ()):
+            a = start[k]
+            rl += list(zip(nlo_l[a:a + cnt[k]], nhi_l[a:a + cnt[k]]))
+        rl.sort()
+        new_off[key] = writer(key[1], "rng").rnglist(rl)
+    pos = s_ranges[sel]
+    patch = [(p, new_off[key]) for p, key in zip(pos.tolist(), keys) if key in new_off]
+    if patch:
+        f.put(np.array([p for p, _ in patch]), np.array([o for _, o in patch]), 4)
+    res.stats["range lists"] = len(new_off)
+
+
+def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> None:
+    l_pos = np.frombuffer(found.l_pos, np.int64)
+    l_views = np.frombuffer(found.l_views, np.int64)
+    l_unit = np.frombuffer(found.l_unit, np.int64)
+    if not len(l_pos):
+        return
+    offs = np.where(l_pos >= 0, f.get(np.maximum(l_pos, 0), 4).astype(np.int64), -1)
+    voffs = np.where(l_views >= 0, f.get(np.maximum(l_views, 0), 4).astype(np.int64), -1)
+    lists = {}
+    e_lo, e_hi, e_list = [], [], []
+    parsed = []
+    keys = []
+    for off, voff, ui in zip(offs.tolist(), voffs.tolist(), l_unit.tolist()):
+        v = int(version[ui])
+        key = (off, voff, v)
+        keys.append(key)
+        if key in lists or off < 0:
+            continue
+        data = loc5 if v >= 5 else loc4
+        if data is None:
+            raise DwarfError("a location list without a location list section")
+        entries = read_loclist(data, off, v, int(base[ui]))
+        views = None
+        if voff >= 0:
+            views = read_views(data, voff, sum(1 for e in entries if e[0] != DEFAULT))
+        li = len(parsed)
+        lists[key] = li
+        parsed.append((data, entries, views))
+        for lo, hi, _, _, _ in entries:
+            if lo == DEFAULT:
+                continue
+            e_lo.append(lo)
+            e_hi.append(hi)
+            e_list.append(li)
+    if not parsed:
+        return
+    lo = np.array(e_lo, np.uint64)
+    hi = np.maximum(np.array(e_hi, np.uint64), lo)
+    which = np.array(e_list, np.int64)
+    idx, nlo, nhi = _list_images(image, lo, hi)
+    count = np.bincount(idx, minlength=len(lo))
+    first = np.searchsorted(idx, np.arange(len(lo)))
+    fc = np.minimum(first, max(len(idx) - 1, 0))
+    same = (count == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else count == 0
+    changed = np.zeros(len(parsed), bool)
+    np.logical_or.at(changed, which[~same], True)
+    start = (np.cumsum(count) - count).tolist()
+    cnt = count.tolist()
+    nlo_l, nhi_l = nlo.tolist(), nhi.tolist()
+    # expressions with DW_OP_addr of moved code change the list too
+    addr_fix = {}
+    for li, (data, entries, _) in enumerate(parsed):
+        for _, _, p, n, _ in entries:
+            if n >= 9:
+                for q in addr_operands(data, p, n):
+                    addr_fix[(li, q)] = int.from_bytes(data[q:q + 8], "little")
+    if addr_fix:
+        k = list(addr_fix)
+        vals = np.array([addr_fix[x] for x in k], np.uint64)
+        new, ok = image.points(vals)
+        for (li, q), a, b, good in zip(k, vals.tolist(), new.tolist(), ok.tolist()):
+            if good and a != b:
+                changed[li] = True
+                addr_fix[(li, q)] = b
+            else:
+                del addr_fix[(li, q)]
+    fixes_of: dict[int, list] = {}
+    for (li, q), value in addr_fix.items():
+        fixes_of.setdefault(li, []).append((q, value))
+    new_off = {}
+    e = 0
+    for key, li in lists.items():
+        data, entries, views = parsed[li]
+        n_bounded = sum(1 for x in entries if x[0] != DEFAULT)
+        if not changed[li]:
+            e += n_bounded
+            continue
+        out_entries, exprs, out_views = [], [], ([] if views is not None else None)
+        vi = 0
+        fixes = fixes_of.get(li)
+        for lo_, hi_, p, n, _ in entries:
+            if fixes is None:
+                exprs.append(data[p:p + n])
+            else:
+                x = bytearray(data[p:p + n])
+                for q, value in fixes:
+                    if p <= q < p + n:
+                        x[q - p:q - p + 8] = value.to_bytes(8, "little")
+                exprs.append(bytes(x))
+            if lo_ == DEFAULT:
+                out_entries.append((DEFAULT, DEFAULT, len(exprs) - 1))
+                continue
+            a, c = start[e], cnt[e]
+            pieces = list(zip(nlo_l[a:a + c], nhi_l[a:a + c]))
+            vb, ve = views[vi] if views is not None else (0, 0)
+            vi += 1
+            e += 1
+            for j, (x0, x1) in enumerate(pieces):
+                out_entries.append((x0, x1, len(exprs) - 1))
+                if out_views is not None:
+                    out_views.append((vb if j == 0 else 0, ve if j == len(pieces) - 1 else 0))
+        # DWARF 4 lists: an address-ordered list reads best; keep entry order otherwise
+        new_off[key] = writer(key[2], "loc").loclist(out_entries, exprs, out_views)
+    patch_l, patch_v = [], []
+    for p, vp, key in zip(l_pos.tolist(), l_views.tolist(), keys):
+        if key not in new_off:
+            continue
+        v_off, off = new_off[key]
+        if p >= 0:
+            patch_l.append((p, off))
+        if vp >= 0:
+            patch_v.append((vp, v_off))
+    for patch in (patch_l, patch_v):
+        if patch:
+            f.put(np.array([p for p, _ in patch]), np.array([o for _, o in patch]), 4)
+    res.stats["location lists"] = len(new_off)
+
+
+def _abbrevs(found, abbrev, convert) -> tuple[bytes, dict[int, int]]:
+    """.debug_abbrev with the converted declarations; old -> new table offsets."""
+    out = bytearray()
+    offsets = {}
+    for off in sorted(found.tables):
+        table = found.tables[off]
+        offsets[off] = len(out)
+        for a in sorted(table.values(), key=lambda a: a.decl[0]):
+            fm = convert.get((off, a.code))
+            if fm is None:
+                out += abbrev[a.decl[0]:a.decl[1]]
+                continue
+            out += enc_uleb(a.code) + enc_uleb(a.tag) + bytes((1 if a.children else 0,))
+            for at, form, const in a.specs:
+                if at == 0x12:     # DW_AT_high_pc
+                    out += enc_uleb(AT_RANGES) + enc_uleb(FORM_SEC_OFFSET)
+                    if HIGH_SIZE.get(form, 5) > 4 or form == FORM_UDATA:
+                        out += enc_uleb(AT_KBB_PADDING) + enc_uleb(FORM_BLOCK)
+                    continue
+                out += enc_uleb(at) + enc_uleb(form)
+                if const is not None:
+                    out += enc_sleb(const)
+            out += b"\0\0"
+        out += b"\0"
+    return bytes(out), offsets
