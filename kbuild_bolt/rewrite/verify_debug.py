@@ -73,8 +73,29 @@ def moved_instructions(image_in: ElfImage, code) -> np.ndarray:
     return np.unique(np.concatenate(starts).astype(np.uint64))
 
 
+def alias_names(image: ElfImage) -> dict[str, str]:
+    """name -> one name for all the symbols at its address (the symbolizer names the
+    outermost frame by the symbol table, and picks any of a function's aliases:
+    __x64_sys_foo or __ia32_sys_foo, memmove or __memmove)."""
+    symbols = image.symbols
+    names = symbols.names
+    by_addr: dict[int, list[str]] = {}
+    for i in np.flatnonzero(symbols.value != 0).tolist():
+        if names[i]:
+            by_addr.setdefault(int(symbols.value[i]), []).append(names[i])
+    out = {}
+    for group in by_addr.values():
+        if len(group) > 1:
+            first = min(group)
+            for n in group:
+                out[n] = first
+    return out
+
+
 def chains(obj: str, addrs: np.ndarray) -> list:
     tool = symbolizer()
+    with ElfImage(obj) as image:
+        aliases = alias_names(image)
     text = "\n".join(f"{a:#x}" for a in addrs.tolist()) + "\n"
     run = subprocess.run([tool, f"--obj={obj}", "--inlines", "--output-style=JSON"],
                          input=text, capture_output=True, text=True)
@@ -89,8 +110,10 @@ def chains(obj: str, addrs: np.ndarray) -> list:
                   f.get("Discriminator")) for f in frames]
         if chain:
             # The outermost frame is named by the symbol table (LLVM does that for
-            # ELF): a cold part's symbol is name.cold, the function is the same.
-            chain[-1] = (COLD.sub("", chain[-1][0] or ""),) + chain[-1][1:]
+            # ELF): a cold part's symbol is name.cold, the function is the same; an
+            # alias is the same function too.
+            name = COLD.sub("", chain[-1][0] or "")
+            chain[-1] = (aliases.get(name, name),) + chain[-1][1:]
         out.append(chain)
     if len(out) != len(addrs):
         raise KbbError(f"{tool} answered {len(out)} of {len(addrs)} addresses")
