@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 LINEAR, POINT, INHERIT = 0, 1, 2
+CHUNK = 1 << 18
 
 
 @dataclass
@@ -103,8 +104,19 @@ class CodeImage:
 
     def ranges(self, lo, hi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Images of old ranges [lo, hi): (index of the range, new lo, new hi),
-        merged where contiguous, ascending by range then address."""
+        merged where contiguous, ascending by range then address. Many ranges are
+        taken a slice at a time (the intermediate arrays stay small)."""
         lo = np.asarray(lo, np.uint64)
+        hi = np.asarray(hi, np.uint64)
+        if len(lo) > CHUNK:
+            parts = [self._ranges(lo[i:i + CHUNK], hi[i:i + CHUNK])
+                     for i in range(0, len(lo), CHUNK)]
+            return (np.concatenate([idx + i for (idx, _, _), i in
+                                    zip(parts, range(0, len(lo), CHUNK))]),
+                    np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+        return self._ranges(lo, hi)
+
+    def _ranges(self, lo, hi):
         hi = np.maximum(np.asarray(hi, np.uint64), lo)
         idx_parts, nlo_parts, nhi_parts = [], [], []
         # Identity: [lo, hi) minus the rewritten intervals.

@@ -77,22 +77,23 @@ INTERESTING = {AT_LOW_PC, AT_HIGH_PC, AT_RANGES, AT_STMT_LIST, AT_GNU_LOCVIEWS} 
 
 @dataclass
 class Abbrev:
-    code: int
+    """One abbreviation's shape. GCC repeats the same declarations in every unit's
+    table, so tables share these (a table maps its codes to shapes)."""
+
     tag: int
     children: bool
     specs: list            # [(attr, form, implicit_const)]
-    decl: tuple            # (start, end) of the declaration in .debug_abbrev
     plan: object           # int: fixed size; tuple: steps (no fields of interest)
     # With fields of interest: their offsets when every form has a fixed size (the
-    # walk only notes where each such DIE's attributes start), else None.
+    # walk only notes where each such DIE's attributes start, and its code), else None.
     fixed: dict | None = None
     size: int = 0
     hits: object = None     # array('q') of attribute-start positions
+    codes: object = None    # array('q'): the abbreviation code of each hit
 
 
-def read_abbrevs(b, off: int) -> tuple[dict[int, Abbrev], int]:
-    """The abbreviation table at ``off`` and where it ends."""
-    table = {}
+def declarations(b, off: int):
+    """(code, start, end, tag, children, specs) of every declaration of the table at ``off``."""
     p = off
     n = len(b)
     while True:
@@ -101,7 +102,7 @@ def read_abbrevs(b, off: int) -> tuple[dict[int, Abbrev], int]:
         start = p
         code, p = uleb(b, p)
         if code == 0:
-            return table, p
+            return
         tag, p = uleb(b, p)
         children = bool(b[p])
         p += 1
@@ -115,18 +116,55 @@ def read_abbrevs(b, off: int) -> tuple[dict[int, Abbrev], int]:
             if at == 0 and form == 0:
                 break
             specs.append((at, form, const))
-        a = Abbrev(code, tag, children, specs, (start, p), _plan(specs, off))
-        if a.plan is None and all(f in FIXED_SIZE for _, f, _ in specs):
-            a.fixed = {}
-            o = 0
-            for at, form, _ in specs:
-                if at in INTERESTING:
-                    a.fixed.setdefault(at, (o, form))
-                o += FIXED_SIZE[form]
-            a.size = o
-            a.hits = array("q")
-        table[code] = a
+        yield code, start, p, tag, children, specs
 
+
+def read_abbrevs(b, off: int, shapes: dict | None = None) -> tuple[dict[int, Abbrev], int]:
+    """The abbreviation table at ``off`` (code -> shape; ``shapes``: the shapes
+    seen so far, by declaration bytes) and where it ends."""
+    if shapes is None:
+        shapes = {}
+    table = {}
+    p = off
+    n = len(b)
+    while True:
+        if p >= n:
+            raise DwarfError(f".debug_abbrev table at {off:#x} has no end")
+        code, p = uleb(b, p)
+        if code == 0:
+            return table, p
+        body = p
+        p = skip_leb(b, p)          # tag
+        p += 1                      # children
+        while True:
+            at, p = uleb(b, p)
+            form, p = uleb(b, p)
+            if form == FORM_IMPLICIT_CONST:
+                p = skip_leb(b, p)
+            if at == 0 and form == 0:
+                break
+        key = bytes(b[body:p])
+        shape = shapes.get(key)
+        if shape is None:
+            # (the declaration again, with code 1: parsed once per shape)
+            _, _, _, tag, children, specs = next(declarations(b"\x01" + key, 0))
+            shape = shapes[key] = _shape(tag, children, specs, off)
+        table[code] = shape
+
+
+def _shape(tag, children, specs, off) -> Abbrev:
+    a = Abbrev(tag, children, specs, _plan(specs, off))
+    if a.plan is None and all(f in FIXED_SIZE for _, f, _ in specs):
+        a.fixed = {}
+        o = 0
+        for at, form, _ in specs:
+            if at in INTERESTING:
+                a.fixed.setdefault(at, (o, form))
+            o += FIXED_SIZE[form]
+        a.size = o
+        a.hits = array("q")
+        a.codes = array("q")
+    return a
 
 def _plan(specs, off):
     if any(at in INTERESTING for at, _, _ in specs):
@@ -194,57 +232,56 @@ class Found:
     e_pos: array = _q()
     e_len: array = _q()
     tables: dict = field(default_factory=dict)    # abbrev offset -> table
+    table_ends: dict = field(default_factory=dict)
 
-    def _add_fixed(self) -> None:
+    def _add_fixed(self, shapes) -> None:
         """The DIEs of all-fixed abbreviations, from where their attributes start."""
         import numpy as np
 
         unit_starts = np.array([u.offset for u in self.units], np.int64)
-        unit_of_table: dict[int, list[int]] = {}
-        for table_off, table in self.tables.items():
-            for a in table.values():
-                if not a.hits:
-                    continue
-                hits = np.frombuffer(a.hits, np.int64)
-                ui = np.searchsorted(unit_starts, hits, side="right") - 1
-                f = a.fixed
-                low = f.get(AT_LOW_PC)
-                low = low[0] if low and low[1] == FORM_ADDR else None
-                high = f.get(AT_HIGH_PC)
-                rng = f.get(AT_RANGES)
-                if rng and rng[1] != FORM_SEC_OFFSET:
-                    raise DwarfError(f".debug_abbrev table at {table_off:#x}: DW_AT_ranges as "
-                                     f"form {rng[1]:#x} is not supported")
-                if high or rng:
-                    k = len(hits)
-                    self.s_unit.extend(ui.tolist())
-                    self.s_code.extend([a.code] * k)
-                    self.s_tag.extend([a.tag] * k)
-                    self.s_low.extend((hits + low).tolist() if low is not None else [-1] * k)
-                    self.s_high.extend((hits + high[0]).tolist() if high else [-1] * k)
-                    self.s_high_form.extend([high[1] if high else 0] * k)
-                    self.s_ranges.extend((hits + rng[0]).tolist() if rng else [-1] * k)
-                elif low is not None:
-                    self.p_pos.extend((hits + low).tolist())
-                    self.p_end.extend([1 if a.tag == TAG_GNU_CALL_SITE else 0] * len(hits))
-                for at, (o, form) in f.items():
-                    if at in POINT_ATTRS and form == FORM_ADDR:
-                        self.p_pos.extend((hits + o).tolist())
-                        self.p_end.extend([1 if at == AT_CALL_RETURN_PC else 0] * len(hits))
-                views = f.get(AT_GNU_LOCVIEWS)
-                locs = [o for at, (o, form) in f.items()
-                        if at in LOCATION_ATTRS and form == FORM_SEC_OFFSET]
-                for i, o in enumerate(locs):
-                    self.l_pos.extend((hits + o).tolist())
-                    self.l_unit.extend(ui.tolist())
-                    self.l_views.extend((hits + views[0]).tolist() if views and i == 0
-                                        else [-1] * len(hits))
-                if views and not locs:
-                    self.l_pos.extend([-1] * len(hits))
-                    self.l_unit.extend(ui.tolist())
-                    self.l_views.extend((hits + views[0]).tolist())
-                a.hits = array("q")
-        del unit_of_table
+        for a in shapes:
+            if not a.hits:
+                continue
+            hits = np.frombuffer(a.hits, np.int64)
+            codes = np.frombuffer(a.codes, np.int64)
+            ui = np.searchsorted(unit_starts, hits, side="right") - 1
+            k = len(hits)
+            f = a.fixed
+            low = f.get(AT_LOW_PC)
+            low = low[0] if low and low[1] == FORM_ADDR else None
+            high = f.get(AT_HIGH_PC)
+            rng = f.get(AT_RANGES)
+            if rng and rng[1] != FORM_SEC_OFFSET:
+                raise DwarfError(f"DW_AT_ranges as form {rng[1]:#x} is not supported")
+            if high or rng:
+                self.s_unit.extend(ui.tolist())
+                self.s_code.extend(codes.tolist())
+                self.s_tag.extend([a.tag] * k)
+                self.s_low.extend((hits + low).tolist() if low is not None else [-1] * k)
+                self.s_high.extend((hits + high[0]).tolist() if high else [-1] * k)
+                self.s_high_form.extend([high[1] if high else 0] * k)
+                self.s_ranges.extend((hits + rng[0]).tolist() if rng else [-1] * k)
+            elif low is not None:
+                self.p_pos.extend((hits + low).tolist())
+                self.p_end.extend([1 if a.tag == TAG_GNU_CALL_SITE else 0] * k)
+            for at, (o, form) in f.items():
+                if at in POINT_ATTRS and form == FORM_ADDR:
+                    self.p_pos.extend((hits + o).tolist())
+                    self.p_end.extend([1 if at == AT_CALL_RETURN_PC else 0] * k)
+            views = f.get(AT_GNU_LOCVIEWS)
+            locs = [o for at, (o, form) in f.items()
+                    if at in LOCATION_ATTRS and form == FORM_SEC_OFFSET]
+            for i, o in enumerate(locs):
+                self.l_pos.extend((hits + o).tolist())
+                self.l_unit.extend(ui.tolist())
+                self.l_views.extend((hits + views[0]).tolist() if views and i == 0
+                                    else [-1] * k)
+            if views and not locs:
+                self.l_pos.extend([-1] * k)
+                self.l_unit.extend(ui.tolist())
+                self.l_views.extend((hits + views[0]).tolist())
+            a.hits = array("q")
+            a.codes = array("q")
 
 
 def walk(info, abbrev) -> Found:
@@ -252,6 +289,7 @@ def walk(info, abbrev) -> Found:
     p = 0
     n = len(info)
     tables: dict[int, dict] = {}
+    shapes: dict[bytes, Abbrev] = {}
     while p < n:
         end, q = unit_length(info, p, ".debug_info unit")
         version = u16(info, q)
@@ -273,13 +311,14 @@ def walk(info, abbrev) -> Found:
         aoff = u32(info, afield)
         table = tables.get(aoff)
         if table is None:
-            table = tables[aoff] = read_abbrevs(abbrev, aoff)[0]
+            table, found.table_ends[aoff] = read_abbrevs(abbrev, aoff, shapes)
+            tables[aoff] = table
         unit = Unit(p, end, version, afield, aoff)
         found.units.append(unit)
         _walk_unit(info, first, end, table, unit, len(found.units) - 1, found)
         p = end
     found.tables = tables
-    found._add_fixed()
+    found._add_fixed(shapes.values())
     return found
 
 
@@ -307,6 +346,7 @@ def _walk_unit(b, p, end, table, unit, ui, found) -> None:
             continue
         if a.hits is not None and not first_die:
             a.hits.append(p)
+            a.codes.append(code)
             p += a.size
             continue
         if plan is not None:

@@ -207,6 +207,7 @@ class Encoder:
         top = 255 - opcode_base
         files, lines, cols, flags, isas, discs = u.file, u.line, u.column, u.flags, u.isa, u.disc
         idx = np.asarray(rows, np.int64)
+        addrs = addrs.tolist() if isinstance(addrs, np.ndarray) else addrs
         r_file = files[idx].tolist()
         r_line = lines[idx].tolist()
         r_col = cols[idx].tolist()
@@ -402,9 +403,11 @@ def _new_sequences(image: CodeImage, g_addr, g_unit, g_row, g_seq_end) -> dict:
     # a sequence per part (split where the unit changes, which GCC's code never does)
     brk = np.flatnonzero(np.r_[True, (prt[1:] != prt[:-1]) | (unit[1:] != unit[:-1]), True])
     out: dict[int, list] = {}
-    row_l, addr_l, unit_l, prt_l = row.tolist(), new_addr.tolist(), unit.tolist(), prt.tolist()
-    for a, b in zip(brk[:-1].tolist(), brk[1:].tolist()):
-        same_part_next = b < len(prt_l) and prt_l[b] == prt_l[a]
-        end = addr_l[b] if same_part_next else part_end[prt_l[a]]
-        out.setdefault(unit_l[a], []).append((row_l[a:b], addr_l[a:b], end))
+    starts, stops = brk[:-1], brk[1:]
+    nxt = np.minimum(stops, len(prt) - 1)
+    same_part_next = (stops < len(prt)) & (prt[nxt] == prt[starts])
+    ends = np.where(same_part_next, new_addr[nxt],
+                    np.array([part_end[p_] for p_ in prt[starts].tolist()], np.uint64))
+    for a, b, u, end in zip(starts.tolist(), stops.tolist(), unit[starts].tolist(), ends.tolist()):
+        out.setdefault(u, []).append((row[a:b], new_addr[a:b], end))
     return out

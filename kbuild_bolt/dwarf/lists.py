@@ -201,3 +201,94 @@ class ListWriter:
             self.out[self._unit:self._unit + 12] = (n.to_bytes(4, "little") + (5).to_bytes(2, "little")
                                                     + bytes((8, 0)) + bytes(4))
         return bytes(self.out)
+
+
+def read_loclists(b, offsets: list[int], version: int, bases: list[int]):
+    """Every entry of the location lists at ``offsets`` as columns: (list index,
+    lo, hi, expression position, expression length); a default location has
+    lo == hi == DEFAULT (as unsigned)."""
+    from array import array
+
+    L, LO, HI, EP, EL = array("q"), array("Q"), array("Q"), array("q"), array("q")
+    for li, (off, base) in enumerate(zip(offsets, bases)):
+        for lo, hi, p, n, _ in read_loclist(b, off, version, base):
+            L.append(li)
+            LO.append(lo & MAX)
+            HI.append(hi & MAX)
+            EP.append(p)
+            EL.append(n)
+    return L, LO, HI, EP, EL
+
+
+def read_view_pairs(b, offsets: list[int], counts: list[int]):
+    from array import array
+
+    VB, VE = array("q"), array("q")
+    for off, n in zip(offsets, counts):
+        p = off
+        for _ in range(n):
+            v0, p = uleb(b, p)
+            v1, p = uleb(b, p)
+            VB.append(v0)
+            VE.append(v1)
+    return VB, VE
+
+
+def encode_loclists(version: int, start: int, src, lst, lo, hi, epos, elen, default, vb, ve,
+                    has_views, nlists: int):
+    """New location lists, each [views][entries][end], appended at section offset
+    ``start``. Records (one per new entry, grouped by list ``lst`` in order) ->
+    (bytes, views offset per list, list offset per list)."""
+    import numpy as np
+
+    from kbuild_bolt.dwarf.vec import (copy_runs, exclusive_cumsum_by_group, put_le, put_uleb,
+                                       uleb_size)
+
+    n = len(lst)
+    lst = np.asarray(lst, np.int64)
+    length = (hi - lo).astype(np.uint64)
+    elen = np.asarray(elen, np.int64)
+    el_size = uleb_size(elen.astype(np.uint64)) if version >= 5 else np.full(n, 2, np.int64)
+    if version >= 5:
+        len_size = uleb_size(length)
+        entry = np.where(default, 1 + el_size + elen, 1 + 8 + len_size + el_size + elen)
+        head, tail = 0, 1
+    else:
+        len_size = np.zeros(n, np.int64)
+        entry = 16 + 2 + elen
+        head, tail = 16, 16
+    views = has_views[lst] & ~default
+    vb_size = np.where(views, uleb_size(np.asarray(vb, np.uint64)), 0)
+    ve_size = np.where(views, uleb_size(np.asarray(ve, np.uint64)), 0)
+    vsize = vb_size + ve_size
+    v_total = np.bincount(lst, weights=vsize, minlength=nlists).astype(np.int64)
+    e_total = np.bincount(lst, weights=entry, minlength=nlists).astype(np.int64) + head + tail
+    total = v_total + e_total
+    list_start = start + np.cumsum(total) - total
+    views_off = list_start
+    list_off = list_start + v_total
+    buf = np.zeros(int(total.sum()), np.uint8)
+    base = start
+    # views
+    vpos = views_off[lst] + exclusive_cumsum_by_group(vsize, lst) - base
+    put_uleb(buf, vpos[views], np.asarray(vb, np.uint64)[views], vb_size[views])
+    put_uleb(buf, (vpos + vb_size)[views], np.asarray(ve, np.uint64)[views], ve_size[views])
+    # entries
+    epos_out = list_off[lst] + head + exclusive_cumsum_by_group(entry, lst) - base
+    if version >= 5:
+        buf[epos_out] = np.where(default, LLE_DEFAULT, LLE_START_LENGTH).astype(np.uint8)
+        b = ~default
+        put_le(buf, epos_out[b] + 1, lo[b], 8)
+        put_uleb(buf, epos_out[b] + 9, length[b], len_size[b])
+        xpos = np.where(default, epos_out + 1, epos_out + 9 + len_size)
+        put_uleb(buf, xpos, elen.astype(np.uint64), el_size)
+        copy_runs(buf, xpos + el_size, src, epos, elen)
+    else:
+        heads = list_off - base
+        has = e_total > head + tail
+        put_le(buf, heads[has], np.full(int(has.sum()), MAX, np.uint64), 8)
+        put_le(buf, epos_out, lo, 8)
+        put_le(buf, epos_out + 8, hi, 8)
+        put_le(buf, epos_out + 16, elen, 2)
+        copy_runs(buf, epos_out + 18, src, epos, elen)
+    return buf.tobytes(), views_off, list_off

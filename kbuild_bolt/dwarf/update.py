@@ -24,11 +24,15 @@ from kbuild_bolt.dwarf.info import (AT_KBB_PADDING, AT_RANGES, FORM_ADDR, FORM_B
                                     FORM_UDATA, TAG_COMPILE_UNIT, TAG_PARTIAL_UNIT, walk)
 from kbuild_bolt.dwarf.leb import DwarfError, enc_sleb, enc_uleb, enc_uleb_padded, uleb
 from kbuild_bolt.dwarf.lines import update_lines
-from kbuild_bolt.dwarf.lists import DEFAULT, ListWriter, read_loclist, read_rnglist, read_views
+from kbuild_bolt.dwarf.vec import put_le
+from kbuild_bolt.dwarf.lists import (DEFAULT, ListWriter, encode_loclists, read_loclists,
+                                     read_rnglist, read_view_pairs)
 
 # The sections this module writes again (the others, .debug_str and friends, stay).
 UPDATED = (".debug_info", ".debug_abbrev", ".debug_line", ".debug_loclists", ".debug_rnglists",
            ".debug_loc", ".debug_ranges", ".debug_aranges", ".debug_frame")
+# Location lists written per slice of this many (bounds the memory of the records).
+LIST_BATCH = 1 << 16
 HIGH_SIZE = {FORM_DATA1: 1, FORM_DATA2: 2, FORM_DATA4: 4, FORM_DATA8: 8, FORM_ADDR: 8}
 
 
@@ -215,8 +219,8 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
     empty_same = (count == 0) & (lo == hi)
     changed = ~(same | empty_same)
     is_cu = np.isin(s_tag[sel], [TAG_COMPILE_UNIT, TAG_PARTIAL_UNIT])
-    table = np.array([found.units[u].abbrev_offset for u in s_unit[sel].tolist()], np.int64) \
-        if len(sel) else np.zeros(0, np.int64)
+    unit_table = np.array([u.abbrev_offset for u in found.units], np.int64)
+    table = unit_table[s_unit[sel]]
     # Contiguous still: new low_pc, new length.
     single = changed & (count == 1) & ~is_cu
     fits = single.copy()
@@ -373,137 +377,157 @@ def _range_lists(found, f, image, version, base, rng5, rng4, writer, res) -> Non
 
 
 def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> None:
+    """Location lists of moved code written again (with their views), in bulk."""
     l_pos = np.frombuffer(found.l_pos, np.int64)
     l_views = np.frombuffer(found.l_views, np.int64)
     l_unit = np.frombuffer(found.l_unit, np.int64)
-    if not len(l_pos):
+    sel = np.flatnonzero(l_pos >= 0)
+    if not len(sel):
         return
-    offs = np.where(l_pos >= 0, f.get(np.maximum(l_pos, 0), 4).astype(np.int64), -1)
-    voffs = np.where(l_views >= 0, f.get(np.maximum(l_views, 0), 4).astype(np.int64), -1)
-    lists = {}
-    e_lo, e_hi, e_list = [], [], []
-    parsed = []
-    keys = []
-    for off, voff, ui in zip(offs.tolist(), voffs.tolist(), l_unit.tolist()):
-        v = int(version[ui])
-        key = (off, voff, v)
-        keys.append(key)
-        if key in lists or off < 0:
+    offs = f.get(l_pos[sel], 4).astype(np.int64)
+    vpos = l_views[sel]
+    voffs = np.where(vpos >= 0, f.get(np.maximum(vpos, 0), 4).astype(np.int64), -1)
+    vers = np.where(version[l_unit[sel]] >= 5, 5, 4)
+    total = 0
+    for v, data in ((5, loc5), (4, loc4)):
+        mine = vers == v
+        if not mine.any():
             continue
-        data = loc5 if v >= 5 else loc4
         if data is None:
             raise DwarfError("a location list without a location list section")
-        entries = read_loclist(data, off, v, int(base[ui]))
-        views = None
-        if voff >= 0:
-            views = read_views(data, voff, sum(1 for e in entries if e[0] != DEFAULT))
-        li = len(parsed)
-        lists[key] = li
-        parsed.append((data, entries, views))
-        for lo, hi, _, _, _ in entries:
-            if lo == DEFAULT:
-                continue
-            e_lo.append(lo)
-            e_hi.append(hi)
-            e_list.append(li)
-    if not parsed:
-        return
-    lo = np.array(e_lo, np.uint64)
-    hi = np.maximum(np.array(e_hi, np.uint64), lo)
-    which = np.array(e_list, np.int64)
-    idx, nlo, nhi = _list_images(image, lo, hi)
-    count = np.bincount(idx, minlength=len(lo))
-    first = np.searchsorted(idx, np.arange(len(lo)))
-    fc = np.minimum(first, max(len(idx) - 1, 0))
-    same = (count == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else count == 0
-    changed = np.zeros(len(parsed), bool)
-    np.logical_or.at(changed, which[~same], True)
-    start = (np.cumsum(count) - count).tolist()
-    cnt = count.tolist()
-    nlo_l, nhi_l = nlo.tolist(), nhi.tolist()
-    # expressions with DW_OP_addr of moved code change the list too
-    addr_fix = {}
-    for li, (data, entries, _) in enumerate(parsed):
-        for _, _, p, n, _ in entries:
-            if n >= 9:
-                for q in addr_operands(data, p, n):
-                    addr_fix[(li, q)] = int.from_bytes(data[q:q + 8], "little")
-    if addr_fix:
-        k = list(addr_fix)
-        vals = np.array([addr_fix[x] for x in k], np.uint64)
-        new, ok = image.points(vals)
-        for (li, q), a, b, good in zip(k, vals.tolist(), new.tolist(), ok.tolist()):
-            if good and a != b:
-                changed[li] = True
-                addr_fix[(li, q)] = b
-            else:
-                del addr_fix[(li, q)]
-    fixes_of: dict[int, list] = {}
-    for (li, q), value in addr_fix.items():
-        fixes_of.setdefault(li, []).append((q, value))
-    new_off = {}
-    e = 0
-    for key, li in lists.items():
-        data, entries, views = parsed[li]
-        n_bounded = sum(1 for x in entries if x[0] != DEFAULT)
-        if not changed[li]:
-            e += n_bounded
+        key = offs[mine] * (1 << 32) + (voffs[mine] + 1)
+        keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        l_off = offs[mine][first]
+        l_voff = voffs[mine][first]
+        l_base = base[l_unit[sel][mine][first]]
+        cols = [np.frombuffer(c, dt) if len(c) else np.zeros(0, dt) for c, dt in zip(
+            read_loclists(data, l_off.tolist(), v, l_base.tolist()),
+            (np.int64, np.uint64, np.uint64, np.int64, np.int64))]
+        e_list, e_lo, e_hi, e_pos, e_len = cols
+        default = (e_lo == np.uint64(DEFAULT & 0xFFFFFFFFFFFFFFFF)) & (e_hi == e_lo)
+        bounded = ~default
+        nl = len(keys)
+        counts = np.bincount(e_list[bounded], minlength=nl)
+        has_views = l_voff >= 0
+        vb = np.zeros(len(e_list), np.int64)
+        ve = np.zeros(len(e_list), np.int64)
+        if has_views.any():
+            vl = np.flatnonzero(has_views)
+            b0, b1 = read_view_pairs(data, l_voff[vl].tolist(), counts[vl].tolist())
+            in_view_list = bounded & has_views[e_list]
+            vb[in_view_list] = np.frombuffer(b0, np.int64)
+            ve[in_view_list] = np.frombuffer(b1, np.int64)
+        src = np.frombuffer(data, np.uint8)
+        # images of the bounded entries
+        bi = np.flatnonzero(bounded)
+        lo, hi = e_lo[bi], np.maximum(e_hi[bi], e_lo[bi])
+        idx, nlo, nhi = _list_images(image, lo, hi)
+        cnt = np.bincount(idx, minlength=len(bi))
+        fc = np.minimum(np.searchsorted(idx, np.arange(len(bi))), max(len(idx) - 1, 0))
+        same = (cnt == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else cnt == 0
+        changed = np.zeros(nl, bool)
+        changed[e_list[bi[~same]]] = True
+        # DW_OP_addr of moved code inside the expressions
+        fixes = _expression_fixes(data, src, e_pos, e_len, image)
+        if fixes is not None:
+            ent, q, value = fixes
+            changed[e_list[ent]] = True
+            src = src.copy()          # the copies of those expressions get the new values
+            put_le(src, q, value, 8)
+        if not changed.any():
             continue
-        out_entries, exprs, out_views = [], [], ([] if views is not None else None)
-        vi = 0
-        fixes = fixes_of.get(li)
-        for lo_, hi_, p, n, _ in entries:
-            if fixes is None:
-                exprs.append(data[p:p + n])
-            else:
-                x = bytearray(data[p:p + n])
-                for q, value in fixes:
-                    if p <= q < p + n:
-                        x[q - p:q - p + 8] = value.to_bytes(8, "little")
-                exprs.append(bytes(x))
-            if lo_ == DEFAULT:
-                out_entries.append((DEFAULT, DEFAULT, len(exprs) - 1))
-                continue
-            a, c = start[e], cnt[e]
-            pieces = list(zip(nlo_l[a:a + c], nhi_l[a:a + c]))
-            vb, ve = views[vi] if views is not None else (0, 0)
-            vi += 1
-            e += 1
-            for j, (x0, x1) in enumerate(pieces):
-                out_entries.append((x0, x1, len(exprs) - 1))
-                if out_views is not None:
-                    out_views.append((vb if j == 0 else 0, ve if j == len(pieces) - 1 else 0))
-        # DWARF 4 lists: an address-ordered list reads best; keep entry order otherwise
-        new_off[key] = writer(key[2], "loc").loclist(out_entries, exprs, out_views)
-    patch_l, patch_v = [], []
-    for p, vp, key in zip(l_pos.tolist(), l_views.tolist(), keys):
-        if key not in new_off:
-            continue
-        v_off, off = new_off[key]
-        if p >= 0:
-            patch_l.append((p, off))
-        if vp >= 0:
-            patch_v.append((vp, v_off))
-    for patch in (patch_l, patch_v):
-        if patch:
-            f.put(np.array([p for p, _ in patch]), np.array([o for _, o in patch]), 4)
-    res.stats["location lists"] = len(new_off)
+        # new records: each bounded entry of a changed list -> its image pieces
+        # (entries whose code is gone vanish); default entries stay as they are.
+        # A slice of the changed lists at a time: the records are many.
+        pieces_of = np.zeros(len(e_list), np.int64)
+        pieces_of[bi] = cnt
+        pieces_of[default] = 1
+        start_of = np.zeros(len(e_list), np.int64)
+        start_of[bi] = np.cumsum(cnt) - cnt
+        new_list = np.cumsum(changed) - 1          # index among changed lists
+        changed_ids = np.flatnonzero(changed)
+        views_off = np.zeros(len(changed_ids), np.int64)
+        list_off = np.zeros(len(changed_ids), np.int64)
+        w = writer(v, "loc")
+        for c0 in range(0, len(changed_ids), LIST_BATCH):
+            ids = changed_ids[c0:c0 + LIST_BATCH]
+            a0 = int(np.searchsorted(e_list, ids[0], side="left"))
+            a1 = int(np.searchsorted(e_list, ids[-1], side="right"))
+            ents = a0 + np.flatnonzero(changed[e_list[a0:a1]])
+            per = pieces_of[ents]
+            rec_entry = np.repeat(ents, per)
+            k = np.arange(len(rec_entry)) - np.repeat(np.cumsum(per) - per, per)
+            is_def = default[rec_entry]
+            j = np.minimum(np.where(is_def, 0, start_of[rec_entry] + k), max(len(nlo) - 1, 0))
+            r_lo = np.where(is_def, np.uint64(0), nlo[j] if len(nlo) else np.uint64(0))
+            r_hi = np.where(is_def, np.uint64(0), nhi[j] if len(nhi) else np.uint64(0))
+            r_vb = np.where(k == 0, vb[rec_entry], 0)
+            r_ve = np.where(k == pieces_of[rec_entry] - 1, ve[rec_entry], 0)
+            r_list = new_list[e_list[rec_entry]] - c0
+            del j, k
+            raw, v_off, l_off = encode_loclists(
+                v, len(w.out), src, r_list, r_lo.astype(np.uint64), r_hi.astype(np.uint64),
+                e_pos[rec_entry], e_len[rec_entry], is_def, r_vb, r_ve, has_views[ids], len(ids))
+            w.out += raw
+            views_off[c0:c0 + len(ids)] = v_off
+            list_off[c0:c0 + len(ids)] = l_off
+        # DIE fields of changed lists
+        die_list = inverse
+        die_changed = changed[die_list]
+        nl_of = new_list[die_list[die_changed]]
+        pos_l = l_pos[sel][mine][die_changed]
+        f.put(pos_l, list_off[nl_of], 4)
+        vp = vpos[mine][die_changed]
+        hv = vp >= 0
+        f.put(vp[hv], views_off[nl_of][hv], 4)
+        total += int(changed.sum())
+    res.stats["location lists"] = total
+
+
+def _expression_fixes(data, src, e_pos, e_len, image):
+    """(entry, operand position, new value) for every DW_OP_addr of moved code in
+    the expressions, or None."""
+    threes = np.flatnonzero(src == 3)
+    if not len(threes):
+        return None
+    i = np.searchsorted(threes, e_pos)
+    cand = np.flatnonzero((e_len >= 9) & (i < len(threes))
+                          & (threes[np.minimum(i, len(threes) - 1)] < e_pos + e_len))
+    ent, qs = [], []
+    for e, p, n in zip(cand.tolist(), e_pos[cand].tolist(), e_len[cand].tolist()):
+        for q in addr_operands(data, p, n):
+            ent.append(e)
+            qs.append(q)
+    if not qs:
+        return None
+    ent = np.array(ent, np.int64)
+    qs = np.array(qs, np.int64)
+    vals = src[qs[:, None] + np.arange(8)].copy().view("<u8").ravel()
+    new, ok = image.points(vals)
+    fix = ok & (new != vals)
+    if not fix.any():
+        return None
+    return ent[fix], qs[fix], new[fix]
 
 
 def _abbrevs(found, abbrev, convert) -> tuple[bytes, dict[int, int]]:
     """.debug_abbrev with the converted declarations; old -> new table offsets."""
+    from kbuild_bolt.dwarf.info import declarations
+
     out = bytearray()
     offsets = {}
     for off in sorted(found.tables):
-        table = found.tables[off]
         offsets[off] = len(out)
-        for a in sorted(table.values(), key=lambda a: a.decl[0]):
-            fm = convert.get((off, a.code))
+        if not any(t == off for t, _ in convert):
+            out += abbrev[off:found.table_ends[off]]
+            continue
+        for code, start, end, tag, children, specs in declarations(abbrev, off):
+            fm = convert.get((off, code))
             if fm is None:
-                out += abbrev[a.decl[0]:a.decl[1]]
+                out += abbrev[start:end]
                 continue
-            out += enc_uleb(a.code) + enc_uleb(a.tag) + bytes((1 if a.children else 0,))
-            for at, form, const in a.specs:
+            out += enc_uleb(code) + enc_uleb(tag) + bytes((1 if children else 0,))
+            for at, form, const in specs:
                 if at == 0x12:     # DW_AT_high_pc
                     out += enc_uleb(AT_RANGES) + enc_uleb(FORM_SEC_OFFSET)
                     if HIGH_SIZE.get(form, 5) > 4 or form == FORM_UDATA:
@@ -515,3 +539,4 @@ def _abbrevs(found, abbrev, convert) -> tuple[bytes, dict[int, int]]:
             out += b"\0\0"
         out += b"\0"
     return bytes(out), offsets
+
