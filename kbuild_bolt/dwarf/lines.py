@@ -302,6 +302,7 @@ def update_lines(data, image: CodeImage, progress=None) -> tuple[bytes, dict[int
     g_addr, g_unit, g_row, g_seq_end = g_addr[order], g_unit[order], g_row[order], g_seq_end[order]
 
     new_seqs = _new_sequences(image, g_addr, g_unit, g_row, g_seq_end)
+    del g_addr, g_unit, g_row, g_seq_end, order
 
     out = bytearray()
     offsets = {}
@@ -358,51 +359,62 @@ def _kept_sequences(enc: Encoder, u: LineUnit, s: int, s_lo: int, s_hi: int,
 
 
 def _new_sequences(image: CodeImage, g_addr, g_unit, g_row, g_seq_end) -> dict:
-    """{unit: [(rows, new addresses, end)]}: a sequence per part of new code."""
+    """{unit: [(rows, new addresses, end)]}: a sequence per part of new code. The
+    pieces are taken a batch of whole parts at a time (bounded memory)."""
     real = np.flatnonzero(image.kind != INHERIT)
+    out: dict[int, list] = {}
     if not len(real) or not len(g_addr):
-        return {}
+        return out
+    # part ends: the end of its last piece (an added jump included)
+    ends = image.new_lo + image.size.astype(np.uint64)
+    last = np.flatnonzero(np.r_[image.part[1:] != image.part[:-1], True])
+    part_end = dict(zip(image.part[last].tolist(), ends[last].tolist()))
+    del ends, last
+    part = image.part[real]
+    cuts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]])     # first piece of each part
+    bounds = cuts[::PART_BATCH].tolist() + [len(real)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        _sequences_of(image, real[a:b], part[a:b], g_addr, g_unit, g_row, g_seq_end,
+                      part_end, out)
+    return out
+
+
+PART_BATCH = 1 << 14
+
+
+def _sequences_of(image, real, part, g_addr, g_unit, g_row, g_seq_end, part_end, out) -> None:
     o = image.old_lo[real]
-    olen = image.old_len[real].astype(np.uint64)
     lo = np.searchsorted(g_addr, o, side="left")
-    hi = np.searchsorted(g_addr, o + olen, side="left")
+    hi = np.searchsorted(g_addr, o + image.old_len[real].astype(np.uint64), side="left")
     exact = (lo < hi) & (g_addr[np.minimum(lo, len(g_addr) - 1)] == o)
     eff = lo - 1
     has_eff = (eff >= 0) & ~exact
-    effc = np.maximum(eff, 0)
-    has_eff &= g_seq_end[effc] > o
+    has_eff &= g_seq_end[np.maximum(eff, 0)] > o
     eff = np.where(has_eff, eff, -1)
-    part = image.part[real]
     current_after = np.where(hi > lo, hi - 1, eff)
     first_of_part = np.r_[True, part[1:] != part[:-1]]
     prev_current = np.r_[-1, current_after[:-1]]
     need_copy = has_eff & (first_of_part | (eff != prev_current))
-    # POINT pieces put all their rows at the piece's start
-    linear = image.kind[real] == LINEAR
-    new0 = image.new_lo[real]
+    del current_after, prev_current, first_of_part, exact, has_eff
     counts = (hi - lo) + need_copy
     total = int(counts.sum())
     if not total:
-        return {}
+        return
     piece = np.repeat(np.arange(len(real)), counts)
-    start = np.cumsum(counts) - counts
-    k = np.arange(total) - np.repeat(start, counts)
+    k = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
     copy_here = need_copy[piece] & (k == 0)
     gi = np.where(copy_here, eff[piece], lo[piece] + k - need_copy[piece])
-    new_addr = np.where(copy_here | ~linear[piece], new0[piece],
-                        new0[piece] + (g_addr[gi] - o[piece]))
+    del k
+    # POINT pieces put all their rows at the piece's start
+    new0 = image.new_lo[real][piece]
+    linear = image.kind[real][piece] == LINEAR
+    new_addr = np.where(copy_here | ~linear, new0, new0 + (g_addr[gi] - o[piece]))
+    del new0, linear, copy_here
     unit = g_unit[gi]
     row = g_row[gi]
     prt = part[piece]
-    # part ends: the end of its last piece (an added jump included)
-    part_end = {}
-    ends = image.new_lo + image.size.astype(np.uint64)
-    last = np.flatnonzero(np.r_[image.part[1:] != image.part[:-1], True])
-    for p_, e_ in zip(image.part[last].tolist(), ends[last].tolist()):
-        part_end[p_] = e_
     # a sequence per part (split where the unit changes, which GCC's code never does)
     brk = np.flatnonzero(np.r_[True, (prt[1:] != prt[:-1]) | (unit[1:] != unit[:-1]), True])
-    out: dict[int, list] = {}
     starts, stops = brk[:-1], brk[1:]
     nxt = np.minimum(stops, len(prt) - 1)
     same_part_next = (stops < len(prt)) & (prt[nxt] == prt[starts])
@@ -410,4 +422,3 @@ def _new_sequences(image: CodeImage, g_addr, g_unit, g_row, g_seq_end) -> dict:
                     np.array([part_end[p_] for p_ in prt[starts].tolist()], np.uint64))
     for a, b, u, end in zip(starts.tolist(), stops.tolist(), unit[starts].tolist(), ends.tolist()):
         out.setdefault(u, []).append((row[a:b], new_addr[a:b], end))
-    return out

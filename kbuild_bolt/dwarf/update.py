@@ -65,7 +65,8 @@ class _Bytes:
 
 
 def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
-    """``read(name)``: a debug section's bytes (None when absent)."""
+    """``read(name)``: a debug section's bytes (None when absent); a bytearray for
+    .debug_info is changed in place."""
     info = read(".debug_info")
     abbrev = read(".debug_abbrev")
     if info is None or abbrev is None:
@@ -73,7 +74,8 @@ def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
     say = progress or (lambda *_: None)
     say("DWARF: reading .debug_info")
     found = walk(info, abbrev)
-    out = bytearray(info)
+    # patched in place (no field read later overlaps one patched earlier)
+    out = info if isinstance(info, bytearray) else bytearray(info)
     f = _Bytes(out)
     res = DebugUpdate({})
     stats = res.stats
@@ -152,7 +154,7 @@ def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
     if fr is not None:
         res.sections[".debug_frame"], stats["FDEs dropped"] = frame_mod.update(fr, image)
 
-    res.sections[".debug_info"] = bytes(out)
+    res.sections[".debug_info"] = out           # (a bytearray: no second copy)
     res.sections[".debug_abbrev"] = new_abbrev
     for (v, kind), was_used in used.items():
         name = {(5, "rng"): ".debug_rnglists", (5, "loc"): ".debug_loclists",

@@ -269,6 +269,18 @@ class ElfImage:
             return memoryview(bytes(section.size))
         return self.buf[section.offset:section.offset + section.size]
 
+    def read_file_range(self, offset: int, size: int) -> bytearray:
+        """A copy of bytes of the file, read (not through the map, whose pages would
+        stay resident beside the copy), that the caller may change."""
+        self._check_range("read", offset, size, "range")
+        data = bytearray(size)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            got = f.readinto(data)
+        if got != size:
+            raise KbbError(f"{self.path}: short read at {offset:#x}")
+        return data
+
     def section_array(self, section: Section, dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
         count = section.size // dtype.itemsize

@@ -442,6 +442,17 @@ class Emission:
         b = self.item_kind != COPY
         return self.item_addr[b], self.item_state[b]
 
+    def drop_items(self) -> None:
+        """Free the new code and its items, once the metadata has taken what it
+        needs of them (the per-function columns stay)."""
+        none, nowhere = np.zeros(0, np.int64), np.zeros(0, np.uint64)
+        self.code = np.zeros(0, np.uint8)
+        self.item_func = self.item_size = self.item_state = self.item_origin = none
+        self.item_kind = np.zeros(0, np.int8)
+        self.item_addr = self.item_base = nowhere
+        self.new_addr = nowhere
+        self.deferred = (none, nowhere, none, nowhere, nowhere)
+
     def items_per_function(self) -> np.ndarray:
         return np.bincount(self.item_func, minlength=len(self.rows))
 

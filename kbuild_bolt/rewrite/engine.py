@@ -387,6 +387,11 @@ def update(ctx: RewriteContext) -> None:
         for rewriter in ctx.metadata:
             rewriter.update(ctx, amap)
         del amap
+        # The rewriters have what they need of the new code and the layout: their
+        # memory goes to the debug sections' update.
+        ctx.emission.drop_items()
+        ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
+        trim()
     path = ctx.output.finish()
     shutil.copymode(ctx.model.image.path, path)
     if moved:

@@ -408,11 +408,19 @@ class DebugSections(MetadataRewriter):
 
     def __init__(self, keep: bool = True):
         self.keep = keep
+        self.code = None
+
+    def update(self, ctx, amap) -> None:
+        # (taken now: the emission's items are freed before finalize)
+        from kbuild_bolt.rewrite.debuginfo import code_image, save_code_image
+
+        self.code = code_image(ctx.model, ctx.emission)
+        if getattr(ctx.options, "address_map", None):
+            save_code_image(ctx.options.address_map, self.code)
 
     def finalize(self, ctx, changes: FileChanges) -> None:
         from kbuild_bolt.dwarf.update import UPDATED, update_debug
         from kbuild_bolt.elf.writer import debug_sections
-        from kbuild_bolt.rewrite.debuginfo import code_image, save_code_image
 
         image = ctx.model.image
         debug = debug_sections(image.sections)
@@ -424,15 +432,15 @@ class DebugSections(MetadataRewriter):
             return
 
         def read(name):
+            # (read from the file, not through the map: the map's pages would count
+            # twice, hundreds of MB for a distro kernel's .debug_info)
             s = image.section(name)
             if s is None or s.is_alloc or not s.size:
                 return None
-            return bytes(image.section_data(s))
+            return image.read_file_range(s.offset, s.size)
 
-        code = code_image(ctx.model, ctx.emission)
-        if getattr(ctx.options, "address_map", None):
-            save_code_image(ctx.options.address_map, code)
-        result = update_debug(read, code, progress=getattr(ctx, "progress", None))
+        result = update_debug(read, self.code, progress=getattr(ctx, "progress", None))
+        self.code = None
         for s in debug:
             if s.name.startswith(".rela.debug"):
                 changes.empty.add(s.index)
