@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kbuild_bolt.dwarf.image import INHERIT, LINEAR, CodeImage
-from kbuild_bolt.dwarf.leb import DwarfError, enc_sleb, enc_uleb, sleb, u16, u32, uleb, unit_length
+from kbuild_bolt.dwarf.leb import DwarfError, sleb, u16, u32, uleb, unit_length
+from kbuild_bolt.dwarf.vec import put_le, put_sleb, put_uleb, sleb_size, uleb_size
 
 IS_STMT, BASIC_BLOCK, PROLOGUE_END, EPILOGUE_BEGIN = 1, 2, 4, 8
 
@@ -194,96 +195,153 @@ def _run(b, p, end, default_is_stmt, line_base, line_range, opcode_base, std_len
 
 
 class Encoder:
-    """Writes rows of one unit as line-program sequences."""
+    """Writes rows of one unit as line-program sequences: the sequences are
+    collected, then written together with numpy (millions of rows)."""
 
     def __init__(self, unit: LineUnit):
         self.u = unit
-        self.out = bytearray()
+        self.verbatim_bytes = bytearray()
+        self.rows, self.addrs, self.ends = [], [], []
 
-    def sequence(self, rows: list[int], addrs: list[int], end: int) -> None:
-        u = self.u
-        out = self.out
-        line_base, line_range, opcode_base = u.line_base, u.line_range, u.opcode_base
-        top = 255 - opcode_base
-        files, lines, cols, flags, isas, discs = u.file, u.line, u.column, u.flags, u.isa, u.disc
-        idx = np.asarray(rows, np.int64)
-        addrs = addrs.tolist() if isinstance(addrs, np.ndarray) else addrs
-        r_file = files[idx].tolist()
-        r_line = lines[idx].tolist()
-        r_col = cols[idx].tolist()
-        r_flags = flags[idx].tolist()
-        r_isa = isas[idx].tolist()
-        r_disc = discs[idx].tolist()
-        addr = addrs[0]
-        out += b"\x00\x09\x02" + addr.to_bytes(8, "little")
-        file, line, col, isa = 1, 1, 0, 0
-        stmt = IS_STMT if u.default_is_stmt else 0
-        for k in range(len(addrs)):
-            a = addrs[k]
-            v = r_file[k]
-            if v != file:
-                out.append(SET_FILE)
-                out += enc_uleb(v)
-                file = v
-            v = r_col[k]
-            if v != col:
-                out.append(SET_COLUMN)
-                out += enc_uleb(v)
-                col = v
-            fl = r_flags[k]
-            if (fl & IS_STMT) != stmt:
-                out.append(NEGATE_STMT)
-                stmt ^= IS_STMT
-            if fl & BASIC_BLOCK:
-                out.append(SET_BASIC_BLOCK)
-            if fl & PROLOGUE_END:
-                out.append(SET_PROLOGUE_END)
-            if fl & EPILOGUE_BEGIN:
-                out.append(SET_EPILOGUE_BEGIN)
-            v = r_isa[k]
-            if v != isa:
-                out.append(SET_ISA)
-                out += enc_uleb(v)
-                isa = v
-            v = r_disc[k]
-            if v:
-                e = enc_uleb(v)
-                out += bytes((0, len(e) + 1, SET_DISCRIMINATOR)) + e
-            da = a - addr
-            dl = r_line[k] - line
-            if da < 0:
-                raise DwarfError("line rows out of address order")
-            lo = dl - line_base
-            if not (0 <= lo < line_range):
-                out.append(ADVANCE_LINE)
-                out += enc_sleb(dl)
-                lo = -line_base
-            special = lo + line_range * da
-            if special <= top:
-                out.append(special + opcode_base)
-            else:
-                out.append(ADVANCE_PC)
-                out += enc_uleb(da)
-                if lo + opcode_base <= 255:
-                    out.append(lo + opcode_base)
-                else:
-                    out.append(COPY)
-            addr = a
-            line = r_line[k]
-        if end < addr:
-            raise DwarfError("line sequence ends before its last row")
-        if end > addr:
-            out.append(ADVANCE_PC)
-            out += enc_uleb(end - addr)
-        out += b"\x00\x01\x01"
+    def sequence(self, rows, addrs, end: int) -> None:
+        if len(rows):
+            self.rows.append(np.asarray(rows, np.int64))
+            self.addrs.append(np.asarray(addrs, np.uint64))
+            self.ends.append(end)
 
     def verbatim(self, seq: int) -> None:
         a, b = self.u.seq_bytes[seq]
-        self.out += self.u.program[a:b]
+        self.verbatim_bytes += self.u.program[a:b]
 
     def unit(self) -> bytes:
-        body = self.u.prologue + bytes(self.out)
+        body = self.u.prologue + bytes(self.verbatim_bytes)
+        if self.rows:
+            body += _encode(self.u, np.concatenate(self.rows), np.concatenate(self.addrs),
+                            np.array([len(r) for r in self.rows], np.int64),
+                            np.array(self.ends, np.uint64))
         return len(body).to_bytes(4, "little") + body
+
+
+def _encode(u: LineUnit, rows, addrs, seq_len, ends) -> bytes:
+    """Sequences of rows (``seq_len`` rows each, in order) as a line program:
+    set_address, per row the opcodes for what changed and a special opcode (or
+    advance_pc + copy), then advance to the end and end_sequence."""
+    n = len(rows)
+    first_idx = np.cumsum(seq_len) - seq_len
+    first = np.zeros(n, bool)
+    first[first_idx] = True
+    file = u.file[rows].astype(np.int64)
+    line = u.line[rows]
+    col = u.column[rows].astype(np.int64)
+    flags = u.flags[rows]
+    isa = u.isa[rows].astype(np.int64)
+    disc = u.disc[rows].astype(np.int64)
+    stmt = (flags & IS_STMT).astype(np.int64)
+
+    def prev(x, initial):
+        p = np.empty_like(x)
+        p[1:] = x[:-1]
+        p[first] = initial
+        return p
+
+    addr_prev = prev(addrs, 0)
+    addr_prev[first] = addrs[first]
+    if (addrs < addr_prev).any():
+        raise DwarfError("line rows out of address order")
+    da = (addrs - addr_prev).astype(np.int64)
+    dl = line - prev(line, 1)
+    c_file = file != prev(file, 1)
+    c_col = col != prev(col, 0)
+    c_neg = stmt != prev(stmt, IS_STMT if u.default_is_stmt else 0)
+    c_bb = (flags & BASIC_BLOCK) != 0
+    c_pe = (flags & PROLOGUE_END) != 0
+    c_eb = (flags & EPILOGUE_BEGIN) != 0
+    c_isa = isa != prev(isa, 0)
+    c_disc = disc != 0
+    lo = dl - u.line_base
+    in_range = (lo >= 0) & (lo < u.line_range)
+    lo = np.where(in_range, lo, -u.line_base)
+    special = lo + u.line_range * da
+    direct = special <= 255 - u.opcode_base
+    s_file = np.where(c_file, 1 + uleb_size(file), 0)
+    s_col = np.where(c_col, 1 + uleb_size(col), 0)
+    s_isa = np.where(c_isa, 1 + uleb_size(isa), 0)
+    disc_len = uleb_size(disc)
+    s_disc = np.where(c_disc, 3 + disc_len, 0)
+    s_advl = np.where(in_range, 0, 1 + sleb_size(dl))
+    s_advpc = np.where(direct, 0, 1 + uleb_size(da))
+    sizes = [s_file, s_col, c_neg.astype(np.int64), c_bb.astype(np.int64),
+             c_pe.astype(np.int64), c_eb.astype(np.int64), s_isa, s_disc, s_advl, s_advpc]
+    row_size = sum(sizes) + 1
+    # sequence footers: advance to the end, end_sequence
+    last_idx = first_idx + seq_len - 1
+    tail = (ends - addrs[last_idx]).astype(np.int64)
+    if (tail < 0).any():
+        raise DwarfError("line sequence ends before its last row")
+    foot = np.where(tail > 0, 1 + uleb_size(tail), 0) + 3
+    seq_of = np.repeat(np.arange(len(seq_len)), seq_len)
+    # where each row starts: rows before it, plus a header (11 bytes) per sequence
+    # so far and the footers of the sequences before
+    before_foot = np.cumsum(foot) - foot
+    row_start = (np.cumsum(row_size) - row_size) + 11 * (seq_of + 1) + before_foot[seq_of]
+    total = int(row_size.sum()) + 11 * len(seq_len) + int(foot.sum())
+    buf = np.zeros(total, np.uint8)
+    # headers: DW_LNE_set_address
+    head = row_start[first_idx] - 11
+    buf[head] = 0
+    buf[head + 1] = 9
+    buf[head + 2] = SET_ADDRESS
+    put_le(buf, head + 3, addrs[first_idx], 8)
+    pos = row_start.copy()
+
+    def op(mask, opcode):
+        buf[pos[mask]] = opcode
+
+    op(c_file, SET_FILE)
+    put_uleb(buf, pos[c_file] + 1, file[c_file], s_file[c_file] - 1)
+    pos += s_file
+    op(c_col, SET_COLUMN)
+    put_uleb(buf, pos[c_col] + 1, col[c_col], s_col[c_col] - 1)
+    pos += s_col
+    op(c_neg, NEGATE_STMT)
+    pos += c_neg
+    op(c_bb, SET_BASIC_BLOCK)
+    pos += c_bb
+    op(c_pe, SET_PROLOGUE_END)
+    pos += c_pe
+    op(c_eb, SET_EPILOGUE_BEGIN)
+    pos += c_eb
+    op(c_isa, SET_ISA)
+    put_uleb(buf, pos[c_isa] + 1, isa[c_isa], s_isa[c_isa] - 1)
+    pos += s_isa
+    p = pos[c_disc]
+    buf[p] = 0
+    buf[p + 1] = (1 + disc_len[c_disc]).astype(np.uint8)
+    buf[p + 2] = SET_DISCRIMINATOR
+    put_uleb(buf, p + 3, disc[c_disc], disc_len[c_disc])
+    pos += s_disc
+    m = ~in_range
+    op(m, ADVANCE_LINE)
+    put_sleb(buf, pos[m] + 1, dl[m], s_advl[m] - 1)
+    pos += s_advl
+    m = ~direct
+    op(m, ADVANCE_PC)
+    put_uleb(buf, pos[m] + 1, da[m], s_advpc[m] - 1)
+    pos += s_advpc
+    final = np.where(direct, special + u.opcode_base,
+                     np.where(lo + u.opcode_base <= 255, lo + u.opcode_base, COPY))
+    buf[pos] = final.astype(np.uint8)
+    # footers
+    f0 = row_start[last_idx] + row_size[last_idx]
+    m = tail > 0
+    buf[f0[m]] = ADVANCE_PC
+    tl = uleb_size(tail[m])
+    put_uleb(buf, f0[m] + 1, tail[m], tl)
+    e = f0 + np.where(m, 1 + uleb_size(tail), 0)
+    buf[e] = 0
+    buf[e + 1] = 1
+    buf[e + 2] = END_SEQUENCE
+    return buf.tobytes()
 
 
 def update_lines(data, image: CodeImage, progress=None) -> tuple[bytes, dict[int, int]]:

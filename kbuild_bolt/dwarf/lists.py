@@ -292,3 +292,40 @@ def encode_loclists(version: int, start: int, src, lst, lo, hi, epos, elen, defa
         put_le(buf, epos_out + 16, elen, 2)
         copy_runs(buf, epos_out + 18, src, epos, elen)
     return buf.tobytes(), views_off, list_off
+
+
+def encode_rnglists(version: int, start: int, lst, lo, hi, nlists: int):
+    """New range lists appended at section offset ``start``: records (lo, hi) grouped
+    by list ``lst`` (0..nlists-1, in order; a list may have none) -> (bytes,
+    offset of each list)."""
+    import numpy as np
+
+    from kbuild_bolt.dwarf.vec import exclusive_cumsum_by_group, put_le, put_uleb, uleb_size
+
+    lst = np.asarray(lst, np.int64)
+    lo = np.asarray(lo, np.uint64)
+    hi = np.asarray(hi, np.uint64)
+    if version < 5:
+        keep = hi > lo                 # (an empty pair could read as the end of the list)
+        lst, lo, hi = lst[keep], lo[keep], hi[keep]
+    length = hi - lo
+    if version >= 5:
+        len_size = uleb_size(length)
+        entry = 1 + 8 + len_size
+        head, tail = 0, 1
+    else:
+        entry = np.full(len(lst), 16, np.int64)
+        head, tail = 16, 16
+    total = np.bincount(lst, weights=entry, minlength=nlists).astype(np.int64) + head + tail
+    list_off = start + np.cumsum(total) - total
+    buf = np.zeros(int(total.sum()), np.uint8)
+    pos = list_off[lst] - start + head + exclusive_cumsum_by_group(entry, lst)
+    if version >= 5:
+        buf[pos] = RLE_START_LENGTH
+        put_le(buf, pos + 1, lo, 8)
+        put_uleb(buf, pos + 9, length, len_size)
+    else:
+        put_le(buf, list_off - start, np.full(nlists, MAX, np.uint64), 8)   # base 0
+        put_le(buf, pos, lo, 8)
+        put_le(buf, pos + 8, hi, 8)
+    return buf.tobytes(), list_off

@@ -25,7 +25,8 @@ from kbuild_bolt.dwarf.info import (AT_KBB_PADDING, AT_RANGES, FORM_ADDR, FORM_B
 from kbuild_bolt.dwarf.leb import DwarfError, enc_sleb, enc_uleb, enc_uleb_padded, uleb
 from kbuild_bolt.dwarf.lines import update_lines
 from kbuild_bolt.dwarf.vec import put_le
-from kbuild_bolt.dwarf.lists import (DEFAULT, ListWriter, encode_loclists, read_loclists,
+from kbuild_bolt.dwarf.lists import (DEFAULT, ListWriter, encode_loclists, encode_rnglists,
+                                     read_loclists,
                                      read_rnglist, read_view_pairs)
 
 # The sections this module writes again (the others, .debug_str and friends, stay).
@@ -272,35 +273,37 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
         res.problems.append(f"{lost} scopes are not contiguous any more and their DW_AT_high_pc "
                             "has no room for DW_AT_ranges (kept as they were)")
         members = members[~np.isin(keys[members], list(bad_keys))]
-    starts = (np.cumsum(count) - count).tolist()
-    cnt = count.tolist()
-    nlo_l, nhi_l = nlo.tolist(), nhi.tolist()
+    starts = np.cumsum(count) - count
     lo_entry, ok = image.points(lo[members])
-    unit_l = s_unit[sel][members].tolist()
-    high_l = s_high[sel][members].tolist()
-    size_l = size[members].tolist()
-    cu_l = is_cu[members].tolist()
-    entry_l = np.where(ok, lo_entry, lo[members]).tolist()
-    vers = version.tolist()
-    buf = f.buf
-    low_pos, low_val = [], []
-    s_low_m = s_low[sel][members].tolist()
-    for j, k in enumerate(members.tolist()):
-        a = starts[k]
-        rl = list(zip(nlo_l[a:a + cnt[k]], nhi_l[a:a + cnt[k]]))
-        off = writer(vers[unit_l[j]], "rng").rnglist(rl)
-        p = high_l[j]
-        n = size_l[j]
-        blob = off.to_bytes(4, "little")
-        if n > 4:
-            blob += enc_uleb(n - 5) + bytes(n - 5)
-        buf[p:p + n] = blob
-        if not cu_l[j]:
-            # low_pc: the scope's entry (where its first instruction is now)
-            low_pos.append(s_low_m[j])
-            low_val.append(entry_l[j] if ok[j] or not rl else rl[0][0])
-    if low_pos:
-        f.put(np.array(low_pos, np.int64), np.array(low_val, np.uint64), 8)
+    has = count[members] > 0
+    first_lo = nlo[np.minimum(starts[members], max(len(nlo) - 1, 0))] if len(nlo) else lo[members]
+    # low_pc: the scope's entry (where its first instruction is now)
+    entry = np.where(ok, lo_entry, np.where(has, first_lo, lo[members]))
+    m_version = np.where(version[s_unit[sel][members]] >= 5, 5, 4)
+    high_pos = s_high[sel][members]
+    n = size[members]
+    for v in (5, 4):
+        mine = np.flatnonzero(m_version == v)
+        if not len(mine):
+            continue
+        k = members[mine]
+        per = count[k]
+        rec = np.repeat(starts[k], per) + (np.arange(int(per.sum())) -
+                                           np.repeat(np.cumsum(per) - per, per))
+        w = writer(v, "rng")
+        raw, offs = encode_rnglists(v, len(w.out), np.repeat(np.arange(len(k)), per),
+                                    nlo[rec], nhi[rec], len(k))
+        w.out += raw
+        # DW_AT_ranges where DW_AT_high_pc was, then the padding attribute's
+        # block (ULEB128 length, zeros) over the rest of its bytes
+        f.put(high_pos[mine], offs, 4)
+        pad = mine[n[mine] > 4]
+        f.put(high_pos[pad] + 4, n[pad] - 5, 1)
+        for j in range(5, int(n.max()) if len(n) else 0):
+            z = pad[n[pad] > j]
+            f.a[high_pos[z] + j] = 0
+    keep_low = ~is_cu[members]
+    f.put(s_low[sel][members][keep_low], entry[keep_low], 8)
     res.stats["scopes made ranges"] = len(members)
     return convert
 
@@ -320,62 +323,56 @@ def _list_images(image: CodeImage, lo: np.ndarray, hi: np.ndarray):
 
 
 def _range_lists(found, f, image, version, base, rng5, rng4, writer, res) -> None:
+    """Range lists (DIEs that had DW_AT_ranges) of moved code written again."""
     s_ranges = np.frombuffer(found.s_ranges, np.int64)
     s_unit = np.frombuffer(found.s_unit, np.int64)
     sel = np.flatnonzero(s_ranges >= 0)
     if not len(sel):
         return
-    offs = f.get(s_ranges[sel], 4)
-    lists = {}
-    flat_lo, flat_hi, flat_list = [], [], []
-    keys = []
-    for off, ui in zip(offs.tolist(), s_unit[sel].tolist()):
-        v = int(version[ui])
-        key = (off, v, int(base[ui]))
-        keys.append(key)
-        if key in lists:
+    offs = f.get(s_ranges[sel], 4).astype(np.int64)
+    vers = np.where(version[s_unit[sel]] >= 5, 5, 4)
+    total = 0
+    for v, data in ((5, rng5), (4, rng4)):
+        mine = np.flatnonzero(vers == v)
+        if not len(mine):
             continue
-        data = rng5 if v >= 5 else rng4
         if data is None:
             raise DwarfError("DW_AT_ranges without a range list section")
-        rl = read_rnglist(data, off, v, key[2])
-        lists[key] = len(lists)
-        for a, b in rl:
-            flat_lo.append(a)
-            flat_hi.append(b)
-            flat_list.append(lists[key])
-    lo = np.array(flat_lo, np.uint64)
-    hi = np.array(flat_hi, np.uint64)
-    which = np.array(flat_list, np.int64)
-    idx, nlo, nhi = image.ranges(lo, hi)
-    count = np.bincount(idx, minlength=len(lo))
-    first = np.searchsorted(idx, np.arange(len(lo)))
-    fc = np.minimum(first, max(len(idx) - 1, 0))
-    same = (count == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else count == 0
-    same |= (count == 0) & (lo == hi)
-    changed_list = np.zeros(len(lists), bool)
-    np.logical_or.at(changed_list, which[~same], True)
-    new_off = {}
-    by_list = {}
-    for k, li in enumerate(which.tolist()):
-        by_list.setdefault(li, []).append(k)
-    nlo_l, nhi_l = nlo.tolist(), nhi.tolist()
-    start = np.r_[0, np.cumsum(count)[:-1]].tolist() if len(count) else []
-    cnt = count.tolist()
-    for key, li in lists.items():
-        if not changed_list[li]:
+        units = s_unit[sel][mine]
+        key = offs[mine] * (1 << 32) + units        # (a DWARF 4 list is read with its unit's base)
+        keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        lo_l, hi_l, which_l = [], [], []
+        for li, (off, ui) in enumerate(zip(offs[mine][first].tolist(), units[first].tolist())):
+            for a, c in read_rnglist(data, off, v, int(base[ui])):
+                lo_l.append(a)
+                hi_l.append(c)
+                which_l.append(li)
+        lo = np.array(lo_l, np.uint64)
+        hi = np.array(hi_l, np.uint64)
+        which = np.array(which_l, np.int64)
+        idx, nlo, nhi = image.ranges(lo, hi)
+        count = np.bincount(idx, minlength=len(lo))
+        fc = np.minimum(np.searchsorted(idx, np.arange(len(lo))), max(len(idx) - 1, 0))
+        same = (count == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else count == 0
+        same |= (count == 0) & (lo == hi)
+        changed = np.zeros(len(keys), bool)
+        changed[which[~same]] = True
+        if not changed.any():
             continue
-        rl = []
-        for k in by_list.get(li, ()):
-            a = start[k]
-            rl += list(zip(nlo_l[a:a + cnt[k]], nhi_l[a:a + cnt[k]]))
-        rl.sort()
-        new_off[key] = writer(key[1], "rng").rnglist(rl)
-    pos = s_ranges[sel]
-    patch = [(p, new_off[key]) for p, key in zip(pos.tolist(), keys) if key in new_off]
-    if patch:
-        f.put(np.array([p for p, _ in patch]), np.array([o for _, o in patch]), 4)
-    res.stats["range lists"] = len(new_off)
+        # the pieces of changed lists, each list in address order
+        rec_list = which[idx]
+        keep = changed[rec_list]
+        rec_list, r_lo, r_hi = rec_list[keep], nlo[keep], nhi[keep]
+        order = np.lexsort((r_lo, rec_list))
+        new_index = np.cumsum(changed) - 1
+        w = writer(v, "rng")
+        raw, list_off = encode_rnglists(v, len(w.out), new_index[rec_list[order]], r_lo[order],
+                                        r_hi[order], int(changed.sum()))
+        w.out += raw
+        die_changed = changed[inverse]
+        f.put(s_ranges[sel][mine][die_changed], list_off[new_index[inverse[die_changed]]], 4)
+        total += int(changed.sum())
+    res.stats["range lists"] = total
 
 
 def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> None:

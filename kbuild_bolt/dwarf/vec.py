@@ -14,17 +14,14 @@ def uleb_size(v: np.ndarray) -> np.ndarray:
     return 1 + (v[:, None] >= _POW7[None, :]).sum(axis=1).astype(np.int64)
 
 
+_HALF7 = np.array([1 << (7 * k - 1) for k in range(1, 10)], np.int64)
+
+
 def sleb_size(v: np.ndarray) -> np.ndarray:
+    """Bytes of each value as SLEB128: k groups hold -2**(7k-1) <= v < 2**(7k-1)."""
     v = np.asarray(v, np.int64)
-    # bits needed with a sign bit, in 7-bit groups
-    mag = np.where(v < 0, ~v, v).astype(np.uint64)
-    bits = np.zeros(len(v), np.int64)
-    x = mag.copy()
-    while x.any():
-        nz = x > 0
-        bits[nz] += 1
-        x >>= np.uint64(1)
-    return (bits + 1 + 6) // 7
+    mag = np.where(v < 0, -(v + 1), v)          # the same group count for v and -v-1
+    return 1 + (mag[:, None] >= _HALF7[None, :]).sum(axis=1).astype(np.int64)
 
 
 def put_uleb(buf: np.ndarray, pos: np.ndarray, v: np.ndarray, size: np.ndarray) -> None:

@@ -74,22 +74,26 @@ def moved_instructions(image_in: ElfImage, code) -> np.ndarray:
 
 
 def alias_names(image: ElfImage) -> dict[str, str]:
-    """name -> one name for all the symbols at its address (the symbolizer names the
-    outermost frame by the symbol table, and picks any of a function's aliases:
-    __x64_sys_foo or __ia32_sys_foo, memmove or __memmove)."""
+    """name -> one name for the function at its address. The symbolizer names the
+    outermost frame by the symbol table and picks any symbol at an address: a
+    function's aliases (__x64_sys_foo/__ia32_sys_foo, memmove/__memmove) or a
+    marker that starts a region there (__lock_text_start). Names that stand at
+    several addresses (static functions of the same name) stay themselves."""
+    from kbuild_bolt.elf.image import STT_FUNC
+
     symbols = image.symbols
     names = symbols.names
-    by_addr: dict[int, list[str]] = {}
+    where: dict[str, int] = {}
+    funcs: dict[int, list[str]] = {}
     for i in np.flatnonzero(symbols.value != 0).tolist():
-        if names[i]:
-            by_addr.setdefault(int(symbols.value[i]), []).append(names[i])
-    out = {}
-    for group in by_addr.values():
-        if len(group) > 1:
-            first = min(group)
-            for n in group:
-                out[n] = first
-    return out
+        name = names[i]
+        if not name:
+            continue
+        addr = int(symbols.value[i])
+        where[name] = addr if where.get(name, addr) == addr else -1
+        if symbols.type[i] == STT_FUNC:
+            funcs.setdefault(addr, []).append(name)
+    return {name: min(funcs[addr]) for name, addr in where.items() if addr in funcs}
 
 
 def chains(obj: str, addrs: np.ndarray) -> list:

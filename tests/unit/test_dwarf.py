@@ -25,6 +25,21 @@ def test_sleb_round_trip(v):
     assert sleb(enc_sleb(v), 0) == (v, len(enc_sleb(v)))
 
 
+def test_bulk_leb128_matches_one_at_a_time():
+    from kbuild_bolt.dwarf.vec import put_sleb, put_uleb, sleb_size, uleb_size
+
+    u = np.array([0, 1, 127, 128, 300, 2**20, 2**35, 2**63], np.uint64)
+    s = np.array([0, 1, -1, 63, -64, 64, -65, 1000, -1000, 2**40, -(2**40), -(2**62)], np.int64)
+    assert uleb_size(u).tolist() == [len(enc_uleb(int(v))) for v in u.tolist()]
+    assert sleb_size(s).tolist() == [len(enc_sleb(int(v))) for v in s.tolist()]
+    for values, size, put, enc in ((u, uleb_size(u), put_uleb, enc_uleb),
+                                   (s, sleb_size(s), put_sleb, enc_sleb)):
+        pos = np.cumsum(size) - size
+        buf = np.zeros(int(size.sum()), np.uint8)
+        put(buf, pos, values, size)
+        assert buf.tobytes() == b"".join(enc(int(v)) for v in values.tolist())
+
+
 def test_padded_uleb_refuses_what_does_not_fit():
     assert enc_uleb_padded(128, 1) is None
     assert enc_uleb_padded(127, 1) == b"\x7f"
