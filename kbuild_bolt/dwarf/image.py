@@ -71,6 +71,35 @@ class CodeImage:
         ok[ok] = a[ok] < self._rw_hi[i[ok]]
         return ok
 
+    def old_of(self, addrs) -> tuple[np.ndarray, np.ndarray]:
+        """Where new addresses came from: (old address, ok). Outside new code an
+        address is its own (ok); in an added jump, or in new code between pieces,
+        nothing (not ok)."""
+        a = np.asarray(addrs, np.uint64)
+        j = np.searchsorted(self.new_lo, a, side="right").astype(np.int64) - 1
+        jj = np.maximum(j, 0)
+        inside = (j >= 0) & (a < self.new_lo[jj] + self.size[jj].astype(np.uint64)) \
+            if len(self.new_lo) else np.zeros(len(a), bool)
+        out = a.copy()
+        ok = ~inside & ~self.in_rewritten(a)
+        if inside.any():
+            k = jj[inside]
+            linear = self.kind[k] == LINEAR
+            off = a[inside] - self.new_lo[k]
+            # (a re-encoded branch: any byte of it stands for the old instruction's start)
+            out[inside] = np.where(linear, self.old_lo[k] + off, self.old_lo[k])
+            ok[inside] = self.kind[k] != INHERIT
+        return out, ok
+
+    def overlaps(self, lo, hi) -> np.ndarray:
+        """True where the old range [lo, hi) holds any rewritten byte."""
+        lo = np.asarray(lo, np.uint64)
+        hi = np.asarray(hi, np.uint64)
+        i = np.searchsorted(self._rw_hi, lo, side="right")
+        ok = i < len(self._rw_lo)
+        ok[ok] = self._rw_lo[i[ok]] < hi[ok]
+        return ok
+
     def points(self, addrs, end: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(new address, ok) of old addresses: instruction starts, or inside an
         instruction copied unchanged. With ``end``, addresses just past an

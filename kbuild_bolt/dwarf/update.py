@@ -6,7 +6,7 @@ gets DW_AT_ranges in place of DW_AT_high_pc (same bytes: the section offset and 
 padding attribute; its abbreviation is changed for every DIE that uses it, and
 DW_AT_low_pc stays as the scope's entry). New range and location lists are
 appended to their sections; .debug_line and .debug_aranges are written again;
-.debug_frame loses the FDEs of code that moved (see ``frame``).
+.debug_frame gets new FDEs for code that moved (see ``frame``).
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
         res.sections[".debug_aranges"] = aranges_mod.update(ar, image)
     fr = read(".debug_frame")
     if fr is not None:
-        res.sections[".debug_frame"], stats["FDEs dropped"] = frame_mod.update(fr, image)
+        res.sections[".debug_frame"], frame_stats = frame_mod.update(fr, image)
+        stats.update(frame_stats)
 
     res.sections[".debug_info"] = out           # (a bytearray: no second copy)
     res.sections[".debug_abbrev"] = new_abbrev

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import subprocess
 import threading
 import time
@@ -146,6 +147,34 @@ def qemu_command(kernel: Path, initrd: Path | None, cmdline: str, memory: str, s
     return cmd + list(extra or [])
 
 
+def hmp(path: Path, command: str, timeout: float = 300.0) -> str:
+    """Run one human-monitor command of a QEMU started with ``-monitor unix:PATH``;
+    its answer (empty when it printed nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        buf = b""
+        while not buf.endswith(b"(qemu) "):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return "monitor closed"
+            buf += chunk
+        sock.sendall(command.encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"(qemu) "):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    # the echo of the command comes first, then its output
+    text = buf.decode("utf-8", "replace").replace("\r", "")
+    text = text.rsplit("(qemu) ", 1)[0]
+    lines = [l for l in text.split("\n") if l.strip() and command not in l]
+    return "\n".join(lines)
+
+
 def scan_log(lines: list[str], result: BootResult) -> None:
     """Fill markers, plan, problems and _text from console lines."""
     for lineno, line in enumerate(lines, 1):
@@ -178,12 +207,15 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
          timeout: float = 120.0, append: str = "", memory: str = "512M", smp: int = 2,
          log: str | os.PathLike | None = None, expect: list[str] | None = None,
          extra_qemu: list[str] | None = None, echo=None, cpu: str = "max",
-         ftrace: str | None = None, kallsyms_to: str | os.PathLike | None = None) -> BootResult:
+         ftrace: str | None = None, kallsyms_to: str | os.PathLike | None = None,
+         dump_to: str | os.PathLike | None = None) -> BootResult:
     """Boot ``kernel`` with ``initrd`` and return what happened.
 
     ``ftrace``: the lab /init runs the workload under this ftrace tracer
     (``function``); ``kallsyms_to``: the lab /init writes /proc/kallsyms to a
-    second serial port, captured in this file."""
+    second serial port, captured in this file; ``dump_to``: the guest's memory is
+    dumped there (an ELF core with the kernel's VMCOREINFO) while the lab /init
+    runs the files workload in the background."""
     kernel = Path(kernel)
     entry = kernel_entry(kernel)
     if initrd is not None and not Path(initrd).exists():
@@ -197,6 +229,11 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
     if kallsyms_to is not None:
         args.append("kbb.kallsyms=1")
         extra_qemu += ["-serial", f"file:{kallsyms_to}"]
+    monitor = None
+    if dump_to is not None:
+        args.append("kbb.dump=1")
+        monitor = Path(tempfile.mkdtemp(prefix="kbb-qemu-")) / "monitor"
+        extra_qemu += ["-device", "vmcoreinfo", "-monitor", f"unix:{monitor},server,nowait"]
     kaslr_possible = entry == "bzImage"
     if not kaslr:
         args.append("nokaslr")
@@ -222,6 +259,10 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
             lines.append(line)
             if echo is not None:
                 echo(line)
+            if monitor is not None and "KBB-DUMP-NOW" in line:
+                # (the guest is paused while QEMU writes the dump)
+                answer = hmp(monitor, f"dump-guest-memory {Path(dump_to).resolve()}")
+                lines.append(f"KBB-HOST dump-guest-memory: {answer.strip() or 'ok'}")
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
@@ -236,6 +277,8 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
         proc.wait()
         raise
     thread.join(timeout=5)
+    if monitor is not None:
+        shutil.rmtree(monitor.parent, ignore_errors=True)
     result.seconds = round(time.monotonic() - started, 2)
     result.log_lines = lines
     if log is not None:

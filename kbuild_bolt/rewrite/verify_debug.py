@@ -26,6 +26,7 @@ from kbuild_bolt.rewrite.debuginfo import load_code_image
 from kbuild_bolt.x86.decode import decode_ranges
 
 COLD = re.compile(r"(\.cold(\.\d+)?)+$")
+DWARFDUMPS = ("llvm-dwarfdump-19", "llvm-dwarfdump-22", "llvm-dwarfdump")
 SYMBOLIZERS = ("llvm-symbolizer-19", "llvm-symbolizer-22", "llvm-symbolizer")
 
 
@@ -33,16 +34,23 @@ SYMBOLIZERS = ("llvm-symbolizer-19", "llvm-symbolizer-22", "llvm-symbolizer")
 class DebugReport:
     checked: int = 0
     problems: list = field(default_factory=list)
+    cfi_checked: int = 0
+    cfi_problems: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.cfi_problems
 
     def summary(self) -> str:
-        state = "ok" if self.ok else f"{len(self.problems)} PROBLEMS"
-        lines = [f"verify --debug: {state}",
-                 f"  inline chains equal at new addresses   {self.checked:>10,} checked  {state}"]
-        lines += [f"  ! {p}" for p in self.problems[:20]]
+        def state(problems):
+            return "ok" if not problems else f"{len(problems)} PROBLEMS"
+
+        lines = [f"verify --debug: {state(self.problems + self.cfi_problems)}",
+                 f"  inline chains equal at new addresses   {self.checked:>10,} checked  "
+                 f"{state(self.problems)}",
+                 f"  call frame rules equal (.debug_frame)  {self.cfi_checked:>10,} checked  "
+                 f"{state(self.cfi_problems)}"]
+        lines += [f"  ! {p}" for p in (self.problems[:20] + self.cfi_problems[:20])]
         return "\n".join(lines)
 
 
@@ -71,6 +79,68 @@ def moved_instructions(image_in: ElfImage, code) -> np.ndarray:
     if not starts:
         return np.zeros(0, np.uint64)
     return np.unique(np.concatenate(starts).astype(np.uint64))
+
+
+def tool(names: tuple[str, ...], package: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise KbbError(f"verify --debug needs {names[0]} (Debian package {package})")
+
+
+_FDE = re.compile(r"^[0-9a-f]+ [0-9a-f]+ [0-9a-f]+ FDE cie=[0-9a-f]+ pc=([0-9a-f]+)\.\.\.([0-9a-f]+)")
+_ROW = re.compile(r"^\s+0x([0-9a-f]+): (.*)$")
+
+
+class FrameTable:
+    """The call-frame rows of a file as LLVM reads them (llvm-dwarfdump --debug-frame):
+    at each address, the rule text of the FDE that covers it."""
+
+    def __init__(self, obj: str):
+        run = subprocess.run([tool(DWARFDUMPS, "llvm-19"), "--debug-frame", obj],
+                             capture_output=True, text=True)
+        if run.returncode:
+            raise KbbError(f"llvm-dwarfdump --debug-frame {obj} failed")
+        fde_lo, fde_hi, row_addr, row_text, row_fde = [], [], [], [], []
+        for line in run.stdout.splitlines():
+            m = _FDE.match(line)
+            if m:
+                fde_lo.append(int(m.group(1), 16))
+                fde_hi.append(int(m.group(2), 16))
+                continue
+            m = _ROW.match(line)
+            if m and fde_lo:
+                row_addr.append(int(m.group(1), 16))
+                row_text.append(m.group(2).strip())
+                row_fde.append(len(fde_lo) - 1)
+        order = np.argsort(np.array(fde_lo, np.uint64), kind="stable")
+        self.lo = np.array(fde_lo, np.uint64)[order]
+        self.hi = np.array(fde_hi, np.uint64)[order]
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        key = np.array(row_addr, np.uint64)
+        fde = rank[np.array(row_fde, np.int64)] if row_fde else np.zeros(0, np.int64)
+        o = np.lexsort((key, fde))
+        self.row_fde, self.row_addr = fde[o], key[o]
+        self.row_text = [row_text[i] for i in o.tolist()]
+
+    def at(self, addrs: np.ndarray) -> list:
+        """The rule text at each address (None: no FDE covers it)."""
+        k = np.searchsorted(self.lo, addrs, side="right").astype(np.int64) - 1
+        ok = (k >= 0) & (addrs < self.hi[np.maximum(k, 0)])
+        # last row of FDE k at or before the address
+        key_f = self.row_fde
+        out = []
+        for a, kk, good in zip(addrs.tolist(), k.tolist(), ok.tolist()):
+            if not good:
+                out.append(None)
+                continue
+            i0 = int(np.searchsorted(key_f, kk, side="left"))
+            i1 = int(np.searchsorted(key_f, kk, side="right"))
+            j = i0 + int(np.searchsorted(self.row_addr[i0:i1], np.uint64(a), side="right")) - 1
+            out.append(self.row_text[j] if j >= i0 else None)
+        return out
 
 
 def alias_names(image: ElfImage) -> dict[str, str]:
@@ -139,10 +209,21 @@ def verify_debug(out_path: str, in_path: str, map_path: str, sample: int = 20000
         a = pool.submit(chains, in_path, old)
         b = pool.submit(chains, out_path, new)
         before, after = a.result(), b.result()
+        fa = pool.submit(FrameTable, in_path)
+        fb = pool.submit(FrameTable, out_path)
+        frames_in, frames_out = fa.result(), fb.result()
     report.checked = len(old)
     for o, n, x, y in zip(old.tolist(), new.tolist(), before, after):
         if x != y:
             report.problems.append(f"{o:#x} -> {n:#x}: {_show(x)} became {_show(y)}")
+    # .debug_frame: the rules at each new address are the old address's
+    rules_in, rules_out = frames_in.at(old), frames_out.at(new)
+    for o, n, x, y in zip(old.tolist(), new.tolist(), rules_in, rules_out):
+        if x is None:
+            continue
+        report.cfi_checked += 1
+        if x != y:
+            report.cfi_problems.append(f"{o:#x} -> {n:#x}: CFI {x} became {y}")
     return report
 
 

@@ -1,7 +1,8 @@
 """DWARF kept true (issue 12) on real kernels: the 6.1 lab kernel built with
 DWARF 4, and Debian's distro kernel (DWARF 5), after random functions, random
 blocks and random splits. Judged by real clients: LLVM's symbolizer (every
-moved instruction's inline chain, through ``verify --debug``) and gdb."""
+moved instruction's inline chain and LLVM's reading of .debug_frame, through
+``verify --debug``) and gdb."""
 
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def test_dwarf4_inline_chains_equal_at_new_addresses(dwarf4):
         assert not any(n.startswith(".rela.debug") and image.section(n).size for n in names)
     report = verify_debug(str(out), str(vmlinux), str(amap), sample=60000, seed=1)
     assert report.ok and report.checked > 50000, report.summary()
+    # .debug_frame: LLVM's rules at every new address are the old address's
+    assert report.cfi_checked > 0.95 * report.checked, report.summary()
+    assert result.debug_stats["FDEs written"] > 10000, result.debug_stats
 
 
 def test_verify_debug_catches_a_wrong_line_table(dwarf4, tmp_path):
@@ -107,3 +111,4 @@ def test_distro_dwarf5_inline_chains_equal(distro, tmp_path_factory):
     _kept(result)
     report = verify_debug(str(out), str(distro.vmlinux), str(amap), sample=30000, seed=4)
     assert report.ok and report.checked > 25000, report.summary()
+    assert report.cfi_checked > 0.9 * report.checked, report.summary()
