@@ -5,14 +5,17 @@
 kbuild-bolt: ``rewrite --reorder-blocks=random`` (moves nearly every block of
 every function), and the whole-kernel layout on top of it
 (``--reorder-functions=random --split-functions``: every movable function placed
-anew, split, kallsyms and .symtab rebuilt: the most work), each with and without
+anew, split, kallsyms and .symtab rebuilt: the most work), each with its DWARF
+updated (the default) and with ``--strip-debug``; the whole layout also without
 verification. llvm-bolt-22 refuses function reordering and splitting on a
 kernel ("function reordering only works when relocations are enabled"; "split
 functions require reserved space in the Linux kernel binary"), so its block
 rewrite is the comparison.
 llvm-bolt-22: ``-reorder-blocks=none -lite=0`` (BOLT rewrites every function it
 can, keeping their order), the closest to the same amount of work it offers;
-also its booting option set from ../shared/KERNEL-LAB.md. Wall time and peak RSS
+also its booting option set from ../shared/KERNEL-LAB.md, and
+``-update-debug-sections`` (its DWARF update, the peer of kbuild-bolt's
+default). Wall time and peak RSS
 of each whole process tree; prints Markdown rows for benchmarks/RESULTS.md.
 """
 
@@ -49,10 +52,13 @@ def main() -> int:
                "--reorder-blocks=random", "--seed=1"]
         whole = ["--reorder-functions=random", "--split-functions"]
         for label, extra in (("kbuild-bolt rewrite --reorder-blocks=random", []),
-                             ("kbuild-bolt rewrite --reorder-blocks=random --no-verify",
-                              ["--no-verify"]),
+                             ("kbuild-bolt rewrite --reorder-blocks=random --strip-debug",
+                              ["--strip-debug"]),
                              ("kbuild-bolt rewrite --reorder-blocks=random "
                               "--reorder-functions=random --split-functions", whole),
+                             ("kbuild-bolt rewrite --reorder-blocks=random "
+                              "--reorder-functions=random --split-functions --strip-debug",
+                              whole + ["--strip-debug"]),
                              ("kbuild-bolt rewrite --reorder-blocks=random "
                               "--reorder-functions=random --split-functions --no-verify",
                               whole + ["--no-verify"])):
@@ -76,7 +82,9 @@ def main() -> int:
                     ("llvm-bolt-22 (booting set: + -simplify-conditional-tail-calls=0 "
                      "-eliminate-unreachable=0)",
                      ["-reorder-blocks=none", "-lite=0", "-simplify-conditional-tail-calls=0",
-                      "-eliminate-unreachable=0"])):
+                      "-eliminate-unreachable=0"]),
+                    ("llvm-bolt-22 -reorder-blocks=none -lite=0 -update-debug-sections",
+                     ["-reorder-blocks=none", "-lite=0", "-update-debug-sections"])):
                 run = best_of([bolt, vmlinux, "-o", out, *flags], args.repeat)
                 m = re.search(r"(\d+) out of (\d+) functions were overwritten", run.output)
                 detail = f"{m.group(1)} of {m.group(2)} functions overwritten" if m else ""

@@ -214,8 +214,9 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
     ``ftrace``: the lab /init runs the workload under this ftrace tracer
     (``function``); ``kallsyms_to``: the lab /init writes /proc/kallsyms to a
     second serial port, captured in this file; ``dump_to``: the guest's memory is
-    dumped there (an ELF core with the kernel's VMCOREINFO) while the lab /init
-    runs the files workload in the background."""
+    dumped there (an ELF core with virtual-address segments, as drgn reads them,
+    and the kernel's VMCOREINFO when it has fw_cfg) while the lab /init runs the
+    files workload in the background."""
     kernel = Path(kernel)
     entry = kernel_entry(kernel)
     if initrd is not None and not Path(initrd).exists():
@@ -261,7 +262,7 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
                 echo(line)
             if monitor is not None and "KBB-DUMP-NOW" in line:
                 # (the guest is paused while QEMU writes the dump)
-                answer = hmp(monitor, f"dump-guest-memory {Path(dump_to).resolve()}")
+                answer = hmp(monitor, f"dump-guest-memory -p {Path(dump_to).resolve()}")
                 lines.append(f"KBB-HOST dump-guest-memory: {answer.strip() or 'ok'}")
 
     thread = threading.Thread(target=reader, daemon=True)

@@ -6,15 +6,17 @@ moved instruction's inline chain and LLVM's reading of .debug_frame, through
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.lab.kernels import lab_kernel
+from kbuild_bolt.qemu.runner import boot
 from kbuild_bolt.rewrite.debuginfo import load_code_image
 from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite
 from kbuild_bolt.rewrite.verify_debug import moved_instructions, verify_debug
@@ -106,9 +108,159 @@ def test_gdb_lines_source_and_scopes_of_moved_functions(dwarf4):
 
 
 @pytest.mark.distro
-def test_distro_dwarf5_inline_chains_equal(distro, tmp_path_factory):
-    out, amap, result = _rewrite(distro.vmlinux, tmp_path_factory, "dwarf5", 22)
+def test_distro_dwarf5_inline_chains_equal(dwarf5):
+    vmlinux, out, amap, result = dwarf5
     _kept(result)
-    report = verify_debug(str(out), str(distro.vmlinux), str(amap), sample=30000, seed=4)
+    report = verify_debug(str(out), str(vmlinux), str(amap), sample=30000, seed=4)
     assert report.ok and report.checked > 25000, report.summary()
     assert report.cfi_checked > 0.9 * report.checked, report.summary()
+
+
+HERE = Path(__file__).resolve().parent
+KERNEL_SPACE = 0xFFFF800000000000
+
+
+@pytest.fixture(scope="module")
+def crash_dump(dwarf4, tmp_path_factory):
+    """A memory dump of the optimized 6.1-debug kernel in the middle of the files
+    workload (QEMU dump-guest-memory, with VMCOREINFO)."""
+    _, out, _, _ = dwarf4
+    kernel = lab_kernel("6.1-debug")
+    core = tmp_path_factory.mktemp("vmcore") / "vmcore"
+    outcome = boot(out, kernel.initramfs, memory="512M", dump_to=core, timeout=600)
+    assert outcome.ok and "dump" in outcome.markers, outcome.summary()
+    assert core.exists() and core.stat().st_size > 256 << 20
+    return core
+
+
+def _symbolize(vmlinux, addrs):
+    from kbuild_bolt.rewrite.verify_debug import chains
+
+    return chains(str(vmlinux), np.asarray(addrs, np.uint64))
+
+
+def test_drgn_stack_traces_of_every_task(dwarf4, crash_dump):
+    """drgn unwinds every task of the dump with the optimized vmlinux; every frame
+    in moved code has the function, file and line the input had there."""
+    vmlinux, out, amap, _ = dwarf4
+    run = subprocess.run(["/usr/bin/python3", str(HERE / "drgn_stacks.py"), str(crash_dump),
+                          str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tasks = json.loads(run.stdout)
+    assert len(tasks) > 20 and not [t for t in tasks if "error" in t], run.stdout[:2000]
+    code = load_code_image(str(amap))
+    groups = []          # (address looked up, drgn's frames there, innermost first)
+    for task in tasks:
+        frames = task["frames"]
+        assert frames, task
+        group = []
+        for f in frames:
+            group.append(f)
+            if not f["inline"]:
+                pc = f["pc"] if f["interrupted"] else f["pc"] - 1
+                if f["pc"] >= KERNEL_SPACE:       # (not the user-space frame a syscall ends at)
+                    groups.append((pc, group))
+                group = []
+    pcs = np.array([g[0] for g in groups], np.uint64)
+    old, ok = code.old_of(pcs)
+    moved = ok & code.in_rewritten(old)
+    assert moved.sum() > 20, f"{moved.sum()} frames in moved code"
+    expected = _symbolize(vmlinux, old[moved])
+    problems = []
+    for (pc, group), want in zip([g for g, m in zip(groups, moved) if m], expected):
+        got = [(Path(f["source"][0]).name, f["source"][1]) if f["source"] else None for f in group]
+        exp = [(Path(file).name, line) for _, file, line, _, _ in want]
+        if got != exp:
+            problems.append(f"{pc:#x}: drgn {got} != {exp}")
+    assert problems == [], problems[:10]
+
+
+@pytest.fixture(scope="module")
+def dwarf5(distro, tmp_path_factory):
+    return (distro.vmlinux,) + _rewrite(distro.vmlinux, tmp_path_factory, "dwarf5", 22)
+
+
+def _distro_dump(kernel, tmp_path_factory, name):
+    """A kernel (PVH, with the lab initramfs) dumped in the middle of the files
+    workload."""
+    from kbuild_bolt.lab.initramfs import build_lab_initramfs
+
+    d = tmp_path_factory.mktemp(name)
+    initrd = build_lab_initramfs(d / "initrd.gz")
+    core = d / "vmcore"
+    outcome = boot(kernel, initrd, memory="1G", dump_to=core, timeout=600)
+    assert outcome.ok and "dump" in outcome.markers, outcome.summary()
+    assert core.exists() and core.stat().st_size > 512 << 20
+    return core
+
+
+@pytest.fixture(scope="module")
+def distro_dump(dwarf5, tmp_path_factory):
+    return _distro_dump(dwarf5[1], tmp_path_factory, "distro-vmcore")
+
+
+def _crash(vmlinux, core, commands: str) -> str:
+    run = subprocess.run(["crash", "-s", str(vmlinux), str(core)], input=commands + "quit\n",
+                         capture_output=True, text=True, timeout=900)
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text[-3000:]
+    return text
+
+
+def _dis_lines(text: str) -> dict[int, tuple[str, int]]:
+    """crash's dis -l: the source line each instruction is listed under."""
+    lines, where = {}, None
+    for line in text.splitlines():
+        h = _DIS_HEAD.match(line.strip())
+        if h:
+            where = (Path(h.group(1)).name, int(h.group(2)))
+            continue
+        i = _DIS_INSN.match(line)
+        if i and where:
+            lines[int(i.group(1), 16)] = where
+    return lines
+
+
+_DIS_HEAD = re.compile(r"^(\S+\.[chS]): (\d+)$")
+_DIS_INSN = re.compile(r"^0x([0-9a-f]+) <")
+
+
+@pytest.mark.distro
+def test_crash_backtraces_symbols_and_source(dwarf5, distro_dump, tmp_path_factory):
+    """crash (Debian's) on the dump: bt -a unwinds the CPUs' tasks through moved
+    code, sym gives a moved instruction's source line as the input had it, and
+    dis -l of a moved, split function shows each instruction under the source
+    line the input had for it. (The lab kernels' tiny configuration is beyond
+    crash 8.0.2 even unoptimized: it cannot read their exception stacks.)"""
+    vmlinux, out, amap, _ = dwarf5
+    code = load_code_image(str(amap))
+    with ElfImage(vmlinux) as image:
+        old = moved_instructions(image, code)
+    old = old[len(old) // 3:len(old) // 3 + 1]
+    new, _ = code.points(old)
+    name = "vfs_read"
+    text = _crash(out, distro_dump, f"bt -a\nsym {int(new[0]):#x}\ndis -l {name}\n")
+    # bt -a: a backtrace per CPU, through functions of the optimized kernel
+    assert len(re.findall(r"^PID: \d+\s+TASK:", text, re.M)) >= 2, text[:3000]
+    frames = re.findall(r"#\d+ \[[0-9a-f]+\] (\S+) at ([0-9a-f]+)", text)
+    assert len(frames) >= 4 and "bt: " not in text, text[:3000]
+    with ElfImage(out) as image:
+        names = set(image.symbols.names)
+    assert all(f in names for f, _ in frames), frames
+    # sym: the moved instruction's source line is the input's
+    want = _symbolize(vmlinux, old)[0][0]
+    m = re.search(rf"^{int(new[0]):x} \(\w\) \S+ (\S+): (\d+)", text, re.M)
+    assert m and Path(m.group(1)).name == Path(want[1]).name and int(m.group(2)) == want[2], \
+        (m and m.group(0), want)
+    # dis -l: every instruction under the source line crash gives the same
+    # instruction of the unoptimized kernel (crash needs a dump of that one too)
+    lines = _dis_lines(text)
+    assert len(lines) > 50, text[-3000:]
+    before = _dis_lines(_crash(vmlinux, _distro_dump(vmlinux, tmp_path_factory, "input-vmcore"),
+                               f"dis -l {name}\n"))
+    addrs = np.array(sorted(lines), np.uint64)
+    old_of, ok = code.old_of(addrs)
+    assert ok.sum() > 50
+    wrong = [(hex(int(a)), lines[int(a)], before.get(int(o)))
+             for a, o in zip(addrs[ok], old_of[ok]) if lines[int(a)] != before.get(int(o))]
+    assert wrong == [], wrong[:10]

@@ -174,3 +174,44 @@ def test_expression_addresses():
     assert addr_operands(e, 0, len(e)) == [3]
     with pytest.raises(DwarfError):
         addr_operands(b"\x03\x01\xff" + bytes(7), 0, 10)
+
+
+def test_code_image_old_of():
+    img = _swap_image()
+    old, ok = img.old_of(np.array([BASE, BASE + 3, BASE + 11, BASE + 20, BASE + 30], np.uint64))
+    assert ok.tolist() == [True, True, True, False, True]      # (BASE+20: the added jump)
+    assert (old[ok] - np.uint64(BASE)).tolist() == [9, 12, 0, 30]
+
+
+def _fde_rows(program: bytes, loc: int):
+    from kbuild_bolt.dwarf import frame
+
+    cie = frame.Cie(0, 0, 1, -8, 16, (("c", 7, 8), ()))
+    cie.initial = (("c", 7, 8), ((16, ("o", -8)),))
+    return cie, frame.run(program, 0, len(program), cie, loc, cie.initial)
+
+
+def test_frame_rows_and_state_changes_round_trip():
+    """GCC's kind of FDE program (push, frame pointer, remember/restore around an
+    early return) read to rows, then each row's state written as the change from
+    the one before and read back: the same rows."""
+    from kbuild_bolt.dwarf import frame
+
+    program = bytes([0x41, 0x0e, 16, 0x86, 2,      # +1: cfa rsp+16, rbp at cfa-16
+                     0x44, 0x0d, 6,                # +4: cfa in rbp
+                     0x4a, 0x0a, 0xc6, 0x0c, 7, 8,  # +10: remember; restore rbp; cfa rsp+8
+                     0x41, 0x0b])                  # +1: restore state
+    cie, rows = _fde_rows(program, BASE)
+    assert [a - BASE for a, _ in rows] == [0, 1, 5, 15, 16]
+    assert rows[2][1][0] == ("c", 6, 16) and rows[3][1][0] == ("c", 7, 8)
+    assert rows[4][1] == rows[2][1]
+    out = bytearray()
+    prev, at = cie.initial, BASE
+    for a, state in rows:
+        if a > at:
+            frame._advance(a - at, out)
+            at = a
+        frame.encode_state_change(prev, state, cie, out)
+        prev = state
+    _, again = _fde_rows(bytes(out), BASE)
+    assert again == rows
