@@ -323,79 +323,119 @@ def update(b, image: CodeImage) -> tuple[bytes, dict]:
 
 
 def _new_fdes(b, moved_fdes, cies, image: CodeImage) -> list[tuple[int, int, int, bytes]]:
-    """(CIE offset, start, length, program) of the FDEs for moved code."""
-    # rows of every moved FDE, by old address
+    """(CIE offset, start, length, program) of the FDEs for moved code: each moved
+    FDE's rows by old address, the pieces of new code looking them up in bulk, a
+    new FDE per run of new code of one FDE, its program the changes of state."""
+    moved_fdes = sorted(moved_fdes, key=lambda r: r[3])
     f_lo = np.array([r[3] for r in moved_fdes], np.uint64)
     f_hi = f_lo + np.array([r[4] for r in moved_fdes], np.uint64)
-    order = np.argsort(f_lo, kind="stable")
-    f_lo, f_hi = f_lo[order], f_hi[order]
-    moved_fdes = [moved_fdes[k] for k in order.tolist()]
-    tables = [None] * len(moved_fdes)
-
-    def table(k):
-        if tables[k] is None:
-            off, end, cie, loc, _, prog = moved_fdes[k]
-            c = cies[cie]
-            rows = run(b, prog, end, c, loc, c.initial)
-            tables[k] = ([a for a, _ in rows], [s for _, s in rows])
-        return tables[k]
-
-    out = []
-    cur = None          # (fde index, cie, start, prev addr, prev state, program)
+    # every row of every moved FDE, states interned
+    state_ids: dict = {}
+    states: list = []
+    r_addr, r_state = [], []
+    for off, end, cie, loc, _, prog in moved_fdes:
+        c = cies[cie]
+        for a, st in run(b, prog, end, c, loc, c.initial):
+            sid = state_ids.get(st)
+            if sid is None:
+                sid = state_ids[st] = len(states)
+                states.append(st)
+            r_addr.append(a)
+            r_state.append(sid)
+    r_addr = np.array(r_addr, np.uint64)
+    r_state = np.array(r_state, np.int64)
+    # pieces of new code and the FDE their old code is in
     n = len(image.new_lo)
-    kinds = image.kind.tolist()
-    new_lo = image.new_lo.tolist()
-    size = image.size.tolist()
-    old_lo = image.old_lo.tolist()
-    old_len = image.old_len.tolist()
-    part = image.part.tolist()
-    import bisect
-
-    def close():
-        if cur is not None:
-            k, cie, start, _, _, prog, end = cur
-            out.append((cie, start, end - start, bytes(prog)))
-
-    # the FDE each piece's old code is in (-1: none)
     kk = np.searchsorted(f_hi, image.old_lo, side="right")
-    in_fde = (kk < len(f_lo)) & (f_lo[np.minimum(kk, len(f_lo) - 1)] <= image.old_lo)
-    fde_of = np.where(in_fde & (image.kind != INHERIT), kk, -1).tolist()
-    for i in range(n):
-        if kinds[i] == INHERIT:
-            if cur is not None and part[i] == part[i - 1]:
-                cur[6] = new_lo[i] + size[i]
+    fde = np.where((kk < len(f_lo)) & (f_lo[np.minimum(kk, len(f_lo) - 1)] <= image.old_lo)
+                   & (image.kind != INHERIT), kk, -1)
+    # an added jump belongs to the piece before it (same part)
+    inh = np.flatnonzero(image.kind == INHERIT)
+    prev_ok = inh[(inh > 0)]
+    prev_ok = prev_ok[image.part[prev_ok - 1] == image.part[prev_ok]]
+    fde[prev_ok] = fde[prev_ok - 1]
+    ends = image.new_lo + image.size.astype(np.uint64)
+    in_fde = fde >= 0
+    # a new FDE starts where the FDE, the part or the contiguity changes
+    brk = np.ones(n, bool)
+    if n > 1:
+        brk[1:] = ((fde[1:] != fde[:-1]) | (image.part[1:] != image.part[:-1])
+                   | (image.new_lo[1:] != ends[:-1]))
+    seg = np.cumsum(brk) - 1
+    real = np.flatnonzero(in_fde & (image.kind != INHERIT))
+    o = image.old_lo[real]
+    lo = np.searchsorted(r_addr, o, side="right") - 1
+    hi = np.where(image.kind[real] == LINEAR,
+                  np.searchsorted(r_addr, o + image.old_len[real].astype(np.uint64), side="left"),
+                  lo + 1)
+    per = np.maximum(hi - lo, 1)
+    ev_piece = np.repeat(real, per)
+    k = np.arange(int(per.sum())) - np.repeat(np.cumsum(per) - per, per)
+    row = np.repeat(lo, per) + k
+    ev_addr = np.where(k == 0, image.new_lo[ev_piece],
+                       image.new_lo[ev_piece] + (r_addr[row] - np.repeat(o, per)))
+    ev_state = r_state[row]
+    ev_seg = seg[ev_piece]
+    # segments: start, end, FDE
+    seg_first = np.flatnonzero(brk)
+    seg_fde = fde[seg_first]
+    seg_start = image.new_lo[seg_first]
+    seg_end = np.maximum.reduceat(ends, seg_first) if n else ends
+    # per event: the state before it (the CIE's at a segment's start); keep the
+    # last event at an address, and only changes
+    last_at = np.r_[(ev_seg[1:] != ev_seg[:-1]) | (ev_addr[1:] != ev_addr[:-1]), True]
+    ev_addr, ev_state, ev_seg = ev_addr[last_at], ev_state[last_at], ev_seg[last_at]
+    cie_of_seg = np.array([moved_fdes[f][2] if f >= 0 else -1 for f in seg_fde.tolist()], np.int64)
+    init_ids = {}
+    for cie in set(cie_of_seg.tolist()) - {-1}:
+        st = cies[cie].initial
+        sid = state_ids.get(st)
+        if sid is None:
+            sid = state_ids[st] = len(states)
+            states.append(st)
+        init_ids[cie] = sid
+    first_ev = np.r_[True, ev_seg[1:] != ev_seg[:-1]]
+    seg_init = np.array([init_ids.get(c, -1) for c in cie_of_seg.tolist()], np.int64)
+    prev_state = np.empty_like(ev_state)
+    prev_state[1:] = ev_state[:-1]
+    prev_state[first_ev] = seg_init[ev_seg[first_ev]]
+    keep = ev_state != prev_state
+    prev_addr = np.empty_like(ev_addr)
+    prev_addr[1:] = ev_addr[:-1]
+    prev_addr[first_ev] = seg_start[ev_seg[first_ev]]
+    # (the state before a kept event is the last kept one's: drop the others first)
+    ev_addr, ev_state, ev_seg, prev_state = (ev_addr[keep], ev_state[keep], ev_seg[keep],
+                                            prev_state[keep])
+    first_ev = np.r_[True, ev_seg[1:] != ev_seg[:-1]] if len(ev_seg) else first_ev[:0]
+    prev_addr = np.empty_like(ev_addr)
+    prev_addr[1:] = ev_addr[:-1]
+    prev_addr[first_ev] = seg_start[ev_seg[first_ev]]
+    delta = (ev_addr - prev_addr).astype(np.int64)
+    # programs: (advance, change) per event, each distinct one encoded once
+    pair = prev_state * len(states) + ev_state
+    adv_cache: dict[int, bytes] = {}
+    change_cache: dict[int, bytes] = {}
+    chunks = []
+    cie_l = cie_of_seg.tolist()
+    for d, pr, cur, sg in zip(delta.tolist(), pair.tolist(), ev_state.tolist(), ev_seg.tolist()):
+        a = adv_cache.get(d)
+        if a is None:
+            buf = bytearray()
+            if d:
+                _advance(d, buf)
+            a = adv_cache[d] = bytes(buf)
+        c = change_cache.get(pr)
+        if c is None:
+            buf = bytearray()
+            encode_state_change(states[pr // len(states)], states[cur], cies[cie_l[sg]], buf)
+            c = change_cache[pr] = bytes(buf)
+        chunks.append(a + c)
+    # join per segment
+    bounds = np.searchsorted(ev_seg, np.arange(len(seg_first) + 1))
+    out = []
+    for sgi, (x, y) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        if seg_fde[sgi] < 0:
             continue
-        o = old_lo[i]
-        k = fde_of[i]
-        if k < 0:
-            close()
-            cur = None
-            continue
-        starts_new = (cur is None or cur[0] != k or part[i] != part[i - 1]
-                      or new_lo[i] != cur[6])
-        if starts_new:
-            close()
-            cie = moved_fdes[k][2]
-            c = cies[cie]
-            cur = [k, cie, new_lo[i], new_lo[i], c.initial, bytearray(), new_lo[i]]
-        addrs, states = table(k)
-        c = cies[cur[1]]
-        j = bisect.bisect_right(addrs, o) - 1
-        events = [(new_lo[i], states[max(j, 0)])]
-        if kinds[i] == LINEAR:
-            j += 1
-            while j < len(addrs) and addrs[j] < o + old_len[i]:
-                events.append((new_lo[i] + (addrs[j] - o), states[j]))
-                j += 1
-        prog = cur[5]
-        for at, state in events:
-            if state == cur[4]:
-                continue
-            if at > cur[3]:
-                _advance(at - cur[3], prog)
-                cur[3] = at
-            encode_state_change(cur[4], state, c, prog)
-            cur[4] = state
-        cur[6] = new_lo[i] + size[i]
-    close()
+        out.append((cie_l[sgi], int(seg_start[sgi]), int(seg_end[sgi] - seg_start[sgi]),
+                    b"".join(chunks[x:y])))
     return out

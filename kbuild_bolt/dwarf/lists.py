@@ -206,17 +206,73 @@ class ListWriter:
 def read_loclists(b, offsets: list[int], version: int, bases: list[int]):
     """Every entry of the location lists at ``offsets`` as columns: (list index,
     lo, hi, expression position, expression length); a default location has
-    lo == hi == DEFAULT (as unsigned)."""
+    lo == hi == DEFAULT (as unsigned). One loop over every list (millions of
+    entries: no tuple per entry)."""
     from array import array
 
     L, LO, HI, EP, EL = array("q"), array("Q"), array("Q"), array("q"), array("q")
-    for li, (off, base) in enumerate(zip(offsets, bases)):
-        for lo, hi, p, n, _ in read_loclist(b, off, version, base):
-            L.append(li)
-            LO.append(lo & MAX)
-            HI.append(hi & MAX)
-            EP.append(p)
-            EL.append(n)
+    if version < 5:
+        for li, (off, base) in enumerate(zip(offsets, bases)):
+            for lo, hi, p, n, _ in read_loclist(b, off, version, base):
+                L.append(li)
+                LO.append(lo & MAX)
+                HI.append(hi & MAX)
+                EP.append(p)
+                EL.append(n)
+        return L, LO, HI, EP, EL
+    q64 = struct.Struct("<Q").unpack_from
+    l_app, lo_app, hi_app, ep_app, el_app = L.append, LO.append, HI.append, EP.append, EL.append
+    for li, (p, base) in enumerate(zip(offsets, bases)):
+        while True:
+            kind = b[p]
+            p += 1
+            if kind == LLE_OFFSET_PAIR:
+                x = b[p]
+                if x < 0x80:
+                    a = x
+                    p += 1
+                else:
+                    a, p = uleb(b, p)
+                x = b[p]
+                if x < 0x80:
+                    c = x
+                    p += 1
+                else:
+                    c, p = uleb(b, p)
+                lo, hi = (base + a) & MAX, (base + c) & MAX
+            elif kind == LLE_END:
+                break
+            elif kind == LLE_BASE:
+                base = q64(b, p)[0]
+                p += 8
+                continue
+            elif kind == LLE_START_LENGTH:
+                lo = q64(b, p)[0]
+                n, p = uleb(b, p + 8)
+                hi = (lo + n) & MAX
+            elif kind == LLE_START_END:
+                lo, hi = _PAIR(b, p)
+                p += 16
+            elif kind == LLE_DEFAULT:
+                lo = hi = DEFAULT & MAX
+            elif kind == LLE_GNU_VIEW_PAIR:
+                _, p = uleb(b, p)
+                _, p = uleb(b, p)
+                continue
+            else:
+                raise DwarfError(f".debug_loclists: entry kind {kind} is not supported")
+            x = b[p]
+            if x < 0x80:
+                n = x
+                p += 1
+            else:
+                n, p = uleb(b, p)
+            l_app(li)
+            lo_app(lo)
+            hi_app(hi)
+            ep_app(p)
+            el_app(n)
+            p += n
     return L, LO, HI, EP, EL
 
 
@@ -224,13 +280,24 @@ def read_view_pairs(b, offsets: list[int], counts: list[int]):
     from array import array
 
     VB, VE = array("q"), array("q")
+    vb_app, ve_app = VB.append, VE.append
     for off, n in zip(offsets, counts):
         p = off
         for _ in range(n):
-            v0, p = uleb(b, p)
-            v1, p = uleb(b, p)
-            VB.append(v0)
-            VE.append(v1)
+            x = b[p]
+            if x < 0x80:
+                v0 = x
+                p += 1
+            else:
+                v0, p = uleb(b, p)
+            x = b[p]
+            if x < 0x80:
+                v1 = x
+                p += 1
+            else:
+                v1, p = uleb(b, p)
+            vb_app(v0)
+            ve_app(v1)
     return VB, VE
 
 

@@ -516,9 +516,10 @@ def _abbrevs(found, abbrev, convert) -> tuple[bytes, dict[int, int]]:
 
     out = bytearray()
     offsets = {}
+    converted = {t for t, _ in convert}
     for off in sorted(found.tables):
         offsets[off] = len(out)
-        if not any(t == off for t, _ in convert):
+        if off not in converted:
             out += abbrev[off:found.table_ends[off]]
             continue
         for code, start, end, tag, children, specs in declarations(abbrev, off):

@@ -14,10 +14,12 @@ def code_image(model, emission) -> CodeImage:
     """Old code -> new code for every rewritten function of ``emission``."""
     if not len(emission):
         return CodeImage.identity()
+    # Rewritten: every function's old extent, and wherever new code went (a slot's
+    # code may grow into the fill after it; cold parts go to free room).
     lo = emission.extent if emission.placed else emission.start
     spans = [np.stack([lo, emission.end], axis=1)]
-    if emission.placed:
-        spans.append(emission.free[:, :2])
+    moved = emission.moved_ranges()
+    spans.append(np.stack([moved[:, 0], np.maximum(moved[:, 1], moved[:, 2])], axis=1))
     rw = np.concatenate(spans).astype(np.uint64)
     rw = rw[np.argsort(rw[:, 0], kind="stable")]
     rw = _merge(rw)

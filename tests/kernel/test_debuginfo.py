@@ -59,6 +59,20 @@ def test_dwarf4_inline_chains_equal_at_new_addresses(dwarf4):
     assert result.debug_stats["FDEs written"] > 10000, result.debug_stats
 
 
+def test_dwarf4_block_layout_in_place(tmp_path_factory):
+    """Blocks reordered inside functions that keep their places (code growing
+    into the fill after a function, cold parts in free room of .text)."""
+    kernel = lab_kernel("6.1-debug")
+    d = tmp_path_factory.mktemp("dwarf4-blocks")
+    out, amap = d / "vmlinux", d / "vmlinux.map"
+    result = rewrite(kernel.vmlinux, out, RewriteOptions(
+        reorder_blocks="random", seed=23, progress=False, address_map=str(amap)))
+    _kept(result)
+    report = verify_debug(str(out), str(kernel.vmlinux), str(amap), sample=60000, seed=6)
+    assert report.ok and report.checked > 50000, report.summary()
+    assert report.cfi_checked > 0.95 * report.checked, report.summary()
+
+
 def test_verify_debug_catches_a_wrong_line_table(dwarf4, tmp_path):
     """The input's own DWARF describes the old layout: verify --debug must say so."""
     vmlinux, out, amap, _ = dwarf4
@@ -105,6 +119,28 @@ def test_gdb_lines_source_and_scopes_of_moved_functions(dwarf4):
         s = _gdb(path, f"info scope {name}")
         return sorted(re.findall(r"Symbol (\S+) is", s))
     assert scope(out) == scope(vmlinux)
+
+
+def test_profile_layout_with_splitting_keeps_dwarf_true(tmp_path_factory):
+    """The layout make CONFIG_BOLT=y uses with a profile (ext-tsp blocks, cdsort
+    functions, hot/cold split) from a real QEMU profile of the 6.1-debug kernel."""
+    from kbuild_bolt.cli import main as cli
+
+    kernel = lab_kernel("6.1-debug")
+    d = tmp_path_factory.mktemp("dwarf4-profile")
+    profile = d / "files.kbb"
+    assert cli(["profile", "record", "--kernel", str(kernel.bzimage), "--vmlinux",
+                str(kernel.vmlinux), "--initrd", str(kernel.initramfs), "--workload", "files",
+                "--iterations", "1,4", "-o", str(profile)]) == 0
+    out, amap = d / "vmlinux", d / "vmlinux.map"
+    result = rewrite(kernel.vmlinux, out, RewriteOptions(
+        reorder_blocks="ext-tsp", reorder_functions="cdsort", split_functions=True,
+        profile=str(profile), progress=False, address_map=str(amap)))
+    assert result.verify_summary.startswith("verify: ok"), result.verify_summary
+    assert result.fragments > 100 and result.debug_stats["scopes made ranges"] > 100
+    report = verify_debug(str(out), str(kernel.vmlinux), str(amap), sample=40000, seed=5)
+    assert report.ok and report.checked > 30000 and report.cfi_checked > 0.95 * report.checked, \
+        report.summary()
 
 
 @pytest.mark.distro
