@@ -293,6 +293,8 @@ def walk(info, abbrev) -> Found:
     while p < n:
         end, q = unit_length(info, p, ".debug_info unit")
         version = u16(info, q)
+        if version not in (2, 3, 4, 5):
+            raise DwarfError(f".debug_info unit at {p:#x}: version {version} is not supported")
         if version >= 5:
             unit_type = info[q + 2]
             if unit_type not in (1, 3):       # compile and partial units

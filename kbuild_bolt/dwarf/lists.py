@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 
-from kbuild_bolt.dwarf.leb import DwarfError, enc_uleb, u16, u64, uleb
+from kbuild_bolt.dwarf.leb import DwarfError, u16, u64, uleb
 
 _PAIR = struct.Struct("<QQ").unpack_from
 
@@ -123,18 +123,10 @@ def read_rnglist(b, off: int, version: int, base: int) -> list[tuple[int, int]]:
         out.append(((base + lo) & MAX, (base + hi) & MAX))
 
 
-def read_views(b, off: int, count: int) -> list[tuple[int, int]]:
-    out = []
-    p = off
-    for _ in range(count):
-        v0, p = uleb(b, p)
-        v1, p = uleb(b, p)
-        out.append((v0, v1))
-    return out
-
-
 class ListWriter:
-    """New lists appended to one section (``old`` is its current content)."""
+    """One list section growing: its old content, then the new lists that
+    encode_rnglists / encode_loclists write (for DWARF 5 inside one more unit,
+    whose header finish() fills in)."""
 
     def __init__(self, old, version: int, kind: str):
         self.version = version
@@ -144,56 +136,6 @@ class ListWriter:
         if version >= 5:
             self._unit = len(self.out)
             self.out += bytes(12)            # unit header, filled in by finish()
-
-    def rnglist(self, ranges) -> int:
-        off = len(self.out)
-        out = self.out
-        if self.version >= 5:
-            for lo, hi in ranges:
-                out.append(RLE_START_LENGTH)
-                out += lo.to_bytes(8, "little") + enc_uleb(hi - lo)
-            out.append(RLE_END)
-        else:
-            out += MAX.to_bytes(8, "little") + bytes(8)     # base address 0: absolute pairs
-            for lo, hi in ranges:
-                if lo == hi:
-                    continue                                  # (an empty pair could end the list)
-                out += lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
-            out += bytes(16)
-        return off
-
-    def loclist(self, entries, exprs, views) -> tuple[int, int]:
-        """entries: (lo, hi, expression index); exprs: bytes; views: (begin, end) per
-        entry or None. Returns (offset of the views, offset of the list)."""
-        out = self.out
-        v_off = len(out)
-        if views is not None:
-            for (v0, v1), (lo, _, _) in zip(views, entries):
-                if lo != DEFAULT:
-                    out += enc_uleb(v0) + enc_uleb(v1)
-        off = len(out)
-        if self.version >= 5:
-            for lo, hi, e in entries:
-                x = exprs[e]
-                if lo == DEFAULT:
-                    out.append(LLE_DEFAULT)
-                else:
-                    out.append(LLE_START_LENGTH)
-                    out += lo.to_bytes(8, "little") + enc_uleb(hi - lo)
-                out += enc_uleb(len(x)) + x
-            out.append(LLE_END)
-        else:
-            out += MAX.to_bytes(8, "little") + bytes(8)
-            for lo, hi, e in entries:
-                x = exprs[e]
-                if lo == DEFAULT:
-                    raise DwarfError("a DWARF 4 location list cannot hold a default location")
-                if lo == 0 and hi == 0:
-                    continue
-                out += lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
-                out += len(x).to_bytes(2, "little") + x
-            out += bytes(16)
-        return v_off, off
 
     def finish(self) -> bytes:
         if self._unit is not None:

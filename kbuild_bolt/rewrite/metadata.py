@@ -439,8 +439,18 @@ class DebugSections(MetadataRewriter):
                 return None
             return image.read_file_range(s.offset, s.size)
 
-        result = update_debug(read, self.code, progress=getattr(ctx, "progress", None))
-        self.code = None
+        from kbuild_bolt.dwarf.leb import DwarfError
+
+        try:
+            result = update_debug(read, self.code, progress=getattr(ctx, "progress", None))
+        except DwarfError as e:
+            # DWARF this tool cannot read is not kept wrong: it goes, and says why
+            changes.empty |= {s.index for s in debug}
+            ctx.result.stripped = [s.name for s in debug]
+            ctx.result.debug_problems = [f"not updated ({e}): the debug sections are removed"]
+            return
+        finally:
+            self.code = None
         for s in debug:
             if s.name.startswith(".rela.debug"):
                 changes.empty.add(s.index)

@@ -302,3 +302,22 @@ def test_crash_backtraces_symbols_and_source(dwarf5, distro_dump, tmp_path_facto
     wrong = [(hex(int(a)), lines[int(a)], before.get(int(o)))
              for a, o in zip(addrs[ok], old_of[ok]) if lines[int(a)] != before.get(int(o))]
     assert wrong == [], wrong[:10]
+
+
+def test_dwarf_it_cannot_read_is_removed_with_a_reason(tmp_path):
+    """A unit of a DWARF version this tool does not know: the kernel is still
+    optimized, its debug sections are removed, and the summary says why."""
+    kernel = lab_kernel("6.1-debug")
+    info = tmp_path / "info"
+    subprocess.run(["objcopy", "--dump-section", f".debug_info={info}", str(kernel.vmlinux)],
+                   check=True)
+    data = bytearray(info.read_bytes())
+    data[4:6] = (9).to_bytes(2, "little")          # the first unit claims DWARF 9
+    info.write_bytes(data)
+    odd = tmp_path / "vmlinux.odd"
+    subprocess.run(["objcopy", "--update-section", f".debug_info={info}", str(kernel.vmlinux),
+                    str(odd)], check=True, capture_output=True)
+    result = rewrite(odd, tmp_path / "out", RewriteOptions(reorder_blocks="random", seed=1,
+                                                           progress=False))
+    assert result.verify_summary.startswith("verify: ok"), result.verify_summary
+    assert result.stripped and "version 9 is not supported" in result.summary()

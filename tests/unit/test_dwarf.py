@@ -149,18 +149,32 @@ def test_new_line_sequences_follow_the_code():
 
 @pytest.mark.parametrize("version", [4, 5])
 def test_lists_round_trip(version):
-    w = lists.ListWriter(b"", version, "rng")
-    off = w.rnglist([(BASE, BASE + 8), (BASE + 100, BASE + 101)])
+    """Lists written in bulk (appended to an old section), read back one by one."""
+    w = lists.ListWriter(b"\xaa" * 7, version, "rng")
+    raw, offs = lists.encode_rnglists(version, len(w.out), np.array([0, 0, 2]),
+                                      np.array([BASE, BASE + 100, BASE + 7], np.uint64),
+                                      np.array([BASE + 8, BASE + 101, BASE + 9], np.uint64), 3)
+    w.out += raw
     data = w.finish()
-    assert lists.read_rnglist(data, off, version, 0) == [(BASE, BASE + 8), (BASE + 100, BASE + 101)]
+    offs = offs.tolist()
+    assert lists.read_rnglist(data, offs[0], version, 0) == [(BASE, BASE + 8), (BASE + 100, BASE + 101)]
+    assert lists.read_rnglist(data, offs[1], version, 0) == []
+    assert lists.read_rnglist(data, offs[2], version, 0) == [(BASE + 7, BASE + 9)]
+    src = np.frombuffer(b"\x55\x50\x9f", np.uint8)
     w = lists.ListWriter(b"", version, "loc")
-    v_off, off = w.loclist([(BASE, BASE + 8, 0), (BASE + 8, BASE + 8, 1)],
-                           [b"\x55", b"\x50\x9f"], [(1, 0), (2, 3)])
+    raw, v_off, l_off = lists.encode_loclists(
+        version, len(w.out), src, np.array([0, 0]), np.array([BASE, BASE + 8], np.uint64),
+        np.array([BASE + 8, BASE + 9], np.uint64), np.array([0, 1]), np.array([1, 2]),
+        np.array([False, False]), np.array([1, 2]), np.array([0, 3]), np.array([True]), 1)
+    w.out += raw
     data = w.finish()
-    got = lists.read_loclist(data, off, version, 0)
+    got = lists.read_loclist(data, int(l_off[0]), version, 0)
     assert [(lo, hi, bytes(data[p:p + n])) for lo, hi, p, n, _ in got] == [
-        (BASE, BASE + 8, b"\x55"), (BASE + 8, BASE + 8, b"\x50\x9f")]
-    assert lists.read_views(data, v_off, 2) == [(1, 0), (2, 3)]
+        (BASE, BASE + 8, b"\x55"), (BASE + 8, BASE + 9, b"\x50\x9f")]
+    vb, ve = lists.read_view_pairs(data, [int(v_off[0])], [2])
+    assert list(zip(vb, ve)) == [(1, 0), (2, 3)]
+    cols = lists.read_loclists(data, [int(l_off[0])], version, [0])
+    assert list(cols[1]) == [BASE, BASE + 8] and list(cols[4]) == [1, 2]
 
 
 def test_expression_addresses():
