@@ -128,10 +128,9 @@ class ListWriter:
     encode_rnglists / encode_loclists write (for DWARF 5 inside one more unit,
     whose header finish() fills in)."""
 
-    def __init__(self, old, version: int, kind: str):
+    def __init__(self, old, version: int):
         self.version = version
         self.out = bytearray(old)
-        self.kind = kind
         self._unit = None
         if version >= 5:
             self._unit = len(self.out)

@@ -87,8 +87,8 @@ def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
     loc_name = ".debug_loclists" if (version >= 5).any() else ".debug_loc"
     rng5, rng4 = read(".debug_rnglists"), read(".debug_ranges")
     loc5, loc4 = read(".debug_loclists"), read(".debug_loc")
-    writers = {5: {"rng": ListWriter(rng5 or b"", 5, "rng"), "loc": ListWriter(loc5 or b"", 5, "loc")},
-               4: {"rng": ListWriter(rng4 or b"", 4, "rng"), "loc": ListWriter(loc4 or b"", 4, "loc")}}
+    writers = {5: {"rng": ListWriter(rng5 or b"", 5), "loc": ListWriter(loc5 or b"", 5)},
+               4: {"rng": ListWriter(rng4 or b"", 4), "loc": ListWriter(loc4 or b"", 4)}}
     used = {(5, "rng"): False, (5, "loc"): False, (4, "rng"): False, (4, "loc"): False}
     del loc_name
 

@@ -54,13 +54,6 @@ class DebugReport:
         return "\n".join(lines)
 
 
-def symbolizer() -> str:
-    for name in SYMBOLIZERS:
-        path = shutil.which(name)
-        if path:
-            return path
-    raise KbbError("verify --debug needs llvm-symbolizer (Debian package llvm-19)")
-
 
 def moved_instructions(image_in: ElfImage, code) -> np.ndarray:
     """Old addresses of every instruction that a piece of new code stands for."""
@@ -167,14 +160,14 @@ def alias_names(image: ElfImage) -> dict[str, str]:
 
 
 def chains(obj: str, addrs: np.ndarray) -> list:
-    tool = symbolizer()
+    symbolizer = tool(SYMBOLIZERS, "llvm-19")
     with ElfImage(obj) as image:
         aliases = alias_names(image)
     text = "\n".join(f"{a:#x}" for a in addrs.tolist()) + "\n"
-    run = subprocess.run([tool, f"--obj={obj}", "--inlines", "--output-style=JSON"],
+    run = subprocess.run([symbolizer, f"--obj={obj}", "--inlines", "--output-style=JSON"],
                          input=text, capture_output=True, text=True)
     if run.returncode:
-        raise KbbError(f"{tool} failed: {run.stderr.strip().splitlines()[-1:]}")
+        raise KbbError(f"{symbolizer} failed: {run.stderr.strip().splitlines()[-1:]}")
     out = []
     for line in run.stdout.splitlines():
         if not line.strip():
@@ -190,7 +183,7 @@ def chains(obj: str, addrs: np.ndarray) -> list:
             chain[-1] = (aliases.get(name, name),) + chain[-1][1:]
         out.append(chain)
     if len(out) != len(addrs):
-        raise KbbError(f"{tool} answered {len(out)} of {len(addrs)} addresses")
+        raise KbbError(f"{symbolizer} answered {len(out)} of {len(addrs)} addresses")
     return out
 
 

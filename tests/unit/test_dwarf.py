@@ -150,7 +150,7 @@ def test_new_line_sequences_follow_the_code():
 @pytest.mark.parametrize("version", [4, 5])
 def test_lists_round_trip(version):
     """Lists written in bulk (appended to an old section), read back one by one."""
-    w = lists.ListWriter(b"\xaa" * 7, version, "rng")
+    w = lists.ListWriter(b"\xaa" * 7, version)
     raw, offs = lists.encode_rnglists(version, len(w.out), np.array([0, 0, 2]),
                                       np.array([BASE, BASE + 100, BASE + 7], np.uint64),
                                       np.array([BASE + 8, BASE + 101, BASE + 9], np.uint64), 3)
@@ -161,7 +161,7 @@ def test_lists_round_trip(version):
     assert lists.read_rnglist(data, offs[1], version, 0) == []
     assert lists.read_rnglist(data, offs[2], version, 0) == [(BASE + 7, BASE + 9)]
     src = np.frombuffer(b"\x55\x50\x9f", np.uint8)
-    w = lists.ListWriter(b"", version, "loc")
+    w = lists.ListWriter(b"", version)
     raw, v_off, l_off = lists.encode_loclists(
         version, len(w.out), src, np.array([0, 0]), np.array([BASE, BASE + 8], np.uint64),
         np.array([BASE + 8, BASE + 9], np.uint64), np.array([0, 1]), np.array([1, 2]),
