@@ -216,10 +216,7 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
     lo = f.get(s_low[sel], 8)
     hi, size, form = _high_values(info, found, sel, f, lo)
     idx, nlo, nhi = image.ranges(lo, hi)
-    count = np.bincount(idx, minlength=len(sel))
-    first = np.searchsorted(idx, np.arange(len(sel)))
-    fc = np.minimum(first, max(len(idx) - 1, 0))
-    same = (count == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else count == 0
+    count, fc, same = _image_shape(lo, hi, idx, nlo, nhi)
     empty_same = (count == 0) & (lo == hi)
     changed = ~(same | empty_same)
     is_cu = np.isin(s_tag[sel], [TAG_COMPILE_UNIT, TAG_PARTIAL_UNIT])
@@ -309,6 +306,17 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
     return convert
 
 
+def _image_shape(lo, hi, idx, nlo, nhi):
+    """For ranges [lo, hi) and their images (CodeImage.ranges): pieces per range,
+    the index of each range's first piece, and whether the image is the range
+    itself (one piece, the same bounds)."""
+    count = np.bincount(idx, minlength=len(lo))
+    first = np.minimum(np.searchsorted(idx, np.arange(len(lo))), max(len(idx) - 1, 0))
+    if not len(idx):
+        return count, first, count == 0
+    return count, first, (count == 1) & (nlo[first] == lo) & (nhi[first] == hi)
+
+
 def _list_images(image: CodeImage, lo: np.ndarray, hi: np.ndarray):
     """Images of many ranges; an empty range maps to an empty range at its point."""
     idx, nlo, nhi = image.ranges(lo, hi)
@@ -352,9 +360,7 @@ def _range_lists(found, f, image, version, base, rng5, rng4, writer, res) -> Non
         hi = np.array(hi_l, np.uint64)
         which = np.array(which_l, np.int64)
         idx, nlo, nhi = image.ranges(lo, hi)
-        count = np.bincount(idx, minlength=len(lo))
-        fc = np.minimum(np.searchsorted(idx, np.arange(len(lo))), max(len(idx) - 1, 0))
-        same = (count == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else count == 0
+        count, _, same = _image_shape(lo, hi, idx, nlo, nhi)
         same |= (count == 0) & (lo == hi)
         changed = np.zeros(len(keys), bool)
         changed[which[~same]] = True
@@ -422,9 +428,7 @@ def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> 
         bi = np.flatnonzero(bounded)
         lo, hi = e_lo[bi], np.maximum(e_hi[bi], e_lo[bi])
         idx, nlo, nhi = _list_images(image, lo, hi)
-        cnt = np.bincount(idx, minlength=len(bi))
-        fc = np.minimum(np.searchsorted(idx, np.arange(len(bi))), max(len(idx) - 1, 0))
-        same = (cnt == 1) & (nlo[fc] == lo) & (nhi[fc] == hi) if len(idx) else cnt == 0
+        cnt, _, same = _image_shape(lo, hi, idx, nlo, nhi)
         changed = np.zeros(nl, bool)
         changed[e_list[bi[~same]]] = True
         # DW_OP_addr of moved code inside the expressions
