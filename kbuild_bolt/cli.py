@@ -167,7 +167,7 @@ def cmd_verify(args) -> int:
             if not os.path.exists(path):
                 raise KbbError(f"{path}: no such file")
         report = verify_debug(args.vmlinux, args.against, args.address_map,
-                              sample=args.sample, seed=args.seed)
+                              sample=args.sample, seed=args.seed, dwarfdump=args.dwarfdump)
         print(report.summary())
         return 0 if report.ok else 1
     report = verify(args.vmlinux, against=args.against)
@@ -638,12 +638,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vmlinux")
     p.add_argument("--against", metavar="VMLINUX", help="the input it was rewritten from")
     p.add_argument("--debug", action="store_true",
-                   help="check the DWARF instead: inline chains (llvm-symbolizer) at new "
-                        "addresses equal the input's at old ones")
+                   help="check the DWARF instead: at the new address of each moved instruction, "
+                        "the inline chain (llvm-symbolizer), the call-frame rules "
+                        "(.debug_frame), the scopes and the location expressions equal "
+                        "the input's at the old one, and llvm-dwarfdump --verify finds no "
+                        "error the input does not have")
     p.add_argument("--address-map", metavar="MAP", help="what rewrite --address-map wrote")
     p.add_argument("--sample", type=int, default=20000,
                    help="check this many moved instructions (0: all)")
     p.add_argument("--seed", type=int, default=0, help="which sample")
+    p.add_argument("--no-dwarfdump", dest="dwarfdump", action="store_false",
+                   help="skip llvm-dwarfdump --verify (it reads the whole files)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("install-hooks", help="patch a kernel tree for make CONFIG_BOLT=y",

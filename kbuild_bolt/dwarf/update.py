@@ -263,14 +263,32 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
     members = np.flatnonzero(np.isin(keys, want))
     # every DIE of a converted abbreviation must have room for a section offset
     small = members[(size[members] < 4) | ((form[members] == FORM_UDATA) & (size[members] < 5))]
+    drop_low = set()
     if len(small):
         bad_keys = set(keys[small].tolist())
+        # Where DW_AT_low_pc comes just before a short DW_AT_high_pc (GNU as
+        # writes udata lengths), both fields together hold DW_AT_ranges: the
+        # scope's entry is then its first range.
+        s_unit_sel = s_unit[sel]
+        for key in list(bad_keys):
+            t, c = key >> 32, key & 0xFFFFFFFF
+            mine = members[keys[members] == key]
+            if _low_then_high(found.tables[t][c].specs) and \
+                    (s_high[sel][mine] == s_low[sel][mine] + 8).all() and \
+                    not any(is_cu[k] and _unit_has_lists(found, int(s_unit_sel[k]))
+                            for k in mine.tolist()):
+                drop_low.add((t, c))
+                bad_keys.discard(key)
         for key in bad_keys:
             convert.pop((key >> 32, key & 0xFFFFFFFF), None)
-        lost = int(np.isin(keys[need], list(bad_keys)).sum())
-        res.problems.append(f"{lost} scopes are not contiguous any more and their DW_AT_high_pc "
-                            "has no room for DW_AT_ranges (kept as they were)")
+        if bad_keys:
+            lost = int(np.isin(keys[need], list(bad_keys)).sum())
+            res.problems.append(f"{lost} scopes are not contiguous any more and their DW_AT_high_pc "
+                                "has no room for DW_AT_ranges (kept as they were)")
         members = members[~np.isin(keys[members], list(bad_keys))]
+    dropped = np.isin(keys[members], [t * (1 << 32) + c for t, c in drop_low])
+    for key in drop_low:
+        convert[key] = "drop_low"
     starts = np.cumsum(count) - count
     lo_entry, ok = image.points(lo[members])
     has = count[members] > 0
@@ -278,8 +296,9 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
     # low_pc: the scope's entry (where its first instruction is now)
     entry = np.where(ok, lo_entry, np.where(has, first_lo, lo[members]))
     m_version = np.where(version[s_unit[sel][members]] >= 5, 5, 4)
-    high_pos = s_high[sel][members]
-    n = size[members]
+    # the bytes that hold DW_AT_ranges and the padding block
+    high_pos = np.where(dropped, s_low[sel][members], s_high[sel][members])
+    n = np.where(dropped, size[members] + 8, size[members])
     for v in (5, 4):
         mine = np.flatnonzero(m_version == v)
         if not len(mine):
@@ -300,10 +319,26 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
         for j in range(5, int(n.max()) if len(n) else 0):
             z = pad[n[pad] > j]
             f.a[high_pos[z] + j] = 0
-    keep_low = ~is_cu[members]
+    keep_low = ~is_cu[members] & ~dropped
     f.put(s_low[sel][members][keep_low], entry[keep_low], 8)
     res.stats["scopes made ranges"] = len(members)
     return convert
+
+
+def _low_then_high(specs) -> bool:
+    """DW_AT_low_pc (an address) directly followed by DW_AT_high_pc."""
+    for (at, form, _), (nxt, _, _) in zip(specs, specs[1:]):
+        if at == 0x11 and form == FORM_ADDR:
+            return nxt == 0x12
+    return False
+
+
+def _unit_has_lists(found, unit: int) -> bool:
+    """Whether a unit has lists read relative to its base (its DW_AT_low_pc)."""
+    l_unit = np.frombuffer(found.l_unit, np.int64)
+    s_unit = np.frombuffer(found.s_unit, np.int64)
+    s_ranges = np.frombuffer(found.s_ranges, np.int64)
+    return bool((l_unit == unit).any() or ((s_unit == unit) & (s_ranges >= 0)).any())
 
 
 def _image_shape(lo, hi, idx, nlo, nhi):
@@ -533,7 +568,13 @@ def _abbrevs(found, abbrev, convert) -> tuple[bytes, dict[int, int]]:
                 continue
             out += enc_uleb(code) + enc_uleb(tag) + bytes((1 if children else 0,))
             for at, form, const in specs:
+                if at == 0x11 and fm == "drop_low":    # its bytes go to DW_AT_ranges
+                    continue
                 if at == 0x12:     # DW_AT_high_pc
+                    if fm == "drop_low":
+                        out += enc_uleb(AT_RANGES) + enc_uleb(FORM_SEC_OFFSET)
+                        out += enc_uleb(AT_KBB_PADDING) + enc_uleb(FORM_BLOCK)
+                        continue
                     out += enc_uleb(AT_RANGES) + enc_uleb(FORM_SEC_OFFSET)
                     if HIGH_SIZE.get(form, 5) > 4 or form == FORM_UDATA:
                         out += enc_uleb(AT_KBB_PADDING) + enc_uleb(FORM_BLOCK)

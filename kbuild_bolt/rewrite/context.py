@@ -56,6 +56,7 @@ class RewriteResult:
     fields_rewritten: int = 0
     stripped: list = field(default_factory=list)
     debug_stats: dict = field(default_factory=dict)      # DWARF updated: what changed
+    debug_check: str = ""                   # the cheap DWARF check rewrite runs itself
     debug_problems: list = field(default_factory=list)   # DWARF that could not be made true
     seconds: dict = field(default_factory=dict)
     rewritten_names: list = field(default_factory=list)
@@ -146,6 +147,8 @@ class RewriteResult:
             lines.append("DWARF updated: " + ", ".join(f"{k} {v:,}" for k, v in self.debug_stats.items()))
         for problem in self.debug_problems:
             lines.append(f"DWARF: {problem}")
+        if self.debug_check:
+            lines.append(f"DWARF checked: {self.debug_check}")
         if self.stripped:
             lines.append(f"debug sections removed (they described the old layout): "
                          f"{', '.join(self.stripped)}")
@@ -198,6 +201,8 @@ class RewriteContext:
     fragments: list = field(default_factory=list)       # update: (start, end) of cold fragments
     symbol_values: np.ndarray | None = None  # update: every symbol's value in the output
     fixed_symbols: np.ndarray | None = None  # update: markers that stay where code moved
+    code_image: object = None               # update: CodeImage, where each old piece is now
+    debug_sample: object = None             # update: DebugSample (rewrite's own DWARF check)
     new_symbols: list = field(default_factory=list)  # update: (name, value, size, section)
     moved_ranges: np.ndarray | None = None  # update: where whole functions were placed
     committed: bool = False                 # write

@@ -483,8 +483,18 @@ def verify_output(ctx: RewriteContext) -> None:
 
     ctx.say("verifying")
     path = ctx.output.tmp
+    if ctx.debug_sample is not None:
+        ctx.debug_sample.start_output(str(path))     # (in the background)
     report = verify(path, against=ctx.model, expect_rewritten=set(ctx.rewritten_rows),
                     fragments=ctx.fragments, moved_ranges=ctx.moved_ranges)
+    if ctx.code_image is not None and ".orc_unwind_ip" in ctx.model.tables:
+        # ORC read back from the output: each moved instruction keeps its state
+        from kbuild_bolt.rewrite.verify_orc import OrcTable, orc_follows_code
+
+        checked, problems = orc_follows_code(OrcTable(str(ctx.input_path)), OrcTable(str(path)),
+                                             ctx.code_image)
+        report.add("ORC states follow moved code", checked, problems)
+    ctx.code_image = None
     ctx.result.verify_summary = report.summary()
     if not report.ok:
         keep = os.environ.get("KBUILD_BOLT_KEEP_REJECTED")
@@ -492,6 +502,17 @@ def verify_output(ctx: RewriteContext) -> None:
             shutil.copyfile(path, keep)
         print(report.summary(), file=sys.stderr)
         raise KbbError(f"verification failed, nothing written: {report.first_problem()}")
+    if ctx.debug_sample is not None:
+        report = ctx.debug_sample.report()
+        ctx.debug_sample = None
+        ctx.result.debug_check = (
+            f"inline chains equal at {report.checked:,} sampled moved instructions"
+            if report.ok else f"{len(report.problems):,} of {report.checked:,} sampled "
+            "instructions have another inline chain")
+        if not report.ok:
+            print(report.summary(), file=sys.stderr)
+            raise KbbError(f"verification of the debug info failed, nothing written: "
+                           f"{report.problems[0]}")
 
 
 def write_output(ctx: RewriteContext) -> None:
@@ -535,6 +556,8 @@ def rewrite(input_path, output_path, options: RewriteOptions,
                 step.run(ctx)
                 ctx.result.seconds[step.name] = time.perf_counter() - started
     finally:
+        if ctx.debug_sample is not None:
+            ctx.debug_sample.cancel()
         if ctx.output is not None and not ctx.committed:
             ctx.output.discard()
     return ctx.result

@@ -396,6 +396,10 @@ def _insert_symbols(ctx, records) -> tuple[bytes, bytes, int]:
     return table.tobytes(), bytes(strtab), first_global + len(new)
 
 
+# moved instructions whose inline chains every rewrite compares (verify --debug: all)
+DEBUG_CHECK_SAMPLE = 2000
+
+
 class DebugSections(MetadataRewriter):
     """DWARF made true for the new layout (kbuild_bolt.dwarf): line programs,
     scopes, range and location lists, aranges, .debug_frame. The relocations of
@@ -415,8 +419,21 @@ class DebugSections(MetadataRewriter):
         from kbuild_bolt.rewrite.debuginfo import code_image, save_code_image
 
         self.code = code_image(ctx.model, ctx.emission)
+        ctx.code_image = self.code
         if getattr(ctx.options, "address_map", None):
             save_code_image(ctx.options.address_map, self.code)
+        if self.keep and ctx.options.verify:
+            from kbuild_bolt.elf.writer import debug_sections
+            from kbuild_bolt.rewrite.verify_debug import DebugSample, symbolizer_available
+
+            if not any(s.name == ".debug_info" for s in debug_sections(ctx.model.image.sections)):
+                return
+            if not symbolizer_available():
+                ctx.result.debug_check = "skipped (no llvm-symbolizer: Debian package llvm-19)"
+                return
+            # (the input's side is read while the DWARF is written)
+            ctx.debug_sample = DebugSample(str(ctx.input_path), ctx.model.image, self.code,
+                                           DEBUG_CHECK_SAMPLE, seed=ctx.options.seed)
 
     def finalize(self, ctx, changes: FileChanges) -> None:
         from kbuild_bolt.dwarf.update import UPDATED, update_debug
@@ -448,6 +465,9 @@ class DebugSections(MetadataRewriter):
             changes.empty |= {s.index for s in debug}
             ctx.result.stripped = [s.name for s in debug]
             ctx.result.debug_problems = [f"not updated ({e}): the debug sections are removed"]
+            if ctx.debug_sample is not None:
+                ctx.debug_sample.cancel()
+                ctx.debug_sample = None
             return
         finally:
             self.code = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def _kept(result):
     stats = result.debug_stats
     assert stats["scopes made ranges"] > 1000 and stats["location lists"] > 1000, stats
     assert stats["range lists"] > 1000 and stats["addresses"] > 1000, stats
+    # every scope that moved could be described (GNU as units' short udata
+    # lengths included: their low_pc and high_pc bytes hold DW_AT_ranges)
+    assert not any("no room" in p for p in result.debug_problems), result.debug_problems
+    # rewrite's own cheap check ran
+    assert result.debug_check.startswith("inline chains equal at 2,000"), result.debug_check
 
 
 def test_dwarf4_inline_chains_equal_at_new_addresses(dwarf4):
@@ -62,8 +68,10 @@ def test_dwarf4_inline_chains_equal_at_new_addresses(dwarf4):
         assert not any(n.startswith(".rela.debug") and image.section(n).size for n in names)
     report = verify_debug(str(out), str(vmlinux), str(amap), sample=60000, seed=1)
     assert report.ok and report.checked > 50000, report.summary()
-    # .debug_frame: LLVM's rules at every new address are the old address's
+    # .debug_frame: LLVM's rules at every new address are the old address's, and
+    # agree with ORC wherever they did
     assert report.cfi_checked > 0.95 * report.checked, report.summary()
+    assert report.orc_checked > 0.9 * report.cfi_checked, report.summary()
     assert result.debug_stats["FDEs written"] > 10000, result.debug_stats
 
 
@@ -90,6 +98,21 @@ def test_verify_debug_catches_a_wrong_line_table(dwarf4, tmp_path):
                     str(out), str(stale)], check=True, capture_output=True)
     report = verify_debug(str(stale), str(vmlinux), str(amap), sample=2000, seed=2)
     assert not report.ok and len(report.problems) > 500
+
+
+def test_verify_debug_catches_stale_scopes_and_locations(dwarf4, tmp_path):
+    """The input's .debug_info (old scopes, old list offsets) in the output: the
+    scopes and location lists found at new addresses are not the old ones."""
+    vmlinux, out, amap, _ = dwarf4
+    stale = tmp_path / "stale"
+    args = []
+    for name in (".debug_info", ".debug_abbrev"):
+        _dump_section(vmlinux, name, tmp_path / name)
+        args += ["--update-section", f"{name}={tmp_path / name}"]
+    subprocess.run(["objcopy", *args, str(out), str(stale)], check=True, capture_output=True)
+    report = verify_debug(str(stale), str(vmlinux), str(amap), sample=3000, seed=3)
+    assert report.scope_mismatches > 300 and report.location_mismatches > 300, report.summary()
+    assert "scopes at .debug_info" in report.summary()
 
 
 def _gdb(vmlinux, *commands) -> str:
@@ -148,6 +171,8 @@ def test_profile_layout_with_splitting_keeps_dwarf_true(tmp_path_factory):
     report = verify_debug(str(out), str(kernel.vmlinux), str(amap), sample=40000, seed=5)
     assert report.ok and report.checked > 30000 and report.cfi_checked > 0.95 * report.checked, \
         report.summary()
+    assert report.orc_checked > 0.9 * report.cfi_checked and report.dwarfdump_checked, \
+        report.summary()
 
 
 @pytest.mark.distro
@@ -157,6 +182,9 @@ def test_distro_dwarf5_inline_chains_equal(dwarf5):
     report = verify_debug(str(out), str(vmlinux), str(amap), sample=30000, seed=4)
     assert report.ok and report.checked > 25000, report.summary()
     assert report.cfi_checked > 0.9 * report.checked, report.summary()
+    # (scopes, location lists and llvm-dwarfdump --verify are in report.ok)
+    assert report.orc_checked > 0.9 * report.cfi_checked and report.dwarfdump_checked, \
+        report.summary()
 
 
 HERE = Path(__file__).resolve().parent
@@ -327,3 +355,51 @@ def test_dwarf_it_cannot_read_is_removed_with_a_reason(tmp_path):
                                                            progress=False))
     assert result.verify_summary.startswith("verify: ok"), result.verify_summary
     assert result.stripped and "version 9 is not supported" in result.summary()
+
+
+def test_dwarfdump_verify_sees_a_new_error_only(dwarf4, tmp_path):
+    """llvm-dwarfdump --verify runs to the end on GCC's DWARF (call-site checks
+    off: LLVM loops on call sites in lexical blocks), the rewritten kernel has no
+    error the input lacks, and a range list offset broken on purpose is one."""
+    from kbuild_bolt.dwarf.info import walk
+    from kbuild_bolt.rewrite.verify_debug import dwarfdump_errors
+
+    vmlinux, out, _, _ = dwarf4
+    broken = tmp_path / "broken"
+    shutil.copyfile(out, broken)
+    with ElfImage(out) as image:
+        s, a = image.section(".debug_info"), image.section(".debug_abbrev")
+        info = image.read_file_range(s.offset, s.size)
+        found = walk(info, image.read_file_range(a.offset, a.size))
+    field = next(p for p in found.s_ranges if p >= 0)
+    with open(broken, "r+b") as f:
+        f.seek(s.offset + field)
+        f.write((0x7FFFFFF0).to_bytes(4, "little"))
+    before = dwarfdump_errors(str(vmlinux), str(tmp_path))
+    assert len(before) > 1000        # GCC's own (LLVM reads GNU operations as errors)
+    assert dwarfdump_errors(str(out), str(tmp_path)) <= before
+    new = dwarfdump_errors(str(broken), str(tmp_path)) - before
+    assert any("range" in msg.lower() for msg, _ in new), new
+
+
+class _Same(dict):
+    def __contains__(self, key):
+        return True
+
+    def __getitem__(self, key):
+        return key
+
+
+def test_rewrite_refuses_a_stale_line_table(monkeypatch, tmp_path):
+    """rewrite's own check (inline chains at a sample of moved instructions) stops
+    an output whose line programs still describe the old layout."""
+    import kbuild_bolt.dwarf.update as update
+    from kbuild_bolt.errors import KbbError
+
+    monkeypatch.setattr(update, "update_lines", lambda data, image: (bytes(data), _Same()))
+    kernel = lab_kernel("6.1-debug")
+    out = tmp_path / "vmlinux"
+    with pytest.raises(KbbError, match="verification of the debug info failed"):
+        rewrite(kernel.vmlinux, out, RewriteOptions(reorder_blocks="random", seed=3,
+                                                    progress=False))
+    assert not out.exists()

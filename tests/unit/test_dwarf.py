@@ -229,3 +229,33 @@ def test_frame_rows_and_state_changes_round_trip():
         prev = state
     _, again = _fde_rows(bytes(out), BASE)
     assert again == rows
+
+
+def test_short_udata_scope_becomes_ranges_in_low_and_high_bytes():
+    """GNU as writes DW_AT_high_pc as a 1-byte udata: a scope split in two has no
+    room for DW_AT_ranges in it, so low_pc and high_pc together hold the offset
+    (and a padding block). The unit's scope too (a unit that moved gets ranges;
+    with no lists of its own, its low_pc is nobody's base)."""
+    from kbuild_bolt.dwarf.info import walk
+    from kbuild_bolt.dwarf.update import update_debug
+
+    abbrev = bytes([1, 0x11, 1, 0x11, 0x01, 0x12, 0x0F, 0x03, 0x08, 0, 0,
+                    2, 0x2E, 0, 0x11, 0x01, 0x12, 0x0F, 0, 0, 0])
+    body = (bytes([1]) + BASE.to_bytes(8, "little") + bytes([20]) + b"a\0"
+            + bytes([2]) + (BASE + 4).to_bytes(8, "little") + bytes([8]) + bytes([0]))
+    header = (4).to_bytes(2, "little") + (0).to_bytes(4, "little") + bytes([8])
+    info = bytearray((len(header) + len(body)).to_bytes(4, "little") + header + body)
+    sections = {".debug_info": info, ".debug_abbrev": abbrev}
+    res = update_debug(sections.get, _swap_image())
+    assert not res.problems, res.problems
+    out_info, out_abbrev = res.sections[".debug_info"], res.sections[".debug_abbrev"]
+    assert len(out_info) == len(info)
+    found = walk(out_info, out_abbrev)
+    assert list(found.s_low) == [-1, -1] and list(found.s_high) == [-1, -1]
+
+    def ranges(k):
+        p = found.s_ranges[k]
+        off = int.from_bytes(out_info[p:p + 4], "little")
+        return lists.read_rnglist(res.sections[".debug_ranges"], off, 4, 0)
+    assert ranges(0) == [(BASE, BASE + 22)]
+    assert ranges(1) == [(BASE, BASE + 3), (BASE + 15, BASE + 22)]

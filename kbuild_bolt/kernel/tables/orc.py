@@ -104,6 +104,7 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     keep_new = [np.zeros(int((~inside).sum()), bool)]
 
     runs = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)
+    code_starts = [runs[:, 0]]         # where new code is (no entry may be dropped over it)
     if len(runs):
         r_at, r_base, r_size = runs[:, 0], runs[:, 1], runs[:, 2]
         # An entry at the start of every copied run: the state there.
@@ -127,16 +128,20 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     ats, state_insns = branch_states
     if len(ats):
         ats = np.asarray(ats, dtype=np.uint64)
+        code_starts.append(ats)
         olds = model.insns.addr[np.asarray(state_insns, np.int64)]
         keep_ip.append(ats)
         keep_src.append(state_at(olds))
         keep_fill.append(np.zeros(len(ats), bool))
         keep_new.append(np.ones(len(ats), bool))
     # After the new code: what followed the old code (int3 fill, the next function).
-    keep_ip.append(ranges[:, 2])
-    keep_src.append(state_at(range_end))
-    keep_fill.append(np.ones(len(ranges), bool))
-    keep_new.append(np.ones(len(ranges), bool))
+    # First in the lists, so that any other entry at the same address wins: where
+    # one cold part ends the next may start, and the free room's old state
+    # (undefined) must not cover its first instructions.
+    keep_ip.insert(0, ranges[:, 2])
+    keep_src.insert(0, state_at(range_end))
+    keep_fill.insert(0, np.ones(len(ranges), bool))
+    keep_new.insert(0, np.ones(len(ranges), bool))
 
     ips = np.concatenate(keep_ip)
     src = np.concatenate(keep_src).astype(np.int64)
@@ -169,6 +174,16 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
         # run: the cheapest to give up.
         undefined = ((states["sp_offset"] == 0) & (states["bp_offset"] == 0)
                      & (states["bits"] == 0) & fill)
+        # ... when fill is all they cover: objtool leaves functions it does not
+        # check (vDSO helpers, non-standard objects) undefined too, and the entry
+        # before the fill must not become theirs, nor new code's placed after it.
+        starts = np.sort(np.concatenate([model.functions.start.astype(np.uint64)]
+                                        + code_starts))
+        nxt = np.searchsorted(starts, ips, side="right")
+        next_start = np.where(nxt < len(starts), starts[np.minimum(nxt, len(starts) - 1)],
+                              np.uint64(0xFFFFFFFFFFFFFFFF))
+        next_ip = np.r_[ips[1:], np.uint64(0xFFFFFFFFFFFFFFFF)]
+        undefined &= next_ip <= next_start
         extra = len(ips) - capacity
         candidates = np.flatnonzero(undefined)
         if len(candidates) < extra:
