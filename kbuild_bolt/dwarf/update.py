@@ -24,7 +24,7 @@ from kbuild_bolt.dwarf.info import (AT_KBB_PADDING, AT_RANGES, FORM_ADDR, FORM_B
                                     FORM_UDATA, TAG_COMPILE_UNIT, TAG_PARTIAL_UNIT, walk)
 from kbuild_bolt.dwarf.leb import DwarfError, enc_sleb, enc_uleb, enc_uleb_padded, uleb
 from kbuild_bolt.dwarf.lines import update_lines
-from kbuild_bolt.dwarf.vec import put_le
+from kbuild_bolt.dwarf.vec import get_le, put_le
 from kbuild_bolt.dwarf.lists import (DEFAULT, ListWriter, encode_loclists, encode_rnglists,
                                      read_loclists,
                                      read_rnglist, read_view_pairs)
@@ -52,17 +52,10 @@ class _Bytes:
         self.a = np.frombuffer(buf, np.uint8)
 
     def get(self, pos: np.ndarray, size: int) -> np.ndarray:
-        idx = pos.astype(np.int64)[:, None] + np.arange(size)
-        raw = np.ascontiguousarray(self.a[idx])
-        return raw.view({8: "<u8", 4: "<u4", 2: "<u2", 1: "u1"}[size]).ravel().astype(np.uint64)
+        return get_le(self.a, pos, size)
 
     def put(self, pos: np.ndarray, values: np.ndarray, size: int) -> None:
-        if not len(pos):
-            return
-        dt = {8: "<u8", 4: "<u4", 2: "<u2", 1: "u1"}[size]
-        raw = np.asarray(values).astype(dt).view(np.uint8).reshape(-1, size)
-        idx = pos.astype(np.int64)[:, None] + np.arange(size)
-        self.a[idx] = raw
+        put_le(self.a, pos, values, size)
 
 
 def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:

@@ -42,12 +42,20 @@ def put_sleb(buf: np.ndarray, pos: np.ndarray, v: np.ndarray, size: np.ndarray) 
         buf[pos[m] + k] = byte
 
 
+_LE = {8: "<u8", 4: "<u4", 2: "<u2", 1: "u1"}
+
+
 def put_le(buf: np.ndarray, pos: np.ndarray, v: np.ndarray, size: int) -> None:
     if not len(pos):
         return
-    dt = {8: "<u8", 4: "<u4", 2: "<u2", 1: "u1"}[size]
-    raw = np.asarray(v).astype(dt).view(np.uint8).reshape(-1, size)
+    raw = np.asarray(v).astype(_LE[size]).view(np.uint8).reshape(-1, size)
     buf[np.asarray(pos, np.int64)[:, None] + np.arange(size)] = raw
+
+
+def get_le(buf: np.ndarray, pos: np.ndarray, size: int) -> np.ndarray:
+    """The little-endian ``size``-byte fields of ``buf`` (uint8) at ``pos``, as uint64."""
+    raw = np.ascontiguousarray(buf[np.asarray(pos, np.int64)[:, None] + np.arange(size)])
+    return raw.view(_LE[size]).ravel().astype(np.uint64)
 
 
 def copy_runs(buf: np.ndarray, dst: np.ndarray, src: np.ndarray, src_pos: np.ndarray,

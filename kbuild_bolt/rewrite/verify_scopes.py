@@ -25,6 +25,7 @@ from kbuild_bolt.dwarf.expr import addr_operands
 from kbuild_bolt.dwarf.info import FORM_ADDR, FORM_DATA1, FORM_DATA2, FORM_DATA4, FORM_DATA8, FORM_UDATA, walk
 from kbuild_bolt.dwarf.leb import uleb
 from kbuild_bolt.dwarf.lists import DEFAULT, MAX, read_loclists, read_rnglist
+from kbuild_bolt.dwarf.vec import get_le
 from kbuild_bolt.elf.image import ElfImage
 
 _SIZES = {FORM_DATA1: 1, FORM_DATA2: 2, FORM_DATA4: 4, FORM_DATA8: 8}
@@ -64,10 +65,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def _u(data, pos: np.ndarray, size: int) -> np.ndarray:
-    a = np.frombuffer(data, np.uint8)
-    idx = pos.astype(np.int64)[:, None] + np.arange(size)
-    return np.ascontiguousarray(a[idx]).view({8: "<u8", 4: "<u4", 2: "<u2", 1: "u1"}[size]).ravel() \
-        .astype(np.uint64)
+    return get_le(np.frombuffer(data, np.uint8), pos, size)
 
 
 class DebugTables:
