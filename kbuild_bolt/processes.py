@@ -15,7 +15,9 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import pickle
 import signal
+import threading
 
 from kbuild_bolt.errors import Interrupted
 
@@ -66,6 +68,94 @@ def worker_pool(jobs: int):
     finally:
         pool.terminate()
         pool.join()
+
+
+class ForkedCall:
+    """``fn(*args)`` running in a forked child, on the other core, while the caller
+    goes on; :meth:`result` returns its value (pickled back through a pipe, read
+    by a thread as it comes so the child never waits on a full pipe) or raises
+    its exception. The child sees the parent's memory as it was at the fork, so
+    it needs no arguments copied; it dies with the parent."""
+
+    def __init__(self, fn, *args):
+        self._done, self._reader, self._payload, self._here = True, None, bytearray(), None
+        read_end, write_end = os.pipe()
+        parent = os.getpid()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            # (no process to spare, e.g. a process limit: the work is done here, now;
+            # an error raised by it waits for result(), as the child's would)
+            os.close(read_end)
+            os.close(write_end)
+            self.pid = None
+            try:
+                self._here = (True, fn(*args))
+            except Exception as e:
+                self._here = (False, e)
+            return
+        if self.pid == 0:                       # the child
+            status = 1
+            try:
+                os.close(read_end)
+                _worker_start(parent)
+                payload = self._run(fn, args)
+                with os.fdopen(write_end, "wb") as pipe:
+                    pipe.write(payload)
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        self._done = False
+        self._reader = threading.Thread(target=self._read, args=(read_end,), daemon=True)
+        self._reader.start()
+
+    @staticmethod
+    def _run(fn, args) -> bytes:
+        try:
+            return pickle.dumps((True, fn(*args)), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as e:      # (reported to the parent, which raises it)
+            try:
+                return pickle.dumps((False, e))
+            except Exception:
+                return pickle.dumps((False, RuntimeError(f"{type(e).__name__}: {e}")))
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as pipe:
+            while chunk := pipe.read(1 << 20):
+                self._payload += chunk
+
+    def result(self):
+        if self._reader is not None:
+            self._reader.join()
+        self._reap()
+        if self._here is not None:
+            (ok, value), self._here = self._here, None
+            if not ok:
+                raise value
+            return value
+        payload, self._payload = self._payload, bytearray()
+        if not payload:
+            raise RuntimeError("a forked worker ended without a result")
+        ok, value = pickle.loads(payload)
+        if not ok:
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        """Stop the child (the caller failed or was interrupted)."""
+        if not self._done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._reap()
+        if self._reader is not None:
+            self._reader.join()
+        self._payload, self._here = bytearray(), None
+
+    def _reap(self) -> None:
+        if not self._done:
+            os.waitpid(self.pid, 0)
+            self._done = True
 
 
 def child_dies_with_us():

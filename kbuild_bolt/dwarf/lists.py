@@ -136,12 +136,14 @@ class ListWriter:
             self._unit = len(self.out)
             self.out += bytes(12)            # unit header, filled in by finish()
 
-    def finish(self) -> bytes:
+    def finish(self) -> bytearray:
+        """The section's bytes (the writer's own buffer, not a copy: a distro
+        kernel's location lists are 80 MB)."""
         if self._unit is not None:
             n = len(self.out) - self._unit - 4
             self.out[self._unit:self._unit + 12] = (n.to_bytes(4, "little") + (5).to_bytes(2, "little")
                                                     + bytes((8, 0)) + bytes(4))
-        return bytes(self.out)
+        return self.out
 
 
 def read_loclists(b, offsets: list[int], version: int, bases: list[int]):

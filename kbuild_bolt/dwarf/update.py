@@ -26,14 +26,17 @@ from kbuild_bolt.dwarf.leb import DwarfError, enc_sleb, enc_uleb, enc_uleb_padde
 from kbuild_bolt.dwarf.lines import update_lines
 from kbuild_bolt.dwarf.vec import get_le, put_le
 from kbuild_bolt.dwarf.lists import (DEFAULT, ListWriter, encode_loclists, encode_rnglists,
-                                     read_loclists,
-                                     read_rnglist, read_view_pairs)
+                                     read_loclists, read_rnglist, read_view_pairs)
+from kbuild_bolt.processes import ForkedCall
 
 # The sections this module writes again (the others, .debug_str and friends, stay).
 UPDATED = (".debug_info", ".debug_abbrev", ".debug_line", ".debug_loclists", ".debug_rnglists",
            ".debug_loc", ".debug_ranges", ".debug_aranges", ".debug_frame")
 # Location lists written per slice of this many (bounds the memory of the records).
 LIST_BATCH = 1 << 16
+# Location lists read and imaged this many at a time (bounds the memory of their
+# entries' images).
+LIST_GROUP = 1 << 18
 HIGH_SIZE = {FORM_DATA1: 1, FORM_DATA2: 2, FORM_DATA4: 4, FORM_DATA8: 8, FORM_ADDR: 8}
 
 
@@ -61,10 +64,60 @@ class _Bytes:
 def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
     """``read(name)``: a debug section's bytes (None when absent); a bytearray for
     .debug_info is changed in place."""
-    info = read(".debug_info")
-    abbrev = read(".debug_abbrev")
-    if info is None or abbrev is None:
-        return DebugUpdate({})
+    return DebugUpdater(read, image).run(progress)
+
+
+class DebugUpdater:
+    """The update on two cores. Line programs and aranges do not depend on
+    .debug_info: a forked child starts on them at once (the caller goes on with other work), and :meth:`run` does the DIEs and
+    what hangs off them, then takes the child's sections. Forked before
+    .debug_info is read, so the child's memory does not hold it."""
+
+    def __init__(self, read, image: CodeImage):
+        self.read, self.image = read, image
+        self.abbrev = read(".debug_abbrev")
+        self.apart = ForkedCall(_lines_and_aranges, read, image) if self.abbrev is not None \
+            else None
+
+    def run(self, progress=None) -> DebugUpdate:
+        if self.apart is None:
+            return DebugUpdate({})
+        try:
+            info = self.read(".debug_info")
+            if info is None:
+                self.cancel()
+                return DebugUpdate({})
+            return _info(info, self.abbrev, self.read, self.image, progress, self.apart)
+        except BaseException:
+            self.cancel()
+            raise
+        finally:
+            self.abbrev = None
+
+    def cancel(self) -> None:
+        if self.apart is not None:
+            self.apart.cancel()
+            self.apart = None
+
+
+def _lines_and_aranges(read, image: CodeImage):
+    """(In a forked child.) Sections written without .debug_info: (sections, line
+    program offsets old -> new, stats)."""
+    sections, stats, offsets = {}, {}, None
+    line = read(".debug_line")
+    if line is not None:
+        sections[".debug_line"], offsets = update_lines(line, image)
+    del line
+    ar = read(".debug_aranges")
+    if ar is not None:
+        sections[".debug_aranges"] = aranges_mod.update(ar, image)
+    return sections, offsets, stats
+
+
+def _info(info, abbrev, read, image: CodeImage, progress, apart: ForkedCall) -> DebugUpdate:
+    """.debug_info and what hangs off it: addresses, then location lists in a
+    second child while this process does scopes, range lists and abbreviations;
+    then the children's sections, and their offsets patched in."""
     say = progress or (lambda *_: None)
     say("DWARF: reading .debug_info")
     found = walk(info, abbrev)
@@ -76,19 +129,6 @@ def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
     units = found.units
     version = np.array([u.version for u in units], np.int64)
     base = np.array([u.base for u in units], np.uint64)
-
-    loc_name = ".debug_loclists" if (version >= 5).any() else ".debug_loc"
-    rng5, rng4 = read(".debug_rnglists"), read(".debug_ranges")
-    loc5, loc4 = read(".debug_loclists"), read(".debug_loc")
-    writers = {5: {"rng": ListWriter(rng5 or b"", 5), "loc": ListWriter(loc5 or b"", 5)},
-               4: {"rng": ListWriter(rng4 or b"", 4), "loc": ListWriter(loc4 or b"", 4)}}
-    used = {(5, "rng"): False, (5, "loc"): False, (4, "rng"): False, (4, "loc"): False}
-    del loc_name
-
-    def writer(v: int, kind: str) -> ListWriter:
-        k = 5 if v >= 5 else 4
-        used[(k, kind)] = True
-        return writers[k][kind]
 
     # Points: entry_pc, return addresses, labels.
     say("DWARF: addresses")
@@ -108,55 +148,103 @@ def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
     stats["addresses"] = int(ch.sum())
     if gone:
         res.problems.append(f"{gone} addresses point at code that is gone (kept as they were)")
+    del p_pos, p_end, vals, new, ch
 
     # Expressions in .debug_info: DW_OP_addr of code.
     stats["expression addresses"] = _patch_exprs(info, f, np.frombuffer(found.e_pos, np.int64),
                                                  np.frombuffer(found.e_len, np.int64), image)
 
-    # Scopes.
-    say("DWARF: scopes")
-    convert = _scopes(found, info, f, image, version, base, writer, res)
+    # Location lists need only what the walk found: a second child writes them.
+    say("DWARF: scopes, range and location lists")
+    lists = ForkedCall(_location_lists_apart, found, f, image, version, base, read)
+    try:
+        rng5, rng4 = read(".debug_rnglists"), read(".debug_ranges")
+        writers = {5: ListWriter(rng5 or b"", 5), 4: ListWriter(rng4 or b"", 4)}
+        used = set()
 
-    # Range lists of DIEs that already have DW_AT_ranges.
-    _range_lists(found, f, image, version, base, rng5, rng4, writer, res)
+        def writer(v: int, kind: str) -> ListWriter:
+            assert kind == "rng"       # (location lists are the child's)
+            k = 5 if v >= 5 else 4
+            used.add(k)
+            return writers[k]
 
-    # Location lists.
-    say("DWARF: location lists")
-    _location_lists(found, f, image, version, base, loc5, loc4, writer, res)
-
-    # Abbreviations changed for scopes that became ranges.
-    new_abbrev, abbrev_offsets = _abbrevs(found, abbrev, convert)
-    for u in units:
-        f.put(np.array([u.abbrev_field]), np.array([abbrev_offsets[u.abbrev_offset]]), 4)
-
-    say("DWARF: line programs")
-    line = read(".debug_line")
-    if line is not None:
-        new_line, offsets = update_lines(line, image)
+        # Scopes.
+        convert = _scopes(found, info, f, image, version, base, writer, res)
+        # Range lists of DIEs that already have DW_AT_ranges.
+        _range_lists(found, f, image, version, base, rng5, rng4, writer, res)
+        # Abbreviations changed for scopes that became ranges.
+        new_abbrev, abbrev_offsets = _abbrevs(found, abbrev, convert)
         for u in units:
-            if u.stmt_list_field >= 0:
-                if u.stmt_list not in offsets:
-                    raise DwarfError(f".debug_info unit at {u.offset:#x}: DW_AT_stmt_list "
-                                     f"{u.stmt_list:#x} is not a line program")
-                f.put(np.array([u.stmt_list_field]), np.array([offsets[u.stmt_list]]), 4)
-        res.sections[".debug_line"] = new_line
+            f.put(np.array([u.abbrev_field]), np.array([abbrev_offsets[u.abbrev_offset]]), 4)
+        for k in used:
+            res.sections[".debug_rnglists" if k == 5 else ".debug_ranges"] = writers[k].finish()
+        # (what the walk found and the old lists are done with: freed before the
+        # children's sections arrive, the peak of this process)
+        del found, convert, rng5, rng4
 
-    ar = read(".debug_aranges")
-    if ar is not None:
-        res.sections[".debug_aranges"] = aranges_mod.update(ar, image)
-    fr = read(".debug_frame")
-    if fr is not None:
-        res.sections[".debug_frame"], frame_stats = frame_mod.update(fr, image)
-        stats.update(frame_stats)
-
+        # .debug_frame here: this process would otherwise wait for the children
+        say("DWARF: .debug_frame")
+        fr = read(".debug_frame")
+        if fr is not None:
+            res.sections[".debug_frame"], frame_stats = frame_mod.update(fr, image)
+            stats.update(frame_stats)
+        del fr
+        say("DWARF: line programs, location lists")
+        apart_sections, offsets, apart_stats = apart.result()
+        res.sections.update(apart_sections)
+        stats.update(apart_stats)
+        del apart_sections
+        if offsets is not None:
+            for u in units:
+                if u.stmt_list_field >= 0:
+                    if u.stmt_list not in offsets:
+                        raise DwarfError(f".debug_info unit at {u.offset:#x}: DW_AT_stmt_list "
+                                         f"{u.stmt_list:#x} is not a line program")
+                    f.put(np.array([u.stmt_list_field]), np.array([offsets[u.stmt_list]]), 4)
+        list_sections, patches, list_stats = lists.result()
+    except BaseException:
+        lists.cancel()
+        raise
+    res.sections.update(list_sections)
+    stats.update(list_stats)
+    for pos, values, size in patches:
+        f.put(pos, values, size)
     res.sections[".debug_info"] = out           # (a bytearray: no second copy)
     res.sections[".debug_abbrev"] = new_abbrev
-    for (v, kind), was_used in used.items():
-        name = {(5, "rng"): ".debug_rnglists", (5, "loc"): ".debug_loclists",
-                (4, "rng"): ".debug_ranges", (4, "loc"): ".debug_loc"}[(v, kind)]
-        if was_used:
-            res.sections[name] = writers[v][kind].finish()
     return res
+
+
+class _Patches:
+    """Reads fields like :class:`_Bytes`; records the writes (for the parent)."""
+
+    def __init__(self, f: _Bytes):
+        self.f = f
+        self.patches = []
+
+    def get(self, pos: np.ndarray, size: int) -> np.ndarray:
+        return self.f.get(pos, size)
+
+    def put(self, pos: np.ndarray, values: np.ndarray, size: int) -> None:
+        self.patches.append((np.array(pos, np.int64), np.array(values, np.uint64), size))
+
+
+def _location_lists_apart(found, f: _Bytes, image: CodeImage, version, base, read):
+    """(In a forked child.) The location lists written again: (sections, the DIE
+    fields to patch as (positions, values, size), stats)."""
+    loc5, loc4 = read(".debug_loclists"), read(".debug_loc")
+    writers = {5: ListWriter(loc5 or b"", 5), 4: ListWriter(loc4 or b"", 4)}
+    used = set()
+
+    def writer(v: int, kind: str) -> ListWriter:
+        k = 5 if v >= 5 else 4
+        used.add(k)
+        return writers[k]
+
+    res = DebugUpdate({})
+    fields = _Patches(f)
+    _location_lists(found, fields, image, version, base, loc5, loc4, writer, res)
+    sections = {".debug_loclists" if k == 5 else ".debug_loc": writers[k].finish() for k in used}
+    return sections, fields.patches, res.stats
 
 
 def _patch_exprs(data, f: _Bytes, pos: np.ndarray, length: np.ndarray, image: CodeImage) -> int:
@@ -411,7 +499,10 @@ def _range_lists(found, f, image, version, base, rng5, rng4, writer, res) -> Non
 
 
 def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> None:
-    """Location lists of moved code written again (with their views), in bulk."""
+    """Location lists of moved code written again (with their views), in bulk,
+    a group of lists at a time: the images of a distro kernel's 1.8 M entries
+    are tens of millions of pieces under a random layout, and the lists do not
+    depend on each other."""
     l_pos = np.frombuffer(found.l_pos, np.int64)
     l_views = np.frombuffer(found.l_views, np.int64)
     l_unit = np.frombuffer(found.l_unit, np.int64)
@@ -431,16 +522,58 @@ def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> 
             raise DwarfError("a location list without a location list section")
         key = offs[mine] * (1 << 32) + (voffs[mine] + 1)
         keys, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        l_off = offs[mine][first]
-        l_voff = voffs[mine][first]
-        l_base = base[l_unit[sel][mine][first]]
+        lists = _LocationLists(data, offs[mine][first], voffs[mine][first],
+                               base[l_unit[sel][mine][first]], v, image, writer)
+        for g0 in range(0, len(keys), LIST_GROUP):
+            lists.group(g0, min(g0 + LIST_GROUP, len(keys)))
+        lists.finish()
+        # DIE fields of changed lists
+        die_changed = lists.changed[inverse]
+        nl_of = lists.new_index[inverse[die_changed]]
+        f.put(l_pos[sel][mine][die_changed], lists.list_off[nl_of], 4)
+        vp = vpos[mine][die_changed]
+        hv = vp >= 0
+        f.put(vp[hv], lists.views_off[nl_of][hv], 4)
+        total += int(lists.changed.sum())
+    res.stats["location lists"] = total
+
+
+class _LocationLists:
+    """The distinct location lists of one section (offset, view list offset or -1,
+    base address), changed lists appended to its writer group by group;
+    ``changed``, ``new_index`` (among the changed), ``list_off`` and ``views_off``
+    (per changed list) for the DIEs."""
+
+    def __init__(self, data, l_off, l_voff, l_base, version, image, writer):
+        self.data, self.version, self.image, self.writer = data, version, image, writer
+        self.l_off, self.l_voff, self.l_base = l_off, l_voff, l_base
+        self.src = np.frombuffer(data, np.uint8)
+        self.fixed = False                  # src is a copy with DW_OP_addr fixed
+        self.threes = np.flatnonzero(self.src == 3)   # (DW_OP_addr candidates)
+        n = len(l_off)
+        self.changed = np.zeros(n, bool)
+        self.new_index = np.full(n, -1, np.int64)
+        self.list_off = np.zeros(0, np.int64)
+        self.views_off = np.zeros(0, np.int64)
+        self._offsets = []                  # (list offsets, view list offsets) per batch
+        self.n_changed = 0
+
+    def finish(self) -> None:
+        if self._offsets:
+            self.list_off = np.concatenate([l for l, _ in self._offsets]).astype(np.int64)
+            self.views_off = np.concatenate([v for _, v in self._offsets]).astype(np.int64)
+        self._offsets = []
+
+    def group(self, g0: int, g1: int) -> None:
+        data, v, image = self.data, self.version, self.image
+        l_voff = self.l_voff[g0:g1]
         cols = [np.frombuffer(c, dt) if len(c) else np.zeros(0, dt) for c, dt in zip(
-            read_loclists(data, l_off.tolist(), v, l_base.tolist()),
+            read_loclists(data, self.l_off[g0:g1].tolist(), v, self.l_base[g0:g1].tolist()),
             (np.int64, np.uint64, np.uint64, np.int64, np.int64))]
         e_list, e_lo, e_hi, e_pos, e_len = cols
         default = (e_lo == np.uint64(DEFAULT & 0xFFFFFFFFFFFFFFFF)) & (e_hi == e_lo)
         bounded = ~default
-        nl = len(keys)
+        nl = g1 - g0
         counts = np.bincount(e_list[bounded], minlength=nl)
         has_views = l_voff >= 0
         vb = np.zeros(len(e_list), np.int64)
@@ -451,23 +584,24 @@ def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> 
             in_view_list = bounded & has_views[e_list]
             vb[in_view_list] = np.frombuffer(b0, np.int64)
             ve[in_view_list] = np.frombuffer(b1, np.int64)
-        src = np.frombuffer(data, np.uint8)
         # images of the bounded entries
         bi = np.flatnonzero(bounded)
         lo, hi = e_lo[bi], np.maximum(e_hi[bi], e_lo[bi])
         idx, nlo, nhi = _list_images(image, lo, hi)
         cnt, _, same = _image_shape(lo, hi, idx, nlo, nhi)
+        del idx, lo, hi
         changed = np.zeros(nl, bool)
         changed[e_list[bi[~same]]] = True
         # DW_OP_addr of moved code inside the expressions
-        fixes = _expression_fixes(data, src, e_pos, e_len, image)
+        fixes = _expression_fixes(data, self.src, self.threes, e_pos, e_len, image)
         if fixes is not None:
             ent, q, value = fixes
             changed[e_list[ent]] = True
-            src = src.copy()          # the copies of those expressions get the new values
-            put_le(src, q, value, 8)
+            if not self.fixed:              # the copies of those expressions get the new values
+                self.src, self.fixed = self.src.copy(), True
+            put_le(self.src, q, value, 8)
         if not changed.any():
-            continue
+            return
         # new records: each bounded entry of a changed list -> its image pieces
         # (entries whose code is gone vanish); default entries stay as they are.
         # A slice of the changed lists at a time: the records are many.
@@ -476,11 +610,12 @@ def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> 
         pieces_of[default] = 1
         start_of = np.zeros(len(e_list), np.int64)
         start_of[bi] = np.cumsum(cnt) - cnt
-        new_list = np.cumsum(changed) - 1          # index among changed lists
+        new_list = np.cumsum(changed) - 1          # index in this group among changed lists
         changed_ids = np.flatnonzero(changed)
-        views_off = np.zeros(len(changed_ids), np.int64)
-        list_off = np.zeros(len(changed_ids), np.int64)
-        w = writer(v, "loc")
+        self.changed[g0:g1] = changed
+        self.new_index[g0 + changed_ids] = self.n_changed + np.arange(len(changed_ids))
+        self.n_changed += len(changed_ids)
+        w = self.writer(v, "loc")
         for c0 in range(0, len(changed_ids), LIST_BATCH):
             ids = changed_ids[c0:c0 + LIST_BATCH]
             a0 = int(np.searchsorted(e_list, ids[0], side="left"))
@@ -498,28 +633,15 @@ def _location_lists(found, f, image, version, base, loc5, loc4, writer, res) -> 
             r_list = new_list[e_list[rec_entry]] - c0
             del j, k
             raw, v_off, l_off = encode_loclists(
-                v, len(w.out), src, r_list, r_lo.astype(np.uint64), r_hi.astype(np.uint64),
+                v, len(w.out), self.src, r_list, r_lo.astype(np.uint64), r_hi.astype(np.uint64),
                 e_pos[rec_entry], e_len[rec_entry], is_def, r_vb, r_ve, has_views[ids], len(ids))
             w.out += raw
-            views_off[c0:c0 + len(ids)] = v_off
-            list_off[c0:c0 + len(ids)] = l_off
-        # DIE fields of changed lists
-        die_list = inverse
-        die_changed = changed[die_list]
-        nl_of = new_list[die_list[die_changed]]
-        pos_l = l_pos[sel][mine][die_changed]
-        f.put(pos_l, list_off[nl_of], 4)
-        vp = vpos[mine][die_changed]
-        hv = vp >= 0
-        f.put(vp[hv], views_off[nl_of][hv], 4)
-        total += int(changed.sum())
-    res.stats["location lists"] = total
+            self._offsets.append((np.asarray(l_off), np.asarray(v_off)))
 
 
-def _expression_fixes(data, src, e_pos, e_len, image):
+def _expression_fixes(data, src, threes, e_pos, e_len, image):
     """(entry, operand position, new value) for every DW_OP_addr of moved code in
-    the expressions, or None."""
-    threes = np.flatnonzero(src == 3)
+    the expressions, or None. ``threes``: where ``src`` holds 3 (DW_OP_addr)."""
     if not len(threes):
         return None
     i = np.searchsorted(threes, e_pos)

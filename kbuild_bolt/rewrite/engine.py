@@ -556,6 +556,8 @@ def rewrite(input_path, output_path, options: RewriteOptions,
                 step.run(ctx)
                 ctx.result.seconds[step.name] = time.perf_counter() - started
     finally:
+        for rewriter in ctx.metadata or ():
+            rewriter.close()
         if ctx.debug_sample is not None:
             ctx.debug_sample.cancel()
         if ctx.output is not None and not ctx.committed:

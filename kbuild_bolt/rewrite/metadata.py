@@ -54,6 +54,9 @@ class MetadataRewriter:
     def finalize(self, ctx, changes: FileChanges) -> None:
         pass
 
+    def close(self) -> None:
+        """The run ended (done, failed or interrupted): stop background work."""
+
 
 class NewCode(MetadataRewriter):
     """The emitted code itself: each function in its slot (int3 after it up to the
@@ -413,6 +416,7 @@ class DebugSections(MetadataRewriter):
     def __init__(self, keep: bool = True):
         self.keep = keep
         self.code = None
+        self.updater = None
 
     def update(self, ctx, amap) -> None:
         # (taken now: the emission's items are freed before finalize)
@@ -422,12 +426,19 @@ class DebugSections(MetadataRewriter):
         ctx.code_image = self.code
         if getattr(ctx.options, "address_map", None):
             save_code_image(ctx.options.address_map, self.code)
-        if self.keep and ctx.options.verify:
-            from kbuild_bolt.elf.writer import debug_sections
+        from kbuild_bolt.elf.writer import debug_sections
+
+        if not self.keep or not any(s.name == ".debug_info"
+                                    for s in debug_sections(ctx.model.image.sections)):
+            return
+        from kbuild_bolt.dwarf.update import DebugUpdater
+
+        # (its line programs start now, on the other core, while the other
+        # rewriters update the code's tables)
+        self.updater = DebugUpdater(self._reader(ctx.model.image), self.code)
+        if ctx.options.verify:
             from kbuild_bolt.rewrite.verify_debug import DebugSample, symbolizer_available
 
-            if not any(s.name == ".debug_info" for s in debug_sections(ctx.model.image.sections)):
-                return
             if not symbolizer_available():
                 ctx.result.debug_check = "skipped (no llvm-symbolizer: Debian package llvm-19)"
                 return
@@ -435,8 +446,19 @@ class DebugSections(MetadataRewriter):
             ctx.debug_sample = DebugSample(str(ctx.input_path), ctx.model.image, self.code,
                                            DEBUG_CHECK_SAMPLE, seed=ctx.options.seed)
 
+    @staticmethod
+    def _reader(image):
+        def read(name):
+            # (read from the file, not through the map: the map's pages would count
+            # twice, hundreds of MB for a distro kernel's .debug_info)
+            s = image.section(name)
+            if s is None or s.is_alloc or not s.size:
+                return None
+            return image.read_file_range(s.offset, s.size)
+        return read
+
     def finalize(self, ctx, changes: FileChanges) -> None:
-        from kbuild_bolt.dwarf.update import UPDATED, update_debug
+        from kbuild_bolt.dwarf.update import UPDATED
         from kbuild_bolt.elf.writer import debug_sections
 
         image = ctx.model.image
@@ -447,19 +469,13 @@ class DebugSections(MetadataRewriter):
             changes.empty |= {s.index for s in debug}
             ctx.result.stripped = [s.name for s in debug]
             return
-
-        def read(name):
-            # (read from the file, not through the map: the map's pages would count
-            # twice, hundreds of MB for a distro kernel's .debug_info)
-            s = image.section(name)
-            if s is None or s.is_alloc or not s.size:
-                return None
-            return image.read_file_range(s.offset, s.size)
-
+        read = self._reader(image)
         from kbuild_bolt.dwarf.leb import DwarfError
+        from kbuild_bolt.dwarf.update import DebugUpdate
 
         try:
-            result = update_debug(read, self.code, progress=getattr(ctx, "progress", None))
+            result = self.updater.run(progress=ctx.say) if self.updater is not None \
+                else DebugUpdate({})
         except DwarfError as e:
             # DWARF this tool cannot read is not kept wrong: it goes, and says why
             changes.empty |= {s.index for s in debug}
@@ -470,7 +486,7 @@ class DebugSections(MetadataRewriter):
                 ctx.debug_sample = None
             return
         finally:
-            self.code = None
+            self.code = self.updater = None
         for s in debug:
             if s.name.startswith(".rela.debug"):
                 changes.empty.add(s.index)
@@ -480,6 +496,11 @@ class DebugSections(MetadataRewriter):
                 changes.replace[s.index] = read(s.name)
         ctx.result.debug_stats = result.stats
         ctx.result.debug_problems = result.problems
+
+    def close(self) -> None:
+        if self.updater is not None:
+            self.updater.cancel()
+            self.updater = None
 
 
 class PlantedFault(MetadataRewriter):
@@ -521,8 +542,11 @@ class PlantedFault(MetadataRewriter):
 def metadata_rewriters(options) -> list[MetadataRewriter]:
     """The rewriters of one run, in the order their updates are applied (the
     code first: relocated fields inside it are rewritten after it is copied)."""
-    rewriters = [NewCode(), CodeReferences(), Relocations(), KernelTables(), OrcUnwind(),
-                 Symbols(), Kallsyms(), DebugSections(keep=not getattr(options, "strip_debug", False))]
+    # (the debug sections right after the code: their update starts a background
+    # part that runs while the others work)
+    rewriters = [NewCode(), DebugSections(keep=not getattr(options, "strip_debug", False)),
+                 CodeReferences(), Relocations(), KernelTables(), OrcUnwind(), Symbols(),
+                 Kallsyms()]
     if options.plant_fault:
         rewriters.append(PlantedFault(options.plant_fault))
     return rewriters

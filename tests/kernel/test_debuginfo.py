@@ -75,6 +75,46 @@ def test_dwarf4_inline_chains_equal_at_new_addresses(dwarf4):
     assert result.debug_stats["FDEs written"] > 10000, result.debug_stats
 
 
+def test_debug_update_is_the_same_in_any_number_of_pieces(dwarf4, monkeypatch):
+    """The update runs on two cores (line programs in one child, location lists
+    in another) and writes location lists a group at a time: the sections are
+    the rewrite's, byte for byte, with tiny groups and batches, and with every
+    part run in this process."""
+    import kbuild_bolt.dwarf.update as update
+
+    vmlinux, out, amap, _ = dwarf4
+    with ElfImage(vmlinux) as image, ElfImage(out) as written:
+        def read(name):
+            s = image.section(name)
+            return image.read_file_range(s.offset, s.size) if s is not None and s.size else None
+
+        expected = {}
+        for name in update.UPDATED:
+            s = written.section(name)
+            if s is not None and s.size:
+                expected[name] = written.read_file_range(s.offset, s.size)
+
+        class InProcess:                     # ForkedCall's interface, run here and now
+            def __init__(self, fn, *args):
+                self.value = fn(*args)
+
+            def result(self):
+                return self.value
+
+            def cancel(self):
+                pass
+
+        monkeypatch.setattr(update, "LIST_GROUP", 1000)
+        monkeypatch.setattr(update, "LIST_BATCH", 77)
+        pieces = update.update_debug(read, load_code_image(amap)).sections
+        monkeypatch.setattr(update, "ForkedCall", InProcess)
+        here = update.update_debug(read, load_code_image(amap)).sections
+    for name, data in expected.items():
+        assert bytes(pieces[name]) == bytes(data), name
+        assert bytes(here[name]) == bytes(data), name
+    assert len(expected) >= 7, sorted(expected)
+
+
 def test_dwarf4_block_layout_in_place(tmp_path_factory):
     """Blocks reordered inside functions that keep their places (code growing
     into the fill after a function, cold parts in free room of .text)."""

@@ -231,6 +231,46 @@ def test_binrpm_pkg_ships_the_optimized_kernel(bolt612, profile612, tmp_path):
         optimized(tree, image)
 
 
+def test_bindeb_pkg_dbg_package_carries_true_dwarf(tmp_path):
+    """A kernel built with DEBUG_INFO (6.1, DWARF 4): the -dbg package's vmlinux
+    is the optimized one, DWARF true for the new layout (verify --debug against
+    the linker's vmlinux), and its build-id is the one of the kernel the image
+    package boots, so perf, crash and debuginfod pair them."""
+    from kbuild_bolt.elf.notes import build_id
+    from kbuild_bolt.kbuild.bzimage import vmlinux_from_bzimage
+    from kbuild_bolt.rewrite.verify_debug import verify_debug
+
+    tree = OverlayBuild("6.1-debug", tmp_path / "tree")
+    amap = tmp_path / "vmlinux.map"
+    # (a random layout needs no profile; functions and blocks move, split)
+    log = tree.make("CONFIG_BOLT=y", "BOLT_LAYOUT=random", "BOLT_FUNCTIONS=random", "BOLT_SPLIT=y",
+                    f"BOLT_FLAGS=--seed=5 --address-map={amap}", "KDEB_COMPRESS=none",
+                    "bindeb-pkg").stdout
+    assert BOLT_LINE.search(log), log[-3000:]
+    debs = tree.new_files("linux-image-*.deb")
+    dbg = [d for d in debs if "-dbg" in d.name]
+    image = [d for d in debs if "-dbg" not in d.name]
+    assert len(dbg) == 1 and len(image) == 1, debs
+    release = tree.kernel.release
+    root = tmp_path / "deb"
+    for deb in debs:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    shipped = root / "usr/lib/debug/lib/modules" / release / "vmlinux"
+    assert shipped.read_bytes() == tree.path("vmlinux").read_bytes()
+    linked = tree.path("vmlinux.pre-bolt")
+    with ElfImage(shipped) as ours, ElfImage(linked) as theirs:
+        assert ours.section(".debug_info").size > 10 << 20      # DWARF kept, not stripped
+        ours_id, linked_id = build_id(ours), build_id(theirs)
+    assert ours_id.value != linked_id.value
+    inner = tmp_path / "inner"
+    inner.write_bytes(vmlinux_from_bzimage(root / "boot" / f"vmlinuz-{release}"))
+    with ElfImage(inner) as booted:
+        assert build_id(booted).value == ours_id.value
+    assert code_differences(root / "boot" / f"vmlinuz-{release}", shipped) == []
+    report = verify_debug(str(shipped), str(linked), str(amap), sample=20000, seed=2)
+    assert report.ok and report.checked > 15000, report.summary()
+
+
 def test_missing_profile_stops_the_build_before_linking(bolt612, tmp_path):
     tree, _, _ = bolt612
     proc = tree.make("CONFIG_BOLT=y", f"BOLT_PROFILE={tmp_path}/nope.kbb", "vmlinux", check=False)
