@@ -231,22 +231,55 @@ def test_binrpm_pkg_ships_the_optimized_kernel(bolt612, profile612, tmp_path):
         optimized(tree, image)
 
 
-def test_bindeb_pkg_dbg_package_carries_true_dwarf(tmp_path):
-    """A kernel built with DEBUG_INFO (6.1, DWARF 4): the -dbg package's vmlinux
-    is the optimized one, DWARF true for the new layout (verify --debug against
-    the linker's vmlinux), and its build-id is the one of the kernel the image
-    package boots, so perf, crash and debuginfod pair them."""
-    from kbuild_bolt.elf.notes import build_id
-    from kbuild_bolt.kbuild.bzimage import vmlinux_from_bzimage
-    from kbuild_bolt.rewrite.verify_debug import verify_debug
-
-    tree = OverlayBuild("6.1-debug", tmp_path / "tree")
-    amap = tmp_path / "vmlinux.map"
-    # (a random layout needs no profile; functions and blocks move, split)
+@pytest.fixture(scope="module")
+def debug61(tmp_path_factory):
+    """The 6.1 tree built with DEBUG_INFO (DWARF 4), packaged with bindeb-pkg: a
+    random layout (no profile needed; functions and blocks move, split)."""
+    scratch = tmp_path_factory.mktemp("debug61")
+    tree = OverlayBuild("6.1-debug", scratch / "tree")
+    amap = scratch / "vmlinux.map"
     log = tree.make("CONFIG_BOLT=y", "BOLT_LAYOUT=random", "BOLT_FUNCTIONS=random", "BOLT_SPLIT=y",
                     f"BOLT_FLAGS=--seed=5 --address-map={amap}", "KDEB_COMPRESS=none",
                     "bindeb-pkg").stdout
     assert BOLT_LINE.search(log), log[-3000:]
+    return tree, amap
+
+
+def _booted_build_id(image: Path, tmp_path: Path) -> bytes:
+    """The build-id of the kernel inside a bzImage / vmlinuz (the one
+    /sys/kernel/notes shows once it runs)."""
+    from kbuild_bolt.elf.notes import build_id
+    from kbuild_bolt.kbuild.bzimage import vmlinux_from_bzimage
+
+    inner = tmp_path / "inner"
+    inner.write_bytes(vmlinux_from_bzimage(image))
+    with ElfImage(inner) as booted:
+        return build_id(booted).value
+
+
+def _true_debug_file(debug_file: Path, tree: OverlayBuild, amap: Path, booted_id: bytes) -> None:
+    """``debug_file`` (a whole vmlinux or a separate .debug file) describes the
+    optimized kernel: DWARF verified against the linker's vmlinux, and the
+    build-id the booted kernel's, not the linker's."""
+    from kbuild_bolt.elf.notes import build_id
+    from kbuild_bolt.rewrite.verify_debug import verify_debug
+
+    linked = tree.path("vmlinux.pre-bolt")
+    with ElfImage(debug_file) as ours, ElfImage(linked) as theirs:
+        assert ours.section(".debug_info").size > 10 << 20      # DWARF kept, not stripped
+        assert build_id(ours).value == booted_id != build_id(theirs).value
+    report = verify_debug(str(debug_file), str(linked), str(amap), sample=20000, seed=2)
+    assert report.ok and report.checked > 15000, report.summary()
+    # (a separate .debug file has no ORC bytes to hold .debug_frame against)
+    assert bool(report.orc_skipped) == debug_file.name.endswith(".debug"), report.summary()
+    assert report.orc_skipped or report.orc_checked > 10000, report.summary()
+
+
+def test_bindeb_pkg_dbg_package_carries_true_dwarf(debug61, tmp_path):
+    """A kernel built with DEBUG_INFO: the -dbg package's vmlinux is the optimized
+    one, DWARF true for the new layout, and its build-id is the one of the kernel
+    the image package boots, so perf, crash and debuginfod pair them."""
+    tree, amap = debug61
     debs = tree.new_files("linux-image-*.deb")
     dbg = [d for d in debs if "-dbg" in d.name]
     image = [d for d in debs if "-dbg" not in d.name]
@@ -257,18 +290,63 @@ def test_bindeb_pkg_dbg_package_carries_true_dwarf(tmp_path):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     shipped = root / "usr/lib/debug/lib/modules" / release / "vmlinux"
     assert shipped.read_bytes() == tree.path("vmlinux").read_bytes()
-    linked = tree.path("vmlinux.pre-bolt")
-    with ElfImage(shipped) as ours, ElfImage(linked) as theirs:
-        assert ours.section(".debug_info").size > 10 << 20      # DWARF kept, not stripped
-        ours_id, linked_id = build_id(ours), build_id(theirs)
-    assert ours_id.value != linked_id.value
-    inner = tmp_path / "inner"
-    inner.write_bytes(vmlinux_from_bzimage(root / "boot" / f"vmlinuz-{release}"))
-    with ElfImage(inner) as booted:
-        assert build_id(booted).value == ours_id.value
-    assert code_differences(root / "boot" / f"vmlinuz-{release}", shipped) == []
-    report = verify_debug(str(shipped), str(linked), str(amap), sample=20000, seed=2)
-    assert report.ok and report.checked > 15000, report.summary()
+    vmlinuz = root / "boot" / f"vmlinuz-{release}"
+    assert code_differences(vmlinuz, shipped) == []
+    _true_debug_file(shipped, tree, amap, _booted_build_id(vmlinuz, tmp_path))
+
+
+# A distro-style spec (as Fedora's kernel.spec does it): rpm's own debuginfo
+# machinery (find-debuginfo: debugedit, eu-strip) splits the vmlinux, keeping the
+# kernel's build-id (not recomputed: the bzImage already carries it).
+DEBUGINFO_SPEC = """\
+%global _enable_debug_packages 1
+%global _no_recompute_build_ids 1
+%undefine _unique_build_ids
+%global __spec_install_post %{__debug_install_post}
+Name: kernel-bolt-lab
+Version: 1
+Release: 1
+Summary: optimized lab kernel
+License: GPL-2.0
+%description
+The optimized kernel.
+%package debuginfo
+Summary: Debug information for the optimized kernel
+%description debuginfo
+DWARF of the optimized kernel.
+%install
+install -D -m 644 %{image} %{buildroot}/lib/modules/%{kver}/vmlinuz
+install -D -m 755 %{vmlinux} %{buildroot}/lib/modules/%{kver}/vmlinux
+%files
+/lib/modules/%{kver}
+%files debuginfo
+/usr/lib/debug/lib/modules/%{kver}
+"""
+
+
+def test_rpm_debuginfo_package_carries_true_dwarf(debug61, tmp_path):
+    """The same kernel through rpmbuild's find-debuginfo (upstream binrpm-pkg
+    makes no debuginfo package in 6.1 or 6.12; distro specs do): the debuginfo
+    package's .debug file keeps the optimized kernel's true DWARF and build-id."""
+    if shutil.which("find-debuginfo") is None or shutil.which("eu-strip") is None:
+        pytest.fail("find-debuginfo / eu-strip missing: scripts/setup installs rpm and elfutils")
+    tree, amap = debug61
+    spec = tmp_path / "kernel.spec"
+    spec.write_text(DEBUGINFO_SPEC)
+    release = tree.kernel.release
+    bzimage = tree.path("arch/x86/boot/bzImage")
+    proc = subprocess.run(["rpmbuild", "-bb", "--define", f"_topdir {tmp_path / 'top'}",
+                           "--define", f"vmlinux {tree.path('vmlinux')}",
+                           "--define", f"image {bzimage}", "--define", f"kver {release}",
+                           str(spec)], capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    root = tmp_path / "root"
+    root.mkdir()
+    for rpm in (tmp_path / "top" / "RPMS").rglob("*.rpm"):
+        subprocess.run(f"rpm2cpio {rpm} | cpio -idm --quiet", shell=True, cwd=root, check=True)
+    debug_files = list((root / "usr/lib/debug/lib/modules" / release).glob("vmlinux*.debug"))
+    assert len(debug_files) == 1, sorted(root.rglob("*"))
+    _true_debug_file(debug_files[0], tree, amap, _booted_build_id(bzimage, tmp_path))
 
 
 def test_missing_profile_stops_the_build_before_linking(bolt612, tmp_path):
