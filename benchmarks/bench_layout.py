@@ -65,12 +65,14 @@ def main() -> int:
     parser.add_argument("--flavor", default="6.12-regular")
     parser.add_argument("--workload", action="append")
     parser.add_argument("--keep", help="keep the kernels and profiles here")
+    parser.add_argument("--no-bolt", action="store_true",
+                        help="kbuild-bolt only (its prediction against its measurement)")
     args = parser.parse_args()
     workloads = args.workload or ["files", "server"]
     kernel = lab_kernel(args.flavor)
     work = Path(args.keep or tempfile.mkdtemp(prefix="kbb-bench-layout-"))
     work.mkdir(parents=True, exist_ok=True)
-    bolt = shutil.which("llvm-bolt-22")
+    bolt = None if args.no_bolt else shutil.which("llvm-bolt-22")
     rows = []
     for workload in workloads:
         print(f"== {args.flavor} / {workload}", flush=True)
@@ -94,8 +96,12 @@ def main() -> int:
             reorder_blocks="ext-tsp", profile=profile, progress=False, dyno_stats=True))
         rewrite_s = time.perf_counter() - t0
         ours_boot = boot(ours_out, kernel.initramfs, workload=workload, iterations=3, kaslr=False)
-        ours_after, _ = measure(ours_out, kernel.initramfs, workload)
-        predicted = result.dyno[1]["ALL_TAKEN"] / result.dyno[0]["ALL_TAKEN"] - 1
+        ours_after, after_profile = measure(ours_out, kernel.initramfs, workload)
+        if args.keep:
+            from kbuild_bolt.profile.model import write_profile
+            write_profile(profile, work / f"before-{workload}.kbb")
+            write_profile(after_profile, work / f"ours-{workload}.kbb")
+        predicted = result.predicted_taken_change()
         row = {
             "workload": workload, "before": before["taken_branches"],
             "ours": ours_after["taken_branches"], "ours_pred": predicted,

@@ -119,6 +119,7 @@ def rewrite_options(args):
         reorder_functions=args.reorder_functions, split_functions=args.split_functions,
         strip_debug=getattr(args, "strip_debug", False),
         address_map=getattr(args, "address_map", None),
+        reverse_static_keys=getattr(args, "reverse_static_keys", True),
     )
 
 
@@ -232,6 +233,10 @@ def add_rewrite_arguments(p) -> None:
                    help="do not verify the output before writing it")
     p.add_argument("--strip-debug", action="store_true",
                    help="empty the debug sections instead of updating their DWARF")
+    p.add_argument("--no-reverse-static-keys", dest="reverse_static_keys",
+                   action="store_false",
+                   help="keep every static-key site's branch sense (by default a site the "
+                        "profile saw jump is reversed where its jump side follows it)")
     p.add_argument("--address-map", metavar="FILE",
                    help="write where old code is now (for verify --debug and profiles of the "
                         "optimized kernel)")
@@ -352,7 +357,8 @@ def cmd_profile(args) -> int:
 def cmd_dyno(args) -> int:
     from kbuild_bolt.layout.exttsp import ProfileLayout
     from kbuild_bolt.profile.formats import resolve_profile
-    from kbuild_bolt.profile.dyno import MemoryCounter, dyno_stats, format_comparison
+    from kbuild_bolt.profile.dyno import (MemoryCounter, dyno_stats, format_comparison,
+                                          mostly_jumping, whole_run_taken)
 
     model, cfg = _model_and_cfg(args.vmlinux)
     profile = resolve_profile(args.profile, model, cfg)
@@ -363,8 +369,11 @@ def cmd_dyno(args) -> int:
     for row in sorted(layout.hot_rows):
         if row >= 0 and cfg.func_reason[row] == 0:
             orders[row] = layout.order(row, list(cfg.blocks_of(row)))
-    after = dyno_stats(model, cfg, layout.profile, orders=orders, memory=memory)
-    print(format_comparison(before, after, "as built", "ext-tsp (predicted)"))
+    reverse = mostly_jumping(model, layout.profile)
+    after = dyno_stats(model, cfg, layout.profile, orders=orders, memory=memory,
+                       reverse_sites=False if reverse is None else reverse)
+    print(format_comparison(before, after, "as built", "ext-tsp (predicted)",
+                            whole_run=whole_run_taken(model, layout.profile, before, after)))
     return 0
 
 
@@ -504,8 +513,10 @@ def lab_demo(args) -> int:
         after = measured_taken_branches(model, attach(model, after_profile))
         after.update(footprint(model, after_profile))
         cut = 100 * (1 - after["taken_branches"] / max(1, before["taken_branches"]))
+        predicted = res.predicted_taken_change()
         print(f"  taken jmp/jcc in the {workload} workload: {before['taken_branches']:,} -> "
-              f"{after['taken_branches']:,} ({cut:.1f}% fewer, measured)")
+              f"{after['taken_branches']:,} ({cut:.1f}% fewer, measured"
+              + (f"; {-100 * predicted:.1f}% predicted" if predicted is not None else "") + ")")
         for key, what in (("pages99", "4-KiB pages holding 99% of instruction fetches"),
                           ("lines90", "64-byte lines holding 90% of instruction fetches")):
             print(f"  {what}: {before[key]:,} -> {after[key]:,} "

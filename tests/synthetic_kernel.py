@@ -77,7 +77,9 @@ quirk: ret
     .globl counter, pv_ops, foo_key
 counter: .long 0
 pv_ops: .quad 0, 0
-foo_key: .quad 0
+# (enabled, as STATIC_KEY_INIT_TRUE: the jmp site with branch bit 0 and the nop
+# site with branch bit 1 are the forms that state selects)
+foo_key: .long 1, 0
 sc_key: .quad 0
 
     .section __ksymtab_strings, "a"

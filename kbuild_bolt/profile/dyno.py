@@ -73,10 +73,24 @@ class MemoryCounter:
         return loads, stores
 
 
+def mostly_jumping(model, code_profile) -> np.ndarray | None:
+    """Per instruction: the profile saw it jump more often than not (for a
+    static-key site: its key was mostly enabled). None for sampled profiles,
+    which cannot tell."""
+    if code_profile.sampled or not len(code_profile.taken_src):
+        return None
+    jumped = np.zeros(len(model.insns.addr), np.int64)
+    np.add.at(jumped, code_profile.taken_src, code_profile.taken_count)
+    return 2 * jumped > code_profile.insn_count
+
+
 def dyno_stats(model, cfg, code_profile, orders: dict | None = None,
-               rows=None, memory: MemoryCounter | None = None) -> dict[str, int]:
+               rows=None, memory: MemoryCounter | None = None,
+               reverse_sites: bool | np.ndarray = False) -> dict[str, int]:
     """Dyno-stats for the functions ``rows`` (default: every function that ran),
-    in the block ``orders`` given per function (default: as built)."""
+    in the block ``orders`` given per function (default: as built).
+    ``reverse_sites``: static-key sites (all, or a mask per instruction) that the
+    rewrite reverses where their jump side follows them."""
     from kbuild_bolt.profile.attach import function_edges
 
     insns = model.insns
@@ -86,6 +100,7 @@ def dyno_stats(model, cfg, code_profile, orders: dict | None = None,
         rows = sorted(set(cfg.block_func[counts_all > 0].tolist()))
     memory = memory or MemoryCounter(model)
     orders = orders or {}
+    runtime = RuntimeJumps(model, code_profile)
     for row in rows:
         blocks = list(cfg.blocks_of(row))
         if not blocks:
@@ -108,7 +123,8 @@ def dyno_stats(model, cfg, code_profile, orders: dict | None = None,
             flows = insns.flow[i0:i1]
             calls = int(np.count_nonzero(np.isin(flows, (x86.CALL, x86.IND_CALL))))
             stats["FUNCTION_CALLS"] += c * calls
-            stats["INDIRECT_CALLS"] += c * int(np.count_nonzero(flows == x86.IND_CALL))
+            stats["INDIRECT_CALLS"] += (c * int(np.count_nonzero(flows == x86.IND_CALL))
+                                        + runtime.indirect_calls(i0, i1))
             fall, taken = None, None
             for dst, kind in cfg.successors(b):
                 if kind == FALLTHROUGH:
@@ -149,10 +165,19 @@ def dyno_stats(model, cfg, code_profile, orders: dict | None = None,
                     stats["UNCOND_BRANCHES"] += w_fall
                 continue
             if f == x86.JMP:  # tail call / jump out of the function
-                stats["UNCOND_BRANCHES"] += c
+                jumped, indirect = runtime.jumps_out(term, c)
+                stats["UNCOND_BRANCHES"] += jumped
+                stats["UNKNOWN_INDIRECT_BRANCHES"] += indirect
                 continue
             if cfg.static_key_insn[term] and taken is not None:
                 w_taken = edges.get((b, taken), 0)
+                reversible = reverse_sites if np.ndim(reverse_sites) == 0 \
+                    else bool(reverse_sites[term])
+                if reversible and nxt == taken and fall is not None and fall != nxt:
+                    # reversed: the key's jump side falls through, the site jumps
+                    # to the old fall-through side instead
+                    stats["UNCOND_BRANCHES"] += w_fall
+                    continue
                 if w_taken:
                     stats["UNCOND_BRANCHES"] += w_taken  # patched into a jump at run time
             if fall is not None and nxt != fall and w_fall:
@@ -166,14 +191,90 @@ def dyno_stats(model, cfg, code_profile, orders: dict | None = None,
     return stats
 
 
+class RuntimeJumps:
+    """Jumps and calls as they ran, not as the file holds them. The kernel patches
+    some at boot for the CPU it runs on: a ``jmp __x86_return_thunk`` becomes
+    ``ret`` where the CPU needs no return thunk, a ``jmp``/``call
+    __x86_indirect_thunk_<reg>`` becomes ``jmp``/``call *%reg`` without
+    retpolines. An exact profile (QEMU, LBR) shows what each site did: a direct
+    jump it never saw reach its target did not run as that jump. Sampled
+    profiles show no transfers: the file's view is kept for them."""
+
+    def __init__(self, model, code_profile):
+        self.exact = not code_profile.sampled and len(code_profile.taken_src) > 0
+        if not self.exact:
+            return
+        insns = model.insns
+        src, dst, count = code_profile.taken_src, code_profile.taken_dst, code_profile.taken_count
+        to_target = dst == insns.ref[src]
+        self.jumped = _counts_by(src[to_target], count[to_target])
+        self.return_sites = _sites(model, ".return_sites")
+        self.retpoline_sites = _sites(model, ".retpoline_sites")
+        self.addr = insns.addr
+        self.called_elsewhere = {}
+        if code_profile.call_src is not None and len(code_profile.call_src):
+            cs, cd = code_profile.call_src, code_profile.call_dst
+            elsewhere = (insns.flow[cs] == x86.CALL) & (cd != insns.ref[cs])
+            self.called_elsewhere = _counts_by(cs[elsewhere], code_profile.call_count[elsewhere])
+
+    def jumps_out(self, term: int, executed: int) -> tuple[int, int]:
+        """(times a jump out of its function ran as that jump, times it ran as an
+        indirect jump) of ``executed`` runs."""
+        if not self.exact:
+            return executed, 0
+        jumped = min(self.jumped.get(term, 0), executed)
+        rest = executed - jumped
+        if rest and int(self.addr[term]) in self.retpoline_sites:
+            return jumped, rest
+        # (the rest ran as a return, or was patched into something else: no jump)
+        return jumped, 0
+
+    def indirect_calls(self, i0: int, i1: int) -> int:
+        """Direct calls in the file (of a retpoline thunk) that ran as indirect calls."""
+        if not self.exact or not self.called_elsewhere:
+            return 0
+        return sum(self.called_elsewhere.get(i, 0) for i in range(i0, i1)
+                   if int(self.addr[i]) in self.retpoline_sites)
+
+
+def _counts_by(index: np.ndarray, count: np.ndarray) -> dict[int, int]:
+    keys, inverse = np.unique(index, return_inverse=True)
+    sums = np.bincount(inverse, weights=count, minlength=len(keys)).astype(np.int64)
+    return dict(zip(keys.tolist(), sums.tolist()))
+
+
+def _sites(model, table: str) -> set[int]:
+    t = model.tables.get(table)
+    return set(t.targets("site").tolist()) if t is not None else set()
+
+
 def format_comparison(before: dict, after: dict, title_before="before",
-                      title_after="after") -> str:
+                      title_after="after", whole_run: tuple | None = None) -> str:
     lines = [f"{'':>14}  {title_before:>14}  {title_after:>14}   change   (dyno-stats)"]
     for key, label in ROWS.items():
         a, b = before[key], after[key]
         change = f"{100.0 * (b - a) / a:+.1f}%" if a else "   n/a"
         lines.append(f"{a:>14,}  {b:>14,}  {change:>7}   {label}")
+    if whole_run:
+        a, b = whole_run
+        lines.append(f"{a:>14,}  {b:>14,}  {100.0 * (b - a) / a:+6.1f}%   taken jmp/jcc of the "
+                     f"whole run (the profile's own count, and the predicted change added)")
     return "\n".join(lines)
+
+
+def whole_run_taken(model, code_profile, before: dict, after: dict) -> tuple[int, int] | None:
+    """(taken jmp/jcc the profile itself counts, that count after the layout): the
+    measurement the kernel will give, predicted. dyno-stats cover the functions
+    they model; what they do not (code outside functions, functions left as
+    they are, indirect jumps, sites patched into jumps at boot) the layout does
+    not change, so the predicted change applies to the profile's whole count.
+    None for sampled profiles (no taken branches to count)."""
+    if code_profile.sampled or not len(code_profile.taken_src):
+        return None
+    base = measured_taken_branches(model, code_profile)["taken_branches"]
+    if not base:
+        return None
+    return base, max(0, base + after["ALL_TAKEN"] - before["ALL_TAKEN"])
 
 
 def measured_taken_branches(model, code_profile) -> dict[str, int]:

@@ -81,16 +81,17 @@ def parse_plugin_output(path) -> Profile:
 
 def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = True,
                timeout: float = 600, smp: int = 1, memory: str = "512M",
-               tolerate_warnings: bool = False) -> tuple[Profile, object]:
+               tolerate_warnings: bool = False, append: str = "") -> tuple[Profile, object]:
     """Boot once with the plugin; returns (profile in vmlinux addresses, boot result).
 
     ``tolerate_warnings``: profile a kernel that warns but runs the workload to
-    the end (to measure a broken peer's output, e.g. BOLT's)."""
+    the end (to measure a broken peer's output, e.g. BOLT's). ``append``: more
+    kernel command line (``kbb.events=1``: trace events on during the workload)."""
     plugin = plugin_path()
     with tempfile.TemporaryDirectory(prefix="kbuild-bolt-profile-") as tmp:
         out = os.path.join(tmp, "tb.txt")
         result = boot(kernel, initrd, workload=workload, iterations=iterations, kaslr=kaslr,
-                      timeout=timeout, smp=smp, memory=memory,
+                      timeout=timeout, smp=smp, memory=memory, append=append,
                       extra_qemu=["-plugin", f"{plugin},out={out}", *ICOUNT])
         warned_only = (not result.timed_out and not result.missing and result.markers
                        and all(p.kind in ("warning", "return-thunk") for p in result.problems))
@@ -108,7 +109,7 @@ def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = Tru
 
 def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] = (2, 12),
            kaslr: bool = True, timeout: float = 600, smp: int = 1, log=None,
-           tolerate_warnings: bool = False) -> Profile:
+           tolerate_warnings: bool = False, append: str = "") -> Profile:
     """The workload's profile: a long run minus a short one (boot cancels out)."""
     short_n, long_n = iterations
     if long_n <= short_n:
@@ -116,11 +117,11 @@ def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] 
     if log:
         log(f"profiling {workload}: {short_n} iterations")
     short, _ = record_run(kernel, initrd, workload, short_n, kaslr, timeout, smp,
-                          tolerate_warnings=tolerate_warnings)
+                          tolerate_warnings=tolerate_warnings, append=append)
     if log:
         log(f"profiling {workload}: {long_n} iterations")
     long, _ = record_run(kernel, initrd, workload, long_n, kaslr, timeout, smp,
-                         tolerate_warnings=tolerate_warnings)
+                         tolerate_warnings=tolerate_warnings, append=append)
     profile = combine([long, short], [1.0, -1.0])
     profile.source = f"qemu:{workload}:{long_n - short_n}"
     return profile

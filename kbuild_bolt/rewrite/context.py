@@ -35,6 +35,10 @@ class RewriteOptions:
     # With a profile, blocks stay hot when they hold the fetches up to this share
     # of all (1.0: every block that ran at all).
     split_share: float = 1.0
+    # A static-key site whose jump side the layout puts right after it is
+    # reversed: that side falls through, the site jumps to the other one, and
+    # its __jump_table entry flips its branch sense (and so its initial form).
+    reverse_static_keys: bool = True
 
     @property
     def moves_functions(self) -> bool:
@@ -64,6 +68,9 @@ class RewriteResult:
     text_coverage: float = 0.0
     profile_used: float | None = None
     dyno: tuple | None = None   # (before, after) predicted dyno-stats
+    # (taken jmp/jcc the profile counts, predicted after): what measuring will show
+    taken_prediction: tuple | None = None
+    static_keys_reversed: int = 0   # static-key sites whose branch sense was flipped
     orc_entries: tuple = (0, 0)
     verify_summary: str = ""
     fragments: int = 0
@@ -82,6 +89,17 @@ class RewriteResult:
             self.left_alone[reason] += len(names)
             self.examples.setdefault(reason, names[0])
 
+    def predicted_taken_change(self) -> float | None:
+        """The predicted relative change of taken jmp/jcc: of the whole run where
+        the profile counts them (what measuring the new kernel shows), else of
+        the functions dyno-stats model."""
+        if self.taken_prediction:
+            before, after = self.taken_prediction
+            return after / before - 1
+        if self.dyno and self.dyno[0].get("ALL_TAKEN"):
+            return self.dyno[1]["ALL_TAKEN"] / self.dyno[0]["ALL_TAKEN"] - 1
+        return None
+
     def brief(self) -> str:
         """One line for build logs (``kbuild-bolt rewrite -q``)."""
         parts = [f"{self.rewritten:,} functions rewritten",
@@ -90,15 +108,15 @@ class RewriteResult:
             parts.append(f"{self.moved_functions:,} placed anew, {self.fragments:,} cold parts")
         if self.unnamed:
             parts.append(f"{self.unnamed:,} cold parts unnamed in kallsyms (no room)")
+        if self.static_keys_reversed:
+            parts.append(f"{self.static_keys_reversed:,} static-key sites reversed")
         if self.sympos_changed:
             parts.append(f"livepatch sympos changed for {len(self.sympos_changed)} names")
         if self.profile_used is not None:
             parts.append(f"profile {100 * self.profile_used:.1f}% used")
-        if self.dyno:
-            before, after = self.dyno
-            if before.get("ALL_TAKEN"):
-                change = 100 * (after["ALL_TAKEN"] / before["ALL_TAKEN"] - 1)
-                parts.append(f"taken branches {change:+.1f}% (predicted)")
+        change = self.predicted_taken_change()
+        if change is not None:
+            parts.append(f"taken branches {100 * change:+.1f}% (predicted)")
         if self.stripped:
             parts.append("debug info removed")
         parts.append(self.verify_summary.splitlines()[0].replace(":", "", 1)
@@ -156,7 +174,8 @@ class RewriteResult:
             lines.append(self.verify_summary)
         if self.dyno:
             from kbuild_bolt.profile.dyno import format_comparison
-            lines.append(format_comparison(*self.dyno, "before", "after (predicted)"))
+            lines.append(format_comparison(*self.dyno, "before", "after (predicted)",
+                                           whole_run=self.taken_prediction))
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 

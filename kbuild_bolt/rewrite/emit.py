@@ -24,7 +24,7 @@ Python work per block. The result is an :class:`Emission`.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -97,7 +97,11 @@ def table_sites(model) -> np.ndarray:
 class BlockTable:
     """Per-block facts emission needs, for all blocks at once (numpy columns)."""
 
-    def __init__(self, model, cfg, is_site: np.ndarray, fill: np.ndarray):
+    def __init__(self, model, cfg, is_site: np.ndarray, fill: np.ndarray,
+                 reverse_sites: bool | np.ndarray = False):
+        """``reverse_sites``: static-key sites (all, or a mask per instruction) that
+        are reversed when their jump side is laid out right behind them (see
+        _build_items)."""
         insns = model.insns
         nb = len(cfg.block_first)
         first, end, term = cfg.block_first, cfg.block_end, cfg.block_term
@@ -175,13 +179,15 @@ class BlockTable:
         self.fall, self.taken, self.t_block = fall, taken, t_block
         self.target, self.cc, self.site_jmp = target, cc.astype(np.int64), is_jmp
         self.site_target = site_target
+        may = np.asarray(reverse_sites)
+        self.may_reverse = (np.full(nb, bool(may)) if may.ndim == 0 else may[term]) & static_key
         start = insns.addr[first]
         self.whole = (ends[end - 1] - start).astype(np.int64)
         self.body = (insns.addr[term] - start).astype(np.int64)
         self.tail = (ends[end - 1] - ends[term]).astype(np.int64)
 
     _COLUMNS = ("kind", "first", "end", "term", "fall", "taken", "t_block", "target", "cc",
-                "site_jmp", "site_target", "whole", "body", "tail", "droppable")
+                "site_jmp", "site_target", "whole", "body", "tail", "droppable", "may_reverse")
 
     def with_runs(self, model, first: np.ndarray, end: np.ndarray) -> tuple["BlockTable", int]:
         """This table and, after its blocks, one pseudo-block per run of instructions
@@ -198,6 +204,7 @@ class BlockTable:
             "whole": (insns.end[end - 1] - insns.addr[first]).astype(np.int64),
             "body": (insns.addr[end - 1] - insns.addr[first]).astype(np.int64),
             "tail": np.zeros(n, np.int64), "droppable": np.zeros(n, bool),
+            "may_reverse": np.zeros(n, bool),
         }
         out = BlockTable.__new__(BlockTable)
         base = len(self.kind)
@@ -231,6 +238,9 @@ class _Items:
     first_item: np.ndarray  # per position: its first item (or the next one's, when empty)
     lay: np.ndarray         # per position: its block
     lay_f: np.ndarray       # per position: its function
+    # Static-key sites reversed: (function, site instruction, instruction the site
+    # now jumps to: the first of its old fall-through block), one row each.
+    flipped: np.ndarray | None = None
     # Branches to another function that moved: the item the target is in now and
     # the offset into it (dest_item then points there; 0 for everything else).
     dest_off: np.ndarray | None = None
@@ -282,6 +292,13 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     if site_addr.any():
         site_addr[site_addr] = ~moved_interior(site_target[site_addr])
     error[site & ~site_block & ~site_addr] = STATIC_KEY_TARGET
+    # A site whose jump side follows it is reversed: the kernel would otherwise
+    # jump to the very next instruction whenever the key selects that side. Now
+    # that side falls through and the site jumps to the old fall-through block;
+    # its entry's branch bit flips, and with it the form (jmp/nop) the key's
+    # initial state selects, so the site's bytes flip too.
+    flip = (site & site_block & (taken == nxt) & (fall >= 0) & (fall != nxt)
+            & bt.may_reverse[b])
     elide = is_jmp & (tb >= 0) & (tb == nxt)
     error[is_jcc & (fall < 0)] = JCC_WITHOUT_FALLTHROUGH
     jcc_keep = is_jcc & (fall >= 0) & (fall == nxt)              # taken side stays taken
@@ -292,7 +309,7 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     s0 = plain | ((unit_nop | branch_end) & (i0 < term))
     s1 = unit_nop | site | (is_jmp & ~elide) | is_jcc
     s2 = ((is_jmp & ~elide) | is_jcc | site) & (term + 1 < i1)
-    fall_left = np.where(unit_nop | is_jmp | jcc_keep | jcc_flip, -1, fall)
+    fall_left = np.where(unit_nop | is_jmp | jcc_keep | jcc_flip | flip, -1, fall)
     s3 = (fall_left >= 0) & (fall_left != nxt)
     present = np.stack([s0, s1, s2, s3], axis=1)
     counts = present.sum(axis=1)
@@ -317,12 +334,12 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     ccs = column(np.int8, 0, np.where(jcc_flip, bt.cc[b] ^ 1, bt.cc[b]), 0, 0)
     to_block = column(bool, False, np.where(site, site_block, jcc_flip | (tb >= 0)) & ~unit_nop,
                       False, True)
-    blocks = column(np.int64, -1, np.where(site, taken, np.where(jcc_flip, fall, tb)), -1,
-                    fall_left)
+    blocks = column(np.int64, -1, np.where(site, np.where(flip, fall, taken),
+                                           np.where(jcc_flip, fall, tb)), -1, fall_left)
     dest_addr = column(np.uint64, 0, np.where(site, site_target, bt.target[b]), 0, 0)
     origins = column(np.int64, -1, term, -1, -1)
     states = column(np.int64, -1, term, -1, bt.first[np.maximum(fall_left, 0)])
-    site_jmps = column(bool, False, bt.site_jmp[b], False, False)
+    site_jmps = column(bool, False, bt.site_jmp[b] ^ flip, False, False)
     # Branches to a block land on that block's first item.
     pos_of_block = np.full(len(bt.kind), -1, np.int64)
     pos_of_block[lay] = np.arange(npos)
@@ -342,7 +359,9 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
                   origin=origins, state=states, site_jmp=site_jmps,
                   error=error, elided=elide, elided_to=elided_to,
                   dropped=np.where(elide, whole - body, 0), inserted=s3,
-                  first_item=first_item, lay=lay, lay_f=lay_f)
+                  first_item=first_item, lay=lay, lay_f=lay_f,
+                  flipped=np.stack([lay_f[flip], term[flip], bt.first[fall[flip]]],
+                                   axis=1).astype(np.int64))
 
 
 def _relax(items: _Items, part_base: np.ndarray) -> np.ndarray:
@@ -414,6 +433,9 @@ class Emission:
     code_base: np.ndarray | None = None
     free: np.ndarray | None = None      # (n, 2) uint64 [lo, hi)
     fallback: int = 0                   # functions placed in their original order (no room)
+    # Static-key sites reversed: (function index, site instruction, instruction it
+    # now jumps to), see _build_items.
+    flipped: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -501,7 +523,8 @@ class Emission:
             new_addr=new_addr,
             deferred=(index[d[0][dk]],) + tuple(x[dk] for x in d[1:]),
             extent=None if self.extent is None else self.extent[keep],
-            code_base=None if self.code_base is None else self.code_base[keep], free=self.free)
+            code_base=None if self.code_base is None else self.code_base[keep], free=self.free,
+            flipped=_kept_rows(self.flipped, keep, index))
 
 
 @dataclass
@@ -1255,8 +1278,16 @@ def _emission(plan: _Plan, items: _Items, addr, copied: _Copied, code, item_off,
                                                        minlength=nf)).astype(np.int64),
         item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
         item_base=copied.base, item_state=items.state, item_origin=items.origin,
-        new_addr=new_addr, deferred=deferred,
+        new_addr=new_addr, deferred=deferred, flipped=items.flipped,
         **placed)
+
+
+def _kept_rows(rows: np.ndarray, keep: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Rows (function index first) of the kept functions, renumbered."""
+    mine = keep[rows[:, 0]]
+    out = rows[mine].copy()
+    out[:, 0] = index[out[:, 0]]
+    return out
 
 
 def _raise_failures(model, plan: _Plan) -> None:

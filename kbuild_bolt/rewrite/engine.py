@@ -264,7 +264,8 @@ def emit(ctx: RewriteContext) -> None:
         at = np.maximum(i, 0)
         return (i >= 0) & (cand_start[at] < addrs) & (addrs < cand_end[at])
 
-    block_table = BlockTable(model, cfg, table_sites(model), fill_insn)
+    block_table = BlockTable(model, cfg, table_sites(model), fill_insn,
+                             reverse_sites=reversible_sites(ctx))
     holes = find_holes(model) if ctx.options.split else []
     result.free_room = sum(b - a for a, b in holes)
     ctx.say(f"laying out {len(ctx.orders):,} functions ({ctx.options.reorder_blocks})")
@@ -281,6 +282,22 @@ def emit(ctx: RewriteContext) -> None:
     ctx.emission = emission
 
 
+def reversible_sites(ctx: RewriteContext) -> bool | np.ndarray:
+    """The static-key sites that may be reversed where the layout puts their jump
+    side right behind them: with a profile, those it saw jump more often than not
+    (their key was mostly enabled: where it did not, a cold site's order says
+    nothing); with an order made without one (random, reverse: proving the
+    fixups), every site."""
+    if not ctx.options.reverse_static_keys:
+        return False
+    if ctx.profile_layout is None:
+        return True
+    from kbuild_bolt.profile.dyno import mostly_jumping
+
+    mask = mostly_jumping(ctx.model, ctx.profile_layout.profile)
+    return False if mask is None else mask
+
+
 def emit_moved(ctx: RewriteContext) -> None:
     """moves, orders, hot_len, rank -> emission of every function that moves, placed
     in its region. A function that finds no room, or cannot be laid out, stays
@@ -294,7 +311,8 @@ def emit_moved(ctx: RewriteContext) -> None:
     moves = ctx.moves
     fill_insn = alignment_fill(model, np.union1d(moves.rows, moves.in_place))
     ctx.slots = slot_ends(model, fill_insn)
-    block_table = BlockTable(model, cfg, table_sites(model), fill_insn)
+    block_table = BlockTable(model, cfg, table_sites(model), fill_insn,
+                             reverse_sites=reversible_sites(ctx))
     ctx.say(f"laying out {len(moves.rows):,} functions ({ctx.options.reorder_blocks} blocks, "
             f"{ctx.options.reorder_functions} functions"
             f"{', split' if ctx.options.split_functions else ''})")
@@ -354,14 +372,16 @@ def predict_dyno_stats(ctx: RewriteContext) -> None:
     """profile_layout, emission -> result.dyno (before, after)."""
     if ctx.profile_layout is None:
         raise KbbError("--dyno-stats needs a profile (--profile)")
-    from kbuild_bolt.profile.dyno import MemoryCounter, dyno_stats
+    from kbuild_bolt.profile.dyno import MemoryCounter, dyno_stats, whole_run_taken
 
     model, cfg, profile = ctx.model, ctx.cfg, ctx.profile_layout.profile
     memory = MemoryCounter(model)
     before = dyno_stats(model, cfg, profile, memory=memory)
     after = dyno_stats(model, cfg, profile, memory=memory,
-                       orders={row: ctx.orders[row] for row in ctx.emission.rows.tolist()})
+                       orders={row: ctx.orders[row] for row in ctx.emission.rows.tolist()},
+                       reverse_sites=reversible_sites(ctx))
     ctx.result.dyno = (before, after)
+    ctx.result.taken_prediction = whole_run_taken(model, profile, before, after)
 
 
 def fit_metadata(ctx: RewriteContext) -> None:

@@ -163,6 +163,11 @@ class KernelTables(MetadataRewriter):
     def update(self, ctx, amap) -> None:
         result = ctx.result
         result.tables = table_update.update_entries(ctx.model, amap, ctx.output)
+        reversed_sites = table_update.reverse_static_keys(ctx.model, amap, ctx.output,
+                                                          ctx.emission.flipped)
+        if reversed_sites:
+            result.static_keys_reversed = reversed_sites
+            result.tables.setdefault("__jump_table", 0)
         result.relocations_changed += table_update.recompute_records(
             ctx.model, ctx.output, set(result.tables), ctx.symbol_values)
 

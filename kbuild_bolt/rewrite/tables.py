@@ -66,6 +66,35 @@ def update_entries(model, amap, out) -> dict[str, int]:
     return changed
 
 
+def reverse_static_keys(model, amap, out, flipped: np.ndarray) -> int:
+    """The ``__jump_table`` entries of reversed static-key sites (``flipped``: rows
+    of (function, site instruction, instruction it now jumps to)): their target
+    becomes where the site now jumps, and their branch bit flips (the form the
+    key's initial state selects flips with it, as the emitted site did).
+    Returns the entries changed."""
+    data = model.tables.get("__jump_table")
+    if data is None or not len(flipped):
+        return 0
+    insns = model.insns
+    new_target, ok = amap.translate(insns.addr[flipped[:, 2]])
+    if not ok.all():
+        raise KbbError("a reversed static-key site jumps to code that was dropped")
+    target_of = dict(zip(insns.addr[flipped[:, 1]].tolist(), new_target.tolist()))
+    codes = data.targets("code")
+    mine = np.flatnonzero(np.isin(codes, np.fromiter(target_of, np.uint64, len(target_of))))
+    if len(mine) != len(target_of):
+        raise KbbError(f"{len(target_of) - len(mine)} reversed static-key sites have no "
+                       "__jump_table entry")
+    rows = data.indices[mine]
+    entries = out.array(data.addr, data.layout.dtype, len(data.entries))
+    f = data.layout.field("target")
+    where = data.entry_address(rows) + np.uint64(f.offset)
+    new = np.array([target_of[int(c)] for c in codes[mine].tolist()], np.uint64)
+    entries["target"][rows] = (new - where).view(np.int64).astype(entries.dtype["target"])
+    entries["key"][rows] ^= np.array(1, entries.dtype["key"])
+    return len(rows)
+
+
 def sort_entries(data, entries) -> None:
     """Sort a table by one PC-relative field, as the kernel's sorttable does."""
     f = data.layout.field(data.spec.sorted_field)
@@ -146,4 +175,5 @@ def sorted_ranges(model) -> list[tuple[int, int]]:
     return out
 
 
-__all__ = ["update_entries", "recompute_records", "sorted_ranges", "base"]
+__all__ = ["update_entries", "reverse_static_keys", "recompute_records", "sorted_ranges",
+           "base"]

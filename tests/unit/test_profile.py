@@ -13,7 +13,7 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout.exttsp import edge_score, ext_tsp_order, _Layout
 from kbuild_bolt.profile import fdata, perf
 from kbuild_bolt.profile.attach import attach, function_edges
-from kbuild_bolt.profile.dyno import dyno_stats
+from kbuild_bolt.profile.dyno import RuntimeJumps, dyno_stats
 from kbuild_bolt.profile.formats import load_profile
 from kbuild_bolt.profile.model import Profile, combine, read_profile, write_profile
 from kbuild_bolt.profile.stale import adapt, shapes_for
@@ -201,6 +201,42 @@ def test_edge_score_weights():
     assert edge_score(10, 10 + 512, 1, True) == pytest.approx(0.05)
     assert edge_score(1000, 1000 - 640, 1, True) == 0.0
     assert edge_score(10, 5000, 1, True) == 0.0
+
+
+@needs_as
+def test_dyno_stats_count_jumps_as_they_ran(model):
+    """A ``jmp __x86_return_thunk`` patched into ``ret`` at boot (no return thunk
+    on the CPU) is no jump: an exact profile that never saw it reach the thunk
+    says so. A retpoline call that went elsewhere ran as an indirect call.
+    Sampled profiles keep the file's view."""
+    from kbuild_bolt.profile.attach import CodeProfile
+
+    m, _cfg = model
+    ret_site = int(m.tables[".return_sites"].targets("site")[0])
+    retpoline_site = int(m.tables[".retpoline_sites"].targets("site")[0])
+    i_ret, i_retpoline = (int(i) for i in m.insn_index(np.array([ret_site, retpoline_site],
+                                                                 np.uint64)))
+    thunk, callee = sym(m, "__x86_return_thunk"), sym(m, "startup_64")
+    key_site = int(m.insn_index(np.array([m.tables["__jump_table"].targets("code")[1]],
+                                         np.uint64))[0])
+
+    def profile(taken, sampled=False):
+        src, dst, count = zip(*taken) if taken else ((), (), ())
+        return CodeProfile(np.zeros(len(m.insns.addr), np.int64), np.array(src, np.int64),
+                           np.array(dst, np.uint64), np.array(count, np.int64), 1.0,
+                           sampled=sampled, call_src=np.array([i_retpoline], np.int64),
+                           call_dst=np.array([callee], np.uint64),
+                           call_count=np.array([7], np.int64))
+
+    static_key = (key_site, int(m.tables["__jump_table"].targets("target")[1]), 60)
+    as_thunk = RuntimeJumps(m, profile([static_key, (i_ret, thunk, 100)]))
+    assert as_thunk.jumps_out(i_ret, 100) == (100, 0)
+    as_ret = RuntimeJumps(m, profile([static_key]))
+    assert as_ret.jumps_out(i_ret, 100) == (0, 0)
+    assert as_ret.indirect_calls(i_retpoline, i_retpoline + 1) == 7
+    sampled = RuntimeJumps(m, profile([], sampled=True))
+    assert sampled.jumps_out(i_ret, 100) == (100, 0)
+    assert sampled.indirect_calls(i_retpoline, i_retpoline + 1) == 0
 
 
 @needs_as

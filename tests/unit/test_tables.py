@@ -142,6 +142,12 @@ def mismatches(path):
     ("jump", "    .section __jump_table, \"aw\"\n    .balign 8\n"
              "    .long .Llock - ., .Lfixup - .\n    .quad foo_key - .\n",
      "expected a 2- or 5-byte jmp/nop"),
+    ("jump", "    .section __jump_table, \"aw\"\n    .balign 8\n"
+             "    .long .Lkey_jmp5 - ., .Lkey_jmp5_yes - .\n    .quad foo_key + 1 - .\n",
+     "site is a jmp but its key is enabled with the branch bit 1"),
+    ("jump", "    .section __jump_table, \"aw\"\n    .balign 8\n"
+             "    .long .Lkey_nop2 - ., .Lkey_nop2_yes - .\n    .quad sc_key + 1 - .\n",
+     "site is a nop but its key is disabled with the branch bit 1"),
     ("mcount", "    .section __mcount_loc, \"a\"\n    .quad .Lcall\n",
      "expected call __fentry__ or a 5-byte nop"),
     ("alt", "    .section .altinstructions, \"a\"\n    .long .Lalt - ., .Lrepl - .\n"

@@ -2,8 +2,15 @@
 
 Each entry: the patch site (a 2- or 5-byte jmp or nop), the jump target, and a
 PC-relative pointer to the static_key whose low bits are flags: bit 0 is the
-branch's default sense (static_branch_likely), bit 1 marks sites in init text.
+branch's sense (static_branch_likely), bit 1 marks sites in init text.
+
+The kernel never writes a site at boot: it trusts the linked bytes to be what
+the key's initial state selects (a jmp where ``enabled`` XOR the branch bit,
+a nop otherwise), and when it switches the key it checks the site holds the
+opposite form first (``jump_label: Fatal kernel bug, unexpected op``).
 """
+
+import numpy as np
 
 from kbuild_bolt.kernel.tables.base import (
     Bounds, CodeRef, Field, Layout, TableSpec, BRANCH, DATA, ENTRY,
@@ -23,9 +30,29 @@ SPECS = [TableSpec(
     bounds=Bounds("__start___jump_table", "__stop___jump_table", "__jump_table"),
     layouts=lambda version: [LAYOUT],
     description="static keys: jmp/nop sites",
+    check=lambda model, data: initial_forms(model, data),
     refs=(
         CodeRef("code", BRANCH, expect="static_key_site", other="target"),
         CodeRef("target", ENTRY),
         CodeRef("key", DATA),
     ),
 )]
+
+
+def initial_forms(model, data) -> list[tuple[int, str]]:
+    """Entries whose site is not the form (jmp or nop) its key's initial state and
+    branch sense select."""
+    if not data.count:
+        return []
+    index = data.indices
+    codes = data.targets("code")
+    keys = data.targets("key")
+    branch = (data.flags("key", index) & JUMP_TYPE_TRUE).astype(bool)
+    # static_key.enabled (an atomic_t at the key's start): its value as linked
+    enabled = model.read_bytes(keys, 4).view("<i4").ravel() > 0
+    first = model.read_bytes(codes, 1)[:, 0]
+    is_jmp = (first == 0xEB) | (first == 0xE9)
+    wrong = np.flatnonzero(is_jmp != (enabled ^ branch))
+    return [(int(index[k]), f"site is a {'jmp' if is_jmp[k] else 'nop'} but its key is "
+             f"{'enabled' if enabled[k] else 'disabled'} with the branch bit "
+             f"{int(branch[k])}") for k in wrong.tolist()]
