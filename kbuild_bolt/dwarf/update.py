@@ -69,9 +69,10 @@ def update_debug(read, image: CodeImage, progress=None) -> DebugUpdate:
 
 class DebugUpdater:
     """The update on two cores. Line programs and aranges do not depend on
-    .debug_info: a forked child starts on them at once (the caller goes on with other work), and :meth:`run` does the DIEs and
-    what hangs off them, then takes the child's sections. Forked before
-    .debug_info is read, so the child's memory does not hold it."""
+    .debug_info: a forked child starts on them at once (the caller goes on with
+    other work), and :meth:`run` does the DIEs and what hangs off them (location
+    lists in a second child), then takes the children's sections. Forked before
+    .debug_info is read, so the first child's memory does not hold it."""
 
     def __init__(self, read, image: CodeImage):
         self.read, self.image = read, image

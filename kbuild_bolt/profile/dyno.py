@@ -208,7 +208,6 @@ class RuntimeJumps:
         src, dst, count = code_profile.taken_src, code_profile.taken_dst, code_profile.taken_count
         to_target = dst == insns.ref[src]
         self.jumped = _counts_by(src[to_target], count[to_target])
-        self.return_sites = _sites(model, ".return_sites")
         self.retpoline_sites = _sites(model, ".retpoline_sites")
         self.addr = insns.addr
         self.called_elsewhere = {}
