@@ -279,10 +279,12 @@ def cmd_profile(args) -> int:
             raise KbbError("--vmlinux is needed with a bzImage (to map the profile to code)")
         if args.with_boot:
             profile = qemu.record_boot(args.kernel, args.initrd, args.workload,
-                                       _iterations(args.iterations)[1], kaslr=not args.nokaslr)
+                                       _iterations(args.iterations)[1], kaslr=not args.nokaslr,
+                                       vmlinux=vmlinux)
         else:
             profile = qemu.record(args.kernel, args.initrd, args.workload,
-                                  _iterations(args.iterations), kaslr=not args.nokaslr, log=log)
+                                  _iterations(args.iterations), kaslr=not args.nokaslr, log=log,
+                                  vmlinux=vmlinux)
         model, cfg = _model_and_cfg(vmlinux)
         profile.kernel = model.version.release
         profile.shapes = shapes_for(model, cfg, profile)
@@ -346,6 +348,18 @@ def cmd_profile(args) -> int:
             if per_function[row] <= 0:
                 break
             print(f"  {int(per_function[row]):>14,}  {model.functions.names[row]}")
+        from kbuild_bolt.profile.attach import indirect_calls
+
+        sites = indirect_calls(model, cp).by_site()
+        if sites:
+            total = sum(n for _, n, _ in sites)
+            print(f"indirect calls: {total:,} at {len(sites):,} sites (through a register, "
+                  f"memory or a retpoline thunk); hottest, with their most frequent target:")
+            for site, n, targets in sites[:args.top]:
+                target, hits = targets[0]
+                print(f"  {n:>14,}  {model.symbolize(int(model.insns.addr[site]))} -> "
+                      f"{model.symbolize(int(target))} ({100 * hits / n:.0f}%, "
+                      f"{len(targets)} target{'s' if len(targets) > 1 else ''})")
         from kbuild_bolt.profile.footprint import footprint, format_footprint
 
         print("code footprint:")
@@ -484,6 +498,7 @@ def lab_demo(args) -> int:
     for workload in args.workload or ("files",):
         step(f"profile the {workload} workload under QEMU (exact, boot cancelled out)")
         profile = qemu.record(kernel.bzimage, kernel.initramfs, workload=workload, kaslr=True,
+                              vmlinux=kernel.vmlinux,
                               log=lambda m: print(f"  {m}", flush=True))
         path = os.path.join(workdir, f"{workload}.kbb")
         write_profile(profile, path)

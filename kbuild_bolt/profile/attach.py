@@ -128,6 +128,43 @@ def function_calls(model, cp: CodeProfile) -> tuple[np.ndarray, ...]:
     return caller, callee, np.concatenate(count)[keep].astype(np.int64), offset
 
 
+@dataclass
+class IndirectCalls:
+    """Indirect calls the profile saw, by site: the program's indirect calls,
+    whether through a register or memory, or through a retpoline thunk (the
+    QEMU profile follows those to their real target)."""
+
+    site: np.ndarray      # int64 instruction index of the call
+    target: np.ndarray    # uint64 where it went
+    count: np.ndarray     # int64
+
+    def by_site(self) -> list[tuple[int, int, list[tuple[int, int]]]]:
+        """(site, executions, [(target, count), ...] most frequent first), hottest
+        sites first."""
+        out = {}
+        for s, t, c in zip(self.site.tolist(), self.target.tolist(), self.count.tolist()):
+            out.setdefault(s, []).append((t, c))
+        rows = [(s, sum(c for _, c in ts), sorted(ts, key=lambda tc: -tc[1]))
+                for s, ts in out.items()]
+        return sorted(rows, key=lambda r: -r[1])
+
+
+def indirect_calls(model, cp: CodeProfile) -> IndirectCalls:
+    insns = model.insns
+    empty = IndirectCalls(np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64))
+    if cp.call_src is None or not len(cp.call_src):
+        return empty
+    s, d, c = cp.call_src, cp.call_dst, cp.call_count
+    flow = insns.flow[s]
+    thunk_calls = np.zeros(len(s), bool)
+    table = model.tables.get(".retpoline_sites")
+    if table is not None and table.count:
+        thunk_calls = (np.isin(insns.addr[s], table.targets("site")) & (flow == x86.CALL)
+                       & (d != insns.ref[s]))   # (not the call into the thunk itself)
+    keep = (flow == x86.IND_CALL) | thunk_calls
+    return IndirectCalls(s[keep], d[keep], c[keep])
+
+
 def function_samples(model, cp: CodeProfile) -> np.ndarray:
     """Instructions each function executed (0: never ran)."""
     f_of = model.function_of_insn

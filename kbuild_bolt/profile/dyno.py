@@ -210,11 +210,11 @@ class RuntimeJumps:
         self.jumped = _counts_by(src[to_target], count[to_target])
         self.retpoline_sites = _sites(model, ".retpoline_sites")
         self.addr = insns.addr
-        self.called_elsewhere = {}
-        if code_profile.call_src is not None and len(code_profile.call_src):
-            cs, cd = code_profile.call_src, code_profile.call_dst
-            elsewhere = (insns.flow[cs] == x86.CALL) & (cd != insns.ref[cs])
-            self.called_elsewhere = _counts_by(cs[elsewhere], code_profile.call_count[elsewhere])
+        from kbuild_bolt.profile.attach import indirect_calls
+
+        calls = indirect_calls(model, code_profile)
+        thunk = insns.flow[calls.site] == x86.CALL     # (calls of a retpoline thunk)
+        self.called_elsewhere = _counts_by(calls.site[thunk], calls.count[thunk])
 
     def jumps_out(self, term: int, executed: int) -> tuple[int, int]:
         """(times a jump out of its function ran as that jump, times it ran as an
@@ -229,11 +229,12 @@ class RuntimeJumps:
         return jumped, 0
 
     def indirect_calls(self, i0: int, i1: int) -> int:
-        """Direct calls in the file (of a retpoline thunk) that ran as indirect calls."""
+        """Calls of a retpoline thunk (direct calls in the file) among instructions
+        [i0, i1): indirect calls of the program, whether the thunk ran or the
+        kernel patched the site into ``call *%reg``."""
         if not self.exact or not self.called_elsewhere:
             return 0
-        return sum(self.called_elsewhere.get(i, 0) for i in range(i0, i1)
-                   if int(self.addr[i]) in self.retpoline_sites)
+        return sum(self.called_elsewhere.get(i, 0) for i in range(i0, i1))
 
 
 def _counts_by(index: np.ndarray, count: np.ndarray) -> dict[int, int]:

@@ -14,8 +14,18 @@
  * lines, LRU) per vCPU with the kernel TBs as they run: every line a TB's bytes
  * touch is one fetch.
  *
+ * Indirect calls through a retpoline thunk (call __x86_indirect_thunk_<reg>)
+ * reach their target by way of the thunk, which every such call site shares, so
+ * the transitions above lose which site went where. A call whose target lies in
+ * a thunk range is followed through the thunks to the first code outside them:
+ * that pair is the call's real target. The host gives the ranges as offsets in
+ * a 2 MiB window (KASLR moves the kernel by multiples of 2 MiB):
+ * "thunk=LO:LEN" for indirect-call thunks, "via=LO:LEN" for code a call passes
+ * through on the way (return thunks).
+ *
  * Output (text): "T start last ninsns count" per TB,
  *                "E from_start from_last to_start to_last count" per transition,
+ *                "C call_site target count" per indirect call through a thunk,
  *                "L fetches misses" for the simulated L1i.
  */
 #include <stdbool.h>
@@ -46,6 +56,7 @@ uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
 struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
 uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *insn);
 size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *insn);
+const void *qemu_plugin_insn_data(const struct qemu_plugin_insn *insn);
 void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, qemu_plugin_udata_cb_t cb, void *userdata);
 
 __attribute__((visibility("default"))) int qemu_plugin_version = 1;
@@ -53,7 +64,30 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 1;
 #define KERNEL_BASE 0xffff800000000000ULL
 #define MAX_VCPUS 256
 
-struct tb_rec { uint64_t start, last, end, count; uint32_t ninsns; };
+/* call_to: the target of a direct call ending the TB, 0 when it ends otherwise */
+struct tb_rec { uint64_t start, last, end, count, call_to; uint32_t ninsns; };
+
+/* Thunk ranges, as offsets in a 2 MiB window. */
+#define WINDOW_MASK 0x1fffffULL
+#define MAX_RANGES 16
+struct range { uint64_t lo, len; };
+static struct range thunks[MAX_RANGES], vias[MAX_RANGES];
+static int n_thunks, n_vias;
+
+static bool in_ranges(const struct range *r, int n, uint64_t addr)
+{
+    if (addr < KERNEL_BASE) return false;
+    for (int i = 0; i < n; i++)
+        if (((addr - r[i].lo) & WINDOW_MASK) < r[i].len) return true;
+    return false;
+}
+
+/* Indirect calls through thunks: (site, target) -> count, and per vCPU the call
+ * being followed through the thunks. */
+struct icall { uint64_t site, target, count; };
+static struct icall *icalls;
+static size_t icalls_cap, icalls_len;
+static uint64_t following[256];
 
 /* The simulated L1i: 64 sets of 8 ways of 64-byte lines, LRU by age stamps. */
 #define L1I_SETS 64
@@ -153,6 +187,46 @@ static void edge_add(struct tb_rec *from, struct tb_rec *to)
     edges_len++;
 }
 
+static void icalls_grow(void)
+{
+    size_t cap = icalls_cap ? icalls_cap * 2 : 1 << 12;
+    struct icall *t = calloc(cap, sizeof(*t));
+    for (size_t i = 0; i < icalls_cap; i++) {
+        struct icall *c = &icalls[i];
+        if (!c->site) continue;
+        size_t j = mix(c->site, c->target) & (cap - 1);
+        while (t[j].site) j = (j + 1) & (cap - 1);
+        t[j] = *c;
+    }
+    free(icalls);
+    icalls = t;
+    icalls_cap = cap;
+}
+
+static void icall_add(uint64_t site, uint64_t target)
+{
+    if ((icalls_len + 1) * 2 > icalls_cap) icalls_grow();
+    size_t j = mix(site, target) & (icalls_cap - 1);
+    while (icalls[j].site) {
+        if (icalls[j].site == site && icalls[j].target == target) { icalls[j].count++; return; }
+        j = (j + 1) & (icalls_cap - 1);
+    }
+    icalls[j].site = site; icalls[j].target = target; icalls[j].count = 1;
+    icalls_len++;
+}
+
+static void follow_thunks(unsigned int vcpu, struct tb_rec *r)
+{
+    if (following[vcpu]) {
+        if (in_ranges(thunks, n_thunks, r->start) || in_ranges(vias, n_vias, r->start))
+            return;                                  /* still on the way */
+        icall_add(following[vcpu], r->start);
+        following[vcpu] = 0;
+    }
+    if (r->call_to && in_ranges(thunks, n_thunks, r->call_to))
+        following[vcpu] = r->last;
+}
+
 static void tb_exec(unsigned int vcpu, void *udata)
 {
     struct tb_rec *r = udata;
@@ -160,6 +234,7 @@ static void tb_exec(unsigned int vcpu, void *udata)
     if (vcpu < MAX_VCPUS) {
         if (prev_tb[vcpu]) edge_add(prev_tb[vcpu], r);
         prev_tb[vcpu] = r;
+        if (n_thunks && vcpu < 256) follow_thunks(vcpu, r);
         if (!l1i[vcpu]) l1i[vcpu] = calloc(1, sizeof(struct l1i));
         for (uint64_t line = r->start >> 6; line <= (r->end - 1) >> 6; line++)
             l1i_fetch(l1i[vcpu], line);
@@ -170,6 +245,7 @@ static void user_exec(unsigned int vcpu, void *udata)
 {
     (void)udata;
     if (vcpu < MAX_VCPUS) prev_tb[vcpu] = NULL;  /* left the kernel */
+    if (vcpu < 256) following[vcpu] = 0;
 }
 
 static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
@@ -184,7 +260,19 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     struct qemu_plugin_insn *last_insn = n ? qemu_plugin_tb_get_insn(tb, n - 1) : NULL;
     uint64_t last = last_insn ? qemu_plugin_insn_vaddr(last_insn) : start;
     struct tb_rec *r = tb_get(start, last, (uint32_t)n);
-    r->end = last + (last_insn ? qemu_plugin_insn_size(last_insn) : 1);
+    size_t size = last_insn ? qemu_plugin_insn_size(last_insn) : 1;
+    r->end = last + size;
+    if (last_insn && (size == 5 || size == 6)) {
+        /* call rel32, or with a CS prefix (GCC's -mindirect-branch-cs-prefix on
+         * calls of the r8-r15 thunks): where it goes */
+        const uint8_t *b = qemu_plugin_insn_data(last_insn);
+        size_t op = size - 5;
+        if (b && b[op] == 0xe8 && (op == 0 || b[0] == 0x2e)) {
+            int32_t rel;
+            memcpy(&rel, b + op + 1, 4);
+            r->call_to = r->end + (int64_t)rel;
+        }
+    }
     qemu_plugin_register_vcpu_tb_exec_cb(tb, tb_exec, QEMU_PLUGIN_CB_NO_REGS, r);
 }
 
@@ -207,6 +295,12 @@ static void at_exit(qemu_plugin_id_t id, void *udata)
                     (unsigned long long)e->from->last, (unsigned long long)e->to->start,
                     (unsigned long long)e->to->last, (unsigned long long)e->count);
     }
+    for (size_t i = 0; i < icalls_cap; i++) {
+        struct icall *c = &icalls[i];
+        if (c->site)
+            fprintf(f, "C %llx %llx %llu\n", (unsigned long long)c->site,
+                    (unsigned long long)c->target, (unsigned long long)c->count);
+    }
     fprintf(f, "L %llu %llu\n", (unsigned long long)l1i_fetches, (unsigned long long)l1i_misses);
     fclose(f);
 }
@@ -217,6 +311,18 @@ int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, 
     (void)info;
     for (int i = 0; i < argc; i++) {
         if (strncmp(argv[i], "out=", 4) == 0) out_path = strdup(argv[i] + 4);
+        bool thunk = strncmp(argv[i], "thunk=", 6) == 0, via = strncmp(argv[i], "via=", 4) == 0;
+        if (thunk || via) {
+            struct range *r = thunk ? &thunks[n_thunks] : &vias[n_vias];
+            if ((thunk ? n_thunks : n_vias) >= MAX_RANGES
+                    || sscanf(argv[i] + (thunk ? 6 : 4), "%llx:%llx",
+                              (unsigned long long *)&r->lo, (unsigned long long *)&r->len) != 2) {
+                fprintf(stderr, "kbb plugin: bad %s\n", argv[i]);
+                return -1;
+            }
+            r->lo &= WINDOW_MASK;
+            if (thunk) n_thunks++; else n_vias++;
+        }
     }
     if (!out_path) {
         fprintf(stderr, "kbb plugin: out=FILE missing\n");

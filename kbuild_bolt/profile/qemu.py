@@ -54,8 +54,51 @@ def plugin_path() -> Path:
     return out
 
 
+# Code a retpoline call passes through on its way to its target: the indirect
+# thunks (a call of one starts the way), and the return thunks.
+INDIRECT_THUNKS = ("__x86_indirect_thunk_", "__x86_indirect_call_thunk_",
+                   "__x86_indirect_jump_thunk_")
+PASSED_THROUGH = ("__x86_return_thunk", "retbleed_return_thunk", "srso_return_thunk",
+                  "srso_alias_return_thunk", "__x86_return_skl", "call_depth_return_thunk")
+WINDOW = 1 << 21          # KASLR moves the kernel by multiples of 2 MiB
+
+
+def thunk_arguments(vmlinux) -> list[str]:
+    """The plugin's thunk=/via= arguments for ``vmlinux`` (an ELF with symbols;
+    none for anything else: calls through thunks then go unrecorded)."""
+    from kbuild_bolt.elf.image import ElfImage
+
+    try:
+        image = ElfImage(vmlinux)
+    except KbbError:
+        return []
+    with image:
+        symbols = image.symbols
+        names, values, sizes = symbols.names, symbols.value, symbols.size
+        out = []
+        for prefixes, kind in ((INDIRECT_THUNKS, "thunk"), (PASSED_THROUGH, "via")):
+            hits = [(int(values[i]), int(sizes[i]) or 32) for i, n in enumerate(names)
+                    if n.startswith(prefixes) and int(values[i]) >= 0xffff800000000000]
+            # (one range per 2 MiB-contiguous run, the plugin holds up to 16 of each)
+            for lo, hi in _runs(sorted((a, a + n) for a, n in hits))[:16]:
+                out.append(f"{kind}={lo % WINDOW:x}:{hi - lo:x}")
+        return out
+
+
+def _runs(spans: list[tuple[int, int]], gap: int = 64) -> list[tuple[int, int]]:
+    runs = []
+    for lo, hi in spans:
+        if runs and lo <= runs[-1][1] + gap:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
 def parse_plugin_output(path) -> Profile:
-    """TB counts become ranges; TB transitions become transfers (last insn -> start)."""
+    """TB counts become ranges; TB transitions become transfers (last insn -> start);
+    calls followed through retpoline thunks become transfers from the call to its
+    real target (the thunk call itself is a transition too)."""
     rs, rl, rc, es, ed, ec = [], [], [], [], [], []
     stats = {}
     with open(path) as f:
@@ -71,6 +114,10 @@ def parse_plugin_output(path) -> Profile:
                 es.append(int(parts[2], 16))  # the last instruction of the source TB
                 ed.append(int(parts[3], 16))
                 ec.append(int(parts[5]))
+            elif parts[0] == "C":
+                es.append(int(parts[1], 16))  # the call of the thunk
+                ed.append(int(parts[2], 16))  # where the thunk took it
+                ec.append(int(parts[3]))
             elif parts[0] == "L":
                 stats = {"l1i_fetches": int(parts[1]), "l1i_misses": int(parts[2])}
     return Profile(np.array(rs, dtype=np.uint64), np.array(rl, dtype=np.uint64),
@@ -81,18 +128,23 @@ def parse_plugin_output(path) -> Profile:
 
 def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = True,
                timeout: float = 600, smp: int = 1, memory: str = "512M",
-               tolerate_warnings: bool = False, append: str = "") -> tuple[Profile, object]:
+               tolerate_warnings: bool = False, append: str = "",
+               vmlinux=None) -> tuple[Profile, object]:
     """Boot once with the plugin; returns (profile in vmlinux addresses, boot result).
 
     ``tolerate_warnings``: profile a kernel that warns but runs the workload to
     the end (to measure a broken peer's output, e.g. BOLT's). ``append``: more
-    kernel command line (``kbb.events=1``: trace events on during the workload)."""
+    kernel command line (``kbb.events=1``: trace events on during the workload).
+    ``vmlinux``: the kernel's symbols (default: ``kernel`` itself when it is an
+    ELF vmlinux), for following calls through retpoline thunks."""
     plugin = plugin_path()
+    thunks = thunk_arguments(vmlinux or kernel)
     with tempfile.TemporaryDirectory(prefix="kbuild-bolt-profile-") as tmp:
         out = os.path.join(tmp, "tb.txt")
         result = boot(kernel, initrd, workload=workload, iterations=iterations, kaslr=kaslr,
                       timeout=timeout, smp=smp, memory=memory, append=append,
-                      extra_qemu=["-plugin", f"{plugin},out={out}", *ICOUNT])
+                      extra_qemu=["-plugin", ",".join([f"{plugin}", f"out={out}", *thunks]),
+                                  *ICOUNT])
         warned_only = (not result.timed_out and not result.missing and result.markers
                        and all(p.kind in ("warning", "return-thunk") for p in result.problems))
         if not (result.ok or (tolerate_warnings and warned_only)):
@@ -109,7 +161,7 @@ def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = Tru
 
 def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] = (2, 12),
            kaslr: bool = True, timeout: float = 600, smp: int = 1, log=None,
-           tolerate_warnings: bool = False, append: str = "") -> Profile:
+           tolerate_warnings: bool = False, append: str = "", vmlinux=None) -> Profile:
     """The workload's profile: a long run minus a short one (boot cancels out)."""
     short_n, long_n = iterations
     if long_n <= short_n:
@@ -117,19 +169,21 @@ def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] 
     if log:
         log(f"profiling {workload}: {short_n} iterations")
     short, _ = record_run(kernel, initrd, workload, short_n, kaslr, timeout, smp,
-                          tolerate_warnings=tolerate_warnings, append=append)
+                          tolerate_warnings=tolerate_warnings, append=append, vmlinux=vmlinux)
     if log:
         log(f"profiling {workload}: {long_n} iterations")
     long, _ = record_run(kernel, initrd, workload, long_n, kaslr, timeout, smp,
-                         tolerate_warnings=tolerate_warnings, append=append)
+                         tolerate_warnings=tolerate_warnings, append=append, vmlinux=vmlinux)
     profile = combine([long, short], [1.0, -1.0])
     profile.source = f"qemu:{workload}:{long_n - short_n}"
     return profile
 
 
 def record_boot(kernel, initrd, workload: str = "files", iterations: int = 10,
-                kaslr: bool = True, timeout: float = 600, smp: int = 1) -> Profile:
+                kaslr: bool = True, timeout: float = 600, smp: int = 1,
+                vmlinux=None) -> Profile:
     """One run, boot included."""
-    profile, _ = record_run(kernel, initrd, workload, iterations, kaslr, timeout, smp)
+    profile, _ = record_run(kernel, initrd, workload, iterations, kaslr, timeout, smp,
+                            vmlinux=vmlinux)
     profile.source = f"qemu:{workload}:{iterations}+boot"
     return profile

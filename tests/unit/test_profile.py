@@ -251,3 +251,39 @@ def test_dyno_stats_before_and_after(model):
     blocks = list(cfg.blocks_of(row))
     after = dyno_stats(m, cfg, cp, orders={row: blocks[:1] + blocks[:0:-1]}, rows=[row])
     assert after["INSTRUCTIONS"] == before["INSTRUCTIONS"]
+
+
+def test_plugin_output_with_calls_followed_through_thunks(tmp_path):
+    from kbuild_bolt.profile.qemu import parse_plugin_output
+
+    out = tmp_path / "tb.txt"
+    out.write_text("# kbuild-bolt qemu profile v1\n"
+                   "T ffffffff81000000 ffffffff81000010 4 7\n"
+                   "E ffffffff81000000 ffffffff81000010 ffffffff81000100 ffffffff81000104 7\n"
+                   "C ffffffff81000010 ffffffff81000200 5\n"
+                   "C ffffffff81000010 ffffffff81000300 2\n"
+                   "L 10 1\n")
+    p = parse_plugin_output(out)
+    pairs = dict(zip(zip(p.src.tolist(), p.dst.tolist()), p.count.tolist()))
+    assert pairs == {(0xFFFFFFFF81000010, 0xFFFFFFFF81000100): 7,     # into the thunk
+                     (0xFFFFFFFF81000010, 0xFFFFFFFF81000200): 5,     # where it went
+                     (0xFFFFFFFF81000010, 0xFFFFFFFF81000300): 2}
+    assert p.stats == {"l1i_fetches": 10, "l1i_misses": 1}
+
+
+@needs_as
+def test_thunk_ranges_for_the_plugin(kernel, tmp_path):
+    """The indirect thunks start a followed call, the return thunk is passed
+    through; offsets in a 2 MiB window (KASLR moves by multiples of it). Not an
+    ELF (a bzImage has no symbols): nothing to follow."""
+    from kbuild_bolt.elf.image import ElfImage
+    from kbuild_bolt.profile.qemu import thunk_arguments
+
+    args = thunk_arguments(kernel)
+    with ElfImage(kernel) as image:
+        thunk = image.symbols.address("__x86_indirect_thunk_rax")
+        ret = image.symbols.address("__x86_return_thunk")
+    assert f"thunk={thunk % (1 << 21):x}:2" in args      # (its 2 bytes: jmp *%rax)
+    assert f"via={ret % (1 << 21):x}:2" in args
+    (tmp_path / "bzImage").write_bytes(b"MZ" + bytes(600))
+    assert thunk_arguments(tmp_path / "bzImage") == []
