@@ -311,8 +311,11 @@ def cmd_profile(args) -> int:
                 text_base = perf.text_base_from_kallsyms(args.kallsyms)
             elif args.text_base:
                 text_base = int(args.text_base, 16)
+            from kbuild_bolt.profile.thunks import thunk_ranges
+
             profile = perf.read_perf_script(args.input, text_base,
-                                            model.image.symbols.address("_text") or 0)
+                                            model.image.symbols.address("_text") or 0,
+                                            thunks=thunk_ranges(model.image))
         else:
             profile = load_profile(args.input, model)
         profile.kernel = model.version.release

@@ -23,6 +23,7 @@ import numpy as np
 
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.model import Profile
+from kbuild_bolt.profile.thunks import ThunkWays
 
 _BR = re.compile(r"(0x[0-9a-fA-F]+)/(0x[0-9a-fA-F]+)/([PM-])/")
 _IP = re.compile(r"^\s*(?:\d+\s+)?([0-9a-fA-F]{8,16})(?:\s|$)")
@@ -54,8 +55,11 @@ def text_base_from_kallsyms(path) -> int:
 
 
 def read_perf_script(path, text_base: int | None = None, vmlinux_text: int = 0xFFFFFFFF81000000,
-                     kernel_only: bool = True) -> Profile:
-    """A Profile in vmlinux addresses from perf script text (LBR or plain samples)."""
+                     kernel_only: bool = True, thunks=None) -> Profile:
+    """A Profile in vmlinux addresses from perf script text (LBR or plain samples).
+    ``thunks``: (indirect thunk ranges, return thunk ranges) in vmlinux addresses
+    (profile.thunks.thunk_ranges): an LBR stack's calls of retpoline thunks are
+    followed to their real targets, recorded as transfers from the call."""
     delta = (text_base - vmlinux_text) if text_base is not None else 0
     src, dst, rs, rl = [], [], [], []
     ips = []
@@ -74,6 +78,13 @@ def read_perf_script(path, text_base: int | None = None, vmlinux_text: int = 0xF
                     if not kernel_only or (a >= KERNEL_MIN and b >= KERNEL_MIN):
                         src.append(a)
                         dst.append(b)
+                if thunks is not None:
+                    ways = ThunkWays(*thunks, delta=delta)
+                    for a, b in reversed(pairs):          # (oldest first)
+                        call = ways.step(a, b)
+                        if call is not None and (not kernel_only or call[1] >= KERNEL_MIN):
+                            src.append(call[0])
+                            dst.append(call[1])
                 # Newest first: entry i+1 is older; straight line from its target to
                 # the source of entry i.
                 for i in range(len(pairs) - 1):

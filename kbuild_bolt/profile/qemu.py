@@ -27,6 +27,7 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.cache import cache_root, locked
 from kbuild_bolt.qemu.runner import DEFAULT_TEXT, boot
 from kbuild_bolt.profile.model import Profile, combine
+from kbuild_bolt.profile.thunks import thunk_ranges
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "kbb_plugin.c"
 ICOUNT = ["-icount", "shift=0,sleep=off"]
@@ -54,12 +55,6 @@ def plugin_path() -> Path:
     return out
 
 
-# Code a retpoline call passes through on its way to its target: the indirect
-# thunks (a call of one starts the way), and the return thunks.
-INDIRECT_THUNKS = ("__x86_indirect_thunk_", "__x86_indirect_call_thunk_",
-                   "__x86_indirect_jump_thunk_")
-PASSED_THROUGH = ("__x86_return_thunk", "retbleed_return_thunk", "srso_return_thunk",
-                  "srso_alias_return_thunk", "__x86_return_skl", "call_depth_return_thunk")
 WINDOW = 1 << 21          # KASLR moves the kernel by multiples of 2 MiB
 
 
@@ -73,26 +68,10 @@ def thunk_arguments(vmlinux) -> list[str]:
     except KbbError:
         return []
     with image:
-        symbols = image.symbols
-        names, values, sizes = symbols.names, symbols.value, symbols.size
-        out = []
-        for prefixes, kind in ((INDIRECT_THUNKS, "thunk"), (PASSED_THROUGH, "via")):
-            hits = [(int(values[i]), int(sizes[i]) or 32) for i, n in enumerate(names)
-                    if n.startswith(prefixes) and int(values[i]) >= 0xffff800000000000]
-            # (one range per 2 MiB-contiguous run, the plugin holds up to 16 of each)
-            for lo, hi in _runs(sorted((a, a + n) for a, n in hits))[:16]:
-                out.append(f"{kind}={lo % WINDOW:x}:{hi - lo:x}")
-        return out
-
-
-def _runs(spans: list[tuple[int, int]], gap: int = 64) -> list[tuple[int, int]]:
-    runs = []
-    for lo, hi in spans:
-        if runs and lo <= runs[-1][1] + gap:
-            runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
-        else:
-            runs.append((lo, hi))
-    return runs
+        thunks, vias = thunk_ranges(image)
+    # (the plugin holds up to 16 ranges of each kind)
+    return ([f"thunk={lo % WINDOW:x}:{hi - lo:x}" for lo, hi in thunks[:16]]
+            + [f"via={lo % WINDOW:x}:{hi - lo:x}" for lo, hi in vias[:16]])
 
 
 def parse_plugin_output(path) -> Profile:

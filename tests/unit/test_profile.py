@@ -287,3 +287,24 @@ def test_thunk_ranges_for_the_plugin(kernel, tmp_path):
     assert f"via={ret % (1 << 21):x}:2" in args
     (tmp_path / "bzImage").write_bytes(b"MZ" + bytes(600))
     assert thunk_arguments(tmp_path / "bzImage") == []
+
+
+@needs_as
+def test_lbr_stack_follows_retpoline_calls(model, tmp_path):
+    """An LBR stack (newest first) holding a call of a retpoline thunk and the
+    thunk's jump: the call's real target is recorded as its transfer."""
+    from kbuild_bolt.profile.attach import indirect_calls
+    from kbuild_bolt.profile.thunks import thunk_ranges
+
+    m, _cfg = model
+    site = int(m.tables[".retpoline_sites"].targets("site")[0])
+    thunk, target = sym(m, "__x86_indirect_thunk_rax"), sym(m, "startup_64")
+    script = tmp_path / "perf.txt"
+    script.write_text(f"  1234 {target:x} {thunk:#x}/{target:#x}/P/-/-/1  "
+                      f"{site:#x}/{thunk:#x}/P/-/-/1\n" * 3)
+    profile = perf.read_perf_script(script, thunks=thunk_ranges(m.image))
+    calls = indirect_calls(m, attach(m, profile))
+    assert calls.by_site() == [(int(m.insn_index(np.array([site], np.uint64))[0]), 3,
+                                [(target, 3)])]
+    plain = perf.read_perf_script(script)          # (without the thunks: not followed)
+    assert not len(indirect_calls(m, attach(m, plain)).site)
