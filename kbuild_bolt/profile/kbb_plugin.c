@@ -87,7 +87,7 @@ static bool in_ranges(const struct range *r, int n, uint64_t addr)
 struct icall { uint64_t site, target, count; };
 static struct icall *icalls;
 static size_t icalls_cap, icalls_len;
-static uint64_t following[256];
+static uint64_t following[MAX_VCPUS];
 
 /* The simulated L1i: 64 sets of 8 ways of 64-byte lines, LRU by age stamps. */
 #define L1I_SETS 64
@@ -234,7 +234,7 @@ static void tb_exec(unsigned int vcpu, void *udata)
     if (vcpu < MAX_VCPUS) {
         if (prev_tb[vcpu]) edge_add(prev_tb[vcpu], r);
         prev_tb[vcpu] = r;
-        if (n_thunks && vcpu < 256) follow_thunks(vcpu, r);
+        if (n_thunks) follow_thunks(vcpu, r);
         if (!l1i[vcpu]) l1i[vcpu] = calloc(1, sizeof(struct l1i));
         for (uint64_t line = r->start >> 6; line <= (r->end - 1) >> 6; line++)
             l1i_fetch(l1i[vcpu], line);
@@ -245,7 +245,7 @@ static void user_exec(unsigned int vcpu, void *udata)
 {
     (void)udata;
     if (vcpu < MAX_VCPUS) prev_tb[vcpu] = NULL;  /* left the kernel */
-    if (vcpu < 256) following[vcpu] = 0;
+    if (vcpu < MAX_VCPUS) following[vcpu] = 0;
 }
 
 static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
@@ -262,6 +262,7 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     struct tb_rec *r = tb_get(start, last, (uint32_t)n);
     size_t size = last_insn ? qemu_plugin_insn_size(last_insn) : 1;
     r->end = last + size;
+    r->call_to = 0;                            /* (this translation's bytes decide) */
     if (last_insn && (size == 5 || size == 6)) {
         /* call rel32, or with a CS prefix (GCC's -mindirect-branch-cs-prefix on
          * calls of the r8-r15 thunks): where it goes */
