@@ -6,7 +6,6 @@ on and off around the workload (each tracepoint is a static key)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from kbuild_bolt.binary.model import BinaryModel
@@ -43,15 +42,22 @@ def profiles(tmp_path_factory):
             for events in (True, False)}
 
 
-def test_enabled_keys_are_reversed_and_still_switch(profiles, tmp_path):
+def laid_out(profile, tmp_path, **options):
+    """The 6.12 lab kernel laid out by ext-TSP with ``profile``, verified: (lab
+    kernel, output, result, names of the keys whose sites were reversed)."""
     kernel = lab_kernel("6.12-regular")
     out = tmp_path / "vmlinux"
     result = rewrite(kernel.vmlinux, out, RewriteOptions(
-        reorder_blocks="ext-tsp", profile=profiles[True], progress=False, strip_debug=True,
-        dyno_stats=True))
+        reorder_blocks="ext-tsp", profile=profile, progress=False, strip_debug=True, **options))
     assert result.verify_summary.startswith("verify: ok"), result.verify_summary
     flipped = reversed_keys(kernel.vmlinux, out)
-    assert result.static_keys_reversed == len(flipped) > 10, result.summary()
+    assert result.static_keys_reversed == len(flipped), result.summary()
+    return kernel, out, result, flipped
+
+
+def test_enabled_keys_are_reversed_and_still_switch(profiles, tmp_path):
+    kernel, out, result, flipped = laid_out(profiles[True], tmp_path)
+    assert len(flipped) > 10, result.summary()
     # the keys the profile saw enabled: tracepoints (events were on)
     tracepoints = [k for k in flipped if k.startswith("__tracepoint_")]
     assert len(tracepoints) > 10, flipped
@@ -66,19 +72,11 @@ def test_enabled_keys_are_reversed_and_still_switch(profiles, tmp_path):
 
 def test_disabled_keys_stay_as_they_are(profiles, tmp_path):
     """A profile where the events stayed off: no tracepoint site is reversed."""
-    kernel = lab_kernel("6.12-regular")
-    out = tmp_path / "vmlinux"
-    result = rewrite(kernel.vmlinux, out, RewriteOptions(
-        reorder_blocks="ext-tsp", profile=profiles[False], progress=False, strip_debug=True))
-    assert result.verify_summary.startswith("verify: ok"), result.verify_summary
-    flipped = reversed_keys(kernel.vmlinux, out)
+    _kernel, _out, _result, flipped = laid_out(profiles[False], tmp_path)
     assert not [k for k in flipped if k.startswith("__tracepoint_")], flipped
 
 
 def test_reversal_can_be_turned_off(profiles, tmp_path):
-    kernel = lab_kernel("6.12-regular")
-    out = tmp_path / "vmlinux"
-    result = rewrite(kernel.vmlinux, out, RewriteOptions(
-        reorder_blocks="ext-tsp", profile=profiles[True], progress=False, strip_debug=True,
-        reverse_static_keys=False))
-    assert result.static_keys_reversed == 0 and reversed_keys(kernel.vmlinux, out) == []
+    _kernel, _out, result, flipped = laid_out(profiles[True], tmp_path,
+                                              reverse_static_keys=False)
+    assert result.static_keys_reversed == 0 and flipped == []
