@@ -103,8 +103,8 @@ class DebugUpdater:
 
 def _lines_and_aranges(read, image: CodeImage):
     """(In a forked child.) Sections written without .debug_info: (sections, line
-    program offsets old -> new, stats)."""
-    sections, stats, offsets = {}, {}, None
+    program offsets old -> new)."""
+    sections, offsets = {}, None
     line = read(".debug_line")
     if line is not None:
         sections[".debug_line"], offsets = update_lines(line, image)
@@ -112,7 +112,7 @@ def _lines_and_aranges(read, image: CodeImage):
     ar = read(".debug_aranges")
     if ar is not None:
         sections[".debug_aranges"] = aranges_mod.update(ar, image)
-    return sections, offsets, stats
+    return sections, offsets
 
 
 def _info(info, abbrev, read, image: CodeImage, progress, apart: ForkedCall) -> DebugUpdate:
@@ -159,29 +159,20 @@ def _info(info, abbrev, read, image: CodeImage, progress, apart: ForkedCall) -> 
     say("DWARF: scopes, range and location lists")
     lists = ForkedCall(_location_lists_apart, found, f, image, version, base, read)
     try:
-        rng5, rng4 = read(".debug_rnglists"), read(".debug_ranges")
-        writers = {5: ListWriter(rng5 or b"", 5), 4: ListWriter(rng4 or b"", 4)}
-        used = set()
-
-        def writer(v: int, kind: str) -> ListWriter:
-            assert kind == "rng"       # (location lists are the child's)
-            k = 5 if v >= 5 else 4
-            used.add(k)
-            return writers[k]
-
+        ranges = _ListSections("rng", read)    # (location lists are the child's)
         # Scopes.
-        convert = _scopes(found, info, f, image, version, base, writer, res)
+        convert = _scopes(found, info, f, image, version, base, ranges.writer, res)
         # Range lists of DIEs that already have DW_AT_ranges.
-        _range_lists(found, f, image, version, base, rng5, rng4, writer, res)
+        _range_lists(found, f, image, version, base, ranges.old[5], ranges.old[4],
+                     ranges.writer, res)
         # Abbreviations changed for scopes that became ranges.
         new_abbrev, abbrev_offsets = _abbrevs(found, abbrev, convert)
         for u in units:
             f.put(np.array([u.abbrev_field]), np.array([abbrev_offsets[u.abbrev_offset]]), 4)
-        for k in used:
-            res.sections[".debug_rnglists" if k == 5 else ".debug_ranges"] = writers[k].finish()
+        res.sections.update(ranges.finish())
         # (what the walk found and the old lists are done with: freed before the
         # children's sections arrive, the peak of this process)
-        del found, convert, rng5, rng4
+        del found, convert, ranges
 
         # .debug_frame here: this process would otherwise wait for the children
         say("DWARF: .debug_frame")
@@ -191,9 +182,8 @@ def _info(info, abbrev, read, image: CodeImage, progress, apart: ForkedCall) -> 
             stats.update(frame_stats)
         del fr
         say("DWARF: line programs, location lists")
-        apart_sections, offsets, apart_stats = apart.result()
+        apart_sections, offsets = apart.result()
         res.sections.update(apart_sections)
-        stats.update(apart_stats)
         del apart_sections
         if offsets is not None:
             for u in units:
@@ -232,20 +222,37 @@ class _Patches:
 def _location_lists_apart(found, f: _Bytes, image: CodeImage, version, base, read):
     """(In a forked child.) The location lists written again: (sections, the DIE
     fields to patch as (positions, values, size), stats)."""
-    loc5, loc4 = read(".debug_loclists"), read(".debug_loc")
-    writers = {5: ListWriter(loc5 or b"", 5), 4: ListWriter(loc4 or b"", 4)}
-    used = set()
-
-    def writer(v: int, kind: str) -> ListWriter:
-        k = 5 if v >= 5 else 4
-        used.add(k)
-        return writers[k]
-
+    locations = _ListSections("loc", read)
     res = DebugUpdate({})
     fields = _Patches(f)
-    _location_lists(found, fields, image, version, base, loc5, loc4, writer, res)
-    sections = {".debug_loclists" if k == 5 else ".debug_loc": writers[k].finish() for k in used}
-    return sections, fields.patches, res.stats
+    _location_lists(found, fields, image, version, base, locations.old[5], locations.old[4],
+                    locations.writer, res)
+    return locations.finish(), fields.patches, res.stats
+
+
+class _ListSections:
+    """One kind of list section ("rng": .debug_rnglists / .debug_ranges, "loc":
+    .debug_loclists / .debug_loc, for DWARF 5 / 4 units): the old bytes, and a
+    writer per version that lists are added to (``writer(version, kind)``)."""
+
+    NAMES = {"rng": {5: ".debug_rnglists", 4: ".debug_ranges"},
+             "loc": {5: ".debug_loclists", 4: ".debug_loc"}}
+
+    def __init__(self, kind: str, read):
+        self.kind = kind
+        self.old = {v: read(name) for v, name in self.NAMES[kind].items()}
+        self.writers = {v: ListWriter(self.old[v] or b"", v) for v in (5, 4)}
+        self.used = set()
+
+    def writer(self, version: int, kind: str) -> ListWriter:
+        assert kind == self.kind
+        v = 5 if version >= 5 else 4
+        self.used.add(v)
+        return self.writers[v]
+
+    def finish(self) -> dict:
+        """The sections of the versions lists were added to."""
+        return {self.NAMES[self.kind][v]: self.writers[v].finish() for v in self.used}
 
 
 def _patch_exprs(data, f: _Bytes, pos: np.ndarray, length: np.ndarray, image: CodeImage) -> int:

@@ -8,10 +8,10 @@ stack) follows it there and records the call's real target.
 
 from __future__ import annotations
 
-# A call of one of these starts the way; the return thunks are passed through.
-INDIRECT_THUNKS = ("__x86_indirect_thunk_", "__x86_indirect_call_thunk_",
-                   "__x86_indirect_jump_thunk_")
-PASSED_THROUGH = ("__x86_return_thunk", "retbleed_return_thunk", "srso_return_thunk",
+from kbuild_bolt.x86.patterns import INDIRECT_THUNK_PREFIXES, RETURN_THUNK
+
+# A call of an indirect thunk starts the way; the return thunks are passed through.
+PASSED_THROUGH = (RETURN_THUNK, "retbleed_return_thunk", "srso_return_thunk",
                   "srso_alias_return_thunk", "__x86_return_skl", "call_depth_return_thunk")
 KERNEL_MIN = 0xFFFF800000000000
 
@@ -22,7 +22,7 @@ def thunk_ranges(image) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     symbols = image.symbols
     names, values, sizes = symbols.names, symbols.value, symbols.size
     out = []
-    for prefixes in (INDIRECT_THUNKS, PASSED_THROUGH):
+    for prefixes in (INDIRECT_THUNK_PREFIXES, PASSED_THROUGH):
         spans = sorted((int(values[i]), int(values[i]) + (int(sizes[i]) or 32))
                        for i, n in enumerate(names)
                        if n.startswith(prefixes) and int(values[i]) >= KERNEL_MIN)
