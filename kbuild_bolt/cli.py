@@ -120,6 +120,10 @@ def rewrite_options(args):
         strip_debug=getattr(args, "strip_debug", False),
         address_map=getattr(args, "address_map", None),
         reverse_static_keys=getattr(args, "reverse_static_keys", True),
+        indirect_call_promotion=getattr(args, "indirect_call_promotion", "calls"),
+        icp_share=getattr(args, "icp_share", 80.0),
+        icp_min_calls=getattr(args, "icp_min_calls", 100),
+        icp_every_site=getattr(args, "icp_every_site", False),
     )
 
 
@@ -237,6 +241,17 @@ def add_rewrite_arguments(p) -> None:
                    action="store_false",
                    help="keep every static-key site's branch sense (by default a site the "
                         "profile saw jump is reversed where its jump side follows it)")
+    p.add_argument("--indirect-call-promotion", choices=("none", "calls"), default="calls",
+                   help="calls (default): a hot indirect call whose profile shows a dominant "
+                        "target gets a direct path to it (cmp; jne fallback; call target)")
+    p.add_argument("--icp-share", type=float, default=80.0, metavar="PERCENT",
+                   help="share of a site's calls its target must take to be promoted "
+                        "(default 80: each call that goes elsewhere takes two more jumps)")
+    p.add_argument("--icp-min-calls", type=int, default=100, metavar="N",
+                   help="calls a site must make in the profile to be promoted (default 100)")
+    p.add_argument("--icp-every-site", action="store_true",
+                   help="torture mode: promote every indirect call that may be (to its "
+                        "profiled target, else to some function), to prove the fixups")
     p.add_argument("--address-map", metavar="FILE",
                    help="write where old code is now (for verify --debug and profiles of the "
                         "optimized kernel)")

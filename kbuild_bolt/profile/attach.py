@@ -165,6 +165,26 @@ def indirect_calls(model, cp: CodeProfile) -> IndirectCalls:
     return IndirectCalls(s[keep], d[keep], c[keep])
 
 
+def executed_indirect_calls(model, cp: CodeProfile) -> int:
+    """Indirect calls the kernel executed, as it ran: through a register, memory or
+    a retpoline thunk. Paravirt call sites are not counted: the kernel patches
+    them into direct calls at boot."""
+    calls = indirect_calls(model, cp)
+    keep = np.ones(len(calls.site), bool)
+    table = model.tables.get(".parainstructions")
+    if table is not None and table.count and len(calls.site):
+        start = table.targets("instr")
+        end = start + table.entries["len"][table.indices].astype(np.uint64)
+        order = np.argsort(start)
+        start, end = start[order], end[order]
+        at = model.insns.addr[calls.site]
+        i = np.searchsorted(start, at, side="right").astype(np.int64) - 1
+        inside = i >= 0
+        inside[inside] &= at[inside] < end[i[inside]]
+        keep = ~inside
+    return int(calls.count[keep].sum())
+
+
 def function_samples(model, cp: CodeProfile) -> np.ndarray:
     """Instructions each function executed (0: never ran)."""
     f_of = model.function_of_insn

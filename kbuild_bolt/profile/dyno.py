@@ -262,6 +262,23 @@ def format_comparison(before: dict, after: dict, title_before="before",
     return "\n".join(lines)
 
 
+def with_promoted_calls(stats: dict, calls: int, hits: int) -> dict:
+    """``stats`` with promoted indirect calls counted as they will run: each call
+    of a promoted site first compares and branches (``jne``, forward to the
+    fallback); ``hits`` go straight to a direct call, the others take the jne,
+    call indirectly as before and jump back."""
+    out = dict(stats)
+    misses = calls - hits
+    out["INDIRECT_CALLS"] = max(0, out["INDIRECT_CALLS"] - hits)
+    out["INSTRUCTIONS"] += 2 * calls + misses            # cmp, jne (+ jmp back)
+    for key, n in (("FORWARD_COND_BRANCHES", calls), ("FORWARD_COND_BRANCHES_TAKEN", misses),
+                   ("UNCOND_BRANCHES", misses), ("ALL_BRANCHES", calls + misses),
+                   ("ALL_TAKEN", 2 * misses), ("NONTAKEN_CONDITIONAL", hits),
+                   ("TAKEN_CONDITIONAL", misses), ("ALL_CONDITIONAL", calls)):
+        out[key] += n
+    return out
+
+
 def whole_run_taken(model, code_profile, before: dict, after: dict) -> tuple[int, int] | None:
     """(taken jmp/jcc the profile itself counts, that count after the layout): the
     measurement the kernel will give, predicted. dyno-stats cover the functions

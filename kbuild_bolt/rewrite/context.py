@@ -39,6 +39,15 @@ class RewriteOptions:
     # reversed: that side falls through, the site jumps to the other one, and
     # its __jump_table entry flips its branch sense (and so its initial form).
     reverse_static_keys: bool = True
+    # Indirect-call promotion (BOLT's -indirect-call-promotion): "calls" gives a
+    # hot indirect call whose profile shows a dominant target a direct path to
+    # it (see kbuild_bolt.rewrite.promote); "none" leaves every call as it is.
+    indirect_call_promotion: str = "calls"
+    icp_share: float = 80.0       # percent of the site's calls the target must take
+    icp_min_calls: int = 100      # calls of the site in the profile, at least
+    # Torture mode: every eligible indirect call promoted (to its profiled target,
+    # else to some function: only the fallback runs), to prove the fixups.
+    icp_every_site: bool = False
 
     @property
     def moves_functions(self) -> bool:
@@ -71,6 +80,10 @@ class RewriteResult:
     # (taken jmp/jcc the profile counts, predicted after): what measuring will show
     taken_prediction: tuple | None = None
     static_keys_reversed: int = 0   # static-key sites whose branch sense was flipped
+    # Indirect calls given a direct path: (sites, calls the profile saw there, of
+    # which to the promoted target), and why other indirect calls were not.
+    calls_promoted: tuple = (0, 0, 0)
+    icp_skipped: Counter = field(default_factory=Counter)
     orc_entries: tuple = (0, 0)
     verify_summary: str = ""
     fragments: int = 0
@@ -110,6 +123,8 @@ class RewriteResult:
             parts.append(f"{self.unnamed:,} cold parts unnamed in kallsyms (no room)")
         if self.static_keys_reversed:
             parts.append(f"{self.static_keys_reversed:,} static-key sites reversed")
+        if self.calls_promoted[0]:
+            parts.append(f"{self.calls_promoted[0]:,} indirect calls promoted")
         if self.sympos_changed:
             parts.append(f"livepatch sympos changed for {len(self.sympos_changed)} names")
         if self.profile_used is not None:
@@ -153,6 +168,14 @@ class RewriteResult:
             lines.append(f"kallsyms: no room for {self.unnamed:,} cold part names (build the "
                          "kernel with CONFIG_BOLT to reserve it): stack traces, perf and "
                          "/proc/kallsyms show them as part of the symbol before them")
+        if self.calls_promoted[0] or self.icp_skipped:
+            sites, calls, hits = self.calls_promoted
+            share = f", {100 * hits / calls:.1f}% of their {calls:,} profiled calls go " \
+                "the direct way" if calls else ""
+            lines.append(f"indirect calls promoted: {sites:,} sites{share}")
+            if self.icp_skipped:
+                lines.append("  not promoted: " + ", ".join(
+                    f"{reason} {n:,}" for reason, n in self.icp_skipped.most_common()))
         lines.append(f"bytes changed: {self.bytes_changed:,} "
                      f"(jumps added {self.inserted_jumps:,}, bytes dropped {self.dropped_bytes:,})")
         lines.append(f"relocations updated: {self.relocations_changed:,} "
@@ -212,6 +235,7 @@ class RewriteContext:
     hot_len: dict = field(default_factory=dict)     # functions: row -> blocks in its hot part
     rank: np.ndarray | None = None          # functions: placement order of each moving one
     same_name_before: np.ndarray | None = None  # functions: same-named function before each
+    promotions: object = None               # promote: indirect calls given a direct path
     slots: np.ndarray | None = None         # emit: end of every function's slot
     emission: object = None                 # emit: new code of every rewritten function
     metadata: list = field(default_factory=list)    # fit: the metadata rewriters of this run

@@ -8,6 +8,9 @@ when its target follows), a static-key site keeps its nop/jmp state at 2 or 5
 bytes, and a jump is added where a fall-through no longer falls through.
 Everything else is part of the body: table sites (retpoline, return, static
 call), patch units (alternatives, paravirt: never resized), calls, returns.
+A promoted indirect call (kbuild_bolt.rewrite.promote) splits the body: a
+cmp, a jne to its fallback and a direct call take its place, and the fallback
+(the call as it was, and a jump back) goes after the function's last block.
 
 Branch sizes are relaxed: all start short and grow until every displacement
 fits. A function too big for its slot keeps the longest prefix of its layout
@@ -35,11 +38,17 @@ from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
 
-# Item kinds
-COPY, JMP, JCC, SITE, NOP = 0, 1, 2, 3, 4
-# Branch item sizes by kind: short (rel8 jmp/jcc, 2-byte static-key site) and long.
-SHORT_SIZE = np.array([0, enc.JMP8, enc.JCC8, 2, 0], np.int64)
-LONG_SIZE = np.array([0, enc.JMP32, enc.JCC32, 5, 0], np.int64)
+# Item kinds (CMP and CALL: the direct path of a promoted indirect call, see
+# kbuild_bolt.rewrite.promote)
+COPY, JMP, JCC, SITE, NOP, CMP, CALL = 0, 1, 2, 3, 4, 5, 6
+# Branch item sizes by kind: short (rel8 jmp/jcc, 2-byte static-key site) and long
+# (a cmp's size is its template's).
+SHORT_SIZE = np.array([0, enc.JMP8, enc.JCC8, 2, 0, 0, enc.CALL32], np.int64)
+LONG_SIZE = np.array([0, enc.JMP32, enc.JCC32, 5, 0, 0, enc.CALL32], np.int64)
+# Items that go somewhere: their destination is linked like a branch's.
+BRANCHES = (JMP, JCC, SITE, CALL)
+TARGETED = (JMP, JCC, SITE, CALL, CMP)
+JNE = 5   # condition code
 
 # How a block ends, for emission (BlockTable.kind).
 END_COPY, END_SITE, END_JMP, END_JCC, END_UNIT_JMP = 0, 1, 2, 3, 4
@@ -98,10 +107,11 @@ class BlockTable:
     """Per-block facts emission needs, for all blocks at once (numpy columns)."""
 
     def __init__(self, model, cfg, is_site: np.ndarray, fill: np.ndarray,
-                 reverse_sites: bool | np.ndarray = False):
+                 reverse_sites: bool | np.ndarray = False, promotions=None):
         """``reverse_sites``: static-key sites (all, or a mask per instruction) that
         are reversed when their jump side is laid out right behind them (see
-        _build_items)."""
+        _build_items). ``promotions``: indirect calls that get a direct path
+        (:class:`kbuild_bolt.rewrite.promote.Promotions`)."""
         insns = model.insns
         nb = len(cfg.block_first)
         first, end, term = cfg.block_first, cfg.block_end, cfg.block_term
@@ -181,13 +191,29 @@ class BlockTable:
         self.site_target = site_target
         may = np.asarray(reverse_sites)
         self.may_reverse = (np.full(nb, bool(may)) if may.ndim == 0 else may[term]) & static_key
+        # Promoted calls of each block: promotions [icp_first, icp_first + icp_count)
+        # (sites ascending, so a block's are contiguous); per promotion, its
+        # call's offset in its block and length.
+        self.promotions = promotions
+        self.icp_first = np.zeros(nb, np.int64)
+        self.icp_count = np.zeros(nb, np.int64)
+        self.p_insn = self.p_off = self.p_len = np.zeros(0, np.int64)
+        if promotions is not None and len(promotions):
+            site = promotions.site
+            b_of = np.searchsorted(first, site, side="right").astype(np.int64) - 1
+            self.icp_count = np.bincount(b_of, minlength=nb).astype(np.int64)
+            self.icp_first[:] = np.searchsorted(b_of, np.arange(nb), side="left")
+            self.p_insn = site
+            self.p_off = (insns.addr[site] - insns.addr[first[b_of]]).astype(np.int64)
+            self.p_len = insns.length[site].astype(np.int64)
         start = insns.addr[first]
         self.whole = (ends[end - 1] - start).astype(np.int64)
         self.body = (insns.addr[term] - start).astype(np.int64)
         self.tail = (ends[end - 1] - ends[term]).astype(np.int64)
 
     _COLUMNS = ("kind", "first", "end", "term", "fall", "taken", "t_block", "target", "cc",
-                "site_jmp", "site_target", "whole", "body", "tail", "droppable", "may_reverse")
+                "site_jmp", "site_target", "whole", "body", "tail", "droppable", "may_reverse",
+                "icp_first", "icp_count")
 
     def with_runs(self, model, first: np.ndarray, end: np.ndarray) -> tuple["BlockTable", int]:
         """This table and, after its blocks, one pseudo-block per run of instructions
@@ -204,9 +230,12 @@ class BlockTable:
             "whole": (insns.end[end - 1] - insns.addr[first]).astype(np.int64),
             "body": (insns.addr[end - 1] - insns.addr[first]).astype(np.int64),
             "tail": np.zeros(n, np.int64), "droppable": np.zeros(n, bool),
-            "may_reverse": np.zeros(n, bool),
+            "may_reverse": np.zeros(n, bool), "icp_first": np.zeros(n, np.int64),
+            "icp_count": np.zeros(n, np.int64),
         }
         out = BlockTable.__new__(BlockTable)
+        out.promotions, out.p_insn, out.p_off, out.p_len = \
+            self.promotions, self.p_insn, self.p_off, self.p_len
         base = len(self.kind)
         for name in self._COLUMNS:
             mine = getattr(self, name)
@@ -244,6 +273,8 @@ class _Items:
     # Branches to another function that moved: the item the target is in now and
     # the offset into it (dest_item then points there; 0 for everything else).
     dest_off: np.ndarray | None = None
+    # Per item: the promotion (index) a CMP item compares with (-1: none).
+    icp: np.ndarray | None = None
 
     def part_starts(self) -> np.ndarray:
         """Index of the first item of each part (parts are contiguous runs of items)."""
@@ -253,22 +284,29 @@ class _Items:
         return np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
 
     def branches(self) -> np.ndarray:
-        """Indices of the branch items (jmp, jcc, static-key site)."""
-        return np.flatnonzero((self.kind != COPY) & (self.kind != NOP))
+        """Indices of the branch items (jmp, jcc, static-key site, direct call)."""
+        return np.flatnonzero(np.isin(self.kind, BRANCHES))
 
-    def displacements(self, addr: np.ndarray, which: np.ndarray) -> np.ndarray:
-        """Displacement (from its end) of each branch ``which`` to where it goes."""
+    def destinations(self, addr: np.ndarray, which: np.ndarray) -> np.ndarray:
+        """Where each item ``which`` (a branch, a cmp) goes, at the addresses ``addr``."""
         d = self.dest_item[which]
         dest = np.where(d >= 0, addr[np.maximum(d, 0)], self.dest_addr[which])
         if self.dest_off is not None:
             dest = dest + self.dest_off[which].astype(np.uint64)
+        return dest
+
+    def displacements(self, addr: np.ndarray, which: np.ndarray) -> np.ndarray:
+        """Displacement (from its end) of each branch ``which`` to where it goes."""
+        dest = self.destinations(addr, which)
         return (dest - addr[which] - self.size[which].astype(np.uint64)).view(np.int64)
 
 
 def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: np.ndarray,
-                 moved_interior) -> _Items:
+                 moved_interior, no_icp: np.ndarray | None = None) -> _Items:
     """Items for the blocks ``lay`` (positions of functions ``lay_f`` in parts
-    ``lay_part``: contiguous per part), each part laid out contiguously."""
+    ``lay_part``: contiguous per part), each part laid out contiguously.
+    ``no_icp``: per function index, True where its promoted calls stay as they
+    are (its layout with them does not fit)."""
     npos = len(lay)
     nxt = np.full(npos, -1, np.int64)
     if npos > 1:
@@ -305,41 +343,120 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     jcc_flip = is_jcc & ~jcc_keep & (tb >= 0) & (tb == nxt)      # inverted: target follows
     branch_end = site | is_jmp | is_jcc
 
-    # Up to four items per position: [body or whole copy] [terminator] [tail] [added jmp].
+    # Promoted indirect calls split the body's copy: [copy up to the first call]
+    # then, per call, [cmp] [jne fallback] [call target] [copy up to the next call
+    # or the body's end]. Each fallback (the call itself, then a jump back to
+    # right after the direct call) goes after the function's last position: it
+    # is cold, and in the function's last part.
+    count = bt.icp_count[b].copy()
+    if no_icp is not None:
+        count[no_icp[lay_f]] = 0
+    first_p = bt.icp_first[b]
+    body_end = np.where(plain, i1, term)
+    body_size = np.where(plain, whole, body)
+    m_icp = int(count.max()) if npos else 0
+    p_insn, p_off, p_len = bt.p_insn, bt.p_off, bt.p_len
+    promos = bt.promotions
+
+    def per_call(j, values, default):
+        """Per position: ``values`` of its j-th promoted call (``default`` without)."""
+        has = j < count
+        k = np.where(has, first_p + j, 0)
+        return np.where(has, values[k] if len(values) else default, default), has
+
+    # Slots: [copy] ([cmp] [jne] [call] [copy]) per promoted call, [terminator]
+    # [tail] [added jmp].
     s0 = plain | ((unit_nop | branch_end) & (i0 < term))
+    c0, _ = per_call(0, p_insn, 0)
+    off0, _ = per_call(0, p_off, 0)
+    slots_present = [np.where(count > 0, off0 > 0, s0)]
+    slot_values = {"kind": [COPY], "size": [np.where(count > 0, off0, body_size)],
+                   "i0": [i0], "i1": [np.where(count > 0, c0, body_end)],
+                   "state": [-1], "icp": [-1], "target": [0], "cc": [0]}
+    for j in range(m_icp):
+        c, has = per_call(j, p_insn, 0)
+        off, _ = per_call(j, p_off, 0)
+        ln, _ = per_call(j, p_len, 0)
+        nxt_c, more = per_call(j + 1, p_insn, 0)
+        nxt_off, _ = per_call(j + 1, p_off, 0)
+        seg_end = np.where(more, nxt_c, body_end)
+        seg_size = np.where(more, nxt_off, body_size) - off - ln
+        k = np.where(has, first_p + j, -1)
+        target = np.where(has, promos.target[np.maximum(k, 0)], 0)
+        cmp_size = np.where(has, promos.length[np.maximum(k, 0)], 0)
+        slots_present += [has, has, has, has & (seg_size > 0)]
+        for name, values in (("kind", (CMP, JCC, CALL, COPY)),
+                             ("size", (cmp_size, enc.JCC8, enc.CALL32, seg_size)),
+                             ("i0", (0, 0, 0, c + 1)), ("i1", (0, 0, 0, seg_end)),
+                             ("state", (c, c, c, -1)), ("icp", (k, -1, -1, -1)),
+                             ("target", (target, 0, target, 0)), ("cc", (0, JNE, 0, 0))):
+            slot_values[name].extend(values)
+    n_mid = len(slots_present)
     s1 = unit_nop | site | (is_jmp & ~elide) | is_jcc
     s2 = ((is_jmp & ~elide) | is_jcc | site) & (term + 1 < i1)
     fall_left = np.where(unit_nop | is_jmp | jcc_keep | jcc_flip | flip, -1, fall)
     s3 = (fall_left >= 0) & (fall_left != nxt)
-    present = np.stack([s0, s1, s2, s3], axis=1)
+    present = np.stack(slots_present + [s1, s2, s3], axis=1)
     counts = present.sum(axis=1)
+    # Fallbacks, two items each, after the items of their function's last position
+    # (in the order of their calls).
+    fb_pos = np.repeat(np.arange(npos), count)
+    fb_j = np.arange(len(fb_pos)) - np.repeat(np.cumsum(count) - count, count)
+    fb_p = first_p[fb_pos] + fb_j               # promotion index
+    run_start = np.r_[True, lay_f[1:] != lay_f[:-1]] if npos else np.zeros(0, bool)
+    run_last = np.flatnonzero(np.r_[run_start[1:], True]) if npos else np.zeros(0, np.int64)
+    anchor = run_last[np.cumsum(run_start)[fb_pos] - 1]
+    per_pos = counts + 2 * np.bincount(anchor, minlength=npos)
     first_item = np.zeros(npos, np.int64)
-    np.cumsum(counts[:-1], out=first_item[1:])
+    np.cumsum(per_pos[:-1], out=first_item[1:])
+    n_items = int(per_pos.sum())
+    slot_item = first_item[:, None] + np.cumsum(present, axis=1) - 1
+    normal = slot_item[present]
+    fb_copy = (first_item[anchor] + counts[anchor]
+               + 2 * (np.arange(len(anchor)) - np.searchsorted(anchor, anchor, side="left")))
+    fb_jmp = fb_copy + 1
+    fb_call = slot_item[fb_pos, 3 + 4 * fb_j]    # the direct call it stands beside
+    fb_insn = p_insn[fb_p] if len(fb_p) else np.zeros(0, np.int64)
 
     t_kind = np.select([unit_nop, site, is_jmp], [NOP, SITE, JMP], JCC).astype(np.int8)
 
-    def column(dtype, s0_value, s1_value, s2_value, s3_value) -> np.ndarray:
-        """One item attribute: the four slots' values, only the items present."""
-        m = np.empty((npos, 4), dtype)
-        for k, value in enumerate((s0_value, s1_value, s2_value, s3_value)):
+    def column(dtype, slots, fallback=(0, 0)) -> np.ndarray:
+        """One item attribute: each slot's values and the two fallback items'
+        values, only the items present, in layout order."""
+        m = np.empty((npos, len(slots)), dtype)
+        for k, value in enumerate(slots):
             m[:, k] = value
-        return m[present]
+        out = np.empty(n_items, dtype)
+        out[normal] = m[present]
+        out[fb_copy], out[fb_jmp] = fallback
+        return out
 
-    item_pos = column(np.int64, *(np.arange(npos),) * 4)
-    kinds = column(np.int8, COPY, t_kind, COPY, JMP)
-    sizes = column(np.int64, np.where(plain, whole, body),
-                   np.where(unit_nop, whole - body, SHORT_SIZE[t_kind]), bt.tail[b], enc.JMP8)
-    i0s = column(np.int64, i0, 0, term + 1, 0)
-    i1s = column(np.int64, np.where(plain, i1, term), 0, i1, 0)
-    ccs = column(np.int8, 0, np.where(jcc_flip, bt.cc[b] ^ 1, bt.cc[b]), 0, 0)
-    to_block = column(bool, False, np.where(site, site_block, jcc_flip | (tb >= 0)) & ~unit_nop,
-                      False, True)
-    blocks = column(np.int64, -1, np.where(site, np.where(flip, fall, taken),
-                                           np.where(jcc_flip, fall, tb)), -1, fall_left)
-    dest_addr = column(np.uint64, 0, np.where(site, site_target, bt.target[b]), 0, 0)
-    origins = column(np.int64, -1, term, -1, -1)
-    states = column(np.int64, -1, term, -1, bt.first[np.maximum(fall_left, 0)])
-    site_jmps = column(bool, False, bt.site_jmp[b] ^ flip, False, False)
+    mid = n_mid - 1
+    item_pos = column(np.int64, (np.arange(npos),) * (n_mid + 3), (anchor, anchor))
+    kinds = column(np.int8, slot_values["kind"] + [t_kind, COPY, JMP], (COPY, JMP))
+    sizes = column(np.int64, slot_values["size"] + [
+        np.where(unit_nop, whole - body, SHORT_SIZE[t_kind]), bt.tail[b], enc.JMP8],
+        (p_len[fb_p] if len(fb_p) else 0, enc.JMP8))
+    i0s = column(np.int64, slot_values["i0"] + [0, term + 1, 0], (fb_insn, 0))
+    i1s = column(np.int64, slot_values["i1"] + [0, i1, 0], (fb_insn + 1, 0))
+    ccs = column(np.int8, slot_values["cc"] + [np.where(jcc_flip, bt.cc[b] ^ 1, bt.cc[b]),
+                                               0, 0])
+    to_block = column(bool, [False] * n_mid + [np.where(site, site_block, jcc_flip | (tb >= 0))
+                                               & ~unit_nop, False, True], (False, False))
+    blocks = column(np.int64, [-1] * n_mid + [np.where(site, np.where(flip, fall, taken),
+                                                       np.where(jcc_flip, fall, tb)), -1,
+                                              fall_left], (-1, -1))
+    dest_addr = column(np.uint64, slot_values["target"] + [
+        np.where(site, site_target, bt.target[b]), 0, 0])
+    origins = column(np.int64, [-1] * n_mid + [term, -1, -1], (-1, -1))
+    # (the fallback's jump back runs after the call returned: the state after it)
+    states = column(np.int64, slot_values["state"] + [term, -1,
+                                                      bt.first[np.maximum(fall_left, 0)]],
+                    (-1, fb_insn + 1))
+    site_jmps = column(bool, [False] * n_mid + [bt.site_jmp[b] ^ flip, False, False],
+                       (False, False))
+    icps = column(np.int64, slot_values["icp"] + [-1, -1, -1], (-1, -1))
+    del mid
     # Branches to a block land on that block's first item.
     pos_of_block = np.full(len(bt.kind), -1, np.int64)
     pos_of_block[lay] = np.arange(npos)
@@ -350,6 +467,11 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     if lost.any():
         error[item_pos[lost]] = DROPPED_REF
         dest_item[lost] = first_item[item_pos[lost]]
+    # Each jne goes to its fallback; the fallback's jump back to the item right after
+    # the direct call (the rest of the block; the next block when the call ended
+    # its block, which then falls through: see promote.eligible_calls).
+    dest_item[fb_call - 1] = fb_copy
+    dest_item[fb_jmp] = fb_call + 1
     del blocks, dest_pos, to_block
     elided_to = np.full(npos, -1, np.int64)
     if elide.any():
@@ -361,7 +483,7 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
                   dropped=np.where(elide, whole - body, 0), inserted=s3,
                   first_item=first_item, lay=lay, lay_f=lay_f,
                   flipped=np.stack([lay_f[flip], term[flip], bt.first[fall[flip]]],
-                                   axis=1).astype(np.int64))
+                                   axis=1).astype(np.int64), icp=icps)
 
 
 def _relax(items: _Items, part_base: np.ndarray) -> np.ndarray:
@@ -436,6 +558,9 @@ class Emission:
     # Static-key sites reversed: (function index, site instruction, instruction it
     # now jumps to), see _build_items.
     flipped: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
+    # Promoted indirect calls: (function index, address of the cmp's imm32, address
+    # of the direct call's rel32, target, promotion index), see _promoted.
+    promoted: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), np.int64))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -524,7 +649,8 @@ class Emission:
             deferred=(index[d[0][dk]],) + tuple(x[dk] for x in d[1:]),
             extent=None if self.extent is None else self.extent[keep],
             code_base=None if self.code_base is None else self.code_base[keep], free=self.free,
-            flipped=_kept_rows(self.flipped, keep, index))
+            flipped=_kept_rows(self.flipped, keep, index),
+            promoted=_kept_rows(self.promoted, keep, index))
 
 
 @dataclass
@@ -547,6 +673,7 @@ class _Plan:
     frag_base: np.ndarray     # uint64 address of each function's fragment (0: none)
     bases: np.ndarray         # uint64 base of each part: 2f the slot, 2f+1 the fragment
     part: np.ndarray | None = None  # per position: its part (emit_placed)
+    no_icp: np.ndarray | None = None  # per function: its promoted calls stay indirect
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -589,7 +716,7 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
     items, addr = _final_layout(plan, bt, moved_interior)
     copied = _Copied.of(items, model.insns)
     new_addr = _new_addresses(model.insns, bt, items, addr, copied)
-    code, item_off = _bytes(model, items, addr, copied)
+    code, item_off = _bytes(model, bt, items, addr, copied)
     deferred = _fields(model.insns, plan, items, copied, item_off, new_addr, code,
                        moved_interior)
     emission = _emission(plan, items, addr, copied, code, item_off, new_addr, deferred)
@@ -645,15 +772,25 @@ def _fit_slots(model, plan: _Plan, bt: BlockTable, moved_interior,
     with free room to split into), and the items of that layout; the others that
     do not fit are left alone."""
     nf = len(plan)
-    whole = _build_items(bt, plan.lay, plan.lay_f, plan.lay_f, moved_interior)
-    plan.fail_on_errors(whole)
-    addr = _relax(whole, plan.start)
-    ends = _part_ends(whole, addr, nf)
-    over = (plan.failure == OK) & ((ends - plan.start).astype(np.int64) > plan.slot)
     in_text = np.zeros(nf, bool)
     text = model.image.section(".text")
     if can_split and text is not None:
         in_text = model.functions.section[plan.rows] == text.index
+
+    def whole_layout():
+        whole = _build_items(bt, plan.lay, plan.lay_f, plan.lay_f, moved_interior, plan.no_icp)
+        plan.fail_on_errors(whole)
+        ends = _part_ends(whole, _relax(whole, plan.start), nf)
+        return whole, (plan.failure == OK) & ((ends - plan.start).astype(np.int64) > plan.slot)
+
+    whole, over = whole_layout()
+    promoted = np.bincount(whole.func[whole.kind == CMP], minlength=nf) > 0
+    if (over & promoted & ~in_text).any():
+        # A function that outgrows its slot by its promoted calls is split (its
+        # coldest blocks, the fallbacks last, go to free room); where it cannot
+        # be, its calls stay indirect (its block layout matters more).
+        plan.no_icp = over & promoted & ~in_text
+        whole, over = whole_layout()
     plan.fail(np.flatnonzero(over & ~in_text), DOES_NOT_FIT)
     return np.flatnonzero(over & in_text), whole
 
@@ -669,7 +806,7 @@ def _split(plan: _Plan, bt: BlockTable, split: np.ndarray, whole: _Items,
     nf = len(plan)
     pos_start = plan.positions_per_function(lay_f)
     # First guess: every branch near, plus a jump to the fragment.
-    long_size = np.where((whole.kind == COPY) | (whole.kind == NOP), whole.size,
+    long_size = np.where(np.isin(whole.kind, (COPY, NOP, CMP)), whole.size,
                          LONG_SIZE[whole.kind])
     cum = np.zeros(len(long_size) + 1, np.int64)
     np.cumsum(long_size, out=cum[1:])
@@ -692,7 +829,7 @@ def _split(plan: _Plan, bt: BlockTable, split: np.ndarray, whole: _Items,
         sel = np.isin(lay_f, pending)
         t_lay, t_f = lay[sel], lay_f[sel]
         t_part = 2 * t_f + (np.arange(len(lay))[sel] - pos_start[t_f] >= keep[t_f])
-        trial = _build_items(bt, t_lay, t_f, t_part, moved_interior)
+        trial = _build_items(bt, t_lay, t_f, t_part, moved_interior, plan.no_icp)
         t_addr = _relax(trial, plan.bases)
         t_end = _part_ends(trial, t_addr, 2 * nf)
         ok = (t_end[2 * pending] - plan.start[pending]).astype(np.int64) <= slot[pending]
@@ -722,7 +859,7 @@ def _final_layout(plan: _Plan, bt: BlockTable, moved_interior) -> tuple[_Items, 
     pos_start = plan.positions_per_function(lay_f)
     keep = plan.keep
     in_frag = (keep[lay_f] >= 0) & (np.arange(len(lay)) - pos_start[lay_f] >= keep[lay_f])
-    items = _build_items(bt, lay, lay_f, 2 * lay_f + in_frag, moved_interior)
+    items = _build_items(bt, lay, lay_f, 2 * lay_f + in_frag, moved_interior, plan.no_icp)
     addr = _relax(items, plan.bases)
     # The fragment was laid out far away, so every branch between it and the slot
     # is already rel32: moving it to its place in free room keeps every size (and
@@ -767,7 +904,7 @@ def _new_addresses(insns, bt: BlockTable, items: _Items, addr: np.ndarray,
     return new_addr
 
 
-def _bytes(model, items: _Items, addr: np.ndarray,
+def _bytes(model, bt: BlockTable, items: _Items, addr: np.ndarray,
            copied: _Copied) -> tuple[np.ndarray, np.ndarray]:
     """Every function's new bytes, one after the other (copied runs and encoded
     branches), and the offset of each item in them."""
@@ -777,6 +914,7 @@ def _bytes(model, items: _Items, addr: np.ndarray,
     copy = copied.items
     _copy_bytes(model, code, item_off[copy], copied.base[copy], items.size[copy])
     _encode_branches(items, addr, item_off, code)
+    _encode_compares(bt, items, addr, item_off, code)
     return code, item_off
 
 
@@ -1044,7 +1182,7 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     code_base, plan.frag_base = final[0::2].copy(), final[1::2].copy()
     copied = _Copied.of(items, insns)
     new_addr = _new_addresses(insns, bt, items, addr, copied)
-    code, item_off = _bytes(model, items, addr, copied)
+    code, item_off = _bytes(model, bt, items, addr, copied)
     deferred = _fields(insns, plan, items, copied, item_off, new_addr, code, moved)
     _raise_failures(model, plan)   # (found only once placed: all is placed again)
     emission = _emission(plan, items, addr, copied, code, item_off, new_addr, deferred,
@@ -1148,8 +1286,7 @@ def _optimistic(insns, items: _Items) -> None:
 def _link_targets(insns, bt: BlockTable, items: _Items, moved) -> None:
     """Point every branch to another function that moved at the item its target is
     in now (``dest_item`` + ``dest_off``): its address then follows the layout."""
-    out = np.flatnonzero(((items.kind == JMP) | (items.kind == JCC) | (items.kind == SITE))
-                         & (items.dest_item < 0))
+    out = np.flatnonzero(np.isin(items.kind, TARGETED) & (items.dest_item < 0))
     items.dest_off = np.zeros(len(items.kind), np.int64)
     if not len(out):
         return
@@ -1279,7 +1416,7 @@ def _emission(plan: _Plan, items: _Items, addr, copied: _Copied, code, item_off,
         item_func=items.func, item_kind=items.kind, item_addr=addr, item_size=items.size,
         item_base=copied.base, item_state=items.state, item_origin=items.origin,
         new_addr=new_addr, deferred=deferred, flipped=items.flipped,
-        **placed)
+        promoted=_promoted(items, addr), **placed)
 
 
 def _kept_rows(rows: np.ndarray, keep: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -1338,6 +1475,9 @@ def _encode_branches(items: _Items, addr: np.ndarray, item_off: np.ndarray,
     disp = items.displacements(addr, br)
     at = item_off[br]
     k, n = kind[br], size[br]
+    sel = k == CALL
+    code[at[sel]] = 0xE8
+    put_fields(code, at[sel] + 1, 4, disp[sel])
     jumps = (k == JMP) | ((k == SITE) & items.site_jmp[br])
     for sel, opcode, width in ((jumps & (n == 2), (0xEB,), 1), (jumps & (n == 5), (0xE9,), 4)):
         code[at[sel]] = opcode[0]
@@ -1358,3 +1498,38 @@ def _encode_branches(items: _Items, addr: np.ndarray, item_off: np.ndarray,
     for i in np.flatnonzero(kind == NOP).tolist():
         at_i, n_i = int(item_off[i]), int(size[i])
         code[at_i:at_i + n_i] = np.frombuffer(enc.nop(n_i), np.uint8)
+
+
+def _encode_compares(bt: BlockTable, items: _Items, addr: np.ndarray, item_off: np.ndarray,
+                     code: np.ndarray) -> None:
+    """The cmp of every promoted call: its template, and the target's new address
+    as a sign-extended imm32 (kernel text is in the top 2 GiB)."""
+    cmp = np.flatnonzero(items.kind == CMP)
+    if not len(cmp):
+        return
+    k = items.icp[cmp]
+    template, length = bt.promotions.template[k], bt.promotions.length[k]
+    at = item_off[cmp]
+    span = np.arange(template.shape[1])
+    inside = span[None, :] < length[:, None]
+    code[(at[:, None] + span[None, :])[inside]] = template[inside]
+    dest = items.destinations(addr, cmp).view(np.int64)
+    if ((dest < -(1 << 31)) | (dest >= (1 << 31))).any():
+        raise ValueError("a promoted call's target is outside the top 2 GiB")
+    put_fields(code, at + length - 4, 4, dest)
+
+
+def _promoted(items: _Items, addr: np.ndarray) -> np.ndarray:
+    """(function index, cmp immediate's address, call's rel32 address, target,
+    promotion index) of every promoted call, int64 (addresses as two's
+    complement)."""
+    cmp = np.flatnonzero(items.kind == CMP)
+    out = np.zeros((len(cmp), 5), np.int64)
+    if len(cmp):
+        call = cmp + 2      # (cmp, jne, call)
+        out[:, 0] = items.func[cmp]
+        out[:, 1] = (addr[cmp] + items.size[cmp].astype(np.uint64) - np.uint64(4)).view(np.int64)
+        out[:, 2] = (addr[call] + np.uint64(1)).view(np.int64)
+        out[:, 3] = items.destinations(addr, cmp).view(np.int64)
+        out[:, 4] = items.icp[cmp]
+    return out

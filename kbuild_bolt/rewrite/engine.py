@@ -8,6 +8,8 @@ BOLT's phases, for a kernel:
 - discover: which functions may be laid out again, which are left alone and why;
 - profile: counts onto blocks and edges (``--profile``);
 - layout: a block order per function;
+- promote: hot indirect calls with a dominant target get a direct path to it
+  (``--indirect-call-promotion``), their functions laid out;
 - functions: with ``--reorder-functions``/``--split-functions``, which functions
   move whole, their order in their text regions, and which blocks go cold;
 - emit: each function's new bytes inside its own slot (function start
@@ -147,6 +149,31 @@ def lay_out_blocks(ctx: RewriteContext) -> None:
             ctx.orders[row] = order
 
 
+def promote_calls(ctx: RewriteContext) -> None:
+    """candidates, profile_layout -> promotions; every function with one is laid
+    out (in its block order when that did not change)."""
+    from kbuild_bolt.rewrite import promote
+
+    model, cfg, options = ctx.model, ctx.cfg, ctx.options
+    seen = None
+    if ctx.profile_layout is not None:
+        from kbuild_bolt.profile.attach import indirect_calls
+
+        seen = indirect_calls(model, ctx.profile_layout.profile)
+    promotions = promote.choose(model, cfg, ctx.candidates, seen, share=options.icp_share,
+                                min_calls=options.icp_min_calls,
+                                every_site=options.icp_every_site, seed=options.seed)
+    ctx.promotions = promotions
+    ctx.result.icp_skipped = promotions.skipped
+    rows = set(np.unique(model.function_of_insn[promotions.site]).tolist())
+    for row in rows - set(ctx.orders):
+        ctx.orders[row] = list(cfg.blocks_of(row))
+        ctx.result.unchanged -= 1
+    ctx.unchanged_rows = [r for r in ctx.unchanged_rows if r not in rows]
+    if len(promotions):
+        ctx.say(f"promoting {len(promotions):,} indirect calls")
+
+
 def lay_out_functions(ctx: RewriteContext) -> None:
     """candidates, orders, profile_layout -> moves, orders (every moving function),
     hot_len, rank."""
@@ -264,17 +291,31 @@ def emit(ctx: RewriteContext) -> None:
         at = np.maximum(i, 0)
         return (i >= 0) & (cand_start[at] < addrs) & (addrs < cand_end[at])
 
-    block_table = BlockTable(model, cfg, table_sites(model), fill_insn,
-                             reverse_sites=reversible_sites(ctx))
+    sites = table_sites(model)
     holes = find_holes(model) if ctx.options.split else []
     result.free_room = sum(b - a for a, b in holes)
     ctx.say(f"laying out {len(ctx.orders):,} functions ({ctx.options.reorder_blocks})")
     trim()
-    emission, failures = emit_functions(model, cfg, block_table, ctx.orders, ctx.slots,
-                                        moved_interior,
-                                        HoleAllocator(holes) if ctx.options.split else None)
-    del block_table
-    trim()
+    while True:
+        block_table = BlockTable(model, cfg, sites, fill_insn,
+                                 reverse_sites=reversible_sites(ctx), promotions=ctx.promotions)
+        emission, failures = emit_functions(model, cfg, block_table, ctx.orders, ctx.slots,
+                                            moved_interior,
+                                            HoleAllocator(list(holes)) if ctx.options.split
+                                            else None)
+        del block_table
+        trim()
+        # A function that cannot be laid out with its promoted calls (no room for
+        # what they add) is laid out without them: all again, once.
+        promotions = ctx.promotions
+        if promotions is None or not len(promotions) or not failures:
+            break
+        failed = np.array([row for row, _ in failures], np.int64)
+        drop = np.isin(model.function_of_insn[promotions.site], failed)
+        if not drop.any():
+            break
+        ctx.promotions = promotions.without(drop, "no room in its function")
+        ctx.result.icp_skipped = ctx.promotions.skipped
     for row, reason in failures:
         ctx.leave_alone([row], reason)
     result.fragments = int((emission.frag_len > 0).sum())
@@ -308,11 +349,11 @@ def emit_moved(ctx: RewriteContext) -> None:
 
     model, cfg, result = ctx.model, ctx.cfg, ctx.result
     analysis = ctx.move_analysis
-    moves = ctx.moves
+    moves = first_moves = ctx.moves
     fill_insn = alignment_fill(model, np.union1d(moves.rows, moves.in_place))
     ctx.slots = slot_ends(model, fill_insn)
     block_table = BlockTable(model, cfg, table_sites(model), fill_insn,
-                             reverse_sites=reversible_sites(ctx))
+                             reverse_sites=reversible_sites(ctx), promotions=ctx.promotions)
     ctx.say(f"laying out {len(moves.rows):,} functions ({ctx.options.reorder_blocks} blocks, "
             f"{ctx.options.reorder_functions} functions"
             f"{', split' if ctx.options.split_functions else ''})")
@@ -351,6 +392,19 @@ def emit_moved(ctx: RewriteContext) -> None:
                 stay[row] = stop.reasons.get(row, "no room")
             candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
             moves = ctx.moves = analysis.plan(candidates, ctx.relaid)
+    promotions = ctx.promotions
+    if len(placed["no_room"]) and promotions is not None and len(promotions):
+        # A region too full for all its functions: what promoted calls add there is
+        # given up before any function's layout is (all placed again, once).
+        text = ctx.text
+        full = np.unique(text.region_index(model.functions.start[np.array(placed["no_room"])]))
+        site_region = text.region_index(model.insns.addr[promotions.site])
+        drop = np.isin(site_region, full)
+        if drop.any():
+            ctx.promotions = promotions.without(drop, "no room in its region")
+            ctx.result.icp_skipped = ctx.promotions.skipped
+            ctx.moves = first_moves
+            return emit_moved(ctx)
     in_place = set(moves.in_place.tolist())
     ctx.moves = moves = placed["plan"]
     for row, reason in stay.items():
@@ -372,7 +426,8 @@ def predict_dyno_stats(ctx: RewriteContext) -> None:
     """profile_layout, emission -> result.dyno (before, after)."""
     if ctx.profile_layout is None:
         raise KbbError("--dyno-stats needs a profile (--profile)")
-    from kbuild_bolt.profile.dyno import MemoryCounter, dyno_stats, whole_run_taken
+    from kbuild_bolt.profile.dyno import (MemoryCounter, dyno_stats, whole_run_taken,
+                                          with_promoted_calls)
 
     model, cfg, profile = ctx.model, ctx.cfg, ctx.profile_layout.profile
     memory = MemoryCounter(model)
@@ -380,6 +435,10 @@ def predict_dyno_stats(ctx: RewriteContext) -> None:
     after = dyno_stats(model, cfg, profile, memory=memory,
                        orders={row: ctx.orders[row] for row in ctx.emission.rows.tolist()},
                        reverse_sites=reversible_sites(ctx))
+    promoted = ctx.emission.promoted[:, 4]
+    if len(promoted):
+        after = with_promoted_calls(after, int(ctx.promotions.calls[promoted].sum()),
+                                    int(ctx.promotions.hits[promoted].sum()))
     ctx.result.dyno = (before, after)
     ctx.result.taken_prediction = whole_run_taken(model, profile, before, after)
 
@@ -554,6 +613,8 @@ PASSES = (
     Pass("discover", discover),
     Pass("profile", attach_profile, when=lambda ctx: ctx.options.reorder_blocks == "ext-tsp"),
     Pass("layout", lay_out_blocks),
+    Pass("promote", promote_calls, when=lambda ctx: ctx.options.indirect_call_promotion != "none"
+         and (ctx.profile_layout is not None or ctx.options.icp_every_site)),
     Pass("functions", lay_out_functions, when=lambda ctx: ctx.options.moves_functions),
     Pass("emit", emit),
     Pass("dyno", predict_dyno_stats, when=lambda ctx: ctx.options.dyno_stats),

@@ -285,6 +285,62 @@ class Symbols(MetadataRewriter):
                     records["size"][funcs[k]] = new
 
 
+class PromotedCalls(MetadataRewriter):
+    """Relocations for the direct path of every promoted indirect call, as the
+    linker would have written them: R_X86_64_32S at the cmp's immediate (the
+    target's address: x86's relocs tool lists it, so KASLR moves it with the
+    kernel) and R_X86_64_PLT32 at the direct call. Both name the section symbol
+    of the target's section. They are appended to the .rela section of the code
+    they are in (after the loadable part: it may grow)."""
+
+    name = "promoted calls"
+
+    def __init__(self):
+        self.sections: dict[int, bytes] = {}
+
+    def update(self, ctx, amap) -> None:
+        from kbuild_bolt.elf.image import R_X86_64_32S, R_X86_64_PLT32
+
+        promoted = ctx.emission.promoted
+        promotions = ctx.promotions
+        if not len(promoted):
+            return
+        k = promoted[:, 4]
+        ctx.result.calls_promoted = (len(promoted), int(promotions.calls[k].sum()),
+                                     int(promotions.hits[k].sum()))
+        model = ctx.model
+        image = model.image
+        imm, call, target = (promoted[:, c].view(np.uint64) for c in (1, 2, 3))
+        field_section = model.section_index_of(imm)
+        target_section = model.section_index_of(target)
+        sec_sym = _section_symbols(model)
+        if (target_section < 0).any() or any(int(t) not in sec_sym
+                                            for t in np.unique(target_section).tolist()):
+            raise KbbError("a promoted call's target has no section symbol to relocate against")
+        sym = np.array([sec_sym[int(t)] for t in target_section.tolist()], np.uint64)
+        addend = (target - np.array([image.sections[int(t)].addr
+                                     for t in target_section.tolist()], np.uint64)).view(np.int64)
+        rela_of = {r.info: r for r in image.rela_sections}
+        for section in np.unique(field_section).tolist():
+            rela = rela_of.get(section)
+            if rela is None:
+                raise KbbError(f"no relocation section for {image.sections[section].name}: "
+                               "promoted calls need one (link with --emit-relocs)")
+            sel = np.flatnonzero(field_section == section)
+            records = np.zeros(2 * len(sel), RELA)
+            records["offset"][0::2] = imm[sel]
+            records["info"][0::2] = (sym[sel] << np.uint64(32)) | np.uint64(R_X86_64_32S)
+            records["addend"][0::2] = addend[sel]
+            records["offset"][1::2] = call[sel]
+            records["info"][1::2] = (sym[sel] << np.uint64(32)) | np.uint64(R_X86_64_PLT32)
+            records["addend"][1::2] = addend[sel] - 4
+            old = bytes(ctx.output.mem[rela.offset:rela.offset + rela.size])
+            self.sections[rela.index] = old + records.tobytes()
+
+    def finalize(self, ctx, changes: FileChanges) -> None:
+        changes.replace.update(self.sections)
+
+
 class Kallsyms(MetadataRewriter):
     """kallsyms inside the image: every symbol at its new address, a name for
     every cold part (as far as the arrays have room: a kernel built with
@@ -551,7 +607,7 @@ def metadata_rewriters(options) -> list[MetadataRewriter]:
     # part that runs while the others work)
     rewriters = [NewCode(), DebugSections(keep=not getattr(options, "strip_debug", False)),
                  CodeReferences(), Relocations(), KernelTables(), OrcUnwind(), Symbols(),
-                 Kallsyms()]
+                 PromotedCalls(), Kallsyms()]
     if options.plant_fault:
         rewriters.append(PlantedFault(options.plant_fault))
     return rewriters

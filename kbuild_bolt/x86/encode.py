@@ -85,3 +85,51 @@ def put_disp(buf: bytearray, offset: int, size: int, value: int) -> bool:
         return False
     buf[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
     return True
+
+
+# Indirect-call promotion: ``cmp $imm32, <what the call calls through>``.
+REGISTERS = ("ax", "cx", "dx", "bx", "sp", "bp", "si", "di",
+             "8", "9", "10", "11", "12", "13", "14", "15")
+CALL32 = 5   # call rel32
+
+
+def cmp_register(reg: int) -> bytes:
+    """``cmp $imm32, %r64`` (REX.W 81 /7), the immediate left zero (the last 4 bytes)."""
+    return bytes((0x48 | (reg >> 3), 0x81, 0xF8 | (reg & 7))) + bytes(4)
+
+
+def cmp_like_call(call: bytes) -> bytes | None:
+    """``cmp $imm32, X`` for an indirect ``call *X`` (FF /2, through a register or a
+    base-register memory operand, at most a REX prefix before it): the same ModRM,
+    SIB and displacement, so it reads exactly what the call reads. The immediate
+    is left zero (the last 4 bytes). None for any other form (segment or other
+    prefixes, RIP-relative or absolute memory: their operand depends on where the
+    instruction is, or on a relocation)."""
+    rex, at = 0, 0
+    if call and 0x40 <= call[0] <= 0x4F:
+        rex, at = call[0], 1
+    if len(call) < at + 2 or call[at] != 0xFF or (call[at + 1] >> 3) & 7 != 2:
+        return None
+    modrm = call[at + 1]
+    mod, rm = modrm >> 6, modrm & 7
+    if mod != 3:
+        if mod == 0 and rm == 5:
+            return None                      # RIP-relative
+        if rm == 4:
+            if len(call) < at + 3:
+                return None
+            sib = call[at + 2]
+            if mod == 0 and sib & 7 == 5:
+                return None                  # no base register: an absolute address
+    return bytes((0x48 | (rex & 0x03), 0x81, (modrm & 0xC7) | (7 << 3))) + call[at + 2:] \
+        + bytes(4)
+
+
+def thunk_register(name: str) -> int | None:
+    """The register a retpoline thunk calls through (``__x86_indirect_thunk_rax``: 0)."""
+    for prefix in ("__x86_indirect_thunk_", "__x86_indirect_call_thunk_"):
+        if name.startswith(prefix):
+            reg = name[len(prefix):]
+            reg = reg[1:] if reg.startswith("r") else reg
+            return REGISTERS.index(reg) if reg in REGISTERS else None
+    return None

@@ -1,5 +1,6 @@
 """The rewrite engine on real kernels: reverse and random layouts (which move nearly
-every block and so exercise every fixup) must verify, keep x86's relocs tool happy
+every block and so exercise every fixup; every indirect call that may be is
+promoted too) must verify, keep x86's relocs tool happy
 (bzImage rebuilt from the output), and boot clean with KASLR on and off; `none`
 changes no loadable byte; bisect finds a planted fault."""
 
@@ -44,9 +45,14 @@ def test_layout_boots_clean(flavor, layout, seed, tmp_path):
     kernel = lab_kernel(flavor)
     out = tmp_path / "vmlinux"
     result = rewrite(kernel.vmlinux, out,
-                     RewriteOptions(reorder_blocks=layout, seed=seed, progress=False))
+                     RewriteOptions(reorder_blocks=layout, seed=seed, progress=False,
+                                    icp_every_site=True))
     assert result.verify_summary.startswith("verify: ok"), result.verify_summary
     assert result.rewritten > 5000
+    # Every indirect call that may be promoted is, to some function it (almost)
+    # never calls: every call runs its fallback (the original call, its retpoline
+    # site entry with it) and jumps back; the cmp immediates are relocated.
+    assert result.calls_promoted[0] > 1000, result.summary()
     assert result.text_coverage >= 0.95, result.summary()
     # Reordering grows many functions past their slot: their cold end runs from free
     # room in .text (the split path is part of what boots here).

@@ -1,0 +1,230 @@
+"""Indirect-call promotion: which indirect calls get a direct path to the target
+the profile saw them call most.
+
+A promoted call ``call *X`` (through a register, a base-register memory operand,
+or a retpoline thunk ``call __x86_indirect_thunk_<reg>``) is emitted as::
+
+        cmp  $target, X         # the same operand the call reads
+        jne  .Lfallback         # (laid out at the end of the function: cold)
+        call target             # direct: no retpoline, no indirect prediction
+    .Lnext:
+        ...
+    .Lfallback:
+        call *X                 # the original call, byte for byte (its
+        jmp  .Lnext             #  .retpoline_sites entry follows it here)
+
+The emitter lays this out (:mod:`kbuild_bolt.rewrite.emit`); this module only
+decides where, and why not elsewhere. What keeps it safe for a kernel:
+
+- the call is not part of anything the kernel patches as a unit (alternatives,
+  paravirt: those become direct calls at boot anyway) and no other table names
+  it; the path continues right after it (it does not end its function);
+- the operand does not depend on where the instruction is (no RIP-relative or
+  absolute memory, no segment prefix) so the ``cmp`` reads exactly what the
+  call reads; the flags the ``cmp`` sets are dead (a call clobbers them);
+- the target is a function entry in permanent text (init text is freed: a
+  pointer could not keep naming it) and its address in the ``cmp`` carries an
+  R_X86_64_32S relocation, so KASLR moves it with the kernel;
+- kernels with kCFI (clang ``__cfi_`` preambles, FineIBT) are left alone: the
+  direct path would skip the callee-side check FineIBT moves there;
+- a direct call needs no ENDBR at its target (IBT only checks indirect ones);
+  with call depth tracking (``.call_sites``, which cannot grow) the new direct
+  call is not accounted: the return thunk then refills the RSB earlier, never
+  later, which costs only time in ``retbleed=stuff`` mode.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kbuild_bolt.kernel.tables import base
+from kbuild_bolt.x86 import decode as x86
+from kbuild_bolt.x86 import encode as enc
+
+TEMPLATE = 16   # bytes kept per cmp template (the longest form is 13)
+JNE = 5         # condition code of jne
+
+# Thresholds, as BOLT's -icp-calls-* options: the target's share of the site's
+# calls (percent) and the site's calls in the profile. Every call that goes
+# elsewhere takes the jne and the jump back: at 80%, the lab workloads keep
+# their taken jumps (at 50% they took 0.5% more) and still lose most of their
+# indirect calls (benchmarks/bench_icp.py).
+DEFAULT_SHARE = 80.0
+DEFAULT_MIN_CALLS = 100
+
+
+@dataclass
+class Promotions:
+    """Promoted calls, by site (instruction index, ascending)."""
+
+    site: np.ndarray        # int64 instruction index of the call
+    target: np.ndarray      # uint64 old address of the function on the direct path
+    calls: np.ndarray       # int64 times the profile saw the site run
+    hits: np.ndarray        # int64 of which it went to ``target``
+    template: np.ndarray    # uint8 (n, TEMPLATE): the cmp, its immediate zero
+    length: np.ndarray      # int64 bytes of the cmp
+    skipped: Counter = field(default_factory=Counter)   # reason -> sites
+
+    def __len__(self) -> int:
+        return len(self.site)
+
+    def without(self, drop: np.ndarray, reason: str) -> "Promotions":
+        """These promotions but those where ``drop`` is True (counted for ``reason``)."""
+        keep = ~drop
+        skipped = Counter(self.skipped)
+        if drop.any():
+            skipped[reason] += int(drop.sum())
+        return Promotions(self.site[keep], self.target[keep], self.calls[keep],
+                          self.hits[keep], self.template[keep], self.length[keep], skipped)
+
+    @classmethod
+    def none(cls) -> "Promotions":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64),
+                   np.zeros(0, np.int64), np.zeros((0, TEMPLATE), np.uint8),
+                   np.zeros(0, np.int64))
+
+
+@dataclass
+class Eligible:
+    """Indirect calls that may be promoted, with their cmp templates."""
+
+    site: np.ndarray
+    template: dict          # site -> cmp bytes
+    skipped: Counter
+
+
+def has_kcfi(model) -> bool:
+    return any(n.startswith("__cfi_") for n in model.image.symbols.names)
+
+
+def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
+    """The indirect calls of functions ``rows`` that may get a direct path."""
+    insns = model.insns
+    skipped: Counter = Counter()
+    in_rows = np.zeros(len(model.functions) + 1, bool)
+    in_rows[rows] = True
+    flow = insns.flow
+    calls = np.flatnonzero(in_rows[model.function_of_insn]
+                           & ((flow == x86.IND_CALL) | (flow == x86.CALL)))
+    thunk_of = {}
+    symbols = model.image.symbols
+    for i, name in enumerate(symbols.names):
+        reg = enc.thunk_register(name)
+        if reg is not None and symbols.shndx[i] > 0:   # (inner labels: NOTYPE)
+            thunk_of[int(symbols.value[i])] = reg
+    direct = flow[calls] == x86.CALL
+    via_thunk = np.array([int(t) in thunk_of for t in insns.ref[calls[direct]].tolist()], bool)
+    keep = np.ones(len(calls), bool)
+    keep[np.flatnonzero(direct)[~via_thunk]] = False
+    calls = calls[keep]
+    if not len(calls):
+        return Eligible(calls, {}, skipped)
+    if has_kcfi(model):
+        skipped["kCFI kernel"] += len(calls)
+        return Eligible(calls[:0], {}, skipped)
+    # Named by a table other than .retpoline_sites (whose entry follows the call
+    # to its fallback copy), or inside a patch unit: left as they are.
+    named = np.zeros(len(insns.addr), bool)
+    for name, data in model.tables.items():
+        if name == ".retpoline_sites":
+            continue
+        for ref in data.spec.refs:
+            if ref.role in (base.SITE, base.BRANCH, base.RANGE):
+                idx = model.insn_index(data.targets(ref.field))
+                named[idx[idx >= 0]] = True
+    starts, ends = model.patch_units
+    addr = insns.addr[calls]
+    u = np.searchsorted(starts, addr, side="right").astype(np.int64) - 1
+    in_unit = u >= 0
+    in_unit[in_unit] &= addr[in_unit] < ends[u[in_unit]]
+    # The path goes on right after the call: in its block, or (a call that ends its
+    # block) in the block it falls through to.
+    from kbuild_bolt.binary.cfg import FALLTHROUGH
+
+    b = np.searchsorted(cfg.block_first, calls, side="right").astype(np.int64) - 1
+    falls = np.zeros(len(cfg.block_first), bool)
+    falls[cfg.edge_src[cfg.edge_kind == FALLTHROUGH]] = True
+    last_in_block = (calls >= cfg.block_term[np.maximum(b, 0)]) & ~falls[np.maximum(b, 0)]
+    ok = np.ones(len(calls), bool)
+    for mask, reason in ((in_unit, "patched at boot (alternative, paravirt)"),
+                         (named[calls], "named by a kernel table"),
+                         (last_in_block, "never returns")):
+        n = int((ok & mask).sum())
+        if n:
+            skipped[reason] += n
+        ok &= ~mask
+    template = {}
+    for s in calls[ok].tolist():
+        if flow[s] == x86.CALL:
+            cmp = enc.cmp_register(thunk_of[int(insns.ref[s])])
+        else:
+            cmp = enc.cmp_like_call(model.image.read(int(insns.addr[s]), int(insns.length[s])))
+        if cmp is None:
+            skipped["operand depends on its place"] += 1
+            continue
+        template[s] = cmp
+    return Eligible(np.array(sorted(template), np.int64), template, skipped)
+
+
+def permanent_entries(model) -> np.ndarray:
+    """Function entries a promoted call may go to (sorted): in code that stays
+    (init text is freed after boot)."""
+    functions = model.functions
+    names = {s.index: s.name for s in model.image.sections}
+    permanent = np.array([not names.get(int(k), "").startswith((".init", ".exit"))
+                          for k in functions.section.tolist()], bool)
+    return np.unique(functions.start[permanent].astype(np.uint64))
+
+
+def choose(model, cfg, rows: np.ndarray, calls_seen, share: float = DEFAULT_SHARE,
+           min_calls: int = DEFAULT_MIN_CALLS, every_site: bool = False,
+           seed: int = 0) -> Promotions:
+    """Promotions in functions ``rows``. ``calls_seen``: the profile's indirect
+    calls (:class:`kbuild_bolt.profile.attach.IndirectCalls`, or None): a site
+    whose most frequent target takes at least ``share`` percent of its calls,
+    and which ran at least ``min_calls`` times, is promoted to it.
+    ``every_site`` (a torture mode for the fixups): every eligible site, to its
+    profiled target when it has one, else to a function it never calls (only the
+    fallback then runs)."""
+    eligible = eligible_calls(model, cfg, rows)
+    skipped = eligible.skipped
+    entries = permanent_entries(model)
+    chosen: dict[int, tuple[int, int, int]] = {}
+    if calls_seen is not None:
+        for site, n, targets in calls_seen.by_site():
+            target, hits = targets[0]
+            if site not in eligible.template:
+                continue
+            if n < min_calls or 100.0 * hits < share * n:
+                skipped["no dominant target"] += 1
+                continue
+            k = np.searchsorted(entries, np.uint64(target))
+            if k >= len(entries) or int(entries[k]) != int(target):
+                skipped["target not a permanent function entry"] += 1
+                continue
+            chosen[site] = (int(target), n, hits)
+    if every_site and len(entries):
+        names = model.functions.names
+        for site in eligible.site.tolist():
+            if site not in chosen:
+                rng = random.Random(f"{seed}:icp:{names[int(model.function_of_insn[site])]}:"
+                                    f"{int(model.insns.addr[site]) & 0xFFFFF}")
+                chosen[site] = (int(entries[rng.randrange(len(entries))]), 0, 0)
+    sites = np.array(sorted(chosen), np.int64)
+    n = len(sites)
+    template = np.zeros((n, TEMPLATE), np.uint8)
+    length = np.zeros(n, np.int64)
+    for k, s in enumerate(sites.tolist()):
+        t = eligible.template[s]
+        template[k, :len(t)] = np.frombuffer(t, np.uint8)
+        length[k] = len(t)
+    values = [chosen[s] for s in sites.tolist()]
+    return Promotions(
+        site=sites, target=np.array([v[0] for v in values], np.uint64),
+        calls=np.array([v[1] for v in values], np.int64),
+        hits=np.array([v[2] for v in values], np.int64),
+        template=template, length=length, skipped=skipped)
