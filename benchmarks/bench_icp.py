@@ -5,8 +5,9 @@
 For each workload an exact QEMU profile of the lab kernel drives the layout
 ``make CONFIG_BOLT=y`` uses (ext-TSP blocks, cdsort functions, hot/cold split)
 twice: without indirect-call promotion and with it (the default). Each result
-is booted with KASLR (the cmp immediates are relocated by x86's relocs tool)
-and checked for kernel warnings; then the same workload is profiled again
+is booted with KASLR (a bzImage made by the tree's own relocs tool from the
+output: the cmp immediates carry R_X86_64_32S) and checked for kernel
+warnings; then the same workload is profiled again
 (KASLR off) and counted: indirect calls executed (through a register, memory
 or a retpoline thunk; paravirt sites, patched into direct calls at boot, are
 not counted) and taken jmp/jcc.
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.kbuild.bzimage import rebuild_bzimage
 from kbuild_bolt.lab.kernels import lab_kernel
 from kbuild_bolt.profile import qemu
 from kbuild_bolt.profile.attach import attach, executed_indirect_calls
@@ -72,7 +74,11 @@ def main() -> int:
             result = rewrite(kernel.vmlinux, out, RewriteOptions(
                 profile=profile, progress=False, strip_debug=True, dyno_stats=True,
                 indirect_call_promotion=icp, **layout))
-            outcome = boot(out, kernel.initramfs, workload=workload, iterations=3, kaslr=True)
+            # (a bzImage made by the tree's own relocs tool from the output: KASLR)
+            bzimage = rebuild_bzimage(kernel.build_dir, out, work / "bzImage")
+            outcome = boot(bzimage, kernel.initramfs, workload=workload, iterations=3,
+                           kaslr=True)
+            assert outcome.kaslr, outcome.summary()
             taken, calls, _, spread = measure(out, kernel.initramfs, workload, args.repeat)
             row = (workload, label, taken0, taken, calls0, calls, result.calls_promoted[0],
                    result.predicted_taken_change(), len(outcome.problems), outcome.ok, spread)

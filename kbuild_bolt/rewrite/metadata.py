@@ -289,8 +289,9 @@ class PromotedCalls(MetadataRewriter):
     """Relocations for the direct path of every promoted indirect call, as the
     linker would have written them: R_X86_64_32S at the cmp's immediate (the
     target's address: x86's relocs tool lists it, so KASLR moves it with the
-    kernel) and R_X86_64_PLT32 at the direct call. Both name the section symbol
-    of the target's section. They are appended to the .rela section of the code
+    kernel) and R_X86_64_PLT32 at the direct call, both naming the section
+    symbol of the target's section; and the call's own relocation at the cmp's
+    copy of its displacement, when it reads memory at a symbol's address. They are appended to the .rela section of the code
     they are in (after the loadable part: it may grow)."""
 
     name = "promoted calls"
@@ -320,6 +321,14 @@ class PromotedCalls(MetadataRewriter):
         sym = np.array([sec_sym[int(t)] for t in target_section.tolist()], np.uint64)
         addend = (target - np.array([image.sections[int(t)].addr
                                      for t in target_section.tolist()], np.uint64)).view(np.int64)
+        # A cmp reading memory through a displacement that names a symbol carries
+        # the call's relocation for it (symbols after the locals are numbered up
+        # by the cold parts' new local symbols, as in every other record).
+        disp_at = promotions.disp_at[k]
+        has_disp = disp_at >= 0
+        cmp_at = imm - (promotions.length[k] - 4).astype(np.uint64)
+        disp_sym = promotions.disp_sym[k].astype(np.uint64)
+        disp_sym[disp_sym >= np.uint64(image.symtab.info)] += np.uint64(len(ctx.new_symbols))
         rela_of = {r.info: r for r in image.rela_sections}
         for section in np.unique(field_section).tolist():
             rela = rela_of.get(section)
@@ -334,8 +343,14 @@ class PromotedCalls(MetadataRewriter):
             records["offset"][1::2] = call[sel]
             records["info"][1::2] = (sym[sel] << np.uint64(32)) | np.uint64(R_X86_64_PLT32)
             records["addend"][1::2] = addend[sel] - 4
+            d = sel[has_disp[sel]]
+            disp = np.zeros(len(d), RELA)
+            disp["offset"] = cmp_at[d] + disp_at[d].astype(np.uint64)
+            disp["info"] = (disp_sym[d] << np.uint64(32)) \
+                | promotions.disp_type[k][d].astype(np.uint64)
+            disp["addend"] = promotions.disp_addend[k][d]
             old = bytes(ctx.output.mem[rela.offset:rela.offset + rela.size])
-            self.sections[rela.index] = old + records.tobytes()
+            self.sections[rela.index] = old + records.tobytes() + disp.tobytes()
 
     def finalize(self, ctx, changes: FileChanges) -> None:
         changes.replace.update(self.sections)

@@ -67,6 +67,13 @@ class Promotions:
     hits: np.ndarray        # int64 of which it went to ``target``
     template: np.ndarray    # uint8 (n, TEMPLATE): the cmp, its immediate zero
     length: np.ndarray      # int64 bytes of the cmp
+    # The relocation of the memory operand's displacement, when the call has one
+    # (``call *table(%rax)``: an absolute address KASLR moves): the cmp carries
+    # the same one, at this offset in the cmp (-1: none).
+    disp_at: np.ndarray = None
+    disp_type: np.ndarray = None
+    disp_sym: np.ndarray = None
+    disp_addend: np.ndarray = None
     skipped: Counter = field(default_factory=Counter)   # reason -> sites
 
     def __len__(self) -> int:
@@ -79,13 +86,9 @@ class Promotions:
         if drop.any():
             skipped[reason] += int(drop.sum())
         return Promotions(self.site[keep], self.target[keep], self.calls[keep],
-                          self.hits[keep], self.template[keep], self.length[keep], skipped)
-
-    @classmethod
-    def none(cls) -> "Promotions":
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64),
-                   np.zeros(0, np.int64), np.zeros((0, TEMPLATE), np.uint8),
-                   np.zeros(0, np.int64))
+                          self.hits[keep], self.template[keep], self.length[keep],
+                          self.disp_at[keep], self.disp_type[keep], self.disp_sym[keep],
+                          self.disp_addend[keep], skipped)
 
 
 @dataclass
@@ -95,6 +98,8 @@ class Eligible:
     site: np.ndarray
     template: dict          # site -> cmp bytes
     skipped: Counter
+    # site -> (offset in the cmp, type, symbol, addend) of its displacement's relocation
+    disp_reloc: dict = field(default_factory=dict)
 
 
 def has_kcfi(model) -> bool:
@@ -157,17 +162,35 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
         if n:
             skipped[reason] += n
         ok &= ~mask
-    template = {}
+    template, disp_reloc = {}, {}
+    relocs = model.code_relocations
+    from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE
+
     for s in calls[ok].tolist():
+        at, n = int(insns.addr[s]), int(insns.length[s])
         if flow[s] == x86.CALL:
             cmp = enc.cmp_register(thunk_of[int(insns.ref[s])])
         else:
-            cmp = enc.cmp_like_call(model.image.read(int(insns.addr[s]), int(insns.length[s])))
+            call = model.image.read(at, n)
+            cmp = enc.cmp_like_call(call)
+            r = int(relocs.first_in([at], [at + n])[0])
+            if cmp is not None and r >= 0:
+                # (a base-register operand's disp32 naming a symbol: the cmp's copy
+                # of it needs the same relocation; it sits one byte further when the
+                # cmp adds the REX prefix the call did not have)
+                kind = int(relocs.type[r])
+                off = int(relocs.offset[r]) - at
+                if kind in PC_RELATIVE or FIELD_SIZE.get(kind) != 4 or off + 4 != n \
+                        or (r + 1 < len(relocs) and int(relocs.offset[r + 1]) < at + n):
+                    cmp = None
+                else:
+                    shift = len(cmp) - 4 - n
+                    disp_reloc[s] = (off + shift, kind, int(relocs.sym[r]), int(relocs.addend[r]))
         if cmp is None:
             skipped["operand depends on its place"] += 1
             continue
         template[s] = cmp
-    return Eligible(np.array(sorted(template), np.int64), template, skipped)
+    return Eligible(np.array(sorted(template), np.int64), template, skipped, disp_reloc)
 
 
 def permanent_entries(model) -> np.ndarray:
@@ -223,8 +246,13 @@ def choose(model, cfg, rows: np.ndarray, calls_seen, share: float = DEFAULT_SHAR
         template[k, :len(t)] = np.frombuffer(t, np.uint8)
         length[k] = len(t)
     values = [chosen[s] for s in sites.tolist()]
+    disp = [eligible.disp_reloc.get(s, (-1, 0, 0, 0)) for s in sites.tolist()]
     return Promotions(
         site=sites, target=np.array([v[0] for v in values], np.uint64),
         calls=np.array([v[1] for v in values], np.int64),
         hits=np.array([v[2] for v in values], np.int64),
-        template=template, length=length, skipped=skipped)
+        template=template, length=length,
+        disp_at=np.array([d[0] for d in disp], np.int64),
+        disp_type=np.array([d[1] for d in disp], np.int64),
+        disp_sym=np.array([d[2] for d in disp], np.int64),
+        disp_addend=np.array([d[3] for d in disp], np.int64), skipped=skipped)

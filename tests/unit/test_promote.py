@@ -25,6 +25,7 @@ dispatch:
     jne .Ld_join
 .Ld_end:  call *(%r12)
 .Ld_join: call *handler(%rip)
+.Ld_tab:  call *handler(%rbx)
     xor %eax, %eax
     ret
     .size dispatch, . - dispatch
@@ -111,15 +112,16 @@ def test_every_site_torture_keeps_every_table_and_relocation_true(kernel, tmp_pa
     result = rewrite(kernel, out, RewriteOptions(reorder_blocks="reverse", progress=False,
                                                  icp_every_site=True, seed=3, **moves))
     assert result.verify_summary.startswith("verify: ok"), result.verify_summary
-    # dispatch: %rax, 0x38(%rbx), %r11, (%r12) (which ends its block); second: the thunk
-    # call. Not the RIP-relative one.
+    # dispatch: %rax, 0x38(%rbx), %r11, (%r12) (which ends its block), handler(%rbx)
+    # (its displacement relocated); second: the thunk call. Not the RIP-relative one.
     # (with functions moving, a function that must stay keeps its calls)
-    assert result.calls_promoted[0] == (4 if whole else 5)
+    assert result.calls_promoted[0] == (5 if whole else 6)
     assert result.icp_skipped["operand depends on its place"] >= 1   # (and the pv call)
     before, after = BinaryModel.open(kernel, jobs=1), BinaryModel.open(out, jobs=1)
     paths = promoted_paths(after)
     assert len(paths) == result.calls_promoted[0]
     retpoline = after.tables[".retpoline_sites"].targets("site").tolist()
+    disp_relocated = 0
     for cmp_at, imm, target, fallback, after_call in paths:
         assert imm == target          # compares with what it calls directly
         assert target in after.functions.start.tolist()     # a function's entry
@@ -133,11 +135,17 @@ def test_every_site_torture_keeps_every_table_and_relocation_true(kernel, tmp_pa
             assert call.near_branch_target == label(after, "__x86_indirect_thunk_rax")
         # R_X86_64_32S at the immediate (KASLR), PLT32 at the direct call
         cmp_len = decode(after, cmp_at)[0].len
-        found = relocations_at(after, [cmp_at + cmp_len - 4, after_call - 4])
+        found = relocations_at(after, [cmp_at + cmp_len - 4, after_call - 4, cmp_at + 3])
         assert found[cmp_at + cmp_len - 4][0] == R_X86_64_32S
         assert found[after_call - 4][0] == R_X86_64_PLT32
+        if after.image.read(cmp_at, 3) == b"\x48\x81\xbb":    # cmpq $t, handler(%rbx)
+            disp_relocated += 1
+            rtype, sym, addend = found[cmp_at + 3]
+            assert rtype == R_X86_64_32S
+            assert int(after.image.symbols.value[sym]) + addend == label(after, "handler")
     # every site promoted is one the input called indirectly
     assert len({p[3] for p in paths}) == len(paths)
+    assert disp_relocated == 1
     del before
 
 
