@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kbuild_bolt.binary.cfg import FALLTHROUGH
+from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
@@ -148,8 +150,6 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
     in_unit[in_unit] &= addr[in_unit] < ends[u[in_unit]]
     # The path goes on right after the call: in its block, or (a call that ends its
     # block) in the block it falls through to.
-    from kbuild_bolt.binary.cfg import FALLTHROUGH
-
     b = np.searchsorted(cfg.block_first, calls, side="right").astype(np.int64) - 1
     falls = np.zeros(len(cfg.block_first), bool)
     falls[cfg.edge_src[cfg.edge_kind == FALLTHROUGH]] = True
@@ -164,8 +164,6 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
         ok &= ~mask
     template, disp_reloc = {}, {}
     relocs = model.code_relocations
-    from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE
-
     for s in calls[ok].tolist():
         at, n = int(insns.addr[s]), int(insns.length[s])
         if flow[s] == x86.CALL:

@@ -28,13 +28,14 @@ _REWRITES = {}
 
 
 def random_layout(flavor, vmlinux, tmp_path_factory):
-    """(output, result) of random functions + random blocks + random splits, once
-    per kernel."""
+    """(output, result) of random functions + random blocks + random splits, every
+    indirect call that may be promoted (to some function: its fallback runs),
+    once per kernel."""
     if flavor not in _REWRITES:
         out = tmp_path_factory.mktemp(f"functions-{flavor}") / "vmlinux"
         result = rewrite(vmlinux, out, RewriteOptions(
             reorder_blocks="random", reorder_functions="random", split_functions=True,
-            seed=SEEDS[flavor], progress=False, strip_debug=True))
+            seed=SEEDS[flavor], progress=False, strip_debug=True, icp_every_site=True))
         _REWRITES[flavor] = (out, result)
     return _REWRITES[flavor]
 
@@ -120,6 +121,7 @@ def test_random_function_layout_boots_clean(flavor, tmp_path_factory, tmp_path):
     assert result.verify_summary.startswith("verify: ok"), result.verify_summary
     assert result.moved_functions > 0.95 * result.rewritten > 10000, result.summary()
     assert result.fragments > 3000, result.summary()
+    assert result.calls_promoted[0] > 1000, result.summary()   # (their fallbacks run)
     assert result.unnamed == 0, result.summary()   # the lab kernels reserve kallsyms room
     assert result.sympos_changed == []
     # Functions that stay (head text, memcpy_orig behind memcpy's short jump, ...)

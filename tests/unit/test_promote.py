@@ -70,8 +70,6 @@ def promoted_paths(model):
             continue
         insns = list(Decoder(64, model.image.read(s.addr, s.size), ip=s.addr))
         for a, b, c in zip(insns, insns[1:], insns[2:]):
-            if (a.code_mnemonic if hasattr(a, "code_mnemonic") else None) is None:
-                pass
             raw = model.image.read(a.ip, a.len)
             if raw[1:2] == b"\x81" and raw[0] & 0xF8 == 0x48 and (raw[2] >> 3) & 7 == 7 \
                     and model.image.read(b.ip, 1) in (b"\x75", b"\x0f") \
