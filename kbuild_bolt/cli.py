@@ -143,10 +143,15 @@ def cmd_rewrite(args) -> int:
 def cmd_bisect(args) -> int:
     from kbuild_bolt.rewrite.bisect import run_bisect
 
-    if not os.path.exists(args.initrd):
+    if args.initrd is None and not args.drive:
+        raise KbbError("bisect needs --initrd and/or --drive")
+    if args.initrd is not None and not os.path.exists(args.initrd):
         raise KbbError(f"{args.initrd}: no such file")
     boot_kwargs = dict(workload=args.workload, iterations=args.iterations, timeout=args.timeout,
-                       smp=args.smp, memory=args.memory)
+                       smp=args.smp, memory=args.memory, append=args.append or "",
+                       extra_qemu=args.qemu_arg or [], drives=args.drive or ())
+    if args.expect is not None or args.drive:
+        boot_kwargs.update(lab=False, expect_text=args.expect)
     result = run_bisect(args.vmlinux, args.initrd, rewrite_options(args), boot_kwargs)
     print(result.summary())
     return 0 if result.full_run_ok else 1
@@ -272,10 +277,13 @@ def _model_and_cfg(path):
 
 
 def _iterations(text: str) -> tuple[int, int]:
+    """N (as 0,N) or SHORT,LONG."""
     try:
-        a, b = (int(x) for x in text.split(","))
+        parts = [int(x) for x in text.split(",")]
+        a, b = parts if len(parts) == 2 else (0, *parts)
     except ValueError:
-        raise KbbError(f"--iterations {text}: expected SHORT,LONG (e.g. 2,12)") from None
+        raise KbbError(f"--iterations {text}: expected N or SHORT,LONG (e.g. 10 or 2,12)") \
+            from None
     return a, b
 
 
@@ -292,14 +300,29 @@ def cmd_profile(args) -> int:
         vmlinux = args.vmlinux or (args.kernel if kernel_entry(args.kernel) == "pvh" else None)
         if vmlinux is None:
             raise KbbError("--vmlinux is needed with a bzImage (to map the profile to code)")
-        if args.with_boot:
-            profile = qemu.record_boot(args.kernel, args.initrd, args.workload,
-                                       _iterations(args.iterations)[1], kaslr=not args.nokaslr,
-                                       vmlinux=vmlinux)
-        else:
-            profile = qemu.record(args.kernel, args.initrd, args.workload,
-                                  _iterations(args.iterations), kaslr=not args.nokaslr, log=log,
-                                  vmlinux=vmlinux)
+        if args.initrd is None and not args.drive:
+            raise KbbError("profile record needs --initrd and/or --drive")
+        kaslr_note = None
+        if args.workload is not None:        # the lab /init's workload
+            if args.with_boot:
+                profile = qemu.record_boot(args.kernel, args.initrd, args.workload,
+                                           _iterations(args.iterations)[1],
+                                           kaslr=not args.nokaslr, vmlinux=vmlinux)
+            else:
+                profile = qemu.record(args.kernel, args.initrd, args.workload,
+                                      _iterations(args.iterations), kaslr=not args.nokaslr,
+                                      log=log, vmlinux=vmlinux, smp=args.smp)
+        else:                                 # any guest
+            profile, recording = qemu.record_guest(
+                args.kernel, vmlinux=vmlinux, initrd=args.initrd, drives=args.drive or (),
+                append=args.append or "", qemu_args=args.qemu_arg or [],
+                start=args.start_marker, stop=args.stop_marker, kaslr=not args.nokaslr,
+                smp=args.smp, memory=args.memory, timeout=args.timeout)
+            profile.source = "qemu:guest"
+            kaslr_note = (f"KASLR on, offset {recording.kaslr_offset:#x} found from the code"
+                          if recording.boot.kaslr else
+                          "KASLR off" + ("" if not args.nokaslr else " (--nokaslr)"))
+            log(f"recorded the {recording.cutoff}, {recording.boot.seconds:.0f} s; {kaslr_note}")
         model, cfg = _model_and_cfg(vmlinux)
         profile.kernel = model.version.release
         profile.shapes = shapes_for(model, cfg, profile)
@@ -308,7 +331,7 @@ def cmd_profile(args) -> int:
         write_profile(profile, args.output)
         print(f"profile: {len(profile.range_start):,} ranges, {len(profile.src):,} transfers, "
               f"{profile.total:,} executions of kernel blocks, {100 * matched:.2f}% on "
-              f"{vmlinux}'s code -> {args.output}")
+              f"{vmlinux}'s code{f' ({kaslr_note})' if kaslr_note else ''} -> {args.output}")
         return 0
     if args.profile_command == "convert":
         from kbuild_bolt.profile import fdata, perf
@@ -417,7 +440,10 @@ def cmd_boot(args) -> int:
     from kbuild_bolt.qemu.runner import boot
 
     initrd = args.initrd
-    if initrd is None:
+    guest = args.expect is not None or bool(args.drive)
+    if guest and initrd is None and not args.drive:
+        raise KbbError("--expect boots your own guest: give --initrd and/or --drive")
+    if initrd is None and not guest:
         from kbuild_bolt.lab.initramfs import build_lab_initramfs
         import tempfile
 
@@ -437,7 +463,9 @@ def cmd_boot(args) -> int:
     echo = (lambda line: print(line, file=sys.stderr)) if args.verbose else None
     result = boot(args.kernel, initrd, workload=args.workload, iterations=args.iterations,
                   kaslr=not args.nokaslr, timeout=args.timeout, append=args.append or "",
-                  memory=args.memory, smp=args.smp, log=args.log, expect=args.expect, echo=echo)
+                  memory=args.memory, smp=args.smp, log=args.log, echo=echo, lab=not guest,
+                  expect_text=args.expect, drives=args.drive or (),
+                  extra_qemu=args.qemu_arg or [])
     if args.json:
         _print_json(result.to_json())
     else:
@@ -615,17 +643,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "script output (LBR brstack or plain samples) and BOLT .fdata.")
     prof = p.add_subparsers(dest="profile_command", metavar="ACTION")
     prof.required = True
-    q = prof.add_parser("record", help="boot a kernel under QEMU and record the workload",
-                        description="Boot twice under QEMU with a short and a long workload "
-                                    "and keep the difference (boot cancels out): every kernel "
-                                    "branch of the workload, exactly.")
+    q = prof.add_parser("record", help="boot a kernel under QEMU and record where it runs",
+                        description="Boot a guest under QEMU (TCG) and record every kernel "
+                                    "branch it executes, exactly: your own initramfs and/or "
+                                    "disk images, the whole run until the guest powers off, or "
+                                    "only between two console lines (--start-marker, "
+                                    "--stop-marker). With --workload, the lab /init's "
+                                    "workload (a lab initramfs).")
     q.add_argument("--kernel", required=True, help="bzImage or vmlinux (PVH) to boot")
-    q.add_argument("--initrd", required=True, help="lab initramfs")
+    q.add_argument("--initrd", help="initramfs (your own, or a lab one with --workload)")
+    q.add_argument("--drive", action="append", metavar="IMAGE",
+                   help="disk image (raw or qcow2) as a virtio disk, /dev/vda first "
+                        "(repeatable)")
+    q.add_argument("--append", help="kernel command line (root=/dev/vda, init=..., ...)")
+    q.add_argument("--qemu-arg", action="append", metavar="ARG",
+                   help="one more QEMU argument (repeatable)")
+    q.add_argument("--start-marker", metavar="TEXT",
+                   help="record from the first console line containing TEXT")
+    q.add_argument("--stop-marker", metavar="TEXT",
+                   help="... to the first line after it containing TEXT")
+    q.add_argument("--smp", type=int, default=1, help="guest CPUs (default 1)")
+    q.add_argument("--memory", default="512M", help="guest memory (default 512M)")
+    q.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds before the VM is killed (default 1800)")
     q.add_argument("--vmlinux", help="the vmlinux of --kernel (default: --kernel itself)")
-    q.add_argument("--workload", default="files", help="files or server")
-    q.add_argument("--iterations", default="2,12", help="SHORT,LONG workload iterations")
-    q.add_argument("--with-boot", action="store_true", help="one run, boot included")
-    q.add_argument("--nokaslr", action="store_true")
+    q.add_argument("--workload", help="the lab /init's workload: files or server")
+    q.add_argument("--iterations", default="2,12",
+                   help="with --workload: iterations (N, or SHORT,LONG: LONG - SHORT)")
+    q.add_argument("--with-boot", action="store_true",
+                   help="with --workload: one run, boot included")
+    q.add_argument("--nokaslr", action="store_true", help="boot with nokaslr")
     q.add_argument("-o", "--output", required=True)
     q = prof.add_parser("convert", help="perf script / .fdata to kbuild-bolt, or to .fdata")
     q.add_argument("input")
@@ -657,8 +704,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "status 1 when culprits were found, 0 when the full rewrite "
                                    "boots clean.")
     p.add_argument("vmlinux", help="vmlinux with relocations (boots through its PVH entry)")
-    p.add_argument("--initrd", required=True, help="initramfs to boot with (a lab initramfs)")
+    p.add_argument("--initrd", help="initramfs to boot with (a lab initramfs, or your own with "
+                                    "--expect)")
     add_rewrite_arguments(p)
+    p.add_argument("--expect", metavar="TEXT",
+                   help="your own guest: a boot is good when a console line contains TEXT and "
+                        "no kernel problem appears")
+    p.add_argument("--drive", action="append", metavar="IMAGE",
+                   help="disk image as a virtio disk (repeatable); implies your own guest")
+    p.add_argument("--append", help="more kernel command line")
+    p.add_argument("--qemu-arg", action="append", metavar="ARG",
+                   help="one more QEMU argument (repeatable)")
     p.add_argument("--workload", default="files", help="lab workload to run at each boot")
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--timeout", type=float, default=90.0)
@@ -739,8 +795,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append", help="more kernel command line")
     p.add_argument("--memory", default="512M", help="guest memory (default 512M)")
     p.add_argument("--smp", type=int, default=2, help="guest CPUs (default 2)")
-    p.add_argument("--expect", action="append", metavar="MARKER",
-                   help="marker that must appear (instead of the lab /init's plan)")
+    p.add_argument("--expect", metavar="TEXT",
+                   help="your own guest (--initrd/--drive, no lab /init): the boot succeeds "
+                        "when a console line contains TEXT and no kernel problem appears")
+    p.add_argument("--drive", action="append", metavar="IMAGE",
+                   help="disk image (raw or qcow2) as a virtio disk, /dev/vda first "
+                        "(repeatable); implies your own guest")
+    p.add_argument("--qemu-arg", action="append", metavar="ARG",
+                   help="one more QEMU argument (repeatable)")
     p.add_argument("--log", help="write the serial console log here")
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the console to stderr")

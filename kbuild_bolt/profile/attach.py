@@ -167,22 +167,18 @@ def indirect_calls(model, cp: CodeProfile) -> IndirectCalls:
 
 def executed_indirect_calls(model, cp: CodeProfile) -> int:
     """Indirect calls the kernel executed, as it ran: through a register, memory or
-    a retpoline thunk. Paravirt call sites are not counted: the kernel patches
-    them into direct calls at boot."""
+    a retpoline thunk. A call inside a patch unit is not counted: those are the
+    paravirt calls (``.parainstructions`` on 6.1, ``ALT_CALL`` alternatives on
+    6.12), which the kernel patches into direct calls at boot."""
     calls = indirect_calls(model, cp)
-    keep = np.ones(len(calls.site), bool)
-    table = model.tables.get(".parainstructions")
-    if table is not None and table.count and len(calls.site):
-        start = table.targets("instr")
-        end = start + table.entries["len"][table.indices].astype(np.uint64)
-        order = np.argsort(start)
-        start, end = start[order], end[order]
-        at = model.insns.addr[calls.site]
-        i = np.searchsorted(start, at, side="right").astype(np.int64) - 1
-        inside = i >= 0
-        inside[inside] &= at[inside] < end[i[inside]]
-        keep = ~inside
-    return int(calls.count[keep].sum())
+    if not len(calls.site):
+        return 0
+    starts, ends = model.patch_units
+    at = model.insns.addr[calls.site]
+    i = np.searchsorted(starts, at, side="right").astype(np.int64) - 1
+    inside = i >= 0
+    inside[inside] &= at[inside] < ends[i[inside]]
+    return int(calls.count[~inside].sum())
 
 
 def function_samples(model, cp: CodeProfile) -> np.ndarray:

@@ -23,10 +23,20 @@
  * "thunk=LO:LEN" for indirect-call thunks, "via=LO:LEN" for code a call passes
  * through on the way (return thunks).
  *
+ * A cut-off: with "console=PATH" (the file QEMU writes the guest's serial
+ * console to) and "start=HEX"/"stop=HEX" (marker texts, hex-encoded), nothing
+ * is counted until a console line containing the start text is complete, and
+ * nothing after the first line after it containing the stop text. The console
+ * file is read every POLL_EVERY TB executions (QEMU writes a character when the
+ * guest sends it, in the same thread), so the cut-off is exact to a few
+ * thousand TBs of guest execution, whatever the host does meanwhile.
+ *
  * Output (text): "T start last ninsns count" per TB,
  *                "E from_start from_last to_start to_last count" per transition,
  *                "C call_site target count" per indirect call through a thunk,
- *                "L fetches misses" for the simulated L1i.
+ *                "L fetches misses" for the simulated L1i,
+ *                "G state" the cut-off at the end: 0 start text never seen,
+ *                1 counting (stop text never seen), 2 stopped.
  */
 #include <stdbool.h>
 #include <stddef.h>
@@ -34,6 +44,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 typedef uint64_t qemu_plugin_id_t;
 typedef struct qemu_info_t {
@@ -227,9 +239,52 @@ static void follow_thunks(unsigned int vcpu, struct tb_rec *r)
         following[vcpu] = r->last;
 }
 
+/* The cut-off (see the top of this file). */
+#define POLL_EVERY 4096
+#define LINE_MAX_KEPT 4096
+enum { WAITING, COUNTING, STOPPED };
+static int gate = COUNTING;
+static char *console_path, *start_text, *stop_text;
+static int console_fd = -1;
+static char console_line[LINE_MAX_KEPT + 1];
+static size_t console_len;
+static uint64_t ticks;
+
+static void console_line_done(void)
+{
+    console_line[console_len] = 0;
+    if (gate == WAITING && strstr(console_line, start_text)) gate = COUNTING;
+    else if (gate == COUNTING && stop_text && strstr(console_line, stop_text)) gate = STOPPED;
+    console_len = 0;
+}
+
+static void poll_console(void)
+{
+    char buf[4096];
+    ssize_t n;
+    if (console_fd < 0) console_fd = open(console_path, O_RDONLY);
+    if (console_fd < 0) return;
+    while ((n = read(console_fd, buf, sizeof(buf))) > 0) {
+        for (ssize_t i = 0; i < n; i++) {
+            if (buf[i] == '\n') console_line_done();
+            else if (console_len < LINE_MAX_KEPT) console_line[console_len++] = buf[i];
+        }
+    }
+}
+
+/* True while counting; polls the console now and then while markers matter. */
+static bool gate_open(unsigned int vcpu)
+{
+    if (console_path && gate != STOPPED && (++ticks & (POLL_EVERY - 1)) == 0) poll_console();
+    if (gate == COUNTING) return true;
+    if (vcpu < MAX_VCPUS) { prev_tb[vcpu] = NULL; following[vcpu] = 0; }
+    return false;
+}
+
 static void tb_exec(unsigned int vcpu, void *udata)
 {
     struct tb_rec *r = udata;
+    if (!gate_open(vcpu)) return;
     r->count++;
     if (vcpu < MAX_VCPUS) {
         if (prev_tb[vcpu]) edge_add(prev_tb[vcpu], r);
@@ -244,6 +299,7 @@ static void tb_exec(unsigned int vcpu, void *udata)
 static void user_exec(unsigned int vcpu, void *udata)
 {
     (void)udata;
+    gate_open(vcpu);
     if (vcpu < MAX_VCPUS) prev_tb[vcpu] = NULL;  /* left the kernel */
     if (vcpu < MAX_VCPUS) following[vcpu] = 0;
 }
@@ -303,6 +359,7 @@ static void at_exit(qemu_plugin_id_t id, void *udata)
                     (unsigned long long)c->target, (unsigned long long)c->count);
     }
     fprintf(f, "L %llu %llu\n", (unsigned long long)l1i_fetches, (unsigned long long)l1i_misses);
+    fprintf(f, "G %d\n", gate);
     fclose(f);
 }
 
@@ -312,6 +369,18 @@ int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, 
     (void)info;
     for (int i = 0; i < argc; i++) {
         if (strncmp(argv[i], "out=", 4) == 0) out_path = strdup(argv[i] + 4);
+        if (strncmp(argv[i], "console=", 8) == 0) console_path = strdup(argv[i] + 8);
+        if (strncmp(argv[i], "start=", 6) == 0 || strncmp(argv[i], "stop=", 5) == 0) {
+            const char *hex = strchr(argv[i], '=') + 1;
+            size_t n = strlen(hex) / 2;
+            char *text = calloc(n + 1, 1);
+            for (size_t k = 0; k < n; k++) {
+                unsigned v;
+                if (sscanf(hex + 2 * k, "%2x", &v) != 1) { fprintf(stderr, "kbb plugin: bad %s\n", argv[i]); return -1; }
+                text[k] = (char)v;
+            }
+            if (argv[i][2] == 'a') start_text = text; else stop_text = text;
+        }
         bool thunk = strncmp(argv[i], "thunk=", 6) == 0, via = strncmp(argv[i], "via=", 4) == 0;
         if (thunk || via) {
             struct range *r = thunk ? &thunks[n_thunks] : &vias[n_vias];
@@ -329,6 +398,11 @@ int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, 
         fprintf(stderr, "kbb plugin: out=FILE missing\n");
         return -1;
     }
+    if ((start_text || stop_text) && !console_path) {
+        fprintf(stderr, "kbb plugin: start=/stop= need console=FILE\n");
+        return -1;
+    }
+    if (start_text) gate = WAITING;
     qemu_plugin_register_vcpu_tb_trans_cb(id, tb_trans);
     qemu_plugin_register_atexit_cb(id, at_exit, NULL);
     return 0;

@@ -5,11 +5,12 @@ and cached) counts every execution of every kernel translation block and every
 transition between two of them. Translation blocks end at branches, so with
 the decoded code these give exact branch edges.
 
-The plugin sees the whole run, boot included. ``record`` boots twice under
-``-icount`` (deterministic guest time: the two boots are near identical) with a
-short and a long workload and keeps the difference: the workload alone. Runtime
-addresses are mapped back to vmlinux addresses through the running kernel's
-``_text`` (printed by the lab /init), so KASLR boots work too.
+``record_guest`` records any guest (the user's initramfs or disk images,
+kernel command line and QEMU arguments): the whole run until it powers off,
+or only between two console lines (the plugin cuts there itself). The KASLR
+offset is found from the recorded code and the vmlinux, without the guest's
+help. The lab workloads are one user of it (``record``); ``record_run`` and
+``record_boot`` record a whole lab run, boot included.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +28,9 @@ import numpy as np
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.cache import cache_root, locked
 from kbuild_bolt.qemu.runner import DEFAULT_TEXT, boot
-from kbuild_bolt.profile.model import Profile, combine
+from kbuild_bolt.profile.model import Profile
 from kbuild_bolt.profile.thunks import thunk_ranges
+from kbuild_bolt.x86 import decode as x86
 
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "kbb_plugin.c"
 ICOUNT = ["-icount", "shift=0,sleep=off"]
@@ -105,6 +108,123 @@ def parse_plugin_output(path) -> Profile:
                    source="qemu", stats=stats).merged()
 
 
+def plugin_cutoff(path) -> int | None:
+    """The plugin's cut-off state at the end of the run (``G`` line): 0 the start
+    text never appeared, 1 counting to the end, 2 stopped; None: no such line."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("G "):
+                return int(line.split()[1])
+    return None
+
+
+# Where KASLR may put the kernel: 2 MiB steps (CONFIG_PHYSICAL_ALIGN) up to 1 GiB
+# above its link address.
+KASLR_ALIGN = 1 << 21
+KASLR_SPAN = 1 << 30
+
+
+def find_kaslr_offset(model, profile: Profile, sample: int = 20000) -> int:
+    """The KASLR offset of the run ``profile`` (runtime addresses) was recorded
+    in, found from the code alone: the 2 MiB step at which the most executed
+    translation blocks of the run are blocks of ``model`` (the kernel's own
+    vmlinux): they start on an instruction and end on a control transfer. (An
+    instruction start alone matches at a wrong offset a quarter of the time.)
+    No help from the guest."""
+    order = np.argsort(-profile.range_count, kind="stable")[:sample]
+    starts, lasts = profile.range_start[order], profile.range_last[order]
+    if not len(starts):
+        raise KbbError("the profile holds no kernel code: no KASLR offset to find")
+    insn = model.insns.addr
+    # (int3 and ud2 count as neither: a shift into int3 fill, such as the 2 MiB
+    # after the entry text, would match every byte)
+    flow = model.insns.flow
+    transfer = np.isin(flow, (x86.JMP, x86.IND_JMP, x86.JCC, x86.RET, x86.CALL, x86.IND_CALL))
+    code = ~np.isin(flow, (x86.INTERRUPT, x86.EXCEPTION))
+    best, best_hits, second = 0, -1, -1
+
+    def is_insn(addrs):
+        i = np.minimum(np.searchsorted(insn, addrs), len(insn) - 1)
+        return insn[i] == addrs, i
+
+    for step in range(KASLR_SPAN // KASLR_ALIGN):
+        delta = np.uint64(step * KASLR_ALIGN)
+        start_ok, k = is_insn(starts - delta)
+        last_ok, i = is_insn(lasts - delta)
+        hits = int((start_ok & code[k] & last_ok & transfer[i]).sum())
+        if hits > best_hits:
+            best, best_hits, second = step, hits, best_hits
+        elif hits > second:
+            second = hits
+    if best_hits < 0.5 * len(starts) or second > 0.5 * best_hits:
+        raise KbbError("the KASLR offset of the recorded run cannot be told from the code "
+                       f"({best_hits:,} of {len(starts):,} blocks match at best): record with "
+                       "--nokaslr, or check that --vmlinux is the kernel that ran")
+    return best * KASLR_ALIGN
+
+
+@dataclass
+class GuestRecording:
+    """What ``record_guest`` found besides the profile."""
+
+    boot: object                 # the BootResult
+    kaslr_offset: int            # what the profile was shifted by (0: none)
+    kaslr: str                   # "off", "found from the code", "reported by the guest"
+    cutoff: str                  # "whole run", "between the markers"
+
+
+def record_guest(kernel, *, vmlinux, initrd=None, drives=(), append: str = "",
+                 qemu_args=(), start: str | None = None, stop: str | None = None,
+                 expect_text: str | None = None, kaslr: bool = True, smp: int = 1,
+                 memory: str = "512M", timeout: float = 600,
+                 tolerate_warnings: bool = False) -> tuple[Profile, GuestRecording]:
+    """Record any guest: a kernel with the user's initramfs and/or disk images,
+    kernel command line and QEMU arguments. By default the whole run until the
+    guest powers off; with ``start``/``stop``, only between the first console
+    line containing ``start`` and the first line after it containing ``stop``
+    (the plugin cuts there itself, watching the console as the guest writes it).
+    The KASLR offset is found from the recorded code and ``vmlinux``."""
+    from kbuild_bolt.binary.model import BinaryModel
+
+    if stop is not None and start is None:
+        raise KbbError("--stop-marker needs --start-marker")
+    plugin = plugin_path()
+    thunks = thunk_arguments(vmlinux)
+    with tempfile.TemporaryDirectory(prefix="kbuild-bolt-profile-") as tmp:
+        out = os.path.join(tmp, "tb.txt")
+        console = os.path.join(tmp, "console.txt")
+        gate = [f"console={console}"]
+        if start is not None:
+            gate.append(f"start={start.encode().hex()}")
+        if stop is not None:
+            gate.append(f"stop={stop.encode().hex()}")
+        result = boot(kernel, initrd, lab=False, expect_text=expect_text, kaslr=kaslr,
+                      timeout=timeout, smp=smp, memory=memory, append=append, drives=drives,
+                      console_to=console,
+                      extra_qemu=["-plugin", ",".join([f"{plugin}", f"out={out}", *thunks,
+                                                       *gate]), *ICOUNT, *qemu_args])
+        warned_only = (not result.timed_out and not result.missing
+                       and all(p.kind in ("warning", "return-thunk") for p in result.problems))
+        if not (result.ok or (tolerate_warnings and warned_only)):
+            raise KbbError(f"profiling boot failed: {result.summary().splitlines()[0]} "
+                           f"({'; '.join(p.line for p in result.problems[:2]) or 'see log'})")
+        if not os.path.exists(out):
+            raise KbbError("the QEMU plugin wrote no profile (did the guest power off?)")
+        state = plugin_cutoff(out)
+        if start is not None and state == 0:
+            raise KbbError(f"the start marker {start!r} never appeared on the console")
+        if stop is not None and state == 1:
+            raise KbbError(f"the stop marker {stop!r} never appeared after the start marker")
+        profile = parse_plugin_output(out)
+    offset, how = 0, "off"
+    if result.kaslr:
+        offset, how = find_kaslr_offset(BinaryModel.open(vmlinux), profile), \
+            "found from the code"
+    profile = profile.shifted(offset) if offset else profile
+    return profile, GuestRecording(result, offset, how,
+                                   "between the markers" if start else "whole run")
+
+
 def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = True,
                timeout: float = 600, smp: int = 1, memory: str = "512M",
                tolerate_warnings: bool = False, append: str = "",
@@ -138,23 +258,34 @@ def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = Tru
     return profile.shifted(result.text_base - DEFAULT_TEXT), result
 
 
-def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] = (2, 12),
+# The lab /init's lines around the workload: the recorder's cut-off.
+LAB_START = "KBB-MARK workload-start:"
+LAB_STOP = "KBB-MARK workload-end:"
+
+
+def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] | int = (2, 12),
            kaslr: bool = True, timeout: float = 600, smp: int = 1, log=None,
            tolerate_warnings: bool = False, append: str = "", vmlinux=None) -> Profile:
-    """The workload's profile: a long run minus a short one (boot cancels out)."""
-    short_n, long_n = iterations
-    if long_n <= short_n:
-        raise KbbError("the long run needs more iterations than the short one")
+    """The lab workload's profile, one user of :func:`record_guest`: the lab /init
+    runs the workload (``iterations``: a count, or SHORT,LONG as the two-run
+    recorder took it: LONG - SHORT), and the plugin records only between the
+    lines it prints around it. The KASLR offset is found from the code; the
+    lab /init's own report of ``_text`` must agree with it."""
+    n = iterations if isinstance(iterations, int) else iterations[1] - iterations[0]
+    if n <= 0:
+        raise KbbError("the workload needs at least one iteration")
     if log:
-        log(f"profiling {workload}: {short_n} iterations")
-    short, _ = record_run(kernel, initrd, workload, short_n, kaslr, timeout, smp,
-                          tolerate_warnings=tolerate_warnings, append=append, vmlinux=vmlinux)
-    if log:
-        log(f"profiling {workload}: {long_n} iterations")
-    long, _ = record_run(kernel, initrd, workload, long_n, kaslr, timeout, smp,
-                         tolerate_warnings=tolerate_warnings, append=append, vmlinux=vmlinux)
-    profile = combine([long, short], [1.0, -1.0])
-    profile.source = f"qemu:{workload}:{long_n - short_n}"
+        log(f"profiling {workload}: {n} iterations")
+    args = f"kbb.workload={workload} kbb.iterations={n}" + (f" {append}" if append else "")
+    profile, recording = record_guest(
+        kernel, vmlinux=vmlinux or kernel, initrd=initrd, append=args,
+        start=LAB_START + workload, stop=LAB_STOP + workload, expect_text="KBB-MARK done",
+        kaslr=kaslr, smp=smp, timeout=timeout, tolerate_warnings=tolerate_warnings)
+    reported = recording.boot.text_base
+    if reported is not None and reported - DEFAULT_TEXT != recording.kaslr_offset:
+        raise KbbError(f"KASLR offset {recording.kaslr_offset:#x} found from the code, but the "
+                       f"guest reports _text at {reported:#x}")
+    profile.source = f"qemu:{workload}:{n}"
     return profile
 
 

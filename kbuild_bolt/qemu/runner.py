@@ -73,10 +73,16 @@ class BootResult:
     text_base: int | None = None
     notes: bytes | None = None      # /sys/kernel/notes of the running kernel
     log: str | None = None
+    # A guest that is not the lab's (``lab=False``): it succeeds by showing this
+    # text on its console (None: by running to its end), and no kernel problem.
+    lab: bool = True
+    expect_text: str | None = None
     log_lines: list[str] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
+        if not self.lab:
+            return not self.timed_out and not self.missing and not self.problems
         return not self.timed_out and not self.missing and not self.problems and bool(self.plan
                                                                                       or self.markers)
 
@@ -97,13 +103,16 @@ class BootResult:
                  f"{self.seconds:.1f} s"]
         if self.text_base is not None:
             parts.append(f"_text {self.text_base:#x}")
-        parts.append(f"markers {len(self.markers)}/{len(self.plan) or len(self.markers)}")
+        if self.lab:
+            parts.append(f"markers {len(self.markers)}/{len(self.plan) or len(self.markers)}")
+        elif self.expect_text is not None:
+            parts.append(f"{self.expect_text!r} {'seen' if not self.missing else 'not seen'}")
         line = ", ".join(parts)
         out = [line]
         if self.timed_out:
             out.append("  timed out")
         for marker in self.missing:
-            out.append(f"  missing marker: {marker}")
+            out.append(f"  missing {'marker' if self.lab else 'console text'}: {marker}")
         for problem in self.problems:
             out.append(f"  {problem.kind}: line {problem.lineno}: {problem.line}")
         return "\n".join(out)
@@ -130,7 +139,8 @@ def kernel_entry(path: Path) -> str:
 
 
 def qemu_command(kernel: Path, initrd: Path | None, cmdline: str, memory: str, smp: int,
-                 extra: list[str] | None = None, cpu: str = "max") -> list[str]:
+                 extra: list[str] | None = None, cpu: str = "max",
+                 serial: str = "stdio") -> list[str]:
     binary = shutil.which(QEMU)
     if binary is None:
         raise KbbError(f"{QEMU} not found (apt-get install qemu-system-x86)")
@@ -140,7 +150,7 @@ def qemu_command(kernel: Path, initrd: Path | None, cmdline: str, memory: str, s
     cmd = [
         binary, "-accel", "tcg,thread=single", "-machine", "pc", "-cpu", cpu, "-m", memory,
         "-smp", str(smp), "-nodefaults", "-display", "none", "-no-reboot",
-        "-serial", "stdio", "-kernel", str(kernel), "-append", cmdline,
+        "-serial", serial, "-kernel", str(kernel), "-append", cmdline,
     ]
     if initrd is not None:
         cmd += ["-initrd", str(initrd)]
@@ -175,6 +185,22 @@ def hmp(path: Path, command: str, timeout: float = 300.0) -> str:
     return "\n".join(lines)
 
 
+def drive_arguments(images) -> list[str]:
+    """QEMU arguments for disk images (virtio block devices /dev/vda, /dev/vdb, ...:
+    raw, or qcow2 when the file says so)."""
+    out = []
+    for image in images or ():
+        path = Path(image)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as err:
+            raise KbbError(f"{image}: {err.strerror}") from None
+        fmt = "qcow2" if head == b"QFI\xfb" else "raw"
+        out += ["-drive", f"file={path},format={fmt},if=virtio"]
+    return out
+
+
 def scan_log(lines: list[str], result: BootResult) -> None:
     """Fill markers, plan, problems and _text from console lines."""
     for lineno, line in enumerate(lines, 1):
@@ -196,6 +222,10 @@ def scan_log(lines: list[str], result: BootResult) -> None:
             if pattern.search(line):
                 result.problems.append(Problem(kind, line.strip(), lineno))
                 break
+    if not result.lab:
+        want = result.expect_text
+        result.missing = [] if want is None or any(want in line for line in lines) else [want]
+        return
     expected = result.plan
     result.missing = [m for m in expected if m not in result.markers]
     if not expected and not result.markers:
@@ -208,7 +238,9 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
          log: str | os.PathLike | None = None, expect: list[str] | None = None,
          extra_qemu: list[str] | None = None, echo=None, cpu: str = "max",
          ftrace: str | None = None, kallsyms_to: str | os.PathLike | None = None,
-         dump_to: str | os.PathLike | None = None) -> BootResult:
+         dump_to: str | os.PathLike | None = None, lab: bool = True,
+         expect_text: str | None = None, drives=(),
+         console_to: str | os.PathLike | None = None) -> BootResult:
     """Boot ``kernel`` with ``initrd`` and return what happened.
 
     ``ftrace``: the lab /init runs the workload under this ftrace tracer
@@ -216,13 +248,21 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
     second serial port, captured in this file; ``dump_to``: the guest's memory is
     dumped there (an ELF core with virtual-address segments, as drgn reads them,
     and the kernel's VMCOREINFO when it has fw_cfg) while the lab /init runs the
-    files workload in the background."""
+    files workload in the background.
+
+    ``lab=False``: a guest of the user's (any initramfs, ``drives``: disk images
+    as virtio block devices): no kbb.* arguments; it succeeds when its console
+    shows ``expect_text`` (when given) and no kernel problem line. ``console_to``:
+    the serial console goes to this file (read as it grows) instead of a pipe;
+    the profiling plugin watches it for its markers."""
     kernel = Path(kernel)
     entry = kernel_entry(kernel)
     if initrd is not None and not Path(initrd).exists():
         raise KbbError(f"{initrd}: no such file")
-    args = ["console=ttyS0,115200", "panic=-1", f"kbb.workload={workload}"]
-    if iterations is not None:
+    args = ["console=ttyS0,115200", "panic=-1"]
+    if lab:
+        args.append(f"kbb.workload={workload}")
+    if lab and iterations is not None:
         args.append(f"kbb.iterations={iterations}")
     if ftrace:
         args.append(f"kbb.ftrace={ftrace}")
@@ -243,9 +283,14 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
     cmdline = " ".join(args)
     result = BootResult(kernel=str(kernel), initrd=str(initrd) if initrd else None, entry=entry,
                         kaslr=kaslr and kaslr_possible, cmdline=cmdline,
-                        log=str(log) if log else None)
+                        log=str(log) if log else None, lab=lab, expect_text=expect_text)
+    extra_qemu = drive_arguments(drives) + extra_qemu
+    serial = "stdio"
+    if console_to is not None:
+        Path(console_to).write_bytes(b"")
+        serial = f"file:{console_to}"
     cmd = qemu_command(kernel, Path(initrd) if initrd else None, cmdline, memory, smp, extra_qemu,
-                       cpu)
+                       cpu, serial)
     lines: list[str] = []
     started = time.monotonic()
     # (its own session: Ctrl-C reaches kbuild-bolt, which stops QEMU; and QEMU dies
@@ -254,8 +299,33 @@ def boot(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, *,
                             stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=child_dies_with_us())
 
+    def console():
+        """The console's lines as they come: from QEMU's stdout, or from the file
+        QEMU writes them to (until QEMU is gone and the file is read to its end)."""
+        if console_to is None:
+            yield from proc.stdout
+            return
+        # (QEMU's own messages on stdout: drained so it never blocks on the pipe)
+        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
+        with open(console_to, "rb") as f:
+            pending, exited = b"", False
+            while True:
+                chunk = f.read(1 << 16)
+                if chunk:
+                    pending += chunk
+                    *done, pending = pending.split(b"\n")
+                    yield from (d + b"\n" for d in done)
+                elif exited:        # (read to the end after QEMU was gone)
+                    if pending:
+                        yield pending
+                    return
+                else:
+                    exited = proc.poll() is not None
+                    if not exited:
+                        time.sleep(0.05)
+
     def reader():
-        for raw in proc.stdout:
+        for raw in console():
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             lines.append(line)
             if echo is not None:

@@ -4,7 +4,8 @@ Built from the emission: for each old instruction of a rewritten
 function its new address (or none when the instruction was dropped: a jump
 that now falls through, alignment fill nobody reaches). An old address inside
 an instruction maps to the same offset inside the moved instruction (operand
-references such as runtime constants).
+references such as runtime constants), where its bytes are: a promoted call
+entered at its cmp has its address at the cmp and its bytes in its fallback.
 
 A function rewritten in place keeps its entry (the entry block stays first), so
 its start is not "moved"; a function placed anew moves whole, its call padding
@@ -27,6 +28,14 @@ class AddressMap:
         # Instructions in address order, and where each now is (0: not moved or dropped).
         self.old = model.insns.addr
         self.new = emission.new_addr
+        # Where each one's bytes now are, for addresses inside it (relocated fields,
+        # operands): the same, except where its address names other code (a promoted
+        # call entered at its cmp keeps its bytes in its fallback).
+        self.body = self.new
+        bodies = getattr(emission, "bodies", None)
+        if bodies is not None and len(bodies):
+            self.body = self.new.copy()
+            self.body[bodies[:, 0].astype(np.int64)] = bodies[:, 1]
 
     def __len__(self) -> int:
         return len(self.func_start)
@@ -55,7 +64,7 @@ class AddressMap:
         if moved.any():
             a = addrs[moved]
             i = np.searchsorted(self.old, a, side="right").astype(np.int64) - 1
-            base_new = self.new[i]
+            base_new = np.where(a == self.old[i], self.new[i], self.body[i])
             good = base_new != 0
             out[moved] = np.where(good, base_new + (a - self.old[i]), np.uint64(0))
             ok[moved] = good

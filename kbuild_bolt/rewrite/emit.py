@@ -559,8 +559,12 @@ class Emission:
     # now jumps to), see _build_items.
     flipped: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
     # Promoted indirect calls: (function index, address of the cmp's imm32, address
-    # of the direct call's rel32, target, promotion index), see _promoted.
-    promoted: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), np.int64))
+    # of the direct call's rel32, target, promotion index, fallback copy of the
+    # call), see _promoted.
+    promoted: np.ndarray = field(default_factory=lambda: np.zeros((0, 6), np.int64))
+    # (instruction, address of its bytes) where that differs from ``new_addr``
+    # (what lies inside the instruction, a relocated field, follows its bytes).
+    bodies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -650,7 +654,8 @@ class Emission:
             extent=None if self.extent is None else self.extent[keep],
             code_base=None if self.code_base is None else self.code_base[keep], free=self.free,
             flipped=_kept_rows(self.flipped, keep, index),
-            promoted=_kept_rows(self.promoted, keep, index))
+            promoted=_kept_rows(self.promoted, keep, index),
+            bodies=self.bodies[new_addr[self.bodies[:, 0].astype(np.int64)] != 0])
 
 
 @dataclass
@@ -719,7 +724,8 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
     code, item_off = _bytes(model, bt, items, addr, copied)
     deferred = _fields(model.insns, plan, items, copied, item_off, new_addr, code,
                        moved_interior)
-    emission = _emission(plan, items, addr, copied, code, item_off, new_addr, deferred)
+    emission = _emission(plan, items, addr, copied, code, item_off, new_addr, deferred,
+                         bodies=_bodies_apart(bt, items, addr))
     failures = [(int(plan.rows[f]), FAILURES[int(plan.failure[f])])
                 for f in np.flatnonzero(plan.failure).tolist()]
     if failures:
@@ -901,7 +907,30 @@ def _new_addresses(insns, bt: BlockTable, items: _Items, addr: np.ndarray,
     # (an exception fixup such as "jmp back to the loop") lands on what it ran next.
     el = np.flatnonzero(items.elided)
     new_addr[bt.term[items.lay[el]]] = addr[items.elided_to[el]]
+    # A promoted call that starts its block is entered at its cmp.
+    site, cmp = _entered_at_cmp(bt, items)
+    new_addr[site] = addr[cmp]
     return new_addr
+
+
+def _bodies_apart(bt: BlockTable, items: _Items, addr: np.ndarray) -> np.ndarray:
+    """(instruction, where its bytes are now) of every instruction whose address
+    names other code than its bytes: a promoted call entered at its cmp, whose
+    bytes are its fallback copy (uint64, (n, 2))."""
+    site, cmp = _entered_at_cmp(bt, items)
+    fallback = addr[items.dest_item[cmp + 1]]       # (the jne's target)
+    return np.stack([site.astype(np.uint64), fallback], axis=1).reshape(-1, 2)
+
+
+def _entered_at_cmp(bt: BlockTable, items: _Items) -> tuple[np.ndarray, np.ndarray]:
+    """(call instruction, cmp item) of every promoted call whose old address names
+    its cmp (see promote.Promotions.enter_at_cmp)."""
+    cmp = np.flatnonzero(items.kind == CMP)
+    if not len(cmp):
+        return np.zeros(0, np.int64), cmp
+    k = items.icp[cmp]
+    at = bt.promotions.enter_at_cmp[k]
+    return bt.p_insn[k[at]], cmp[at]
 
 
 def _bytes(model, bt: BlockTable, items: _Items, addr: np.ndarray,
@@ -1186,7 +1215,7 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     deferred = _fields(insns, plan, items, copied, item_off, new_addr, code, moved)
     _raise_failures(model, plan)   # (found only once placed: all is placed again)
     emission = _emission(plan, items, addr, copied, code, item_off, new_addr, deferred,
-                         extent=extent, code_base=code_base, free=np.zeros((0, 2), np.uint64))
+                         bodies=_bodies_apart(bt, items, addr), extent=extent, code_base=code_base, free=np.zeros((0, 2), np.uint64))
     if not placed.all():
         emission = emission.select(placed)
     # Functions whose new block order was given up for want of room (kept whole in
@@ -1312,6 +1341,9 @@ def _link_targets(insns, bt: BlockTable, items: _Items, moved) -> None:
     el = np.flatnonzero(items.elided)
     insn_item[bt.term[items.lay[el]]] = items.elided_to[el]
     insn_off[bt.term[items.lay[el]]] = 0
+    site, cmp = _entered_at_cmp(bt, items)
+    insn_item[site] = cmp
+    insn_off[site] = 0
     t = np.searchsorted(insns.addr, target, side="right").astype(np.int64) - 1
     item = insn_item[t]
     if (item < 0).any():
@@ -1521,10 +1553,10 @@ def _encode_compares(bt: BlockTable, items: _Items, addr: np.ndarray, item_off: 
 
 def _promoted(items: _Items, addr: np.ndarray) -> np.ndarray:
     """(function index, cmp immediate's address, call's rel32 address, target,
-    promotion index) of every promoted call, int64 (addresses as two's
-    complement)."""
+    promotion index, the fallback's copy of the call) of every promoted call,
+    int64 (addresses as two's complement)."""
     cmp = np.flatnonzero(items.kind == CMP)
-    out = np.zeros((len(cmp), 5), np.int64)
+    out = np.zeros((len(cmp), 6), np.int64)
     if len(cmp):
         call = cmp + 2      # (cmp, jne, call)
         out[:, 0] = items.func[cmp]
@@ -1532,4 +1564,5 @@ def _promoted(items: _Items, addr: np.ndarray) -> np.ndarray:
         out[:, 2] = (addr[call] + np.uint64(1)).view(np.int64)
         out[:, 3] = items.destinations(addr, cmp).view(np.int64)
         out[:, 4] = items.icp[cmp]
+        out[:, 5] = addr[items.dest_item[cmp + 1]].view(np.int64)    # (the jne's target)
     return out

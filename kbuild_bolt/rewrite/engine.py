@@ -306,7 +306,7 @@ def emit(ctx: RewriteContext) -> None:
         del block_table
         trim()
         # A function that cannot be laid out with its promoted calls (no room for
-        # what they add) is laid out without them: all again, once.
+        # what they add) is laid out without them: all again, until none fails so.
         promotions = ctx.promotions
         if promotions is None or not len(promotions) or not failures:
             break
@@ -395,7 +395,8 @@ def emit_moved(ctx: RewriteContext) -> None:
     promotions = ctx.promotions
     if len(placed["no_room"]) and promotions is not None and len(promotions):
         # A region too full for all its functions: what promoted calls add there is
-        # given up before any function's layout is (all placed again, once).
+        # given up before any function's layout is (all placed again; promotions
+        # only ever shrink, so this ends).
         text = ctx.text
         full = np.unique(text.region_index(model.functions.start[np.array(placed["no_room"])]))
         site_region = text.region_index(model.insns.addr[promotions.site])

@@ -162,7 +162,16 @@ class KernelTables(MetadataRewriter):
 
     def update(self, ctx, amap) -> None:
         result = ctx.result
-        result.tables = table_update.update_entries(ctx.model, amap, ctx.output)
+        # (a promoted retpoline call whose old address names its cmp: its site
+        # entry names its fallback copy, the call the kernel patches)
+        promoted, overrides = ctx.emission.promoted, {}
+        if len(promoted) and ctx.promotions is not None:
+            k = promoted[:, 4]
+            at_cmp = ctx.promotions.enter_at_cmp[k]
+            overrides[".retpoline_sites"] = (
+                ctx.model.insns.addr[ctx.promotions.site[k[at_cmp]]],
+                promoted[at_cmp, 5].view(np.uint64))
+        result.tables = table_update.update_entries(ctx.model, amap, ctx.output, overrides)
         reversed_sites = table_update.reverse_static_keys(ctx.model, amap, ctx.output,
                                                           ctx.emission.flipped)
         if reversed_sites:
@@ -291,8 +300,9 @@ class PromotedCalls(MetadataRewriter):
     target's address: x86's relocs tool lists it, so KASLR moves it with the
     kernel) and R_X86_64_PLT32 at the direct call, both naming the section
     symbol of the target's section; and the call's own relocation at the cmp's
-    copy of its displacement, when it reads memory at a symbol's address. They are appended to the .rela section of the code
-    they are in (after the loadable part: it may grow)."""
+    copy of its displacement, when it reads memory at a symbol's address. They
+    are appended to the .rela section of the code they are in (after the
+    loadable part: it may grow)."""
 
     name = "promoted calls"
 

@@ -76,6 +76,9 @@ class Promotions:
     disp_type: np.ndarray = None
     disp_sym: np.ndarray = None
     disp_addend: np.ndarray = None
+    # The call starts its block: its old address now names the cmp (what branched
+    # there takes the direct path first); its fallback copy has no name.
+    enter_at_cmp: np.ndarray = None
     skipped: Counter = field(default_factory=Counter)   # reason -> sites
 
     def __len__(self) -> int:
@@ -90,7 +93,7 @@ class Promotions:
         return Promotions(self.site[keep], self.target[keep], self.calls[keep],
                           self.hits[keep], self.template[keep], self.length[keep],
                           self.disp_at[keep], self.disp_type[keep], self.disp_sym[keep],
-                          self.disp_addend[keep], skipped)
+                          self.disp_addend[keep], self.enter_at_cmp[keep], skipped)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Eligible:
     skipped: Counter
     # site -> (offset in the cmp, type, symbol, addend) of its displacement's relocation
     disp_reloc: dict = field(default_factory=dict)
+    at_block_start: set = field(default_factory=set)   # sites that start their block
 
 
 def has_kcfi(model) -> bool:
@@ -154,6 +158,11 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
     falls = np.zeros(len(cfg.block_first), bool)
     falls[cfg.edge_src[cfg.edge_kind == FALLTHROUGH]] = True
     last_in_block = (calls >= cfg.block_term[np.maximum(b, 0)]) & ~falls[np.maximum(b, 0)]
+    # A call that starts its block: whatever reaches its address (jumps, static-key
+    # sites and their __jump_table targets, a function's callers) must reach the
+    # cmp, so its address becomes the cmp's (its .retpoline_sites entry, which
+    # names the call itself, follows the fallback copy all the same).
+    starts_block = calls == cfg.block_first[np.maximum(b, 0)]
     ok = np.ones(len(calls), bool)
     for mask, reason in ((in_unit, "patched at boot (alternative, paravirt)"),
                          (named[calls], "named by a kernel table"),
@@ -162,6 +171,7 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
         if n:
             skipped[reason] += n
         ok &= ~mask
+    at_start = set(calls[starts_block & ok].tolist())
     template, disp_reloc = {}, {}
     relocs = model.code_relocations
     for s in calls[ok].tolist():
@@ -188,7 +198,8 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
             skipped["operand depends on its place"] += 1
             continue
         template[s] = cmp
-    return Eligible(np.array(sorted(template), np.int64), template, skipped, disp_reloc)
+    return Eligible(np.array(sorted(template), np.int64), template, skipped, disp_reloc,
+                    at_start & set(template))
 
 
 def permanent_entries(model) -> np.ndarray:
@@ -253,4 +264,6 @@ def choose(model, cfg, rows: np.ndarray, calls_seen, share: float = DEFAULT_SHAR
         disp_at=np.array([d[0] for d in disp], np.int64),
         disp_type=np.array([d[1] for d in disp], np.int64),
         disp_sym=np.array([d[2] for d in disp], np.int64),
-        disp_addend=np.array([d[3] for d in disp], np.int64), skipped=skipped)
+        disp_addend=np.array([d[3] for d in disp], np.int64),
+        enter_at_cmp=np.array([s in eligible.at_block_start for s in sites.tolist()], bool),
+        skipped=skipped)

@@ -93,6 +93,9 @@ def test_promoted_calls_go_the_direct_way_with_kaslr(flavor, tmp_path):
     assert outcome.ok and outcome.text_base != 0xFFFFFFFF81000000, outcome.summary()
     optimized = BinaryModel.open(out)
     after = executed_indirect_calls(optimized, attach(optimized, again))
-    # the promoted calls' hits no longer run indirectly (the workload varies a little)
+    # the promoted calls' hits no longer run indirectly (the workload varies a little;
+    # boot is in these profiles, with sort_r's calls of jump_label_cmp at 70%: not
+    # promoted. The workloads alone: benchmarks/bench_icp.py)
     assert after <= before - 0.8 * hits, (before, after, result.calls_promoted)
-    assert after <= 0.6 * before if flavor == "6.12-hardened" else after < before
+    assert (after <= 0.6 * before if flavor == "6.12-hardened" else after < before), \
+        (before, after, result.calls_promoted, result.icp_skipped)

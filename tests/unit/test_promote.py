@@ -26,6 +26,13 @@ dispatch:
 .Ld_end:  call *(%r12)
 .Ld_join: call *handler(%rip)
 .Ld_tab:  call *handler(%rbx)
+    test %ecx, %ecx
+    jne .Ld_thunk
+    nop
+.Ld_thunk: call __x86_indirect_thunk_rax
+    .pushsection .retpoline_sites, "a"
+    .long .Ld_thunk - .
+    .popsection
     xor %eax, %eax
     ret
     .size dispatch, . - dispatch
@@ -54,7 +61,8 @@ def kernel(tmp_path_factory):
 
 
 def decode(model, addr, n=1):
-    return list(Decoder(64, model.image.read(addr, 15 * n), ip=addr))[:n]
+    size = min(15 * n, model.image.section_at(addr).end - addr)
+    return list(Decoder(64, model.image.read(addr, size), ip=addr))[:n]
 
 
 def label(model, name):
@@ -110,10 +118,12 @@ def test_every_site_torture_keeps_every_table_and_relocation_true(kernel, tmp_pa
     result = rewrite(kernel, out, RewriteOptions(reorder_blocks="reverse", progress=False,
                                                  icp_every_site=True, seed=3, **moves))
     assert result.verify_summary.startswith("verify: ok"), result.verify_summary
-    # dispatch: %rax, 0x38(%rbx), %r11, (%r12) (which ends its block), handler(%rbx)
-    # (its displacement relocated); second: the thunk call. Not the RIP-relative one.
+    # dispatch: %rax (its function's entry), 0x38(%rbx), %r11, (%r12) (which ends its
+    # block), handler(%rbx) (its displacement relocated), a thunk call a jump lands on
+    # (its address names the cmp, its .retpoline_sites entry the fallback); second:
+    # the thunk call. Not the RIP-relative one.
     # (with functions moving, a function that must stay keeps its calls)
-    assert result.calls_promoted[0] == (5 if whole else 6)
+    assert result.calls_promoted[0] == (6 if whole else 7)
     assert result.icp_skipped["operand depends on its place"] >= 1   # (and the pv call)
     before, after = BinaryModel.open(kernel, jobs=1), BinaryModel.open(out, jobs=1)
     paths = promoted_paths(after)
@@ -128,7 +138,7 @@ def test_every_site_torture_keeps_every_table_and_relocation_true(kernel, tmp_pa
         assert back.near_branch_target == after_call
         assert call.is_call_near_indirect or call.is_call_near
         raw = after.image.read(fallback, call.len)
-        if raw[0] == 0xE8:            # the retpoline call: its table entry followed it
+        if raw[0] == 0xE8:            # a retpoline call: its table entry followed it
             assert fallback in retpoline
             assert call.near_branch_target == label(after, "__x86_indirect_thunk_rax")
         # R_X86_64_32S at the immediate (KASLR), PLT32 at the direct call
@@ -144,6 +154,14 @@ def test_every_site_torture_keeps_every_table_and_relocation_true(kernel, tmp_pa
     # every site promoted is one the input called indirectly
     assert len({p[3] for p in paths}) == len(paths)
     assert disp_relocated == 1
+    # the entry of dispatch and the jump to the thunk call both land on a cmp
+    cmps = {p[0] for p in paths}
+    assert label(after, "dispatch") in cmps
+    entry = label(after, "dispatch")
+    code = [i for r in (entry,) for i in decode(after, r, 80)]
+    for fb in {p[3] for p in paths}:    # (the fallbacks, which may lie apart)
+        code += decode(after, fb, 2)
+    assert any(i.near_branch_target in cmps - {entry} and not i.is_call_near for i in code)
     del before
 
 
