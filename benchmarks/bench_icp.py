@@ -86,7 +86,8 @@ def main() -> int:
             table.append(row)
             out.unlink()
     print()
-    print(f"Lab kernel {args.flavor}, iterations {ITERATIONS[1]} - {ITERATIONS[0]}, "
+    print(f"Lab kernel {args.flavor}, {ITERATIONS[1] - ITERATIONS[0]} iterations recorded between "
+          f"the lab /init's workload markers, "
           f"{'ext-TSP blocks' if args.blocks_only else 'ext-TSP + cdsort + split'}, "
           f"each kernel measured {args.repeat} times (mean; spread: max - min):")
     print()

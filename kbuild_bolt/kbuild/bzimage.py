@@ -58,12 +58,22 @@ def _unescape(command: str) -> str:
             .replace("$$", "$"))
 
 
+PAYLOADS = ("gz", "bz2", "lzma", "xz", "lzo", "lz4", "zst")
+
+
 def _payload_target(build_dir: Path) -> str:
-    for suffix in ("gz", "bz2", "lzma", "xz", "lzo", "lz4", "zst"):
-        target = f"{BOOT}/compressed/vmlinux.bin.{suffix}"
-        if (build_dir / target).exists():
-            return target
-    raise KbbError(f"{build_dir}: no compressed kernel payload in {BOOT}/compressed")
+    """The compressed payload the decompressor wraps: the one piggy.S was made from
+    (a tree built before with another compression keeps that one's file too)."""
+    piggy = saved_command(build_dir, f"{BOOT}/compressed/piggy.S") or ""
+    m = re.search(r"(arch/x86/boot/compressed/vmlinux\.bin\.(\w+))", piggy)
+    if m and m.group(2) in PAYLOADS:
+        return m.group(1)
+    present = [f"{BOOT}/compressed/vmlinux.bin.{s}" for s in PAYLOADS
+               if (build_dir / f"{BOOT}/compressed/vmlinux.bin.{s}").exists()]
+    if len(present) == 1:
+        return present[0]
+    raise KbbError(f"{build_dir}: cannot tell the compressed kernel payload in "
+                   f"{BOOT}/compressed (piggy.S has no saved command)")
 
 
 def _relocs_command(build_dir: Path) -> str:
@@ -110,6 +120,9 @@ def rebuild_bzimage(build_dir, vmlinux, output, keep_dir: bool = False) -> Path:
                 raise KbbError(f"{build_dir}: no saved command for {target}")
             (scratch / target).unlink(missing_ok=True)
             _run(command, scratch, target)
+            if not (scratch / target).exists() or not (scratch / target).stat().st_size:
+                raise KbbError(f"rebuilding {target} failed: the step wrote nothing "
+                               f"({command[:120]})")
         differs = code_differences(scratch / BOOT / "bzImage", vmlinux)
         if differs:
             raise KbbError(f"the rebuilt bzImage does not carry {vmlinux.name}: "
@@ -122,12 +135,29 @@ def rebuild_bzimage(build_dir, vmlinux, output, keep_dir: bool = False) -> Path:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+# What the kernel's top Makefile exports to every command (the compressors the
+# saved commands name as $(KGZIP) and the like are expanded in them; scripts such
+# as xz_wrap.sh read $XZ and $SRCARCH themselves). Outside make nobody sets them.
+MAKE_ENVIRONMENT = {
+    "ARCH": "x86", "SRCARCH": "x86", "CONFIG_SHELL": "sh", "KGZIP": "gzip",
+    "KBZIP2": "bzip2", "KLZOP": "lzop", "LZMA": "lzma", "LZ4": "lz4", "XZ": "xz",
+    "ZSTD": "zstd",
+}
+
+
 def _run(command: str, cwd: Path, what: str) -> None:
-    proc = subprocess.run(["sh", "-c", command], cwd=cwd, capture_output=True, text=True,
-                          env=dict(os.environ, LC_ALL="C"))
+    """One saved Kbuild command, in make's environment. It fails when any part of
+    it fails (``{ cat | xz_wrap.sh; size_append; } > out`` would otherwise succeed
+    with a payload of four bytes); the step's own error is shown."""
+    env = dict(MAKE_ENVIRONMENT)
+    env.update(os.environ)
+    env["LC_ALL"] = "C"
+    shell = ["bash", "-e", "-o", "pipefail", "-c"] if shutil.which("bash") else ["sh", "-e", "-c"]
+    proc = subprocess.run(shell + [command], cwd=cwd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise KbbError(f"rebuilding {what} failed: {detail[-1] if detail else proc.returncode}")
+        detail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line]
+        raise KbbError(f"rebuilding {what} failed: "
+                       f"{' / '.join(detail[-3:]) if detail else f'exit status {proc.returncode}'}")
 
 
 # ---------------------------------------------------------------------------
@@ -139,19 +169,25 @@ PAYLOAD_LENGTH = 0x24C
 
 
 def _decompress_payload(data: bytes) -> bytes:
+    """The payload's first stream (what follows it, such as the 4-byte size the
+    kernel appends to bzip2/lzma/xz/zstd payloads, is not compressed data)."""
     import bz2
-    import gzip
     import lzma
+    import zlib
 
-    if data[:2] == b"\x1f\x8b":
-        return gzip.decompress(data)
-    if data[:6] == b"\xfd7zXZ\x00":
-        return lzma.decompress(data, format=lzma.FORMAT_XZ)
-    if data[:3] == b"\x5d\x00\x00":
-        return lzma.decompress(data, format=lzma.FORMAT_ALONE)
-    if data[:3] == b"BZh":
-        return bz2.decompress(data)
-    tools = {b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"], b"\x02\x21\x4c\x18": ["lz4", "-dcq"]}
+    try:
+        if data[:2] == b"\x1f\x8b":
+            return zlib.decompressobj(wbits=31).decompress(data)
+        if data[:6] == b"\xfd7zXZ\x00":
+            return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data)
+        if data[:3] == b"\x5d\x00\x00":
+            return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(data)
+        if data[:3] == b"BZh":
+            return bz2.BZ2Decompressor().decompress(data)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:
+        raise KbbError(f"the bzImage payload does not decompress: {err}") from None
+    tools = {b"\x28\xb5\x2f\xfd": ["zstd", "-dcq"], b"\x02\x21\x4c\x18": ["lz4", "-dcq"],
+             b"\x89LZO": ["lzop", "-dcq"]}
     for magic, cmd in tools.items():
         if data.startswith(magic):
             if shutil.which(cmd[0]) is None:

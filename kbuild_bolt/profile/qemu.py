@@ -258,9 +258,10 @@ def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = Tru
     return profile.shifted(result.text_base - DEFAULT_TEXT), result
 
 
-# The lab /init's lines around the workload: the recorder's cut-off.
-LAB_START = "KBB-MARK workload-start:"
-LAB_STOP = "KBB-MARK workload-end:"
+# The lab /init's lines around the workload's measured loop (after its setup,
+# before its teardown): the recorder's cut-off.
+LAB_START = "KBB-LOOP begin"
+LAB_STOP = "KBB-LOOP end"
 
 
 def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] | int = (2, 12),
@@ -269,7 +270,8 @@ def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] 
     """The lab workload's profile, one user of :func:`record_guest`: the lab /init
     runs the workload (``iterations``: a count, or SHORT,LONG as the two-run
     recorder took it: LONG - SHORT), and the plugin records only between the
-    lines it prints around it. The KASLR offset is found from the code; the
+    lines it prints around the workload's loop (its setup and teardown, run once
+    whatever the count, are left out, as the two runs' difference left them). The KASLR offset is found from the code; the
     lab /init's own report of ``_text`` must agree with it."""
     n = iterations if isinstance(iterations, int) else iterations[1] - iterations[0]
     if n <= 0:
@@ -279,7 +281,7 @@ def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] 
     args = f"kbb.workload={workload} kbb.iterations={n}" + (f" {append}" if append else "")
     profile, recording = record_guest(
         kernel, vmlinux=vmlinux or kernel, initrd=initrd, append=args,
-        start=LAB_START + workload, stop=LAB_STOP + workload, expect_text="KBB-MARK done",
+        start=LAB_START, stop=LAB_STOP, expect_text="KBB-MARK done",
         kaslr=kaslr, smp=smp, timeout=timeout, tolerate_warnings=tolerate_warnings)
     reported = recording.boot.text_base
     if reported is not None and reported - DEFAULT_TEXT != recording.kaslr_offset:
