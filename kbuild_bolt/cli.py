@@ -542,7 +542,7 @@ def lab_demo(args) -> int:
     print(result.summary())
     failed |= not result.ok
     for workload in args.workload or ("files",):
-        step(f"profile the {workload} workload under QEMU (exact, boot cancelled out)")
+        step(f"profile the {workload} workload under QEMU (exact, its loop only, KASLR on)")
         profile = qemu.record(kernel.bzimage, kernel.initramfs, workload=workload, kaslr=True,
                               vmlinux=kernel.vmlinux,
                               log=lambda m: print(f"  {m}", flush=True))

@@ -55,6 +55,13 @@ def _worker_start(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in _TERMINATING:
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)
+
+
+# Blocked while workers are forked, until each has its own handlers: a Ctrl-C at
+# that moment would otherwise raise KeyboardInterrupt in a half-started worker
+# (a traceback on the terminal); the parent gets it once the pool exists.
+_STARTUP_BLOCKED = {signal.SIGINT, *_TERMINATING}
 
 
 @contextlib.contextmanager
@@ -62,7 +69,11 @@ def worker_pool(jobs: int):
     """A pool of ``jobs`` forked workers (they inherit what the parent has mapped),
     terminated when the block ends, normally or not."""
     ctx = multiprocessing.get_context("fork")
-    pool = ctx.Pool(jobs, initializer=_worker_start, initargs=(os.getpid(),))
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_BLOCKED)
+    try:
+        pool = ctx.Pool(jobs, initializer=_worker_start, initargs=(os.getpid(),))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
         yield pool
     finally:

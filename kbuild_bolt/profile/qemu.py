@@ -203,13 +203,7 @@ def record_guest(kernel, *, vmlinux, initrd=None, drives=(), append: str = "",
                       console_to=console,
                       extra_qemu=["-plugin", ",".join([f"{plugin}", f"out={out}", *thunks,
                                                        *gate]), *ICOUNT, *qemu_args])
-        warned_only = (not result.timed_out and not result.missing
-                       and all(p.kind in ("warning", "return-thunk") for p in result.problems))
-        if not (result.ok or (tolerate_warnings and warned_only)):
-            raise KbbError(f"profiling boot failed: {result.summary().splitlines()[0]} "
-                           f"({'; '.join(p.line for p in result.problems[:2]) or 'see log'})")
-        if not os.path.exists(out):
-            raise KbbError("the QEMU plugin wrote no profile (did the guest power off?)")
+        _check_profiling_boot(result, out, tolerate_warnings)
         state = plugin_cutoff(out)
         if start is not None and state == 0:
             raise KbbError(f"the start marker {start!r} never appeared on the console")
@@ -223,6 +217,20 @@ def record_guest(kernel, *, vmlinux, initrd=None, drives=(), append: str = "",
     profile = profile.shifted(offset) if offset else profile
     return profile, GuestRecording(result, offset, how,
                                    "between the markers" if start else "whole run")
+
+
+def _check_profiling_boot(result, out, tolerate_warnings: bool) -> None:
+    """The boot a profile comes from ran as it must (or, ``tolerate_warnings``, ran
+    to its end with only warnings: a broken peer's output measured), and the
+    plugin wrote its profile."""
+    warned_only = (not result.timed_out and not result.missing
+                   and (result.markers or not result.lab)
+                   and all(p.kind in ("warning", "return-thunk") for p in result.problems))
+    if not (result.ok or (tolerate_warnings and warned_only)):
+        raise KbbError(f"profiling boot failed: {result.summary().splitlines()[0]} "
+                       f"({'; '.join(p.line for p in result.problems[:2]) or 'see log'})")
+    if not os.path.exists(out):
+        raise KbbError("the QEMU plugin wrote no profile (did the guest power off?)")
 
 
 def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = True,
@@ -244,13 +252,7 @@ def record_run(kernel, initrd, workload: str, iterations: int, kaslr: bool = Tru
                       timeout=timeout, smp=smp, memory=memory, append=append,
                       extra_qemu=["-plugin", ",".join([f"{plugin}", f"out={out}", *thunks]),
                                   *ICOUNT])
-        warned_only = (not result.timed_out and not result.missing and result.markers
-                       and all(p.kind in ("warning", "return-thunk") for p in result.problems))
-        if not (result.ok or (tolerate_warnings and warned_only)):
-            raise KbbError(f"profiling boot failed: {result.summary().splitlines()[0]} "
-                           f"({'; '.join(p.line for p in result.problems[:2]) or 'see log'})")
-        if not os.path.exists(out):
-            raise KbbError("the QEMU plugin wrote no profile")
+        _check_profiling_boot(result, out, tolerate_warnings)
         profile = parse_plugin_output(out)
     if result.text_base is None:
         raise KbbError("the guest did not report its _text (lab /init marker KBB-TEXT missing)")

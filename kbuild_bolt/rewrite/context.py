@@ -250,10 +250,53 @@ class RewriteContext:
     moved_ranges: np.ndarray | None = None  # update: where whole functions were placed
     committed: bool = False                 # write
 
+    bar: object = None                      # the passes' progress bar (a terminal only)
+
     def say(self, message: str) -> None:
         if self.options.progress:
+            if self.bar is not None:
+                self.bar.clear()
             print(f"  BOLT    {message}", file=sys.stderr, flush=True)
+            if self.bar is not None:
+                self.bar.draw()
 
     def leave_alone(self, rows, reason: str) -> None:
         names = self.model.functions.names
         self.result.leave_alone(reason, [names[row] for row in rows])
+
+
+class ProgressBar:
+    """One line at the bottom of a terminal: which pass runs, and how many of the
+    run's passes are done. Drawn only on a terminal (a build log gets the plain
+    ``BOLT`` lines); messages print above it."""
+
+    WIDTH = 24
+
+    def __init__(self, total: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = max(1, total)
+        self.done = 0
+        self.name = ""
+
+    @staticmethod
+    def wanted(options, stream=None) -> bool:
+        stream = stream or sys.stderr
+        return bool(options.progress and hasattr(stream, "isatty") and stream.isatty())
+
+    def start(self, name: str) -> None:
+        self.name = name
+        self.draw()
+
+    def finish_step(self) -> None:
+        self.done += 1
+        self.draw()
+
+    def draw(self) -> None:
+        filled = self.WIDTH * self.done // self.total
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        self.stream.write(f"\r\033[K  BOLT    [{bar}] {self.done}/{self.total} {self.name}")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()

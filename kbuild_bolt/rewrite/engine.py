@@ -50,7 +50,7 @@ from kbuild_bolt.layout import orders as block_orders
 from kbuild_bolt.memory import trim
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
-    RewriteContext, RewriteOptions, RewriteResult, Session,
+    ProgressBar, RewriteContext, RewriteOptions, RewriteResult, Session,
 )
 from kbuild_bolt.rewrite.emit import BlockTable, emit_functions, table_sites
 from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
@@ -631,13 +631,21 @@ def rewrite(input_path, output_path, options: RewriteOptions,
     if options.reorder_blocks == "ext-tsp" and options.profile is None:
         raise KbbError("--reorder-blocks=ext-tsp needs a profile (--profile)")
     ctx = RewriteContext(input_path, output_path, options, session=session)
+    if ProgressBar.wanted(options):
+        ctx.bar = ProgressBar(len(PASSES))
     try:
         for step in PASSES:
+            if ctx.bar is not None:
+                ctx.bar.start(step.name)
             if step.when is None or step.when(ctx):
                 started = time.perf_counter()
                 step.run(ctx)
                 ctx.result.seconds[step.name] = time.perf_counter() - started
+            if ctx.bar is not None:
+                ctx.bar.finish_step()
     finally:
+        if ctx.bar is not None:
+            ctx.bar.clear()
         for rewriter in ctx.metadata or ():
             rewriter.close()
         if ctx.debug_sample is not None:

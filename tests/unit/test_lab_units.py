@@ -110,3 +110,34 @@ def test_scan_log_without_lab_init():
     result = _scan(["[0.1] Kernel panic - not syncing: VFS: Unable to mount root fs"])
     assert not result.ok
     assert result.missing
+
+
+def test_drive_arguments_tell_qcow2_from_raw(tmp_path):
+    from kbuild_bolt.errors import KbbError
+    from kbuild_bolt.qemu.runner import drive_arguments
+
+    raw, qcow = tmp_path / "a.img", tmp_path / "b.qcow2"
+    raw.write_bytes(b"\0" * 512)
+    qcow.write_bytes(b"QFI\xfb" + b"\0" * 508)
+    assert drive_arguments([raw, qcow]) == [
+        "-drive", f"file={raw},format=raw,if=virtio",
+        "-drive", f"file={qcow},format=qcow2,if=virtio"]
+    with pytest.raises(KbbError, match="No such file"):
+        drive_arguments([tmp_path / "missing.img"])
+
+
+def test_guest_boot_judged_by_its_own_line():
+    from kbuild_bolt.qemu.runner import BootResult, scan_log
+
+    def judged(lines, expect):
+        result = BootResult(kernel="k", initrd=None, entry="bzImage", kaslr=True, cmdline="",
+                            lab=False, expect_text=expect)
+        scan_log(lines, result)
+        return result
+
+    up = ["[    0.1] Linux version 6.12", "my system is up", "reboot: Power down"]
+    assert judged(up, "system is up").ok and judged(up, None).ok
+    assert not judged(up, "never said").ok
+    warned = up + ["[    1.0] WARNING: CPU: 0 PID: 1 at kernel/foo.c:1"]
+    assert not judged(warned, "system is up").ok
+    assert "not seen" in judged(up, "never said").summary()

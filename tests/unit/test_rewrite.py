@@ -239,3 +239,37 @@ def test_verify_tells_functions_that_moved_from_symbols_renumbered():
                    ("c", 0, 0x300)])
     assert not _functions_moved(before, renumbered)
     assert _functions_moved(before, moved)
+
+
+def test_progress_bar_on_a_terminal_plain_lines_in_a_log_quiet_with_q(kernel, tmp_path):
+    import os
+    import pty
+
+    cmd = [sys.executable, "-m", "kbuild_bolt", "rewrite", str(kernel), "-o",
+           str(tmp_path / "out"), "--reorder-blocks", "reverse"]
+
+    def on_terminal(argv):
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execv(sys.executable, argv)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.waitpid(pid, 0)
+        return out.decode(errors="replace")
+
+    shown = on_terminal(cmd)
+    from kbuild_bolt.rewrite.engine import PASSES
+
+    assert "\r\x1b[K  BOLT    [" in shown and f"/{len(PASSES)} emit" in shown
+    assert "  BOLT    laying out" in shown
+    logged = subprocess.run(cmd, capture_output=True, text=True)
+    assert logged.returncode == 0 and "\r" not in logged.stderr and "BOLT    laying out" in \
+        logged.stderr
+    assert "BOLT" not in on_terminal(cmd + ["-q"]).split("functions rewritten")[0]
