@@ -592,6 +592,20 @@ def lab_demo(args) -> int:
 # ---------------------------------------------------------------------------
 
 
+def add_guest_arguments(p, expect: bool = False) -> None:
+    """A guest of the user's: disk images and QEMU arguments; ``expect``: its boot
+    is judged by a console line of the user's choosing."""
+    if expect:
+        p.add_argument("--expect", metavar="TEXT",
+                       help="your own guest (--initrd/--drive, no lab /init): a boot is good "
+                            "when a console line contains TEXT and no kernel problem appears")
+    p.add_argument("--drive", action="append", metavar="IMAGE",
+                   help="disk image (raw or qcow2) as a virtio disk, /dev/vda first "
+                        "(repeatable); implies your own guest")
+    p.add_argument("--qemu-arg", action="append", metavar="ARG",
+                   help="one more QEMU argument (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kbuild-bolt",
@@ -652,12 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "workload (a lab initramfs).")
     q.add_argument("--kernel", required=True, help="bzImage or vmlinux (PVH) to boot")
     q.add_argument("--initrd", help="initramfs (your own, or a lab one with --workload)")
-    q.add_argument("--drive", action="append", metavar="IMAGE",
-                   help="disk image (raw or qcow2) as a virtio disk, /dev/vda first "
-                        "(repeatable)")
+    add_guest_arguments(q)
     q.add_argument("--append", help="kernel command line (root=/dev/vda, init=..., ...)")
-    q.add_argument("--qemu-arg", action="append", metavar="ARG",
-                   help="one more QEMU argument (repeatable)")
     q.add_argument("--start-marker", metavar="TEXT",
                    help="record from the first console line containing TEXT")
     q.add_argument("--stop-marker", metavar="TEXT",
@@ -707,14 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initrd", help="initramfs to boot with (a lab initramfs, or your own with "
                                     "--expect)")
     add_rewrite_arguments(p)
-    p.add_argument("--expect", metavar="TEXT",
-                   help="your own guest: a boot is good when a console line contains TEXT and "
-                        "no kernel problem appears")
-    p.add_argument("--drive", action="append", metavar="IMAGE",
-                   help="disk image as a virtio disk (repeatable); implies your own guest")
+    add_guest_arguments(p, expect=True)
     p.add_argument("--append", help="more kernel command line")
-    p.add_argument("--qemu-arg", action="append", metavar="ARG",
-                   help="one more QEMU argument (repeatable)")
     p.add_argument("--workload", default="files", help="lab workload to run at each boot")
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--timeout", type=float, default=90.0)
@@ -795,14 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append", help="more kernel command line")
     p.add_argument("--memory", default="512M", help="guest memory (default 512M)")
     p.add_argument("--smp", type=int, default=2, help="guest CPUs (default 2)")
-    p.add_argument("--expect", metavar="TEXT",
-                   help="your own guest (--initrd/--drive, no lab /init): the boot succeeds "
-                        "when a console line contains TEXT and no kernel problem appears")
-    p.add_argument("--drive", action="append", metavar="IMAGE",
-                   help="disk image (raw or qcow2) as a virtio disk, /dev/vda first "
-                        "(repeatable); implies your own guest")
-    p.add_argument("--qemu-arg", action="append", metavar="ARG",
-                   help="one more QEMU argument (repeatable)")
+    add_guest_arguments(p, expect=True)
     p.add_argument("--log", help="write the serial console log here")
     p.add_argument("--json", action="store_true", help="machine-readable result")
     p.add_argument("-v", "--verbose", action="store_true", help="echo the console to stderr")

@@ -407,11 +407,18 @@ class BinaryModel:
 
     def inside_patch_unit(self, addrs) -> np.ndarray:
         """True where an address lies strictly inside a patch unit (not at its start)."""
+        return self.in_patch_unit(addrs, at_start=False)
+
+    def in_patch_unit(self, addrs, at_start: bool = True) -> np.ndarray:
+        """True where an address lies in a patch unit (its start included unless
+        ``at_start`` is False)."""
         starts, ends = self.patch_units
         addrs = np.asarray(addrs, dtype=np.uint64)
         i = np.searchsorted(starts, addrs, side="right").astype(np.int64) - 1
         ok = i >= 0
-        ok[ok] &= (addrs[ok] < ends[i[ok]]) & (addrs[ok] > starts[i[ok]])
+        ok[ok] &= addrs[ok] < ends[i[ok]]
+        if not at_start:
+            ok[ok] &= addrs[ok] > starts[i[ok]]
         return ok
 
     @cached_property

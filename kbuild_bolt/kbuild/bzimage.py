@@ -65,7 +65,7 @@ def _payload_target(build_dir: Path) -> str:
     """The compressed payload the decompressor wraps: the one piggy.S was made from
     (a tree built before with another compression keeps that one's file too)."""
     piggy = saved_command(build_dir, f"{BOOT}/compressed/piggy.S") or ""
-    m = re.search(r"(arch/x86/boot/compressed/vmlinux\.bin\.(\w+))", piggy)
+    m = re.search(f"({re.escape(BOOT)}/compressed/vmlinux\\.bin\\.(\\w+))", piggy)
     if m and m.group(2) in PAYLOADS:
         return m.group(1)
     present = [f"{BOOT}/compressed/vmlinux.bin.{s}" for s in PAYLOADS

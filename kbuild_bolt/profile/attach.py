@@ -173,12 +173,7 @@ def executed_indirect_calls(model, cp: CodeProfile) -> int:
     calls = indirect_calls(model, cp)
     if not len(calls.site):
         return 0
-    starts, ends = model.patch_units
-    at = model.insns.addr[calls.site]
-    i = np.searchsorted(starts, at, side="right").astype(np.int64) - 1
-    inside = i >= 0
-    inside[inside] &= at[inside] < ends[i[inside]]
-    return int(calls.count[~inside].sum())
+    return int(calls.count[~model.in_patch_unit(model.insns.addr[calls.site])].sum())
 
 
 def function_samples(model, cp: CodeProfile) -> np.ndarray:

@@ -272,10 +272,10 @@ static void poll_console(void)
     }
 }
 
-/* True while counting; polls the console now and then while markers matter. */
+/* True while counting; polls the console now and then while a marker is awaited. */
 static bool gate_open(unsigned int vcpu)
 {
-    if (console_path && gate != STOPPED && (++ticks & (POLL_EVERY - 1)) == 0) poll_console();
+    if (start_text && gate != STOPPED && (++ticks & (POLL_EVERY - 1)) == 0) poll_console();
     if (gate == COUNTING) return true;
     if (vcpu < MAX_VCPUS) { prev_tb[vcpu] = NULL; following[vcpu] = 0; }
     return false;
@@ -370,7 +370,8 @@ int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, 
     for (int i = 0; i < argc; i++) {
         if (strncmp(argv[i], "out=", 4) == 0) out_path = strdup(argv[i] + 4);
         if (strncmp(argv[i], "console=", 8) == 0) console_path = strdup(argv[i] + 8);
-        if (strncmp(argv[i], "start=", 6) == 0 || strncmp(argv[i], "stop=", 5) == 0) {
+        bool start = strncmp(argv[i], "start=", 6) == 0;
+        if (start || strncmp(argv[i], "stop=", 5) == 0) {
             const char *hex = strchr(argv[i], '=') + 1;
             size_t n = strlen(hex) / 2;
             char *text = calloc(n + 1, 1);
@@ -379,7 +380,7 @@ int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, 
                 if (sscanf(hex + 2 * k, "%2x", &v) != 1) { fprintf(stderr, "kbb plugin: bad %s\n", argv[i]); return -1; }
                 text[k] = (char)v;
             }
-            if (argv[i][2] == 'a') start_text = text; else stop_text = text;
+            if (start) start_text = text; else stop_text = text;
         }
         bool thunk = strncmp(argv[i], "thunk=", 6) == 0, via = strncmp(argv[i], "via=", 4) == 0;
         if (thunk || via) {
@@ -398,8 +399,8 @@ int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, 
         fprintf(stderr, "kbb plugin: out=FILE missing\n");
         return -1;
     }
-    if ((start_text || stop_text) && !console_path) {
-        fprintf(stderr, "kbb plugin: start=/stop= need console=FILE\n");
+    if ((start_text && !console_path) || (stop_text && !start_text)) {
+        fprintf(stderr, "kbb plugin: stop= needs start=, and start= needs console=FILE\n");
         return -1;
     }
     if (start_text) gate = WAITING;

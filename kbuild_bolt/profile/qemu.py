@@ -169,7 +169,7 @@ class GuestRecording:
 
     boot: object                 # the BootResult
     kaslr_offset: int            # what the profile was shifted by (0: none)
-    kaslr: str                   # "off", "found from the code", "reported by the guest"
+    kaslr: str                   # "off", "found from the code"
     cutoff: str                  # "whole run", "between the markers"
 
 
@@ -193,9 +193,9 @@ def record_guest(kernel, *, vmlinux, initrd=None, drives=(), append: str = "",
     with tempfile.TemporaryDirectory(prefix="kbuild-bolt-profile-") as tmp:
         out = os.path.join(tmp, "tb.txt")
         console = os.path.join(tmp, "console.txt")
-        gate = [f"console={console}"]
+        gate = []
         if start is not None:
-            gate.append(f"start={start.encode().hex()}")
+            gate = [f"console={console}", f"start={start.encode().hex()}"]
         if stop is not None:
             gate.append(f"stop={stop.encode().hex()}")
         result = boot(kernel, initrd, lab=False, expect_text=expect_text, kaslr=kaslr,
@@ -273,8 +273,9 @@ def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] 
     runs the workload (``iterations``: a count, or SHORT,LONG as the two-run
     recorder took it: LONG - SHORT), and the plugin records only between the
     lines it prints around the workload's loop (its setup and teardown, run once
-    whatever the count, are left out, as the two runs' difference left them). The KASLR offset is found from the code; the
-    lab /init's own report of ``_text`` must agree with it."""
+    whatever the count, are left out, as the two runs' difference left them).
+    The KASLR offset is found from the code; the lab /init's own report of
+    ``_text`` must agree with it."""
     n = iterations if isinstance(iterations, int) else iterations[1] - iterations[0]
     if n <= 0:
         raise KbbError("the workload needs at least one iteration")

@@ -32,10 +32,9 @@ class AddressMap:
         # operands): the same, except where its address names other code (a promoted
         # call entered at its cmp keeps its bytes in its fallback).
         self.body = self.new
-        bodies = getattr(emission, "bodies", None)
-        if bodies is not None and len(bodies):
+        if len(emission.bodies):
             self.body = self.new.copy()
-            self.body[bodies[:, 0].astype(np.int64)] = bodies[:, 1]
+            self.body[emission.bodies[:, 0].astype(np.int64)] = emission.bodies[:, 1]
 
     def __len__(self) -> int:
         return len(self.func_start)
@@ -54,9 +53,12 @@ class AddressMap:
     def is_moved(self, addr: int) -> bool:
         return bool(self.moved(np.array([addr], dtype=np.uint64))[0])
 
-    def translate(self, addrs) -> tuple[np.ndarray, np.ndarray]:
+    def translate(self, addrs, bytes_of: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(new addresses as uint64, ok mask). Addresses outside rewritten functions
-        map to themselves; ``ok`` is False where the address was in dropped code."""
+        map to themselves; ``ok`` is False where the address was in dropped code.
+        ``bytes_of``: the addresses name instructions' bytes (a site the kernel
+        patches), not where control arrives: an instruction start maps to where
+        its bytes are, as addresses inside it always do."""
         addrs = np.asarray(addrs, dtype=np.uint64)
         out = addrs.copy()
         ok = np.ones(len(addrs), bool)
@@ -64,7 +66,8 @@ class AddressMap:
         if moved.any():
             a = addrs[moved]
             i = np.searchsorted(self.old, a, side="right").astype(np.int64) - 1
-            base_new = np.where(a == self.old[i], self.new[i], self.body[i])
+            base_new = self.body[i] if bytes_of else \
+                np.where(a == self.old[i], self.new[i], self.body[i])
             good = base_new != 0
             out[moved] = np.where(good, base_new + (a - self.old[i]), np.uint64(0))
             ok[moved] = good

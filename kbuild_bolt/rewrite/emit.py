@@ -91,11 +91,14 @@ def _replacements_never_fall_through(model, site: int) -> bool:
     return True
 
 
-def table_sites(model) -> np.ndarray:
-    """True at every instruction a kernel table names as a site, branch or range
-    start (emission keeps those instructions as they are)."""
+def table_sites(model, skip=()) -> np.ndarray:
+    """True at every instruction a kernel table (but those named in ``skip``) names
+    as a site, branch or range start (emission keeps those instructions as they
+    are)."""
     is_site = np.zeros(len(model.insns), bool)
-    for data in model.tables.values():
+    for name, data in model.tables.items():
+        if name in skip:
+            continue
         for ref in data.spec.refs:
             if ref.role in (base.SITE, base.BRANCH, base.RANGE):
                 idx = model.insn_index(data.targets(ref.field))
@@ -431,7 +434,6 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
         out[fb_copy], out[fb_jmp] = fallback
         return out
 
-    mid = n_mid - 1
     item_pos = column(np.int64, (np.arange(npos),) * (n_mid + 3), (anchor, anchor))
     kinds = column(np.int8, slot_values["kind"] + [t_kind, COPY, JMP], (COPY, JMP))
     sizes = column(np.int64, slot_values["size"] + [
@@ -456,7 +458,6 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     site_jmps = column(bool, [False] * n_mid + [bt.site_jmp[b] ^ flip, False, False],
                        (False, False))
     icps = column(np.int64, slot_values["icp"] + [-1, -1, -1], (-1, -1))
-    del mid
     # Branches to a block land on that block's first item.
     pos_of_block = np.full(len(bt.kind), -1, np.int64)
     pos_of_block[lay] = np.arange(npos)
@@ -559,9 +560,8 @@ class Emission:
     # now jumps to), see _build_items.
     flipped: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
     # Promoted indirect calls: (function index, address of the cmp's imm32, address
-    # of the direct call's rel32, target, promotion index, fallback copy of the
-    # call), see _promoted.
-    promoted: np.ndarray = field(default_factory=lambda: np.zeros((0, 6), np.int64))
+    # of the direct call's rel32, target, promotion index), see _promoted.
+    promoted: np.ndarray = field(default_factory=lambda: np.zeros((0, 5), np.int64))
     # (instruction, address of its bytes) where that differs from ``new_addr``
     # (what lies inside the instruction, a relocated field, follows its bytes).
     bodies: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
@@ -1215,7 +1215,8 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     deferred = _fields(insns, plan, items, copied, item_off, new_addr, code, moved)
     _raise_failures(model, plan)   # (found only once placed: all is placed again)
     emission = _emission(plan, items, addr, copied, code, item_off, new_addr, deferred,
-                         bodies=_bodies_apart(bt, items, addr), extent=extent, code_base=code_base, free=np.zeros((0, 2), np.uint64))
+                         bodies=_bodies_apart(bt, items, addr), extent=extent,
+                         code_base=code_base, free=np.zeros((0, 2), np.uint64))
     if not placed.all():
         emission = emission.select(placed)
     # Functions whose new block order was given up for want of room (kept whole in
@@ -1553,10 +1554,10 @@ def _encode_compares(bt: BlockTable, items: _Items, addr: np.ndarray, item_off: 
 
 def _promoted(items: _Items, addr: np.ndarray) -> np.ndarray:
     """(function index, cmp immediate's address, call's rel32 address, target,
-    promotion index, the fallback's copy of the call) of every promoted call,
-    int64 (addresses as two's complement)."""
+    promotion index) of every promoted call, int64 (addresses as two's
+    complement)."""
     cmp = np.flatnonzero(items.kind == CMP)
-    out = np.zeros((len(cmp), 6), np.int64)
+    out = np.zeros((len(cmp), 5), np.int64)
     if len(cmp):
         call = cmp + 2      # (cmp, jne, call)
         out[:, 0] = items.func[cmp]
@@ -1564,5 +1565,4 @@ def _promoted(items: _Items, addr: np.ndarray) -> np.ndarray:
         out[:, 2] = (addr[call] + np.uint64(1)).view(np.int64)
         out[:, 3] = items.destinations(addr, cmp).view(np.int64)
         out[:, 4] = items.icp[cmp]
-        out[:, 5] = addr[items.dest_item[cmp + 1]].view(np.int64)    # (the jne's target)
     return out

@@ -162,16 +162,7 @@ class KernelTables(MetadataRewriter):
 
     def update(self, ctx, amap) -> None:
         result = ctx.result
-        # (a promoted retpoline call whose old address names its cmp: its site
-        # entry names its fallback copy, the call the kernel patches)
-        promoted, overrides = ctx.emission.promoted, {}
-        if len(promoted) and ctx.promotions is not None:
-            k = promoted[:, 4]
-            at_cmp = ctx.promotions.enter_at_cmp[k]
-            overrides[".retpoline_sites"] = (
-                ctx.model.insns.addr[ctx.promotions.site[k[at_cmp]]],
-                promoted[at_cmp, 5].view(np.uint64))
-        result.tables = table_update.update_entries(ctx.model, amap, ctx.output, overrides)
+        result.tables = table_update.update_entries(ctx.model, amap, ctx.output)
         reversed_sites = table_update.reverse_static_keys(ctx.model, amap, ctx.output,
                                                           ctx.emission.flipped)
         if reversed_sites:

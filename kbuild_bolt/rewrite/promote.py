@@ -43,12 +43,11 @@ import numpy as np
 
 from kbuild_bolt.binary.cfg import FALLTHROUGH
 from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE
-from kbuild_bolt.kernel.tables import base
+from kbuild_bolt.rewrite.emit import table_sites
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86 import encode as enc
 
 TEMPLATE = 16   # bytes kept per cmp template (the longest form is 13)
-JNE = 5         # condition code of jne
 
 # Thresholds, as BOLT's -icp-calls-* options: the target's share of the site's
 # calls (percent) and the site's calls in the profile. Every call that goes
@@ -139,19 +138,8 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
         return Eligible(calls[:0], {}, skipped)
     # Named by a table other than .retpoline_sites (whose entry follows the call
     # to its fallback copy), or inside a patch unit: left as they are.
-    named = np.zeros(len(insns.addr), bool)
-    for name, data in model.tables.items():
-        if name == ".retpoline_sites":
-            continue
-        for ref in data.spec.refs:
-            if ref.role in (base.SITE, base.BRANCH, base.RANGE):
-                idx = model.insn_index(data.targets(ref.field))
-                named[idx[idx >= 0]] = True
-    starts, ends = model.patch_units
-    addr = insns.addr[calls]
-    u = np.searchsorted(starts, addr, side="right").astype(np.int64) - 1
-    in_unit = u >= 0
-    in_unit[in_unit] &= addr[in_unit] < ends[u[in_unit]]
+    named = table_sites(model, skip=(".retpoline_sites",))
+    in_unit = model.in_patch_unit(insns.addr[calls])
     # The path goes on right after the call: in its block, or (a call that ends its
     # block) in the block it falls through to.
     b = np.searchsorted(cfg.block_first, calls, side="right").astype(np.int64) - 1

@@ -22,17 +22,20 @@ from kbuild_bolt.kernel.tables import base
 REGENERATED = (".orc_unwind_ip", ".orc_unwind")
 
 
-def update_entries(model, amap, out, overrides: dict | None = None) -> dict[str, int]:
-    """Map every pointer field into moved code; returns entries changed per table.
-    ``overrides``: table name -> (old addresses, new addresses) that table's
-    entries take instead of the address map's (the .retpoline_sites entry of a
-    promoted call whose old address now names its cmp follows its fallback)."""
+# Fields that name an instruction's bytes (what the kernel patches there), not a
+# place control arrives at: they follow the bytes (a promoted call entered at its
+# cmp keeps its bytes, and its .retpoline_sites entry, in its fallback).
+BYTES_ROLES = (base.SITE, base.BRANCH, base.RANGE, base.OPERAND)
+
+
+def update_entries(model, amap, out) -> dict[str, int]:
+    """Map every pointer field into moved code; returns entries changed per table."""
     changed = {}
-    overrides = overrides or {}
     for name, data in model.tables.items():
         if name in REGENERATED or not data.count:
             continue
         n_changed = 0
+        bytes_fields = {ref.field for ref in data.spec.refs if ref.role in BYTES_ROLES}
         entries = out.array(data.addr, data.layout.dtype, len(data.entries))
         index = data.indices
         for f in data.layout.fields:
@@ -42,19 +45,11 @@ def update_entries(model, amap, out, overrides: dict | None = None) -> dict[str,
             moved = amap.moved(targets) & data.present(f.name)
             if not moved.any():
                 continue
-            new, ok = amap.translate(targets[moved])
+            new, ok = amap.translate(targets[moved], bytes_of=f.name in bytes_fields)
             if not ok.all():
                 k = int(np.flatnonzero(moved)[np.flatnonzero(~ok)[0]])
                 raise KbbError(f"{name}[{int(index[k])}].{f.name} points to "
                                f"{model.symbolize(int(targets[k]))}, code that was dropped")
-            if name in overrides and len(overrides[name][0]):
-                old_at, new_at = (np.asarray(a, np.uint64) for a in overrides[name])
-                order = np.argsort(old_at)
-                old_at, new_at = old_at[order], new_at[order]
-                t = targets[moved]
-                j = np.minimum(np.searchsorted(old_at, t), len(old_at) - 1)
-                hit = old_at[j] == t
-                new[hit] = new_at[j[hit]]
             # Only entries whose target really changed (the entry block stays put).
             really = new != targets[moved]
             moved[np.flatnonzero(moved)[~really]] = False
