@@ -124,6 +124,7 @@ def rewrite_options(args):
         icp_share=getattr(args, "icp_share", 80.0),
         icp_min_calls=getattr(args, "icp_min_calls", 100),
         icp_every_site=getattr(args, "icp_every_site", False),
+        cache_dir=getattr(args, "cache_dir", None),
     )
 
 
@@ -135,9 +136,61 @@ def cmd_rewrite(args) -> int:
     if args.reorder_functions in ("cdsort", "hfsort") and not args.profile:
         raise KbbError(f"--reorder-functions={args.reorder_functions} needs --profile "
                        "(or choose none/reverse/random)")
-    result = rewrite(args.vmlinux, args.output, rewrite_options(args))
+    options = rewrite_options(args)
+    if args.report:
+        if not args.profile:
+            raise KbbError("--report needs --profile (the page shows the profile's run)")
+        _check_report_path(args.report)
+        options.keep_record = True
+        # (the predicted dyno-stats need the profile attached: ext-TSP does that)
+        options.dyno_stats |= args.reorder_blocks == "ext-tsp"
+    result = rewrite(args.vmlinux, args.output, options)
     print(result.brief() if args.quiet else result.summary())
+    if args.report:
+        from kbuild_bolt.report.collect import from_rewrite
+
+        _write_report(args.report, lambda: from_rewrite(result, args.vmlinux, args.output,
+                                                        options))
     return 0
+
+
+def cmd_report(args) -> int:
+    from kbuild_bolt.report.collect import standalone
+
+    if not args.profile:
+        raise KbbError("report needs --profile (the page shows the profile's run)")
+    for path in (args.vmlinux, args.optimized, args.reprofile):
+        if path is not None and not os.path.exists(path):
+            raise KbbError(f"{path}: no such file")
+    if args.top < 0:
+        raise KbbError(f"--top {args.top}: must not be negative")
+    _check_report_path(args.output)
+    options = rewrite_options(args)
+    log = (lambda m: print(f"  REPORT  {m}", file=sys.stderr, flush=True)) \
+        if not args.quiet else None
+    _write_report(args.output, lambda: standalone(
+        args.vmlinux, options, optimized=args.optimized, reprofile=args.reprofile,
+        top=args.top, log=log))
+    return 0
+
+
+def _check_report_path(path) -> None:
+    """Fail before the work, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise KbbError(f"{path}: no such directory {folder}")
+    if os.path.isdir(path):
+        raise KbbError(f"{path}: is a directory")
+
+
+def _write_report(path, gather) -> None:
+    import time
+
+    from kbuild_bolt.report.render import write_report
+
+    started = time.perf_counter()
+    size = write_report(path, gather())
+    print(f"  REPORT  {path} ({size / 1e6:.2f} MB, {time.perf_counter() - started:.1f} s)")
 
 
 def cmd_bisect(args) -> int:
@@ -260,6 +313,10 @@ def add_rewrite_arguments(p) -> None:
     p.add_argument("--address-map", metavar="FILE",
                    help="write where old code is now (for verify --debug and profiles of the "
                         "optimized kernel)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="keep the input's decoded code and CFGs here between runs, keyed by "
+                        "its build-id (Kbuild: the build tree's .kbuild-bolt/); a rewrite of "
+                        "the same vmlinux then skips that analysis")
     p.add_argument("--plant-fault", metavar="KIND[@FUNCTION]", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -285,6 +342,59 @@ def _iterations(text: str) -> tuple[int, int]:
         raise KbbError(f"--iterations {text}: expected N or SHORT,LONG (e.g. 10 or 2,12)") \
             from None
     return a, b
+
+
+def _convert_perf(args, model, head: bytes):
+    """A Profile from perf: perf script text (a file, or "-": standard input) or
+    a perf.data (perf script runs on it). The running kernel's _text: --kallsyms,
+    --text-base, else perf's kernel map line (--show-mmap-events, which is asked
+    of perf for a perf.data), else the link address (KASLR off)."""
+    from kbuild_bolt.profile import perf
+    from kbuild_bolt.profile.thunks import thunk_ranges
+
+    text_base = None
+    if args.kallsyms:
+        text_base = perf.text_base_from_kallsyms(args.kallsyms)
+    elif args.text_base:
+        try:
+            text_base = int(args.text_base, 16)
+        except ValueError:
+            raise KbbError(f"--text-base {args.text_base}: not a hex address") from None
+    vmlinux_text = model.image.symbols.address("_text") or 0
+    thunks = thunk_ranges(model.image)
+    if perf.is_perf_data(head):
+        if args.input == "-":
+            raise KbbError("a perf.data on standard input: give its path (perf script runs on it)")
+        reader = perf.read_perf_data(args.input, text_base, vmlinux_text, thunks)
+    else:
+        name = "standard input" if args.input == "-" else args.input
+        reader = perf.PerfScriptReader(text_base, vmlinux_text, thunks=thunks, name=name)
+        if args.input == "-":
+            reader.feed(sys.stdin.buffer)
+        else:
+            with open(args.input, "rb") as f:
+                reader.feed(f)
+    profile = reader.profile()
+    where = {"given": "from --kallsyms" if args.kallsyms else "from --text-base",
+             "perf": "from perf's kernel map"}.get(reader.text_base_from)
+    kaslr = (f"running _text {reader.text_base:#x} ({where}), KASLR offset "
+             f"{reader.text_base - vmlinux_text:#x}" if where else
+             "no running _text (--text-base, --kallsyms or perf script --show-mmap-events): "
+             "the kernel is taken to have run at its link address")
+    read = (f"{reader.records:,} branch records" if reader.lbr
+            else f"{reader.samples:,} samples")
+    print(f"perf: {read}; {kaslr}", file=sys.stderr)
+    if not where:
+        # Nothing said where the kernel ran: the link address is a guess, checked
+        # (under KASLR the counts would land on the wrong code).
+        from kbuild_bolt.profile.attach import attach
+
+        matched = attach(model, profile).matched if profile.total else 0.0
+        if matched < 0.5:
+            raise KbbError(f"only {100 * matched:.1f}% of the perf counts fall on this "
+                           "vmlinux's code at its link address (KASLR?): give --kallsyms (a "
+                           "/proc/kallsyms saved where perf ran), --text-base, or the perf.data")
+    return profile
 
 
 def cmd_profile(args) -> int:
@@ -339,21 +449,19 @@ def cmd_profile(args) -> int:
         from kbuild_bolt.profile.model import MAGIC, read_profile
 
         model, cfg = _model_and_cfg(args.vmlinux)
-        with open(args.input, "rb") as f:
-            head = f.read(4096)
-        if head.startswith(MAGIC.encode()):
+        if args.input == "-":                     # perf script ... | kbuild-bolt profile convert -
+            head = sys.stdin.buffer.peek(4096)[:4096]
+        else:
+            try:
+                with open(args.input, "rb") as f:
+                    head = f.read(4096)
+            except OSError as err:
+                raise KbbError(f"{args.input}: {err.strerror}") from None
+        if args.input != "-" and head.startswith(MAGIC.encode()):
             profile = read_profile(args.input)
-        elif perf.looks_like(head) and not fdata.looks_like(head):
-            text_base = None
-            if args.kallsyms:
-                text_base = perf.text_base_from_kallsyms(args.kallsyms)
-            elif args.text_base:
-                text_base = int(args.text_base, 16)
-            from kbuild_bolt.profile.thunks import thunk_ranges
-
-            profile = perf.read_perf_script(args.input, text_base,
-                                            model.image.symbols.address("_text") or 0,
-                                            thunks=thunk_ranges(model.image))
+        elif args.input == "-" or perf.is_perf_data(head) or (perf.looks_like(head)
+                                                              and not fdata.looks_like(head)):
+            profile = _convert_perf(args, model, head)
         else:
             profile = load_profile(args.input, model)
         profile.kernel = model.version.release
@@ -369,9 +477,12 @@ def cmd_profile(args) -> int:
         return 0
     if args.profile_command == "merge":
         from kbuild_bolt.profile.model import read_profile
-        merged = combine([read_profile(p) for p in args.inputs])
+        # One profile read at a time and folded into the sum: a fleet's hundreds
+        # of profiles merge in the memory of a few.
+        merged = combine(read_profile(p) for p in args.inputs)
         write_profile(merged, args.output)
-        print(f"profile: {len(args.inputs)} merged -> {args.output}")
+        print(f"profile: {len(args.inputs)} merged ({len(merged.range_start):,} ranges, "
+              f"{len(merged.src):,} transfers) -> {args.output}")
         return 0
     if args.profile_command == "show":
         from kbuild_bolt.profile.formats import resolve_profile
@@ -649,7 +760,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_rewrite_arguments(p)
     p.add_argument("--dyno-stats", action="store_true",
                    help="print BOLT's dyno-stats before and after (needs --profile)")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="also write an HTML page of the layout (heatmaps, hot footprint, "
+                        "dyno-stats, hot functions' blocks, what was left alone; needs "
+                        "--profile, implies --dyno-stats with ext-tsp)")
     p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("report", help="an HTML page of a layout: heatmaps, footprint, "
+                                      "dyno-stats, hot functions",
+                       description="Write one self-contained HTML page (no network) about "
+                                   "the layout the given rewrite options make of VMLINUX for "
+                                   "the profile: heatmaps of .text before and after, hot "
+                                   "footprint curves, dyno-stats, the hottest functions' "
+                                   "block layouts, what is left alone and why. The layout is "
+                                   "analysed again (give the options of the rewrite; those "
+                                   "that do not change the layout are ignored); nothing "
+                                   "but the page is written. With --optimized, the rewritten "
+                                   "vmlinux is verified against VMLINUX; with --reprofile, a "
+                                   "profile recorded on it gives the measured figures.")
+    p.add_argument("vmlinux", help="the vmlinux as built (with relocations)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.html",
+                   help="where to write the page")
+    p.add_argument("--optimized", metavar="VMLINUX",
+                   help="the rewritten vmlinux (what rewrite wrote with these options)")
+    p.add_argument("--reprofile", metavar="PROFILE",
+                   help="a profile recorded on --optimized: the measured 'after'")
+    p.add_argument("--top", type=int, default=20, metavar="N",
+                   help="draw the block layouts of the N hottest functions (default 20)")
+    add_rewrite_arguments(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("profile", help="record, convert, merge and show kernel profiles",
                        description="Profiles say where the kernel spends its time: recorded "
@@ -684,14 +823,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --workload: one run, boot included")
     q.add_argument("--nokaslr", action="store_true", help="boot with nokaslr")
     q.add_argument("-o", "--output", required=True)
-    q = prof.add_parser("convert", help="perf script / .fdata to kbuild-bolt, or to .fdata")
-    q.add_argument("input")
+    q = prof.add_parser("convert",
+                        help="perf.data, perf script / .fdata to kbuild-bolt, or to .fdata",
+                        description="Convert a perf.data (perf script runs on it, streaming), "
+                                    "perf script text (-F pid,ip,brstack with LBR, or -F pid,ip "
+                                    "samples; - reads standard input) or BOLT .fdata. With KASLR "
+                                    "the running _text comes from --text-base, --kallsyms, or "
+                                    "the kernel map perf prints (--show-mmap-events: asked "
+                                    "of perf for a perf.data).")
+    q.add_argument("input", help="perf.data, perf script text (- for standard input), .fdata "
+                                 "or a kbuild-bolt profile")
     q.add_argument("--vmlinux", required=True)
     q.add_argument("--text-base", help="the running kernel's _text (hex) for perf data (KASLR)")
     q.add_argument("--kallsyms", help="a saved /proc/kallsyms of the running kernel (KASLR)")
     q.add_argument("--to", choices=("kbb", "fdata"), default="kbb")
     q.add_argument("-o", "--output", required=True)
-    q = prof.add_parser("merge", help="sum several kbuild-bolt profiles")
+    q = prof.add_parser("merge", help="sum several kbuild-bolt profiles (read one at a time)")
     q.add_argument("inputs", nargs="+")
     q.add_argument("-o", "--output", required=True)
     q = prof.add_parser("show", help="what a profile covers on a vmlinux, hottest functions")

@@ -28,6 +28,7 @@ from kbuild_bolt.kernel.version import KernelVersion, kernel_version
 from kbuild_bolt.kernel.vmlinux import open_vmlinux
 from kbuild_bolt.processes import worker_pool
 from kbuild_bolt.x86 import decode as x86
+from kbuild_bolt.x86.patterns import is_fill
 
 # ---------------------------------------------------------------------------
 # Parallel decoding: workers are forked with the image already mapped.
@@ -126,6 +127,146 @@ def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]
     return like.insns.take(concat_ranges(lo, hi - lo)), rest
 
 
+def _variable_bytes(like: "BinaryModel", section) -> np.ndarray:
+    """Bytes of ``like``'s code section whose value may differ in a copy of its code
+    placed elsewhere: PC-relative fields of its instructions and fields its
+    relocations fill. An instruction's length and kind never depend on them."""
+    mask = np.zeros(section.size, bool)
+    insns = like.insns
+    lo, hi = np.searchsorted(insns.addr, np.array([section.addr, section.end], np.uint64))
+    idx = np.arange(lo, hi)
+    idx = idx[insns.field_size[idx] > 0]
+    size = insns.field_size[idx].astype(np.int64)
+    first = (insns.addr[idx] - np.uint64(section.addr)).astype(np.int64) + insns.field_off[idx]
+    mask[concat_ranges(first, size)] = True
+    rel = like.code_relocations
+    a, b = np.searchsorted(rel.offset, np.array([section.addr, section.end], np.uint64))
+    if b > a:
+        width = np.where(np.isin(rel.type[a:b], (1, 24)), 8, 4)     # R_X86_64_64/PC64
+        first = (rel.offset[a:b] - np.uint64(section.addr)).astype(np.int64)
+        spots = concat_ranges(first, width)
+        mask[spots[spots < section.size]] = True
+    return mask
+
+
+def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
+                     like: "BinaryModel") -> tuple[x86.Decoded | None, list]:
+    """Split ``ranges`` into the instructions of functions that ``like`` holds
+    elsewhere with the same name, size and bytes (but for their PC-relative and
+    relocated fields): ``like``'s decoding moved to the new place, each branch
+    target and RIP-relative address read again from the new bytes; and the
+    ranges still to decode. (A whole-kernel layout moves most functions
+    unchanged: decoding them again would only repeat the input's decoding.)"""
+    known: dict[tuple[str, int], int] = {}
+    ambiguous = set()
+    old = like.functions
+    for row, (name, size) in enumerate(zip(old.names, (old.end - old.start).tolist())):
+        key = (name, size)
+        if key in known:
+            ambiguous.add(key)
+        known[key] = row
+    r = np.array(ranges, np.uint64).reshape(-1, 3)
+    rows = np.minimum(np.searchsorted(functions.start, r[:, 1]), max(len(functions) - 1, 0))
+    whole = (len(functions) > 0) & (functions.start[rows] == r[:, 1]) \
+        & (functions.end[rows] == r[:, 2])
+    old_row = np.full(len(ranges), -1, np.int64)
+    seen = set()
+    for i in np.flatnonzero(whole).tolist():
+        key = (functions.names[rows[i]], int(r[i, 2] - r[i, 1]))
+        if key in known and key not in ambiguous and key not in seen:
+            seen.add(key)
+            old_row[i] = known[key]
+    # Same bytes but for the fields that may differ, section pair by section pair.
+    ok = old_row >= 0
+    new_sec = r[:, 0].astype(np.int64)
+    old_sec = np.where(ok, old.section[np.maximum(old_row, 0)], -1).astype(np.int64)
+    size = (r[:, 2] - r[:, 1]).astype(np.int64)
+    for ns, os_ in set(zip(new_sec[ok].tolist(), old_sec[ok].tolist())):
+        a_sec, b_sec = image.sections[ns], like.image.sections[os_]
+        group = np.flatnonzero(ok & (new_sec == ns) & (old_sec == os_))
+        if not (a_sec.has_bits and b_sec.has_bits):
+            ok[group] = False
+            continue
+        variable = _variable_bytes(like, b_sec)
+        new_off = (r[group, 1] - np.uint64(a_sec.addr)).astype(np.int64)
+        old_off = (old.start[old_row[group]] - np.uint64(b_sec.addr)).astype(np.int64)
+        # (a million bytes at a time: index arrays of the whole text would be big)
+        for part in np.array_split(np.arange(len(group)),
+                                   max(1, int(size[group].sum()) >> 20)):
+            if not len(part):
+                continue
+            n = size[group[part]]
+            at_old = concat_ranges(old_off[part], n)
+            differs = (like.image.bytes[b_sec.offset + at_old]
+                       != image.bytes[a_sec.offset + concat_ranges(new_off[part], n)])
+            differs &= ~variable[at_old]
+            first = np.concatenate([[0], np.cumsum(n)[:-1]])
+            ok[group[part]] &= np.add.reduceat(differs, first) == 0
+    # ... and the old function decoded as a whole run of instructions.
+    old_lo = old.start[np.maximum(old_row, 0)]
+    old_hi = old_lo + size.astype(np.uint64)
+    a_insn = np.searchsorted(like.insns.addr, old_lo)
+    b_insn = np.searchsorted(like.insns.addr, old_hi)
+    ok &= (b_insn > a_insn) & (like.insns.end[np.maximum(b_insn - 1, 0)] == old_hi)
+    chosen = np.flatnonzero(ok)
+    rest = [ranges[i] for i in np.flatnonzero(~ok).tolist()]
+    take = list(zip(a_insn[chosen].tolist(), b_insn[chosen].tolist()))
+    shift = (r[chosen, 1] - old_lo[chosen]).view(np.int64).tolist()
+    placed = [ranges[i] for i in chosen.tolist()]
+    if not take:
+        return None, ranges
+    lo_hi = np.array(take, np.int64)
+    counts = lo_hi[:, 1] - lo_hi[:, 0]
+    moved = like.insns.take(concat_ranges(lo_hi[:, 0], counts))
+    owner = np.repeat(np.arange(len(take)), counts)
+    refs = np.flatnonzero(moved.ref_kind != x86.REF_NONE)
+    # Every target must be the next instruction's address plus the field's value
+    # (no 16-bit branch, no 32-bit address size, a field of 1 or 4 bytes): checked
+    # on the old code, where the decoder computed the targets; a function where
+    # that rule does not hold is decoded again.
+    odd = refs[_pc_relative_targets(like.image, moved, refs) != moved.ref[refs]]
+    if len(odd):
+        drop = np.zeros(len(take), bool)
+        drop[owner[odd]] = True
+        rest.extend(r for r, d in zip(placed, drop.tolist()) if d)
+        keep = ~drop[owner]
+        moved, owner = moved.take(np.flatnonzero(keep)), owner[keep]
+        refs = np.flatnonzero(moved.ref_kind != x86.REF_NONE)
+    moved.addr = moved.addr + np.array(shift, np.int64)[owner].astype(np.uint64)
+    if len(refs):
+        moved.ref[refs] = _pc_relative_targets(image, moved, refs)
+    rest.sort(key=lambda r: r[1])
+    return moved.take(np.argsort(moved.addr, kind="stable")), rest
+
+
+def _pc_relative_targets(image: ElfImage, insns: x86.Decoded, refs: np.ndarray) -> np.ndarray:
+    """Next instruction + the rel8/rel32/disp32 field's value, for ``insns[refs]``
+    (0 where the field is of another size)."""
+    size = insns.field_size[refs]
+    raw = _read_at(image, insns.addr[refs] + insns.field_off[refs], 4)
+    disp = np.where(size == 1, raw[:, 0].view(np.int8).astype(np.int64),
+                    raw.view("<i4").ravel().astype(np.int64))
+    target = insns.addr[refs] + insns.length[refs] + disp.astype(np.uint64)
+    return np.where(np.isin(size, (1, 4)), target, np.uint64(0))
+
+
+def _read_at(image: ElfImage, addrs: np.ndarray, count: int) -> np.ndarray:
+    """``count`` bytes at each address of the image's allocated sections (n, count)."""
+    out = np.zeros((len(addrs), count), np.uint8)
+    for section in image.sections:
+        if not (section.is_alloc and section.has_bits and section.size):
+            continue
+        inside = np.flatnonzero((addrs >= np.uint64(section.addr))
+                                & (addrs < np.uint64(section.end)))
+        if not len(inside):
+            continue
+        cols = (addrs[inside] - np.uint64(section.addr)).astype(np.int64)[:, None] \
+            + np.arange(count)[None, :]
+        data = image.bytes[section.offset:section.offset + section.size]
+        out[inside] = np.where(cols < section.size, data[np.minimum(cols, section.size - 1)], 0)
+    return out
+
+
 def _split_int3_fill(image: ElfImage, ranges):
     """Separate ranges made only of int3 bytes (returned already decoded)."""
     rest, starts = [], []
@@ -218,8 +359,9 @@ class BinaryModel:
     """Everything known about a vmlinux's code before it is rewritten."""
 
     def __init__(self, image: ElfImage, *, jobs: int | None = None, require_relocations=False,
-                 like: "BinaryModel | None" = None):
-        """``like``: a model of a related vmlinux (the input of a rewrite, when this
+                 like: "BinaryModel | None" = None, decoded: x86.Decoded | None = None):
+        """``decoded``: this very image's instructions, decoded before (binary.saved).
+        ``like``: a model of a related vmlinux (the input of a rewrite, when this
         is its output): code ranges with the same bounds and the same bytes in
         both take its decoding instead of decoding again (the decoder is a pure
         function of the bytes and their address)."""
@@ -243,12 +385,18 @@ class BinaryModel:
         for region in self.regions:
             ranges.append((image.section(region.section).index, region.start, region.end))
         self.decoded_ranges = ranges
-        reused = None
+        if decoded is not None:
+            self.insns = decoded
+            self.timing.add("decode", t)
+            return
+        reused = moved = None
         if like is not None:
             reused, ranges = _unchanged_ranges(image, ranges, like)
+            moved, ranges = _moved_functions(image, self.functions, ranges, like)
         self.insns: x86.Decoded = decode_all(image, ranges, jobs or default_jobs())
-        if reused is not None and len(reused):
-            self.insns = x86.Decoded.merge(self.insns, reused)
+        for known in (reused, moved):
+            if known is not None and len(known):
+                self.insns = x86.Decoded.merge(self.insns, known)
         self.timing.add("decode", t)
 
     @classmethod
@@ -282,6 +430,16 @@ class BinaryModel:
     def function_of_insn(self) -> np.ndarray:
         """Function row of every instruction (-1 for region code)."""
         return self.functions.rows_containing(self.insns.addr)
+
+    @cached_property
+    def fill_insn(self) -> np.ndarray:
+        """int3 or a nop at each instruction (found once: padding, alignment and
+        the room after functions are asked about by several passes)."""
+        insns = self.insns
+        out = np.zeros(len(insns), bool)
+        check = np.flatnonzero((insns.flow == x86.NEXT) | (insns.flow == x86.INTERRUPT))
+        out[check] = is_fill(self, check)
+        return out
 
     @cached_property
     def function_first_insn(self) -> np.ndarray:

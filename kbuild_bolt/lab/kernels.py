@@ -44,6 +44,7 @@ FLAVORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "6.12-hardened": ("6.12", ("lab.config", "hardened-6.12.config")),
     "6.1-regular": ("6.1", ("lab.config",)),
     "6.1-debug": ("6.1", ("lab.config", "debug-info-dwarf4.config")),
+    "6.12-modules": ("6.12", ("lab.config", "modules-6.12.config")),
 }
 
 
@@ -101,13 +102,46 @@ def _installed_version(package: str) -> str | None:
     return version
 
 
-def kernel_source(series: str) -> KernelSource:
-    """The unpacked ``linux-source-<series>`` tree (unpacked on first use)."""
+def _package_tarball(package: str, version: str) -> Path:
+    """/usr/src/<package>.tar.xz of another version of a linux-source package,
+    downloaded from Debian's archive into the cache (an update of the same
+    series, for measuring profiles across kernel updates)."""
+    safe = re.sub(r"[^A-Za-z0-9.+-]", "_", version)
+    unpacked = cache_root() / "debs" / f"{package}_{safe}"
+    tarball = unpacked / "usr/src" / f"{package}.tar.xz"
+    with locked(f"deb-{package}"):
+        if not tarball.exists():
+            progress(f"downloading {package} {version}")
+            work = Path(tempfile.mkdtemp(prefix=".deb-", dir=cache_root()))
+            try:
+                proc = subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=work,
+                                      capture_output=True, text=True)
+                debs = list(work.glob("*.deb"))
+                if proc.returncode != 0 or not debs:
+                    detail = (proc.stderr.strip().splitlines() or ["no package"])[-1]
+                    raise KbbError(f"cannot download {package}={version}: {detail}")
+                run(["dpkg-deb", "-x", str(debs[0]), str(work / "root")])
+                if unpacked.exists():
+                    shutil.rmtree(unpacked)
+                unpacked.parent.mkdir(parents=True, exist_ok=True)
+                (work / "root").rename(unpacked)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    return tarball
+
+
+def kernel_source(series: str, version: str | None = None) -> KernelSource:
+    """The unpacked ``linux-source-<series>`` tree (unpacked on first use): the
+    installed package's, or ``version``'s (downloaded when it is not installed)."""
     package = f"linux-source-{series}"
-    version = _installed_version(package)
-    tarball = Path(f"/usr/src/{package}.tar.xz")
-    if version is None or not tarball.exists():
-        raise KbbError(f"{package} is not installed (apt-get install {package})")
+    installed = _installed_version(package)
+    if version is None or version == installed:
+        version = installed
+        tarball = Path(f"/usr/src/{package}.tar.xz")
+        if version is None or not tarball.exists():
+            raise KbbError(f"{package} is not installed (apt-get install {package})")
+    else:
+        tarball = _package_tarball(package, version)
     safe = re.sub(r"[^A-Za-z0-9.+-]", "_", version)
     tree = cache_root() / "src" / f"{package}_{safe}"
     with locked(f"src-{package}"):
@@ -276,11 +310,13 @@ def wanted_options(name: str) -> dict[str, str]:
     return wanted
 
 
-def lab_kernel(name: str, build: bool = True) -> LabKernel:
-    """The cached lab kernel ``name``, built first when it is not in the cache."""
+def lab_kernel(name: str, build: bool = True, source_version: str | None = None) -> LabKernel:
+    """The cached lab kernel ``name``, built first when it is not in the cache;
+    from the installed linux-source package, or from its Debian version
+    ``source_version`` (another update of the same series)."""
     if name not in FLAVORS:
         raise KbbError(f"unknown lab kernel {name!r} (known: {', '.join(FLAVORS)})")
-    source = kernel_source(FLAVORS[name][0])
+    source = kernel_source(FLAVORS[name][0], source_version)
     root = cache_root() / "kernels" / f"{name}-{_build_key(name, source)}"
     manifest = root / "lab.json"
     if not manifest.exists():

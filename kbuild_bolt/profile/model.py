@@ -43,9 +43,20 @@ MAGIC = "# kbuild-bolt profile v1"
 
 def _sum_pairs(a: np.ndarray, b: np.ndarray, counts: np.ndarray):
     """Distinct (a, b) pairs, sorted, with the counts of equal pairs summed."""
-    uniq, inv = np.unique(np.stack([a, b], axis=1), axis=0, return_inverse=True)
-    total = np.bincount(inv.ravel(), weights=counts, minlength=len(uniq)).astype(np.int64)
-    return uniq[:, 0].copy(), uniq[:, 1].copy(), total
+    a, b = a.astype(np.uint64, copy=False), b.astype(np.uint64, copy=False)
+    if not len(a):
+        return a.copy(), b.copy(), np.zeros(0, np.int64)
+    a_min, b_min = a.min(), b.min()
+    if int(a.max() - a_min) >> 32 == 0 and int(b.max() - b_min) >> 32 == 0:
+        # Both within 4 GiB (a kernel's code): one 64-bit key a pair, one sort.
+        order = np.argsort(((a - a_min) << np.uint64(32)) | (b - b_min))
+    else:
+        order = np.lexsort((b, a))
+    a, b = a[order], b[order]
+    starts = np.flatnonzero((a[1:] != a[:-1]) | (b[1:] != b[:-1])) + 1
+    starts = np.concatenate([[0], starts])
+    total = np.add.reduceat(np.asarray(counts)[order], starts).astype(np.int64)
+    return a[starts], b[starts], total
 
 
 @dataclass
@@ -63,6 +74,9 @@ class Profile:
     sampled: bool = False
     # Share of a stale profile's counts that could be moved onto this kernel.
     used: float | None = None
+    # What stale matching applied of it (a one-line summary; "" for a profile
+    # of this very kernel).
+    applied: str = ""
     # Counters of the run (name -> value): combined like the counts.
     stats: dict = field(default_factory=dict)
 
@@ -96,25 +110,46 @@ class Profile:
                        stats={k: round(v * factor) for k, v in self.stats.items()})
 
 
-def combine(profiles: list[Profile], weights: list[float] | None = None) -> Profile:
-    """Sum of several profiles (weights scale each one: -1 subtracts)."""
-    if not profiles:
+COMBINE_BATCH = 1 << 20     # records gathered before they are folded into the sum
+
+
+def combine(profiles, weights: list[float] | None = None, batch: int = COMBINE_BATCH) -> Profile:
+    """Sum of several profiles (weights scale each one: -1 subtracts).
+
+    ``profiles`` may be any iterable, e.g. a generator that reads files one at
+    a time: they are folded into the sum as they come, so the memory is the
+    distinct records of the sum plus a batch of pending ones (at least
+    ``batch`` records, at most as many as the sum holds), however many
+    profiles there are."""
+    weights = iter(weights or ())
+    total = Profile()
+    pending: list[Profile] = []
+    pending_records = 0
+    kernel, sources, shapes, sampled, stats, seen = "", set(), {}, False, None, 0
+    for profile in profiles:
+        weight = next(weights, 1.0)
+        part = profile.scaled(weight) if weight != 1 else profile
+        if not seen:
+            kernel = profile.kernel
+        seen += 1
+        if profile.source:
+            sources.add(profile.source)
+        shapes.update(profile.shapes)
+        sampled = sampled or profile.sampled
+        stats = (dict(part.stats) if stats is None
+                 else {k: v + part.stats[k] for k, v in stats.items() if k in part.stats})
+        pending.append(Profile(part.range_start, part.range_last, part.range_count, part.src,
+                               part.dst, part.count))
+        pending_records += len(part.range_start) + len(part.src)
+        if pending_records >= max(batch, len(total.range_start) + len(total.src)):
+            total = _fold(total, pending)
+            pending, pending_records = [], 0
+    if not seen:
         return Profile()
-    weights = weights or [1.0] * len(profiles)
-    parts = [p.scaled(w) if w != 1 else p for p, w in zip(profiles, weights)]
-    out = Profile(
-        np.concatenate([p.range_start for p in parts]),
-        np.concatenate([p.range_last for p in parts]),
-        np.concatenate([p.range_count for p in parts]),
-        np.concatenate([p.src for p in parts]),
-        np.concatenate([p.dst for p in parts]),
-        np.concatenate([p.count for p in parts]),
-        profiles[0].kernel, "+".join(sorted({p.source for p in profiles if p.source})),
-        {k: v for p in profiles for k, v in p.shapes.items()},
-        any(p.sampled for p in profiles),
-    ).merged()
-    names = set.intersection(*(set(p.stats) for p in parts)) if parts else set()
-    out.stats = {k: max(0, sum(p.stats[k] for p in parts)) for k in sorted(names)}
+    total = _fold(total, pending)
+    out = Profile(total.range_start, total.range_last, total.range_count, total.src, total.dst,
+                  total.count, kernel, "+".join(sorted(sources)), shapes, sampled)
+    out.stats = {k: max(0, v) for k, v in sorted((stats or {}).items())}
     # Differences of two noisy runs can go slightly negative: clip.
     out.range_count = np.maximum(out.range_count, 0)
     out.count = np.maximum(out.count, 0)
@@ -127,24 +162,39 @@ def combine(profiles: list[Profile], weights: list[float] | None = None) -> Prof
     return out
 
 
+def _fold(total: Profile, pending: list[Profile]) -> Profile:
+    """The sum of ``total`` and the pending profiles, identical records summed."""
+    parts = [total, *pending]
+    return Profile(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("range_start", "range_last", "range_count", "src", "dst",
+                                  "count"))).merged()
+
+
 def write_profile(profile: Profile, path) -> None:
-    lines = [MAGIC]
+    head = [MAGIC]
     if profile.kernel:
-        lines.append(f"kernel {profile.kernel}")
+        head.append(f"kernel {profile.kernel}")
     if profile.source:
-        lines.append(f"source {profile.source}")
+        head.append(f"source {profile.source}")
     if profile.sampled:
-        lines.append("sampled")
-    for s, l, c in zip(profile.range_start.tolist(), profile.range_last.tolist(),
-                       profile.range_count.tolist()):
-        lines.append(f"R {s:x} {l:x} {c}")
-    for s, d, c in zip(profile.src.tolist(), profile.dst.tolist(), profile.count.tolist()):
-        lines.append(f"B {s:x} {d:x} {c}")
-    for name, value in profile.stats.items():
-        lines.append(f"S {name} {int(value)}")
-    lines += write_shapes(profile.shapes)
-    with atomic_output(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        head.append("sampled")
+    tail = [f"S {name} {int(value)}" for name, value in profile.stats.items()]
+    tail += write_shapes(profile.shapes)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(head) + "\n")
+        # Written in batches: a fleet's merged profile has millions of records,
+        # the lines of all of them at once would take gigabytes.
+        for tag, a, b, c in (("R", profile.range_start, profile.range_last, profile.range_count),
+                             ("B", profile.src, profile.dst, profile.count)):
+            for at in range(0, len(a), _WRITE_BATCH):
+                part = slice(at, at + _WRITE_BATCH)
+                f.write("".join(f"{tag} {x:x} {y:x} {n}\n" for x, y, n in
+                                zip(a[part].tolist(), b[part].tolist(), c[part].tolist())))
+        if tail:
+            f.write("\n".join(tail) + "\n")
+
+
+_WRITE_BATCH = 1 << 16
 
 
 def read_profile(path) -> Profile:

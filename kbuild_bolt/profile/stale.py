@@ -7,21 +7,35 @@ rebuilt kernel:
 
 - a function with the same hash keeps all its counts, moved by how far the
   function moved;
-- a changed function keeps the counts of the blocks whose hash still occurs in
-  it (the first unused match in order), each moved to its new place;
+- a changed function is matched block by block: the longest run-preserving
+  match of the old and new block hash sequences (so a block whose code occurs
+  several times matches the one in the same place). Its counts are applied
+  only when the match is confident: the matched blocks held at least
+  ``MIN_MATCHED_SHARE`` of the function's executed bytes, its entry matched,
+  and no block the profile saw run leads, in the new code, to a block that did
+  not match (code added on a hot path, whose count nobody knows: laid out as
+  cold it costs a taken jump each time; applying whatever matched made a
+  kernel run 14% more taken jumps than with no profile at all). Otherwise the
+  function keeps the compiler's layout: its counts are dropped;
 - everything else is dropped, and the report says how much was used.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 import numpy as np
 
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.model import Profile
 from kbuild_bolt.profile.shapes import FunctionShape
+
+# A changed function's counts are applied when its matched blocks held at least
+# this share of the bytes the profile executed in it (measured with
+# benchmarks/bench_stale.py: see benchmarks/RESULTS.md).
+MIN_MATCHED_SHARE = 0.95
 
 
 def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
@@ -86,15 +100,70 @@ class AdaptReport:
     functions_same: int = 0
     functions_changed: int = 0
     functions_missing: int = 0
+    # Changed functions left as the compiler laid them out (match not confident):
+    # reason -> names.
+    functions_unsure: dict = field(default_factory=dict)
 
     @property
     def used(self) -> float:
         return (self.exact + self.fuzzy) / self.total if self.total else 1.0
 
+    @property
+    def unsure(self) -> int:
+        return sum(len(names) for names in self.functions_unsure.values())
+
     def summary(self) -> str:
         return (f"profile: {100 * self.used:.1f}% of its counts used "
                 f"({self.functions_same} functions unchanged, {self.functions_changed} changed "
-                f"and matched by blocks, {self.functions_missing} gone)")
+                f"and matched by blocks, {self.unsure} changed and left as compiled, "
+                f"{self.functions_missing} gone)")
+
+    def details(self) -> list[str]:
+        """The changed functions left as compiled, by reason (a line each)."""
+        return [f"left as compiled: {reason}: {len(names):,} e.g. {', '.join(sorted(names)[:3])}"
+                for reason, names in sorted(self.functions_unsure.items(),
+                                            key=lambda kv: -len(kv[1]))]
+
+
+def _executed_bytes(profile: Profile):
+    """Bytes executed by ranges, summed in range_start order: the cumulative
+    weights behind ``weight(lo, hi)`` (ranges starting in [lo, hi))."""
+    order = np.argsort(profile.range_start, kind="stable")
+    starts = profile.range_start[order]
+    span = (profile.range_last[order] - starts).astype(np.int64) + 1
+    cumulative = np.concatenate([[0], np.cumsum(profile.range_count[order] * span)])
+
+    def weight(lo: int, hi: int) -> int:
+        a, b = np.searchsorted(starts, np.array([lo, hi], dtype=np.uint64))
+        return int(cumulative[b] - cumulative[a])
+    return weight
+
+
+def match_blocks(old: FunctionShape, new: FunctionShape) -> list[tuple[int, int]]:
+    """(old block, new block) pairs of equal code, in the order of both."""
+    matcher = SequenceMatcher(None, [h for _o, _s, h in old.blocks],
+                              [h for _o, _s, h in new.blocks], autojunk=False)
+    return [(i + k, j + k) for i, j, n in matcher.get_matching_blocks() for k in range(n)]
+
+
+def unsure_reason(old: FunctionShape, new: FunctionShape, pairs, old_weight, successors):
+    """Why a changed function's matched counts cannot be trusted, or None.
+    ``old_weight[i]``: bytes executed in old block i; ``successors(k)``: the new
+    blocks that new block k leads to."""
+    total = sum(old_weight)
+    if total == 0:
+        return None
+    matched = sum(old_weight[i] for i, _ in pairs)
+    if matched < MIN_MATCHED_SHARE * total:
+        return f"under {100 * MIN_MATCHED_SHARE:.0f}% of its executed code matched"
+    new_of = dict(pairs)
+    matched_new = set(new_of.values())
+    if old_weight[0] > 0 and new_of.get(0) != 0:
+        return "its entry changed"
+    for i, k in pairs:
+        if old_weight[i] > 0 and any(s not in matched_new for s in successors(k)):
+            return "new code on a path that ran"
+    return None
 
 
 def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tuple[Profile, AdaptReport]:
@@ -124,6 +193,7 @@ def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tup
             return min(same, key=lambda r: abs(int(model.functions.start[r]) - old.start))
         return min(rows, key=lambda r: abs(shape_of(r).size - old.size))
 
+    weight = _executed_bytes(profile)
     matched_rows = {}
     for name, old in shapes.items():  # (keys: name@address)
         row = best_row(old)
@@ -138,22 +208,33 @@ def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tup
             old_hi.append(old.start + old.size)
             deltas_delta.append(new.start - old.start)
             continue
+        pairs = match_blocks(old, new)
+        old_weight = [weight(old.start + off, old.start + off + size)
+                      for off, size, _h in old.blocks]
+        first = int(cfg.func_first_block[row])
+
+        def successors(k, first=first, end=int(cfg.func_end_block[row])):
+            return [d - first for d, _kind in cfg.successors(first + k) if first <= d < end]
+
+        reason = unsure_reason(old, new, pairs, old_weight, successors)
+        if reason is not None:
+            report.functions_unsure.setdefault(reason, []).append(old.name)
+            continue
         report.functions_changed += 1
-        used = set()
-        by_hash: dict[int, list[int]] = {}
-        for k, (_off, _size, h) in enumerate(new.blocks):
-            by_hash.setdefault(h, []).append(k)
-        for off, size, h in old.blocks:
-            for k in by_hash.get(h, ()):
-                if k not in used:
-                    used.add(k)
-                    old_lo.append(old.start + off)
-                    old_hi.append(old.start + off + size)
-                    deltas_delta.append(new.start + new.blocks[k][0] - (old.start + off))
-                    break
+        for i, k in pairs:
+            off, size, _h = old.blocks[i]
+            old_lo.append(old.start + off)
+            old_hi.append(old.start + off + size)
+            deltas_delta.append(new.start + new.blocks[k][0] - (old.start + off))
+    if not matched_rows and shapes:
+        raise KbbError("the profile does not match this kernel: none of its functions are here")
     if not old_lo:
-        raise KbbError("the profile does not match this kernel: none of its functions are here "
-                       "with recognizable code")
+        # Every function changed beyond a confident match: nothing applies, and
+        # the kernel keeps the compiler's layout (a correct, unoptimized output).
+        out = Profile(kernel=profile.kernel, source=profile.source, sampled=profile.sampled)
+        out.used = 0.0
+        out.applied = report.summary()
+        return out, report
     # Kernel addresses as int64 (negative): order and differences are preserved.
     lo = np.array(old_lo, dtype=np.uint64).view(np.int64)
     hi = np.array(old_hi, dtype=np.uint64).view(np.int64)
@@ -194,4 +275,5 @@ def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tup
     report.fuzzy = int(profile.range_count[keep & ~from_same].sum())
     out = out.merged()
     out.used = report.used
+    out.applied = report.summary()
     return out, report

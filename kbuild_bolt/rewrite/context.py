@@ -48,6 +48,12 @@ class RewriteOptions:
     # Torture mode: every eligible indirect call promoted (to its profiled target,
     # else to some function: only the fallback runs), to prove the fixups.
     icp_every_site: bool = False
+    # Where the input's analysis (decoded code, CFGs) is kept between runs, keyed
+    # by its build-id and code (binary.saved); None: analysed afresh each time.
+    cache_dir: str | None = None
+    # Keep what a report of the run needs (result.record): the model, the profile
+    # as attached, the block orders and the address map outlive the rewrite.
+    keep_record: bool = False
 
     @property
     def moves_functions(self) -> bool:
@@ -76,6 +82,7 @@ class RewriteResult:
     # Share of .text functions handled (rewritten or already in the chosen order).
     text_coverage: float = 0.0
     profile_used: float | None = None
+    profile_applied: str = ""               # stale matching's summary
     dyno: tuple | None = None   # (before, after) predicted dyno-stats
     # (taken jmp/jcc the profile counts, predicted after): what measuring will show
     taken_prediction: tuple | None = None
@@ -95,6 +102,8 @@ class RewriteResult:
     unnamed: int = 0            # cold parts without a kallsyms name (no room)
     sympos_changed: list = field(default_factory=list)  # same-named functions reordered
     build_id: tuple | None = None  # (input's, output's) hex build-ids, when code changed
+    left_alone_rows: dict = field(default_factory=dict)   # reason -> function rows
+    record: "LayoutRecord | None" = None    # with options.keep_record: for a report
 
     def leave_alone(self, reason: str, names: list[str]) -> None:
         """Count functions left byte for byte alone for ``reason`` (the first as example)."""
@@ -203,12 +212,39 @@ class RewriteResult:
         return "\n".join(lines)
 
 
+@dataclass
+class LayoutRecord:
+    """What a report needs of a rewrite once it is done (taken before the update
+    frees the layout): the input, the profile on its code, the new block order
+    of every rewritten function, where old code now is, and the cold parts."""
+
+    model: BinaryModel
+    cfg: object
+    code_profile: object | None             # CodeProfile (None: no profile was attached)
+    orders: dict                            # row -> block order, every rewritten function
+    address_map: object | None              # AddressMap (None: no code moved)
+    cold: np.ndarray                        # (n, 2) uint64 new [start, end) of cold parts
+    reverse_sites: object = False           # static-key sites the layout may reverse
+
+
 class Session:
     """A vmlinux read once and rewritten many times (bisect)."""
 
-    def __init__(self, input_path):
-        self.model = BinaryModel.open(input_path, require_relocations=True)
-        self.cfg = build_cfg(self.model)
+    def __init__(self, input_path, cache_dir=None):
+        """``cache_dir``: where the input's decoded code and CFGs are kept between
+        runs (binary.saved; None: always analysed afresh)."""
+        from kbuild_bolt.binary import saved
+        from kbuild_bolt.kernel.vmlinux import open_vmlinux
+
+        image = open_vmlinux(input_path)
+        key = saved.analysis_key(image) if cache_dir is not None else None
+        kept = saved.load(cache_dir, key)
+        self.model = BinaryModel(image, require_relocations=True,
+                                 decoded=kept[0] if kept else None)
+        self.cfg = kept[1] if kept else build_cfg(self.model)
+        self.analysis = "kept" if kept else "made"
+        if key is not None and not kept:
+            saved.save(cache_dir, key, self.model.insns, self.cfg)
         self.checked = False   # the input's tables and relocations agree with its code
 
 
@@ -263,6 +299,7 @@ class RewriteContext:
     def leave_alone(self, rows, reason: str) -> None:
         names = self.model.functions.names
         self.result.leave_alone(reason, [names[row] for row in rows])
+        self.result.left_alone_rows.setdefault(reason, []).extend(rows)
 
 
 class ProgressBar:

@@ -1130,9 +1130,26 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     rl = rows.tolist()
     items = None
     cache = {} if sizes is None else sizes
-    if all(("new", r) in cache for r in rl):
+    missing = [f for f, r in enumerate(rl) if ("new", r) not in cache]
+    if len(missing) < nf:
         # (sized by an earlier call for the same functions: layouts of
-        # functions are independent, the others' sizes do not change)
+        # functions are independent, the others' sizes do not change; only
+        # the functions it did not size are laid out now)
+        if missing:
+            f = np.array(missing, np.int64)
+            sub = rows[f]
+            plan = _plan_positions(cfg, bt, sub, start[f], extent[f],
+                                   {r: orders[r] for r in sub.tolist()},
+                                   {r: hot_len.get(r, len(orders[r])) for r in sub.tolist()},
+                                   pre_block, functions)
+            sub_items, sub_sizes = laid_out(plan, defer=True)
+            sub_growth = growth(sub_items)
+            for k, (r, fine) in enumerate(zip(sub.tolist(), (plan.failure == OK).tolist())):
+                if fine:
+                    cache["new", r] = (int(sub_sizes[2 * k]), int(sub_sizes[2 * k + 1]),
+                                       int(sub_growth[2 * k]), int(sub_growth[2 * k + 1]))
+            sub_items = None
+            _raise_failures(model, plan)
         hot_size[rows], cold_size[rows], grow[0, rows], grow[1, rows] = \
             np.array([cache["new", r] for r in rl], np.int64).T
     else:

@@ -35,7 +35,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -50,13 +50,12 @@ from kbuild_bolt.layout import orders as block_orders
 from kbuild_bolt.memory import trim
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
-    ProgressBar, RewriteContext, RewriteOptions, RewriteResult, Session,
+    LayoutRecord, ProgressBar, RewriteContext, RewriteOptions, RewriteResult, Session,
 )
 from kbuild_bolt.rewrite.emit import BlockTable, emit_functions, table_sites
 from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
 from kbuild_bolt.rewrite.metadata import FileChanges, metadata_rewriters
 from kbuild_bolt.x86 import decode as x86
-from kbuild_bolt.x86.patterns import is_fill
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,9 @@ def read_input(ctx: RewriteContext) -> None:
     """-> model, cfg, session (a given session is reused: bisect reads once)."""
     if ctx.session is None:
         ctx.say(f"reading {ctx.input_path}")
-        ctx.session = Session(ctx.input_path)
+        ctx.session = Session(ctx.input_path, ctx.options.cache_dir)
+        if ctx.session.analysis == "kept":
+            ctx.say(f"decoded code and CFGs kept from an earlier run ({ctx.options.cache_dir})")
     ctx.model, ctx.cfg = ctx.session.model, ctx.session.cfg
     trim()
     ctx.result.functions = len(ctx.model.functions)
@@ -122,6 +123,7 @@ def attach_profile(ctx: RewriteContext) -> None:
     layout = ProfileLayout(ctx.model, ctx.cfg, profile)
     ctx.profile_layout = layout
     ctx.result.profile_used = profile.used if profile.used is not None else layout.profile.matched
+    ctx.result.profile_applied = profile.applied
     ctx.say(f"profile: {100 * layout.profile.matched:.1f}% of its counts on this "
             f"kernel's code, {len(layout.hot_rows):,} functions ran")
 
@@ -339,11 +341,12 @@ def reversible_sites(ctx: RewriteContext) -> bool | np.ndarray:
     return False if mask is None else mask
 
 
-def emit_moved(ctx: RewriteContext) -> None:
+def emit_moved(ctx: RewriteContext, sizes: dict | None = None) -> None:
     """moves, orders, hot_len, rank -> emission of every function that moves, placed
     in its region. A function that finds no room, or cannot be laid out, stays
     where it is; which functions can move is then decided again (a function that
-    stays may hold others where they are)."""
+    stays may hold others where they are). ``sizes``: the sizes of functions'
+    layouts from an attempt before (emit.emit_placed), still true."""
     from kbuild_bolt.rewrite.emit import NoRoom, emit_placed
     from kbuild_bolt.rewrite.placement import lay_in_place, place_functions
 
@@ -361,7 +364,7 @@ def emit_moved(ctx: RewriteContext) -> None:
     same_named = set(np.flatnonzero(before >= 0).tolist()) | set(before[before >= 0].tolist())
     stay: dict[int, str] = {}
     memo: dict = {}   # (placements of regions, for the rounds after one that failed)
-    sizes: dict = {}  # (sizes of every function's layouts, likewise)
+    sizes = {} if sizes is None else sizes  # (sizes of every function's layouts, likewise)
     while True:
         placed = {}
 
@@ -405,7 +408,10 @@ def emit_moved(ctx: RewriteContext) -> None:
             ctx.promotions = promotions.without(drop, "no room in its region")
             ctx.result.icp_skipped = ctx.promotions.skipped
             ctx.moves = first_moves
-            return emit_moved(ctx)
+            # (functions that keep their promotions keep their layouts' sizes)
+            changed = set(model.function_of_insn[promotions.site[drop]].tolist())
+            return emit_moved(ctx, {key: value for key, value in sizes.items()
+                                    if key[1] not in changed})
     in_place = set(moves.in_place.tolist())
     ctx.moves = moves = placed["plan"]
     for row, reason in stay.items():
@@ -458,6 +464,8 @@ def update(ctx: RewriteContext) -> None:
     from kbuild_bolt.dwarf.update import UPDATED
 
     drop = (True if ctx.options.strip_debug else set(UPDATED)) if moved else False
+    if ctx.options.keep_record:
+        record_layout(ctx)
     ctx.output = OutputImage(ctx.model.image, ctx.output_path, drop_debug=drop)
     if moved:  # (nothing moved: the output is the input, byte for byte)
         amap = AddressMap(ctx.model, ctx.emission)
@@ -493,6 +501,19 @@ def update(ctx: RewriteContext) -> None:
     ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
     ctx.hot_len = {}
     trim()
+
+
+def record_layout(ctx: RewriteContext) -> None:
+    """model, cfg, profile_layout, orders, emission -> result.record (for a report)."""
+    e = ctx.emission
+    moved = e is not None and len(e) > 0
+    ctx.result.record = LayoutRecord(
+        ctx.model, ctx.cfg,
+        ctx.profile_layout.profile if ctx.profile_layout is not None else None,
+        {row: ctx.orders[row] for row in e.rows.tolist()} if moved else {},
+        AddressMap(ctx.model, e) if moved else None,
+        np.array(e.fragments() if moved else [], np.uint64).reshape(-1, 2),
+        reversible_sites(ctx))
 
 
 def cold_symbols(ctx: RewriteContext) -> list[tuple[str, int, int, int]]:
@@ -626,15 +647,26 @@ PASSES = (
 )
 
 
+# The rewrite's decisions without its output: what a report of a layout needs.
+PLAN_PASSES = PASSES[:[p.name for p in PASSES].index("fit") + 1] + (
+    Pass("record", record_layout),)
+
+
+def plan(input_path, options: RewriteOptions) -> RewriteResult:
+    """Every pass up to the new code (fit included), timed, and result.record;
+    nothing is written."""
+    return rewrite(input_path, None, replace(options, keep_record=True), passes=PLAN_PASSES)
+
+
 def rewrite(input_path, output_path, options: RewriteOptions,
-            session: Session | None = None) -> RewriteResult:
+            session: Session | None = None, passes=PASSES) -> RewriteResult:
     if options.reorder_blocks == "ext-tsp" and options.profile is None:
         raise KbbError("--reorder-blocks=ext-tsp needs a profile (--profile)")
     ctx = RewriteContext(input_path, output_path, options, session=session)
     if ProgressBar.wanted(options):
-        ctx.bar = ProgressBar(len(PASSES))
+        ctx.bar = ProgressBar(len(passes))
     try:
-        for step in PASSES:
+        for step in passes:
             if ctx.bar is not None:
                 ctx.bar.start(step.name)
             if step.when is None or step.when(ctx):
@@ -681,7 +713,7 @@ def alignment_fill(model, rows: np.ndarray) -> np.ndarray:
     fill_checked[-1] = True
     check = np.flatnonzero(fill_checked[model.function_of_insn])
     check = check[np.isin(insns.flow[check], (x86.NEXT, x86.INTERRUPT))]
-    fill_insn[check] = is_fill(model, check)
+    fill_insn[check] = model.fill_insn[check]
     return fill_insn
 
 

@@ -25,7 +25,6 @@ from kbuild_bolt.binary.functions import PREFIX_SYMBOLS
 from kbuild_bolt.kernel.text import PLAIN, TextLayout
 from kbuild_bolt.rewrite.emit import NoRoom, table_sites
 from kbuild_bolt.x86 import decode as x86
-from kbuild_bolt.x86.patterns import is_fill
 
 # Function alignment the kernels use at least (FUNCTION_ALIGNMENT, -falign-functions).
 BASE_ALIGN = 16
@@ -195,7 +194,7 @@ def free_fill(model, falls_off: np.ndarray) -> np.ndarray:
     f_of = model.function_of_insn
     outside = np.flatnonzero(f_of < 0)
     fill = np.zeros(n, bool)
-    fill[outside] = is_fill(model, outside)
+    fill[outside] = model.fill_insn[outside]
     # (a table's site, and the nops that pad an alternative's original code, are code)
     fill &= ~table_sites(model) & ~model.insn_inside_patch_unit
     if not n:

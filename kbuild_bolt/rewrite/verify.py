@@ -33,7 +33,6 @@ from kbuild_bolt.elf.image import (
 from kbuild_bolt.elf.notes import build_id
 from kbuild_bolt.elf.notes import compute as compute_build_id
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.x86.patterns import is_fill
 
 
 @dataclass
@@ -167,7 +166,7 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
         hi = np.searchsorted(inp.insns.addr, new_end)
         covered = concat_ranges(lo, np.maximum(hi - lo, 0))
         fill = np.ones(len(inp.insns.addr), bool)
-        fill[covered] = is_fill(inp, covered) & (inp.function_of_insn[covered] < 0)
+        fill[covered] = inp.fill_insn[covered] & (inp.function_of_insn[covered] < 0)
         kinds = x.type[i]
         for k, j in enumerate(grown.tolist()):
             ok = (new_end[k] > old_end[k] and kinds[k] == 2
@@ -481,10 +480,20 @@ def _movable_ranges(image: ElfImage) -> np.ndarray:
 
 
 def _changed_functions(inp: BinaryModel, out: BinaryModel) -> np.ndarray:
+    """Functions whose bytes differ at their address (section by section: a
+    running count of differing bytes that grows over a function)."""
     functions = inp.functions
-    changed = np.zeros(len(functions), bool)
-    for row in range(len(functions)):
-        start, end = int(functions.start[row]), int(functions.end[row])
-        if inp.image.read(start, end - start) != out.image.read(start, end - start):
-            changed[row] = True
+    changed = np.ones(len(functions), bool)
+    for k in np.unique(functions.section).tolist():
+        a = inp.image.sections[k]
+        b = out.image.section(a.name)
+        rows = np.flatnonzero(functions.section == k)
+        if b is None or (a.addr, a.size) != (b.addr, b.size) or not (a.has_bits and b.has_bits):
+            continue
+        differs = inp.image.bytes[a.offset:a.offset + a.size] != \
+            out.image.bytes[b.offset:b.offset + b.size]
+        before = np.concatenate([[0], np.cumsum(differs, dtype=np.int64)])
+        lo = np.clip((functions.start[rows] - np.uint64(a.addr)).astype(np.int64), 0, a.size)
+        hi = np.clip((functions.end[rows] - np.uint64(a.addr)).astype(np.int64), 0, a.size)
+        changed[rows] = before[hi] != before[lo]
     return changed

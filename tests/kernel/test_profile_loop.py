@@ -117,7 +117,10 @@ def test_fdata_round_trip_with_llvm_bolt(tmp_path_factory, tmp_path):
 
 def test_stale_profile_on_another_build(tmp_path_factory, tmp_path):
     """The regular kernel's profile on the hardened build of the same source: what
-    still matches is used (and said), the rewrite verifies."""
+    still matches with confidence is used (the functions whose code is the same),
+    the changed functions keep the compiler's layout (and the summary says so),
+    the rewrite verifies. (What that does to the kernel is measured in
+    test_stale_profiles.py.)"""
     _k, profile, _o, _b, _r = optimized("6.12-regular", "files", tmp_path_factory)
     regular = lab_kernel("6.12-regular")
     from kbuild_bolt.profile.stale import shapes_for
@@ -129,5 +132,6 @@ def test_stale_profile_on_another_build(tmp_path_factory, tmp_path):
     result = rewrite(hardened.vmlinux, tmp_path / "vmlinux", RewriteOptions(
         reorder_blocks="ext-tsp", profile=str(tmp_path / "regular.kbb"), progress=False))
     assert result.verify_summary.startswith("verify: ok")
-    assert result.rewritten > 50
-    assert 0.05 < result.profile_used <= 1.0
+    assert result.rewritten >= 10
+    assert "changed and left as compiled" in result.profile_applied
+    assert 0.0 < result.profile_used < 0.2

@@ -137,3 +137,51 @@ def test_offset_is_found_or_refused():
     from kbuild_bolt.errors import KbbError
     with pytest.raises(KbbError, match="cannot be told"):
         qemu.find_kaslr_offset(model, noise)
+
+
+@pytest.fixture(scope="module")
+def own_disk(tmp_path_factory) -> Path:
+    """An ext2 disk image with the user's root file system (the same /init)."""
+    root = tmp_path_factory.mktemp("own-rootfs")
+    for d in ("bin", "dev", "proc", "sys", "tmp"):
+        (root / d).mkdir()
+    (root / "bin/busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (root / "bin/busybox").chmod(0o755)
+    (root / "bin/sh").symlink_to("busybox")
+    # (devtmpfs is mounted on the disk's /dev by the kernel: the /init's own mount
+    # of it fails harmlessly)
+    (root / "init").write_text(INIT)
+    (root / "init").chmod(0o755)
+    image = tmp_path_factory.mktemp("own-disk") / "rootfs.img"
+    subprocess.run(["mke2fs", "-q", "-t", "ext2", "-d", str(root), "-L", "root", str(image),
+                    "24M"], check=True, capture_output=True)
+    return image
+
+
+def test_disk_image_with_a_root_file_system(own_disk, tmp_path):
+    """A guest that boots from its own disk (virtio, ext2), no initramfs: recorded
+    between its markers with KASLR, and judged by its own line."""
+    kernel = lab_kernel("6.12-modules")
+    model = BinaryModel.open(kernel.vmlinux)
+    out = tmp_path / "disk.kbb"
+    cli = [sys.executable, "-m", "kbuild_bolt"]
+    guest = ["--drive", str(own_disk), "--append", "root=/dev/vda rw init=/init"]
+    proc = subprocess.run(cli + ["profile", "record", "--kernel", str(kernel.bzimage),
+                                 "--vmlinux", str(kernel.vmlinux), *guest,
+                                 "--start-marker", "== work begins ==",
+                                 "--stop-marker", "== work ends ==", "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "KASLR on, offset 0x" in proc.stdout + proc.stderr
+    from kbuild_bolt.profile.formats import resolve_profile
+
+    runs = function_samples(model, attach(model, resolve_profile(out, model)))
+    names = model.functions.names
+    # The work ran on the disk's file system: ext2 (built in) wrote the copies.
+    ext2 = [runs[row] for row, name in enumerate(names) if name.startswith("ext2_")]
+    assert sum(ext2) > 0
+    assert runs[model.functions.by_name("virtblk_probe")] == 0   # (boot: before the markers)
+    good = subprocess.run(cli + ["boot", str(kernel.bzimage), *guest,
+                                 "--expect", "my system is going down"],
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr

@@ -36,6 +36,7 @@ LAYERS = [
     ("layout", ["kbuild_bolt.layout"]),
     ("rewrite", ["kbuild_bolt.rewrite"]),
     ("kbuild", ["kbuild_bolt.kbuild", "kbuild_bolt.initramfs"]),
+    ("report", ["kbuild_bolt.report"]),
     ("cli", ["kbuild_bolt.cli", "kbuild_bolt.__main__"]),
 ]
 

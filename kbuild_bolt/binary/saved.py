@@ -1,0 +1,130 @@
+"""The analysis of a vmlinux kept between runs: its decoded instructions and CFGs.
+
+Decoding millions of instructions and building every CFG is the largest fixed
+cost of a rewrite, and both are pure functions of the vmlinux's bytes and of
+this code. They are kept in a directory (under Kbuild: the build tree, beside
+vmlinux), named by a key made of
+
+- the vmlinux's build-id, its size and a CRC of its code sections (a build-id
+  alone would trust any tool that edits a file without renewing it),
+- a hash of kbuild-bolt's own analysis code and the decoder's version,
+
+so a second rewrite of the same vmlinux (another profile, other options, a
+`make` that runs the post-link step again) loads them instead. Only the newest
+few entries are kept; a damaged or foreign file is ignored (and replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+import zlib
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from kbuild_bolt.atomic import atomic_output
+from kbuild_bolt.binary.cfg import CFG
+from kbuild_bolt.elf.notes import build_id
+from kbuild_bolt.x86 import decode as x86
+
+KEEP = 2                     # entries kept in a directory (the newest)
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def _code_hash() -> str:
+    """What the saved analysis depends on besides the vmlinux: the code that made it."""
+    digest = hashlib.sha256()
+    for part in ("binary", "x86", "kernel", "elf"):
+        for path in sorted((_PACKAGE / part).rglob("*.py")):
+            digest.update(path.read_bytes())
+    try:
+        from importlib.metadata import version
+        digest.update(version("iced-x86").encode())
+    except Exception:   # (not installed as a distribution: the files still say enough)
+        pass
+    return digest.hexdigest()[:12]
+
+
+def analysis_key(image) -> str | None:
+    """The key of ``image``'s analysis, or None when it has no build-id."""
+    note = build_id(image)
+    if note is None:
+        return None
+    crc = 0
+    for section in image.sections:
+        if section.is_exec and section.has_bits and section.size:
+            crc = zlib.crc32(image.section_data(section), crc)
+    return f"{note.hex()}-{len(image.bytes):x}-{crc:08x}-{_code_hash()}"
+
+
+def _path(directory, key: str) -> Path:
+    return Path(directory) / f"analysis-{key}.npz"
+
+
+def load(directory, key: str | None) -> tuple[x86.Decoded, CFG] | None:
+    """The saved instructions and CFG under ``key``, or None."""
+    if directory is None or key is None:
+        return None
+    path = _path(directory, key)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile):
+        return None
+    try:
+        length = arrays["insn_length"]
+        # Addresses: runs of back-to-back instructions, each from its start.
+        run_first, run_addr = arrays["run_first"], arrays["run_addr"]
+        step = length.astype(np.uint64)
+        addr = np.cumsum(step, dtype=np.uint64) - step
+        base = np.repeat(run_addr - addr[run_first],
+                         np.diff(np.append(run_first, len(length))))
+        addr += base
+        ref = np.zeros(len(length), np.uint64)
+        ref[arrays["ref_index"]] = arrays["ref_value"]
+        insns = x86.Decoded(addr, length, arrays["insn_flow"], ref, arrays["insn_ref_kind"],
+                            arrays["insn_field_off"], arrays["insn_field_size"],
+                            arrays["insn_invalid"])
+        cfg = CFG(**{f.name: arrays[f"cfg_{f.name}"] for f in fields(CFG)})
+    except (KeyError, ValueError, IndexError):
+        return None
+    os.utime(path)   # (newest first when the directory is pruned)
+    return insns, cfg
+
+
+def save(directory, key: str | None, insns: x86.Decoded, cfg: CFG) -> None:
+    """Keep the analysis under ``key`` (best effort: a directory that cannot be
+    written only means the next run decodes again)."""
+    if directory is None or key is None:
+        return
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    n = len(insns)
+    breaks = np.ones(n, bool)
+    if n > 1:
+        breaks[1:] = insns.addr[1:] != insns.addr[:-1] + insns.length[:-1]
+    run_first = np.flatnonzero(breaks)
+    has_ref = np.flatnonzero(insns.ref_kind != x86.REF_NONE)
+    arrays = {
+        "insn_length": insns.length, "insn_flow": insns.flow, "insn_ref_kind": insns.ref_kind,
+        "insn_field_off": insns.field_off, "insn_field_size": insns.field_size,
+        "insn_invalid": insns.invalid, "run_first": run_first,
+        "run_addr": insns.addr[run_first], "ref_index": has_ref,
+        "ref_value": insns.ref[has_ref],
+    }
+    arrays.update((f"cfg_{f.name}", getattr(cfg, f.name)) for f in fields(CFG))
+    path = _path(directory, key)
+    try:
+        with atomic_output(path) as tmp, open(tmp, "wb") as out:
+            np.savez(out, **arrays)
+        entries = sorted(Path(directory).glob("analysis-*.npz"),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        return

@@ -1,0 +1,83 @@
+"""The input's analysis kept between rewrites (issue 14: a Kbuild step as fast as
+BOLT's): the same vmlinux is not decoded twice, the output does not change, and a
+file that is not the vmlinux's own analysis is never used."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from kbuild_bolt.binary import saved
+from kbuild_bolt.binary.cfg import build_cfg
+from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.elf.image import ElfImage
+from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite
+from kbuild_bolt.x86.decode import FIELDS
+
+pytestmark = pytest.mark.xdist_group("kept-analysis")
+
+
+def test_second_rewrite_keeps_the_analysis_and_the_output(lab_regular, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    outputs, said = [], []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        result = rewrite(lab_regular.vmlinux, out, RewriteOptions(
+            reorder_blocks="random", reorder_functions="random", split_functions=True,
+            seed=3, cache_dir=str(cache)))
+        assert result.verify_summary.startswith("verify: ok"), result.verify_summary
+        outputs.append(out.read_bytes())
+        said.append("kept from an earlier run" in capsys.readouterr().err)
+    assert said == [False, True]
+    assert outputs[0] == outputs[1]
+    assert len(list(cache.glob("analysis-*.npz"))) == 1
+
+
+def test_kept_analysis_is_the_analysis(lab_regular, tmp_path):
+    image = ElfImage(lab_regular.vmlinux)
+    model = BinaryModel(image)
+    cfg = build_cfg(model)
+    key = saved.analysis_key(image)
+    saved.save(tmp_path, key, model.insns, cfg)
+    insns, kept_cfg = saved.load(tmp_path, key)
+    for name in FIELDS:
+        assert np.array_equal(getattr(insns, name), getattr(model.insns, name)), name
+    for name in cfg.__dataclass_fields__:
+        assert np.array_equal(getattr(kept_cfg, name), getattr(cfg, name)), name
+    # Another vmlinux (one code byte changed, same build-id): another key.
+    other = tmp_path / "other"
+    shutil.copy(lab_regular.vmlinux, other)
+    text = image.section(".text")
+    data = bytearray(other.read_bytes())
+    data[text.offset + 100] ^= 0xFF
+    other.write_bytes(bytes(data))
+    assert saved.analysis_key(ElfImage(other)) != key
+    # A damaged file is ignored.
+    path = next(tmp_path.glob("analysis-*.npz"))
+    path.write_bytes(path.read_bytes()[:1000])
+    assert saved.load(tmp_path, key) is None
+
+
+def test_moved_functions_are_not_decoded_again(lab_regular, tmp_path, monkeypatch):
+    """verify reads the output with the input's decoding of every function that
+    only moved (read again, its targets from the new bytes): the same as decoding.
+    (Functions in a random order, their blocks as they were.)"""
+    out = tmp_path / "out"
+    rewrite(lab_regular.vmlinux, out, RewriteOptions(
+        reorder_blocks="none", reorder_functions="random", seed=5, verify=False))
+    inp = BinaryModel.open(lab_regular.vmlinux)
+    fresh = BinaryModel.open(out)
+    from kbuild_bolt.binary import model as model_module
+
+    decoded = []
+    real = model_module.decode_all
+    monkeypatch.setattr(model_module, "decode_all", lambda image, ranges, jobs: (
+        decoded.append(sum(end - start for _, start, end in ranges)),
+        real(image, ranges, jobs))[1])
+    reused = BinaryModel.open(out, like=inp)
+    for name in FIELDS:
+        assert np.array_equal(getattr(reused.insns, name), getattr(fresh.insns, name)), name
+    code = sum(s.size for s in inp.image.sections if s.is_exec)
+    assert decoded[0] < 0.5 * code       # (int3 fill and code between functions)
