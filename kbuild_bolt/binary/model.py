@@ -20,7 +20,7 @@ from kbuild_bolt.arrays import concat_ranges, in_sorted
 from kbuild_bolt.binary.functions import (
     AUX_CODE_SECTIONS, CodeRegion, FunctionTable, discover_functions, discover_regions,
 )
-from kbuild_bolt.elf.image import ElfImage
+from kbuild_bolt.elf.image import FIELD_SIZE, ElfImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel import tables as kernel_tables
 from kbuild_bolt.kernel.tables import base
@@ -127,26 +127,37 @@ def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]
     return like.insns.take(concat_ranges(lo, hi - lo)), rest
 
 
-def _variable_bytes(like: "BinaryModel", section) -> np.ndarray:
+def _variable_bytes(like: "BinaryModel", section) -> tuple[np.ndarray, np.ndarray]:
     """Bytes of ``like``'s code section whose value may differ in a copy of its code
     placed elsewhere: PC-relative fields of its instructions and fields its
-    relocations fill. An instruction's length and kind never depend on them."""
-    mask = np.zeros(section.size, bool)
+    relocations fill (an instruction's length and kind never depend on them);
+    and the bytes of relocations that are not such a field (no width kbuild-bolt
+    knows, or not strictly inside one instruction): code there is decoded again."""
+    variable = np.zeros(section.size, bool)
+    unsure = np.zeros(section.size, bool)
     insns = like.insns
     lo, hi = np.searchsorted(insns.addr, np.array([section.addr, section.end], np.uint64))
     idx = np.arange(lo, hi)
     idx = idx[insns.field_size[idx] > 0]
     size = insns.field_size[idx].astype(np.int64)
     first = (insns.addr[idx] - np.uint64(section.addr)).astype(np.int64) + insns.field_off[idx]
-    mask[concat_ranges(first, size)] = True
+    variable[concat_ranges(first, size)] = True
     rel = like.code_relocations
     a, b = np.searchsorted(rel.offset, np.array([section.addr, section.end], np.uint64))
     if b > a:
-        width = np.where(np.isin(rel.type[a:b], (1, 24)), 8, 4)     # R_X86_64_64/PC64
-        first = (rel.offset[a:b] - np.uint64(section.addr)).astype(np.int64)
-        spots = concat_ranges(first, width)
-        mask[spots[spots < section.size]] = True
-    return mask
+        offset = rel.offset[a:b]
+        width = np.zeros(b - a, np.int64)
+        for kind, field_size in FIELD_SIZE.items():
+            width[rel.type[a:b] == kind] = field_size
+        at = like.insn_containing(offset)
+        inside = (at >= 0) & (width > 0)
+        inside[inside] &= (offset[inside] > insns.addr[at[inside]]) \
+            & (offset[inside] + width[inside].astype(np.uint64) <= insns.end[at[inside]])
+        start = (offset - np.uint64(section.addr)).astype(np.int64)
+        spots = concat_ranges(start[inside], width[inside])
+        variable[spots[spots < section.size]] = True
+        unsure[np.minimum(start[~inside], section.size - 1)] = True
+    return variable, unsure
 
 
 def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
@@ -157,9 +168,11 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
     target and RIP-relative address read again from the new bytes; and the
     ranges still to decode. (A whole-kernel layout moves most functions
     unchanged: decoding them again would only repeat the input's decoding.)"""
+    old = like.functions
+    if not (len(old) and len(functions) and len(like.insns) and len(ranges)):
+        return None, ranges
     known: dict[tuple[str, int], int] = {}
     ambiguous = set()
-    old = like.functions
     for row, (name, size) in enumerate(zip(old.names, (old.end - old.start).tolist())):
         key = (name, size)
         if key in known:
@@ -167,8 +180,8 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
         known[key] = row
     r = np.array(ranges, np.uint64).reshape(-1, 3)
     rows = np.minimum(np.searchsorted(functions.start, r[:, 1]), max(len(functions) - 1, 0))
-    whole = (len(functions) > 0) & (functions.start[rows] == r[:, 1]) \
-        & (functions.end[rows] == r[:, 2])
+    whole = (functions.start[rows] == r[:, 1]) & (functions.end[rows] == r[:, 2]) \
+        & (r[:, 2] > r[:, 1])
     old_row = np.full(len(ranges), -1, np.int64)
     seen = set()
     for i in np.flatnonzero(whole).tolist():
@@ -187,7 +200,7 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
         if not (a_sec.has_bits and b_sec.has_bits):
             ok[group] = False
             continue
-        variable = _variable_bytes(like, b_sec)
+        variable, unsure = _variable_bytes(like, b_sec)
         new_off = (r[group, 1] - np.uint64(a_sec.addr)).astype(np.int64)
         old_off = (old.start[old_row[group]] - np.uint64(b_sec.addr)).astype(np.int64)
         # (a million bytes at a time: index arrays of the whole text would be big)
@@ -200,8 +213,11 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
             differs = (like.image.bytes[b_sec.offset + at_old]
                        != image.bytes[a_sec.offset + concat_ranges(new_off[part], n)])
             differs &= ~variable[at_old]
-            first = np.concatenate([[0], np.cumsum(n)[:-1]])
-            ok[group[part]] &= np.add.reduceat(differs, first) == 0
+            differs |= unsure[at_old]
+            # (differing bytes before each function's end: none added over it)
+            before = np.concatenate([[0], np.cumsum(differs, dtype=np.int64)])
+            ends = np.cumsum(n)
+            ok[group[part]] &= before[ends] == before[ends - n]
     # ... and the old function decoded as a whole run of instructions.
     old_lo = old.start[np.maximum(old_row, 0)]
     old_hi = old_lo + size.astype(np.uint64)
@@ -228,7 +244,7 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
     if len(odd):
         drop = np.zeros(len(take), bool)
         drop[owner[odd]] = True
-        rest.extend(r for r, d in zip(placed, drop.tolist()) if d)
+        rest.extend(span for span, dropped in zip(placed, drop.tolist()) if dropped)
         keep = ~drop[owner]
         moved, owner = moved.take(np.flatnonzero(keep)), owner[keep]
         refs = np.flatnonzero(moved.ref_kind != x86.REF_NONE)

@@ -5,8 +5,9 @@ cost of a rewrite, and both are pure functions of the vmlinux's bytes and of
 this code. They are kept in a directory (under Kbuild: the build tree, beside
 vmlinux), named by a key made of
 
-- the vmlinux's build-id, its size and a CRC of its code sections (a build-id
-  alone would trust any tool that edits a file without renewing it),
+- the vmlinux's build-id, its size and a CRC of its code sections and symbol
+  table (a build-id alone would trust any tool that edits a file without
+  renewing it),
 - a hash of kbuild-bolt's own analysis code and the decoder's version,
 
 so a second rewrite of the same vmlinux (another profile, other options, a
@@ -16,8 +17,10 @@ few entries are kept; a damaged or foreign file is ignored (and replaced).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import time
 import zipfile
 import zlib
 from dataclasses import fields
@@ -40,6 +43,7 @@ def _code_hash() -> str:
     for part in ("binary", "x86", "kernel", "elf"):
         for path in sorted((_PACKAGE / part).rglob("*.py")):
             digest.update(path.read_bytes())
+    digest.update((_PACKAGE / "arrays.py").read_bytes())
     try:
         from importlib.metadata import version
         digest.update(version("iced-x86").encode())
@@ -54,8 +58,9 @@ def analysis_key(image) -> str | None:
     if note is None:
         return None
     crc = 0
+    # (code, and the symbols that say where functions are)
     for section in image.sections:
-        if section.is_exec and section.has_bits and section.size:
+        if (section.is_exec or section.name == ".symtab") and section.has_bits and section.size:
             crc = zlib.crc32(image.section_data(section), crc)
     return f"{note.hex()}-{len(image.bytes):x}-{crc:08x}-{_code_hash()}"
 
@@ -91,7 +96,13 @@ def load(directory, key: str | None) -> tuple[x86.Decoded, CFG] | None:
         cfg = CFG(**{f.name: arrays[f"cfg_{f.name}"] for f in fields(CFG)})
     except (KeyError, ValueError, IndexError):
         return None
-    os.utime(path)   # (newest first when the directory is pruned)
+    n = len(length)
+    if any(len(column) != n for column in (insns.flow, insns.ref_kind, insns.field_off,
+                                           insns.field_size, insns.invalid,
+                                           cfg.static_key_insn, cfg.entry_insn)):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)   # (newest first when the directory is pruned)
     return insns, cfg
 
 
@@ -126,5 +137,9 @@ def save(directory, key: str | None, insns: x86.Decoded, cfg: CFG) -> None:
                          key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[KEEP:]:
             old.unlink(missing_ok=True)
+        # (what a killed run left half-written, once it is surely not being written)
+        for tmp in Path(directory).glob(".analysis-*.tmp"):
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink(missing_ok=True)
     except OSError:
         return

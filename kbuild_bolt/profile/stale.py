@@ -126,17 +126,27 @@ class AdaptReport:
 
 
 def _executed_bytes(profile: Profile):
-    """Bytes executed by ranges, summed in range_start order: the cumulative
-    weights behind ``weight(lo, hi)`` (ranges starting in [lo, hi))."""
+    """``weights(start, blocks)``: the bytes the profile's ranges executed in each
+    block (offset, size, ...) of a function at ``start``, every range spread over
+    the blocks it runs through (a block entered by falling into it ran too)."""
     order = np.argsort(profile.range_start, kind="stable")
     starts = profile.range_start[order]
-    span = (profile.range_last[order] - starts).astype(np.int64) + 1
-    cumulative = np.concatenate([[0], np.cumsum(profile.range_count[order] * span)])
+    ends = profile.range_last[order] + np.uint64(1)
+    counts = profile.range_count[order]
 
-    def weight(lo: int, hi: int) -> int:
-        a, b = np.searchsorted(starts, np.array([lo, hi], dtype=np.uint64))
-        return int(cumulative[b] - cumulative[a])
-    return weight
+    def weights(start: int, blocks) -> list[int]:
+        if not blocks:
+            return []
+        lo = np.array([off for off, _size, _h in blocks], np.int64)
+        hi = lo + np.array([size for _off, size, _h in blocks], np.int64)
+        a, b = np.searchsorted(starts, np.array([start, start + int(hi.max())], np.uint64))
+        if a == b:
+            return [0] * len(blocks)
+        s = (starts[a:b] - np.uint64(start)).astype(np.int64)[:, None]
+        e = (ends[a:b] - np.uint64(start)).astype(np.int64)[:, None]
+        overlap = np.clip(np.minimum(e, hi[None, :]) - np.maximum(s, lo[None, :]), 0, None)
+        return (overlap * counts[a:b, None]).sum(axis=0).tolist()
+    return weights
 
 
 def match_blocks(old: FunctionShape, new: FunctionShape) -> list[tuple[int, int]]:
@@ -193,7 +203,7 @@ def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tup
             return min(same, key=lambda r: abs(int(model.functions.start[r]) - old.start))
         return min(rows, key=lambda r: abs(shape_of(r).size - old.size))
 
-    weight = _executed_bytes(profile)
+    weights = _executed_bytes(profile)
     matched_rows = {}
     for name, old in shapes.items():  # (keys: name@address)
         row = best_row(old)
@@ -209,8 +219,7 @@ def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tup
             deltas_delta.append(new.start - old.start)
             continue
         pairs = match_blocks(old, new)
-        old_weight = [weight(old.start + off, old.start + off + size)
-                      for off, size, _h in old.blocks]
+        old_weight = weights(old.start, old.blocks)
         first = int(cfg.func_first_block[row])
 
         def successors(k, first=first, end=int(cfg.func_end_block[row])):

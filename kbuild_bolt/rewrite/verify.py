@@ -489,6 +489,10 @@ def _changed_functions(inp: BinaryModel, out: BinaryModel) -> np.ndarray:
         b = out.image.section(a.name)
         rows = np.flatnonzero(functions.section == k)
         if b is None or (a.addr, a.size) != (b.addr, b.size) or not (a.has_bits and b.has_bits):
+            for row in rows.tolist():   # (elsewhere in the output: compared by address)
+                start, end = int(functions.start[row]), int(functions.end[row])
+                changed[row] = inp.image.read(start, end - start) != \
+                    out.image.read(start, end - start)
             continue
         differs = inp.image.bytes[a.offset:a.offset + a.size] != \
             out.image.bytes[b.offset:b.offset + b.size]

@@ -81,3 +81,27 @@ def test_moved_functions_are_not_decoded_again(lab_regular, tmp_path, monkeypatc
         assert np.array_equal(getattr(reused.insns, name), getattr(fresh.insns, name)), name
     code = sum(s.size for s in inp.image.sections if s.is_exec)
     assert decoded[0] < 0.5 * code       # (int3 fill and code between functions)
+
+
+def test_bytes_under_a_relocation_that_fills_no_field_are_decoded_again(tmp_path):
+    """An R_X86_64_NONE (6.1's __warn has one inside a nop) names bytes that are
+    not a field: changed there, the code is decoded again, not taken from before."""
+    from kbuild_bolt.lab.kernels import lab_kernel
+
+    vmlinux = lab_kernel("6.1-regular").vmlinux
+    inp = BinaryModel.open(vmlinux)
+    rel = inp.code_relocations
+    none = rel.offset[rel.type == 0]
+    if not len(none):
+        pytest.skip("no R_X86_64_NONE in this kernel's code")
+    at = int(inp.insns.addr[inp.insn_containing(none[:1])[0]])
+    length = int(inp.insns.length[inp.insn_containing(none[:1])[0]])
+    section = inp.image.section_at(at)
+    data = bytearray(open(vmlinux, "rb").read())
+    offset = section.offset + at - section.addr
+    data[offset:offset + length] = b"\x0f\x0b" + b"\x90" * (length - 2)     # ud2, nops
+    patched = tmp_path / "patched"
+    patched.write_bytes(bytes(data))
+    fresh, reused = BinaryModel.open(patched), BinaryModel.open(patched, like=inp)
+    for name in FIELDS:
+        assert np.array_equal(getattr(reused.insns, name), getattr(fresh.insns, name)), name

@@ -70,3 +70,23 @@ def test_report_names_what_was_left_as_compiled():
     assert "3 changed and left as compiled" in report.summary()
     assert report.details()[0] == "left as compiled: its entry changed: 2 e.g. a, b"
     assert report.used == 0.5
+
+
+def test_a_range_counts_in_every_block_it_runs_through():
+    """A block entered by falling into it ran: a range is spread over the blocks it
+    covers (else changed code behind a fall-through would pass as never run)."""
+    import numpy as np
+
+    from kbuild_bolt.profile.model import Profile
+    from kbuild_bolt.profile.stale import _executed_bytes
+
+    start = 0xffffffff81000000
+    old = shape([1, 2, 3], start)
+    old.blocks = [(0, 16, 1), (16, 16, 2), (32, 32, 3)]
+    new = shape([1, 2, 4], start)
+    new.blocks = [(0, 16, 1), (16, 16, 2), (32, 32, 4)]
+    profile = Profile(np.array([start], np.uint64), np.array([start + 63], np.uint64),
+                      np.array([100], np.int64))
+    weights = _executed_bytes(profile)(start, old.blocks)
+    assert weights == [1600, 1600, 3200]
+    assert unsure_reason(old, new, match_blocks(old, new), weights, lambda k: []) is not None
