@@ -16,7 +16,7 @@ Generates, in a temporary directory:
 
 Then times, each in a child process whose peak RSS is measured (wait4):
 the chunked reader (``read_perf_script``), the line-by-line regular-expression
-reader it replaced (copied below as ``old_read_perf_script``, run on a prefix of
+reader it replaced (tests/perf_reference.py's ``reference_read``, run on a prefix of
 ``--old-records`` records and compared on that prefix with the new one),
 ``profile merge`` of the 100 profiles, and perf2bolt-22 where it can run.
 """
@@ -40,6 +40,9 @@ from kbuild_bolt.profile.model import Profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import measure  # noqa: E402
+# The reader before (the tests' oracle too)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from perf_reference import reference_read, reference_sum  # noqa: E402
 
 KASLR_TEXT = 0xFFFFFFFF9A200000     # a runtime _text (KASLR on)
 LINK_TEXT = 0xFFFFFFFF81000000
@@ -164,61 +167,15 @@ def copy_prefix(path: str, out: str, nbytes: int) -> None:
 # ---------------------------------------------------------------------------
 # The reader kbuild-bolt had before issue 14 part 3 (the baseline)
 
-_BR = re.compile(r"(0x[0-9a-fA-F]+)/(0x[0-9a-fA-F]+)/([PM-])/")
-_IP = re.compile(r"^\s*(?:\d+\s+)?([0-9a-fA-F]{8,16})(?:\s|$)")
-KERNEL_MIN = 0xFFFF800000000000
-
-
 def old_merged(profile):
     """Profile.merged() as it was: np.unique over (a, b) rows."""
-    def pairs(a, b, counts):
-        uniq, inv = np.unique(np.stack([a, b], axis=1), axis=0, return_inverse=True)
-        total = np.bincount(inv.ravel(), weights=counts, minlength=len(uniq)).astype(np.int64)
-        return uniq[:, 0].copy(), uniq[:, 1].copy(), total
     out = Profile(source=profile.source, sampled=profile.sampled, kernel=profile.kernel)
     if len(profile.range_start):
-        out.range_start, out.range_last, out.range_count = pairs(
+        out.range_start, out.range_last, out.range_count = reference_sum(
             profile.range_start, profile.range_last, profile.range_count)
     if len(profile.src):
-        out.src, out.dst, out.count = pairs(profile.src, profile.dst, profile.count)
+        out.src, out.dst, out.count = reference_sum(profile.src, profile.dst, profile.count)
     return out
-
-
-def old_read_perf_script(path, text_base, vmlinux_text=LINK_TEXT):
-    """read_perf_script as it was (kernel_only, no thunks), word for word."""
-    delta = text_base - vmlinux_text
-    src, dst, rs, rl, ips = [], [], [], [], []
-    lbr = False
-    with open(path, errors="replace") as f:
-        for line in f:
-            records = _BR.findall(line)
-            if records:
-                lbr = True
-                pairs = [(int(a, 16), int(b, 16)) for a, b, _ in records]
-                for a, b in pairs:
-                    if a >= KERNEL_MIN and b >= KERNEL_MIN:
-                        src.append(a)
-                        dst.append(b)
-                for i in range(len(pairs) - 1):
-                    start, end = pairs[i + 1][1], pairs[i][0]
-                    if start <= end <= start + 4096 and start >= KERNEL_MIN:
-                        rs.append(start)
-                        rl.append(end)
-                continue
-            m = _IP.match(line)
-            if m:
-                ip = int(m.group(1), 16)
-                if ip >= KERNEL_MIN:
-                    ips.append(ip)
-    d = np.uint64(delta & 0xFFFFFFFFFFFFFFFF)
-    if lbr:
-        return old_merged(Profile(np.array(rs, np.uint64) - d, np.array(rl, np.uint64) - d,
-                                  np.ones(len(rs), np.int64), np.array(src, np.uint64) - d,
-                                  np.array(dst, np.uint64) - d, np.ones(len(src), np.int64),
-                                  source="perf-lbr"))
-    addr = np.array(ips, np.uint64) - d
-    return old_merged(Profile(addr, addr.copy(), np.ones(len(addr), np.int64),
-                              source="perf-samples", sampled=True))
 
 
 def old_merge(paths: list[str], output: str) -> None:
@@ -259,7 +216,7 @@ def child(args) -> int:
         profile = reader.profile()
         print(f"samples {reader.samples} records {reader.records} kernel {profile.total}")
     else:
-        profile = old_read_perf_script(args.input, KASLR_TEXT)
+        profile = reference_read(args.input, KASLR_TEXT, LINK_TEXT)
     seconds = time.perf_counter() - started
     write_profile(profile, args.output)
     print(f"seconds {seconds:.3f} ranges {len(profile.range_start)} transfers {len(profile.src)}")

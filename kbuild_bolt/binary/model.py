@@ -88,6 +88,26 @@ def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -
     return x86.Decoded.concatenate(parts, consume=True)
 
 
+def same_bytes(image: ElfImage, other: ElfImage, section, lo, hi) -> np.ndarray | None:
+    """For address ranges [lo, hi) of ``image``'s ``section``: whether ``other``
+    holds the same bytes there; None when ``other``'s section of that name is
+    not at the same address with the same size (or either has no bytes)."""
+    there = other.section(section.name)
+    if (there is None or (section.addr, section.size) != (there.addr, there.size)
+            or not section.has_bits or not there.has_bits):
+        return None
+    changed = image.bytes[section.offset:section.offset + section.size] != other.bytes[
+        there.offset:there.offset + there.size]
+    # Changed bytes before each offset: a range is unchanged when the count
+    # does not grow over it (int32: a section is tens of megabytes).
+    before = np.concatenate([[0], np.cumsum(changed, dtype=np.int32)])
+    lo = np.clip((np.asarray(lo, np.uint64) - np.uint64(section.addr)).astype(np.int64), 0,
+                 section.size)
+    hi = np.clip((np.asarray(hi, np.uint64) - np.uint64(section.addr)).astype(np.int64), 0,
+                 section.size)
+    return before[hi] == before[lo]
+
+
 def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]:
     """Split ``ranges`` into the instructions ``like`` decoded for ranges that are the
     same there (same bounds, same section placement, same bytes) and the ranges
@@ -101,21 +121,12 @@ def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]
     same = (len(known) > 0) & (known[i, 1] == start) & (known[i, 2] == end) \
         & (known[i, 0] == sec.astype(np.uint64))
     for k in np.unique(sec).tolist():
-        a = image.sections[k]
-        b = like.image.section(a.name)
         in_sec = sec == k
-        if (b is None or (a.addr, a.size) != (b.addr, b.size) or not a.has_bits
-                or not b.has_bits):
-            same &= ~in_sec
-            continue
-        changed = image.bytes[a.offset:a.offset + a.size] != like.image.bytes[
-            b.offset:b.offset + b.size]
-        # Changed bytes before each offset: a range is unchanged when the count
-        # does not grow over it.
-        before = np.concatenate([[0], np.cumsum(changed, dtype=np.int32)])
-        lo = (start[in_sec] - np.uint64(a.addr)).astype(np.int64)
-        hi = (end[in_sec] - np.uint64(a.addr)).astype(np.int64)
-        same[in_sec] &= before[np.clip(hi, 0, a.size)] == before[np.clip(lo, 0, a.size)]
+        kept = same_bytes(image, like.image, image.sections[k], start[in_sec], end[in_sec])
+        if kept is None:
+            same[in_sec] = False
+        else:
+            same[in_sec] &= kept
     rest = [rr for rr, reused in zip(ranges, same.tolist()) if not reused]
     keep = r[same]
     if not len(keep):
@@ -259,27 +270,42 @@ def _pc_relative_targets(image: ElfImage, insns: x86.Decoded, refs: np.ndarray) 
     """Next instruction + the rel8/rel32/disp32 field's value, for ``insns[refs]``
     (0 where the field is of another size)."""
     size = insns.field_size[refs]
-    raw = _read_at(image, insns.addr[refs] + insns.field_off[refs], 4)
+    raw = read_at(image, insns.addr[refs] + insns.field_off[refs], 4)
     disp = np.where(size == 1, raw[:, 0].view(np.int8).astype(np.int64),
                     raw.view("<i4").ravel().astype(np.int64))
     target = insns.addr[refs] + insns.length[refs] + disp.astype(np.uint64)
     return np.where(np.isin(size, (1, 4)), target, np.uint64(0))
 
 
-def _read_at(image: ElfImage, addrs: np.ndarray, count: int) -> np.ndarray:
-    """``count`` bytes at each address of the image's allocated sections (n, count)."""
+def read_at(image: ElfImage, addrs, count: int) -> np.ndarray:
+    """``count`` bytes at each address of ``image``'s allocated sections, as an
+    (n, count) uint8 array (0 past a section)."""
+    addrs = np.asarray(addrs, dtype=np.uint64)
     out = np.zeros((len(addrs), count), np.uint8)
+    if not len(addrs):
+        return out
+    # Addresses in order (instruction lists usually are): each section is one
+    # slice, found by binary search instead of a pass over all of them.
+    ordered = bool(np.all(addrs[1:] >= addrs[:-1]))
     for section in image.sections:
         if not (section.is_alloc and section.has_bits and section.size):
             continue
-        inside = np.flatnonzero((addrs >= np.uint64(section.addr))
-                                & (addrs < np.uint64(section.end)))
-        if not len(inside):
-            continue
-        cols = (addrs[inside] - np.uint64(section.addr)).astype(np.int64)[:, None] \
-            + np.arange(count)[None, :]
+        if ordered:
+            lo, hi = np.searchsorted(addrs, np.array([section.addr, section.end], np.uint64))
+            if lo == hi:
+                continue
+            sel = slice(int(lo), int(hi))
+        else:
+            inside = (addrs >= np.uint64(section.addr)) & (addrs < np.uint64(section.end))
+            if not inside.any():
+                continue
+            sel = np.flatnonzero(inside)
         data = image.bytes[section.offset:section.offset + section.size]
-        out[inside] = np.where(cols < section.size, data[np.minimum(cols, section.size - 1)], 0)
+        cols = (addrs[sel] - np.uint64(section.addr)).astype(np.int64)[:, None] \
+            + np.arange(count)[None, :]
+        values = data[np.minimum(cols, section.size - 1)]
+        values[cols >= section.size] = 0
+        out[sel] = values
     return out
 
 
@@ -467,33 +493,7 @@ class BinaryModel:
 
     def read_bytes(self, addrs, count: int) -> np.ndarray:
         """``count`` bytes at each address, as an (n, count) uint8 array (0 past a section)."""
-        addrs = np.asarray(addrs, dtype=np.uint64)
-        out = np.zeros((len(addrs), count), np.uint8)
-        if not len(addrs):
-            return out
-        # Addresses in order (instruction lists usually are): each section is one
-        # slice, found by binary search instead of a pass over all of them.
-        ordered = bool(np.all(addrs[1:] >= addrs[:-1]))
-        for section in self.image.sections:
-            if not (section.is_alloc and section.has_bits and section.size):
-                continue
-            if ordered:
-                lo, hi = np.searchsorted(addrs, np.array([section.addr, section.end], np.uint64))
-                if lo == hi:
-                    continue
-                sel = slice(int(lo), int(hi))
-            else:
-                inside = (addrs >= np.uint64(section.addr)) & (addrs < np.uint64(section.end))
-                if not inside.any():
-                    continue
-                sel = np.flatnonzero(inside)
-            data = self.image.bytes[section.offset:section.offset + section.size]
-            cols = (addrs[sel] - np.uint64(section.addr)).astype(np.int64)[:, None] \
-                + np.arange(count)[None, :]
-            values = data[np.minimum(cols, section.size - 1)]
-            values[cols >= section.size] = 0
-            out[sel] = values
-        return out
+        return read_at(self.image, addrs, count)
 
     # -- sections and symbols ----------------------------------------------
 

@@ -439,25 +439,19 @@ def _merge_chains(hot, sizes, edges, cond, entry):
         with_entry = entry_chain == x or entry_chain == y
         state = _NO_MERGE
         lowest, surest = 1e-9 - 2 * eps, 1e-9 + 2 * eps   # bars(state, eps)
-        if x_then_y >= lowest and (not with_entry or X[0] == entry):
-            if x_then_y > surest:
-                state = (_X_THEN_Y, x_then_y, None)
-                lowest, surest = x_then_y + 1e-9 - 3 * eps, x_then_y + 1e-9 + 3 * eps
-            else:
-                state = prefer(x, y, eps, state, x_then_y, _X_THEN_Y)
+        # In the first version's order: X+Y, the splits of X, Y+X, the splits of Y.
+        for a, A, gain, shape, a_is_x in ((x, X, x_then_y, _X_THEN_Y, True),
+                                          (y, Y, y_then_x, _Y_THEN_X, False)):
+            if gain >= lowest and (not with_entry or A[0] == entry):
+                if gain > surest:
+                    state = (shape, gain, None)
+                    lowest, surest = gain + 1e-9 - 3 * eps, gain + 1e-9 + 3 * eps
+                else:
+                    state = prefer(x, y, eps, state, gain, shape)
+                    lowest, surest = bars(state, eps)
+            if 1 < len(A) <= SPLIT_THRESHOLD and slack[a] - least_loss[a] + cross_most > lowest:
+                state = best_split(x, y, a_is_x, state, eps, cross_most, with_entry)
                 lowest, surest = bars(state, eps)
-        if 1 < len(X) <= SPLIT_THRESHOLD and slack[x] - least_loss[x] + cross_most > lowest:
-            state = best_split(x, y, True, state, eps, cross_most, with_entry)
-            lowest, surest = bars(state, eps)
-        if y_then_x >= lowest and (not with_entry or Y[0] == entry):
-            if y_then_x > surest:
-                state = (_Y_THEN_X, y_then_x, None)
-                lowest, surest = y_then_x + 1e-9 - 3 * eps, y_then_x + 1e-9 + 3 * eps
-            else:
-                state = prefer(x, y, eps, state, y_then_x, _Y_THEN_X)
-                lowest, surest = bars(state, eps)
-        if 1 < len(Y) <= SPLIT_THRESHOLD and slack[y] - least_loss[y] + cross_most > lowest:
-            state = best_split(x, y, False, state, eps, cross_most, with_entry)
         best, best_gain, best_exact = state
         if best is None:
             return

@@ -15,15 +15,23 @@ import numpy as np
 from kbuild_bolt.profile.attach import attach
 
 
-def _covering(keys: np.ndarray, weights: np.ndarray, share: float) -> int:
-    """How many distinct keys, heaviest first, hold ``share`` of the weight."""
+def hottest_cumulative(keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The weight held by the N heaviest distinct keys, N = 1, 2, ... (a curve)."""
     uniq, inv = np.unique(keys, return_inverse=True)
     per = np.bincount(inv, weights=weights, minlength=len(uniq))
-    per = np.sort(per)[::-1]
-    total = per.sum()
-    if total <= 0:
+    return np.cumsum(np.sort(per)[::-1])
+
+
+def covering(cumulative: np.ndarray, share: float) -> int:
+    """How many keys of a :func:`hottest_cumulative` curve hold ``share`` of the weight."""
+    if not len(cumulative) or cumulative[-1] <= 0:
         return 0
-    return int(np.searchsorted(np.cumsum(per), share * total - 1e-9) + 1)
+    return int(np.searchsorted(cumulative, share * cumulative[-1] - 1e-9) + 1)
+
+
+def _covering(keys: np.ndarray, weights: np.ndarray, share: float) -> int:
+    """How many distinct keys, heaviest first, hold ``share`` of the weight."""
+    return covering(hottest_cumulative(keys, weights), share)
 
 
 def footprint(model, profile) -> dict:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.profile.footprint import covering, hottest_cumulative
+
 # Cells of one heatmap row, and at most this many rows: the bucket size grows in
 # powers of two until .text fits (a 14 MB distro .text: 1 KiB per cell).
 COLUMNS = 128
@@ -146,9 +148,7 @@ class FetchCurve:
     def covering(self, share: float) -> int:
         """Units, hottest first, that hold ``share`` of the fetches (footprint.py's
         lines90, pages99, ...)."""
-        if not len(self.cumulative) or self.cumulative[-1] <= 0:
-            return 0
-        return int(np.searchsorted(self.cumulative, share * self.cumulative[-1] - 1e-9) + 1)
+        return covering(self.cumulative, share)
 
     def points(self, count: int = 240) -> tuple[np.ndarray, np.ndarray]:
         """(N, share of the fetches) at about ``count`` values of N spread on a log
@@ -165,9 +165,7 @@ def fetch_curve(run: Run, unit_bytes: int) -> FetchCurve:
     """The fetches of ``run`` per unit of ``unit_bytes`` (a power of two),
     hottest unit first, accumulated."""
     shift = np.uint64(int(unit_bytes).bit_length() - 1)
-    unit, inverse = np.unique(run.addr >> shift, return_inverse=True)
-    per = np.bincount(inverse, weights=run.count, minlength=len(unit))
-    return FetchCurve(run.label, unit_bytes, np.cumsum(np.sort(per)[::-1]))
+    return FetchCurve(run.label, unit_bytes, hottest_cumulative(run.addr >> shift, run.count))
 
 
 # ---------------------------------------------------------------------------

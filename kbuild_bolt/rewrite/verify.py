@@ -26,7 +26,7 @@ import numpy as np
 
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.arrays import concat_ranges
-from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.binary.model import BinaryModel, same_bytes
 from kbuild_bolt.elf.image import (
     FIELD_SIZE, SHT_RELA, SHT_STRTAB, SHT_SYMTAB, ElfImage, type_and_symbol,
 )
@@ -485,19 +485,13 @@ def _changed_functions(inp: BinaryModel, out: BinaryModel) -> np.ndarray:
     functions = inp.functions
     changed = np.ones(len(functions), bool)
     for k in np.unique(functions.section).tolist():
-        a = inp.image.sections[k]
-        b = out.image.section(a.name)
         rows = np.flatnonzero(functions.section == k)
-        if b is None or (a.addr, a.size) != (b.addr, b.size) or not (a.has_bits and b.has_bits):
-            for row in rows.tolist():   # (elsewhere in the output: compared by address)
-                start, end = int(functions.start[row]), int(functions.end[row])
-                changed[row] = inp.image.read(start, end - start) != \
-                    out.image.read(start, end - start)
+        same = same_bytes(inp.image, out.image, inp.image.sections[k], functions.start[rows],
+                          functions.end[rows])
+        if same is not None:
+            changed[rows] = ~same
             continue
-        differs = inp.image.bytes[a.offset:a.offset + a.size] != \
-            out.image.bytes[b.offset:b.offset + b.size]
-        before = np.concatenate([[0], np.cumsum(differs, dtype=np.int64)])
-        lo = np.clip((functions.start[rows] - np.uint64(a.addr)).astype(np.int64), 0, a.size)
-        hi = np.clip((functions.end[rows] - np.uint64(a.addr)).astype(np.int64), 0, a.size)
-        changed[rows] = before[hi] != before[lo]
+        for row in rows.tolist():   # (elsewhere in the output: compared by address)
+            start, end = int(functions.start[row]), int(functions.end[row])
+            changed[row] = inp.image.read(start, end - start) != out.image.read(start, end - start)
     return changed
