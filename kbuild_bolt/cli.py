@@ -374,7 +374,15 @@ def _convert_perf(args, model, head: bytes):
         else:
             with open(args.input, "rb") as f:
                 reader.feed(f)
+    modules_note = _place_perf_modules(args, reader)
     profile = reader.profile()
+    if modules_note:
+        from kbuild_bolt.profile.modules import describe_modules
+
+        in_modules = describe_modules(profile)
+        print(f"perf: modules: {modules_note}" + (f"; {in_modules}" if in_modules else "")
+              + (f"; {reader.module_code_dropped:,} counts in modules not placed left out"
+                 if reader.module_code_dropped else ""), file=sys.stderr)
     where = {"given": "from --kallsyms" if args.kallsyms else "from --text-base",
              "perf": "from perf's kernel map"}.get(reader.text_base_from)
     kaslr = (f"running _text {reader.text_base:#x} ({where}), KASLR offset "
@@ -395,6 +403,35 @@ def _convert_perf(args, model, head: bytes):
                            "vmlinux's code at its link address (KASLR?): give --kallsyms (a "
                            "/proc/kallsyms saved where perf ran), --text-base, or the perf.data")
     return profile
+
+
+def _place_perf_modules(args, reader) -> str:
+    """Where the modules' code sections were in the run perf recorded: a saved
+    list of them (--module-sections), else each module's text start (perf's
+    module maps, or a saved /proc/modules) laid out as the loader does from the
+    .ko files (--modules). What was used, for the summary ("": no modules)."""
+    from kbuild_bolt.profile import modules as mods
+
+    if args.module_sections:
+        reader.modules = mods.read_module_sections(args.module_sections)
+        sized = mods.add_sizes(reader.modules, args.modules) if args.modules else 0
+        return (f"{len(set(reader.modules.module))} from {args.module_sections}"
+                f" ({sized} of {len(reader.modules)} sections sized from {args.modules})"
+                if args.modules else
+                f"{len(set(reader.modules.module))} from {args.module_sections} (no --modules: "
+                "each section reaches the next one)")
+    bases = (mods.read_proc_modules(args.proc_modules) if args.proc_modules
+             else reader.module_bases)
+    if not bases:
+        return ""
+    source = args.proc_modules or "perf's module maps"
+    if not args.modules:
+        return (f"{len(bases)} in {source}, their code left out (--modules DIR, the .ko "
+                "files, places it)")
+    reader.modules, missing = mods.from_text_bases(bases, args.modules)
+    return (f"{len(bases) - len(missing)} of {len(bases)} in {source} laid out from "
+            f"{args.modules}" + (f" (no .ko for {', '.join(sorted(missing)[:5])})"
+                                 if missing else ""))
 
 
 def cmd_profile(args) -> int:
@@ -421,27 +458,42 @@ def cmd_profile(args) -> int:
             else:
                 profile = qemu.record(args.kernel, args.initrd, args.workload,
                                       _iterations(args.iterations), kaslr=not args.nokaslr,
-                                      log=log, vmlinux=vmlinux, smp=args.smp)
+                                      log=log, vmlinux=vmlinux, smp=args.smp,
+                                      modules_tree=args.modules)
         else:                                 # any guest
             profile, recording = qemu.record_guest(
                 args.kernel, vmlinux=vmlinux, initrd=args.initrd, drives=args.drive or (),
                 append=args.append or "", qemu_args=args.qemu_arg or [],
                 start=args.start_marker, stop=args.stop_marker, kaslr=not args.nokaslr,
-                smp=args.smp, memory=args.memory, timeout=args.timeout)
+                smp=args.smp, memory=args.memory, timeout=args.timeout,
+                modules_tree=args.modules)
             profile.source = "qemu:guest"
             kaslr_note = (f"KASLR on, offset {recording.kaslr_offset:#x} found from the code"
                           if recording.boot.kaslr else
                           "KASLR off" + ("" if not args.nokaslr else " (--nokaslr)"))
             log(f"recorded the {recording.cutoff}, {recording.boot.seconds:.0f} s; {kaslr_note}")
+            if recording.modules is not None and len(recording.modules):
+                mods = recording.modules
+                log(f"modules: {len(set(mods.module))} listed by the guest, "
+                    f"{len(mods)} code sections"
+                    + (f", {mods.sized} sized from {args.modules}" if args.modules else
+                       " (no --modules: each section reaches the next one)"))
+            if recording.other_code:
+                log(f"{recording.other_code:,} executions of code that is neither vmlinux's "
+                    "nor a listed module's left out")
         model, cfg = _model_and_cfg(vmlinux)
         profile.kernel = model.version.release
         profile.shapes = shapes_for(model, cfg, profile)
         from kbuild_bolt.profile.attach import attach
         matched = attach(model, profile).matched
         write_profile(profile, args.output)
+        from kbuild_bolt.profile.modules import describe_modules
+
+        in_modules = describe_modules(profile)
         print(f"profile: {len(profile.range_start):,} ranges, {len(profile.src):,} transfers, "
-              f"{profile.total:,} executions of kernel blocks, {100 * matched:.2f}% on "
-              f"{vmlinux}'s code{f' ({kaslr_note})' if kaslr_note else ''} -> {args.output}")
+              f"{profile.total:,} executions of kernel blocks"
+              f"{f'; {in_modules}; of the rest' if in_modules else ','} {100 * matched:.2f}% "
+              f"on {vmlinux}'s code{f' ({kaslr_note})' if kaslr_note else ''} -> {args.output}")
         return 0
     if args.profile_command == "convert":
         from kbuild_bolt.profile import fdata, perf
@@ -488,14 +540,18 @@ def cmd_profile(args) -> int:
         from kbuild_bolt.profile.formats import resolve_profile
         from kbuild_bolt.profile.attach import attach
 
+        from kbuild_bolt.profile.formats import load_profile
+
         model, cfg = _model_and_cfg(args.vmlinux)
-        profile = resolve_profile(args.profile, model, cfg, log=log)
+        raw = load_profile(args.profile, model)
+        profile = resolve_profile(raw, model, cfg, log=log)
         cp = attach(model, profile)
         counts = cp.block_counts(cfg)
         per_function = np.bincount(cfg.block_func, weights=counts * 1.0,
                                    minlength=len(model.functions))
         print(f"{args.profile}: {profile.total:,} counts, {100 * cp.matched:.2f}% on this "
               f"kernel's code, {int((per_function > 0).sum()):,} functions ran")
+        _show_modules(raw)
         for row in np.argsort(-per_function)[:args.top].tolist():
             if per_function[row] <= 0:
                 break
@@ -518,6 +574,22 @@ def cmd_profile(args) -> int:
         print("  " + format_footprint(footprint(model, profile)).replace("\n", "\n  "))
         return 0
     raise KbbError(f"unknown profile action {args.profile_command}")
+
+
+def _show_modules(raw) -> None:
+    """``profile show``'s lines about module code: each module, its share of the
+    run and its sections."""
+    from kbuild_bolt.profile.modules import module_shares
+
+    if not raw.module_sections:
+        return
+    what, share, shares = module_shares(raw)
+    counts = raw.module_totals()
+    print(f"modules: {100 * share:.1f}% of the {what} in {len(shares)} modules")
+    for module, part in shares.items():
+        sections = [s for m, s in raw.module_sections if m == module]
+        print(f"  {100 * part:>6.1f}%  {module:<20} {counts.get(module, 0):>14,} block "
+              f"executions  ({', '.join(sections)})")
 
 
 def cmd_dyno(args) -> int:
@@ -816,12 +888,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds before the VM is killed (default 1800)")
     q.add_argument("--vmlinux", help="the vmlinux of --kernel (default: --kernel itself)")
-    q.add_argument("--workload", help="the lab /init's workload: files or server")
+    q.add_argument("--workload", help="the lab /init's workload: files, server, or disk "
+                                      "(ext4 and loop modules: the 6.12-modules lab kernel)")
     q.add_argument("--iterations", default="2,12",
                    help="with --workload: iterations (N, or SHORT,LONG: LONG - SHORT)")
     q.add_argument("--with-boot", action="store_true",
                    help="with --workload: one run, boot included")
     q.add_argument("--nokaslr", action="store_true", help="boot with nokaslr")
+    q.add_argument("--modules", metavar="DIR",
+                   help="the guest's modules (a tree of .ko files: INSTALL_MOD_PATH or "
+                        "/lib/modules/RELEASE): their section sizes, for the module code "
+                        "the guest's console places (grep . /sys/module/*/sections/.*text*)")
     q.add_argument("-o", "--output", required=True)
     q = prof.add_parser("convert",
                         help="perf.data, perf script / .fdata to kbuild-bolt, or to .fdata",
@@ -836,6 +913,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vmlinux", required=True)
     q.add_argument("--text-base", help="the running kernel's _text (hex) for perf data (KASLR)")
     q.add_argument("--kallsyms", help="a saved /proc/kallsyms of the running kernel (KASLR)")
+    q.add_argument("--modules", metavar="DIR",
+                   help="the modules that ran (a tree of .ko files: INSTALL_MOD_PATH or "
+                        "/lib/modules/RELEASE): module code kept as (module, section, offset), "
+                        "placed by perf's module maps or --proc-modules")
+    q.add_argument("--proc-modules", metavar="FILE",
+                   help="a /proc/modules saved (as root) where perf ran")
+    q.add_argument("--module-sections", metavar="FILE",
+                   help="the module sections saved where perf ran "
+                        "(grep . /sys/module/*/sections/.*text* > FILE)")
     q.add_argument("--to", choices=("kbb", "fdata"), default="kbb")
     q.add_argument("-o", "--output", required=True)
     q = prof.add_parser("merge", help="sum several kbuild-bolt profiles (read one at a time)")
@@ -939,7 +1025,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", help="with no --initrd: INSTALL_MOD_PATH whose modules go in")
     p.add_argument("--load", action="append", metavar="MODULE",
                    help="with no --initrd: module to modprobe at boot (repeatable)")
-    p.add_argument("--workload", default="files", help="lab workload: files, server or none")
+    p.add_argument("--workload", default="files",
+                   help="lab workload: files, server, disk (6.12-modules) or none")
     p.add_argument("--iterations", type=int, help="workload iterations (lab /init default 20)")
     p.add_argument("--nokaslr", action="store_true", help="boot with nokaslr")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds before the VM is killed")

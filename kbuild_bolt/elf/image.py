@@ -164,6 +164,20 @@ class ElfImage:
         self.bytes = np.frombuffer(self._map, dtype=np.uint8)
         self._parse_headers(name)
 
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "<memory>") -> "ElfImage":
+        """An ELF file's bytes held in memory (a module decompressed from .ko.xz)."""
+        self = cls.__new__(cls)
+        self.path = Path(name)
+        if len(data) < 16 or data[:4] != b"\x7fELF":
+            raise KbbError(f"{name}: not an ELF file")
+        self._map = data
+        self.size = len(data)
+        self.buf = memoryview(data)
+        self.bytes = np.frombuffer(data, dtype=np.uint8)
+        self._parse_headers(name)
+        return self
+
     # -- headers -----------------------------------------------------------
 
     def _parse_headers(self, name: str) -> None:
@@ -474,6 +488,8 @@ class ElfImage:
             self._map.close()
         except BufferError:
             pass  # numpy views still alive; the map goes with them
+        except AttributeError:
+            pass  # (bytes in memory: nothing to unmap)
 
     def __enter__(self):
         return self

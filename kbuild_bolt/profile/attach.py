@@ -42,6 +42,10 @@ class CodeProfile:
 
 
 def attach(model, profile) -> CodeProfile:
+    """``profile``'s counts on vmlinux ``model``'s instructions and edges
+    (module code, which is not in vmlinux, left out: ``matched`` is the share
+    of the vmlinux part's counts on this kernel's code)."""
+    profile = profile.kernel_only()
     insns = model.insns
     n = len(insns.addr)
     if not len(profile.range_start) and len(profile.src):

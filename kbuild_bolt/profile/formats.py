@@ -35,13 +35,15 @@ def load_profile(path, model=None) -> Profile:
 
 
 def resolve_profile(profile, model, cfg=None, log=None) -> Profile:
-    """A Profile for this kernel from a Profile or a path (any supported format).
+    """A Profile for this kernel (its vmlinux part: module code is left out) from
+    a Profile or a path (any supported format).
 
     A profile that recorded its functions' shapes is moved onto this kernel
     (unchanged functions keep their counts; changed ones by matching blocks)."""
     if not isinstance(profile, Profile):
         profile = load_profile(profile, model)
     _check_kernel(profile, model)
+    profile = profile.kernel_only()
     if profile.shapes:
         profile, report = adapt(profile, model, cfg if cfg is not None else build_cfg(model),
                                 profile.shapes)

@@ -20,12 +20,22 @@ The file format (``kbuild-bolt profile v1``) is plain text, one record per line:
     H <function> <hash> <address> <size>
     K <block offset> <block size> <block hash>
     S <name> <value>
+    M <index> <module> <section>
 
 addresses, offsets and hashes in hex, counts in decimal; ``H`` and the ``K``
 lines after it describe a function the profile saw (code hashes with addresses
 masked), so the profile can be applied to a rebuilt kernel (stale profiles).
 ``S`` lines are counters of the run the recorder measured besides the code
-(``l1i_fetches``/``l1i_misses``: the QEMU recorder's simulated L1i).
+(``l1i_fetches``/``l1i_misses``: the QEMU recorder's simulated L1i;
+``instructions``, and ``instructions:<module>`` for the part in a module).
+
+Code of loadable modules is kept as (module, section, offset): a module lands
+at another address on every load, and is rewritten as the relocatable object
+it was built as. ``M`` lines name the module sections the profile saw; the
+address ``1 << 63 | (index + 1) << 32 | offset`` stands for ``offset`` into the
+section ``M <index>`` names. Such addresses are non-canonical: neither user
+space nor the kernel (0xffff8...) has them, so every column stays one uint64
+array, and lookups in vmlinux never take a module's code for the kernel's.
 """
 
 from __future__ import annotations
@@ -39,6 +49,32 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.shapes import parse_shapes, write_shapes
 
 MAGIC = "# kbuild-bolt profile v1"
+
+# Module code: bit 63 set, below the kernel half (0xffff8...): non-canonical
+# addresses, which no code of user space or the kernel ever has.
+MODULE_TAG = 1 << 63
+KERNEL_HALF = 0xFFFF800000000000
+
+
+def module_address(index, offset):
+    """The profile address of ``offset`` into module section ``index`` (scalars
+    or arrays)."""
+    if isinstance(index, np.ndarray) or isinstance(offset, np.ndarray):
+        return np.uint64(MODULE_TAG) | ((np.asarray(index, np.uint64) + np.uint64(1))
+                                        << np.uint64(32)) | np.asarray(offset, np.uint64)
+    return MODULE_TAG | ((int(index) + 1) << 32) | int(offset)
+
+
+def in_modules(addrs: np.ndarray) -> np.ndarray:
+    """Per address: module code (an encoded (section, offset))."""
+    a = np.asarray(addrs, np.uint64)
+    return (a >= np.uint64(MODULE_TAG)) & (a < np.uint64(KERNEL_HALF))
+
+
+def module_section_index(addrs: np.ndarray) -> np.ndarray:
+    """Per encoded module address: its index into ``Profile.module_sections``."""
+    a = np.asarray(addrs, np.uint64) & np.uint64(MODULE_TAG - 1)
+    return (a >> np.uint64(32)).astype(np.int64) - 1
 
 
 def _sum_pairs(a: np.ndarray, b: np.ndarray, counts: np.ndarray):
@@ -79,6 +115,8 @@ class Profile:
     applied: str = ""
     # Counters of the run (name -> value): combined like the counts.
     stats: dict = field(default_factory=dict)
+    # (module, section) per index that module addresses encode (see MODULE_TAG).
+    module_sections: tuple = ()
 
     @property
     def total(self) -> int:
@@ -87,7 +125,8 @@ class Profile:
     def merged(self) -> "Profile":
         """Identical records summed."""
         out = Profile(kernel=self.kernel, source=self.source, shapes=dict(self.shapes),
-                      sampled=self.sampled, stats=dict(self.stats))
+                      sampled=self.sampled, stats=dict(self.stats),
+                      module_sections=self.module_sections)
         if len(self.range_start):
             out.range_start, out.range_last, out.range_count = _sum_pairs(
                 self.range_start, self.range_last, self.range_count)
@@ -96,18 +135,93 @@ class Profile:
         return out
 
     def shifted(self, delta: int) -> "Profile":
-        """Addresses moved by ``-delta`` (runtime KASLR address -> vmlinux address)."""
+        """Kernel addresses moved by ``-delta`` (runtime KASLR address -> vmlinux
+        address); module code stays where it is (it is not in vmlinux)."""
         d = np.uint64(delta & 0xFFFFFFFFFFFFFFFF)
-        return Profile(self.range_start - d, self.range_last - d, self.range_count.copy(),
-                       self.src - d, self.dst - d, self.count.copy(), self.kernel, self.source,
-                       dict(self.shapes), self.sampled, stats=dict(self.stats))
+
+        def shift(a):
+            return np.where(in_modules(a), a, a - d)
+
+        return Profile(shift(self.range_start), shift(self.range_last), self.range_count.copy(),
+                       shift(self.src), shift(self.dst), self.count.copy(), self.kernel,
+                       self.source, dict(self.shapes), self.sampled, stats=dict(self.stats),
+                       module_sections=self.module_sections)
 
     def scaled(self, factor: float) -> "Profile":
         return Profile(self.range_start, self.range_last,
                        np.round(self.range_count * factor).astype(np.int64), self.src, self.dst,
                        np.round(self.count * factor).astype(np.int64), self.kernel, self.source,
                        dict(self.shapes), self.sampled,
-                       stats={k: round(v * factor) for k, v in self.stats.items()})
+                       stats={k: round(v * factor) for k, v in self.stats.items()},
+                       module_sections=self.module_sections)
+
+    def kernel_only(self) -> "Profile":
+        """The records of vmlinux code: what a vmlinux layout uses (a call from
+        the kernel into a module, or back, is no edge of the kernel's code)."""
+        if not self.module_sections:
+            return self
+        keep_r = ~in_modules(self.range_start)
+        keep_b = ~(in_modules(self.src) | in_modules(self.dst))
+        return Profile(self.range_start[keep_r], self.range_last[keep_r],
+                       self.range_count[keep_r], self.src[keep_b], self.dst[keep_b],
+                       self.count[keep_b], self.kernel, self.source, dict(self.shapes),
+                       self.sampled, self.used, self.applied, dict(self.stats))
+
+    def module_part(self, module: str) -> "Profile":
+        """The records of one module's code, its sections numbered as in
+        ``module_sections`` (kept: the addresses still encode the indices).
+        Transfers that leave or enter the module are left out."""
+        mine = np.array([m == module for m, _ in self.module_sections] + [False])
+
+        def of_module(a):
+            inside = in_modules(a)
+            idx = np.where(inside, module_section_index(a), len(mine) - 1)
+            return inside & mine[idx]
+
+        keep_r = of_module(self.range_start)
+        keep_b = of_module(self.src) & of_module(self.dst)
+        return Profile(self.range_start[keep_r], self.range_last[keep_r],
+                       self.range_count[keep_r], self.src[keep_b], self.dst[keep_b],
+                       self.count[keep_b], self.kernel, self.source, {}, self.sampled,
+                       module_sections=self.module_sections)
+
+    @property
+    def modules(self) -> list[str]:
+        """The modules whose code the profile saw, in order of first appearance."""
+        return list(dict.fromkeys(m for m, _ in self.module_sections))
+
+    def module_totals(self) -> dict[str, int]:
+        """Executions of blocks (range counts) per module."""
+        inside = in_modules(self.range_start)
+        idx = module_section_index(self.range_start[inside])
+        per_section = np.bincount(idx, weights=self.range_count[inside] * 1.0,
+                                  minlength=len(self.module_sections))
+        out: dict[str, int] = {}
+        for (module, _), n in zip(self.module_sections, per_section.tolist()):
+            out[module] = out.get(module, 0) + int(n)
+        return out
+
+    def renumbered(self, sections: list) -> "Profile":
+        """The same records with module sections numbered as in ``sections``
+        (which holds every (module, section) of this profile)."""
+        if not self.module_sections or tuple(sections) == self.module_sections:
+            return Profile(self.range_start, self.range_last, self.range_count, self.src,
+                           self.dst, self.count, self.kernel, self.source, self.shapes,
+                           self.sampled, self.used, self.applied, self.stats, tuple(sections))
+        where = {key: i for i, key in enumerate(sections)}
+        new_index = np.array([where[key] for key in self.module_sections], np.int64)
+
+        def renumber(a):
+            inside = in_modules(a)
+            out = a.copy()
+            out[inside] = module_address(new_index[module_section_index(a[inside])],
+                                         a[inside] & np.uint64(0xFFFFFFFF))
+            return out
+
+        return Profile(renumber(self.range_start), renumber(self.range_last), self.range_count,
+                       renumber(self.src), renumber(self.dst), self.count, self.kernel,
+                       self.source, self.shapes, self.sampled, self.used, self.applied,
+                       self.stats, tuple(sections))
 
 
 COMBINE_BATCH = 1 << 20     # records gathered before they are folded into the sum
@@ -126,9 +240,15 @@ def combine(profiles, weights: list[float] | None = None, batch: int = COMBINE_B
     pending: list[Profile] = []
     pending_records = 0
     kernel, sources, shapes, sampled, stats, seen = "", set(), {}, False, None, 0
+    # Module sections of every profile so far, one numbering for the sum (it only
+    # grows: what is pending keeps its indices).
+    sections: list = []
     for profile in profiles:
         weight = next(weights, 1.0)
         part = profile.scaled(weight) if weight != 1 else profile
+        if part.module_sections:
+            sections += [key for key in part.module_sections if key not in set(sections)]
+            part = part.renumbered(sections)
         if not seen:
             kernel = profile.kernel
         seen += 1
@@ -148,7 +268,8 @@ def combine(profiles, weights: list[float] | None = None, batch: int = COMBINE_B
         return Profile()
     total = _fold(total, pending)
     out = Profile(total.range_start, total.range_last, total.range_count, total.src, total.dst,
-                  total.count, kernel, "+".join(sorted(sources)), shapes, sampled)
+                  total.count, kernel, "+".join(sorted(sources)), shapes, sampled,
+                  module_sections=tuple(sections))
     out.stats = {k: max(0, v) for k, v in sorted((stats or {}).items())}
     # Differences of two noisy runs can go slightly negative: clip.
     out.range_count = np.maximum(out.range_count, 0)
@@ -178,6 +299,8 @@ def write_profile(profile: Profile, path) -> None:
         head.append(f"source {profile.source}")
     if profile.sampled:
         head.append("sampled")
+    head += [f"M {i} {module} {section}"
+             for i, (module, section) in enumerate(profile.module_sections)]
     tail = [f"S {name} {int(value)}" for name, value in profile.stats.items()]
     tail += write_shapes(profile.shapes)
     with atomic_output(path) as tmp, open(tmp, "w") as f:
@@ -209,6 +332,7 @@ def read_profile(path) -> Profile:
         raise KbbError(f"{path}: not a kbuild-bolt profile")
     rs, rl, rc, bs, bd, bc = [], [], [], [], [], []
     shape_lines = []
+    sections: list = []
     profile = Profile()
     for n, line in enumerate(text.splitlines()[1:], 2):
         if not line or line.startswith("#"):
@@ -231,6 +355,10 @@ def read_profile(path) -> Profile:
                 profile.sampled = True
             elif tag == "S":
                 profile.stats[parts[1]] = int(parts[2])
+            elif tag == "M":
+                if int(parts[1]) != len(sections) or len(parts) != 4:
+                    raise ValueError(tag)
+                sections.append((parts[2], parts[3]))
             else:
                 raise ValueError(tag)
         except (ValueError, IndexError):
@@ -242,4 +370,9 @@ def read_profile(path) -> Profile:
     profile.src = np.array(bs, dtype=np.uint64)
     profile.dst = np.array(bd, dtype=np.uint64)
     profile.count = np.array(bc, dtype=np.int64)
+    profile.module_sections = tuple(sections)
+    for column in (profile.range_start, profile.src, profile.dst):
+        inside = in_modules(column)
+        if inside.any() and module_section_index(column[inside]).max() >= len(sections):
+            raise KbbError(f"{path}: a module address names no M line")
     return profile

@@ -43,6 +43,7 @@ _BR = re.compile(r"(0x[0-9a-fA-F]+)/(0x[0-9a-fA-F]+)/([PM-])/")
 _IP = re.compile(r"^\s*(?:\d+\s+)?([0-9a-fA-F]{8,16})(?:\s|$)")
 KERNEL_MIN = 0xFFFF800000000000
 MAX_RANGE = 4096
+MODULE_MAX = 64 << 20       # a module's code, at most, after its map's start
 
 CHUNK_BYTES = 8 << 20           # text parsed at once (the working set is a few times this)
 MAX_LINE_BYTES = 64 << 20       # a longer "line" is not perf script text
@@ -54,6 +55,13 @@ PERF_DATA_MAGIC = b"PERFILE2"
 # reference for relocation: _text on x86) in the field after "@".
 _KERNEL_MAP = re.compile(rb"PERF_RECORD_MMAP2? +-?\d+/-?\d+: \[0x[0-9a-fA-F]+\(0x[0-9a-fA-F]+\) "
                          rb"@ (0x[0-9a-fA-F]+|0)[^\]\n]*\]: \S+ \[kernel\.kallsyms\](\S*)")
+
+# A module's map (perf record lists every loaded module, from /proc/modules):
+#   PERF_RECORD_MMAP -1/0: [0xffffffffc0591000(0x7000) @ 0 00:00 0 0]: x
+#   /lib/modules/6.1.0-18-amd64/kernel/drivers/block/loop.ko
+# (one line; the file may be compressed, or "[loop]" when perf found none).
+_MODULE_MAP = re.compile(rb"PERF_RECORD_MMAP2? +-?\d+/-?\d+: \[(0x[0-9a-fA-F]+)\(0x[0-9a-fA-F]+\) "
+                         rb"@ [^\]\n]*\]: \S+ (?:\S*/)?\[?([\w-]+)(?:\.ko(?:\.xz|\.gz|\.zst)?|\])\s*$")
 
 _SLASH, _ZERO, _X, _NL = ord("/"), ord("0"), ord("x"), ord("\n")
 _PAD = 48                       # zero bytes around a chunk: windows may reach past either end
@@ -107,6 +115,18 @@ def text_base_from_map_line(line: bytes) -> int | None:
         raise KbbError("perf's kernel map has no address (perf record ran without access to "
                        "kernel addresses: kptr_restrict): give --text-base or --kallsyms")
     return address
+
+
+def module_from_map_line(line: bytes) -> tuple[str, int] | None:
+    """(module, core text start) from perf script's map line of a kernel module,
+    None for any other line."""
+    m = _MODULE_MAP.search(line.rstrip(b"\r\n"))
+    if m is None or m.group(2) == b"kernel.kallsyms":
+        return None
+    start = int(m.group(1), 16)
+    if start < KERNEL_MIN:
+        return None                         # (a user space library called *.ko)
+    return m.group(2).decode().replace("-", "_"), start
 
 
 def read_perf_script(path, text_base: int | None = None, vmlinux_text: int = 0xFFFFFFFF81000000,
@@ -192,6 +212,12 @@ class PerfScriptReader:
         self.lbr = False
         self.seen_data = False
         self._thunks = None             # (thunk intervals, passed intervals) at runtime
+        # Module -> its core text start, from perf's module maps; and where the
+        # modules' code sections were (set by the caller: a saved list, or these
+        # maps with the .ko files), for module code kept as (module, section, offset).
+        self.module_bases: dict[str, int] = {}
+        self.modules = None
+        self.module_code_dropped = 0
         self._ranges = _PairCounts()
         self._transfers = _PairCounts()
         self._ips = _PairCounts()
@@ -238,8 +264,7 @@ class PerfScriptReader:
         """Parse the whole lines buf[lo:hi] (the last one ends in "\\n")."""
         buf[hi:hi + _PAD] = bytes(_PAD)       # (what windows past the end read)
         self.chunks += 1
-        if self.text_base is None or self.text_base_from == "perf":
-            self._kernel_map(buf, lo, hi)
+        self._kernel_map(buf, lo, hi)
         data = np.frombuffer(buf, np.uint8)
         try:
             mids, src, dst, line = _branch_records(data, lo, hi, self.name)
@@ -263,9 +288,14 @@ class PerfScriptReader:
         while at >= 0:
             start = max(buf.rfind(b"\n", lo, at) + 1, lo)
             end = buf.find(b"\n", at, hi)
-            address = text_base_from_map_line(bytes(buf[start:end]))
+            line = bytes(buf[start:end])
+            address = text_base_from_map_line(line)
             if address is None:
-                pass                                    # (a map of user space or a module)
+                module = module_from_map_line(line)      # (or a map of user space)
+                if module is not None:
+                    self.module_bases[module[0]] = module[1]
+            elif self.text_base_from == "given":
+                pass                                    # (the caller said where)
             elif self.text_base is None:
                 if self.seen_data and self.thunk_spans is not None:
                     raise KbbError(f"{self.name}: perf's kernel map comes after samples; give "
@@ -336,18 +366,48 @@ class PerfScriptReader:
 
     # -- the result --------------------------------------------------------
     def profile(self) -> Profile:
-        d = np.uint64(self.delta & 0xFFFFFFFFFFFFFFFF)
         if self.lbr:
             rs, rl, rc = self._ranges.totals()
             src, dst, count = self._transfers.totals()
-            profile = Profile(rs - d, rl - d, rc, src - d, dst - d, count, source="perf-lbr")
+            profile = Profile(rs, rl, rc, src, dst, count, source="perf-lbr")
         else:
             ips, _, count = self._ips.totals()
             if not len(ips):
                 raise KbbError(f"{self.name}: no kernel samples in this perf script output")
-            ips = ips - d
             profile = Profile(ips, ips.copy(), count, source="perf-samples", sampled=True)
-        return _sorted(profile)
+        profile = self._with_modules(profile)
+        return _sorted(profile.shifted(self.delta) if self.delta else profile)
+
+    def _with_modules(self, profile: Profile) -> Profile:
+        """Module code as (module, section, offset) where ``modules`` says where
+        their sections were; the code of modules perf mapped but nothing placed
+        is left out (shifted by the kernel's KASLR offset it could land on
+        vmlinux code)."""
+        placed = self.modules is not None and len(self.modules) > 0
+        if not placed and not self.module_bases:
+            return profile
+        names = ("range_start", "range_last", "src", "dst")
+        sections: list = []
+        columns, known = {}, {}
+        for name in names:
+            a = getattr(profile, name)
+            if placed:
+                columns[name], known[name] = self.modules.encode(a, sections)
+            else:
+                columns[name], known[name] = a, np.zeros(len(a), bool)
+        mapped = _union([(base, base + MODULE_MAX) for base in self.module_bases.values()])
+
+        def stray(name):
+            """In a module perf mapped, but in none of the sections known."""
+            return _within(getattr(profile, name), mapped) & ~known[name]
+
+        keep_r = ~stray("range_start")
+        keep_b = ~(stray("src") | stray("dst"))
+        self.module_code_dropped = int(profile.range_count[~keep_r].sum())
+        return Profile(columns["range_start"][keep_r], columns["range_last"][keep_r],
+                       profile.range_count[keep_r], columns["src"][keep_b],
+                       columns["dst"][keep_b], profile.count[keep_b], source=profile.source,
+                       sampled=profile.sampled, module_sections=tuple(sections)).merged()
 
 
 def _sorted(profile: Profile) -> Profile:

@@ -28,7 +28,8 @@ import numpy as np
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.cache import cache_root, locked
 from kbuild_bolt.qemu.runner import DEFAULT_TEXT, boot
-from kbuild_bolt.profile.model import Profile
+from kbuild_bolt.profile.model import Profile, in_modules, module_section_index
+from kbuild_bolt.profile.modules import ModuleMap, add_sizes, parse_sysfs_lines
 from kbuild_bolt.profile.thunks import thunk_ranges
 from kbuild_bolt.x86 import decode as x86
 
@@ -77,11 +78,13 @@ def thunk_arguments(vmlinux) -> list[str]:
             + [f"via={lo % WINDOW:x}:{hi - lo:x}" for lo, hi in vias[:16]])
 
 
-def parse_plugin_output(path) -> Profile:
+def parse_plugin_output(path, modules: ModuleMap | None = None) -> Profile:
     """TB counts become ranges; TB transitions become transfers (last insn -> start);
     calls followed through retpoline thunks become transfers from the call to its
-    real target (the thunk call itself is a transition too)."""
-    rs, rl, rc, es, ed, ec = [], [], [], [], [], []
+    real target (the thunk call itself is a transition too). Code in ``modules``
+    (where the run's modules were) becomes (module, section, offset); the
+    instructions executed, in all and per module, become counters."""
+    rs, rl, rc, ri, es, ed, ec = [], [], [], [], [], [], []
     stats = {}
     with open(path) as f:
         for line in f:
@@ -91,6 +94,7 @@ def parse_plugin_output(path) -> Profile:
             if parts[0] == "T":
                 rs.append(int(parts[1], 16))
                 rl.append(int(parts[2], 16))
+                ri.append(int(parts[3]))
                 rc.append(int(parts[4]))
             elif parts[0] == "E":
                 es.append(int(parts[2], 16))  # the last instruction of the source TB
@@ -102,10 +106,24 @@ def parse_plugin_output(path) -> Profile:
                 ec.append(int(parts[3]))
             elif parts[0] == "L":
                 stats = {"l1i_fetches": int(parts[1]), "l1i_misses": int(parts[2])}
-    return Profile(np.array(rs, dtype=np.uint64), np.array(rl, dtype=np.uint64),
-                   np.array(rc, dtype=np.int64), np.array(es, dtype=np.uint64),
-                   np.array(ed, dtype=np.uint64), np.array(ec, dtype=np.int64),
-                   source="qemu", stats=stats).merged()
+    rs, rl, es, ed = (np.array(a, dtype=np.uint64) for a in (rs, rl, es, ed))
+    rc, ri, ec = (np.array(a, dtype=np.int64) for a in (rc, ri, ec))
+    executed = rc * ri
+    stats["instructions"] = int(executed.sum())
+    sections: list = []
+    if modules is not None and len(modules):
+        rs, in_module = modules.encode(rs, sections)
+        rl, _ = modules.encode(rl, sections)
+        es, _ = modules.encode(es, sections)
+        ed, _ = modules.encode(ed, sections)
+        index = module_section_index(rs[in_module])
+        per_section = np.bincount(index, weights=executed[in_module] * 1.0,
+                                  minlength=len(sections))
+        for (module, _), n in zip(sections, per_section.tolist()):
+            key = f"instructions:{module}"
+            stats[key] = stats.get(key, 0) + int(n)
+    return Profile(rs, rl, rc, es, ed, ec, source="qemu", stats=stats,
+                   module_sections=tuple(sections)).merged()
 
 
 def plugin_cutoff(path) -> int | None:
@@ -131,7 +149,8 @@ def find_kaslr_offset(model, profile: Profile, sample: int = 20000) -> int:
     vmlinux): they start on an instruction and end on a control transfer. (An
     instruction start alone matches at a wrong offset a quarter of the time.)
     No help from the guest."""
-    order = np.argsort(-profile.range_count, kind="stable")[:sample]
+    kernel = np.flatnonzero(~in_modules(profile.range_start))     # (not module code)
+    order = kernel[np.argsort(-profile.range_count[kernel], kind="stable")[:sample]]
     starts, lasts = profile.range_start[order], profile.range_last[order]
     if not len(starts):
         raise KbbError("the profile holds no kernel code: no KASLR offset to find")
@@ -171,19 +190,29 @@ class GuestRecording:
     kaslr_offset: int            # what the profile was shifted by (0: none)
     kaslr: str                   # "off", "found from the code"
     cutoff: str                  # "whole run", "between the markers"
+    modules: ModuleMap | None = None     # the modules' code sections the guest printed
+    # Executions of code that is neither vmlinux's nor a known module section's
+    # (BPF programs, trampolines, modules the guest did not list): left out.
+    other_code: int = 0
 
 
 def record_guest(kernel, *, vmlinux, initrd=None, drives=(), append: str = "",
                  qemu_args=(), start: str | None = None, stop: str | None = None,
                  expect_text: str | None = None, kaslr: bool = True, smp: int = 1,
                  memory: str = "512M", timeout: float = 600,
-                 tolerate_warnings: bool = False) -> tuple[Profile, GuestRecording]:
+                 tolerate_warnings: bool = False,
+                 modules_tree=None) -> tuple[Profile, GuestRecording]:
     """Record any guest: a kernel with the user's initramfs and/or disk images,
     kernel command line and QEMU arguments. By default the whole run until the
     guest powers off; with ``start``/``stop``, only between the first console
     line containing ``start`` and the first line after it containing ``stop``
     (the plugin cuts there itself, watching the console as the guest writes it).
-    The KASLR offset is found from the recorded code and ``vmlinux``."""
+    The KASLR offset is found from the recorded code and ``vmlinux``.
+
+    Module code is kept as (module, section, offset) where the guest's console
+    said where its modules' sections were (``grep . /sys/module/*/sections/.*text*``
+    lines, see profile.modules); ``modules_tree`` (a modules directory with the
+    .ko files) gives their sizes."""
     from kbuild_bolt.binary.model import BinaryModel
 
     if stop is not None and start is None:
@@ -209,14 +238,53 @@ def record_guest(kernel, *, vmlinux, initrd=None, drives=(), append: str = "",
             raise KbbError(f"the start marker {start!r} never appeared on the console")
         if stop is not None and state == 1:
             raise KbbError(f"the stop marker {stop!r} never appeared after the start marker")
-        profile = parse_plugin_output(out)
+        modules = parse_sysfs_lines(result.log_lines)
+        if modules_tree is not None and len(modules):
+            add_sizes(modules, modules_tree)
+        profile = parse_plugin_output(out, modules)
     offset, how = 0, "off"
     if result.kaslr:
         offset, how = find_kaslr_offset(BinaryModel.open(vmlinux), profile), \
             "found from the code"
     profile = profile.shifted(offset) if offset else profile
+    profile, other = _without_other_code(profile, vmlinux)
     return profile, GuestRecording(result, offset, how,
-                                   "between the markers" if start else "whole run")
+                                   "between the markers" if start else "whole run",
+                                   modules, other)
+
+
+def _without_other_code(profile: Profile, vmlinux) -> tuple[Profile, int]:
+    """``profile`` without the records of code that is neither vmlinux's (after
+    the KASLR shift: inside its code sections) nor a known module's, and the
+    executions left out. (Such code, shifted by the kernel's offset, could land
+    on vmlinux code and be taken for it.)"""
+    from kbuild_bolt.elf.image import ElfImage
+
+    try:
+        image = ElfImage(vmlinux)
+    except KbbError:
+        return profile, 0
+    with image:
+        spans = np.array(sorted((s.addr, s.addr + s.size) for s in image.sections
+                                if s.is_alloc and s.is_exec and s.size), np.uint64)
+    if not len(spans):
+        return profile, 0
+
+    def known(a):
+        k = np.searchsorted(spans[:, 0], a, side="right").astype(np.int64) - 1
+        at = np.maximum(k, 0)
+        return in_modules(a) | ((k >= 0) & (a < spans[at, 1]))
+
+    keep_r = known(profile.range_start)
+    keep_b = known(profile.src) & known(profile.dst)
+    if keep_r.all() and keep_b.all():
+        return profile, 0
+    other = int(profile.range_count[~keep_r].sum())
+    out = Profile(profile.range_start[keep_r], profile.range_last[keep_r],
+                  profile.range_count[keep_r], profile.src[keep_b], profile.dst[keep_b],
+                  profile.count[keep_b], profile.kernel, profile.source, profile.shapes,
+                  profile.sampled, stats=profile.stats, module_sections=profile.module_sections)
+    return out, other
 
 
 def _check_profiling_boot(result, out, tolerate_warnings: bool) -> None:
@@ -268,7 +336,8 @@ LAB_STOP = "KBB-LOOP end"
 
 def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] | int = (2, 12),
            kaslr: bool = True, timeout: float = 600, smp: int = 1, log=None,
-           tolerate_warnings: bool = False, append: str = "", vmlinux=None) -> Profile:
+           tolerate_warnings: bool = False, append: str = "", vmlinux=None,
+           modules_tree=None) -> Profile:
     """The lab workload's profile, one user of :func:`record_guest`: the lab /init
     runs the workload (``iterations``: a count, or SHORT,LONG as the two-run
     recorder took it: LONG - SHORT), and the plugin records only between the
@@ -285,7 +354,8 @@ def record(kernel, initrd, workload: str = "files", iterations: tuple[int, int] 
     profile, recording = record_guest(
         kernel, vmlinux=vmlinux or kernel, initrd=initrd, append=args,
         start=LAB_START, stop=LAB_STOP, expect_text="KBB-MARK done",
-        kaslr=kaslr, smp=smp, timeout=timeout, tolerate_warnings=tolerate_warnings)
+        kaslr=kaslr, smp=smp, timeout=timeout, tolerate_warnings=tolerate_warnings,
+        modules_tree=modules_tree)
     reported = recording.boot.text_base
     if reported is not None and reported - DEFAULT_TEXT != recording.kaslr_offset:
         raise KbbError(f"KASLR offset {recording.kaslr_offset:#x} found from the code, but the "

@@ -268,7 +268,7 @@ def test_plugin_output_with_calls_followed_through_thunks(tmp_path):
     assert pairs == {(0xFFFFFFFF81000010, 0xFFFFFFFF81000100): 7,     # into the thunk
                      (0xFFFFFFFF81000010, 0xFFFFFFFF81000200): 5,     # where it went
                      (0xFFFFFFFF81000010, 0xFFFFFFFF81000300): 2}
-    assert p.stats == {"l1i_fetches": 10, "l1i_misses": 1}
+    assert p.stats == {"l1i_fetches": 10, "l1i_misses": 1, "instructions": 4 * 7}
 
 
 @needs_as
