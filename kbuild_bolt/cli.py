@@ -137,6 +137,15 @@ def cmd_rewrite(args) -> int:
         raise KbbError(f"--reorder-functions={args.reorder_functions} needs --profile "
                        "(or choose none/reverse/random)")
     options = rewrite_options(args)
+    from kbuild_bolt.rewrite.module import is_module, rewrite_module
+
+    if is_module(args.vmlinux):             # a .ko (ET_REL): a loadable module
+        if args.report:
+            raise KbbError("--report is for a vmlinux (a module's page is not done yet)")
+        log = None if args.quiet else (lambda m: print(f"  BOLT    {m}", file=sys.stderr))
+        result = rewrite_module(args.vmlinux, args.output, options, log=log)
+        print(result.brief() if args.quiet else result.summary())
+        return 0
     if args.report:
         if not args.profile:
             raise KbbError("--report needs --profile (the page shows the profile's run)")

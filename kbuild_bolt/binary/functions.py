@@ -20,6 +20,18 @@ from kbuild_bolt.elf.image import STT_FUNC, STT_NOTYPE, STT_OBJECT
 FUNCTION_SECTIONS = (".text", ".init.text", ".exit.text")
 # Code that only tables point into (replacement and auxiliary code of alternatives).
 AUX_CODE_SECTIONS = (".altinstr_replacement", ".altinstr_aux")
+# A module's code keeps the sections the compiler gave it (vmlinux's linker
+# script merges them into .text): static call trampolines, noinstr, cold...
+MODULE_INFO_SECTION = ".gnu.linkonce.this_module"
+
+
+def function_sections(image) -> tuple[str, ...]:
+    """The sections whose functions are laid out: vmlinux's three, or every
+    code section of a module but the alternatives' replacement code."""
+    if image.section(MODULE_INFO_SECTION) is None:
+        return FUNCTION_SECTIONS
+    return tuple(s.name for s in image.sections
+                 if s.is_alloc and s.is_exec and s.name not in AUX_CODE_SECTIONS)
 PREFIX_SYMBOLS = ("__pfx_", "__cfi_")
 
 
@@ -73,7 +85,7 @@ class CodeRegion:
 
 def discover_functions(image) -> FunctionTable:
     symbols = image.symbols
-    sections = [image.section(n) for n in FUNCTION_SECTIONS]
+    sections = [image.section(n) for n in function_sections(image)]
     indices = [s.index for s in sections if s is not None]
     if not len(symbols) or not indices:
         z = np.zeros(0, np.uint64)
@@ -111,7 +123,7 @@ def discover_regions(image, functions: FunctionTable) -> list[CodeRegion]:
     symbols = image.symbols
     names = symbols.names
     regions: list[CodeRegion] = []
-    for section_name in FUNCTION_SECTIONS + AUX_CODE_SECTIONS:
+    for section_name in function_sections(image) + AUX_CODE_SECTIONS:
         section = image.section(section_name)
         if section is None or section.size == 0:
             continue

@@ -18,7 +18,7 @@ import numpy as np
 
 from kbuild_bolt.arrays import concat_ranges, in_sorted
 from kbuild_bolt.binary.functions import (
-    AUX_CODE_SECTIONS, CodeRegion, FunctionTable, discover_functions, discover_regions,
+    AUX_CODE_SECTIONS, MODULE_INFO_SECTION, CodeRegion, FunctionTable, discover_functions, discover_regions,
 )
 from kbuild_bolt.elf.image import FIELD_SIZE, ElfImage
 from kbuild_bolt.errors import KbbError
@@ -440,6 +440,22 @@ class BinaryModel:
             if known is not None and len(known):
                 self.insns = x86.Decoded.merge(self.insns, known)
         self.timing.add("decode", t)
+
+    @property
+    def is_module(self) -> bool:
+        """A loadable module (placed at addresses: elf.place), not a vmlinux."""
+        return self.image.section(MODULE_INFO_SECTION) is not None
+
+    def external(self, addrs) -> np.ndarray:
+        """Per address: in a symbol a placed module uses but does not define
+        (another module's or the kernel's: what it holds is not known here)."""
+        from kbuild_bolt.elf.place import EXTERNAL_SECTION
+
+        section = self.image.section(EXTERNAL_SECTION)
+        addrs = np.asarray(addrs, np.uint64)
+        if section is None:
+            return np.zeros(len(addrs), bool)
+        return (addrs >= np.uint64(section.addr)) & (addrs < np.uint64(section.end))
 
     @classmethod
     def open(cls, path, **kw) -> "BinaryModel":

@@ -449,12 +449,14 @@ class ElfImage:
         for t, n in FIELD_SIZE.items():
             size[rtype == t] = n
         fields = rtype != R_X86_64_NONE     # (sorttable zeroes records it made stale)
-        lo, hi = np.uint64(target.addr), np.uint64(target.addr + target.size)
+        # (a relocatable object's offsets count from its section's start)
+        base = 0 if self.is_relocatable else target.addr
+        lo, hi = np.uint64(base), np.uint64(base + target.size)
         outside = fields & ((r["offset"] < lo) | (r["offset"] > hi - size))
         if outside.any():
             i = int(np.flatnonzero(outside)[0])
             raise KbbError(f"{where}[{i}]: offset {int(r['offset'][i]):#x} is outside "
-                           f"{target.name} ({target.addr:#x}..{target.addr + target.size:#x})")
+                           f"{target.name} ({base:#x}..{base + target.size:#x})")
 
     def relocations_for(self, target: str) -> np.ndarray:
         """All relocations that apply to section ``target`` (empty when none)."""

@@ -38,8 +38,26 @@ def parse_banner(banner: str) -> KernelVersion:
     return KernelVersion(release, banner, int(n.group(1)), int(n.group(2)), int(n.group(3) or 0))
 
 
+def module_version(image) -> KernelVersion | None:
+    """The kernel a module was built for, from its .modinfo ``vermagic=6.12.117
+    SMP ...`` (None: no .modinfo, not a module)."""
+    section = image.section(".modinfo")
+    if section is None or not section.has_bits:
+        return None
+    for entry in bytes(image.section_data(section)).split(b"\0"):
+        if entry.startswith(b"vermagic="):
+            vermagic = entry[len(b"vermagic="):].decode("utf-8", "replace")
+            return parse_banner(f"Linux version {vermagic.split()[0]} (module vermagic "
+                                f"{vermagic.strip()})")
+    return None
+
+
 def kernel_version(image) -> KernelVersion:
-    """Version of the kernel in ``image`` (needs the ``linux_banner`` symbol)."""
+    """Version of the kernel in ``image`` (needs the ``linux_banner`` symbol; a
+    module: its vermagic)."""
+    module = module_version(image)
+    if module is not None:
+        return module
     addr = image.symbols.address("linux_banner")
     if addr is None:
         return _scan_rodata(image)

@@ -104,6 +104,8 @@ class RewriteResult:
     build_id: tuple | None = None  # (input's, output's) hex build-ids, when code changed
     left_alone_rows: dict = field(default_factory=dict)   # reason -> function rows
     record: "LayoutRecord | None" = None    # with options.keep_record: for a report
+    module: str = ""            # the module rewritten ("": a vmlinux)
+    module_notes: list = field(default_factory=list)   # options that do not apply to it
 
     def leave_alone(self, reason: str, names: list[str]) -> None:
         """Count functions left byte for byte alone for ``reason`` (the first as example)."""
@@ -124,7 +126,8 @@ class RewriteResult:
 
     def brief(self) -> str:
         """One line for build logs (``kbuild-bolt rewrite -q``)."""
-        parts = [f"{self.rewritten:,} functions rewritten",
+        parts = [f"module {self.module}: {self.rewritten:,} functions rewritten"
+                 if self.module else f"{self.rewritten:,} functions rewritten",
                  f"{sum(self.left_alone.values()):,} left alone"]
         if self.moved_functions:
             parts.append(f"{self.moved_functions:,} placed anew, {self.fragments:,} cold parts")
@@ -148,7 +151,10 @@ class RewriteResult:
         return ", ".join(parts)
 
     def summary(self) -> str:
-        lines = [f"functions: {self.functions:,} in .text/.init.text/.exit.text"]
+        lines = [f"module {self.module}: functions: {self.functions:,} in its code sections"
+                 if self.module else
+                 f"functions: {self.functions:,} in .text/.init.text/.exit.text"]
+        lines += [f"  ({note})" for note in self.module_notes]
         lines.append(f"  rewritten                 {self.rewritten:>9,}   "
                      f"({100 * self.text_coverage:.1f}% of .text handled)")
         lines.append(f"  same layout (unchanged)   {self.unchanged:>9,}")

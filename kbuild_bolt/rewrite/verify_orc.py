@@ -14,6 +14,7 @@ import numpy as np
 
 from kbuild_bolt.dwarf.image import INHERIT, LINEAR
 from kbuild_bolt.elf.image import ElfImage
+from kbuild_bolt.kernel.tables.orc import loader_order
 
 # ORC's registers for the CFA, as llvm-dwarfdump names them
 _CFA_REG = {4: "RBP", 5: "RSP"}
@@ -38,6 +39,9 @@ class OrcTable:
         self.ip = (np.uint64(base) + np.arange(len(rel), dtype=np.uint64) * np.uint64(4)
                    + rel.astype(np.int64).astype(np.uint64))
         entries = raw[:len(rel) * 6].reshape(-1, 6)
+        order = loader_order(self.ip, entries[:, 4] & 0xF)
+        if order is not None:       # (a module's: as the loader will have it)
+            self.ip, entries = self.ip[order], entries[order]
         self.sp_offset = entries[:, 0:2].copy().view("<i2").ravel()
         self.sp_reg = entries[:, 4] & 0xF
         # the whole entry as one number, to compare states

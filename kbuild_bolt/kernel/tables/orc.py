@@ -57,6 +57,18 @@ class OrcCapacityError(Exception):
     """The new layout needs more ORC entries than the table has room for."""
 
 
+def loader_order(ips, sp_reg):
+    """The order the module loader sorts a module's ORC table in
+    (unwind_module_init(): by address; at one address, an entry without a CFA
+    register first, so the lookup finds the real one), or None when ``ips`` is
+    sorted already (vmlinux's table: sorttable sorted it at build time)."""
+    import numpy as np
+
+    if len(ips) < 2 or not (ips[1:] < ips[:-1]).any():
+        return None
+    return np.lexsort((np.asarray(sp_reg) != 0, ips))
+
+
 def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     """New (ips, entries) for the ORC tables after the rewrite moved code.
 
@@ -82,6 +94,9 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     old_ip = ip_table.targets("ip")
     old_e = np.array(orc_table.entries)
     capacity = len(old_ip)
+    order = loader_order(old_ip, old_e["bits"] & 0xF)
+    if order is not None:           # (a module's: as the loader will have it)
+        old_ip, old_e = old_ip[order], old_e[order]
 
     def state_at(addrs):
         i = np.searchsorted(old_ip, np.asarray(addrs, dtype=np.uint64), side="right") - 1

@@ -1,0 +1,193 @@
+"""Rewriting a loadable module: placed, rewritten as a vmlinux is, unplaced.
+
+A .ko is a relocatable object; placed at addresses (elf.place) it reads as a
+vmlinux linked with --emit-relocs does, so the whole pipeline applies to it
+unchanged: its own tables (``__jump_table``, ``.altinstructions``,
+``.smp_locks``, ``__bug_table``, ``__ex_table``, ``.orc_unwind*``,
+``__mcount_loc``, ``.static_call_sites``, ``.return_sites``...) are read,
+cross-checked against its code, updated and verified, its relocations follow
+the code. The verified result is made a relocatable object again, and that is
+checked too: placed once more it must give the verified image's contents.
+
+What differs from vmlinux:
+- the profile's records of this module, kept as (module, section, offset),
+  are moved to the placed addresses (profile.model.Profile.module_part);
+- functions keep their places, and indirect calls are not promoted (a
+  module's whole-function layout, and calls promoted across modules, are not
+  done yet): options asking for them are noted and left out;
+- the loader sorts a module's ORC and exception tables itself, so their order
+  is not the file's concern.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from kbuild_bolt.atomic import atomic_output
+from kbuild_bolt.elf.image import SHT_NOBITS, ElfImage
+from kbuild_bolt.elf.place import UD2, carries_code_state, place, unplace
+from kbuild_bolt.errors import KbbError
+from kbuild_bolt.profile.model import Profile, in_modules, module_section_index
+from kbuild_bolt.rewrite.context import RewriteOptions, RewriteResult
+
+
+def is_module(path) -> bool:
+    """A relocatable object (what a .ko is); False for anything else, or no file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(18)
+    except OSError:
+        return False
+    return len(head) == 18 and head[:4] == b"\x7fELF" and head[16:18] == b"\x01\x00"
+
+
+def module_name(image: ElfImage, path) -> str:
+    """The module's name as the kernel knows it (.modinfo ``name=``, else the
+    file's, dashes as underscores)."""
+    section = image.section(".modinfo")
+    if section is not None and section.has_bits:
+        for entry in bytes(image.section_data(section)).split(b"\0"):
+            if entry.startswith(b"name="):
+                return entry[5:].decode("utf-8", "replace")
+    stem = Path(path).name.split(".ko")[0]
+    return stem.replace("-", "_")
+
+
+def placed_profile(profile: Profile, name: str, image: ElfImage) -> Profile:
+    """The records of module ``name`` in ``profile`` at the placed module's
+    addresses (``image``: the placed module). Records of a section the module
+    no longer has are left out."""
+    part = profile.module_part(name)
+    addr_of = np.array([(image.section(section).addr if image.section(section) is not None
+                         else 0) for _, section in profile.module_sections] + [0], np.uint64)
+    size_of = np.array([(image.section(section).size if image.section(section) is not None
+                         else 0) for _, section in profile.module_sections] + [0], np.uint64)
+
+    def placed(a):
+        inside = in_modules(a)
+        index = np.where(inside, module_section_index(a), len(addr_of) - 1)
+        offset = a & np.uint64(0xFFFFFFFF)
+        ok = inside & (offset < size_of[index])
+        return addr_of[index] + offset, ok
+
+    rs, ok_s = placed(part.range_start)
+    rl, ok_l = placed(part.range_last)
+    src, ok_src = placed(part.src)
+    dst, ok_dst = placed(part.dst)
+    keep_r, keep_b = ok_s & ok_l, ok_src & ok_dst
+    return Profile(rs[keep_r], rl[keep_r], part.range_count[keep_r], src[keep_b], dst[keep_b],
+                   part.count[keep_b], kernel=profile.kernel, source=profile.source,
+                   sampled=profile.sampled, stats=dict(profile.stats)).merged()
+
+
+def module_options(options: RewriteOptions) -> tuple[RewriteOptions, list[str]]:
+    """``options`` as they apply to a module, and notes on what was left out."""
+    notes = []
+    if options.moves_functions:
+        notes.append("functions keep their places in a module (whole-function layout "
+                     "is done for vmlinux only)")
+    if options.indirect_call_promotion != "none" and options.profile is not None:
+        notes.append("indirect calls are not promoted in a module")
+    return replace(options, reorder_functions="none", split_functions=False,
+                   indirect_call_promotion="none", icp_every_site=False, cache_dir=None,
+                   strip_debug=True), notes
+
+
+def rewrite_module(input_path, output_path, options: RewriteOptions, log=None) -> RewriteResult:
+    """Rewrite the module at ``input_path`` into ``output_path`` (atomically,
+    after every check passed)."""
+    from kbuild_bolt.profile.formats import load_profile
+    from kbuild_bolt.rewrite.engine import rewrite
+
+    try:
+        data = Path(input_path).read_bytes()
+    except OSError as err:
+        raise KbbError(f"{input_path}: {err.strerror}") from None
+    placed, placement = place(data, str(input_path), room=True)
+    options, notes = module_options(options)
+    with ElfImage.from_bytes(placed, str(input_path)) as image:
+        name = module_name(image, input_path)
+        debug = [s.name for s in image.sections if s.name.startswith(".debug_") and s.size]
+        if debug:
+            # (their code addresses would go stale: modules' DWARF is not updated yet)
+            raise KbbError(f"{input_path}: has debug info ({debug[0]}): strip it first "
+                           "(strip --strip-debug), as distro modules are shipped")
+        if options.profile is not None:
+            profile = options.profile if isinstance(options.profile, Profile) \
+                else load_profile(options.profile)
+            mine = placed_profile(profile, name, image)
+            if not len(mine.range_start) and not len(mine.src):
+                raise KbbError(f"the profile holds no code of module {name} (record it with "
+                               "the module loaded and its sections listed: see "
+                               "docs/modules.md)")
+            options = replace(options, profile=mine)
+    for note in notes:
+        if log:
+            log(f"module {name}: {note}")
+    with tempfile.TemporaryDirectory(prefix="kbuild-bolt-module-") as tmp:
+        src, out = Path(tmp) / "placed", Path(tmp) / "placed.out"
+        src.write_bytes(placed)
+        result = rewrite(src, out, options)
+        rewritten = out.read_bytes()
+    module = unplace(rewritten, data, placement, str(input_path))
+    _check_unplaced(module, rewritten, placement, str(input_path))
+    with atomic_output(output_path) as tmp_out:
+        Path(tmp_out).write_bytes(module)
+        if os.path.exists(input_path):
+            shutil.copymode(input_path, tmp_out)
+    result.module = name
+    result.module_notes = notes
+    return result
+
+
+def _check_unplaced(module: bytes, verified: bytes, placement, name: str) -> None:
+    """The relocatable object written must be the verified image: placed again
+    at the same addresses, its sections' contents, relocations and symbols are
+    the verified ones (without the room the code did not use: fill at the end
+    of .text, repeats of the last entry at the end of the ORC tables and their
+    relocations)."""
+    again, _ = place(module, name, addresses=placement.section_addr)
+    with ElfImage.from_bytes(again, name) as a, ElfImage.from_bytes(verified, name) as b:
+        for s in a.sections:
+            if s.type == SHT_NOBITS or not carries_code_state(a, s):
+                continue
+            t = b.section(s.name)
+            mine, theirs = bytes(a.section_data(s)), bytearray(b.section_data(t)) if t else b""
+            at = placement.text_separator
+            if s.name == ".text" and at >= 0 and theirs[at:at + len(UD2)] == UD2:
+                theirs[at:at + len(UD2)] = b"\xcc" * len(UD2)    # (the room's own)
+            rest = theirs[len(mine):]
+            if theirs[:len(mine)] != mine or (s.name == ".text" and rest.strip(b"\xcc")):
+                raise KbbError(f"{name}: the module written differs from the one verified "
+                               f"in {s.name}: nothing written")
+
+
+def open_placed(path):
+    """(BinaryModel of the module at ``path`` placed, its name): what measuring
+    and showing a module's code work on."""
+    from kbuild_bolt.binary.model import BinaryModel
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise KbbError(f"{path}: {err.strerror}") from None
+    placed, _ = place(data, str(path))
+    image = ElfImage.from_bytes(placed, str(path))
+    return BinaryModel(image, jobs=1), module_name(image, path)
+
+
+def measured_module_taken(path, profile: Profile) -> dict[str, int]:
+    """Taken jmp/jcc the run ``profile`` recorded in the code of the module at
+    ``path`` (the measured figures of dyno.measured_taken_branches)."""
+    from kbuild_bolt.profile.attach import attach
+    from kbuild_bolt.profile.dyno import measured_taken_branches
+
+    model, name = open_placed(path)
+    return measured_taken_branches(model, attach(model, placed_profile(profile, name,
+                                                                       model.image)))
