@@ -414,6 +414,15 @@ def _convert_perf(args, model, head: bytes):
     return profile
 
 
+def _add_module_shapes(profile, tree) -> None:
+    """The shapes of the module functions the profile saw, from the .ko files
+    (what lets the profile apply to rebuilt modules)."""
+    if tree and profile.module_sections:
+        from kbuild_bolt.rewrite.module import module_shapes
+
+        profile.shapes.update(module_shapes(profile, tree))
+
+
 def _place_perf_modules(args, reader) -> str:
     """Where the modules' code sections were in the run perf recorded: a saved
     list of them (--module-sections), else each module's text start (perf's
@@ -493,6 +502,7 @@ def cmd_profile(args) -> int:
         model, cfg = _model_and_cfg(vmlinux)
         profile.kernel = model.version.release
         profile.shapes = shapes_for(model, cfg, profile)
+        _add_module_shapes(profile, args.modules)
         from kbuild_bolt.profile.attach import attach
         matched = attach(model, profile).matched
         write_profile(profile, args.output)
@@ -531,7 +541,9 @@ def cmd_profile(args) -> int:
             print(f"fdata: {lines:,} lines -> {args.output}")
             return 0
         from kbuild_bolt.profile.stale import shapes_for
-        profile.shapes = profile.shapes or shapes_for(model, cfg, profile)
+        if not profile.shapes:
+            profile.shapes = shapes_for(model, cfg, profile)
+            _add_module_shapes(profile, args.modules)
         write_profile(profile, args.output)
         print(f"profile: {len(profile.range_start):,} ranges, {len(profile.src):,} transfers "
               f"-> {args.output}")

@@ -53,6 +53,8 @@ MAGIC = "# kbuild-bolt profile v1"
 # Module code: bit 63 set, below the kernel half (0xffff8...): non-canonical
 # addresses, which no code of user space or the kernel ever has.
 MODULE_TAG = 1 << 63
+# A module function's shape is named "module:function" (at its encoded address).
+MODULE_SEPARATOR = ":"
 KERNEL_HALF = 0xFFFF800000000000
 
 
@@ -162,15 +164,17 @@ class Profile:
             return self
         keep_r = ~in_modules(self.range_start)
         keep_b = ~(in_modules(self.src) | in_modules(self.dst))
+        shapes = {k: v for k, v in self.shapes.items() if MODULE_SEPARATOR not in v.name}
         return Profile(self.range_start[keep_r], self.range_last[keep_r],
                        self.range_count[keep_r], self.src[keep_b], self.dst[keep_b],
-                       self.count[keep_b], self.kernel, self.source, dict(self.shapes),
+                       self.count[keep_b], self.kernel, self.source, shapes,
                        self.sampled, self.used, self.applied, dict(self.stats))
 
     def module_part(self, module: str) -> "Profile":
         """The records of one module's code, its sections numbered as in
-        ``module_sections`` (kept: the addresses still encode the indices).
-        Transfers that leave or enter the module are left out."""
+        ``module_sections`` (kept: the addresses still encode the indices), and
+        the shapes of its functions. Transfers that leave or enter the module
+        are left out."""
         mine = np.array([m == module for m, _ in self.module_sections] + [False])
 
         def of_module(a):
@@ -180,9 +184,11 @@ class Profile:
 
         keep_r = of_module(self.range_start)
         keep_b = of_module(self.src) & of_module(self.dst)
+        prefix = module + MODULE_SEPARATOR
+        shapes = {k: v for k, v in self.shapes.items() if v.name.startswith(prefix)}
         return Profile(self.range_start[keep_r], self.range_last[keep_r],
                        self.range_count[keep_r], self.src[keep_b], self.dst[keep_b],
-                       self.count[keep_b], self.kernel, self.source, {}, self.sampled,
+                       self.count[keep_b], self.kernel, self.source, shapes, self.sampled,
                        module_sections=self.module_sections)
 
     @property

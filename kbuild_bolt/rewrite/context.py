@@ -54,6 +54,9 @@ class RewriteOptions:
     # Keep what a report of the run needs (result.record): the model, the profile
     # as attached, the block orders and the address map outlive the rewrite.
     keep_record: bool = False
+    # What the input is called in messages (a module's placed image is a
+    # temporary file: its .ko is named instead).
+    input_name: str | None = None
 
     @property
     def moves_functions(self) -> bool:

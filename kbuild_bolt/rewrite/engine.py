@@ -69,7 +69,7 @@ class Pass:
 def read_input(ctx: RewriteContext) -> None:
     """-> model, cfg, session (a given session is reused: bisect reads once)."""
     if ctx.session is None:
-        ctx.say(f"reading {ctx.input_path}")
+        ctx.say(f"reading {ctx.options.input_name or ctx.input_path}")
         ctx.session = Session(ctx.input_path, ctx.options.cache_dir)
         if ctx.session.analysis == "kept":
             ctx.say(f"decoded code and CFGs kept from an earlier run ({ctx.options.cache_dir})")

@@ -675,10 +675,13 @@ def write_orc(model, out, ips, states) -> None:
     for sec in model.image.sections:
         if sec.is_alloc and sec.is_exec:
             at_end.setdefault(sec.end, sec.index)
-    outside = np.flatnonzero(sec_idx < 0)
-    sec_idx[outside] = [at_end.get(ip, -1) for ip in ips[outside].tolist()]
     sections = model.image.sections
     sym_of = np.array([sec_sym.get(k, 0) for k in range(len(sections))] + [0], np.uint64)
+    # (in a placed module the next section may start right at a code section's
+    # end: a terminator there belongs to the code section, not to that one)
+    outside = np.flatnonzero((sec_idx < 0) | (sym_of[np.where(sec_idx < 0, len(sections),
+                                                               sec_idx)] == 0))
+    sec_idx[outside] = [at_end.get(ip, -1) for ip in ips[outside].tolist()]
     addr_of = np.array([sec.addr for sec in sections] + [0], np.uint64)
     k = np.where(sec_idx < 0, len(sections), sec_idx)    # (-1: no section)
     syms = sym_of[k]

@@ -33,8 +33,14 @@ from kbuild_bolt.atomic import atomic_output
 from kbuild_bolt.elf.image import SHT_NOBITS, ElfImage
 from kbuild_bolt.elf.place import UD2, carries_code_state, place, unplace
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.profile.model import Profile, in_modules, module_section_index
+from kbuild_bolt.profile.model import (
+    MODULE_SEPARATOR, Profile, in_modules, module_address, module_section_index,
+)
+from kbuild_bolt.profile.shapes import FunctionShape
 from kbuild_bolt.rewrite.context import RewriteOptions, RewriteResult
+
+
+SIGNATURE_MAGIC = b"~Module signature appended~\n"
 
 
 def is_module(path) -> bool:
@@ -81,9 +87,49 @@ def placed_profile(profile: Profile, name: str, image: ElfImage) -> Profile:
     src, ok_src = placed(part.src)
     dst, ok_dst = placed(part.dst)
     keep_r, keep_b = ok_s & ok_l, ok_src & ok_dst
-    return Profile(rs[keep_r], rl[keep_r], part.range_count[keep_r], src[keep_b], dst[keep_b],
-                   part.count[keep_b], kernel=profile.kernel, source=profile.source,
-                   sampled=profile.sampled, stats=dict(profile.stats)).merged()
+    shapes = {}
+    for shape in part.shapes.values():
+        start, ok = placed(np.array([shape.start], np.uint64))
+        if ok[0]:
+            moved = FunctionShape(shape.name.split(MODULE_SEPARATOR, 1)[1], int(start[0]),
+                                  shape.size, shape.hash, shape.blocks)
+            shapes[f"{moved.name}@{moved.start:x}"] = moved
+    out = Profile(rs[keep_r], rl[keep_r], part.range_count[keep_r], src[keep_b], dst[keep_b],
+                  part.count[keep_b], kernel=profile.kernel, source=profile.source,
+                  sampled=profile.sampled, stats=dict(profile.stats)).merged()
+    out.shapes = shapes
+    return out
+
+
+def module_shapes(profile: Profile, tree) -> dict:
+    """The shapes of the module functions ``profile`` saw (named "module:function",
+    at their profile addresses), from the .ko files under ``tree``: what lets the
+    profile apply to a rebuilt module (stale matching, as for vmlinux)."""
+    from kbuild_bolt.binary.cfg import build_cfg
+    from kbuild_bolt.profile.modules import module_files
+    from kbuild_bolt.profile.stale import shapes_for
+
+    files = module_files(tree)
+    index = {key: i for i, key in enumerate(profile.module_sections)}
+    out = {}
+    for name in profile.modules:
+        if name not in files:
+            continue
+        try:
+            model, _ = open_placed(files[name])
+        except KbbError:
+            continue            # (not a module this tool reads: its counts still apply)
+        for shape in shapes_for(model, build_cfg(model),
+                                placed_profile(profile, name, model.image)).values():
+            section = model.image.section_at(shape.start)
+            i = index.get((name, section.name)) if section is not None else None
+            if i is None:
+                continue
+            at = int(module_address(i, shape.start - section.addr))
+            named = FunctionShape(f"{name}{MODULE_SEPARATOR}{shape.name}", at, shape.size,
+                                  shape.hash, shape.blocks)
+            out[f"{named.name}@{at:x}"] = named
+    return out
 
 
 def module_options(options: RewriteOptions) -> tuple[RewriteOptions, list[str]]:
@@ -111,6 +157,12 @@ def rewrite_module(input_path, output_path, options: RewriteOptions, log=None) -
         raise KbbError(f"{input_path}: {err.strerror}") from None
     placed, placement = place(data, str(input_path), room=True)
     options, notes = module_options(options)
+    if data.endswith(SIGNATURE_MAGIC):
+        # (a signature covers the bytes it was made for: the new module needs a
+        # new one, from the key of the kernel that loads it)
+        notes.append("its signature is dropped: sign the new module again "
+                     "(scripts/sign-file HASH KEY CERT MODULE) or let the kernel's "
+                     "modules_install sign it")
     with ElfImage.from_bytes(placed, str(input_path)) as image:
         name = module_name(image, input_path)
         debug = [s.name for s in image.sections if s.name.startswith(".debug_") and s.size]
@@ -133,7 +185,7 @@ def rewrite_module(input_path, output_path, options: RewriteOptions, log=None) -
     with tempfile.TemporaryDirectory(prefix="kbuild-bolt-module-") as tmp:
         src, out = Path(tmp) / "placed", Path(tmp) / "placed.out"
         src.write_bytes(placed)
-        result = rewrite(src, out, options)
+        result = rewrite(src, out, replace(options, input_name=f"{input_path} (placed)"))
         rewritten = out.read_bytes()
     module = unplace(rewritten, data, placement, str(input_path))
     _check_unplaced(module, rewritten, placement, str(input_path))
@@ -173,8 +225,10 @@ def open_placed(path):
     and showing a module's code work on."""
     from kbuild_bolt.binary.model import BinaryModel
 
+    from kbuild_bolt.profile.modules import read_module_bytes
+
     try:
-        data = Path(path).read_bytes()
+        data = read_module_bytes(Path(path))
     except OSError as err:
         raise KbbError(f"{path}: {err.strerror}") from None
     placed, _ = place(data, str(path))

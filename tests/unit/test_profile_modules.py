@@ -220,6 +220,10 @@ def two_text_module(tmp_path):
     code in two core sections, 16-byte aligned)."""
     src = tmp_path / "two.c"
     src.write_text("""
+        __attribute__((section(".modinfo"), used)) static const char vm[] =
+            "vermagic=6.12.0 SMP mod_unload ";
+        struct module { int x; } __this_module
+            __attribute__((section(".gnu.linkonce.this_module"))) = { 1 };
         __attribute__((section(".init.text"))) int init_f(int x) { return x + 7; }
         int f(int x) { return x * 3 + 1; }
         __attribute__((cold, noinline)) int g(int x) { return x ^ 0x55; }
@@ -290,3 +294,104 @@ def test_perf_module_maps_place_module_code(tmp_path):
         reader.feed(f)
     p = reader.profile()
     assert not len(p.src) and not p.module_sections
+
+
+def test_module_shapes_travel_with_their_module(tmp_path):
+    from kbuild_bolt.profile.shapes import FunctionShape
+
+    p = with_modules()
+    at = module_address(0, 0x10)
+    p.shapes = {"vfs_read@ffffffff81000000": FunctionShape("vfs_read", KERNEL, 16, 7),
+                f"ext4:ext4_map_blocks@{at:x}": FunctionShape("ext4:ext4_map_blocks", at, 64,
+                                                              9, [(0, 64, 5)])}
+    write_profile(p, tmp_path / "p.kbb")
+    q = read_profile(tmp_path / "p.kbb")
+    assert set(q.shapes) == set(p.shapes)
+    assert list(q.kernel_only().shapes) == ["vfs_read@ffffffff81000000"]
+    ext4 = q.module_part("ext4")
+    assert [s.name for s in ext4.shapes.values()] == ["ext4:ext4_map_blocks"]
+    assert not q.module_part("loop").shapes
+
+
+def test_placed_profile_moves_counts_and_shapes_to_the_module(tmp_path):
+    from kbuild_bolt.elf.image import ElfImage
+    from kbuild_bolt.elf.place import place
+    from kbuild_bolt.profile.shapes import FunctionShape
+    from kbuild_bolt.rewrite.module import placed_profile
+
+    path = two_text_module(tmp_path)
+    placed, _ = place(path.read_bytes())
+    image = ElfImage.from_bytes(placed)
+    text, unlikely = image.section(".text"), image.section(".text.unlikely")
+    sections = (("two_mod", ".text"), ("two_mod", ".text.unlikely"), ("other", ".text"))
+    at = module_address(1, 0)
+    p = Profile(u64(module_address(0, 4), at, module_address(2, 0)),
+                u64(module_address(0, 8), at + 2, module_address(2, 4)), i64(3, 4, 5),
+                u64(module_address(0, 8)), u64(at), i64(3),
+                module_sections=sections,
+                shapes={f"two_mod:g@{at:x}": FunctionShape("two_mod:g", at, 8, 1)})
+    q = placed_profile(p, "two_mod", image)
+    assert sorted(q.range_start.tolist()) == [text.addr + 4, unlikely.addr]
+    assert q.src.tolist() == [text.addr + 8] and q.dst.tolist() == [unlikely.addr]
+    assert list(q.shapes) == [f"g@{unlikely.addr:x}"] and not q.module_sections
+
+
+def test_profile_convert_keeps_module_code_with_the_ko_files(tmp_path, capsys):
+    """`profile convert` of perf script text whose module maps perf printed:
+    with --modules (the .ko files) module code is kept as (module, section,
+    offset) and said; without, it is left out and said; a saved sysfs list
+    (--module-sections) places it too."""
+    import sys as _sys
+    from pathlib import Path
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from synthetic_kernel import build
+    from kbuild_bolt.binary.model import BinaryModel
+    from kbuild_bolt.cli import main
+    from kbuild_bolt.profile.modules import text_layout
+
+    vmlinux = build(tmp_path)
+    model = BinaryModel.open(vmlinux, jobs=1)
+    text = model.image.symbols.address("_text")
+    start = model.image.symbols.address("startup_64")
+    path = two_text_module(tmp_path)
+    tree = tmp_path / "lib/modules/6.12.0"
+    tree.mkdir(parents=True)
+    (tree / path.name).write_bytes(path.read_bytes())
+    layout = {name: offset for name, offset, _ in text_layout(path.read_bytes())}
+    base = 0xFFFFFFFFC0591000
+    unlikely = base + layout[".text.unlikely"]
+    lines = [f"    0 PERF_RECORD_MMAP -1/0: [{text:#x}(0x1000000) @ {text:#x}]: x "
+             "[kernel.kallsyms]_text",
+             f"    0 PERF_RECORD_MMAP -1/0: [{base:#x}(0x7000) @ 0 00:00 0 0]: x "
+             f"/lib/modules/6.12.0/kernel/{path.name}"]
+    lines += [f" 1234  {start:x} 0x{start + 8:x}/0x{start:x}/P/-/-/1/  "
+              f"0x{start + 4:x}/0x{start + 2:x}/P/-/-/1/  "
+              f"0x{base + 4:x}/0x{unlikely:x}/P/-/-/1/"] * 5
+    (tmp_path / "perf.txt").write_text("\n".join(lines) + "\n")
+    argv = ["profile", "convert", str(tmp_path / "perf.txt"), "--vmlinux", str(vmlinux)]
+    assert main(argv + ["--modules", str(tmp_path), "-o", str(tmp_path / "a.kbb")]) == 0
+    err = capsys.readouterr().err
+    assert "modules: 1 of 1 in perf's module maps laid out from" in err
+    a = read_profile(tmp_path / "a.kbb")
+    assert a.modules == ["two_mod"]
+    assert sorted(a.kernel_only().src.tolist()) == [start + 4, start + 8]
+    assert len(a.src) == 3 and in_modules(a.src).sum() == 1      # (the module's own jump)
+    assert main(argv + ["-o", str(tmp_path / "b.kbb")]) == 0
+    assert "their code left out (--modules DIR" in capsys.readouterr().err
+    b = read_profile(tmp_path / "b.kbb")
+    assert not b.module_sections and not in_modules(b.src).any()
+    assert sorted(b.src.tolist()) == [start + 4, start + 8]
+    (tmp_path / "sections.txt").write_text(
+        f"/sys/module/two_mod/sections/.text:{base:#x}\n"
+        f"/sys/module/two_mod/sections/.text.unlikely:{unlikely:#x}\n")
+    assert main(argv + ["--module-sections", str(tmp_path / "sections.txt"), "--modules",
+                        str(tmp_path), "-o", str(tmp_path / "c.kbb")]) == 0
+    c = read_profile(tmp_path / "c.kbb")
+    assert c.module_sections == a.module_sections
+    assert_same_records(a, c)
+
+
+def assert_same_records(a, b):
+    for name in ("range_start", "range_last", "range_count", "src", "dst", "count"):
+        assert sorted(getattr(a, name).tolist()) == sorted(getattr(b, name).tolist()), name
