@@ -139,6 +139,9 @@ def cmd_rewrite(args) -> int:
     options = rewrite_options(args)
     from kbuild_bolt.rewrite.module import is_module, rewrite_module
 
+    if str(args.vmlinux).endswith((".ko.xz", ".ko.gz", ".ko.zst")):
+        raise KbbError(f"{args.vmlinux}: a compressed module: decompress it first "
+                       "(xz -d, gzip -d, zstd -d) and rewrite the .ko")
     if is_module(args.vmlinux):             # a .ko (ET_REL): a loadable module
         if args.report:
             raise KbbError("--report is for a vmlinux (a module's page is not done yet)")
@@ -411,6 +414,12 @@ def _convert_perf(args, model, head: bytes):
             raise KbbError(f"only {100 * matched:.1f}% of the perf counts fall on this "
                            "vmlinux's code at its link address (KASLR?): give --kallsyms (a "
                            "/proc/kallsyms saved where perf ran), --text-base, or the perf.data")
+    from kbuild_bolt.profile.modules import vmlinux_code_spans, without_other_code
+
+    profile, other = without_other_code(profile, vmlinux_code_spans(model.image))
+    if other:
+        print(f"perf: {other:,} counts in code that is neither vmlinux's nor a placed "
+              "module's left out", file=sys.stderr)
     return profile
 
 

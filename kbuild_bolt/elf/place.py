@@ -48,28 +48,35 @@ EXTERNAL_BASE = 0xFFFFFFFFA0000000    # where symbols the module does not define
 EXTERNAL_STEP = 64
 EXTERNAL_SECTION = ".kbb.external"     # (the placed image's only section of its own)
 TEXT_ROOM = 0.5                        # free room added to .text, of its size
+# ... and at least this (int3 after the ud2): a hole the rewrite uses is 4 KiB
+# after a margin at each end (rewrite.holes).
+MIN_ROOM = 4096 + 256
 ORC_ROOM = 0.5                         # ORC entries added, of their number
 UD2 = b"\x0f\x0b"
 
 
 @dataclass
 class Placement:
-    """Where each section of a placed module is (0: not allocated), and the
-    sizes it had as built."""
+    """Where each section of a placed module is (0: not allocated), and where
+    the room given to its .text starts."""
 
     section_addr: np.ndarray          # per section index
-    original_addr: np.ndarray         # the object's own sh_addr (ld -r leaves some set)
-    original_size: np.ndarray
     text_separator: int = -1          # where in .text the room's ud2 is (-1: no room)
 
 
 def carries_code_state(image: ElfImage, section) -> bool:
     """What a rewrite changes and unplacing takes back: allocated sections, the
-    symbol table and its names, and the relocations of allocated sections."""
+    symbol table and its names, and every relocation section (a rewrite that
+    adds symbols renumbers the symbols every relocation names)."""
     symtab = image.symtab
-    return bool(section.is_alloc or section.type == SHT_SYMTAB
-                or (symtab is not None and section.index == symtab.link)
-                or (section.type == SHT_RELA and image.sections[section.info].is_alloc))
+    return bool(section.is_alloc or section.type in (SHT_SYMTAB, SHT_RELA)
+                or (symtab is not None and section.index == symtab.link))
+
+
+# Sections that index the symbol table other than through relocations: a
+# rewrite that adds symbols (cold parts) would leave them pointing at others.
+SYMBOL_INDEXING = (17, 18)            # SHT_GROUP, SHT_SYMTAB_SHNDX
+SYMBOL_INDEXING_NAMES = (".llvm_addrsig",)
 
 
 def _contents(image: ElfImage) -> dict[int, bytearray]:
@@ -86,10 +93,10 @@ def _add_room(image: ElfImage, contents: dict, sizes: np.ndarray) -> int:
         # (a ud2 first: the fill after the last function ends there, so its
         # slot does not take the room for its own growth)
         pad = -text.size % 16
-        extra = pad + max(4096, int(text.size * TEXT_ROOM)) // 16 * 16
+        run = max(MIN_ROOM, int(text.size * TEXT_ROOM)) // 16 * 16
         separator = text.size + pad
-        contents[text.index] += b"\xcc" * pad + UD2 + b"\xcc" * (extra - pad - len(UD2))
-        sizes[text.index] += extra
+        contents[text.index] += b"\xcc" * pad + UD2 + b"\xcc" * run
+        sizes[text.index] += pad + len(UD2) + run
     ip, unwind = image.section(".orc_unwind_ip"), image.section(".orc_unwind")
     relas = [r for r in image.rela_sections if ip is not None and r.info == ip.index]
     if ip is None or unwind is None or len(relas) != 1 or not ip.size:
@@ -111,6 +118,9 @@ def _add_room(image: ElfImage, contents: dict, sizes: np.ndarray) -> int:
     return separator
 
 
+MODULE_END = 0xFFFFFFFFFF000000       # where the module area ends
+
+
 def place(data: bytes, name: str = "<module>", base: int = MODULE_BASE, room: bool = False,
           addresses: np.ndarray | None = None) -> tuple[bytes, Placement]:
     """The placed image of a module's bytes (see the module docstring).
@@ -120,66 +130,102 @@ def place(data: bytes, name: str = "<module>", base: int = MODULE_BASE, room: bo
     with image:
         if not image.is_relocatable:
             raise KbbError(f"{name}: not a relocatable object (a .ko is ET_REL)")
-        symtab = image.symtab
-        if symtab is None:
-            raise KbbError(f"{name}: no symbol table")
-        shdrs = image.shdrs.copy()
-        contents = _contents(image)
-        sizes = shdrs["size"].copy()
-        separator = _add_room(image, contents, sizes) if room else -1
-        if addresses is None:
-            addr = np.zeros(len(shdrs), np.uint64)
-            at = base
-            for s in image.sections:
-                if s.is_alloc:
-                    align = max(int(s.addralign), 1)
-                    at = (at + align - 1) // align * align
-                    addr[s.index] = at
-                    at += int(sizes[s.index])
-        else:
-            addr = np.asarray(addresses, np.uint64)
-        placement = Placement(addr, shdrs["addr"].copy(), shdrs["size"].copy(), separator)
-        shdrs["addr"] = np.where((shdrs["flags"] & SHF_ALLOC) != 0, addr, shdrs["addr"])
-        shdrs["size"] = sizes
-        external = len(shdrs)
-        syms = np.frombuffer(contents[symtab.index], SYM).copy()
-        shndx = syms["shndx"].astype(np.int64)
-        defined = (shndx > SHN_UNDEF) & (shndx < SHN_LORESERVE)
-        syms["value"][defined] += addr[shndx[defined]]
-        undefined = np.flatnonzero(shndx == SHN_UNDEF)
-        undefined = undefined[undefined > 0]              # (not the null symbol)
-        if EXTERNAL_BASE + EXTERNAL_STEP * (len(undefined) + 1) >= MODULE_BASE:
-            raise KbbError(f"{name}: too many undefined symbols to place")
-        syms["value"][undefined] = np.uint64(EXTERNAL_BASE) + np.uint64(EXTERNAL_STEP) \
-            * np.arange(1, len(undefined) + 1, dtype=np.uint64)
-        syms["shndx"][undefined] = external
-        contents[symtab.index][:] = syms.tobytes()
-        for rela in image.rela_sections:
-            target = image.sections[rela.info]
-            if not target.is_alloc or target.type == SHT_NOBITS:
-                continue
-            r = np.frombuffer(contents[rela.index], RELA).copy()
-            _apply(name, rela.name, r, syms["value"], addr[target.index],
-                   contents[target.index])
-            r["offset"] += addr[target.index]
-            contents[rela.index][:] = r.tobytes()
-        # The section of the undefined symbols, named in a longer copy of the
-        # section names.
-        names_index = int(image.header["shstrndx"])
-        names = contents[names_index]
-        extra = np.zeros(1, SHDR)
-        extra[0]["name"] = len(names)
-        extra[0]["type"] = SHT_NOBITS
-        extra[0]["flags"] = SHF_ALLOC
-        extra[0]["addr"] = EXTERNAL_BASE
-        extra[0]["size"] = EXTERNAL_STEP * (len(undefined) + 1)
-        extra[0]["addralign"] = EXTERNAL_STEP
-        contents[names_index] = names + EXTERNAL_SECTION.encode() + b"\0"
-        shdrs["size"][names_index] = len(contents[names_index])
-        shdrs = np.concatenate([shdrs, extra])
-        header = image.header.copy()
-        header["type"] = ET_EXEC
-        return write_elf(header, shdrs, contents), placement
+        _check_object(image, name)
+        try:
+            return _place(image, name, base, room, addresses)
+        except (IndexError, OverflowError, MemoryError) as err:   # (a last safety net)
+            raise KbbError(f"{name}: malformed module ({type(err).__name__})") from None
+
+
+def _check_object(image: ElfImage, name: str) -> None:
+    """What placing relies on: a symbol table, symbols of sections that exist,
+    sane alignments, relocations of known types naming existing symbols inside
+    their sections, a module that fits the module area."""
+    symtab = image.symtab
+    if symtab is None:
+        raise KbbError(f"{name}: no symbol table")
+    n = len(image.sections)
+    at = MODULE_BASE
+    for s in image.sections:
+        align = int(s.addralign)
+        if align & (align - 1) or align > 1 << 20:
+            raise KbbError(f"{name}: {s.label}: alignment {align:#x} is not a power of two "
+                           "up to 1 MiB")
+        if s.is_alloc:
+            at = (at + max(align, 1) - 1) // max(align, 1) * max(align, 1) + int(s.size)
+    if at > MODULE_END:
+        raise KbbError(f"{name}: its sections do not fit the module area")
+    shndx = image.symbols.shndx.astype(np.int64)
+    bad = np.flatnonzero((shndx >= n) & (shndx < SHN_LORESERVE))
+    if len(bad):
+        raise KbbError(f"{name}: symbol {int(bad[0])}: section {int(shndx[bad[0]])} does not "
+                       "exist")
+    for rela in image.rela_sections:
+        target = image.sections[rela.info]
+        if target.is_alloc and target.type != SHT_NOBITS:
+            image.relocations(rela)          # (checked there: symbols, types, bounds)
+
+
+def _place(image: ElfImage, name: str, base: int, room: bool,
+           addresses: np.ndarray | None) -> tuple[bytes, Placement]:
+    symtab = image.symtab
+    shdrs = image.shdrs.copy()
+    contents = _contents(image)
+    sizes = shdrs["size"].copy()
+    separator = _add_room(image, contents, sizes) if room else -1
+    if addresses is None:
+        addr = np.zeros(len(shdrs), np.uint64)
+        at = base
+        for s in image.sections:
+            if s.is_alloc:
+                align = max(int(s.addralign), 1)
+                at = (at + align - 1) // align * align
+                addr[s.index] = at
+                at += int(sizes[s.index])
+    else:
+        addr = np.asarray(addresses, np.uint64)
+    placement = Placement(addr, separator)
+    shdrs["addr"] = np.where((shdrs["flags"] & SHF_ALLOC) != 0, addr, shdrs["addr"])
+    shdrs["size"] = sizes
+    external = len(shdrs)
+    syms = np.frombuffer(contents[symtab.index], SYM).copy()
+    shndx = syms["shndx"].astype(np.int64)
+    defined = (shndx > SHN_UNDEF) & (shndx < SHN_LORESERVE)
+    syms["value"][defined] += addr[shndx[defined]]
+    undefined = np.flatnonzero(shndx == SHN_UNDEF)
+    undefined = undefined[undefined > 0]              # (not the null symbol)
+    if EXTERNAL_BASE + EXTERNAL_STEP * (len(undefined) + 1) >= MODULE_BASE:
+        raise KbbError(f"{name}: too many undefined symbols to place")
+    syms["value"][undefined] = np.uint64(EXTERNAL_BASE) + np.uint64(EXTERNAL_STEP) \
+        * np.arange(1, len(undefined) + 1, dtype=np.uint64)
+    syms["shndx"][undefined] = external
+    contents[symtab.index][:] = syms.tobytes()
+    for rela in image.rela_sections:
+        target = image.sections[rela.info]
+        if not target.is_alloc or target.type == SHT_NOBITS:
+            continue
+        r = np.frombuffer(contents[rela.index], RELA).copy()
+        _apply(name, rela.name, r, syms["value"], addr[target.index],
+               contents[target.index])
+        r["offset"] += addr[target.index]
+        contents[rela.index][:] = r.tobytes()
+    # The section of the undefined symbols, named in a longer copy of the
+    # section names.
+    names_index = int(image.header["shstrndx"])
+    names = contents[names_index]
+    extra = np.zeros(1, SHDR)
+    extra[0]["name"] = len(names)
+    extra[0]["type"] = SHT_NOBITS
+    extra[0]["flags"] = SHF_ALLOC
+    extra[0]["addr"] = EXTERNAL_BASE
+    extra[0]["size"] = EXTERNAL_STEP * (len(undefined) + 1)
+    extra[0]["addralign"] = EXTERNAL_STEP
+    contents[names_index] = names + EXTERNAL_SECTION.encode() + b"\0"
+    shdrs["size"][names_index] = len(contents[names_index])
+    shdrs = np.concatenate([shdrs, extra])
+    header = image.header.copy()
+    header["type"] = ET_EXEC
+    return write_elf(header, shdrs, contents), placement
 
 
 def _apply(name, where, r, values, section_addr, blob: bytearray) -> None:
@@ -287,6 +333,12 @@ def unplace(placed: bytes, original: bytes, placement: Placement,
             contents[rela.index][:] = r.tobytes()
         symtab = before.symtab
         out_symtab = after.symtab
+        if out_symtab.size != symtab.size:
+            indexing = [t.name for t in before.sections if t.type in SYMBOL_INDEXING
+                        or t.name in SYMBOL_INDEXING_NAMES]
+            if indexing:
+                raise KbbError(f"{name}: {indexing[0]} names symbols by index, and the "
+                               "rewrite added symbols: not supported")
         syms = np.frombuffer(contents[symtab.index], SYM).copy()
         external = after.section(EXTERNAL_SECTION)
         if external is not None:
@@ -318,12 +370,12 @@ def _trim_orc(before: ElfImage, after: ElfImage, contents: dict) -> None:
         return
     targets = _orc_targets(placed_ip.addr, rel)
     states = np.frombuffer(contents[unwind.index], np.uint8)[:6 * count].reshape(-1, 6)
-    same = (targets[1:] == targets[-1]) & (states[1:] == states[-1]).all(axis=1)
+    same = (targets == targets[-1]) & (states == states[-1]).all(axis=1)
     # (the trailing run of entries equal to the last one: all but its first go)
-    run = count - 1
-    while run > 0 and same[run - 1]:
-        run -= 1
-    keep = max(run + 1, ip.size // 4)     # (the table as built stays whole)
+    first = count - 1
+    while first > 0 and same[first - 1]:
+        first -= 1
+    keep = max(first + 1, ip.size // 4)     # (the table as built stays whole)
     if keep == count:
         return
     contents[ip.index] = contents[ip.index][:4 * keep]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel.version import modinfo
 
 MODVERSION_SIZE = 64  # struct modversion_info on 64-bit: unsigned long crc; char name[56]
 
@@ -112,13 +113,7 @@ def read_module(path: Path) -> ModuleInfo:
         tmp.write(raw)
         tmp.flush()
         image = ElfImage(tmp.name)
-        modinfo = image.section(".modinfo")
-        info = {}
-        if modinfo is not None:
-            for item in bytes(image.section_data(modinfo)).split(b"\0"):
-                key, _, value = item.decode("utf-8", "replace").partition("=")
-                if key:
-                    info.setdefault(key, value)
+        info = modinfo(image) or {}
         imports = []
         versions = image.section("__versions")
         if versions is not None:

@@ -38,18 +38,27 @@ def parse_banner(banner: str) -> KernelVersion:
     return KernelVersion(release, banner, int(n.group(1)), int(n.group(2)), int(n.group(3) or 0))
 
 
-def module_version(image) -> KernelVersion | None:
-    """The kernel a module was built for, from its .modinfo ``vermagic=6.12.117
-    SMP ...`` (None: no .modinfo, not a module)."""
+def modinfo(image) -> dict[str, str] | None:
+    """A module's .modinfo (``key=value`` strings; the first of each key), None
+    for an image without one (not a module)."""
     section = image.section(".modinfo")
     if section is None or not section.has_bits:
         return None
-    for entry in bytes(image.section_data(section)).split(b"\0"):
-        if entry.startswith(b"vermagic="):
-            vermagic = entry[len(b"vermagic="):].decode("utf-8", "replace")
-            return parse_banner(f"Linux version {vermagic.split()[0]} (module vermagic "
-                                f"{vermagic.strip()})")
-    return None
+    info: dict[str, str] = {}
+    for item in bytes(image.section_data(section)).split(b"\0"):
+        key, _, value = item.decode("utf-8", "replace").partition("=")
+        if key:
+            info.setdefault(key, value)
+    return info
+
+
+def module_version(image) -> KernelVersion | None:
+    """The kernel a module was built for, from its .modinfo ``vermagic=6.12.117
+    SMP ...`` (None: no .modinfo, not a module)."""
+    vermagic = (modinfo(image) or {}).get("vermagic", "").strip()
+    if not vermagic:
+        return None
+    return parse_banner(f"Linux version {vermagic.split()[0]} (module vermagic {vermagic})")
 
 
 def kernel_version(image) -> KernelVersion:

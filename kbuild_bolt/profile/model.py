@@ -157,6 +157,18 @@ class Profile:
                        stats={k: round(v * factor) for k, v in self.stats.items()},
                        module_sections=self.module_sections)
 
+    def select(self, keep_ranges: np.ndarray, keep_transfers: np.ndarray,
+               **changes) -> "Profile":
+        """The records the masks keep, everything else as it is (or as
+        ``changes`` say: shapes=..., module_sections=...)."""
+        fields = dict(kernel=self.kernel, source=self.source, shapes=dict(self.shapes),
+                      sampled=self.sampled, used=self.used, applied=self.applied,
+                      stats=dict(self.stats), module_sections=self.module_sections)
+        fields.update(changes)
+        return Profile(self.range_start[keep_ranges], self.range_last[keep_ranges],
+                       self.range_count[keep_ranges], self.src[keep_transfers],
+                       self.dst[keep_transfers], self.count[keep_transfers], **fields)
+
     def kernel_only(self) -> "Profile":
         """The records of vmlinux code: what a vmlinux layout uses (a call from
         the kernel into a module, or back, is no edge of the kernel's code)."""
@@ -165,10 +177,7 @@ class Profile:
         keep_r = ~in_modules(self.range_start)
         keep_b = ~(in_modules(self.src) | in_modules(self.dst))
         shapes = {k: v for k, v in self.shapes.items() if MODULE_SEPARATOR not in v.name}
-        return Profile(self.range_start[keep_r], self.range_last[keep_r],
-                       self.range_count[keep_r], self.src[keep_b], self.dst[keep_b],
-                       self.count[keep_b], self.kernel, self.source, shapes,
-                       self.sampled, self.used, self.applied, dict(self.stats))
+        return self.select(keep_r, keep_b, shapes=shapes, module_sections=())
 
     def module_part(self, module: str) -> "Profile":
         """The records of one module's code, its sections numbered as in
@@ -186,10 +195,7 @@ class Profile:
         keep_b = of_module(self.src) & of_module(self.dst)
         prefix = module + MODULE_SEPARATOR
         shapes = {k: v for k, v in self.shapes.items() if v.name.startswith(prefix)}
-        return Profile(self.range_start[keep_r], self.range_last[keep_r],
-                       self.range_count[keep_r], self.src[keep_b], self.dst[keep_b],
-                       self.count[keep_b], self.kernel, self.source, shapes, self.sampled,
-                       module_sections=self.module_sections)
+        return self.select(keep_r, keep_b, shapes=shapes, used=None, applied="", stats={})
 
     @property
     def modules(self) -> list[str]:
@@ -262,8 +268,7 @@ def combine(profiles, weights: list[float] | None = None, batch: int = COMBINE_B
             sources.add(profile.source)
         shapes.update(profile.shapes)
         sampled = sampled or profile.sampled
-        stats = (dict(part.stats) if stats is None
-                 else {k: v + part.stats[k] for k, v in stats.items() if k in part.stats})
+        stats = dict(part.stats) if stats is None else _summed_stats(stats, part.stats)
         pending.append(Profile(part.range_start, part.range_last, part.range_count, part.src,
                                part.dst, part.count))
         pending_records += len(part.range_start) + len(part.src)
@@ -286,6 +291,17 @@ def combine(profiles, weights: list[float] | None = None, batch: int = COMBINE_B
                                                          out.range_count[keep])
     keep = out.count > 0
     out.src, out.dst, out.count = out.src[keep], out.dst[keep], out.count[keep]
+    return out
+
+
+def _summed_stats(a: dict, b: dict) -> dict:
+    """Counters of two runs summed: those both measured; a module's instructions
+    count as 0 in a run that did not run it (when both counted instructions)."""
+    out = {k: v + b[k] for k, v in a.items() if k in b}
+    if "instructions" in out:
+        for k in (set(a) | set(b)) - set(out):
+            if k.startswith("instructions:"):
+                out[k] = a.get(k, 0) + b.get(k, 0)
     return out
 
 
@@ -377,8 +393,8 @@ def read_profile(path) -> Profile:
     profile.dst = np.array(bd, dtype=np.uint64)
     profile.count = np.array(bc, dtype=np.int64)
     profile.module_sections = tuple(sections)
-    for column in (profile.range_start, profile.src, profile.dst):
-        inside = in_modules(column)
-        if inside.any() and module_section_index(column[inside]).max() >= len(sections):
+    for column in (profile.range_start, profile.range_last, profile.src, profile.dst):
+        index = module_section_index(column[in_modules(column)])
+        if len(index) and (index.min() < 0 or index.max() >= len(sections)):
             raise KbbError(f"{path}: a module address names no M line")
     return profile

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kbuild_bolt.errors import KbbError
-from kbuild_bolt.profile.model import module_address
+from kbuild_bolt.profile.model import in_modules, module_address
 
 SYSFS_LINE = re.compile(rb"/sys/module/([\w.-]+)/sections/(\.?[\w.$-]+):\s*(?:0x)?([0-9a-fA-F]+)")
 
@@ -110,12 +110,15 @@ class ModuleMap:
 
 def parse_sysfs_lines(lines, into: ModuleMap | None = None) -> ModuleMap:
     """The code sections named in ``grep . /sys/module/*/sections/*`` lines (bytes
-    or str; other lines are skipped): sections whose name holds "text"."""
+    or str; other lines are skipped): sections whose name holds "text", but
+    not .init* ones."""
     out = into if into is not None else ModuleMap()
     for line in lines:
         raw = line.encode("utf-8", "replace") if isinstance(line, str) else line
         m = SYSFS_LINE.search(raw)
-        if m is None or b"text" not in m.group(2):
+        # (init code is freed once the module is up, and the loader gives its
+        # memory to modules loaded later: its address would claim their code)
+        if m is None or b"text" not in m.group(2) or m.group(2).startswith(b".init"):
             continue
         start = int(m.group(3), 16)
         if start:            # (0: an unprivileged reader sees no addresses)
@@ -150,17 +153,28 @@ def module_files(tree) -> dict[str, Path]:
 
 def read_module_bytes(path: Path) -> bytes:
     """A .ko's bytes, decompressed."""
-    name = path.name
-    if name.endswith(".xz"):
-        return lzma.decompress(path.read_bytes())
-    if name.endswith(".gz"):
-        return gzip.decompress(path.read_bytes())
-    if name.endswith(".zst"):
-        proc = subprocess.run(["zstd", "-dc", str(path)], capture_output=True)
-        if proc.returncode != 0:
-            raise KbbError(f"{path}: zstd could not decompress it")
-        return proc.stdout
-    return path.read_bytes()
+    name = Path(path).name
+    try:
+        if name.endswith(".xz"):
+            return lzma.decompress(Path(path).read_bytes())
+        if name.endswith(".gz"):
+            return gzip.decompress(Path(path).read_bytes())
+        if name.endswith(".zst"):
+            proc = subprocess.run(["zstd", "-dc", str(path)], capture_output=True)
+            if proc.returncode != 0:
+                raise KbbError(f"{path}: zstd could not decompress it")
+            return proc.stdout
+        return Path(path).read_bytes()
+    except (OSError, lzma.LZMAError, EOFError) as err:
+        raise KbbError(f"{path}: cannot read it ({getattr(err, 'strerror', None) or err})") \
+            from None
+
+
+def module_tree(tree) -> Path:
+    """A modules tree given on the command line, which must exist."""
+    if tree is None or not Path(tree).is_dir():
+        raise KbbError(f"{tree}: no such modules directory")
+    return Path(tree)
 
 
 def section_sizes(data: bytes, name: str = "<module>") -> dict[str, int]:
@@ -174,7 +188,7 @@ def section_sizes(data: bytes, name: str = "<module>") -> dict[str, int]:
 def add_sizes(found: ModuleMap, tree) -> int:
     """Fill in the sizes of ``found``'s sections from the .ko files under
     ``tree``; returns how many sections got one."""
-    files = module_files(tree)
+    files = module_files(module_tree(tree))
     cache: dict[str, dict[str, int]] = {}
     got = 0
     for i, module in enumerate(found.module):
@@ -221,9 +235,6 @@ def describe_modules(profile) -> str:
             f"({parts})")
 
 
-SHF_ALLOC, SHF_EXECINSTR = 0x2, 0x4
-
-
 def text_layout(data: bytes, name: str = "<module>") -> list[tuple[str, int, int]]:
     """(section, offset, size) of a module's code in its core text, as the
     kernel's loader lays it out (kernel/module/main.c, layout_sections(): the
@@ -235,9 +246,7 @@ def text_layout(data: bytes, name: str = "<module>") -> list[tuple[str, int, int
     out, size = [], 0
     with ElfImage.from_bytes(data, name) as image:
         for s in image.sections:
-            flags = int(s.flags)
-            if (flags & (SHF_ALLOC | SHF_EXECINSTR)) != (SHF_ALLOC | SHF_EXECINSTR) \
-                    or s.name.startswith(".init"):
+            if not (s.is_alloc and s.is_exec) or s.name.startswith(".init"):
                 continue
             align = max(int(s.addralign), 1)
             at = (size + align - 1) // align * align
@@ -251,7 +260,7 @@ def from_text_bases(bases: dict[str, int], tree) -> tuple[ModuleMap, list[str]]:
     """Module sections from where each module's core text started (perf's module
     maps, /proc/modules) and the .ko files under ``tree``; and the modules whose
     .ko was not found there (their code is left out)."""
-    files = module_files(tree)
+    files = module_files(module_tree(tree))
     found, missing = ModuleMap(), []
     for module, base in bases.items():
         path = files.get(module)
@@ -278,3 +287,39 @@ def read_proc_modules(path) -> dict[str, int]:
     if not bases or not any(bases.values()):
         raise KbbError(f"{path}: no module addresses (a /proc/modules saved as root)")
     return {m: a for m, a in bases.items() if a}
+
+
+def vmlinux_code_spans(vmlinux) -> np.ndarray:
+    """(start, end) of a vmlinux's code sections, sorted (none: not an ELF file)."""
+    from kbuild_bolt.elf.image import ElfImage
+
+    try:
+        image = vmlinux if isinstance(vmlinux, ElfImage) else ElfImage(vmlinux)
+    except KbbError:
+        return np.zeros((0, 2), np.uint64)
+    spans = sorted((s.addr, s.addr + s.size) for s in image.sections
+                   if s.is_alloc and s.is_exec and s.size)
+    if image is not vmlinux:
+        image.close()
+    return np.array(spans, np.uint64).reshape(-1, 2)
+
+
+def without_other_code(profile, spans: np.ndarray):
+    """``profile`` (in vmlinux addresses) without the records of code that is
+    neither in ``spans`` (vmlinux's code) nor a known module's, and how many
+    executions were left out. Such code (BPF programs, trampolines, modules
+    nobody placed), moved by the kernel's KASLR offset, could land on vmlinux
+    code and be taken for it."""
+    if not len(spans):
+        return profile, 0
+
+    def known(a):
+        k = np.searchsorted(spans[:, 0], a, side="right").astype(np.int64) - 1
+        at = np.maximum(k, 0)
+        return in_modules(a) | ((k >= 0) & (a < spans[at, 1]))
+
+    keep_r = known(profile.range_start)
+    keep_b = known(profile.src) & known(profile.dst)
+    if keep_r.all() and keep_b.all():
+        return profile, 0
+    return profile.select(keep_r, keep_b), int(profile.range_count[~keep_r].sum())

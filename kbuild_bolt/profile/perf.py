@@ -38,12 +38,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.processes import die_with_parent
 from kbuild_bolt.profile.model import Profile
+from kbuild_bolt.profile.modules import MAX_SECTION
 
 _BR = re.compile(r"(0x[0-9a-fA-F]+)/(0x[0-9a-fA-F]+)/([PM-])/")
 _IP = re.compile(r"^\s*(?:\d+\s+)?([0-9a-fA-F]{8,16})(?:\s|$)")
 KERNEL_MIN = 0xFFFF800000000000
 MAX_RANGE = 4096
-MODULE_MAX = 64 << 20       # a module's code, at most, after its map's start
 
 CHUNK_BYTES = 8 << 20           # text parsed at once (the working set is a few times this)
 MAX_LINE_BYTES = 64 << 20       # a longer "line" is not perf script text
@@ -395,7 +395,7 @@ class PerfScriptReader:
                 columns[name], known[name] = self.modules.encode(a, sections)
             else:
                 columns[name], known[name] = a, np.zeros(len(a), bool)
-        mapped = _union([(base, base + MODULE_MAX) for base in self.module_bases.values()])
+        mapped = _union([(base, base + MAX_SECTION) for base in self.module_bases.values()])
 
         def stray(name):
             """In a module perf mapped, but in none of the sections known."""

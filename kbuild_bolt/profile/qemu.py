@@ -29,7 +29,9 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.cache import cache_root, locked
 from kbuild_bolt.qemu.runner import DEFAULT_TEXT, boot
 from kbuild_bolt.profile.model import Profile, in_modules, module_section_index
-from kbuild_bolt.profile.modules import ModuleMap, add_sizes, parse_sysfs_lines
+from kbuild_bolt.profile.modules import (
+    ModuleMap, add_sizes, parse_sysfs_lines, vmlinux_code_spans, without_other_code,
+)
 from kbuild_bolt.profile.thunks import thunk_ranges
 from kbuild_bolt.x86 import decode as x86
 
@@ -247,44 +249,10 @@ def record_guest(kernel, *, vmlinux, initrd=None, drives=(), append: str = "",
         offset, how = find_kaslr_offset(BinaryModel.open(vmlinux), profile), \
             "found from the code"
     profile = profile.shifted(offset) if offset else profile
-    profile, other = _without_other_code(profile, vmlinux)
+    profile, other = without_other_code(profile, vmlinux_code_spans(vmlinux))
     return profile, GuestRecording(result, offset, how,
                                    "between the markers" if start else "whole run",
                                    modules, other)
-
-
-def _without_other_code(profile: Profile, vmlinux) -> tuple[Profile, int]:
-    """``profile`` without the records of code that is neither vmlinux's (after
-    the KASLR shift: inside its code sections) nor a known module's, and the
-    executions left out. (Such code, shifted by the kernel's offset, could land
-    on vmlinux code and be taken for it.)"""
-    from kbuild_bolt.elf.image import ElfImage
-
-    try:
-        image = ElfImage(vmlinux)
-    except KbbError:
-        return profile, 0
-    with image:
-        spans = np.array(sorted((s.addr, s.addr + s.size) for s in image.sections
-                                if s.is_alloc and s.is_exec and s.size), np.uint64)
-    if not len(spans):
-        return profile, 0
-
-    def known(a):
-        k = np.searchsorted(spans[:, 0], a, side="right").astype(np.int64) - 1
-        at = np.maximum(k, 0)
-        return in_modules(a) | ((k >= 0) & (a < spans[at, 1]))
-
-    keep_r = known(profile.range_start)
-    keep_b = known(profile.src) & known(profile.dst)
-    if keep_r.all() and keep_b.all():
-        return profile, 0
-    other = int(profile.range_count[~keep_r].sum())
-    out = Profile(profile.range_start[keep_r], profile.range_last[keep_r],
-                  profile.range_count[keep_r], profile.src[keep_b], profile.dst[keep_b],
-                  profile.count[keep_b], profile.kernel, profile.source, profile.shapes,
-                  profile.sampled, stats=profile.stats, module_sections=profile.module_sections)
-    return out, other
 
 
 def _check_profiling_boot(result, out, tolerate_warnings: bool) -> None:

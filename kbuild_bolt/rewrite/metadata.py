@@ -677,10 +677,14 @@ def write_orc(model, out, ips, states) -> None:
             at_end.setdefault(sec.end, sec.index)
     sections = model.image.sections
     sym_of = np.array([sec_sym.get(k, 0) for k in range(len(sections))] + [0], np.uint64)
-    # (in a placed module the next section may start right at a code section's
-    # end: a terminator there belongs to the code section, not to that one)
-    outside = np.flatnonzero((sec_idx < 0) | (sym_of[np.where(sec_idx < 0, len(sections),
-                                                               sec_idx)] == 0))
+    pick = sec_idx < 0
+    if model.is_module:
+        # (in a placed module the next section may start right at a code
+        # section's end: a terminator there, an entry without a CFA register,
+        # belongs to the code section; the loader puts the sections apart)
+        ends = np.array(sorted(at_end), np.uint64)
+        pick |= np.isin(ips, ends) & ((states["bits"] & 0xF) == 0)
+    outside = np.flatnonzero(pick)
     sec_idx[outside] = [at_end.get(ip, -1) for ip in ips[outside].tolist()]
     addr_of = np.array([sec.addr for sec in sections] + [0], np.uint64)
     k = np.where(sec_idx < 0, len(sections), sec_idx)    # (-1: no section)

@@ -31,8 +31,9 @@ import numpy as np
 
 from kbuild_bolt.atomic import atomic_output
 from kbuild_bolt.elf.image import SHT_NOBITS, ElfImage
-from kbuild_bolt.elf.place import UD2, carries_code_state, place, unplace
+from kbuild_bolt.elf.place import EXTERNAL_SECTION, UD2, place, unplace
 from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel.version import modinfo
 from kbuild_bolt.profile.model import (
     MODULE_SEPARATOR, Profile, in_modules, module_address, module_section_index,
 )
@@ -56,13 +57,8 @@ def is_module(path) -> bool:
 def module_name(image: ElfImage, path) -> str:
     """The module's name as the kernel knows it (.modinfo ``name=``, else the
     file's, dashes as underscores)."""
-    section = image.section(".modinfo")
-    if section is not None and section.has_bits:
-        for entry in bytes(image.section_data(section)).split(b"\0"):
-            if entry.startswith(b"name="):
-                return entry[5:].decode("utf-8", "replace")
-    stem = Path(path).name.split(".ko")[0]
-    return stem.replace("-", "_")
+    name = (modinfo(image) or {}).get("name")
+    return name or Path(path).name.split(".ko")[0].replace("-", "_")
 
 
 def placed_profile(profile: Profile, name: str, image: ElfImage) -> Profile:
@@ -164,6 +160,9 @@ def rewrite_module(input_path, output_path, options: RewriteOptions, log=None) -
                      "(scripts/sign-file HASH KEY CERT MODULE) or let the kernel's "
                      "modules_install sign it")
     with ElfImage.from_bytes(placed, str(input_path)) as image:
+        if modinfo(image) is None:
+            raise KbbError(f"{input_path}: a relocatable object without .modinfo: not a "
+                           "kernel module")
         name = module_name(image, input_path)
         debug = [s.name for s in image.sections if s.name.startswith(".debug_") and s.size]
         if debug:
@@ -206,18 +205,37 @@ def _check_unplaced(module: bytes, verified: bytes, placement, name: str) -> Non
     relocations)."""
     again, _ = place(module, name, addresses=placement.section_addr)
     with ElfImage.from_bytes(again, name) as a, ElfImage.from_bytes(verified, name) as b:
+        names = a.sections[int(a.header["shstrndx"])].name
         for s in a.sections:
-            if s.type == SHT_NOBITS or not carries_code_state(a, s):
+            if s.type == SHT_NOBITS or s.name in (names, EXTERNAL_SECTION):
                 continue
             t = b.section(s.name)
             mine, theirs = bytes(a.section_data(s)), bytearray(b.section_data(t)) if t else b""
             at = placement.text_separator
             if s.name == ".text" and at >= 0 and theirs[at:at + len(UD2)] == UD2:
                 theirs[at:at + len(UD2)] = b"\xcc" * len(UD2)    # (the room's own)
-            rest = theirs[len(mine):]
-            if theirs[:len(mine)] != mine or (s.name == ".text" and rest.strip(b"\xcc")):
+            rest = bytes(theirs[len(mine):])
+            unused = {".text": not rest.strip(b"\xcc"),
+                      ".orc_unwind": rest == mine[-6:] * (len(rest) // 6),
+                      ".orc_unwind_ip": True,             # (the targets: checked below)
+                      ".rela.orc_unwind_ip": True}.get(s.name, not rest)
+            if theirs[:len(mine)] != mine or not unused:
                 raise KbbError(f"{name}: the module written differs from the one verified "
                                f"in {s.name}: nothing written")
+        ip = a.section(".orc_unwind_ip")
+        if ip is not None and ip.size:
+            # the ORC entries cut off all stood where the last one kept stands
+            mine = _orc_ips(a, ip)
+            theirs = _orc_ips(b, b.section(".orc_unwind_ip"))
+            if len(theirs) > len(mine) and (theirs[len(mine):] != mine[-1]).any():
+                raise KbbError(f"{name}: the module written lost ORC entries of the one "
+                               "verified: nothing written")
+
+
+def _orc_ips(image: ElfImage, section) -> np.ndarray:
+    rel = np.frombuffer(image.buf[section.offset:section.offset + section.size], "<i4")
+    return (np.uint64(section.addr) + np.arange(len(rel), dtype=np.uint64) * np.uint64(4)
+            + rel.astype(np.int64).astype(np.uint64))
 
 
 def open_placed(path):

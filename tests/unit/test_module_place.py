@@ -8,7 +8,7 @@ import pytest
 
 from kbuild_bolt.analysis.crosscheck import check_relocations
 from kbuild_bolt.binary.model import BinaryModel
-from kbuild_bolt.elf.image import ET_EXEC, SHF_ALLOC, ElfImage, type_and_symbol
+from kbuild_bolt.elf.image import RELA, ET_EXEC, SHF_ALLOC, ElfImage, type_and_symbol
 from kbuild_bolt.elf.place import EXTERNAL_SECTION, UD2, place, unplace
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.rewrite.context import RewriteOptions
@@ -42,7 +42,24 @@ int demo_b(int x)
     }
     return s;
 }
+int demo_c(int x, int y)
+{
+    int s = 0;
+    for (int i = 0; i < x; i++) {
+        if (i % 3 == 0) s += printk("a %d\n", i);
+        else if (i % 5 == 0) s -= helper(i + y);
+        else if (i % 7 == 0) s ^= demo_a(i * y);
+        else if (i % 11 == 0) s += printk("b %d %d\n", i, s);
+        else if (i % 13 == 0) s -= other_counter;
+        else s += i;
+        if (s > 1000) s = printk("c\n");
+    }
+    return s;
+}
 int (*table[])(int) = { demo_a, demo_b };
+/* a section the loader never sees, with relocations: what names symbols there
+   must follow the symbol table when a rewrite adds symbols */
+asm(".section .kbbnote,\"\",@progbits\n.quad demo_a\n.quad printk\n.previous");
 """
 
 
@@ -107,12 +124,32 @@ def test_room_for_cold_code_starts_with_a_ud2(module):
         assert set(body[at + 2:]) == {0xCC} and text.size - at >= 4096
 
 
+def test_placed_room_is_a_hole_for_cold_code(module):
+    from kbuild_bolt.rewrite.holes import find_holes
+
+    placed, _ = place(module.read_bytes(), "demo.ko", room=True)
+    assert find_holes(BinaryModel(ElfImage.from_bytes(placed), jobs=1))
+
+
 def test_random_layout_of_a_module(module, tmp_path):
     out = tmp_path / "demo-random.ko"
-    result = rewrite_module(module, out, RewriteOptions(reorder_blocks="random", seed=2,
+    results = [rewrite_module(module, out, RewriteOptions(reorder_blocks="random", seed=seed,
                                                           progress=False))
+               for seed in range(1, 9)]
+    result = results[-1]
     assert result.module == "demo" and result.rewritten >= 1
     assert "verify: ok" in result.verify_summary
+    assert any(r.fragments for r in results)     # (cold parts in the room, name.cold)
+    cold = next(seed for seed, r in enumerate(results, 1) if r.fragments)
+    rewrite_module(module, out, RewriteOptions(reorder_blocks="random", seed=cold,
+                                               progress=False))
+    with ElfImage(out) as image:
+        names = image.symbols.names
+        assert any(n.endswith(".cold") for n in names)
+        rela = image.section(".rela.kbbnote")
+        records = np.frombuffer(image.buf[rela.offset:rela.offset + rela.size], RELA)
+        _, sym = type_and_symbol(records["info"])
+        assert [names[int(i)] for i in sym] == ["demo_a", "printk"]
     data = out.read_bytes()
     assert is_module(out) and data != module.read_bytes()
     with ElfImage(out) as image:
