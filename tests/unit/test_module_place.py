@@ -188,3 +188,25 @@ def test_module_errors_are_one_line(module, tmp_path):
         from kbuild_bolt.profile.model import Profile
         rewrite_module(module, tmp_path / "x.ko", RewriteOptions(
             reorder_blocks="ext-tsp", profile=Profile(), progress=False))
+
+
+def test_damaged_modules_give_one_line_errors(module):
+    """Bytes of a module changed at random: placing it works or says why in one
+    line (KbbError), never anything else."""
+    import random
+
+    data = module.read_bytes()
+    rng = random.Random(5)
+    outcomes = set()
+    for _ in range(300):
+        damaged = bytearray(data)
+        for _ in range(rng.choice((1, 2, 8))):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        try:
+            placed, placement = place(bytes(damaged), "damaged.ko", room=True)
+            unplace(placed, bytes(damaged), placement, "damaged.ko")
+            outcomes.add("placed")
+        except KbbError as err:
+            assert "\n" not in str(err)
+            outcomes.add("refused")
+    assert outcomes == {"placed", "refused"}
