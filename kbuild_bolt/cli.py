@@ -466,6 +466,10 @@ def cmd_profile(args) -> int:
     from kbuild_bolt.profile.model import combine
 
     log = (lambda m: print(f"  PROFILE {m}", file=sys.stderr, flush=True))
+    if getattr(args, "modules", None):      # (before any work: a typo fails at once)
+        from kbuild_bolt.profile.modules import module_tree
+
+        module_tree(args.modules)
     if args.profile_command == "record":
         from kbuild_bolt.qemu.runner import kernel_entry
         from kbuild_bolt.profile import qemu

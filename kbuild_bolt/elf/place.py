@@ -1,6 +1,8 @@
 """A loadable module placed at addresses, as if linked: what reads a vmlinux reads it.
 
-A .ko is a relocatable object (ET_REL): its sections sit at address 0, and
+A .ko is a relocatable object (ET_REL): its sections have no addresses (what
+``ld -r`` leaves in sh_addr means nothing; relocations count from each
+section's start), and
 every reference that crosses a section (a call to another function, each
 entry of ``__jump_table``, ``.orc_unwind_ip``, ``__ex_table``...) is a
 relocation whose field holds zero until the loader applies it. A vmlinux
@@ -27,7 +29,8 @@ are:
 back into a relocatable object: offsets and values made section-relative
 again, the undefined symbols undefined, every relocated field zero again (the
 loader refuses a field that is not: "Invalid relocation target, existing value
-is nonzero"), and the room ``.text`` did not use cut off.
+is nonzero"), and the room the code did not use cut off (fill at the end of
+``.text``, repeats of the last entry at the end of the ORC tables).
 """
 
 from __future__ import annotations

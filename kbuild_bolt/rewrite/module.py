@@ -11,7 +11,7 @@ checked too: placed once more it must give the verified image's contents.
 
 What differs from vmlinux:
 - the profile's records of this module, kept as (module, section, offset),
-  are moved to the placed addresses (profile.model.Profile.module_part);
+  are moved to the placed addresses (placed_profile);
 - functions keep their places, and indirect calls are not promoted (a
   module's whole-function layout, and calls promoted across modules, are not
   done yet): options asking for them are noted and left out;
@@ -102,10 +102,10 @@ def module_shapes(profile: Profile, tree) -> dict:
     at their profile addresses), from the .ko files under ``tree``: what lets the
     profile apply to a rebuilt module (stale matching, as for vmlinux)."""
     from kbuild_bolt.binary.cfg import build_cfg
-    from kbuild_bolt.profile.modules import module_files
+    from kbuild_bolt.profile.modules import module_files, module_tree
     from kbuild_bolt.profile.stale import shapes_for
 
-    files = module_files(tree)
+    files = module_files(module_tree(tree))
     index = {key: i for i, key in enumerate(profile.module_sections)}
     out = {}
     for name in profile.modules:
