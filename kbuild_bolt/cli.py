@@ -142,11 +142,22 @@ def cmd_rewrite(args) -> int:
     if str(args.vmlinux).endswith((".ko.xz", ".ko.gz", ".ko.zst")):
         raise KbbError(f"{args.vmlinux}: a compressed module: decompress it first "
                        "(xz -d, gzip -d, zstd -d) and rewrite the .ko")
+    if args.sign_key and not is_module(args.vmlinux):
+        raise KbbError("--sign-key signs a module (.ko); vmlinux is not signed this way")
     if is_module(args.vmlinux):             # a .ko (ET_REL): a loadable module
         if args.report:
             raise KbbError("--report is for a vmlinux (a module's page is not done yet)")
+        from kbuild_bolt.rewrite.module import Signing
+
         log = None if args.quiet else (lambda m: print(f"  BOLT    {m}", file=sys.stderr))
-        result = rewrite_module(args.vmlinux, args.output, options, log=log)
+        signing = None
+        if args.sign_key:
+            for path in (args.sign_key, args.sign_cert):
+                if path and not os.path.exists(path):
+                    raise KbbError(f"{path}: no such file")
+            signing = Signing(args.sign_key, args.sign_cert or args.sign_key, args.sign_hash,
+                              args.sign_file)
+        result = rewrite_module(args.vmlinux, args.output, options, log=log, signing=signing)
         print(result.brief() if args.quiet else result.summary())
         return 0
     if args.report:
@@ -861,11 +872,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rewritten safely, inside its own address range, and update "
                                    "every relocation and kernel table; the output is verified "
                                    "and written atomically.")
-    p.add_argument("vmlinux", help="vmlinux with relocations (--emit-relocs)")
+    p.add_argument("vmlinux", help="vmlinux with relocations (--emit-relocs), or a module "
+                                   "(.ko: docs/modules.md)")
     p.add_argument("-o", "--output", required=True, help="where to write the new vmlinux")
     add_rewrite_arguments(p)
     p.add_argument("--dyno-stats", action="store_true",
                    help="print BOLT's dyno-stats before and after (needs --profile)")
+    p.add_argument("--sign-key", metavar="KEY",
+                   help="a module: sign the new one with KEY (as modules_install does: "
+                        "PEM, e.g. the kernel tree's certs/signing_key.pem)")
+    p.add_argument("--sign-cert", metavar="CERT",
+                   help="the certificate of --sign-key (default: in the key file)")
+    p.add_argument("--sign-hash", default="sha256",
+                   help="the hash of the signature (CONFIG_MODULE_SIG_HASH; default sha256)")
+    p.add_argument("--sign-file", default="sign-file", metavar="PATH",
+                   help="the kernel tree's scripts/sign-file (default: sign-file on PATH)")
     p.add_argument("--report", metavar="FILE.html",
                    help="also write an HTML page of the layout (heatmaps, hot footprint, "
                         "dyno-stats, hot functions' blocks, what was left alone; needs "

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,9 +142,34 @@ def module_options(options: RewriteOptions) -> tuple[RewriteOptions, list[str]]:
                    strip_debug=True), notes
 
 
-def rewrite_module(input_path, output_path, options: RewriteOptions, log=None) -> RewriteResult:
+@dataclass(frozen=True)
+class Signing:
+    """How to sign a rewritten module: as the kernel's modules_install does
+    (``scripts/sign-file HASH KEY CERT MODULE``; Kbuild's signing_key.pem holds
+    both the key and the certificate)."""
+
+    key: str
+    cert: str
+    hash: str = "sha256"
+    sign_file: str = "sign-file"
+
+    def sign(self, path) -> None:
+        tool = shutil.which(self.sign_file) or (self.sign_file if os.access(
+            self.sign_file, os.X_OK) else None)
+        if tool is None:
+            raise KbbError(f"{self.sign_file}: not found (give --sign-file: the kernel "
+                           "tree's scripts/sign-file)")
+        proc = subprocess.run([tool, self.hash, self.key, self.cert, str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            said = (proc.stderr or proc.stdout).strip().splitlines()
+            raise KbbError(f"sign-file failed: {said[-1] if said else proc.returncode}")
+
+
+def rewrite_module(input_path, output_path, options: RewriteOptions, log=None,
+                   signing: Signing | None = None) -> RewriteResult:
     """Rewrite the module at ``input_path`` into ``output_path`` (atomically,
-    after every check passed)."""
+    after every check passed; signed with ``signing`` when given)."""
     from kbuild_bolt.profile.formats import load_profile
     from kbuild_bolt.rewrite.engine import rewrite
 
@@ -153,11 +179,13 @@ def rewrite_module(input_path, output_path, options: RewriteOptions, log=None) -
         raise KbbError(f"{input_path}: {err.strerror}") from None
     placed, placement = place(data, str(input_path), room=True)
     options, notes = module_options(options)
-    if data.endswith(SIGNATURE_MAGIC):
+    if signing is not None:
+        notes.append(f"signed with {signing.key} ({signing.hash})")
+    elif data.endswith(SIGNATURE_MAGIC):
         # (a signature covers the bytes it was made for: the new module needs a
         # new one, from the key of the kernel that loads it)
-        notes.append("its signature is dropped: sign the new module again "
-                     "(scripts/sign-file HASH KEY CERT MODULE) or let the kernel's "
+        notes.append("its signature is dropped: sign the new module again (--sign-key, "
+                     "or scripts/sign-file HASH KEY CERT MODULE) or let the kernel's "
                      "modules_install sign it")
     with ElfImage.from_bytes(placed, str(input_path)) as image:
         if modinfo(image) is None:
@@ -192,6 +220,8 @@ def rewrite_module(input_path, output_path, options: RewriteOptions, log=None) -
         Path(tmp_out).write_bytes(module)
         if os.path.exists(input_path):
             shutil.copymode(input_path, tmp_out)
+        if signing is not None:
+            signing.sign(tmp_out)
     result.module = name
     result.module_notes = notes
     return result
