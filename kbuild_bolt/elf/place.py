@@ -124,6 +124,20 @@ def _add_room(image: ElfImage, contents: dict, sizes: np.ndarray) -> int:
 MODULE_END = 0xFFFFFFFFFF000000       # where the module area ends
 
 
+def laid_out(sections, start: int, sizes=None) -> tuple[dict[int, int], int]:
+    """Sections one after the other from ``start``, in the order given (section
+    header order: the module loader's), each aligned to its sh_addralign: each
+    one's start by section index, and the end of the last (``sizes``: by
+    section index, instead of the sections' own)."""
+    at, starts = start, {}
+    for s in sections:
+        align = max(int(s.addralign), 1)
+        at = (at + align - 1) // align * align
+        starts[s.index] = at
+        at += int(sizes[s.index] if sizes is not None else s.size)
+    return starts, at
+
+
 def place(data: bytes, name: str = "<module>", base: int = MODULE_BASE, room: bool = False,
           addresses: np.ndarray | None = None) -> tuple[bytes, Placement]:
     """The placed image of a module's bytes (see the module docstring).
@@ -148,15 +162,12 @@ def _check_object(image: ElfImage, name: str) -> None:
     if symtab is None:
         raise KbbError(f"{name}: no symbol table")
     n = len(image.sections)
-    at = MODULE_BASE
     for s in image.sections:
         align = int(s.addralign)
         if align & (align - 1) or align > 1 << 20:
             raise KbbError(f"{name}: {s.label}: alignment {align:#x} is not a power of two "
                            "up to 1 MiB")
-        if s.is_alloc:
-            at = (at + max(align, 1) - 1) // max(align, 1) * max(align, 1) + int(s.size)
-    if at > MODULE_END:
+    if laid_out((s for s in image.sections if s.is_alloc), MODULE_BASE)[1] > MODULE_END:
         raise KbbError(f"{name}: its sections do not fit the module area")
     shndx = image.symbols.shndx.astype(np.int64)
     bad = np.flatnonzero((shndx >= n) & (shndx < SHN_LORESERVE))
@@ -178,13 +189,8 @@ def _place(image: ElfImage, name: str, base: int, room: bool,
     separator = _add_room(image, contents, sizes) if room else -1
     if addresses is None:
         addr = np.zeros(len(shdrs), np.uint64)
-        at = base
-        for s in image.sections:
-            if s.is_alloc:
-                align = max(int(s.addralign), 1)
-                at = (at + align - 1) // align * align
-                addr[s.index] = at
-                at += int(sizes[s.index])
+        starts, _ = laid_out((s for s in image.sections if s.is_alloc), base, sizes)
+        addr[list(starts)] = list(starts.values())
     else:
         addr = np.asarray(addresses, np.uint64)
     placement = Placement(addr, separator)
@@ -371,7 +377,7 @@ def _trim_orc(before: ElfImage, after: ElfImage, contents: dict) -> None:
     count = len(rel)
     if count < 2:
         return
-    targets = _orc_targets(placed_ip.addr, rel)
+    targets = orc_targets(placed_ip.addr, rel)
     states = np.frombuffer(contents[unwind.index], np.uint8)[:6 * count].reshape(-1, 6)
     same = (targets == targets[-1]) & (states == states[-1]).all(axis=1)
     # (the trailing run of entries equal to the last one: all but its first go)
@@ -419,14 +425,14 @@ def _text_used(image: ElfImage, index: int, addr: np.ndarray, built: int,
     ip = image.section(".orc_unwind_ip")
     if ip is not None and ip.size:
         rel = np.frombuffer(image.buf[ip.offset:ip.offset + ip.size], "<i4")
-        ips = _orc_targets(ip.addr, rel)
+        ips = orc_targets(ip.addr, rel)
         inside = (ips >= np.uint64(base)) & (ips < np.uint64(base + section.size))
         if inside.any():
             used = max(used, int(ips[inside].max()) - base)
     return built if used <= built else min(section.size, (used + 15) // 16 * 16)
 
 
-def _orc_targets(table_addr: int, rel) -> np.ndarray:
+def orc_targets(table_addr: int, rel) -> np.ndarray:
     """The addresses .orc_unwind_ip's PC-relative entries (at ``table_addr``) name."""
     rel = np.asarray(rel).astype(np.int64).astype(np.uint64)
     return np.uint64(table_addr) + np.arange(len(rel), dtype=np.uint64) * np.uint64(4) + rel

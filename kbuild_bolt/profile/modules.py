@@ -242,18 +242,14 @@ def text_layout(data: bytes, name: str = "<module>") -> list[tuple[str, int, int
     each aligned to its sh_addralign; the same in 6.1 and 6.12). The text's
     start is what /proc/modules and perf's module map give."""
     from kbuild_bolt.elf.image import ElfImage
+    from kbuild_bolt.elf.place import laid_out
 
-    out, size = [], 0
     with ElfImage.from_bytes(data, name) as image:
-        for s in image.sections:
-            if not (s.is_alloc and s.is_exec) or s.name.startswith(".init"):
-                continue
-            align = max(int(s.addralign), 1)
-            at = (size + align - 1) // align * align
-            if s.size:      # (an empty one moves what follows to its alignment)
-                out.append((s.name, at, int(s.size)))
-            size = at + int(s.size)
-    return out
+        code = [s for s in image.sections
+                if s.is_alloc and s.is_exec and not s.name.startswith(".init")]
+        starts, _ = laid_out(code, 0)
+        # (an empty one counts: it moves what follows to its alignment)
+        return [(s.name, starts[s.index], int(s.size)) for s in code if s.size]
 
 
 def from_text_bases(bases: dict[str, int], tree) -> tuple[ModuleMap, list[str]]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from kbuild_bolt.atomic import atomic_output
 from kbuild_bolt.elf.image import SHT_NOBITS, ElfImage
-from kbuild_bolt.elf.place import EXTERNAL_SECTION, UD2, place, unplace
+from kbuild_bolt.elf.place import EXTERNAL_SECTION, UD2, orc_targets, place, unplace
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.version import modinfo
 from kbuild_bolt.profile.model import (
@@ -67,10 +67,9 @@ def placed_profile(profile: Profile, name: str, image: ElfImage) -> Profile:
     addresses (``image``: the placed module). Records of a section the module
     no longer has are left out."""
     part = profile.module_part(name)
-    addr_of = np.array([(image.section(section).addr if image.section(section) is not None
-                         else 0) for _, section in profile.module_sections] + [0], np.uint64)
-    size_of = np.array([(image.section(section).size if image.section(section) is not None
-                         else 0) for _, section in profile.module_sections] + [0], np.uint64)
+    found = [image.section(section) for _, section in profile.module_sections]
+    addr_of = np.array([s.addr if s is not None else 0 for s in found] + [0], np.uint64)
+    size_of = np.array([s.size if s is not None else 0 for s in found] + [0], np.uint64)
 
     def placed(a):
         inside = in_modules(a)
@@ -263,9 +262,8 @@ def _check_unplaced(module: bytes, verified: bytes, placement, name: str) -> Non
 
 
 def _orc_ips(image: ElfImage, section) -> np.ndarray:
-    rel = np.frombuffer(image.buf[section.offset:section.offset + section.size], "<i4")
-    return (np.uint64(section.addr) + np.arange(len(rel), dtype=np.uint64) * np.uint64(4)
-            + rel.astype(np.int64).astype(np.uint64))
+    return orc_targets(section.addr, np.frombuffer(
+        image.buf[section.offset:section.offset + section.size], "<i4"))
 
 
 def open_placed(path):

@@ -14,6 +14,7 @@ import numpy as np
 
 from kbuild_bolt.dwarf.image import INHERIT, LINEAR
 from kbuild_bolt.elf.image import ElfImage
+from kbuild_bolt.elf.place import orc_targets
 from kbuild_bolt.kernel.tables.orc import loader_order
 
 # ORC's registers for the CFA, as llvm-dwarfdump names them
@@ -36,8 +37,7 @@ class OrcTable:
                 rel = np.frombuffer(image.read_file_range(ip_s.offset, ip_s.size), "<i4")
                 raw = np.frombuffer(image.read_file_range(un_s.offset, un_s.size), np.uint8)
                 base = ip_s.addr
-        self.ip = (np.uint64(base) + np.arange(len(rel), dtype=np.uint64) * np.uint64(4)
-                   + rel.astype(np.int64).astype(np.uint64))
+        self.ip = orc_targets(base, rel)
         entries = raw[:len(rel) * 6].reshape(-1, 6)
         order = loader_order(self.ip, entries[:, 4] & 0xF)
         if order is not None:       # (a module's: as the loader will have it)

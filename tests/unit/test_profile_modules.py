@@ -236,6 +236,20 @@ def two_text_module(tmp_path):
     return out
 
 
+def installed_two_text_module(tmp_path):
+    """The two-section module in a modules tree under ``tmp_path``, its core
+    text at the address perf's map says: (path, text start, .text.unlikely's)."""
+    from kbuild_bolt.profile.modules import text_layout
+
+    path = two_text_module(tmp_path)
+    tree = tmp_path / "lib/modules/6.12.0"
+    tree.mkdir(parents=True)
+    (tree / path.name).write_bytes(path.read_bytes())
+    layout = {name: offset for name, offset, _ in text_layout(path.read_bytes())}
+    base = 0xFFFFFFFFC0591000
+    return path, base, base + layout[".text.unlikely"]
+
+
 def test_core_text_laid_out_as_the_loader_does(tmp_path):
     from kbuild_bolt.elf.image import ElfImage
     from kbuild_bolt.profile.modules import text_layout
@@ -257,16 +271,10 @@ def test_core_text_laid_out_as_the_loader_does(tmp_path):
 
 
 def test_perf_module_maps_place_module_code(tmp_path):
-    from kbuild_bolt.profile.modules import from_text_bases, text_layout
+    from kbuild_bolt.profile.modules import from_text_bases
     from kbuild_bolt.profile.perf import PerfScriptReader, module_from_map_line
 
-    path = two_text_module(tmp_path)
-    tree = tmp_path / "lib/modules/6.12.0"
-    tree.mkdir(parents=True)
-    (tree / path.name).write_bytes(path.read_bytes())
-    layout = {name: offset for name, offset, _ in text_layout(path.read_bytes())}
-    base = 0xFFFFFFFFC0591000
-    unlikely = base + layout[".text.unlikely"]
+    path, base, unlikely = installed_two_text_module(tmp_path)
     mapline = (f"  0 PERF_RECORD_MMAP -1/0: [{base:#x}(0x7000) @ 0 00:00 0 0]: x "
                f"/lib/modules/6.12.0/kernel/{path.name}\n")
     assert module_from_map_line(mapline.encode()) == ("two_mod", base)
@@ -349,19 +357,12 @@ def test_profile_convert_keeps_module_code_with_the_ko_files(tmp_path, capsys):
     from synthetic_kernel import build
     from kbuild_bolt.binary.model import BinaryModel
     from kbuild_bolt.cli import main
-    from kbuild_bolt.profile.modules import text_layout
 
     vmlinux = build(tmp_path)
     model = BinaryModel.open(vmlinux, jobs=1)
     text = model.image.symbols.address("_text")
     start = model.image.symbols.address("startup_64")
-    path = two_text_module(tmp_path)
-    tree = tmp_path / "lib/modules/6.12.0"
-    tree.mkdir(parents=True)
-    (tree / path.name).write_bytes(path.read_bytes())
-    layout = {name: offset for name, offset, _ in text_layout(path.read_bytes())}
-    base = 0xFFFFFFFFC0591000
-    unlikely = base + layout[".text.unlikely"]
+    path, base, unlikely = installed_two_text_module(tmp_path)
     lines = [f"    0 PERF_RECORD_MMAP -1/0: [{text:#x}(0x1000000) @ {text:#x}]: x "
              "[kernel.kallsyms]_text",
              f"    0 PERF_RECORD_MMAP -1/0: [{base:#x}(0x7000) @ 0 00:00 0 0]: x "
