@@ -225,3 +225,21 @@ def test_modules_signed_again_with_a_given_key(kernel, tmp_path):
                            RewriteOptions(reorder_blocks="random", seed=4, progress=False))
     assert any("signature is dropped" in note for note in again.module_notes)
     assert not (tmp_path / "again.ko").read_bytes().endswith(SIGNATURE_MAGIC)
+
+
+def test_random_module_layouts_on_every_lab_kernel(lab, tmp_path):
+    """Every module of each lab kernel (test_static_keys checks its static keys
+    when it loads; the hardened one has IBT, retpolines and return thunks in
+    module code) laid out at random: loaded at boot, KASLR on and off, with
+    every trace event's static key switched on and off around the workload."""
+    root = module_tree(lab, tmp_path)
+    for path in root.rglob("*.ko"):
+        result = rewrite_module(path, path, RewriteOptions(reorder_blocks="random", seed=5,
+                                                           progress=False))
+        assert "verify: ok" in result.verify_summary
+    initrd = initramfs_with(lab, root, tmp_path)
+    for kaslr in (True, False):
+        result = boot(lab.bzimage, initrd, workload="files", iterations=1, kaslr=kaslr,
+                      append="kbb.events=1")
+        assert result.ok and not result.problems, result.summary()
+        assert "module:test_static_keys" in result.markers
