@@ -201,9 +201,37 @@ def drive_arguments(images) -> list[str]:
     return out
 
 
+# Where a kernel message starts on the console (printk.time).
+_PRINTK_START = re.compile(r"\[\s*\d+\.\d{6}\] ")
+
+
+def lab_lines(lines: list[str]) -> list[tuple[int, str]]:
+    """Console lines, numbered, with kernel messages cut out of the lab /init's
+    own ``KBB-`` lines. The kernel writes its messages straight to the UART,
+    between two chunks of a user line that the tty is still sending, so a
+    message can land in the middle of ``KBB-PLAN ...`` (seen: the plan's last
+    word followed by "[    2.468817] tsc: Refined TSC clocksource calibration").
+    A message always ends its own line, so the user line goes on at the start
+    of the next one; the message is kept as a line of its own, still scanned
+    for problems."""
+    out: list[tuple[int, str]] = []
+    i = 0
+    while i < len(lines):
+        line, lineno = lines[i], i + 1
+        i += 1
+        own = line.find("KBB-")
+        while own >= 0 and (m := _PRINTK_START.search(line, own)):
+            out.append((lineno, line[m.start():]))
+            rest = lines[i] if i < len(lines) else ""
+            i = min(i + 1, len(lines))
+            line = line[:m.start()] + rest
+        out.append((lineno, line))
+    return out
+
+
 def scan_log(lines: list[str], result: BootResult) -> None:
     """Fill markers, plan, problems and _text from console lines."""
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in lab_lines(lines):
         if m := _PLAN.search(line):
             result.plan = m.group(1).split()
             continue

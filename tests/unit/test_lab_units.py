@@ -106,6 +106,22 @@ def test_scan_log_problems_and_missing_markers():
     assert result.missing == ["done"]
 
 
+def test_scan_log_kernel_messages_inside_lab_lines():
+    # As seen in CI: a kernel message written to the UART between the plan's
+    # last word and its newline, and (worse) in the middle of a word.
+    tsc = "[    2.468817] tsc: Refined TSC clocksource calibration: 2445.407 MHz"
+    warn = "[    2.500000] WARNING: CPU: 1 PID: 9 at kernel/foo.c:1 foo+0x1/0x2"
+    result = _scan(["KBB-PLAN init workload-start:files done" + tsc, "",
+                    "KBB-MARK init", "KBB-TEXT ffffffff9a0" + tsc, "00000",
+                    "KBB-MARK workload-st" + tsc, "art:files", "KBB-MARK done"])
+    assert result.ok, result.summary()
+    assert result.plan == ["init", "workload-start:files", "done"]
+    assert result.text_base == 0xFFFFFFFF9A000000
+    result = _scan(["KBB-PLAN init done", "KBB-MARK in" + warn, "it", "KBB-MARK done"])
+    assert result.markers == ["init", "done"]
+    assert [p.kind for p in result.problems] == ["warning"]
+
+
 def test_scan_log_without_lab_init():
     result = _scan(["[0.1] Kernel panic - not syncing: VFS: Unable to mount root fs"])
     assert not result.ok
