@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -144,10 +145,12 @@ def cmd_rewrite(args) -> int:
                        "(xz -d, gzip -d, zstd -d) and rewrite the .ko")
     if args.sign_key and not is_module(args.vmlinux):
         raise KbbError("--sign-key signs a module (.ko); vmlinux is not signed this way")
+    if args.leave_as_is and not is_module(args.vmlinux):
+        raise KbbError("--leave-as-is is for a module (.ko)")
     if is_module(args.vmlinux):             # a .ko (ET_REL): a loadable module
         if args.report:
             raise KbbError("--report is for a vmlinux (a module's page is not done yet)")
-        from kbuild_bolt.rewrite.module import Signing
+        from kbuild_bolt.rewrite.module import ModuleLeftAsIs, Signing
 
         log = None if args.quiet else (lambda m: print(f"  BOLT    {m}", file=sys.stderr))
         signing = None
@@ -157,7 +160,15 @@ def cmd_rewrite(args) -> int:
                     raise KbbError(f"{path}: no such file")
             signing = Signing(args.sign_key, args.sign_cert or args.sign_key, args.sign_hash,
                               args.sign_file)
-        result = rewrite_module(args.vmlinux, args.output, options, log=log, signing=signing)
+        try:
+            result = rewrite_module(args.vmlinux, args.output, options, log=log,
+                                    signing=signing)
+        except ModuleLeftAsIs as left:
+            if not args.leave_as_is:
+                raise
+            _leave_module(args.vmlinux, args.output, signing)
+            print(f"module {left.module}: left as it is: {left.reason}")
+            return 0
         print(result.brief() if args.quiet else result.summary())
         return 0
     if args.report:
@@ -175,6 +186,19 @@ def cmd_rewrite(args) -> int:
         _write_report(args.report, lambda: from_rewrite(result, args.vmlinux, args.output,
                                                         options))
     return 0
+
+
+def _leave_module(path, output, signing) -> None:
+    """The output of a module left as it is: the input's bytes (signed when asked)."""
+    from kbuild_bolt.atomic import atomic_output
+
+    if os.path.realpath(path) == os.path.realpath(output) and signing is None:
+        return
+    with atomic_output(output) as tmp:
+        shutil.copyfile(path, tmp)
+        shutil.copymode(path, tmp)
+        if signing is not None:
+            signing.sign(tmp)
 
 
 def cmd_report(args) -> int:
@@ -581,6 +605,21 @@ def cmd_profile(args) -> int:
         print(f"profile: {len(args.inputs)} merged ({len(merged.range_start):,} ranges, "
               f"{len(merged.src):,} transfers) -> {args.output}")
         return 0
+    if args.profile_command == "modules":
+        from kbuild_bolt.profile.model import MAGIC, read_profile
+
+        # (only kbuild-bolt's own profiles keep module code: .fdata and perf
+        # script text name vmlinux's functions and addresses only)
+        try:
+            with open(args.profile, "rb") as f:
+                own = f.read(len(MAGIC)) == MAGIC.encode()
+        except OSError as err:
+            raise KbbError(f"{args.profile}: {err.strerror}") from None
+        if own:
+            totals = read_profile(args.profile).module_totals()
+            for name in sorted(m for m, n in totals.items() if n > 0):
+                print(name)
+        return 0
     if args.profile_command == "show":
         from kbuild_bolt.profile.formats import resolve_profile
         from kbuild_bolt.profile.attach import attach
@@ -878,6 +917,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_rewrite_arguments(p)
     p.add_argument("--dyno-stats", action="store_true",
                    help="print BOLT's dyno-stats before and after (needs --profile)")
+    p.add_argument("--leave-as-is", action="store_true",
+                   help="a module the profile holds no code of, or one with debug info, is "
+                        "left as it is, with a line saying why, instead of an error (the "
+                        "Kbuild module pass)")
     p.add_argument("--sign-key", metavar="KEY",
                    help="a module: sign the new one with KEY (as modules_install does: "
                         "PEM, e.g. the kernel tree's certs/signing_key.pem)")
@@ -982,6 +1025,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = prof.add_parser("merge", help="sum several kbuild-bolt profiles (read one at a time)")
     q.add_argument("inputs", nargs="+")
     q.add_argument("-o", "--output", required=True)
+    q = prof.add_parser("modules", help="the modules whose code a profile saw, one name a "
+                                        "line (what the Kbuild module pass lays out)")
+    q.add_argument("profile")
     q = prof.add_parser("show", help="what a profile covers on a vmlinux, hottest functions")
     q.add_argument("profile")
     q.add_argument("--vmlinux", required=True)

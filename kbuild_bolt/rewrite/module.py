@@ -45,6 +45,18 @@ from kbuild_bolt.rewrite.context import RewriteOptions, RewriteResult
 SIGNATURE_MAGIC = b"~Module signature appended~\n"
 
 
+class ModuleLeftAsIs(KbbError):
+    """A module this rewrite has nothing to do with, or cannot rewrite yet, for
+    a reason that is about the module, not an error in it: the profile holds
+    none of its code, or it carries debug info. ``rewrite --leave-as-is`` (the
+    Kbuild module pass) leaves such a module as it is and says why."""
+
+    def __init__(self, name: str, reason: str, advice: str = ""):
+        super().__init__(f"{reason}{advice}")
+        self.module = name
+        self.reason = reason
+
+
 def is_module(path) -> bool:
     """A relocatable object (what a .ko is); False for anything else, or no file."""
     try:
@@ -194,16 +206,17 @@ def rewrite_module(input_path, output_path, options: RewriteOptions, log=None,
         debug = [s.name for s in image.sections if s.name.startswith(".debug_") and s.size]
         if debug:
             # (their code addresses would go stale: modules' DWARF is not updated yet)
-            raise KbbError(f"{input_path}: has debug info ({debug[0]}): strip it first "
-                           "(strip --strip-debug), as distro modules are shipped")
+            raise ModuleLeftAsIs(name, f"{input_path}: has debug info ({debug[0]})",
+                                 ": strip it first (strip --strip-debug; modules_install: "
+                                 "INSTALL_MOD_STRIP=1), as distro modules are shipped")
         if options.profile is not None:
             profile = options.profile if isinstance(options.profile, Profile) \
                 else load_profile(options.profile)
             mine = placed_profile(profile, name, image)
             if not len(mine.range_start) and not len(mine.src):
-                raise KbbError(f"the profile holds no code of module {name} (record it with "
-                               "the module loaded and its sections listed: see "
-                               "docs/modules.md)")
+                raise ModuleLeftAsIs(name, f"the profile holds no code of module {name}",
+                                     " (record it with the module loaded and its sections "
+                                     "listed: see docs/modules.md)")
             options = replace(options, profile=mine)
     for note in notes:
         if log:
