@@ -41,8 +41,8 @@ import numpy as np
 
 from kbuild_bolt.elf.image import (
     EHDR, ET_EXEC, FIELD_SIZE, PC_RELATIVE, R_X86_64_NONE, RELA, SHDR, SHF_ALLOC,
-    SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, SHT_NULL, SHT_RELA, SHT_SYMTAB, SIGNED, SYM,
-    ElfImage, type_and_symbol,
+    SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, SHT_NULL, SHT_RELA, SHT_SYMTAB, SIGNED,
+    STT_SECTION, SYM, ElfImage, type_and_symbol,
 )
 from kbuild_bolt.errors import KbbError
 
@@ -325,6 +325,7 @@ def unplace(placed: bytes, original: bytes, placement: Placement,
             contents[text.index] = contents[text.index][:_text_used(
                 after, text.index, addr, text.size, skip=at)]
         _trim_orc(before, after, contents)
+        _orc_end_of_text(before, after, contents)
         for rela in before.rela_sections:
             target = before.sections[rela.info]
             if not target.is_alloc or target.type == SHT_NOBITS:
@@ -364,6 +365,43 @@ def unplace(placed: bytes, original: bytes, placement: Placement,
         return write_elf(before.header.copy(), shdrs, contents)
 
 
+# How far before its section's start, or after its end, a PC-relative record
+# against a code section's symbol may point (the field-to-next-instruction bias).
+PC_BIAS = 16
+
+
+def records_outside_their_section(image: ElfImage) -> int:
+    """The relocation records of a relocatable object that name a code section
+    (by its section symbol) and point outside it. The loader puts a module's
+    sections apart (init code far from the rest), so such a record is wrong
+    wherever it lands, although a placed image with the sections packed
+    together resolves it to the right bytes."""
+    symbols = image.symbols
+    if not len(symbols.value):
+        return 0
+    sections = image.sections
+    code = np.array([s.is_exec and s.type != SHT_NOBITS for s in sections] + [False])
+    size = np.array([s.size for s in sections] + [0], np.int64)
+    shndx = symbols.shndx.astype(np.int64)
+    k = np.where((shndx > SHN_UNDEF) & (shndx < len(sections)), shndx, len(sections))
+    named = (symbols.type == STT_SECTION) & code[k]
+    total = 0
+    for rela in image.rela_sections:
+        r = image.relocations(rela)
+        if not len(r):
+            continue
+        rtype, sym = type_and_symbol(r["info"])
+        sym = sym.astype(np.int64)
+        mine = named[sym]
+        if not mine.any():
+            continue
+        at = symbols.value[sym[mine]].astype(np.int64) + r["addend"][mine]
+        end = size[k[sym[mine]]]
+        bias = np.where(np.isin(rtype[mine], list(PC_RELATIVE)), PC_BIAS, 0)
+        total += int(((at < -bias) | (at > end + bias)).sum())
+    return total
+
+
 def _trim_orc(before: ElfImage, after: ElfImage, contents: dict) -> None:
     """The ORC tables without the repeats of their last entry that pad them
     (the room :func:`place` gave them, and what the rewrite left unused of it),
@@ -392,6 +430,29 @@ def _trim_orc(before: ElfImage, after: ElfImage, contents: dict) -> None:
     r = np.frombuffer(contents[relas[0].index], RELA)
     ip_offset = r["offset"] - np.uint64(placed_ip.addr)
     contents[relas[0].index] = bytearray(r[ip_offset < np.uint64(4 * keep)].tobytes())
+
+
+def _orc_end_of_text(before: ElfImage, after: ElfImage, contents: dict) -> None:
+    """The ORC entry that ends .text's code (objtool puts one at every code
+    section's end; the rewrite at the placed .text's, room included) moved to
+    where the written .text ends: left where the room ended, it would lie in
+    whatever code the loader puts after .text."""
+    text, ip = before.section(".text"), before.section(".orc_unwind_ip")
+    if text is None or ip is None:
+        return
+    placed_end = after.sections[text.index].size
+    end = len(contents[text.index])
+    relas = [r for r in before.rela_sections if r.info == ip.index]
+    if end == placed_end or len(relas) != 1:
+        return
+    symbols = before.symbols
+    own = np.flatnonzero((symbols.type == STT_SECTION) & (symbols.shndx == text.index))
+    r = np.frombuffer(contents[relas[0].index], RELA).copy()
+    _, sym = type_and_symbol(r["info"])
+    at_end = np.isin(sym, own) & (r["addend"] == placed_end)
+    if at_end.any():
+        r["addend"][at_end] = end
+        contents[relas[0].index][:] = r.tobytes()
 
 
 def _text_used(image: ElfImage, index: int, addr: np.ndarray, built: int,

@@ -152,7 +152,10 @@ def _text_regions(image, text) -> list[TextRegion]:
         b = ends.get(name)
         if b is not None and text.addr <= a < b <= text.end:
             pairs.append((_ALIASES.get(name, name), a, b))
-    head_end = _head_end(image, text)
+    # (a module has no head text: the loader calls into it only through its
+    # symbols and relocations)
+    module = image.section(".gnu.linkonce.this_module") is not None
+    head_end = text.addr if module else _head_end(image, text)
     if head_end > text.addr:
         pairs.append(("head", text.addr, head_end))
     cuts = {text.addr, text.end}

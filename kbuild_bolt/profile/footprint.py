@@ -34,10 +34,12 @@ def _covering(keys: np.ndarray, weights: np.ndarray, share: float) -> int:
     return covering(hottest_cumulative(keys, weights), share)
 
 
-def footprint(model, profile) -> dict:
+def footprint(model, profile, addresses: np.ndarray | None = None) -> dict:
+    """``addresses``: where each instruction counts as being, instead of its
+    address (a module's, from its section's start)."""
     cp = attach(model, profile)
     ran = np.flatnonzero(cp.insn_count > 0)
-    addr = model.insns.addr[ran]
+    addr = (model.insns.addr if addresses is None else addresses)[ran]
     count = cp.insn_count[ran].astype(np.float64)
     out = {
         "instructions": int(count.sum()),

@@ -12,11 +12,14 @@ checked too: placed once more it must give the verified image's contents.
 What differs from vmlinux:
 - the profile's records of this module, kept as (module, section, offset),
   are moved to the placed addresses (placed_profile);
-- functions keep their places, and indirect calls are not promoted (a
-  module's whole-function layout, and calls promoted across modules, are not
-  done yet): options asking for them are noted and left out;
-- the loader sorts a module's ORC and exception tables itself, so their order
-  is not the file's concern.
+- functions move inside their own section (.text, .init.text, .exit.text:
+  the loader puts each where it wants), the cold parts split off them go to
+  the room place() gave .text, named name.cold in the symbol table (the
+  module's kallsyms); indirect calls are not promoted (calls promoted across
+  modules are not done yet): an option asking for it is noted and left out;
+- the loader and ftrace sort a module's ORC, exception and mcount tables when
+  it loads, so their entries keep their places (and each its relocation
+  record, against the section of the code it names).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import numpy as np
 
 from kbuild_bolt.atomic import atomic_output
 from kbuild_bolt.elf.image import SHT_NOBITS, ElfImage
-from kbuild_bolt.elf.place import EXTERNAL_SECTION, UD2, orc_targets, place, unplace
+from kbuild_bolt.elf.place import (
+    EXTERNAL_SECTION, UD2, orc_targets, place, records_outside_their_section, unplace,
+)
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.version import modinfo
 from kbuild_bolt.profile.model import (
@@ -143,14 +148,10 @@ def module_shapes(profile: Profile, tree) -> dict:
 def module_options(options: RewriteOptions) -> tuple[RewriteOptions, list[str]]:
     """``options`` as they apply to a module, and notes on what was left out."""
     notes = []
-    if options.moves_functions:
-        notes.append("functions keep their places in a module (whole-function layout "
-                     "is done for vmlinux only)")
     if options.indirect_call_promotion != "none" and options.profile is not None:
         notes.append("indirect calls are not promoted in a module")
-    return replace(options, reorder_functions="none", split_functions=False,
-                   indirect_call_promotion="none", icp_every_site=False, cache_dir=None,
-                   strip_debug=True), notes
+    return replace(options, indirect_call_promotion="none", icp_every_site=False,
+                   cache_dir=None, strip_debug=True), notes
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def rewrite_module(input_path, output_path, options: RewriteOptions, log=None,
         result = rewrite(src, out, replace(options, input_name=f"{input_path} (placed)"))
         rewritten = out.read_bytes()
     module = unplace(rewritten, data, placement, str(input_path))
-    _check_unplaced(module, rewritten, placement, str(input_path))
+    _check_unplaced(module, rewritten, placement, str(input_path), data)
     with atomic_output(output_path) as tmp_out:
         Path(tmp_out).write_bytes(module)
         if os.path.exists(input_path):
@@ -239,18 +240,26 @@ def rewrite_module(input_path, output_path, options: RewriteOptions, log=None,
     return result
 
 
-def _check_unplaced(module: bytes, verified: bytes, placement, name: str) -> None:
+def _check_unplaced(module: bytes, verified: bytes, placement, name: str,
+                    original: bytes) -> None:
     """The relocatable object written must be the verified image: placed again
     at the same addresses, its sections' contents, relocations and symbols are
     the verified ones (without the room the code did not use: fill at the end
     of .text, repeats of the last entry at the end of the ORC tables and their
-    relocations)."""
+    relocations). And no record may name a code section it does not point into
+    (more than the module as built did): the loader places sections apart."""
+    with ElfImage.from_bytes(module, name) as out, ElfImage.from_bytes(original, name) as inp:
+        stray = records_outside_their_section(out) - records_outside_their_section(inp)
+    if stray > 0:
+        raise KbbError(f"{name}: {stray} relocation records of the module written point "
+                       "outside the code section they name: nothing written")
     again, _ = place(module, name, addresses=placement.section_addr)
     with ElfImage.from_bytes(again, name) as a, ElfImage.from_bytes(verified, name) as b:
         names = a.sections[int(a.header["shstrndx"])].name
         for s in a.sections:
-            if s.type == SHT_NOBITS or s.name in (names, EXTERNAL_SECTION):
-                continue
+            if s.type == SHT_NOBITS or s.name in (names, EXTERNAL_SECTION, ".orc_unwind_ip",
+                                                  ".rela.orc_unwind_ip"):
+                continue                 # (ORC's targets, what its records give: below)
             t = b.section(s.name)
             mine, theirs = bytes(a.section_data(s)), bytearray(b.section_data(t)) if t else b""
             at = placement.text_separator
@@ -258,18 +267,30 @@ def _check_unplaced(module: bytes, verified: bytes, placement, name: str) -> Non
                 theirs[at:at + len(UD2)] = b"\xcc" * len(UD2)    # (the room's own)
             rest = bytes(theirs[len(mine):])
             unused = {".text": not rest.strip(b"\xcc"),
-                      ".orc_unwind": rest == mine[-6:] * (len(rest) // 6),
-                      ".orc_unwind_ip": True,             # (the targets: checked below)
-                      ".rela.orc_unwind_ip": True}.get(s.name, not rest)
+                      ".orc_unwind": rest == mine[-6:] * (len(rest) // 6)}.get(s.name, not rest)
             if theirs[:len(mine)] != mine or not unused:
                 raise KbbError(f"{name}: the module written differs from the one verified "
                                f"in {s.name}: nothing written")
         ip = a.section(".orc_unwind_ip")
         if ip is not None and ip.size:
-            # the ORC entries cut off all stood where the last one kept stands
             mine = _orc_ips(a, ip)
             theirs = _orc_ips(b, b.section(".orc_unwind_ip"))
-            if len(theirs) > len(mine) and (theirs[len(mine):] != mine[-1]).any():
+            # The entry that ends .text moves to where the written .text ends
+            # (place.unplace); every other entry names the code it did. The
+            # entries cut off all stood where the last one kept stands.
+            # (the verified .text's end may also be where the next section starts)
+            text_a, text_b = a.section(".text"), b.section(".text")
+            same = theirs[:len(mine)] == mine
+            if text_a is not None and text_b is not None:
+                same |= ((theirs[:len(mine)] == np.uint64(text_b.end))
+                         & (mine == np.uint64(text_a.end)))
+            if len(theirs) < len(mine) or not same.all():
+                raise KbbError(f"{name}: the module written differs from the one verified "
+                               "in .orc_unwind_ip: nothing written")
+            cut = theirs[len(mine):]
+            if text_a is not None and text_b is not None and mine[-1] == np.uint64(text_a.end):
+                cut = np.where(cut == np.uint64(text_b.end), mine[-1], cut)
+            if len(cut) and (cut != mine[-1]).any():
                 raise KbbError(f"{name}: the module written lost ORC entries of the one "
                                "verified: nothing written")
 
@@ -304,3 +325,22 @@ def measured_module_taken(path, profile: Profile) -> dict[str, int]:
     model, name = open_placed(path)
     return measured_taken_branches(model, attach(model, placed_profile(profile, name,
                                                                        model.image)))
+
+
+
+def measured_module_footprint(path, profile: Profile) -> dict[str, int]:
+    """The code footprint (profile.footprint) the run ``profile`` recorded in the
+    module at ``path``, each address taken from its section's start: the loader
+    puts every code section at a page of its own (the placed image packs them)."""
+    from kbuild_bolt.profile.footprint import footprint
+
+    model, name = open_placed(path)
+    code = sorted((s.addr, s.index) for s in model.image.sections if s.is_exec and s.size)
+    starts = np.array([a for a, _ in code], np.uint64)
+    addr = model.insns.addr
+    at = np.maximum(np.searchsorted(starts, addr, side="right").astype(np.int64) - 1, 0)
+    # (each section at its own 2-MiB-aligned spot: sections never share a line or page)
+    relative = addr - starts[at] + at.astype(np.uint64) * np.uint64(1 << 21)
+    mine = placed_profile(profile, name, model.image)
+    mine.stats = {}         # (the recorder's cache simulation is the whole kernel's)
+    return footprint(model, mine, addresses=relative)

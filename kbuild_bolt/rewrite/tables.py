@@ -67,7 +67,10 @@ def update_entries(model, amap, out) -> dict[str, int]:
                 entries[f.name][rows] = value.astype(entries.dtype[f.name])
             n_changed += int(moved.sum())
         if n_changed:
-            if data.spec.sorted_field:
+            # (a module's tables are sorted by the loader and ftrace when it loads,
+            # and each entry keeps its relocation record, against the section of
+            # the code it names: entries must not change places)
+            if data.spec.sorted_field and not model.is_module:
                 sort_entries(data, entries)
             changed[name] = n_changed
     return changed

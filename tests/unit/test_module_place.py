@@ -9,7 +9,9 @@ import pytest
 from kbuild_bolt.analysis.crosscheck import check_relocations
 from kbuild_bolt.binary.model import BinaryModel
 from kbuild_bolt.elf.image import RELA, ET_EXEC, SHF_ALLOC, ElfImage, type_and_symbol
-from kbuild_bolt.elf.place import EXTERNAL_SECTION, UD2, place, unplace
+from kbuild_bolt.elf.place import (
+    EXTERNAL_SECTION, UD2, place, records_outside_their_section, unplace,
+)
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.rewrite.context import RewriteOptions
 from kbuild_bolt.rewrite.module import is_module, module_name, rewrite_module
@@ -210,3 +212,37 @@ def test_damaged_modules_give_one_line_errors(module):
             assert "\n" not in str(err)
             outcomes.add("refused")
     assert outcomes == {"placed", "refused"}
+
+
+def test_functions_of_a_module_move_and_split(module, tmp_path):
+    """Whole functions laid out at random in .text, split into hot and cold
+    parts: verified, and every record still names the section it points into."""
+    out = tmp_path / "demo-functions.ko"
+    result = rewrite_module(module, out, RewriteOptions(
+        reorder_blocks="random", reorder_functions="random", split_functions=True, seed=3,
+        progress=False))
+    assert result.moved_functions >= 3 and "verify: ok" in result.verify_summary
+    with ElfImage(out) as image:
+        assert records_outside_their_section(image) == 0
+
+
+def test_a_record_naming_another_code_section_is_counted(tmp_path):
+    """What a packed placement hides (the loader puts sections apart): a record
+    against a code section's symbol that points past that section."""
+    src = tmp_path / "refs.c"
+    # (a pointer into .text by its section symbol, as GAS writes `.text + 8`)
+    src.write_text(SOURCE + 'asm(".pushsection .data.refs,\\"aw\\"\\n.quad .text + 8\\n'
+                            '.popsection");\n')
+    obj = tmp_path / "refs.ko"
+    subprocess.run(["gcc", "-O2", "-c", "-fno-pic", "-mcmodel=kernel", "-o", str(obj),
+                    str(src)], check=True)
+    data = bytearray(obj.read_bytes())
+    with ElfImage.from_bytes(bytes(data)) as image:
+        assert records_outside_their_section(image) == 0
+        text = image.section(".text")
+        rela = next(r for r in image.rela_sections
+                    if image.sections[r.info].name == ".data.refs")
+        records = np.frombuffer(data, RELA, rela.size // RELA.itemsize, rela.offset)
+        records["addend"][0] = text.size + 64
+    with ElfImage.from_bytes(bytes(data)) as image:
+        assert records_outside_their_section(image) == 1
