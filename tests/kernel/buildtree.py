@@ -83,3 +83,15 @@ class OverlayBuild:
         """Files written in the overlay (relative to the lab kernel's root) matching ``pattern``
         (bindeb-pkg puts its packages beside the build directory)."""
         return sorted(p for p in self.upper.glob(pattern) if p.is_file())
+
+
+def enable_in_config(tree: OverlayBuild, profile: Path, tmp_path: Path) -> None:
+    """CONFIG_BOLT=y with a profile in .config, as a distro config carries it (the
+    package targets build without the command line's options)."""
+    copy = tmp_path / "distro.kbb"
+    shutil.copyfile(profile, copy)
+    tree.run([str(tree.source / "scripts/config"), "--file", str(tree.build_dir / ".config"),
+              "--enable", "BOLT", "--set-str", "BOLT_PROFILE", str(copy)])
+    tree.make("olddefconfig")
+    config = tree.path(".config").read_text()
+    assert "CONFIG_BOLT=y" in config and "CONFIG_BOLT_VERIFY=y" in config

@@ -22,7 +22,7 @@ from kbuild_bolt.lab.initramfs import build_lab_initramfs
 from kbuild_bolt.lab.kernels import LAB_MODULES, lab_kernel
 from kbuild_bolt.qemu.runner import boot
 
-from buildtree import KBUILD_BOLT, OverlayBuild
+from buildtree import KBUILD_BOLT, OverlayBuild, enable_in_config
 from debian_initramfs import make_debian_initramfs
 
 # These tests run make (2 cores): keep them on one xdist worker, one build at a time.
@@ -179,18 +179,6 @@ def test_debian_initramfs_repacked(bolt612, compress, tmp_path):
     outcome = boot(tree.path("arch/x86/boot/bzImage"), repacked, workload="none", timeout=180,
                    expect=["initramfs-tools", "test_static_keys"])
     assert outcome.ok, outcome.summary()
-
-
-def enable_in_config(tree: OverlayBuild, profile: Path, tmp_path: Path) -> None:
-    """CONFIG_BOLT=y with a profile in .config, as a distro config carries it (the
-    package targets build without the command line's options)."""
-    copy = tmp_path / "distro.kbb"
-    shutil.copyfile(profile, copy)
-    tree.run([str(tree.source / "scripts/config"), "--file", str(tree.build_dir / ".config"),
-              "--enable", "BOLT", "--set-str", "BOLT_PROFILE", str(copy)])
-    tree.make("olddefconfig")
-    config = tree.path(".config").read_text()
-    assert "CONFIG_BOLT=y" in config and "CONFIG_BOLT_VERIFY=y" in config
 
 
 def test_bindeb_pkg_ships_the_optimized_kernel(bolt612, profile612, tmp_path):

@@ -1,11 +1,13 @@
-"""Modules through Kbuild (issue 15): ``make CONFIG_BOLT=y modules_install`` lays
-out each module the profile saw as it installs it, after INSTALL_MOD_STRIP
-stripped it and before CONFIG_MODULE_SIG_ALL signs it, so the signature is the
-optimized module's; modules the profile did not see are installed as always.
-The lab initramfs repacked with the installed tree carries the optimized
-modules, which load in the lab kernel, run the disk workload clean, and take
-at most 0.45x the taken branches in module code, re-profiled. A module that
-still has debug info once installed is left as it is, with a line saying so."""
+"""Modules through Kbuild (issue 15). Without debug info, ``make CONFIG_BOLT=y
+modules`` lays out each module the profile saw as it links it (and only those,
+and only again when the profile or an option changes); modules_install strips
+and signs it as always (CONFIG_MODULE_SIG_ALL: the signature verifies over the
+laid out bytes). The lab initramfs repacked with the installed tree runs the
+disk workload clean with at most 0.45x the taken branches in module code,
+re-profiled; bindeb-pkg and binrpm-pkg ship the laid out modules beside the
+optimized kernel. With debug info (kept in the build for the debug packages),
+modules_install lays each module out after INSTALL_MOD_STRIP, and a module
+still carrying debug info is installed as it is, with a line saying so."""
 
 from __future__ import annotations
 
@@ -16,16 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from buildtree import KBUILD_BOLT, OverlayBuild
+from buildtree import KBUILD_BOLT, OverlayBuild, enable_in_config
 from kbuild_bolt.kbuild.modules import check_modules
 from kbuild_bolt.lab.kernels import kernel_source, lab_kernel
 from kbuild_bolt.profile import qemu
 from kbuild_bolt.profile.model import write_profile
+from kbuild_bolt.qemu.runner import boot
 from kbuild_bolt.rewrite.module import SIGNATURE_MAGIC, measured_module_taken
 
 pytestmark = pytest.mark.xdist_group("kbuild")
 
-BOLT_MODULE_LINE = re.compile(r"^  BOLT    \S*/([^/\s]+)\.ko$", re.M)
+# (installing: "BOLT    /lib/modules/.../ext4.ko"; linking: "BOLT [M] fs/ext4/ext4.ko")
+BOLT_MODULE_LINE = re.compile(r"^  BOLT(?: \[M\] |    )(?:\S*/)?([^/\s]+)\.ko$", re.M)
 X509_GENKEY = """[ req ]
 default_bits = 2048
 distinguished_name = req_distinguished_name
@@ -105,34 +109,50 @@ def without_signature(data: bytes) -> bytes:
     return data[:tail - sig_len]
 
 
-def test_modules_install_lays_out_what_the_profile_saw_then_signs(disk_profile, tmp_path):
+def original(tree: OverlayBuild, rel: str) -> bytes:
+    """The lab build's own file (under the overlay's changes)."""
+    return ((tree.lower / (tree.build_dir / rel).relative_to(tree.lower))).read_bytes()
+
+
+def test_make_modules_lays_out_what_the_profile_saw_and_install_signs(disk_profile,
+                                                                      tmp_path):
+    """Without debug info: make modules lays out the modules the profile saw as it
+    links them, and only those; nothing is redone until the profile changes;
+    modules_install strips and signs them (the signature verifies over the laid
+    out bytes)."""
     profile_path, before = disk_profile
     kernel = lab_kernel("6.12-modules")
     tree = OverlayBuild("6.12-modules", tmp_path / "tree")
     key = signing_setup(tree, tmp_path)
-    root = tmp_path / "modules"
-    log = tree.make("CONFIG_BOLT=y", f"BOLT_PROFILE={profile_path}", f"INSTALL_MOD_PATH={root}",
-                    "INSTALL_MOD_STRIP=1", "CONFIG_MODULE_SIG_ALL=y",
-                    f"CONFIG_MODULE_SIG_KEY={key}", "CONFIG_MODULE_SIG_HASH=sha256",
-                    "modules_install").stdout
+    bolt = ("CONFIG_BOLT=y", f"BOLT_PROFILE={profile_path}")
+    log = tree.make(*bolt, "modules").stdout
     listed = subprocess.run([KBUILD_BOLT, "profile", "modules", str(profile_path)],
                             capture_output=True, text=True, check=True).stdout.split()
     assert {"ext4", "loop"} <= set(listed), listed
+    laid_out = BOLT_MODULE_LINE.findall(log)
+    order = [line.rsplit("/", 1)[-1][:-2] for line in
+             tree.path("modules.order").read_text().split()]
+    assert sorted(laid_out) == sorted(n for n in order if n.replace("-", "_") in listed), \
+        log[-3000:]
+    assert len(order) > len(laid_out)                # (some modules the run never used)
+    for name in laid_out:                            # the build's one-line summary
+        assert re.search(rf"^module {name}: [\d,]+ functions rewritten, .*placed anew.*"
+                         r"verify ok", log, re.M), log[-3000:]
+    assert not BOLT_MODULE_LINE.findall(tree.make(*bolt, "modules").stdout)
+    root = tmp_path / "modules"
+    log = tree.make(*bolt, f"INSTALL_MOD_PATH={root}", "INSTALL_MOD_STRIP=1",
+                    "CONFIG_MODULE_SIG_ALL=y", f"CONFIG_MODULE_SIG_KEY={key}",
+                    "CONFIG_MODULE_SIG_HASH=sha256", "modules_install").stdout
+    assert not BOLT_MODULE_LINE.findall(log)         # (laid out once, at the link)
     installed = sorted((root / "lib/modules" / kernel.release / "kernel").rglob("*.ko"))
     names = {p.name[:-3].replace("-", "_"): p for p in installed}
-    laid_out = BOLT_MODULE_LINE.findall(log)
-    assert sorted(laid_out) == sorted(n for n in names if n in listed), log[-3000:]
-    assert len(names) > len(laid_out)                # (some modules the run never used)
-    for name in laid_out:                            # the build's one-line summary
-        assert re.search(rf"^module {name}: [\d,]+ functions rewritten, .*verify ok",
-                         log, re.M), log[-3000:]
     for name, path in names.items():
-        rel = path.relative_to(root / "lib/modules" / kernel.release / "kernel")
-        stripped = stripped_copy(tree.path(str(rel)), tmp_path / "stripped.ko")
-        # Signed after the layout: the signature is the optimized module's.
+        rel = str(path.relative_to(root / "lib/modules" / kernel.release / "kernel"))
+        assert (tree.path(rel).read_bytes() != original(tree, rel)) == (name in listed), name
+        # Signed after the layout: the signature is the laid out module's.
         assert signature_verifies(path, key, tmp_path), name
         body = without_signature(path.read_bytes())
-        assert (body != stripped) == (name in listed), name
+        assert body == stripped_copy(tree.path(rel), tmp_path / "stripped.ko"), name
     report = check_modules(kernel.vmlinux, root, symvers=tree.path("Module.symvers"))
     assert report.ok, report.problems
 
@@ -183,3 +203,53 @@ def test_modules_with_debug_info_installed_as_they_are(tmp_path):
     assert "module test_static_keys: 0 " not in log
     report = check_modules(kernel.vmlinux, laid_out, symvers=tree.path("Module.symvers"))
     assert report.ok, report.problems
+
+
+def test_packages_ship_the_optimized_modules(disk_profile, tmp_path):
+    """A distro config with CONFIG_BOLT and the disk profile: bindeb-pkg's kernel is
+    the optimized vmlinux, its ext4 and loop are laid out (and check against that
+    kernel); booted from the package's files, the disk workload runs clean with
+    KASLR. binrpm-pkg ships the same modules."""
+    from kbuild_bolt.kbuild.bzimage import code_differences
+
+    profile_path, before = disk_profile
+    kernel = lab_kernel("6.12-modules")
+    tree = OverlayBuild("6.12-modules", tmp_path / "tree")
+    enable_in_config(tree, profile_path, tmp_path)
+    log = tree.make("bindeb-pkg").stdout           # (laid out as they are linked again)
+    assert re.search(r"^  BOLT    vmlinux$", log, re.M), log[-3000:]
+    assert {"ext4", "loop"} <= set(BOLT_MODULE_LINE.findall(log)), log[-3000:]
+    debs = [d for d in tree.new_files("linux-image-*.deb") if "-dbg" not in d.name]
+    assert len(debs) == 1, debs
+    root = tmp_path / "deb"
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True)
+    modules_root = root if (root / "lib/modules").is_dir() else root / "usr"
+    release_dir = modules_root / "lib/modules" / kernel.release
+    vmlinuz = root / "boot" / f"vmlinuz-{kernel.release}"
+    assert code_differences(vmlinuz, tree.path("vmlinux")) == []
+    for name, rel in (("ext4", "fs/ext4/ext4.ko"), ("loop", "drivers/block/loop.ko")):
+        shipped = (release_dir / "kernel" / rel).read_bytes()
+        assert shipped == stripped_copy(tree.path(rel), tmp_path / "s.ko"), name
+        assert tree.path(rel).read_bytes() != original(tree, rel), name
+    report = check_modules(tree.path("vmlinux"), modules_root,
+                           symvers=tree.path("Module.symvers"))
+    assert report.ok, report.problems
+    initrd = tmp_path / "initramfs.cpio.gz"
+    subprocess.run([KBUILD_BOLT, "repack-initramfs", str(kernel.initramfs), str(initrd),
+                    "--modules", str(modules_root)], check=True, capture_output=True)
+    outcome = boot(vmlinuz, initrd, workload="disk", iterations=2, kaslr=True)
+    assert outcome.ok and not outcome.problems, outcome.summary()
+
+    tree.make("binrpm-pkg")
+    rpms = tree.new_files("build/rpmbuild/RPMS/*/kernel-[0-9]*.rpm")
+    assert len(rpms) == 1, rpms
+    unpacked = tmp_path / "rpm"
+    unpacked.mkdir()
+    subprocess.run(f"rpm2cpio {rpms[0]} | cpio -idm --quiet", shell=True, cwd=unpacked,
+                   check=True)
+    for name, rel in (("ext4", "fs/ext4/ext4.ko"), ("loop", "drivers/block/loop.ko")):
+        found = list(unpacked.rglob(f"{name}.ko"))
+        assert len(found) == 1, found
+        # (installed unstripped: the build's laid out module itself)
+        assert found[0].read_bytes() == tree.path(rel).read_bytes() != original(tree, rel)
+
