@@ -17,7 +17,7 @@ Each is booted as a bzImage with KASLR (checked for warnings) and re-recorded.
 Counted from the recordings: taken jmp/jcc in vmlinux, in module code and in
 both (the whole kernel), the share of instructions in modules, and the module
 code's footprint (64-byte lines and 4-KiB pages holding 99% of its fetches,
-each section from a page of its own, as the loader puts them). Also the time
+at the offsets the loader gives each code section). Also the time
 each module's rewrite takes, and its size before and after.
 """
 

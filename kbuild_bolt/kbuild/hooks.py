@@ -70,13 +70,13 @@ MODFINAL_ANCHOR = "# Re-generate module BTFs if either module's .ko or vmlinux c
 MODFINAL_HOOK = """# kbuild-bolt: a build without debug info lays each module the profile saw out
 # again right after its link (scripts/Makefile.bolt); with debug info that is
 # done by modules_install, once INSTALL_MOD_STRIP stripped the module. A
-# changed profile or BOLT option links the modules again.
+# changed profile or BOLT option links those modules again.
 ifeq ($(CONFIG_BOLT),y)
 ifndef CONFIG_DEBUG_INFO
 bolt-modules-pass := y
 include $(srctree)/scripts/Makefile.bolt
 cmd_ld_ko_o += $(bolt-after-link)
-$(filter %.ko,$(modules) $(modules:%.o=%.ko)): $(BOLT_PROFILE)
+$(call bolt-laid-out,$(filter %.ko,$(modules) $(modules:%.o=%.ko))): $(BOLT_PROFILE)
 endif
 endif
 

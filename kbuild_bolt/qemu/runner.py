@@ -212,19 +212,23 @@ def lab_lines(lines: list[str]) -> list[tuple[int, str]]:
     message can land in the middle of ``KBB-PLAN ...`` (seen: the plan's last
     word followed by "[    2.468817] tsc: Refined TSC clocksource calibration").
     A message always ends its own line, so the user line goes on at the start
-    of the next one; the message is kept as a line of its own, still scanned
-    for problems."""
+    of the next one (unless that is another lab line: this one's writer died
+    mid-line); the message is kept as a line of its own, numbered where it
+    stands, still scanned for problems."""
     out: list[tuple[int, str]] = []
     i = 0
     while i < len(lines):
         line, lineno = lines[i], i + 1
         i += 1
+        last = lineno                      # (the console line the text ends on)
         own = line.find("KBB-")
         while own >= 0 and (m := _PRINTK_START.search(line, own)):
-            out.append((lineno, line[m.start():]))
-            rest = lines[i] if i < len(lines) else ""
-            i = min(i + 1, len(lines))
-            line = line[:m.start()] + rest
+            out.append((last, line[m.start():]))
+            line = line[:m.start()]
+            if i < len(lines) and not lines[i].startswith("KBB-"):
+                line += lines[i]
+                i += 1
+                last = i
         out.append((lineno, line))
     return out
 
@@ -252,7 +256,8 @@ def scan_log(lines: list[str], result: BootResult) -> None:
                 break
     if not result.lab:
         want = result.expect_text
-        result.missing = [] if want is None or any(want in line for line in lines) else [want]
+        seen = want is None or any(want in line for _, line in lab_lines(lines))
+        result.missing = [] if seen else [want]
         return
     expected = result.plan
     result.missing = [m for m in expected if m not in result.markers]

@@ -280,11 +280,14 @@ def _check_unplaced(module: bytes, verified: bytes, placement, name: str,
             # entries cut off all stood where the last one kept stands.
             # (the verified .text's end may also be where the next section starts)
             text_a, text_b = a.section(".text"), b.section(".text")
+            if len(theirs) < len(mine):
+                raise KbbError(f"{name}: the module written has more ORC entries than the "
+                               "one verified: nothing written")
             same = theirs[:len(mine)] == mine
             if text_a is not None and text_b is not None:
                 same |= ((theirs[:len(mine)] == np.uint64(text_b.end))
                          & (mine == np.uint64(text_a.end)))
-            if len(theirs) < len(mine) or not same.all():
+            if not same.all():
                 raise KbbError(f"{name}: the module written differs from the one verified "
                                "in .orc_unwind_ip: nothing written")
             cut = theirs[len(mine):]
@@ -330,17 +333,31 @@ def measured_module_taken(path, profile: Profile) -> dict[str, int]:
 
 def measured_module_footprint(path, profile: Profile) -> dict[str, int]:
     """The code footprint (profile.footprint) the run ``profile`` recorded in the
-    module at ``path``, each address taken from its section's start: the loader
-    puts every code section at a page of its own (the placed image packs them)."""
+    module at ``path``, at the offsets the loader gives its code: the core code
+    sections one after another from a page (profile.modules.text_layout), the
+    init ones likewise in an area of their own."""
+    from kbuild_bolt.elf.place import laid_out
     from kbuild_bolt.profile.footprint import footprint
+    from kbuild_bolt.profile.modules import read_module_bytes, text_layout
 
     model, name = open_placed(path)
-    code = sorted((s.addr, s.index) for s in model.image.sections if s.is_exec and s.size)
-    starts = np.array([a for a, _ in code], np.uint64)
+    image = model.image
+    at = {section: offset for section, offset, _ in text_layout(read_module_bytes(Path(path)),
+                                                                 str(path))}
+    init = [s for s in image.sections if s.is_alloc and s.is_exec and s.name.startswith(".init")]
+    init_at, _ = laid_out(init, INIT_AREA)
+    at.update((s.name, init_at[s.index]) for s in init)
+    code = sorted((s.addr, s.end, at[s.name]) for s in image.sections
+                  if s.is_exec and s.size and s.name in at)
+    starts = np.array([c[0] for c in code], np.uint64)
+    offsets = np.array([c[2] for c in code], np.uint64)
     addr = model.insns.addr
-    at = np.maximum(np.searchsorted(starts, addr, side="right").astype(np.int64) - 1, 0)
-    # (each section at its own 2-MiB-aligned spot: sections never share a line or page)
-    relative = addr - starts[at] + at.astype(np.uint64) * np.uint64(1 << 21)
-    mine = placed_profile(profile, name, model.image)
+    k = np.maximum(np.searchsorted(starts, addr, side="right").astype(np.int64) - 1, 0)
+    mine = placed_profile(profile, name, image)
     mine.stats = {}         # (the recorder's cache simulation is the whole kernel's)
-    return footprint(model, mine, addresses=relative)
+    return footprint(model, mine, addresses=addr - starts[k] + offsets[k])
+
+
+# Where the footprint puts a module's init code: apart from its core text (the
+# loader's init area is another allocation).
+INIT_AREA = 1 << 40

@@ -11,6 +11,7 @@ still carrying debug info is installed as it is, with a line saying so."""
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
@@ -139,6 +140,11 @@ def test_make_modules_lays_out_what_the_profile_saw_and_install_signs(disk_profi
         assert re.search(rf"^module {name}: [\d,]+ functions rewritten, .*placed anew.*"
                          r"verify ok", log, re.M), log[-3000:]
     assert not BOLT_MODULE_LINE.findall(tree.make(*bolt, "modules").stdout)
+    # A newer profile: the modules it lays out are linked and laid out again, no others.
+    os.utime(profile_path)
+    log = tree.make(*bolt, "modules").stdout
+    linked = re.findall(r"^  LD \[M\]  (?:\S*/)?([^/\s]+)\.ko$", log, re.M)
+    assert sorted(linked) == sorted(BOLT_MODULE_LINE.findall(log)) == sorted(laid_out), log
     root = tmp_path / "modules"
     log = tree.make(*bolt, f"INSTALL_MOD_PATH={root}", "INSTALL_MOD_STRIP=1",
                     "CONFIG_MODULE_SIG_ALL=y", f"CONFIG_MODULE_SIG_KEY={key}",

@@ -119,7 +119,15 @@ def test_scan_log_kernel_messages_inside_lab_lines():
     assert result.text_base == 0xFFFFFFFF9A000000
     result = _scan(["KBB-PLAN init done", "KBB-MARK in" + warn, "it", "KBB-MARK done"])
     assert result.markers == ["init", "done"]
-    assert [p.kind for p in result.problems] == ["warning"]
+    assert [(p.kind, p.lineno) for p in result.problems] == [("warning", 2)]
+    # A lab line whose writer died mid-line: the next lab line is not glued to it.
+    result = _scan(["KBB-PLAN init done", "KBB-MARK in" + tsc, "KBB-MARK done"])
+    assert result.markers == ["in", "done"] and result.missing == ["init"]
+    # The profile recorder's boots (not the lab's markers, a line of text).
+    result = BootResult(kernel="k", initrd=None, entry="bzImage", kaslr=True, cmdline="",
+                        lab=False, expect_text="KBB-MARK done")
+    scan_log(["KBB-MARK do" + tsc, "ne"], result)
+    assert result.ok, result.summary()
 
 
 def test_scan_log_without_lab_init():
