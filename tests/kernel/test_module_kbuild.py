@@ -259,3 +259,42 @@ def test_packages_ship_the_optimized_modules(disk_profile, tmp_path):
         # (installed unstripped: the build's laid out module itself)
         assert found[0].read_bytes() == tree.path(rel).read_bytes() != original(tree, rel)
 
+
+
+HELLO = r"""
+#include <linux/module.h>
+#include <linux/kernel.h>
+static int count;
+static noinline int step(int i) { return (i & 3) ? i * 3 : i - 1; }
+static int __init hello_init(void)
+{
+	for (int i = 0; i < 100; i++)
+		count += (i % 7) ? step(i) : -step(i);
+	pr_info("hello %d\n", count);
+	return 0;
+}
+static void __exit hello_exit(void) { }
+module_init(hello_init);
+module_exit(hello_exit);
+MODULE_LICENSE("GPL");
+"""
+
+
+def test_external_modules_build_with_or_without_kbuild_bolt(tmp_path):
+    """An external module (M=, as DKMS builds one) against a CONFIG_BOLT tree: laid
+    out where kbuild-bolt is at hand, built as always where it is not (a headers
+    package on another machine)."""
+    tree = OverlayBuild("6.12-modules", tmp_path / "tree")
+    src = tmp_path / "hello"
+    src.mkdir()
+    (src / "hello.c").write_text(HELLO)
+    (src / "Makefile").write_text("obj-m := hello.o\n")
+    log = tree.make("CONFIG_BOLT=y", "BOLT_LAYOUT=random", "KBUILD_BOLT=/nonexistent/kbuild-bolt",
+                    f"M={src}", "modules").stdout
+    assert (src / "hello.ko").exists() and "BOLT" not in log, log[-2000:]
+    plain = (src / "hello.ko").read_bytes()
+    (src / "hello.ko").unlink()
+    log = tree.make("CONFIG_BOLT=y", "BOLT_LAYOUT=random", f"M={src}", "modules").stdout
+    assert BOLT_MODULE_LINE.findall(log) == ["hello"], log[-2000:]
+    assert re.search(r"^module hello: [\d,]+ functions rewritten, .*verify ok", log, re.M)
+    assert (src / "hello.ko").read_bytes() != plain
