@@ -265,11 +265,32 @@ HELLO = r"""
 #include <linux/module.h>
 #include <linux/kernel.h>
 static int count;
-static noinline int step(int i) { return (i & 3) ? i * 3 : i - 1; }
+static noinline int step(int i)
+{
+	if (i & 1)
+		return i * 3;
+	if (i % 3 == 0)
+		pr_info("third %d\n", i);
+	else if (i % 5 == 0)
+		count -= i;
+	return i - 1;
+}
+static noinline int walk(int n)
+{
+	int s = 0;
+	for (int i = 0; i < n; i++) {
+		if (i % 7)
+			s += step(i);
+		else if (s > 1000)
+			s = step(s);
+		else
+			s -= i;
+	}
+	return s;
+}
 static int __init hello_init(void)
 {
-	for (int i = 0; i < 100; i++)
-		count += (i % 7) ? step(i) : -step(i);
+	count += walk(100);
 	pr_info("hello %d\n", count);
 	return 0;
 }
