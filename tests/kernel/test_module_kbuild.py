@@ -13,37 +13,26 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from buildtree import KBUILD_BOLT, OverlayBuild, enable_in_config
+from module_signing import (
+    build_sign_file, make_signing_key, signature_verifies, split_signature,
+)
 from kbuild_bolt.kbuild.modules import check_modules
-from kbuild_bolt.lab.kernels import kernel_source, lab_kernel
+from kbuild_bolt.lab.kernels import lab_kernel
 from kbuild_bolt.profile import qemu
 from kbuild_bolt.profile.model import write_profile
 from kbuild_bolt.qemu.runner import boot
-from kbuild_bolt.rewrite.module import SIGNATURE_MAGIC, measured_module_taken
+from kbuild_bolt.rewrite.module import measured_module_taken
 
 pytestmark = pytest.mark.xdist_group("kbuild")
 
 # (installing: "BOLT    /lib/modules/.../ext4.ko"; linking: "BOLT [M] fs/ext4/ext4.ko")
 BOLT_MODULE_LINE = re.compile(r"^  BOLT(?: \[M\] |    )(?:\S*/)?([^/\s]+)\.ko$", re.M)
-X509_GENKEY = """[ req ]
-default_bits = 2048
-distinguished_name = req_distinguished_name
-prompt = no
-x509_extensions = myexts
-[ req_distinguished_name ]
-CN = kbuild-bolt modules_install key
-[ myexts ]
-basicConstraints=critical,CA:FALSE
-keyUsage=digitalSignature
-subjectKeyIdentifier=hash
-authorityKeyIdentifier=keyid
-"""
 
 
 @pytest.fixture(scope="module")
@@ -65,49 +54,18 @@ def in_build_dir(tree: OverlayBuild, rel: str) -> Path:
 
 def signing_setup(tree: OverlayBuild, scratch: Path) -> Path:
     """What CONFIG_MODULE_SIG_ALL=y's modules_install uses: scripts/sign-file and
-    certs/signing_key.x509 in the build directory, a key made as certs/Makefile
-    makes one; returns the key (PEM, with its certificate)."""
-    source = kernel_source("6.12").tree
-    subprocess.run(["gcc", "-o", str(in_build_dir(tree, "scripts/sign-file")),
-                    str(source / "scripts/sign-file.c"), "-lcrypto"], check=True,
-                   capture_output=True)
-    (scratch / "x509.genkey").write_text(X509_GENKEY)
-    key = scratch / "signing_key.pem"
-    subprocess.run(["openssl", "req", "-new", "-nodes", "-utf8", "-sha256", "-days", "36500",
-                    "-batch", "-x509", "-config", str(scratch / "x509.genkey"), "-outform",
-                    "PEM", "-out", str(key), "-keyout", str(key)], check=True,
-                   capture_output=True)
+    certs/signing_key.x509 in the build directory; returns the key (PEM, with
+    its certificate)."""
+    build_sign_file(in_build_dir(tree, "scripts/sign-file"))
+    key = make_signing_key(scratch)
     subprocess.run(["openssl", "x509", "-in", str(key), "-outform", "DER", "-out",
                     str(in_build_dir(tree, "certs/signing_key.x509"))], check=True)
     return key
 
 
-def signature_verifies(module: Path, key: Path, scratch: Path) -> bool:
-    """The PKCS#7 signature appended to ``module`` (as sign-file appends it) is
-    ``key``'s signature of the bytes before it."""
-    data = module.read_bytes()
-    assert data.endswith(SIGNATURE_MAGIC), module
-    tail = len(data) - len(SIGNATURE_MAGIC) - 12       # struct module_signature
-    (sig_len,) = struct.unpack(">I", data[tail + 8:tail + 12])
-    content, signature = scratch / "content", scratch / "signature.p7"
-    content.write_bytes(data[:tail - sig_len])
-    signature.write_bytes(data[tail - sig_len:tail])
-    proc = subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER",
-                           "-in", str(signature), "-content", str(content), "-certfile",
-                           str(key), "-nointern", "-noverify", "-out", "/dev/null"],
-                          capture_output=True, text=True)
-    return proc.returncode == 0
-
-
 def stripped_copy(path: Path, out: Path) -> bytes:
     subprocess.run(["strip", "--strip-debug", "-o", str(out), str(path)], check=True)
     return out.read_bytes()
-
-
-def without_signature(data: bytes) -> bytes:
-    tail = len(data) - len(SIGNATURE_MAGIC) - 12
-    (sig_len,) = struct.unpack(">I", data[tail + 8:tail + 12])
-    return data[:tail - sig_len]
 
 
 def original(tree: OverlayBuild, rel: str) -> bytes:
@@ -157,7 +115,7 @@ def test_make_modules_lays_out_what_the_profile_saw_and_install_signs(disk_profi
         assert (tree.path(rel).read_bytes() != original(tree, rel)) == (name in listed), name
         # Signed after the layout: the signature is the laid out module's.
         assert signature_verifies(path, key, tmp_path), name
-        body = without_signature(path.read_bytes())
+        body, _ = split_signature(path.read_bytes())
         assert body == stripped_copy(tree.path(rel), tmp_path / "stripped.ko"), name
     report = check_modules(kernel.vmlinux, root, symvers=tree.path("Module.symvers"))
     assert report.ok, report.problems

@@ -201,40 +201,18 @@ def test_stale_module_profile_never_makes_it_slower(kernel, tmp_path):
     assert taken["B with A's profile"] <= 1.01 * taken["B"], taken
 
 
-X509_GENKEY = """[ req ]
-default_bits = 2048
-distinguished_name = req_distinguished_name
-prompt = no
-x509_extensions = myexts
-[ req_distinguished_name ]
-CN = kbuild-bolt test signing key
-[ myexts ]
-basicConstraints=critical,CA:FALSE
-keyUsage=digitalSignature
-subjectKeyIdentifier=hash
-authorityKeyIdentifier=keyid
-"""
-
-
 def test_modules_signed_again_with_a_given_key(kernel, tmp_path):
     """A rewritten module signed as modules_install signs it (the kernel tree's
     sign-file, a key made as certs/Makefile makes one); rewriting a signed
     module without a key says that its signature is dropped."""
     import subprocess
 
-    from kbuild_bolt.lab.kernels import kernel_source
+    from module_signing import SIGNER, build_sign_file, make_signing_key
+
     from kbuild_bolt.rewrite.module import SIGNATURE_MAGIC, Signing
 
-    tree = kernel_source("6.12").tree
-    sign_file = tmp_path / "sign-file"
-    subprocess.run(["gcc", "-o", str(sign_file), str(tree / "scripts/sign-file.c"),
-                    "-lcrypto"], check=True, capture_output=True)
-    (tmp_path / "x509.genkey").write_text(X509_GENKEY)
-    key = tmp_path / "signing_key.pem"
-    subprocess.run(["openssl", "req", "-new", "-nodes", "-utf8", "-sha256", "-days", "36500",
-                    "-batch", "-x509", "-config", str(tmp_path / "x509.genkey"), "-outform",
-                    "PEM", "-out", str(key), "-keyout", str(key)], check=True,
-                   capture_output=True)
+    sign_file = build_sign_file(tmp_path / "sign-file")
+    key = make_signing_key(tmp_path)
     signed = tmp_path / "loop.ko"
     result = rewrite_module(ko(kernel.modules_root, "loop"), signed,
                             RewriteOptions(reorder_blocks="random", seed=3, progress=False),
@@ -243,7 +221,7 @@ def test_modules_signed_again_with_a_given_key(kernel, tmp_path):
     assert signed.read_bytes().endswith(SIGNATURE_MAGIC)
     signer = subprocess.run(["modinfo", "-F", "signer", str(signed)], capture_output=True,
                             text=True, check=True).stdout.strip()
-    assert signer == "kbuild-bolt test signing key"
+    assert signer == SIGNER == "kbuild-bolt test signing key"
     again = rewrite_module(signed, tmp_path / "again.ko",
                            RewriteOptions(reorder_blocks="random", seed=4, progress=False))
     assert any("signature is dropped" in note for note in again.module_notes)
