@@ -3,6 +3,7 @@ install-hooks' refusals, initramfs repacking with every compression, module chec
 on small assembled modules."""
 
 import gzip
+import io
 import lzma
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kbuild_bolt.cli import whole_lines
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.initramfs import cpio
 from kbuild_bolt.initramfs.repack import Compression, compress, detect, list_entries, split
@@ -192,3 +194,35 @@ def test_read_module_finds_vermagic_and_name(tmp_path):
     info = read_module(path)
     assert info.name == "beta" and info.vermagic == "6.12.0-test SMP mod_unload "
     assert info.imports == []
+
+
+class _RecordedWrites(io.RawIOBase):
+    """A raw file that keeps each write(2) it would have made."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_each_printed_line_is_one_write_under_pythonunbuffered():
+    """make -j runs many kbuild-bolt processes on one pipe: with PYTHONUNBUFFERED
+    print() would write a line's text and its newline apart, and another
+    module's line could land between them (seen on CI)."""
+    raw = _RecordedWrites()
+    unbuffered = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    print("module loop: left as it is: has debug info", file=unbuffered)
+    assert len(raw.writes) == 2                  # what went wrong: text, then "\n"
+    raw.writes.clear()
+    stream = whole_lines(unbuffered)
+    print("module loop: left as it is: has debug info", file=stream)
+    print("  BOLT    ext4.ko", "laid out", file=stream)
+    assert raw.writes == [b"module loop: left as it is: has debug info\n",
+                          b"  BOLT    ext4.ko laid out\n"]
+    buffered = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    assert whole_lines(buffered) is buffered
