@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -1167,24 +1168,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def whole_lines(stream):
-    """``stream``, writing each printed line in one write(2).
+    """``stream``, set to write each printed line in one write(2).
 
     Under ``make -j`` many kbuild-bolt processes share one stdout and stderr.
     With PYTHONUNBUFFERED (set on CI and many build machines) print() makes
     two writes, the text and then its newline, so another process's line can
-    land between them. A line-buffered layer over the raw file keeps each line
-    whole (pipes write up to PIPE_BUF bytes atomically)."""
-    raw = getattr(stream, "buffer", None)
-    if not isinstance(raw, io.RawIOBase):
-        return stream      # already buffered (or not a file): print() writes once per flush
-    return io.TextIOWrapper(io.BufferedWriter(raw), encoding=stream.encoding,
-                            errors=stream.errors, line_buffering=True)
+    land between them; a block-buffered stream cuts lines where its buffer
+    fills. Line buffering without write-through keeps each line whole (pipes
+    write up to PIPE_BUF bytes atomically). The stream is set in place: a new
+    wrapper would close the file under it when collected."""
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        stream.reconfigure(line_buffering=True, write_through=False)
+    return stream
 
 
 def main(argv: list[str] | None = None) -> int:
-    # (sys.__stdout__/__stderr__ keep the unbuffered wrappers alive, so their
-    # file descriptors stay open)
-    sys.stdout, sys.stderr = whole_lines(sys.stdout), whole_lines(sys.stderr)
+    whole_lines(sys.stdout), whole_lines(sys.stderr)
     parser = build_parser()
     args = parser.parse_args(argv)
     install_signal_handlers()

@@ -59,7 +59,23 @@ class FunctionTable:
     def rows_containing(self, addrs: np.ndarray) -> np.ndarray:
         """Vectorized :meth:`find` (-1 where no function contains the address)."""
         addrs = np.asarray(addrs, dtype=np.uint64)
-        i = np.searchsorted(self.start, addrs, side="right").astype(np.int64) - 1
+        if len(addrs) > 4 * len(self.start) and bool(np.all(addrs[1:] >= addrs[:-1])):
+            # (every instruction of a kernel, in order: the functions' starts are
+            # searched among the addresses, and each row repeated over its run)
+            n = len(addrs)
+            first = np.searchsorted(addrs, self.start, side="left")
+            runs = np.diff(np.concatenate(([0], first, [n])))
+            i = np.repeat(np.arange(-1, len(self.start), dtype=np.int64), runs)
+            # Inside row r: from its first address to its end, or the next
+            # function's start if that comes first.
+            stop = np.minimum(np.searchsorted(addrs, self.end, side="left"),
+                              np.append(first[1:], n))
+            stop = np.maximum(stop, first)
+            depth = np.cumsum(np.bincount(first, minlength=n + 1)
+                              - np.bincount(stop, minlength=n + 1))[:n]
+            return np.where(depth > 0, i, -1)
+        else:
+            i = np.searchsorted(self.start, addrs, side="right").astype(np.int64) - 1
         ok = i >= 0
         ok[ok] &= addrs[ok] < self.end[i[ok]]
         return np.where(ok, i, -1)

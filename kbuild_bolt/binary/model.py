@@ -301,11 +301,19 @@ def read_at(image: ElfImage, addrs, count: int) -> np.ndarray:
                 continue
             sel = np.flatnonzero(inside)
         data = image.bytes[section.offset:section.offset + section.size]
-        cols = (addrs[sel] - np.uint64(section.addr)).astype(np.int64)[:, None] \
-            + np.arange(count)[None, :]
-        values = data[np.minimum(cols, section.size - 1)]
-        values[cols >= section.size] = 0
-        out[sel] = values
+        rel = (addrs[sel] - np.uint64(section.addr)).astype(np.int64)
+        # One gather per byte column (not an (n, count) index array: this
+        # reads millions of instructions' first bytes)
+        for k in range(count):
+            at = rel + k if k else rel
+            past = at >= section.size
+            if past.any():
+                at = np.minimum(at, section.size - 1)
+                column = data[at]
+                column[past] = 0
+            else:
+                column = data[at]
+            out[sel, k] = column
     return out
 
 

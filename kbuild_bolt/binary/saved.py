@@ -1,4 +1,5 @@
-"""The analysis of a vmlinux kept between runs: its decoded instructions and CFGs.
+"""The analysis of a vmlinux kept between runs: its decoded instructions, CFGs,
+fill bytes, and whether its tables and relocations were found to agree with its code.
 
 Decoding millions of instructions and building every CFG is the largest fixed
 cost of a rewrite, and both are pure functions of the vmlinux's bytes and of
@@ -13,6 +14,11 @@ vmlinux), named by a key made of
 so a second rewrite of the same vmlinux (another profile, other options, a
 `make` that runs the post-link step again) loads them instead. Only the newest
 few entries are kept; a damaged or foreign file is ignored (and replaced).
+
+The input's cross-check (its tables and relocations against its code) also
+reads data sections and relocations, which the key does not cover: a passed
+check is kept beside the analysis with a CRC of the whole file, and counts only
+for a file with that CRC.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import time
 import zipfile
 import zlib
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +46,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 def _code_hash() -> str:
     """What the saved analysis depends on besides the vmlinux: the code that made it."""
     digest = hashlib.sha256()
-    for part in ("binary", "x86", "kernel", "elf"):
+    for part in ("binary", "x86", "kernel", "elf", "analysis"):
         for path in sorted((_PACKAGE / part).rglob("*.py")):
             digest.update(path.read_bytes())
     digest.update((_PACKAGE / "arrays.py").read_bytes())
@@ -69,8 +75,15 @@ def _path(directory, key: str) -> Path:
     return Path(directory) / f"analysis-{key}.npz"
 
 
-def load(directory, key: str | None) -> tuple[x86.Decoded, CFG] | None:
-    """The saved instructions and CFG under ``key``, or None."""
+@dataclass
+class KeptAnalysis:
+    insns: x86.Decoded
+    cfg: CFG
+    fill_insn: np.ndarray       # bool: int3 or a nop at each instruction (BinaryModel.fill_insn)
+
+
+def load(directory, key: str | None) -> KeptAnalysis | None:
+    """The saved analysis under ``key``, or None."""
     if directory is None or key is None:
         return None
     path = _path(directory, key)
@@ -94,19 +107,45 @@ def load(directory, key: str | None) -> tuple[x86.Decoded, CFG] | None:
                             arrays["insn_field_off"], arrays["insn_field_size"],
                             arrays["insn_invalid"])
         cfg = CFG(**{f.name: arrays[f"cfg_{f.name}"] for f in fields(CFG)})
-    except (KeyError, ValueError, IndexError):
+        fill_insn = np.unpackbits(arrays["fill_insn"], count=len(length)).astype(bool)
+    except (KeyError, ValueError, IndexError, TypeError):
         return None
     n = len(length)
     if any(len(column) != n for column in (insns.flow, insns.ref_kind, insns.field_off,
                                            insns.field_size, insns.invalid,
-                                           cfg.static_key_insn, cfg.entry_insn)):
+                                           cfg.static_key_insn, cfg.entry_insn, fill_insn)):
         return None
     with contextlib.suppress(OSError):
         os.utime(path)   # (newest first when the directory is pruned)
-    return insns, cfg
+    return KeptAnalysis(insns, cfg, fill_insn)
 
 
-def save(directory, key: str | None, insns: x86.Decoded, cfg: CFG) -> None:
+def _file_crc(image) -> str:
+    return f"{len(image.bytes):x}-{zlib.crc32(image.bytes):08x}"
+
+
+def was_checked(directory, key: str | None, image) -> bool:
+    """Whether this very file (every byte) passed the input cross-check before."""
+    if directory is None or key is None:
+        return False
+    try:
+        said = _path(directory, key).with_suffix(".checked").read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return said.strip() == _file_crc(image)
+
+
+def mark_checked(directory, key: str | None, image) -> None:
+    """Keep that the file passed the input cross-check (best effort)."""
+    if directory is None or key is None or not _path(directory, key).exists():
+        return
+    with contextlib.suppress(OSError):
+        with atomic_output(_path(directory, key).with_suffix(".checked")) as tmp:
+            Path(tmp).write_text(_file_crc(image) + "\n")
+
+
+def save(directory, key: str | None, insns: x86.Decoded, cfg: CFG,
+         fill_insn: np.ndarray) -> None:
     """Keep the analysis under ``key`` (best effort: a directory that cannot be
     written only means the next run decodes again)."""
     if directory is None or key is None:
@@ -126,7 +165,7 @@ def save(directory, key: str | None, insns: x86.Decoded, cfg: CFG) -> None:
         "insn_field_off": insns.field_off, "insn_field_size": insns.field_size,
         "insn_invalid": insns.invalid, "run_first": run_first,
         "run_addr": insns.addr[run_first], "ref_index": has_ref,
-        "ref_value": insns.ref[has_ref],
+        "ref_value": insns.ref[has_ref], "fill_insn": np.packbits(fill_insn),
     }
     arrays.update((f"cfg_{f.name}", getattr(cfg, f.name)) for f in fields(CFG))
     path = _path(directory, key)
@@ -137,6 +176,7 @@ def save(directory, key: str | None, insns: x86.Decoded, cfg: CFG) -> None:
                          key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[KEEP:]:
             old.unlink(missing_ok=True)
+            old.with_suffix(".checked").unlink(missing_ok=True)
         # (what a killed run left half-written, once it is surely not being written)
         for tmp in Path(directory).glob(".analysis-*.tmp"):
             if time.time() - tmp.stat().st_mtime > 3600:

@@ -46,30 +46,31 @@ class SymbolTable:
     @cached_property
     def names(self) -> list[str]:
         strtab = self._strtab
-        offsets = self.raw["name"].tolist()
-        out = []
-        cache: dict[int, str] = {}
-        for off in offsets:
-            name = cache.get(off)
-            if name is None:
-                end = strtab.find(b"\0", off)
-                name = strtab[off:end if end >= 0 else len(strtab)].decode("utf-8", "replace")
-                cache[off] = name
-            out.append(name)
-        return out
+        offsets = self.raw["name"].astype(np.int64)
+        if not len(offsets):
+            return []
+        nuls = np.flatnonzero(np.frombuffer(strtab, np.uint8) == 0)
+        at = np.searchsorted(nuls, offsets)
+        ends = np.where(at < len(nuls), nuls[np.minimum(at, len(nuls) - 1)], len(strtab))
+        starts, ends = offsets.tolist(), ends.tolist()
+        if strtab.isascii():
+            # (one decode for the whole table: an ASCII string's character
+            # offsets are its byte offsets)
+            text = strtab.decode("ascii")
+            return [text[a:b] for a, b in zip(starts, ends)]
+        return [strtab[a:b].decode("utf-8", "replace") for a, b in zip(starts, ends)]
 
     @cached_property
     def _index_by_name(self) -> dict[str, int]:
-        index: dict[str, int] = {}
+        # Globals win over locals of the same name; among equals, the first.
+        # (dict() keeps the last of equal keys: so locals go first, and each
+        # group from its last symbol to its first)
         names = self.names
-        # Globals win over locals of the same name; otherwise the first one.
-        binds = self.bind.tolist()
-        for i, name in enumerate(names):
-            if not name:
-                continue
-            j = index.get(name)
-            if j is None or (binds[j] == 0 and binds[i] != 0):
-                index[name] = i
+        rows = np.arange(len(names))
+        local = self.bind == 0
+        order = np.concatenate([rows[local][::-1], rows[~local][::-1]]).tolist()
+        index = dict(zip([names[i] for i in order], order))
+        index.pop("", None)
         return index
 
     def index(self, name: str) -> int | None:

@@ -34,11 +34,52 @@ class CodeProfile:
     call_dst: np.ndarray | None = None   # uint64 where it went
     call_count: np.ndarray | None = None
 
+    def taken_edges(self, model, cfg) -> "TakenEdges":
+        """Every taken branch as a block edge, sorted by source (made once for
+        all functions: every hot function asks for its own)."""
+        if getattr(self, "_taken_edges", None) is None:
+            self._taken_edges = TakenEdges.of(model, cfg, self)
+        return self._taken_edges
+
     def block_counts(self, cfg) -> np.ndarray:
         """Executions per block (sampled profiles: the hits anywhere in the block)."""
         if self.sampled:
             return np.add.reduceat(self.insn_count, cfg.block_first)[:len(cfg.block_first)]
         return self.insn_count[cfg.block_first]
+
+
+@dataclass
+class TakenEdges:
+    """A profile's taken branches in blocks, by source instruction."""
+
+    order: np.ndarray        # record index (into CodeProfile.taken_*), by source
+    src: np.ndarray          # source instruction, sorted
+    dst: np.ndarray          # instruction it lands on (-1: none starts there)
+    b_src: np.ndarray        # source block
+    b_dst: np.ndarray        # destination block
+    starts_block: np.ndarray  # lands on the first instruction of b_dst
+    leaves: np.ndarray       # taken from b_src's end or terminator: its way out
+    weight: np.ndarray
+
+    @classmethod
+    def of(cls, model, cfg, cp: "CodeProfile") -> "TakenEdges":
+        order = np.argsort(cp.taken_src, kind="stable")
+        src = cp.taken_src[order].astype(np.int64)
+        dst = model.insn_index(cp.taken_dst[order])
+        b_src = np.searchsorted(cfg.block_first, src, side="right") - 1
+        b_dst = np.searchsorted(cfg.block_first, dst, side="right") - 1
+        safe_src, safe_dst = np.maximum(b_src, 0), np.maximum(b_dst, 0)
+        starts_block = (b_dst >= 0) & (cfg.block_first[safe_dst] == dst)
+        leaves = (src == cfg.block_end[safe_src] - 1) | (src == cfg.block_term[safe_src])
+        return cls(order, src, dst, b_src, b_dst, starts_block, leaves,
+                   cp.taken_count[order].astype(np.int64))
+
+    def from_range(self, lo: int, hi: int) -> np.ndarray:
+        """Positions (into these arrays) of the branches from instructions
+        [lo, hi), in the profile's own order."""
+        a, b = np.searchsorted(self.src, (lo, hi))
+        at = np.arange(a, b)
+        return at[np.argsort(self.order[a:b], kind="stable")]
 
 
 def attach(model, profile) -> CodeProfile:
@@ -210,30 +251,27 @@ def function_edges(model, cfg, cp: CodeProfile, row: int):
     blocks = cfg.blocks_of(row)
     lo, hi = blocks.start, blocks.stop
     first = cfg.block_first[lo:hi]
+    f_lo = int(cfg.block_first[lo]) if hi > lo else 0
+    f_hi = int(cfg.block_end[hi - 1]) if hi > lo else 0
     if cp.sampled:
-        counts = np.array([int(cp.insn_count[cfg.block_first[b]:cfg.block_end[b]].sum())
-                           for b in range(lo, hi)], dtype=np.int64)
+        # (the hits anywhere in each block)
+        before = np.concatenate(([0], np.cumsum(cp.insn_count[f_lo:f_hi], dtype=np.int64)))
+        counts = before[cfg.block_end[lo:hi] - f_lo] - before[first - f_lo]
     else:
         counts = cp.insn_count[first]
     edges: dict[tuple[int, int], int] = {}
-    f_lo = int(cfg.block_first[lo]) if hi > lo else 0
-    f_hi = int(cfg.block_end[hi - 1]) if hi > lo else 0
-    sel = np.flatnonzero((cp.taken_src >= f_lo) & (cp.taken_src < f_hi))
-    taken_out = {}
-    if len(sel):
-        dst_idx = model.insn_index(cp.taken_dst[sel])
-        for k, j in zip(sel.tolist(), dst_idx.tolist()):
-            if j < f_lo or j >= f_hi:
-                continue
-            b_src = int(np.searchsorted(cfg.block_first, cp.taken_src[k], side="right")) - 1
-            b_dst = int(np.searchsorted(cfg.block_first, j, side="right")) - 1
-            if int(cfg.block_first[b_dst]) != j:
-                continue  # lands inside a block (a runtime-only target): no edge
-            w = int(cp.taken_count[k])
-            edges[(b_src, b_dst)] = edges.get((b_src, b_dst), 0) + w
-            last = int(cfg.block_end[b_src]) - 1
-            if int(cp.taken_src[k]) == last or int(cp.taken_src[k]) == int(cfg.block_term[b_src]):
-                taken_out[b_src] = taken_out.get(b_src, 0) + w
+    taken_out: dict[int, int] = {}
+    taken = cp.taken_edges(model, cfg)
+    at = taken.from_range(f_lo, f_hi)
+    if len(at):
+        # (a branch that leaves the function makes no edge of it; one that lands
+        # inside a block, a runtime-only target, makes none either)
+        at = at[(taken.dst[at] >= f_lo) & (taken.dst[at] < f_hi) & taken.starts_block[at]]
+        for s_, d_, w, out in zip(taken.b_src[at].tolist(), taken.b_dst[at].tolist(),
+                                  taken.weight[at].tolist(), taken.leaves[at].tolist()):
+            edges[(s_, d_)] = edges.get((s_, d_), 0) + w
+            if out:
+                taken_out[s_] = taken_out.get(s_, 0) + w
     if cp.sampled:
         return counts, _infer_edges(cfg, lo, hi, counts, edges)
     e_lo, e_hi = np.searchsorted(cfg.edge_src, [lo, hi])

@@ -249,12 +249,23 @@ class Session:
         key = saved.analysis_key(image) if cache_dir is not None else None
         kept = saved.load(cache_dir, key)
         self.model = BinaryModel(image, require_relocations=True,
-                                 decoded=kept[0] if kept else None)
-        self.cfg = kept[1] if kept else build_cfg(self.model)
+                                 decoded=kept.insns if kept else None)
+        if kept:
+            self.model.__dict__["fill_insn"] = kept.fill_insn    # (a cached_property)
+        self.cfg = kept.cfg if kept else build_cfg(self.model)
         self.analysis = "kept" if kept else "made"
         if key is not None and not kept:
-            saved.save(cache_dir, key, self.model.insns, self.cfg)
-        self.checked = False   # the input's tables and relocations agree with its code
+            saved.save(cache_dir, key, self.model.insns, self.cfg, self.model.fill_insn)
+        self._cache = (cache_dir, key)
+        # the input's tables and relocations agree with its code
+        self.checked = saved.was_checked(cache_dir, key, image) if kept else False
+
+    def passed_check(self) -> None:
+        """The input's cross-check found no problem (kept with its analysis)."""
+        from kbuild_bolt.binary import saved
+
+        self.checked = True
+        saved.mark_checked(*self._cache, self.model.image)
 
 
 @dataclass

@@ -91,7 +91,7 @@ def check_input(ctx: RewriteContext) -> None:
     if problems:
         raise KbbError(f"{ctx.input_path}: {problems[0]} (the input's relocations disagree "
                        "with its code)")
-    session.checked = True
+    session.passed_check()
 
 
 def discover(ctx: RewriteContext) -> None:

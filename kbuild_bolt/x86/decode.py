@@ -91,15 +91,21 @@ class Decoded:
         """Two address-sorted sets of instructions, in address order (``a`` first at
         equal addresses). Consumes both, column by column."""
         n = len(a) + len(b)
-        at_b = np.searchsorted(a.addr, b.addr, side="right") + np.arange(len(b))
-        from_a = np.ones(n, bool)
-        from_a[at_b] = False
+        # (the shorter list is searched in the longer: a binary search per
+        # instruction is most of the cost)
+        if len(a) <= len(b):
+            from_a = np.zeros(n, bool)
+            from_a[np.searchsorted(b.addr, a.addr, side="left") + np.arange(len(a))] = True
+        else:
+            from_a = np.ones(n, bool)
+            from_a[np.searchsorted(a.addr, b.addr, side="right") + np.arange(len(b))] = False
+        from_b = ~from_a
         columns = {}
         for f in FIELDS:
             x, y = getattr(a, f), getattr(b, f)
             out = np.empty(n, x.dtype)
             out[from_a] = x
-            out[at_b] = y
+            out[from_b] = y
             columns[f] = out
             setattr(a, f, None)
             setattr(b, f, None)

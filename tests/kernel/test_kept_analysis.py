@@ -40,12 +40,14 @@ def test_kept_analysis_is_the_analysis(lab_regular, tmp_path):
     model = BinaryModel(image)
     cfg = build_cfg(model)
     key = saved.analysis_key(image)
-    saved.save(tmp_path, key, model.insns, cfg)
-    insns, kept_cfg = saved.load(tmp_path, key)
+    saved.save(tmp_path, key, model.insns, cfg, model.fill_insn)
+    kept = saved.load(tmp_path, key)
     for name in FIELDS:
-        assert np.array_equal(getattr(insns, name), getattr(model.insns, name)), name
+        assert np.array_equal(getattr(kept.insns, name), getattr(model.insns, name)), name
     for name in cfg.__dataclass_fields__:
-        assert np.array_equal(getattr(kept_cfg, name), getattr(cfg, name)), name
+        assert np.array_equal(getattr(kept.cfg, name), getattr(cfg, name)), name
+    assert np.array_equal(kept.fill_insn, model.fill_insn)
+    assert 0 < kept.fill_insn.sum() < len(kept.fill_insn)
     # Another vmlinux (one code byte changed, same build-id): another key.
     other = tmp_path / "other"
     shutil.copy(lab_regular.vmlinux, other)
@@ -105,3 +107,30 @@ def test_bytes_under_a_relocation_that_fills_no_field_are_decoded_again(tmp_path
     fresh, reused = BinaryModel.open(patched), BinaryModel.open(patched, like=inp)
     for name in FIELDS:
         assert np.array_equal(getattr(reused.insns, name), getattr(fresh.insns, name)), name
+
+
+def test_a_passed_input_check_is_kept_for_that_very_file(lab_regular, tmp_path, monkeypatch):
+    """The input's cross-check (tables, relocations) is not run again on the same
+    file; a file with the same analysis key but another byte anywhere (here in
+    .comment, which the key does not cover) is checked again."""
+    from kbuild_bolt.rewrite import engine
+
+    cache = tmp_path / "cache"
+    checks = []
+    real = engine.check_all
+    monkeypatch.setattr(engine, "check_all", lambda model: (checks.append(1), real(model))[1])
+    options = dict(reorder_blocks="random", seed=4, cache_dir=str(cache))
+    for run in range(2):
+        rewrite(lab_regular.vmlinux, tmp_path / "out", RewriteOptions(**options))
+    assert checks == [1]
+    assert len(list(cache.glob("analysis-*.checked"))) == 1
+    other = tmp_path / "other"
+    shutil.copy(lab_regular.vmlinux, other)
+    image = ElfImage(lab_regular.vmlinux)
+    comment = image.section(".comment")
+    raw = bytearray(other.read_bytes())
+    raw[comment.offset] ^= 0x20          # ("GCC: ..." -> "gCC: ...")
+    other.write_bytes(bytes(raw))
+    assert saved.analysis_key(ElfImage(other)) == saved.analysis_key(image)
+    rewrite(other, tmp_path / "out2", RewriteOptions(**options))
+    assert checks == [1, 1]

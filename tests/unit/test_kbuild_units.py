@@ -220,9 +220,8 @@ def test_each_printed_line_is_one_write_under_pythonunbuffered():
     assert len(raw.writes) == 2                  # what went wrong: text, then "\n"
     raw.writes.clear()
     stream = whole_lines(unbuffered)
+    assert stream is unbuffered
     print("module loop: left as it is: has debug info", file=stream)
     print("  BOLT    ext4.ko", "laid out", file=stream)
     assert raw.writes == [b"module loop: left as it is: has debug info\n",
                           b"  BOLT    ext4.ko laid out\n"]
-    buffered = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
-    assert whole_lines(buffered) is buffered
