@@ -182,9 +182,10 @@ def discover_regions(image, functions: FunctionTable) -> list[CodeRegion]:
         j = np.searchsorted(label_addr, cuts, side="right").astype(np.int64) - 1
         has = j >= 0
         has[has] &= label_addr[j[has]] == cuts[has]
-        for cut, end, jj, labelled in zip(cuts.tolist(), stop.tolist(), j.tolist(),
-                                          has.tolist()):
-            label = names[int(label_idx[jj])] if labelled else ""
+        label_of = label_idx[np.maximum(j, 0)].tolist() if len(label_idx) else [0] * len(j)
+        for cut, end, sym, labelled in zip(cuts.tolist(), stop.tolist(), label_of,
+                                           has.tolist()):
+            label = names[sym] if labelled else ""
             kind = "prefix" if label.startswith(PREFIX_SYMBOLS) else "code"
             regions.append(CodeRegion(cut, end, section_name, kind, label))
     return regions

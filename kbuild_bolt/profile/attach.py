@@ -60,6 +60,7 @@ class TakenEdges:
     starts_block: np.ndarray  # lands on the first instruction of b_dst
     leaves: np.ndarray       # taken from b_src's end or terminator: its way out
     weight: np.ndarray
+    in_profile_order: bool   # the profile's records were already by source
 
     @classmethod
     def of(cls, model, cfg, cp: "CodeProfile") -> "TakenEdges":
@@ -72,13 +73,16 @@ class TakenEdges:
         starts_block = (b_dst >= 0) & (cfg.block_first[safe_dst] == dst)
         leaves = (src == cfg.block_end[safe_src] - 1) | (src == cfg.block_term[safe_src])
         return cls(order, src, dst, b_src, b_dst, starts_block, leaves,
-                   cp.taken_count[order].astype(np.int64))
+                   cp.taken_count[order].astype(np.int64),
+                   bool(np.all(order == np.arange(len(order)))))
 
     def from_range(self, lo: int, hi: int) -> np.ndarray:
         """Positions (into these arrays) of the branches from instructions
         [lo, hi), in the profile's own order."""
-        a, b = np.searchsorted(self.src, (lo, hi))
+        a, b = np.searchsorted(self.src, (lo, hi)).tolist()
         at = np.arange(a, b)
+        if self.in_profile_order:
+            return at
         return at[np.argsort(self.order[a:b], kind="stable")]
 
 

@@ -28,6 +28,7 @@ from difflib import SequenceMatcher
 
 import numpy as np
 
+from kbuild_bolt.arrays import concat_ranges
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.model import Profile
 from kbuild_bolt.profile.shapes import FunctionShape
@@ -38,12 +39,54 @@ from kbuild_bolt.profile.shapes import FunctionShape
 MIN_MATCHED_SHARE = 0.95
 
 
+def _masked_section(model, section) -> np.ndarray:
+    """A code section's bytes with every PC-relative and relocated field zeroed
+    (made once per model, in one pass: shapes are asked for thousands of
+    functions)."""
+    cache = model.__dict__.setdefault("_masked_sections", {})
+    masked = cache.get(section.index)
+    if masked is not None:
+        return masked
+    masked = model.image.bytes[section.offset:section.offset + section.size].copy()
+    insns = model.insns
+    lo, hi = np.searchsorted(insns.addr, np.array([section.addr, section.end], np.uint64))
+    has = np.flatnonzero(insns.field_size[lo:hi] > 0) + lo
+    spots = concat_ranges((insns.addr[has] - np.uint64(section.addr)).astype(np.int64)
+                          + insns.field_off[has], insns.field_size[has])
+    masked[spots[spots < section.size]] = 0
+    rel = model.code_relocations
+    a, b = np.searchsorted(rel.offset, np.array([section.addr, section.end], np.uint64))
+    # (4 bytes from each relocation, fewer at the section's end)
+    spots = concat_ranges((rel.offset[a:b] - np.uint64(section.addr)).astype(np.int64),
+                          np.full(b - a, 4))
+    masked[spots[spots < section.size]] = 0
+    cache[section.index] = masked
+    return masked
+
+
 def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
     """Bytes of instructions [lo, hi) with PC-relative and relocated fields zeroed,
     and each instruction's offset into them."""
     insns = model.insns
     start = int(insns.addr[lo_insn])
     end = int(insns.end[hi_insn - 1])
+    offs = (insns.addr[lo_insn:hi_insn] - np.uint64(start)).astype(np.int64)
+    section = model.image.section_at(start)
+    rel = model.code_relocations
+    near = np.searchsorted(rel.offset, np.array([max(start - 3, 0), start], np.uint64))
+    if (section is None or not section.has_bits or end > section.end
+            or near[1] > near[0]                  # a field before it reaching into it
+            or (lo_insn > 0 and int(insns.end[lo_insn - 1]) > start)
+            or (hi_insn < len(insns) and int(insns.addr[hi_insn]) < end)):  # overlaps
+        return _masked_code_alone(model, lo_insn, hi_insn, start, end), offs
+    at = start - section.addr
+    return _masked_section(model, section)[at:at + end - start].tobytes(), offs
+
+
+def _masked_code_alone(model, lo_insn: int, hi_insn: int, start: int, end: int) -> bytes:
+    """_masked_code from the function's own instructions and relocations only
+    (code that other instructions or fields overlap)."""
+    insns = model.insns
     buf = bytearray(model.image.read(start, end - start))
     idx = np.arange(lo_insn, hi_insn)
     with_field = idx[insns.field_size[idx] > 0]
@@ -56,7 +99,7 @@ def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
     for off in rel.offset[a:b].tolist():
         o = off - start
         buf[o:o + 4] = b"\0" * min(4, end - off)
-    return bytes(buf), (insns.addr[idx] - np.uint64(start)).astype(np.int64)
+    return bytes(buf)
 
 
 def _digest(data: bytes) -> int:
@@ -66,17 +109,18 @@ def _digest(data: bytes) -> int:
 def function_shape(model, cfg, row: int) -> FunctionShape:
     functions = model.functions
     start = int(functions.start[row])
-    blocks = list(cfg.blocks_of(row))
-    if not blocks:
+    blocks = cfg.blocks_of(row)
+    if not len(blocks):
         return FunctionShape(functions.names[row], start, 0, 0)
-    lo, hi = int(cfg.block_first[blocks[0]]), int(cfg.block_end[blocks[-1]])
+    lo, hi = int(cfg.block_first[blocks.start]), int(cfg.block_end[blocks.stop - 1])
     code, offs = _masked_code(model, lo, hi)
     shape = FunctionShape(functions.names[row], start, len(code), _digest(code))
-    for b in blocks:
-        i0, i1 = int(cfg.block_first[b]) - lo, int(cfg.block_end[b]) - lo
-        o0 = int(offs[i0])
-        o1 = int(offs[i1]) if i1 < len(offs) else len(code)
-        shape.blocks.append((o0, o1 - o0, _digest(code[o0:o1])))
+    # Each block's bytes: from its first instruction's offset to the next's
+    # (the code's end after the last instruction).
+    offs = np.append(offs, len(code))
+    o0 = offs[cfg.block_first[blocks] - lo].tolist()
+    o1 = offs[cfg.block_end[blocks] - lo].tolist()
+    shape.blocks.extend((a, b - a, _digest(code[a:b])) for a, b in zip(o0, o1))
     return shape
 
 

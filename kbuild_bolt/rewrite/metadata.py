@@ -435,13 +435,13 @@ def _kallsyms_addresses(ctx, table) -> np.ndarray:
     new_values = ctx.symbol_values
     moved = np.flatnonzero(new_values != symbols.value)
     names = symbols.names
-    where = {(names[i], int(symbols.value[i])): int(new_values[i]) for i in moved.tolist()}
-    out = table.addresses.copy()
+    where = dict(zip(zip([names[i] for i in moved.tolist()], symbols.value[moved].tolist()),
+                     new_values[moved].tolist()))
     absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
-    for k, (name, addr) in enumerate(zip(table.names, table.addresses.tolist())):
-        if not absolute[k]:
-            out[k] = where.get((name[1:], addr), addr)
-    return out
+    return np.array([addr if fixed else where.get((name[1:], addr), addr)
+                     for name, addr, fixed in zip(table.names, table.addresses.tolist(),
+                                                  absolute.tolist())],
+                    np.uint64).reshape(-1)
 
 
 def _insert_symbols(ctx, records) -> tuple[bytes, bytes, int]:

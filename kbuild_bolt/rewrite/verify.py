@@ -206,13 +206,11 @@ def _kallsyms_problems(out: BinaryModel, table) -> tuple[int, list[str]]:
     """Every kallsyms entry names a symbol of the symbol table at its address, in
     address order, and the name index is sorted."""
     symbols = out.image.symbols
-    at: dict[str, set[int]] = {}
-    for name, value in zip(symbols.names, symbols.value.tolist()):
-        at.setdefault(name, set()).add(value)
+    there = set(zip(symbols.names, symbols.value.tolist()))
     problems = []
     absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
-    for k, (name, addr) in enumerate(zip(table.names, table.addresses.tolist())):
-        if not absolute[k] and addr not in at.get(name[1:], ()):
+    for name, addr, fixed in zip(table.names, table.addresses.tolist(), absolute.tolist()):
+        if not fixed and (name[1:], addr) not in there:
             problems.append(f"{name[1:]} at {addr:#x}: no such symbol there")
             if len(problems) >= 20:
                 break
@@ -453,10 +451,12 @@ def _functions_moved(a: ElfImage, b: ElfImage) -> bool:
     """Some input function symbol is not at its old address in the output. Matched
     by name and address, not by index: the output may have gained local symbols
     (``name.cold`` for parts placed in free room), which renumbers the rest."""
-    x, y = a.symbols, b.symbols
-    before = {(x.names[i], int(x.value[i])) for i in np.flatnonzero(x.type == 2).tolist()}
-    after = {(y.names[i], int(y.value[i])) for i in np.flatnonzero(y.type == 2).tolist()}
-    return not before <= after
+    def functions(symbols):
+        rows = np.flatnonzero(symbols.type == 2)
+        names = symbols.names
+        return set(zip([names[i] for i in rows.tolist()], symbols.value[rows].tolist()))
+
+    return not functions(a.symbols) <= functions(b.symbols)
 
 
 def _union(ranges: np.ndarray) -> np.ndarray:

@@ -83,7 +83,7 @@ def read(image) -> Kallsyms | None:
         if length & 0x80:
             length = (length & 0x7F) | (names_blob[pos] << 7)
             pos += 1
-        names.append("".join(tokens[b] for b in names_blob[pos:pos + length]))
+        names.append("".join(map(tokens.__getitem__, names_blob[pos:pos + length])))
         pos += length
         records.append(names_blob[start:pos])
     table.names = names
