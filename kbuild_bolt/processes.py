@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 
 from kbuild_bolt.errors import Interrupted
@@ -48,7 +50,23 @@ def install_signal_handlers() -> None:
         signal.signal(signum, _raise_interrupted)
 
 
+def _fresh_cached_property_locks() -> None:
+    """functools.cached_property before Python 3.12 takes one RLock per property,
+    shared by all instances. A fork while another thread of the parent is inside
+    such a property (the debug-info check reads ELF files in threads) leaves that
+    lock taken for good in the child: it would hang on its first use. A forked
+    child gets new ones."""
+    for module in list(sys.modules.values()):
+        for value in list(getattr(module, "__dict__", {}).values()):
+            if not isinstance(value, type):
+                continue
+            for attr in list(vars(value).values()):
+                if isinstance(attr, functools.cached_property) and hasattr(attr, "lock"):
+                    attr.lock = threading.RLock()
+
+
 def _worker_start(parent_pid: int) -> None:
+    _fresh_cached_property_locks()
     die_with_parent(parent_pid)
     # The parent handles Ctrl-C for the whole group and terminates the pool;
     # TERM (from the parent's terminate()) ends a worker at once.

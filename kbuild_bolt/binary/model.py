@@ -405,6 +405,16 @@ class RelocationIndex:
         return np.where(ok, i, -1)
 
 
+def check_readable(image: ElfImage, require_relocations=False) -> None:
+    """What a model of ``image`` needs of it, or a one-line error."""
+    if not image.has_symbols:
+        raise KbbError(f"{image.path}: no symbol table (stripped vmlinux); kbuild-bolt needs "
+                       "the symbols of the linked vmlinux")
+    if require_relocations and not image.has_relocations:
+        raise KbbError(f"{image.path}: no relocations; link with --emit-relocs and keep them "
+                       "(6.12's x86 post-link pass strips them: use vmlinux.unstripped)")
+
+
 class BinaryModel:
     """Everything known about a vmlinux's code before it is rewritten."""
 
@@ -418,12 +428,7 @@ class BinaryModel:
         self.image = image
         self.timing = Timing({})
         t = time.perf_counter()
-        if not image.has_symbols:
-            raise KbbError(f"{image.path}: no symbol table (stripped vmlinux); kbuild-bolt needs "
-                           "the symbols of the linked vmlinux")
-        if require_relocations and not image.has_relocations:
-            raise KbbError(f"{image.path}: no relocations; link with --emit-relocs and keep them "
-                           "(6.12's x86 post-link pass strips them: use vmlinux.unstripped)")
+        check_readable(image, require_relocations)
         self.version: KernelVersion = kernel_version(image)
         self.functions: FunctionTable = discover_functions(image)
         self.regions: list[CodeRegion] = discover_regions(image, self.functions)

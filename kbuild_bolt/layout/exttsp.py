@@ -640,10 +640,9 @@ class ProfileLayout:
         hot_block = counts > 0
         self.hot_rows = set(cfg.block_func[hot_block].tolist())
 
-    def for_function(self, row: int):
-        if row not in self.hot_rows:
-            return None
-        return lambda blocks: self.order(row, blocks)
+    def prepare(self) -> None:
+        """Make what every function's order reads (before a fork shares it)."""
+        self.profile.taken_edges(self.model, self.cfg)
 
     def order(self, row: int, blocks: list[int]) -> list[int]:
         from kbuild_bolt.profile.attach import function_edges

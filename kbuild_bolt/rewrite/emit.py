@@ -110,74 +110,86 @@ class BlockTable:
     """Per-block facts emission needs, for all blocks at once (numpy columns)."""
 
     def __init__(self, model, cfg, is_site: np.ndarray, fill: np.ndarray,
-                 reverse_sites: bool | np.ndarray = False, promotions=None):
+                 reverse_sites: bool | np.ndarray = False, promotions=None,
+                 rows: np.ndarray | None = None):
         """``reverse_sites``: static-key sites (all, or a mask per instruction) that
         are reversed when their jump side is laid out right behind them (see
         _build_items). ``promotions``: indirect calls that get a direct path
-        (:class:`kbuild_bolt.rewrite.promote.Promotions`)."""
+        (:class:`kbuild_bolt.rewrite.promote.Promotions`). ``rows``: the only
+        functions whose blocks are laid out (None: all); what is found from each
+        block's last instruction is found for their blocks alone (a profile's
+        layout changes a few thousand functions of tens of thousands)."""
         insns = model.insns
         nb = len(cfg.block_first)
         first, end, term = cfg.block_first, cfg.block_end, cfg.block_term
         ends = insns.addr + insns.length
+        if rows is None:
+            sel = np.arange(nb)
+        else:
+            rows = np.asarray(rows, np.int64)
+            lo = cfg.func_first_block[rows]
+            sel = np.unique(concat_ranges(lo, cfg.func_end_block[rows] - lo))
+        self.covered = np.zeros(nb, bool)
+        self.covered[sel] = True
         fall = np.full(nb, -1, np.int64)
         taken = np.full(nb, -1, np.int64)
         ft = cfg.edge_kind == FALLTHROUGH
         fall[cfg.edge_src[ft]] = cfg.edge_dst[ft]
         tk = np.isin(cfg.edge_kind, (TAKEN, STATIC_KEY))
         taken[cfg.edge_src[tk]] = cfg.edge_dst[tk]
-        flow = insns.flow[term]
-        direct = np.isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[term] == x86.REF_BRANCH)
-        target = insns.ref[term]
-        t_idx = model.insn_index(target)
+        t_s = term[sel]
+        flow = insns.flow[t_s]
+        direct = np.isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[t_s] == x86.REF_BRANCH)
+        target_s = insns.ref[t_s]
+        t_idx = model.insn_index(target_s)
         block_of = np.searchsorted(first, np.maximum(t_idx, 0), side="right").astype(np.int64) - 1
-        t_block = np.where((t_idx >= 0) & (first[np.maximum(block_of, 0)] == t_idx)
-                           & (cfg.block_func[np.maximum(block_of, 0)] == cfg.block_func),
-                           block_of, -1)
-        b = model.read_bytes(insns.addr[term], 2)
-        n = insns.length[term]
+        t_block_s = np.where((t_idx >= 0) & (first[np.maximum(block_of, 0)] == t_idx)
+                             & (cfg.block_func[np.maximum(block_of, 0)] == cfg.block_func[sel]),
+                             block_of, -1)
+        b = model.read_bytes(insns.addr[t_s], 2)
+        n = insns.length[t_s]
         is_jmp = flow == x86.JMP
         plain_jmp = ((n == 2) & (b[:, 0] == 0xEB)) | ((n == 5) & (b[:, 0] == 0xE9))
         short_jcc = (n == 2) & (b[:, 0] >= 0x70) & (b[:, 0] <= 0x7F)
         near_jcc = (n == 6) & (b[:, 0] == 0x0F) & (b[:, 1] >= 0x80) & (b[:, 1] <= 0x8F)
         plain = np.where(is_jmp, plain_jmp, short_jcc | near_jcc)
-        cc = np.where(short_jcc, b[:, 0] & 0xF, b[:, 1] & 0xF)
-        site = is_site[term]
-        external_short = direct & (t_block < 0) & (n == 2) & plain & ~site
+        cc_s = np.where(short_jcc, b[:, 0] & 0xF, b[:, 1] & 0xF)
+        site = is_site[t_s]
+        external_short = direct & (t_block_s < 0) & (n == 2) & plain & ~site
         # (a branch inside a patch unit is part of what the kernel patches: copied)
-        in_unit = model.inside_patch_unit(insns.addr[term])
-        rebranch = direct & plain & ~site & ~in_unit & ((t_block >= 0) | external_short)
-        kind = np.full(nb, END_COPY, np.int8)
-        kind[rebranch & is_jmp] = END_JMP
-        kind[rebranch & ~is_jmp] = END_JCC
-        static_key = cfg.static_key_insn[term]
-        kind[static_key] = END_SITE
+        in_unit = model.inside_patch_unit(insns.addr[t_s])
+        rebranch = direct & plain & ~site & ~in_unit & ((t_block_s >= 0) | external_short)
+        kind_s = np.full(len(sel), END_COPY, np.int8)
+        kind_s[rebranch & is_jmp] = END_JMP
+        kind_s[rebranch & ~is_jmp] = END_JCC
+        static_key_s = cfg.static_key_insn[t_s]
+        kind_s[static_key_s] = END_SITE
         # An alternative whose original site is exactly one direct jump within the
         # function (static_cpu_has, ALTERNATIVE "jmp .L", ...): when the kernel does
         # not patch it, it jumps; if its target is laid out right behind it, the
         # jump can become a nop of the same size.
         unit_start, unit_end = model.patch_units
-        exact_unit_jmp = np.zeros(nb, bool)
         if len(unit_start):
-            ta = insns.addr[term]
+            ta = insns.addr[t_s]
             u = np.searchsorted(unit_start, ta, side="right").astype(np.int64) - 1
-            ok = (u >= 0) & is_jmp & direct & (t_block >= 0)
+            ok = (u >= 0) & is_jmp & direct & (t_block_s >= 0)
             ok[ok] &= (unit_start[u[ok]] == ta[ok]) & (unit_end[u[ok]] == ta[ok] + n[ok])
-            exact_unit_jmp = ok & (kind == END_COPY)
+            exact_unit_jmp = ok & (kind_s == END_COPY)
             for k in np.flatnonzero(exact_unit_jmp).tolist():
-                if not _replacements_never_fall_through(model, int(insns.addr[term[k]])):
+                if not _replacements_never_fall_through(model, int(ta[k])):
                     exact_unit_jmp[k] = False
-        kind[exact_unit_jmp] = END_UNIT_JMP
+            kind_s[exact_unit_jmp] = END_UNIT_JMP
         # Where each static-key site jumps (its __jump_table target).
-        site_target = np.zeros(nb, np.uint64)
+        site_target_s = np.zeros(len(sel), np.uint64)
         jump_table = model.tables.get("__jump_table")
-        if jump_table is not None and static_key.any():
+        if jump_table is not None and static_key_s.any():
             codes = jump_table.targets("code")
             targets = jump_table.targets("target")
             order = np.argsort(codes)
             codes, targets = codes[order], targets[order]
-            sites = insns.addr[term[static_key]]
+            sites = insns.addr[t_s[static_key_s]]
             k = np.minimum(np.searchsorted(codes, sites), len(codes) - 1)
-            site_target[static_key] = np.where(codes[k] == sites, targets[k], 0)
+            site_target_s[static_key_s] = np.where(codes[k] == sites, targets[k], 0)
         # Blocks nobody reaches (no edge from their own function, not an entry)
         # that are only alignment fill: dropped from the new layout.
         same = cfg.block_func[cfg.edge_src] == cfg.block_func[cfg.edge_dst]
@@ -188,10 +200,19 @@ class BlockTable:
         not_fill = np.concatenate([[0], np.cumsum(~fill, dtype=np.int64)])
         self.droppable = ~has_pred & ~entry & (not_fill[end] == not_fill[first])
 
+        def column(values, default, dtype):
+            out = np.full(nb, default, dtype)
+            out[sel] = values
+            return out
+
+        kind = column(kind_s, END_COPY, np.int8)
+        static_key = column(static_key_s, False, bool)
         self.kind, self.first, self.end, self.term = kind, first, end, term
-        self.fall, self.taken, self.t_block = fall, taken, t_block
-        self.target, self.cc, self.site_jmp = target, cc.astype(np.int64), is_jmp
-        self.site_target = site_target
+        self.fall, self.taken, self.t_block = fall, taken, column(t_block_s, -1, np.int64)
+        self.target = column(target_s, 0, np.uint64)
+        self.cc = column(cc_s, 0, np.int64)
+        self.site_jmp = column(is_jmp, False, bool)
+        self.site_target = column(site_target_s, 0, np.uint64)
         may = np.asarray(reverse_sites)
         self.may_reverse = (np.full(nb, bool(may)) if may.ndim == 0 else may[term]) & static_key
         # Promoted calls of each block: promotions [icp_first, icp_first + icp_count)
@@ -216,7 +237,7 @@ class BlockTable:
 
     _COLUMNS = ("kind", "first", "end", "term", "fall", "taken", "t_block", "target", "cc",
                 "site_jmp", "site_target", "whole", "body", "tail", "droppable", "may_reverse",
-                "icp_first", "icp_count")
+                "icp_first", "icp_count", "covered")
 
     def with_runs(self, model, first: np.ndarray, end: np.ndarray) -> tuple["BlockTable", int]:
         """This table and, after its blocks, one pseudo-block per run of instructions
@@ -234,7 +255,7 @@ class BlockTable:
             "body": (insns.addr[end - 1] - insns.addr[first]).astype(np.int64),
             "tail": np.zeros(n, np.int64), "droppable": np.zeros(n, bool),
             "may_reverse": np.zeros(n, bool), "icp_first": np.zeros(n, np.int64),
-            "icp_count": np.zeros(n, np.int64),
+            "icp_count": np.zeros(n, np.int64), "covered": np.ones(n, bool),
         }
         out = BlockTable.__new__(BlockTable)
         out.promotions, out.p_insn, out.p_off, out.p_len = \
@@ -755,6 +776,8 @@ def _plan(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray) -> _Plan:
                       int(lengths.sum()))
     lay_f = np.repeat(np.arange(nf), lengths)
     start = functions.start[rows].astype(np.uint64)
+    if not bt.covered[lay].all():
+        raise RuntimeError("a function is laid out with blocks its block table left out")
     drop = bt.droppable[lay]
     dropped_fill = np.bincount(lay_f[drop], weights=bt.whole[lay[drop]], minlength=nf)
     # Part bases while laying out: the slot, and a fragment far away.
@@ -1265,6 +1288,8 @@ def _plan_positions(cfg, bt: BlockTable, rows, start, extent, orders, hot_len, p
     lay[is_body] = np.fromiter(itertools.chain.from_iterable(seqs), np.int64,
                                int(n_body.sum()))
     lay[first[head]] = [pre_block[r] for r, h in zip(rl, head.tolist()) if h]
+    if not bt.covered[lay].all():
+        raise RuntimeError("a function is laid out with blocks its block table left out")
     lay_f = np.repeat(np.arange(nf), lengths)
     hot = np.fromiter((hot_len[r] for r in rl), np.int64, nf)
     in_cold = (np.arange(total) - first[lay_f]) >= (head + hot)[lay_f]

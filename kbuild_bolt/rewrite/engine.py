@@ -42,12 +42,14 @@ import numpy as np
 
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.binary.cfg import REASONS
+from kbuild_bolt.binary.model import default_jobs
 from kbuild_bolt.elf.notes import build_id
 from kbuild_bolt.elf.notes import stamp as stamp_build_id
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout import orders as block_orders
 from kbuild_bolt.memory import trim
+from kbuild_bolt.processes import ForkedCall
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
     LayoutRecord, ProgressBar, RewriteContext, RewriteOptions, RewriteResult, Session,
@@ -55,7 +57,6 @@ from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public na
 from kbuild_bolt.rewrite.emit import BlockTable, emit_functions, table_sites
 from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
 from kbuild_bolt.rewrite.metadata import FileChanges, metadata_rewriters
-from kbuild_bolt.x86 import decode as x86
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,12 @@ def lay_out_blocks(ctx: RewriteContext) -> None:
     """candidates, profile_layout -> orders (functions whose order changes), unchanged_rows."""
     strategy = ctx.options.reorder_blocks
     names = ctx.model.functions.names
+    by_profile = profile_orders(ctx.profile_layout, ctx.cfg, ctx.candidates) \
+        if ctx.profile_layout is not None else None
     for row in ctx.candidates.tolist():
         blocks = list(ctx.cfg.blocks_of(row))
-        if ctx.profile_layout is not None:
-            by_profile = ctx.profile_layout.for_function(row)
-            order = by_profile(blocks) if by_profile else blocks  # never ran: keep its order
+        if by_profile is not None:
+            order = by_profile.get(row, blocks)   # never ran: keep its order
         elif len(blocks) <= 2 or strategy == "none":
             order = blocks  # (the entry block stays first: nothing to reorder)
         else:
@@ -149,6 +151,40 @@ def lay_out_blocks(ctx: RewriteContext) -> None:
             ctx.unchanged_rows.append(row)
         else:
             ctx.orders[row] = order
+
+
+# Fewer hot functions than this are ordered in one process (a fork costs more).
+PARALLEL_ORDERS_FROM = 200
+
+
+def profile_orders(layout, cfg, rows: np.ndarray) -> dict[int, list[int]]:
+    """ext-TSP order of every function of ``rows`` the profile saw (the others
+    keep theirs). With a second CPU, a forked child orders half of them: each
+    order depends on its function alone, so the result is the same."""
+    hot = [row for row in rows.tolist() if row in layout.hot_rows]
+    layout.prepare()
+    if len(hot) < PARALLEL_ORDERS_FROM or default_jobs() < 2:
+        return _orders_of(layout, cfg, hot)
+    # (the work grows faster than the blocks: the largest functions are dealt
+    # out first, each to the share with less so far)
+    size = (cfg.func_end_block[hot] - cfg.func_first_block[hot]).astype(np.int64)
+    shares, load = ([], []), [0, 0]
+    for k in np.argsort(-size, kind="stable").tolist():
+        side = 0 if load[0] <= load[1] else 1
+        shares[side].append(hot[k])
+        load[side] += int(size[k]) ** 2
+    child = ForkedCall(_orders_of, layout, cfg, shares[1])
+    try:
+        orders = _orders_of(layout, cfg, shares[0])
+        orders.update(child.result())
+    except BaseException:
+        child.cancel()
+        raise
+    return orders
+
+
+def _orders_of(layout, cfg, rows: list[int]) -> dict[int, list[int]]:
+    return {row: layout.order(row, list(cfg.blocks_of(row))) for row in rows}
 
 
 def promote_calls(ctx: RewriteContext) -> None:
@@ -300,7 +336,8 @@ def emit(ctx: RewriteContext) -> None:
     trim()
     while True:
         block_table = BlockTable(model, cfg, sites, fill_insn,
-                                 reverse_sites=reversible_sites(ctx), promotions=ctx.promotions)
+                                 reverse_sites=reversible_sites(ctx), promotions=ctx.promotions,
+                                 rows=rows)
         emission, failures = emit_functions(model, cfg, block_table, ctx.orders, ctx.slots,
                                             moved_interior,
                                             HoleAllocator(list(holes)) if ctx.options.split
@@ -356,7 +393,8 @@ def emit_moved(ctx: RewriteContext, sizes: dict | None = None) -> None:
     fill_insn = alignment_fill(model, np.union1d(moves.rows, moves.in_place))
     ctx.slots = slot_ends(model, fill_insn)
     block_table = BlockTable(model, cfg, table_sites(model), fill_insn,
-                             reverse_sites=reversible_sites(ctx), promotions=ctx.promotions)
+                             reverse_sites=reversible_sites(ctx), promotions=ctx.promotions,
+                             rows=np.union1d(moves.rows, moves.in_place))
     ctx.say(f"laying out {len(moves.rows):,} functions ({ctx.options.reorder_blocks} blocks, "
             f"{ctx.options.reorder_functions} functions"
             f"{', split' if ctx.options.split_functions else ''})")
@@ -705,16 +743,11 @@ def alignment_fill(model, rows: np.ndarray) -> np.ndarray:
     """int3/nop fill per instruction, where it matters: between functions (room to
     grow) and inside the functions ``rows`` (blocks of fill nobody reaches are
     dropped). False everywhere else."""
-    insns = model.insns
-    fill_insn = np.zeros(len(insns), bool)
     # (a lookup per function row; the last slot stands for -1: no function)
     fill_checked = np.zeros(len(model.functions) + 1, bool)
     fill_checked[rows] = True
     fill_checked[-1] = True
-    check = np.flatnonzero(fill_checked[model.function_of_insn])
-    check = check[np.isin(insns.flow[check], (x86.NEXT, x86.INTERRUPT))]
-    fill_insn[check] = model.fill_insn[check]
-    return fill_insn
+    return model.fill_insn & fill_checked[model.function_of_insn]
 
 
 def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:

@@ -26,13 +26,17 @@ import numpy as np
 
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.arrays import concat_ranges
-from kbuild_bolt.binary.model import BinaryModel, same_bytes
+from kbuild_bolt.binary.model import BinaryModel, check_readable, default_jobs, same_bytes
 from kbuild_bolt.elf.image import (
     FIELD_SIZE, SHT_RELA, SHT_STRTAB, SHT_SYMTAB, ElfImage, type_and_symbol,
 )
 from kbuild_bolt.elf.notes import build_id
 from kbuild_bolt.elf.notes import compute as compute_build_id
 from kbuild_bolt.errors import KbbError
+from kbuild_bolt.kernel import tables as kernel_tables
+from kbuild_bolt.kernel.version import kernel_version
+from kbuild_bolt.kernel.vmlinux import open_vmlinux
+from kbuild_bolt.processes import ForkedCall
 
 
 @dataclass
@@ -357,17 +361,80 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
         inp = against if isinstance(against, BinaryModel) else BinaryModel.open(
             against.path if isinstance(against, ElfImage) else against)
     try:
-        out = BinaryModel.open(path, like=inp)
+        image = open_vmlinux(path)
     except KbbError as err:
         report.add("output reads as a kernel", 1, [str(err)])
         return report
+    # The output decoded and its tables and relocations checked against its
+    # code on the other CPU, while this process compares it with the input
+    # (which reads its bytes, symbols and tables, not its instructions).
+    against_code = ForkedCall(_code_agreement, image, inp) if default_jobs() > 1 \
+        else _Done(_code_agreement, image, inp)
+    compared = VerifyReport()
+    try:
+        try:
+            _compare(compared, _TablesOf(image), inp, path, expect_rewritten, fragments,
+                     moved_ranges)
+        except KbbError:
+            raise
+        except Exception:
+            # (an output the decoding refuses is reported as such, as it was when
+            # it was decoded before anything else)
+            against_code.result()
+            raise
+        (entries, bad), (total, problems) = against_code.result()
+    except KbbError as err:
+        against_code.cancel()
+        report.add("output reads as a kernel", 1, [str(err)])
+        return report
+    except BaseException:
+        against_code.cancel()
+        raise
+    report.add("table entries match the code", entries, bad)
+    report.add("relocations agree with the bytes", total, problems)
+    report.checks.update(compared.checks)
+    report.problems.extend(compared.problems)
+    return report
+
+
+class _TablesOf:
+    """What the comparison with the input reads of the output: its image and
+    its kernel tables (no decoded code)."""
+
+    def __init__(self, image: ElfImage):
+        check_readable(image)          # (as the decoding model would)
+        self.image = image
+        self.version = kernel_version(image)
+        self.tables = kernel_tables.read_all(image, self.version.series)
+
+
+class _Done:
+    """A call made here (no CPU to spare), when its result is asked for, read as
+    a ForkedCall's."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+    def cancel(self) -> None:
+        pass
+
+
+def _code_agreement(image: ElfImage, inp: BinaryModel | None):
+    """The output decoded (with the input's decoding of what did not change):
+    (entries, problems) of its tables and (fields, problems) of its
+    relocations, checked against its code."""
+    out = BinaryModel(image, like=inp)
     checks = check_all(out)
     entries = sum(c.entries for c in checks.values())
     bad = [f"{m.table}[{m.index}] {m.field} -> {m.where}: {m.message}"
            for c in checks.values() for m in c.mismatches]
-    report.add("table entries match the code", entries, bad)
-    total, problems = check_relocations(out)
-    report.add("relocations agree with the bytes", total, problems)
+    return (entries, bad), check_relocations(out)
+
+
+def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) -> None:
     from kbuild_bolt.kernel.tables import kallsyms
 
     table = kallsyms.read(out.image)
@@ -410,7 +477,6 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
         if ".orc_unwind_ip" in inp.tables and (out.tables[".orc_unwind_ip"].count
                                                 != inp.tables[".orc_unwind_ip"].count):
             report.add("ORC table size", 1, ["ORC entry count changed"])
-    return report
 
 
 def _marker_problems(a: ElfImage, b: ElfImage) -> tuple[int, list[str]]:

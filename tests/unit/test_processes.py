@@ -68,3 +68,39 @@ def test_without_a_process_to_spare_the_work_is_done_here(monkeypatch):
     assert (pid, value) == (os.getpid(), 7)
     with pytest.raises(DwarfError, match="version 9"):
         ForkedCall(_fail).result()
+
+
+SCENARIO = r"""
+import threading
+from functools import cached_property
+from kbuild_bolt.processes import ForkedCall
+
+inside, release = threading.Event(), threading.Event()
+
+class Image:
+    @cached_property
+    def symbols(self):
+        if not inside.is_set():
+            inside.set()
+            release.wait()      # a thread of the parent stays inside the property
+        return 42
+
+def other_image_symbols():
+    return Image().symbols
+
+threading.Thread(target=lambda: Image().symbols, daemon=True).start()
+inside.wait()
+print(ForkedCall(other_image_symbols).result())
+release.set()
+"""
+
+
+def test_a_child_forked_while_a_thread_is_in_a_cached_property_does_not_hang():
+    """Python 3.11's cached_property holds one lock for all instances: forked
+    while a parent thread holds it, the child would wait for it forever."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", SCENARIO], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == "42", proc.stderr

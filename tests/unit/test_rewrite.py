@@ -273,3 +273,24 @@ def test_progress_bar_on_a_terminal_plain_lines_in_a_log_quiet_with_q(kernel, tm
     assert logged.returncode == 0 and "\r" not in logged.stderr and "BOLT    laying out" in \
         logged.stderr
     assert "BOLT" not in on_terminal(cmd + ["-q"]).split("functions rewritten")[0]
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_verify_reports_an_output_that_does_not_read_as_a_kernel(kernel, tmp_path, monkeypatch,
+                                                                  cpus):
+    """Whether the output is decoded in a forked child (two CPUs) or here: an
+    output that cannot be read is a failed check, not an error or a hang."""
+    import kbuild_bolt.rewrite.verify as verify_module
+
+    monkeypatch.setattr(verify_module, "default_jobs", lambda: cpus)
+    good = tmp_path / "good"
+    rewrite(kernel, good, options(reorder_blocks="reverse"))
+    assert verify(good, against=kernel).ok
+    not_elf = tmp_path / "not-elf"
+    not_elf.write_bytes(b"\x7fELF" + bytes(60))
+    stripped = tmp_path / "stripped"
+    subprocess.run(["objcopy", "--strip-all", str(good), str(stripped)], check=True)
+    for bad in (not_elf, stripped):
+        report = verify(bad, against=kernel)
+        assert not report.ok
+        assert report.first_problem().startswith("output reads as a kernel: "), report.problems
