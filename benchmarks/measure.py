@@ -2,13 +2,16 @@
 
 Used by the benchmark scripts; ``os.wait4`` gives the child's resource usage,
 whose ``ru_maxrss`` covers the largest process in its tree (forked decode
-workers included).
+workers included). The command is started by a small helper process: a child
+forked (or vforked) straight from a benchmark that has grown (a profile
+recorded in it) would count the benchmark's pages in its own peak RSS.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -22,15 +25,26 @@ class Run:
     output: str
 
 
+# The helper: runs the command with its output on the helper's, and writes
+# "seconds peak-rss-kb exit-code" to the file named first.
+_HELPER = """
+import os, subprocess, sys, time
+started = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:])
+_pid, status, usage = os.wait4(proc.pid, 0)
+seconds = time.perf_counter() - started
+with open(sys.argv[1], "w") as out:
+    out.write(f"{seconds} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def measure(command: list[str], env=None) -> Run:
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    out = proc.stdout.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - started
-    return Run(command, round(seconds, 2), round(usage.ru_maxrss / 1024, 1), proc.returncode,
-               out.decode(errors="replace"))
+    with tempfile.NamedTemporaryFile("r", suffix=".measure") as result:
+        proc = subprocess.run([sys.executable, "-c", _HELPER, result.name, *command],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        seconds, rss_kb, returncode = result.read().split()
+    return Run(command, round(float(seconds), 2), round(int(rss_kb) / 1024, 1),
+               int(returncode), proc.stdout.decode(errors="replace"))
 
 
 def best_of(command: list[str], repeat: int, env=None) -> Run:
