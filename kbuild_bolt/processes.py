@@ -57,17 +57,18 @@ def _fresh_cached_property_locks() -> None:
     lock taken for good in the child: it would hang on its first use. A forked
     child gets new ones."""
     for module in list(sys.modules.values()):
-        for value in list(getattr(module, "__dict__", {}).values()):
-            if not isinstance(value, type):
-                continue
-            for attr in list(vars(value).values()):
-                if isinstance(attr, functools.cached_property) and hasattr(attr, "lock"):
-                    attr.lock = threading.RLock()
+        with contextlib.suppress(Exception):    # (a module of an odd kind: not ours)
+            for value in list(vars(module).values()):
+                if not isinstance(value, type):
+                    continue
+                for attr in list(vars(value).values()):
+                    if isinstance(attr, functools.cached_property) and hasattr(attr, "lock"):
+                        attr.lock = threading.RLock()
 
 
 def _worker_start(parent_pid: int) -> None:
-    _fresh_cached_property_locks()
     die_with_parent(parent_pid)
+    _fresh_cached_property_locks()
     # The parent handles Ctrl-C for the whole group and terminates the pool;
     # TERM (from the parent's terminate()) ends a worker at once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
