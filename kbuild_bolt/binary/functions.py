@@ -74,8 +74,7 @@ class FunctionTable:
             depth = np.cumsum(np.bincount(first, minlength=n + 1)
                               - np.bincount(stop, minlength=n + 1))[:n]
             return np.where(depth > 0, i, -1)
-        else:
-            i = np.searchsorted(self.start, addrs, side="right").astype(np.int64) - 1
+        i = np.searchsorted(self.start, addrs, side="right").astype(np.int64) - 1
         ok = i >= 0
         ok[ok] &= addrs[ok] < self.end[i[ok]]
         return np.where(ok, i, -1)

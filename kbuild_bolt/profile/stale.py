@@ -39,29 +39,32 @@ from kbuild_bolt.profile.shapes import FunctionShape
 MIN_MATCHED_SHARE = 0.95
 
 
-def _masked_section(model, section) -> np.ndarray:
-    """A code section's bytes with every PC-relative and relocated field zeroed
-    (made once per model, in one pass: shapes are asked for thousands of
-    functions)."""
-    cache = model.__dict__.setdefault("_masked_sections", {})
-    masked = cache.get(section.index)
-    if masked is not None:
-        return masked
-    masked = model.image.bytes[section.offset:section.offset + section.size].copy()
+def _masked(model, start: int, end: int, lo_insn: int, hi_insn: int) -> np.ndarray:
+    """Bytes [start, end) with the PC-relative fields of instructions [lo, hi)
+    and the 4 bytes from each relocation in the range (fewer at its end) zeroed."""
+    buf = np.frombuffer(model.image.read(start, end - start), np.uint8).copy()
     insns = model.insns
-    lo, hi = np.searchsorted(insns.addr, np.array([section.addr, section.end], np.uint64))
-    has = np.flatnonzero(insns.field_size[lo:hi] > 0) + lo
-    spots = concat_ranges((insns.addr[has] - np.uint64(section.addr)).astype(np.int64)
+    has = np.flatnonzero(insns.field_size[lo_insn:hi_insn] > 0) + lo_insn
+    spots = concat_ranges((insns.addr[has] - np.uint64(start)).astype(np.int64)
                           + insns.field_off[has], insns.field_size[has])
-    masked[spots[spots < section.size]] = 0
+    buf[spots[spots < len(buf)]] = 0
     rel = model.code_relocations
-    a, b = np.searchsorted(rel.offset, np.array([section.addr, section.end], np.uint64))
-    # (4 bytes from each relocation, fewer at the section's end)
-    spots = concat_ranges((rel.offset[a:b] - np.uint64(section.addr)).astype(np.int64),
+    a, b = np.searchsorted(rel.offset, np.array([start, end], np.uint64))
+    spots = concat_ranges((rel.offset[a:b] - np.uint64(start)).astype(np.int64),
                           np.full(b - a, 4))
-    masked[spots[spots < section.size]] = 0
-    cache[section.index] = masked
-    return masked
+    buf[spots[spots < len(buf)]] = 0
+    return buf
+
+
+def _masked_section(model, section) -> np.ndarray:
+    """A code section, masked (made once per model, in one pass: shapes are
+    asked for thousands of functions)."""
+    cache = model.__dict__.setdefault("_masked_sections", {})
+    if section.index not in cache:
+        lo, hi = np.searchsorted(model.insns.addr,
+                                 np.array([section.addr, section.end], np.uint64)).tolist()
+        cache[section.index] = _masked(model, section.addr, section.end, lo, hi)
+    return cache[section.index]
 
 
 def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
@@ -78,28 +81,10 @@ def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
             or near[1] > near[0]                  # a field before it reaching into it
             or (lo_insn > 0 and int(insns.end[lo_insn - 1]) > start)
             or (hi_insn < len(insns) and int(insns.addr[hi_insn]) < end)):  # overlaps
-        return _masked_code_alone(model, lo_insn, hi_insn, start, end), offs
+        # (masked from its own instructions and relocations alone)
+        return _masked(model, start, end, lo_insn, hi_insn).tobytes(), offs
     at = start - section.addr
     return _masked_section(model, section)[at:at + end - start].tobytes(), offs
-
-
-def _masked_code_alone(model, lo_insn: int, hi_insn: int, start: int, end: int) -> bytes:
-    """_masked_code from the function's own instructions and relocations only
-    (code that other instructions or fields overlap)."""
-    insns = model.insns
-    buf = bytearray(model.image.read(start, end - start))
-    idx = np.arange(lo_insn, hi_insn)
-    with_field = idx[insns.field_size[idx] > 0]
-    for i in with_field.tolist():
-        off = int(insns.addr[i]) - start + int(insns.field_off[i])
-        buf[off:off + int(insns.field_size[i])] = b"\0" * int(insns.field_size[i])
-    rel = model.code_relocations
-    a = np.searchsorted(rel.offset, np.uint64(start))
-    b = np.searchsorted(rel.offset, np.uint64(end))
-    for off in rel.offset[a:b].tolist():
-        o = off - start
-        buf[o:o + 4] = b"\0" * min(4, end - off)
-    return bytes(buf)
 
 
 def _digest(data: bytes) -> int:
