@@ -3,10 +3,14 @@
 - Signals: SIGTERM and SIGHUP (``timeout``, a CI runner, a closed terminal)
   become an :class:`~kbuild_bolt.errors.Interrupted` exception in the main
   thread, as SIGINT becomes ``KeyboardInterrupt``, so every cleanup runs
-  (temporary outputs removed, worker pools and QEMU stopped).
-- Children (decode workers, QEMU) get a parent-death signal: if kbuild-bolt is
-  killed outright (SIGKILL, the OOM killer), the kernel kills them too, and no
-  worker keeps hundreds of megabytes or the caller's stdout alive.
+  (temporary outputs removed, forked children and QEMU stopped).
+- Children (forked ones that decode, order or verify, and QEMU) ask for a
+  parent-death signal before anything else: if kbuild-bolt is killed outright
+  (SIGKILL, the OOM killer), the kernel kills them too, and no child keeps
+  hundreds of megabytes or the caller's stdout alive. Forked children are
+  plain fork()s, not a multiprocessing pool: a pool worker runs Python code of
+  multiprocessing's (and takes its locks) before its initializer can ask, and
+  its terminate() waits for workers that SIGTERM may not reach.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import multiprocessing
 import os
 import pickle
 import signal
@@ -27,15 +30,30 @@ _PR_SET_PDEATHSIG = 1
 _TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 
 
+def _find_prctl():
+    """libc's prctl, looked up once here in the parent (None: not Linux). A child
+    must not look it up: dlopen takes the dynamic loader's lock, which another
+    thread of the parent may have held at the fork, for good in the child."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _find_prctl()
+
+
 def die_with_parent(parent_pid: int | None = None) -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux). For
-    ``preexec_fn`` and pool initializers; ``parent_pid`` closes the race where
-    the parent died before the request was made."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
+    ``preexec_fn`` and forked children, first thing; ``parent_pid`` closes the
+    race where the parent died before the request was made."""
+    if _PRCTL is None:
         return  # not Linux: nothing to ask
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)
 
@@ -66,38 +84,48 @@ def _fresh_cached_property_locks() -> None:
                         attr.lock = threading.RLock()
 
 
-def _worker_start(parent_pid: int) -> None:
+# Blocked across a fork until the child has its own handlers: a signal in
+# between would raise the parent's exception in the child, which would then
+# run the parent's cleanup (and print its message) as a copy of the parent.
+_FORK_BLOCKED = {signal.SIGINT, *_TERMINATING}
+
+
+def _child_start(parent_pid: int, mask) -> None:
     die_with_parent(parent_pid)
     _fresh_cached_property_locks()
-    # The parent handles Ctrl-C for the whole group and terminates the pool;
-    # TERM (from the parent's terminate()) ends a worker at once.
+    # The parent handles Ctrl-C for the whole group and stops its children;
+    # TERM ends a child at once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in _TERMINATING:
         signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-# Blocked while workers are forked, until each has its own handlers: a Ctrl-C at
-# that moment would otherwise raise KeyboardInterrupt in a half-started worker
-# (a traceback on the terminal); the parent gets it once the pool exists.
-_STARTUP_BLOCKED = {signal.SIGINT, *_TERMINATING}
-
-
-@contextlib.contextmanager
-def worker_pool(jobs: int):
-    """A pool of ``jobs`` forked workers (they inherit what the parent has mapped),
-    terminated when the block ends, normally or not."""
-    ctx = multiprocessing.get_context("fork")
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_BLOCKED)
+def in_shares(fn, shares: list, jobs: int) -> list:
+    """``[fn(share) for share in shares]``, the shares dealt out to ``jobs``
+    processes: this one and forked children (:class:`ForkedCall`), each taking a
+    run of consecutive shares. The children see the parent's memory, so ``fn``
+    may read what the parent has mapped; whatever ends the parent (an error,
+    Ctrl-C, SIGTERM, SIGKILL) ends them too."""
+    jobs = max(1, min(jobs, len(shares)))
+    bounds = [len(shares) * k // jobs for k in range(jobs + 1)]
+    runs = [shares[bounds[k]:bounds[k + 1]] for k in range(jobs)]
+    children = []
     try:
-        pool = ctx.Pool(jobs, initializer=_worker_start, initargs=(os.getpid(),))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
+        for run in runs[1:]:
+            children.append(ForkedCall(_each, fn, run))
+        results = _each(fn, runs[0])
+        for child in children:
+            results.extend(child.result())
+    except BaseException:
+        for child in children:
+            child.cancel()
+        raise
+    return results
+
+
+def _each(fn, shares: list) -> list:
+    return [fn(share) for share in shares]
 
 
 class ForkedCall:
@@ -111,11 +139,13 @@ class ForkedCall:
         self._done, self._reader, self._payload, self._here = True, None, bytearray(), None
         read_end, write_end = os.pipe()
         parent = os.getpid()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         try:
             self.pid = os.fork()
         except OSError:
             # (no process to spare, e.g. a process limit: the work is done here, now;
             # an error raised by it waits for result(), as the child's would)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(read_end)
             os.close(write_end)
             self.pid = None
@@ -128,13 +158,14 @@ class ForkedCall:
             status = 1
             try:
                 os.close(read_end)
-                _worker_start(parent)
+                _child_start(parent, mask)
                 payload = self._run(fn, args)
                 with os.fdopen(write_end, "wb") as pipe:
                     pipe.write(payload)
                 status = 0
             finally:
                 os._exit(status)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_end)
         self._done = False
         self._reader = threading.Thread(target=self._read, args=(read_end,), daemon=True)

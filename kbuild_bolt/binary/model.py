@@ -26,12 +26,12 @@ from kbuild_bolt.kernel import tables as kernel_tables
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.kernel.version import KernelVersion, kernel_version
 from kbuild_bolt.kernel.vmlinux import open_vmlinux
-from kbuild_bolt.processes import worker_pool
+from kbuild_bolt.processes import in_shares
 from kbuild_bolt.x86 import decode as x86
 from kbuild_bolt.x86.patterns import is_fill
 
 # ---------------------------------------------------------------------------
-# Parallel decoding: workers are forked with the image already mapped.
+# Parallel decoding: children are forked with the image already mapped.
 
 _WORKER_IMAGE: ElfImage | None = None
 
@@ -50,7 +50,7 @@ def _decode_chunk(chunk: list[tuple[int, int, int]]) -> x86.Decoded:
 
 
 def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -> x86.Decoded:
-    """Decode every range; with ``jobs`` > 1 in forked worker processes."""
+    """Decode every range; with ``jobs`` > 1 in this process and forked children."""
     global _WORKER_IMAGE
     ranges = sorted(ranges, key=lambda r: r[1])
     # Padding between functions is int3 fill, often megabytes of it: every byte
@@ -66,23 +66,21 @@ def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -
             return _decode_chunk(ranges)
         finally:
             _WORKER_IMAGE = None
-    # Contiguous chunks keep the result in address order; a few more chunks than
-    # workers even out their speed.
-    n_chunks = jobs * 4
-    target = total / n_chunks
+    # Contiguous chunks of about equal size, one per process, keep the result in
+    # address order.
+    target = total / jobs
     chunks, current, size = [], [], 0
     for r in ranges:
         current.append(r)
         size += r[2] - r[1]
-        if size >= target:
+        if size >= target and len(chunks) < jobs - 1:
             chunks.append(current)
             current, size = [], 0
     if current:
         chunks.append(current)
     _WORKER_IMAGE = image
     try:
-        with worker_pool(jobs) as pool:
-            parts = pool.map(_decode_chunk, chunks, chunksize=1)
+        parts = in_shares(_decode_chunk, chunks, jobs)
     finally:
         _WORKER_IMAGE = None
     return x86.Decoded.concatenate(parts, consume=True)
