@@ -57,7 +57,8 @@ class FunctionTable:
         return -1
 
     def rows_containing(self, addrs: np.ndarray) -> np.ndarray:
-        """Vectorized :meth:`find` (-1 where no function contains the address)."""
+        """Vectorized :meth:`find` (-1 where no function contains the address), as
+        int32 (millions of instructions: a column of rows is kept per instruction)."""
         addrs = np.asarray(addrs, dtype=np.uint64)
         if len(addrs) > 4 * len(self.start) and bool(np.all(addrs[1:] >= addrs[:-1])):
             # (every instruction of a kernel, in order: the functions' starts are
@@ -65,19 +66,24 @@ class FunctionTable:
             n = len(addrs)
             first = np.searchsorted(addrs, self.start, side="left")
             runs = np.diff(np.concatenate(([0], first, [n])))
-            i = np.repeat(np.arange(-1, len(self.start), dtype=np.int64), runs)
+            i = np.repeat(np.arange(-1, len(self.start), dtype=np.int32), runs)
             # Inside row r: from its first address to its end, or the next
-            # function's start if that comes first.
+            # function's start if that comes first. How many rows cover each
+            # address: +1 at each first, -1 at each stop, summed (int32 and in
+            # place: a kernel has millions of addresses).
             stop = np.minimum(np.searchsorted(addrs, self.end, side="left"),
                               np.append(first[1:], n))
             stop = np.maximum(stop, first)
-            depth = np.cumsum(np.bincount(first, minlength=n + 1)
-                              - np.bincount(stop, minlength=n + 1))[:n]
-            return np.where(depth > 0, i, -1)
-        i = np.searchsorted(self.start, addrs, side="right").astype(np.int64) - 1
+            depth = np.zeros(n + 1, np.int32)
+            np.add.at(depth, first, 1)
+            np.add.at(depth, stop, -1)
+            np.cumsum(depth, out=depth)
+            i[depth[:n] <= 0] = -1
+            return i
+        i = np.searchsorted(self.start, addrs, side="right").astype(np.int32) - 1
         ok = i >= 0
         ok[ok] &= addrs[ok] < self.end[i[ok]]
-        return np.where(ok, i, -1)
+        return np.where(ok, i, np.int32(-1))
 
     def by_name(self, name: str) -> int:
         for i, n in enumerate(self.names):

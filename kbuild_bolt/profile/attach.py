@@ -106,7 +106,7 @@ def attach(model, profile) -> CodeProfile:
         matched = float(profile.range_count[ok].sum()) / total
     else:
         matched = 0.0
-    insn_count = np.cumsum(diff[:-1])
+    insn_count = np.cumsum(diff[:-1], out=diff[:-1])    # (in place: one per instruction)
     if (insn_count < 0).any():
         raise KbbError("profile ranges overlap inconsistently")
 

@@ -58,13 +58,17 @@ def _masked(model, start: int, end: int, lo_insn: int, hi_insn: int) -> np.ndarr
 
 def _masked_section(model, section) -> np.ndarray:
     """A code section, masked (made once per model, in one pass: shapes are
-    asked for thousands of functions)."""
+    asked for thousands of functions; :func:`_drop_masked` frees them after)."""
     cache = model.__dict__.setdefault("_masked_sections", {})
     if section.index not in cache:
         lo, hi = np.searchsorted(model.insns.addr,
                                  np.array([section.addr, section.end], np.uint64)).tolist()
         cache[section.index] = _masked(model, section.addr, section.end, lo, hi)
     return cache[section.index]
+
+
+def _drop_masked(model) -> None:
+    model.__dict__.pop("_masked_sections", None)
 
 
 def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
@@ -115,9 +119,12 @@ def shapes_for(model, cfg, profile: Profile) -> dict[str, FunctionShape]:
     rows |= set(model.functions.rows_containing(profile.src).tolist())
     rows.discard(-1)
     shapes = {}
-    for r in sorted(rows):
-        shape = function_shape(model, cfg, r)
-        shapes[f"{shape.name}@{shape.start:x}"] = shape  # static functions share names
+    try:
+        for r in sorted(rows):
+            shape = function_shape(model, cfg, r)
+            shapes[f"{shape.name}@{shape.start:x}"] = shape  # static functions share names
+    finally:
+        _drop_masked(model)
     return shapes
 
 
@@ -207,6 +214,13 @@ def unsure_reason(old: FunctionShape, new: FunctionShape, pairs, old_weight, suc
 
 def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tuple[Profile, AdaptReport]:
     """Move ``profile`` (with its recorded ``shapes``) onto the kernel in ``model``."""
+    try:
+        return _adapt(profile, model, cfg, shapes)
+    finally:
+        _drop_masked(model)
+
+
+def _adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tuple[Profile, AdaptReport]:
     report = AdaptReport(total=int(profile.range_count.sum()))
     old_lo, old_hi, deltas_delta = [], [], []
     # Piecewise map: old address interval -> delta.
