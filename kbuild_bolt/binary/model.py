@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from kbuild_bolt.arrays import concat_ranges, in_sorted
+from kbuild_bolt.arrays import concat_ranges
 from kbuild_bolt.binary.functions import (
     AUX_CODE_SECTIONS, MODULE_INFO_SECTION, CodeRegion, FunctionTable, discover_functions, discover_regions,
 )
@@ -485,15 +485,24 @@ class BinaryModel:
     def insn_containing(self, addrs) -> np.ndarray:
         """Index of the decoded instruction covering each address, or -1."""
         addrs = np.asarray(addrs, dtype=np.uint64)
-        i = np.searchsorted(self.insns.addr, addrs, side="right").astype(np.int64) - 1
+        insns = self.insns
+        i = np.searchsorted(insns.addr, addrs, side="right").astype(np.int64) - 1
         ok = i >= 0
-        ok[ok] &= addrs[ok] < self.insns.end[i[ok]]
+        j = i[ok]       # (the end of these alone: see is_boundary)
+        ok[ok] &= addrs[ok] < insns.addr[j] + insns.length[j]
         return np.where(ok, i, -1)
 
     def is_boundary(self, addrs) -> np.ndarray:
         """True where an address starts an instruction or ends the last one of a range."""
         addrs = np.asarray(addrs, dtype=np.uint64)
-        return (self.insn_index(addrs) >= 0) | in_sorted(self.insns.end, addrs)
+        # (an end is the end of the last instruction starting before it: no column
+        # of every instruction's end is made for it, as verifying an output would)
+        insns = self.insns
+        before = np.searchsorted(insns.addr, addrs, side="left").astype(np.int64) - 1
+        k = np.maximum(before, 0)
+        ends = (before >= 0) & (insns.addr[k] + insns.length[k] == addrs) if len(insns) \
+            else np.zeros(len(addrs), bool)
+        return (self.insn_index(addrs) >= 0) | ends
 
     @cached_property
     def function_of_insn(self) -> np.ndarray:

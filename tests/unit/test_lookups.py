@@ -44,3 +44,30 @@ def test_merge_keeps_address_order_and_a_first_at_equal_addresses(sizes):
     expected = sorted([(a, 0) for a in a_addr.tolist()] + [(b, 1) for b in b_addr.tolist()])
     assert merged.addr.tolist() == [a for a, _ in expected]
     assert merged.length.tolist() == [1 if k == 0 else 2 for _, k in expected]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_instruction_lookups_answer_as_a_walk_over_the_instructions(seed):
+    """insn_containing and is_boundary work from starts and lengths (no column of
+    ends): the same answers as looking at every instruction."""
+    from types import SimpleNamespace
+
+    from kbuild_bolt.binary.model import BinaryModel
+
+    rng = np.random.default_rng(seed)
+    # runs of back-to-back instructions with gaps between the runs
+    length = rng.integers(1, 8, 400).astype(np.uint8)
+    gap = np.where(rng.random(400) < 0.1, rng.integers(1, 20, 400), 0)
+    addr = (1000 + np.cumsum(length.astype(np.int64) + gap) - length).astype(np.uint64)
+    insns = x86.Decoded(addr, length, *(np.zeros(400, t) for t in
+                                         (np.uint8, np.uint64, np.uint8, np.uint8, np.uint8,
+                                          bool)))
+    model = SimpleNamespace(insns=insns)
+    model.insn_index = lambda a: BinaryModel.insn_index(model, a)
+    probe = np.arange(990, int(addr[-1]) + 12, dtype=np.uint64)
+    spans = list(zip(addr.tolist(), (addr + length).tolist()))
+    containing = [next((k for k, (a, b) in enumerate(spans) if a <= p < b), -1)
+                  for p in probe.tolist()]
+    boundary = [any(p in (a, b) for a, b in spans) for p in probe.tolist()]
+    assert BinaryModel.insn_containing(model, probe).tolist() == containing
+    assert BinaryModel.is_boundary(model, probe).tolist() == boundary
