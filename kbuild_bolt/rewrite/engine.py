@@ -55,7 +55,7 @@ from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public na
     LayoutRecord, ProgressBar, RewriteContext, RewriteOptions, RewriteResult, Session,
 )
 from kbuild_bolt.rewrite.emit import BlockTable, emit_functions, table_sites
-from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes
+from kbuild_bolt.rewrite.holes import HoleAllocator, find_holes, slots_short_of_holes
 from kbuild_bolt.rewrite.metadata import FileChanges, metadata_rewriters
 
 
@@ -332,6 +332,7 @@ def emit(ctx: RewriteContext) -> None:
     sites = table_sites(model)
     holes = find_holes(model) if ctx.options.split else []
     result.free_room = sum(b - a for a, b in holes)
+    ctx.slots = slots_short_of_holes(model.functions.start, ctx.slots, holes)
     ctx.say(f"laying out {len(ctx.orders):,} functions ({ctx.options.reorder_blocks})")
     trim()
     while True:

@@ -66,6 +66,21 @@ def find_holes(model) -> list[tuple[int, int]]:
     return holes
 
 
+def slots_short_of_holes(starts: np.ndarray, slots: np.ndarray,
+                         holes: list[tuple[int, int]]) -> np.ndarray:
+    """Each function's slot end, cut at the first hole after its start. A slot
+    runs over the fill after a function up to the next symbol, and a hole has no
+    symbol at its start when no label marks it (Debian's 6.1 kernel: the slot of
+    srso_alias_safe_ret runs over a whole hole): a function growing there would
+    overwrite cold code placed in the hole."""
+    if not holes:
+        return slots
+    first = np.array(sorted(a for a, _ in holes), np.uint64)
+    i = np.searchsorted(first, np.asarray(starts, np.uint64), side="right")
+    nxt = first[np.minimum(i, len(first) - 1)]
+    return np.where(i < len(first), np.minimum(slots, nxt), slots).astype(np.uint64)
+
+
 class HoleAllocator:
     """Bump allocation in the free holes, 16-byte aligned."""
 

@@ -294,3 +294,19 @@ def test_verify_reports_an_output_that_does_not_read_as_a_kernel(kernel, tmp_pat
         report = verify(bad, against=kernel)
         assert not report.ok
         assert report.first_problem().startswith("output reads as a kernel: "), report.problems
+
+
+def test_a_slot_never_runs_into_a_hole_after_its_function():
+    """A function's slot over the fill after it stops where free room for cold
+    code begins (no label marks a hole's start on every kernel)."""
+    import numpy as np
+
+    from kbuild_bolt.rewrite.holes import slots_short_of_holes
+
+    starts = np.array([0x100, 0x200, 0x5000, 0x9000], np.uint64)
+    slots = np.array([0x180, 0x8000, 0x6000, 0x9100], np.uint64)
+    holes = [(0x7000, 0x7f00), (0x1000, 0x4000)]
+    got = slots_short_of_holes(starts, slots, holes)
+    # 0x200's slot ran over both holes: cut at the first; the others end before a hole
+    assert got.tolist() == [0x180, 0x1000, 0x6000, 0x9100]
+    assert slots_short_of_holes(starts, slots, []).tolist() == slots.tolist()
