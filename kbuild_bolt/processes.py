@@ -145,10 +145,10 @@ class ForkedCall:
         except OSError:
             # (no process to spare, e.g. a process limit: the work is done here, now;
             # an error raised by it waits for result(), as the child's would)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(read_end)
             os.close(write_end)
             self.pid = None
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             try:
                 self._here = (True, fn(*args))
             except Exception as e:
@@ -165,11 +165,17 @@ class ForkedCall:
                 status = 0
             finally:
                 os._exit(status)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_end)
         self._done = False
         self._reader = threading.Thread(target=self._read, args=(read_end,), daemon=True)
         self._reader.start()
+        try:
+            # (a signal that came since the fork is raised here: the caller never
+            # gets this object to cancel, so the child is stopped now)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        except BaseException:
+            self.cancel()
+            raise
 
     @staticmethod
     def _run(fn, args) -> bytes:

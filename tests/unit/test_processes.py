@@ -176,3 +176,34 @@ def test_a_signal_at_the_fork_never_runs_the_parent_s_code_in_the_child(signum):
     expected = ("parent: a forked worker ended without a result" if signum == signal.SIGTERM
                 else "value 1")
     assert proc.stdout.strip() == expected, proc.stderr
+
+
+PARENT_WINDOW = r"""
+import os, signal, sys, time
+from kbuild_bolt import processes
+from kbuild_bolt.errors import Interrupted
+
+processes.install_signal_handlers()
+real_fork = os.fork
+
+def fork():
+    pid = real_fork()
+    if pid != 0:
+        os.kill(os.getpid(), signal.SIGTERM)       # the parent's moment after the fork
+    return pid
+
+os.fork = fork
+try:
+    processes.ForkedCall(time.sleep, 60)
+    print("no signal", flush=True)
+except Interrupted:
+    me = os.getpid()
+    with open(f"/proc/{me}/task/{me}/children") as f:
+        print("interrupted; children:", f.read().split(), flush=True)
+"""
+
+
+def test_a_signal_to_the_parent_at_the_fork_stops_the_child_it_cannot_return():
+    proc = subprocess.run([sys.executable, "-c", PARENT_WINDOW], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.strip() == "interrupted; children: []", proc.stderr
