@@ -165,17 +165,26 @@ class ForkedCall:
                 status = 0
             finally:
                 os._exit(status)
-        os.close(write_end)
-        self._done = False
-        self._reader = threading.Thread(target=self._read, args=(read_end,), daemon=True)
-        self._reader.start()
+        # (signals are still blocked here, but one taken by another thread is
+        # raised at any line: whatever is raised before the caller has this
+        # object stops the child first, as the caller could not)
+        started = False
         try:
-            # (a signal that came since the fork is raised here: the caller never
-            # gets this object to cancel, so the child is stopped now)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        except BaseException:
-            self.cancel()
-            raise
+            self._done = False
+            os.close(write_end)
+            reader = threading.Thread(target=self._read, args=(read_end,), daemon=True)
+            reader.start()
+            self._reader = reader
+            started = True
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # (raises what came)
+            except BaseException:
+                started = False
+                raise
+            finally:
+                if not started:
+                    self.cancel()
 
     @staticmethod
     def _run(fn, args) -> bytes:
