@@ -22,10 +22,26 @@ import pytest
 pytestmark = pytest.mark.xdist_group("signals")
 
 
+def _as_from_a_shell():
+    # A user's Ctrl-C or kill reaches a process whose signals are neither
+    # ignored nor blocked; the test's own worker process may have inherited
+    # other dispositions (SIG_IGN and the mask survive exec).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "kbuild_bolt", *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_shell)
+
+
+def signal_state() -> str:
+    """This process's SIGINT handler, ignored and blocked signals (for a failure)."""
+    status = [line for line in Path("/proc/self/status").read_text().splitlines()
+              if line.startswith(("SigIgn", "SigBlk"))]
+    return f"the test's process: SIGINT {signal.getsignal(signal.SIGINT)}, {status}"
 
 
 def session_processes(sid: int) -> list[tuple[int, str]]:
@@ -109,7 +125,7 @@ def test_signal_during_rewrite_removes_the_temporary_output(lab_regular, tmp_pat
     os.kill(proc.pid, signum)
     os.kill(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == status, err.decode()
+    assert proc.returncode == status, err.decode() + signal_state()
     assert err.decode().strip().splitlines()[-1].startswith("kbuild-bolt: "), err.decode()
     assert "Traceback" not in err.decode()
     assert temporaries(tmp_path) == [] and not out.exists()
