@@ -168,23 +168,17 @@ class ForkedCall:
         # (signals are still blocked here, but one taken by another thread is
         # raised at any line: whatever is raised before the caller has this
         # object stops the child first, as the caller could not)
-        started = False
         try:
             self._done = False
             os.close(write_end)
             reader = threading.Thread(target=self._read, args=(read_end,), daemon=True)
             reader.start()
             self._reader = reader
-            started = True
-        finally:
-            try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # (raises what came)
-            except BaseException:
-                started = False
-                raise
-            finally:
-                if not started:
-                    self.cancel()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # (raises what came)
+        except BaseException:
+            self.cancel()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
 
     @staticmethod
     def _run(fn, args) -> bytes:

@@ -49,7 +49,7 @@ from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout import orders as block_orders
 from kbuild_bolt.memory import trim
-from kbuild_bolt.processes import ForkedCall
+from kbuild_bolt.processes import in_shares
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
     LayoutRecord, ProgressBar, RewriteContext, RewriteOptions, RewriteResult, Session,
@@ -173,14 +173,9 @@ def profile_orders(layout, cfg, rows: np.ndarray) -> dict[int, list[int]]:
         side = 0 if load[0] <= load[1] else 1
         shares[side].append(hot[k])
         load[side] += int(size[k]) ** 2
-    child = ForkedCall(_orders_of, layout, cfg, shares[1])
-    try:
-        orders = _orders_of(layout, cfg, shares[0])
-        orders.update(child.result())
-    except BaseException:
-        child.cancel()
-        raise
-    return orders
+    here, there = in_shares(lambda rows: _orders_of(layout, cfg, rows), list(shares), 2)
+    here.update(there)
+    return here
 
 
 def _orders_of(layout, cfg, rows: list[int]) -> dict[int, list[int]]:
@@ -321,7 +316,8 @@ def emit(ctx: RewriteContext) -> None:
     model, cfg, result = ctx.model, ctx.cfg, ctx.result
     rows = np.array(sorted(ctx.orders), dtype=np.int64)
     fill_insn = alignment_fill(model, rows)
-    ctx.slots = slot_ends(model, fill_insn)
+    holes = find_holes(model) if ctx.options.split else []
+    ctx.slots = slots_short_of_holes(model.functions.start, slot_ends(model, fill_insn), holes)
     cand_start, cand_end = model.functions.start[rows], model.functions.end[rows]
 
     def moved_interior(addrs: np.ndarray) -> np.ndarray:
@@ -330,9 +326,7 @@ def emit(ctx: RewriteContext) -> None:
         return (i >= 0) & (cand_start[at] < addrs) & (addrs < cand_end[at])
 
     sites = table_sites(model)
-    holes = find_holes(model) if ctx.options.split else []
     result.free_room = sum(b - a for a, b in holes)
-    ctx.slots = slots_short_of_holes(model.functions.start, ctx.slots, holes)
     ctx.say(f"laying out {len(ctx.orders):,} functions ({ctx.options.reorder_blocks})")
     trim()
     while True:
