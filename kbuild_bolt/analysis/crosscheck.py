@@ -155,8 +155,7 @@ def _check_orc_ips(model, targets, fail, ref, where) -> Counter:
     (objtool gives the replacement's instructions their own entries at the
     original site); or the end of a code section (terminator entries)."""
     explained = Counter()
-    idx = model.insn_index(targets)
-    ok = idx >= 0
+    ok = (model.insn_index(targets) >= 0) | model.in_int3_run(targets)
     inside_unit = ~ok & model.inside_patch_unit(targets)
     explained["inside an alternative or paravirt site"] = int(inside_unit.sum())
     ends = np.array([s.end for s in model.image.sections if s.is_exec and s.is_alloc],

@@ -53,8 +53,9 @@ def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -
     """Decode every range; with ``jobs`` > 1 in this process and forked children."""
     global _WORKER_IMAGE
     ranges = sorted(ranges, key=lambda r: r[1])
-    # Padding between functions is int3 fill, often megabytes of it: every byte
-    # is a 1-byte instruction, no decoder needed.
+    # Padding between functions is int3 fill, often megabytes of it (the holes
+    # for cold code): no decoder needed, and one record per run of up to
+    # FILL_RECORD bytes (see _split_int3_fill).
     fill, ranges = _split_int3_fill(image, ranges)
     if fill:
         decoded = decode_all(image, ranges, jobs) if ranges else x86.Decoded.empty()
@@ -315,9 +316,21 @@ def read_at(image: ElfImage, addrs, count: int) -> np.ndarray:
     return out
 
 
+# Longest record standing for a run of int3 fill (``Decoded.length`` is uint8).
+FILL_RECORD = 255
+
+
 def _split_int3_fill(image: ElfImage, ranges):
-    """Separate ranges made only of int3 bytes (returned already decoded)."""
-    rest, starts = [], []
+    """Separate ranges made only of int3 bytes, returned already decoded.
+
+    Such a range is one record per FILL_RECORD bytes, not one per byte: flow
+    INTERRUPT, no reference, starting at the range's start. Nothing executes or
+    refers into the fill between functions (a label cuts a range, and a table or
+    branch aimed inside one fails the cross-check), and what asks about fill
+    works from start and length (slot ends, free room, grown functions). The
+    holes for cold code are megabytes: per byte they were three quarters of all
+    instruction records, and of every pass over them."""
+    rest, starts, lengths = [], [], []
     # Only ranges that start with int3 can be fill (one byte read for each first).
     first_offset = np.array([image.sections[sec].offset + start - image.sections[sec].addr
                              for sec, start, _ in ranges], np.int64)
@@ -330,7 +343,9 @@ def _split_int3_fill(image: ElfImage, ranges):
             data = image.bytes[section.offset + start - section.addr:
                                section.offset + end - section.addr]
             if (data == x86.INT3).all():
-                starts.append(np.arange(start, end, dtype=np.uint64))
+                at = np.arange(start, end, FILL_RECORD, dtype=np.uint64)
+                starts.append(at)
+                lengths.append(np.minimum(np.uint64(end) - at, FILL_RECORD).astype(np.uint8))
                 continue
         rest.append(r)
     if not starts:
@@ -338,7 +353,7 @@ def _split_int3_fill(image: ElfImage, ranges):
     addr = np.concatenate(starts)
     n = len(addr)
     z8 = np.zeros(n, np.uint8)
-    return x86.Decoded(addr, np.ones(n, np.uint8), np.full(n, x86.INTERRUPT, np.uint8),
+    return x86.Decoded(addr, np.concatenate(lengths), np.full(n, x86.INTERRUPT, np.uint8),
                        np.zeros(n, np.uint64), z8, z8, z8, np.zeros(n, bool)), rest
 
 
@@ -502,7 +517,31 @@ class BinaryModel:
         k = np.maximum(before, 0)
         ends = (before >= 0) & (insns.addr[k] + insns.length[k] == addrs) if len(insns) \
             else np.zeros(len(addrs), bool)
-        return (self.insn_index(addrs) >= 0) | ends
+        return (self.insn_index(addrs) >= 0) | ends | self.in_int3_run(addrs)
+
+    def in_int3_run(self, addrs) -> np.ndarray:
+        """True where an address is inside a run of int3 fill kept as one record
+        (_split_int3_fill), past the record's first byte: every int3 byte starts
+        an instruction of its own (a table entry kept at a function's old end can
+        lie there once the function shrinks)."""
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        k = self.insn_containing(addrs)
+        inside = k >= 0
+        inside[inside] = self.insns.addr[k[inside]] != addrs[inside]
+        sel = np.flatnonzero(inside)
+        inside[sel] = self.is_int3_run(k[sel])
+        return inside
+
+    def is_int3_run(self, idx) -> np.ndarray:
+        """True where an instruction record stands for a run of int3 fill bytes."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = (self.insns.length[idx] > 1) & (self.insns.flow[idx] == x86.INTERRUPT)
+        sel = np.flatnonzero(out)
+        if len(sel):
+            # (the decoder makes a one-byte record of int3; a longer record that
+            # starts with one is a run of fill)
+            out[sel] = self.read_bytes(self.insns.addr[idx[sel]], 1)[:, 0] == x86.INT3
+        return out
 
     @cached_property
     def function_of_insn(self) -> np.ndarray:

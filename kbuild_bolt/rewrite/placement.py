@@ -277,18 +277,37 @@ class Placement:
         labelled = np.zeros(len(insns), bool)
         idx = model.insn_index(labels)
         labelled[idx[idx >= 0]] = True
+        # (a label on a run of int3 fill kept as one record holds its first byte
+        # alone: every int3 byte is an instruction of its own)
+        label_only = labelled & ~moving & ~stays
+        label_only[label_only] = model.is_int3_run(np.flatnonzero(label_only))
         stays |= labelled & ~moving
         self.free: dict[int, list[list[int]]] = {}
         for k, r in enumerate(regions):
             if not r.movable:
                 continue
-            lo, hi = np.searchsorted(insns.addr, [r.start, r.end])
+            # (a region may start or end inside a record of int3 fill: the 2 MiB
+            # boundary after entry text; such a record counts for its part inside)
+            lo = int(np.searchsorted(insns.addr, r.start, side="right")) - 1
+            if lo < 0 or insns.end[lo] <= r.start:
+                lo += 1
+            hi = int(np.searchsorted(insns.addr, r.end))
             if not moving[lo:hi].any() and r.kind != PLAIN:
                 continue
-            starts = insns.addr[lo:hi]
-            ends = starts + insns.length[lo:hi]
+            starts, ends, free = insns.addr[lo:hi], insns.end[lo:hi], ~stays[lo:hi]
+            cut = np.flatnonzero(label_only[lo:hi])
+            if len(cut):
+                # its labelled first byte stays, the rest is free
+                first_end = ends.copy()
+                first_end[cut] = starts[cut] + np.uint64(1)
+                starts = np.insert(starts, cut + 1, starts[cut] + np.uint64(1))
+                ends = np.insert(first_end, cut + 1, ends[cut])
+                free = np.insert(free, cut + 1, True)
+            starts = np.maximum(starts, np.uint64(r.start))
+            ends = np.minimum(ends, np.uint64(r.end))
+            inside = ends > starts
+            starts, ends, free = starts[inside], ends[inside], free[inside]
             # Free runs: maximal runs of instructions that do not stay.
-            free = ~stays[lo:hi]
             edges = np.diff(np.concatenate([[0], free.astype(np.int8), [0]]))
             a = np.flatnonzero(edges == 1)
             b = np.flatnonzero(edges == -1) - 1

@@ -134,3 +134,24 @@ def test_a_passed_input_check_is_kept_for_that_very_file(lab_regular, tmp_path, 
     assert saved.analysis_key(ElfImage(other)) == saved.analysis_key(image)
     rewrite(other, tmp_path / "out2", RewriteOptions(**options))
     assert checks == [1, 1]
+
+
+def test_int3_fill_kept_as_runs_lays_out_as_one_record_per_byte(lab_regular, tmp_path,
+                                                               monkeypatch):
+    """Fill between functions is one record per run of up to 255 int3 bytes, not one
+    per byte: the layout is the one a record per byte gives, byte for byte. Whole
+    functions placed anew (random order, split) take free room up to labels and
+    region bounds that lie in such runs, and the output, whose fill runs differ from
+    the input's, verifies."""
+    from kbuild_bolt.binary import model as binary_model
+
+    outputs = {}
+    for record in (1, binary_model.FILL_RECORD):
+        monkeypatch.setattr(binary_model, "FILL_RECORD", record)
+        out = tmp_path / f"out{record}"
+        result = rewrite(lab_regular.vmlinux, out, RewriteOptions(
+            reorder_blocks="random", reorder_functions="random", split_functions=True,
+            seed=8, verify=record != 1))
+        outputs[record] = out.read_bytes()
+    assert result.verify_summary.startswith("verify: ok"), result.verify_summary
+    assert outputs[1] == outputs[binary_model.FILL_RECORD]

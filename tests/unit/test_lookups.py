@@ -63,7 +63,8 @@ def test_instruction_lookups_answer_as_a_walk_over_the_instructions(seed):
                                          (np.uint8, np.uint64, np.uint8, np.uint8, np.uint8,
                                           bool)))
     model = SimpleNamespace(insns=insns)
-    model.insn_index = lambda a: BinaryModel.insn_index(model, a)
+    for name in ("insn_index", "insn_containing", "in_int3_run", "is_int3_run"):
+        setattr(model, name, (lambda f: lambda *a: f(model, *a))(getattr(BinaryModel, name)))
     probe = np.arange(990, int(addr[-1]) + 12, dtype=np.uint64)
     spans = list(zip(addr.tolist(), (addr + length).tolist()))
     containing = [next((k for k, (a, b) in enumerate(spans) if a <= p < b), -1)
@@ -71,3 +72,59 @@ def test_instruction_lookups_answer_as_a_walk_over_the_instructions(seed):
     boundary = [any(p in (a, b) for a, b in spans) for p in probe.tolist()]
     assert BinaryModel.insn_containing(model, probe).tolist() == containing
     assert BinaryModel.is_boundary(model, probe).tolist() == boundary
+
+
+def test_int3_fill_is_one_record_per_run_of_up_to_255_bytes():
+    """A range of int3 fill is cut into records of at most FILL_RECORD bytes
+    that tile it exactly (not a record per byte); a range with any other byte,
+    or too short to be padding, is left to the decoder."""
+    from types import SimpleNamespace
+
+    from kbuild_bolt.binary.model import FILL_RECORD, _split_int3_fill
+
+    data = np.full(0x1000, 0xCC, np.uint8)
+    data[0x800] = 0x90                                   # a nop inside the second range
+    section = SimpleNamespace(offset=0, addr=0x10000)
+    image = SimpleNamespace(bytes=data, sections=[section])
+    ranges = [(0, 0x10000, 0x10000 + 600), (0, 0x10700, 0x10900), (0, 0x10a00, 0x10a0a),
+              (0, 0x10b00, 0x10b00 + FILL_RECORD)]
+    fill, rest = _split_int3_fill(image, ranges)
+    assert rest == [ranges[1], ranges[2]]
+    assert fill.addr.tolist() == [0x10000, 0x10000 + 255, 0x10000 + 510, 0x10b00]
+    assert fill.length.tolist() == [255, 255, 90, 255]
+    assert set(fill.flow.tolist()) == {x86.INTERRUPT} and not fill.ref.any()
+    assert not fill.field_size.any() and not fill.invalid.any()
+
+
+def test_every_byte_of_a_run_of_int3_fill_is_an_instruction_boundary():
+    """A run of int3 kept as one record: each of its bytes starts an instruction
+    (a table entry may name one), a record that is not int3 fill keeps its inside."""
+    from types import SimpleNamespace
+
+    from kbuild_bolt.binary.model import BinaryModel
+
+    base = 0x1000
+    memory = np.full(0x400, 0x90, np.uint8)
+    memory[0x10:0x10 + 300] = 0xCC
+    memory[0x200:0x202] = [0xCD, 0x80]                   # int $0x80: two bytes, not fill
+    # nop, a run of 255 + 45 int3, a 5-byte nop, int $0x80
+    addr = np.array([0, 0x10, 0x10 + 255, 0x13c, 0x200], np.uint64) + np.uint64(base)
+    length = np.array([1, 255, 45, 5, 2], np.uint8)
+    flow = np.array([x86.NEXT, x86.INTERRUPT, x86.INTERRUPT, x86.NEXT, x86.INTERRUPT], np.uint8)
+    n = len(addr)
+    insns = x86.Decoded(addr, length, flow, np.zeros(n, np.uint64), np.zeros(n, np.uint8),
+                        np.zeros(n, np.uint8), np.zeros(n, np.uint8), np.zeros(n, bool))
+    model = SimpleNamespace(insns=insns)
+    model.read_bytes = lambda a, count: np.stack(
+        [memory[np.asarray(a, np.int64) - base + k] for k in range(count)], axis=1)
+    for name in ("insn_index", "insn_containing", "in_int3_run", "is_int3_run"):
+        setattr(model, name, (lambda f: lambda *a: f(model, *a))(getattr(BinaryModel, name)))
+    probe = np.arange(base, base + 0x210, dtype=np.uint64)
+    run = (probe > base + 0x10) & (probe < base + 0x10 + 300) & (probe != base + 0x10 + 255)
+    assert BinaryModel.in_int3_run(model, probe).tolist() == run.tolist()
+    assert BinaryModel.is_int3_run(model, np.arange(n)).tolist() == [False, True, True, False,
+                                                                      False]
+    boundary = BinaryModel.is_boundary(model, probe)
+    assert boundary[(probe >= base + 0x10) & (probe <= base + 0x10 + 300)].all()
+    assert not boundary[(probe > base + 0x13c) & (probe < base + 0x141)].any()   # inside the nop
+    assert not boundary[probe == base + 0x201].any()                            # inside int $0x80

@@ -215,7 +215,7 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
 
 
 def _in_fill(model, ips):
-    """True where an address starts int3/nop fill outside every function."""
+    """True where an address is an int3/nop fill instruction outside every function."""
     import numpy as np
 
     from kbuild_bolt.x86.patterns import is_fill
@@ -227,4 +227,4 @@ def _in_fill(model, ips):
     sel = np.flatnonzero(ok)
     if len(sel):
         out[sel] = is_fill(model, idx[sel])
-    return out
+    return out | (model.in_int3_run(ips) & (model.functions.rows_containing(ips) < 0))
