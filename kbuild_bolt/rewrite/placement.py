@@ -286,8 +286,9 @@ class Placement:
         for k, r in enumerate(regions):
             if not r.movable:
                 continue
-            # (a region may start or end inside a record of int3 fill: the 2 MiB
-            # boundary after entry text; such a record counts for its part inside)
+            # (regions start and end at labels or section ends, where ranges of
+            # fill are cut too; a record of fill across a bound would still give
+            # room only for its part inside)
             lo = int(np.searchsorted(insns.addr, r.start, side="right")) - 1
             if lo < 0 or insns.end[lo] <= r.start:
                 lo += 1
