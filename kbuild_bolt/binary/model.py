@@ -323,12 +323,14 @@ FILL_RECORD = 255
 def _split_int3_fill(image: ElfImage, ranges):
     """Separate ranges made only of int3 bytes, returned already decoded.
 
-    Such a range is one record per FILL_RECORD bytes, not one per byte: flow
-    INTERRUPT, no reference, starting at the range's start. Nothing executes or
-    refers into the fill between functions (a label cuts a range, and a table or
-    branch aimed inside one fails the cross-check), and what asks about fill
-    works from start and length (slot ends, free room, grown functions). The
-    holes for cold code are megabytes: per byte they were three quarters of all
+    Such a range is its first byte, then one record per FILL_RECORD bytes, not
+    one per byte: flow INTERRUPT, no reference. Labels cut ranges, so what names
+    fill names a range's first byte, a record of its own as before (function
+    placement keeps a labelled byte where it is and reuses the rest). Nothing
+    executes the fill between functions, and what asks about it works from
+    start and length (slot ends, free room, grown functions); an address inside
+    a run is still an instruction start (BinaryModel.in_int3_run). The holes for
+    cold code are megabytes: per byte they were three quarters of all
     instruction records, and of every pass over them."""
     rest, starts, lengths = [], [], []
     # Only ranges that start with int3 can be fill (one byte read for each first).
@@ -343,9 +345,10 @@ def _split_int3_fill(image: ElfImage, ranges):
             data = image.bytes[section.offset + start - section.addr:
                                section.offset + end - section.addr]
             if (data == x86.INT3).all():
-                at = np.arange(start, end, FILL_RECORD, dtype=np.uint64)
+                at = np.r_[np.uint64(start),
+                           np.arange(start + 1, end, FILL_RECORD, dtype=np.uint64)]
                 starts.append(at)
-                lengths.append(np.minimum(np.uint64(end) - at, FILL_RECORD).astype(np.uint8))
+                lengths.append(np.diff(np.r_[at, np.uint64(end)]).astype(np.uint8))
                 continue
         rest.append(r)
     if not starts:

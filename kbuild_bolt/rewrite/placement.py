@@ -277,10 +277,6 @@ class Placement:
         labelled = np.zeros(len(insns), bool)
         idx = model.insn_index(labels)
         labelled[idx[idx >= 0]] = True
-        # (a label on a run of int3 fill kept as one record holds its first byte
-        # alone: every int3 byte is an instruction of its own)
-        label_only = labelled & ~moving & ~stays
-        label_only[label_only] = model.is_int3_run(np.flatnonzero(label_only))
         stays |= labelled & ~moving
         self.free: dict[int, list[list[int]]] = {}
         for k, r in enumerate(regions):
@@ -295,19 +291,9 @@ class Placement:
             hi = int(np.searchsorted(insns.addr, r.end))
             if not moving[lo:hi].any() and r.kind != PLAIN:
                 continue
-            starts, ends, free = insns.addr[lo:hi], insns.end[lo:hi], ~stays[lo:hi]
-            cut = np.flatnonzero(label_only[lo:hi])
-            if len(cut):
-                # its labelled first byte stays, the rest is free
-                first_end = ends.copy()
-                first_end[cut] = starts[cut] + np.uint64(1)
-                starts = np.insert(starts, cut + 1, starts[cut] + np.uint64(1))
-                ends = np.insert(first_end, cut + 1, ends[cut])
-                free = np.insert(free, cut + 1, True)
-            starts = np.maximum(starts, np.uint64(r.start))
-            ends = np.minimum(ends, np.uint64(r.end))
-            inside = ends > starts
-            starts, ends, free = starts[inside], ends[inside], free[inside]
+            starts = np.maximum(insns.addr[lo:hi], np.uint64(r.start))
+            ends = np.minimum(insns.end[lo:hi], np.uint64(r.end))
+            free = ~stays[lo:hi]
             # Free runs: maximal runs of instructions that do not stay.
             edges = np.diff(np.concatenate([[0], free.astype(np.int8), [0]]))
             a = np.flatnonzero(edges == 1)

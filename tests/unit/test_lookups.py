@@ -75,9 +75,9 @@ def test_instruction_lookups_answer_as_a_walk_over_the_instructions(seed):
 
 
 def test_int3_fill_is_one_record_per_run_of_up_to_255_bytes():
-    """A range of int3 fill is cut into records of at most FILL_RECORD bytes
-    that tile it exactly (not a record per byte); a range with any other byte,
-    or too short to be padding, is left to the decoder."""
+    """A range of int3 fill is its first byte (what a label names), then records
+    of at most FILL_RECORD bytes that tile it exactly (not a record per byte); a
+    range with any other byte, or too short to be padding, is left to the decoder."""
     from types import SimpleNamespace
 
     from kbuild_bolt.binary.model import FILL_RECORD, _split_int3_fill
@@ -90,8 +90,9 @@ def test_int3_fill_is_one_record_per_run_of_up_to_255_bytes():
               (0, 0x10b00, 0x10b00 + FILL_RECORD)]
     fill, rest = _split_int3_fill(image, ranges)
     assert rest == [ranges[1], ranges[2]]
-    assert fill.addr.tolist() == [0x10000, 0x10000 + 255, 0x10000 + 510, 0x10b00]
-    assert fill.length.tolist() == [255, 255, 90, 255]
+    assert fill.addr.tolist() == [0x10000, 0x10001, 0x10001 + 255, 0x10001 + 510, 0x10b00,
+                                  0x10b01]
+    assert fill.length.tolist() == [1, 255, 255, 89, 1, 254]
     assert set(fill.flow.tolist()) == {x86.INTERRUPT} and not fill.ref.any()
     assert not fill.field_size.any() and not fill.invalid.any()
 
