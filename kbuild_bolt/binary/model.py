@@ -95,16 +95,16 @@ def same_bytes(image: ElfImage, other: ElfImage, section, lo, hi) -> np.ndarray 
     if (there is None or (section.addr, section.size) != (there.addr, there.size)
             or not section.has_bits or not there.has_bits):
         return None
-    changed = image.bytes[section.offset:section.offset + section.size] != other.bytes[
-        there.offset:there.offset + there.size]
-    # Changed bytes before each offset: a range is unchanged when the count
-    # does not grow over it (int32: a section is tens of megabytes).
-    before = np.concatenate([[0], np.cumsum(changed, dtype=np.int32)])
+    changed = np.flatnonzero(image.bytes[section.offset:section.offset + section.size]
+                             != other.bytes[there.offset:there.offset + there.size])
+    # A range is unchanged when no changed offset lies in it: as many changed
+    # offsets before its end as before its start. (Offsets, not a running count
+    # over every byte: a rewrite changes a small part of tens of megabytes.)
     lo = np.clip((np.asarray(lo, np.uint64) - np.uint64(section.addr)).astype(np.int64), 0,
                  section.size)
     hi = np.clip((np.asarray(hi, np.uint64) - np.uint64(section.addr)).astype(np.int64), 0,
                  section.size)
-    return before[hi] == before[lo]
+    return np.searchsorted(changed, hi) == np.searchsorted(changed, lo)
 
 
 def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]:
@@ -451,8 +451,8 @@ class BinaryModel:
         t = self.timing.add("symbols", t)
         self.tables = kernel_tables.read_all(image, self.version.series)
         t = self.timing.add("tables", t)
-        ranges = [(int(self.functions.section[i]), int(self.functions.start[i]),
-                   int(self.functions.end[i])) for i in range(len(self.functions))]
+        ranges = list(zip(self.functions.section.tolist(), self.functions.start.tolist(),
+                          self.functions.end.tolist()))
         for region in self.regions:
             ranges.append((image.section(region.section).index, region.start, region.end))
         self.decoded_ranges = ranges

@@ -50,12 +50,25 @@ def _code_hash() -> str:
         for path in sorted((_PACKAGE / part).rglob("*.py")):
             digest.update(path.read_bytes())
     digest.update((_PACKAGE / "arrays.py").read_bytes())
-    try:
-        from importlib.metadata import version
-        digest.update(version("iced-x86").encode())
-    except Exception:   # (not installed as a distribution: the files still say enough)
-        pass
+    digest.update(_decoder_build().encode())
     return digest.hexdigest()[:12]
+
+
+def _decoder_build() -> str:
+    """Which build of iced-x86 decodes: its installed distributions' directory
+    names (they carry the version), else its native module's name and size.
+    (Not importlib.metadata: importing it costs more than the rest of the key.)"""
+    import iced_x86._iced_x86_py as native
+
+    module = Path(native.__file__)
+    package = module.parent
+    found = sorted(p.name for p in package.parent.glob("iced_x86-*.dist-info"))
+    if found:
+        return ",".join(found)
+    try:
+        return f"{module.name}:{module.stat().st_size}"
+    except OSError:
+        return module.name
 
 
 def analysis_key(image) -> str | None:

@@ -76,6 +76,11 @@ class SymbolTable:
     def index(self, name: str) -> int | None:
         return self._index_by_name.get(name)
 
+    def rows_of(self, names) -> np.ndarray:
+        """:meth:`index` of each name, -1 where there is none."""
+        get = self._index_by_name.get
+        return np.array([get(name, -1) for name in names], np.int64)
+
     def address(self, name: str) -> int | None:
         """Value of symbol ``name`` (None when absent)."""
         i = self._index_by_name.get(name)

@@ -95,20 +95,24 @@ def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def function_shape(model, cfg, row: int) -> FunctionShape:
+def function_shape(model, cfg, row: int, blocks: bool = True) -> FunctionShape:
+    """The shape of function ``row``; ``blocks=False``: its whole hash alone
+    (the blocks' hashes are only needed for a function whose code changed)."""
     functions = model.functions
     start = int(functions.start[row])
-    blocks = cfg.blocks_of(row)
-    if not len(blocks):
+    rows = cfg.blocks_of(row)
+    if not len(rows):
         return FunctionShape(functions.names[row], start, 0, 0)
-    lo, hi = int(cfg.block_first[blocks.start]), int(cfg.block_end[blocks.stop - 1])
+    lo, hi = int(cfg.block_first[rows.start]), int(cfg.block_end[rows.stop - 1])
     code, offs = _masked_code(model, lo, hi)
     shape = FunctionShape(functions.names[row], start, len(code), _digest(code))
+    if not blocks:
+        return shape
     # Each block's bytes: from its first instruction's offset to the next's
     # (the code's end after the last instruction).
     offs = np.append(offs, len(code))
-    o0 = offs[cfg.block_first[blocks] - lo].tolist()
-    o1 = offs[cfg.block_end[blocks] - lo].tolist()
+    o0 = offs[cfg.block_first[rows] - lo].tolist()
+    o1 = offs[cfg.block_end[rows] - lo].tolist()
     shape.blocks.extend((a, b - a, _digest(code[a:b])) for a, b in zip(o0, o1))
     return shape
 
@@ -229,10 +233,12 @@ def _adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tu
         rows_by_name.setdefault(n, []).append(i)
     new_shapes = {}
 
-    def shape_of(row):
-        if row not in new_shapes:
-            new_shapes[row] = function_shape(model, cfg, row)
-        return new_shapes[row]
+    def shape_of(row, blocks=False):
+        # (whole hashes first: most functions of a profile are unchanged)
+        shape = new_shapes.get(row)
+        if shape is None or (blocks and shape.size and not shape.blocks):
+            shape = new_shapes[row] = function_shape(model, cfg, row, blocks)
+        return shape
 
     def best_row(old):
         rows = rows_by_name.get(old.name, [])
@@ -261,6 +267,7 @@ def _adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tu
             old_hi.append(old.start + old.size)
             deltas_delta.append(new.start - old.start)
             continue
+        new = shape_of(row, blocks=True)
         pairs = match_blocks(old, new)
         old_weight = weights(old.start, old.blocks)
         first = int(cfg.func_first_block[row])

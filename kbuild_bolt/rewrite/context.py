@@ -307,6 +307,7 @@ class RewriteContext:
     committed: bool = False                 # write
 
     bar: object = None                      # the passes' progress bar (a terminal only)
+    frozen: bool = False                    # read: the collector ignores what was alive
 
     def say(self, message: str) -> None:
         if self.options.progress:

@@ -48,7 +48,7 @@ from kbuild_bolt.elf.notes import stamp as stamp_build_id
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout import orders as block_orders
-from kbuild_bolt.memory import trim
+from kbuild_bolt.memory import freeze_survivors, thaw, trim
 from kbuild_bolt.processes import in_shares
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
@@ -76,6 +76,7 @@ def read_input(ctx: RewriteContext) -> None:
             ctx.say(f"decoded code and CFGs kept from an earlier run ({ctx.options.cache_dir})")
     ctx.model, ctx.cfg = ctx.session.model, ctx.session.cfg
     trim()
+    ctx.frozen = freeze_survivors()
     ctx.result.functions = len(ctx.model.functions)
 
 
@@ -717,6 +718,8 @@ def rewrite(input_path, output_path, options: RewriteOptions,
             ctx.debug_sample.cancel()
         if ctx.output is not None and not ctx.committed:
             ctx.output.discard()
+        if ctx.frozen:
+            thaw()
     return ctx.result
 
 

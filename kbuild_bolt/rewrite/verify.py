@@ -210,14 +210,24 @@ def _kallsyms_problems(out: BinaryModel, table) -> tuple[int, list[str]]:
     """Every kallsyms entry names a symbol of the symbol table at its address, in
     address order, and the name index is sorted."""
     symbols = out.image.symbols
-    there = set(zip(symbols.names, symbols.value.tolist()))
     problems = []
     absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
-    for name, addr, fixed in zip(table.names, table.addresses.tolist(), absolute.tolist()):
-        if not fixed and (name[1:], addr) not in there:
-            problems.append(f"{name[1:]} at {addr:#x}: no such symbol there")
-            if len(problems) >= 20:
-                break
+    # Most names are one symbol's: the symbol the name index gives is at that
+    # address. The others (static symbols that share a name) are looked for
+    # among every symbol of their name.
+    rows = symbols.rows_of(name[1:] for name in table.names)
+    found = (rows >= 0) & (symbols.value[np.maximum(rows, 0)] == table.addresses)
+    unsure = np.flatnonzero(~found & ~absolute).tolist()
+    if unsure:
+        wanted = {table.names[i][1:] for i in unsure}
+        there = {(name, value) for name, value in zip(symbols.names, symbols.value.tolist())
+                 if name in wanted}
+        for i in unsure:
+            name, addr = table.names[i][1:], int(table.addresses[i])
+            if (name, addr) not in there:
+                problems.append(f"{name} at {addr:#x}: no such symbol there")
+                if len(problems) >= 20:
+                    break
     rel = table.addresses[~absolute]
     bad = np.flatnonzero(rel[1:] < rel[:-1])
     for i in bad[:5].tolist():

@@ -294,3 +294,44 @@ def test_functions_laid_out_in_place_keep_their_start_and_own_room():
     assert own.tolist() == [[0x2000, 0x2020], [0x3000, 0x3010]]
     # Their parts go nowhere else when their range overflows.
     assert new_room.alternatives(1) == [] and new_room.alternatives(0) == [0]
+
+
+def _kallsyms_c_orders(names, addresses, seq):
+    """scripts/kallsyms.c's two sorts, stated key by key (compare_symbols, then
+    compare_names over the entries in that order)."""
+    from kbuild_bolt.kernel.tables.kallsyms import _clean, _linker_provided
+
+    def symbol_key(i):
+        n = names[i]
+        return (int(addresses[i]), n[:1] in ("w", "W"), _linker_provided(n[1:]),
+                len(n[1:]) - len(n[1:].lstrip("_")), int(seq[i]))
+    by_address = sorted(range(len(names)), key=symbol_key)
+    ordered = [names[i] for i in by_address]
+    at = [int(addresses[i]) for i in by_address]
+    by_name = sorted(range(len(names)), key=lambda k: (_clean(ordered[k][1:]), at[k], k))
+    return by_address, by_name
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kallsyms_orders_break_ties_as_scripts_kallsyms_does(seed):
+    """Many symbols at one address (aliases, weak and linker-provided names,
+    leading underscores, LTO suffixes, one name at several addresses): the
+    address order and the name index are scripts/kallsyms.c's."""
+    from kbuild_bolt.kernel.tables import kallsyms
+
+    rng = random.Random(seed)
+    stems = ["foo", "_foo", "__foo", "__start_bar", "__bar_end", "bar.llvm.123", "bar",
+             "baz", "__stop_x", "x"]
+    names = [rng.choice("tTwWdD") + rng.choice(stems) for _ in range(400)]
+    addresses = np.array([0xffffffff81000000 + rng.randrange(60) for _ in names], np.uint64)
+    seq = np.array(rng.sample(range(len(names)), len(names)))
+    want_address, want_name = _kallsyms_c_orders(names, addresses, seq)
+    order = kallsyms.address_order(names, addresses, seq)
+    assert order.tolist() == want_address
+    assert kallsyms.name_order([names[i] for i in order.tolist()],
+                               addresses[order]) == want_name
+    # Not in address order (no caller gives that today): still by name, address, index.
+    shuffled = rng.sample(range(len(names)), len(names))
+    got = kallsyms.name_order([names[i] for i in shuffled], addresses[shuffled])
+    keys = [(kallsyms._clean(names[i][1:]), int(addresses[i]), k) for k, i in enumerate(shuffled)]
+    assert got == [k for _, _, k in sorted(keys)]

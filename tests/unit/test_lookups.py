@@ -129,3 +129,49 @@ def test_every_byte_of_a_run_of_int3_fill_is_an_instruction_boundary():
     assert boundary[(probe >= base + 0x10) & (probe <= base + 0x10 + 300)].all()
     assert not boundary[(probe > base + 0x13c) & (probe < base + 0x141)].any()   # inside the nop
     assert not boundary[probe == base + 0x201].any()                            # inside int $0x80
+
+
+def _symbol_table(entries):
+    """A SymbolTable of (name, value, global) entries."""
+    from kbuild_bolt.elf.image import SYM
+    from kbuild_bolt.elf.symbols import SymbolTable
+
+    strtab = bytearray(b"\0")
+    raw = np.zeros(len(entries), SYM)
+    for k, (name, value, is_global) in enumerate(entries):
+        raw[k] = (len(strtab), (int(is_global) << 4) | 2, 0, 1, value, 1)
+        strtab += name.encode() + b"\0"
+    return SymbolTable(raw, strtab)
+
+
+def test_kallsyms_check_finds_each_name_at_its_address_among_all_of_that_name():
+    """Verification's kallsyms check: static functions share names (each entry
+    must match one of them, not the one the name index gives), per-cpu entries
+    are not addresses, and an entry no symbol backs is reported."""
+    from types import SimpleNamespace
+
+    from kbuild_bolt.rewrite.verify import _kallsyms_problems
+
+    symbols = _symbol_table([("dup", 0x100, False), ("dup", 0x200, False),
+                             ("dup", 0x300, True), ("solo", 0x400, False),
+                             ("moved", 0x500, True)])
+    out = SimpleNamespace(image=SimpleNamespace(symbols=symbols))
+
+    def table(entries, absolute=None):
+        return SimpleNamespace(names=["t" + n for n, _ in entries], count=len(entries),
+                               addresses=np.array([a for _, a in entries], np.uint64),
+                               absolute=None if absolute is None else np.array(absolute))
+
+    good = [("dup", 0x100), ("dup", 0x200), ("dup", 0x300), ("solo", 0x400), ("moved", 0x500)]
+    assert _kallsyms_problems(out, table(good)) == (5, [])
+    bad = [("dup", 0x100), ("dup", 0x250), ("solo", 0x400), ("moved", 0x480), ("gone", 0x490)]
+    count, problems = _kallsyms_problems(out, table(bad))
+    assert [p.split(" at ")[0] for p in problems[:3]] == ["dup", "moved", "gone"]
+    assert "entry 4 lies below the one before it" not in problems   # (0x480 < 0x490)
+    # A per-cpu entry is an offset, not a symbol's address.
+    percpu = [("dup", 0x100), ("pcpu_var", 0x8), ("solo", 0x400)]
+    assert _kallsyms_problems(out, table(percpu, [False, True, False]))[1] == []
+    assert _kallsyms_problems(out, table(percpu))[1][0].startswith("pcpu_var at 0x8")
+    # Out of address order.
+    swapped = [("solo", 0x400), ("dup", 0x100)]
+    assert "entry 1 lies below the one before it" in _kallsyms_problems(out, table(swapped))[1]

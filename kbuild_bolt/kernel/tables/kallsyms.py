@@ -148,10 +148,24 @@ def address_order(names: list[str], addresses: np.ndarray, seq: np.ndarray) -> n
     """The order scripts/kallsyms.c sorts symbols in (``compare_symbols``): by
     address, then non-weak first, then not linker-provided, then fewer leading
     underscores, then ``seq`` (the order they had)."""
-    weak = np.array([n[:1] in ("w", "W") for n in names], np.int64)
-    provided = np.array([_linker_provided(n[1:]) for n in names], np.int64)
-    underscores = np.array([len(n[1:]) - len(n[1:].lstrip("_")) for n in names], np.int64)
-    return np.lexsort((seq, underscores, provided, weak, addresses))
+    seq = np.asarray(seq)
+    order = np.lexsort((seq, addresses))
+    # The other keys only order entries at one address: compute them for those.
+    at = addresses[order]
+    same = np.zeros(len(order), bool)
+    same[1:] = at[1:] == at[:-1]
+    same[:-1] |= same[1:]
+    tied = order[same]
+    if len(tied):
+        tied_names = [names[i] for i in tied.tolist()]
+        weak = np.array([n[:1] in ("w", "W") for n in tied_names], np.int64)
+        provided = np.array([_linker_provided(n[1:]) for n in tied_names], np.int64)
+        underscores = np.array([len(n[1:]) - len(n[1:].lstrip("_")) for n in tied_names],
+                               np.int64)
+        # (sorted by address first, the groups keep their places in ``order``)
+        order[same] = tied[np.lexsort((seq[tied], underscores, provided, weak,
+                                       addresses[tied]))]
+    return order
 
 
 def _clean(name: str) -> str:
@@ -163,9 +177,16 @@ def _clean(name: str) -> str:
 def name_order(names: list[str], addresses: np.ndarray) -> list[int]:
     """``kallsyms_seqs_of_names``: indices (into the address order) sorted by name,
     then address, then index (``compare_names``)."""
-    keys = [(_clean(n[1:]), int(a), i) for i, (n, a) in enumerate(zip(names, addresses.tolist()))]
-    keys.sort()
-    return [k[2] for k in keys]
+    keys = [n[1:] for n in names]
+    if any(".llvm." in k for k in keys):
+        keys = [_clean(k) for k in keys]
+    if len(addresses) < 2 or np.all(addresses[1:] >= addresses[:-1]):
+        # Entries in address order (as encode gives them): among equal names,
+        # the order of the indices is the order of (address, index); a stable
+        # sort by name alone gives it.
+        return sorted(range(len(keys)), key=keys.__getitem__)
+    ordered = sorted(zip(keys, addresses.tolist(), range(len(keys))))
+    return [k[2] for k in ordered]
 
 
 def token_index(tokens: list[str]) -> tuple[dict[str, int], int]:
