@@ -107,14 +107,13 @@ def same_bytes(image: ElfImage, other: ElfImage, section, lo, hi) -> np.ndarray 
     return np.searchsorted(changed, hi) == np.searchsorted(changed, lo)
 
 
-def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]:
-    """Split ``ranges`` into the instructions ``like`` decoded for ranges that are the
-    same there (same bounds, same section placement, same bytes) and the ranges
-    still to decode."""
-    r = np.array(ranges, np.uint64).reshape(-1, 3)
+def _unchanged_ranges(image: ElfImage, ranges, r: np.ndarray, like) -> tuple[x86.Decoded, list]:
+    """Split ``ranges`` (``r``: the same as an array) into the instructions ``like``
+    decoded for ranges that are the same there (same bounds, same section
+    placement, same bytes) and the ranges still to decode."""
     sec, start, end = r[:, 0].astype(np.int64), r[:, 1], r[:, 2]
     # The same range in ``like``: same start, end and section.
-    known = np.array(like.decoded_ranges, np.uint64).reshape(-1, 3)
+    known = like.decoded_range_array
     known = known[np.argsort(known[:, 1], kind="stable")]
     i = np.minimum(np.searchsorted(known[:, 1], start), max(len(known) - 1, 0))
     same = (len(known) > 0) & (known[i, 1] == start) & (known[i, 2] == end) \
@@ -137,28 +136,41 @@ def _unchanged_ranges(image: ElfImage, ranges, like) -> tuple[x86.Decoded, list]
     return like.insns.take(concat_ranges(lo, hi - lo)), rest
 
 
-def _variable_bytes(like: "BinaryModel", section) -> tuple[np.ndarray, np.ndarray]:
+def _variable_bytes(like: "BinaryModel", section, starts, ends) -> tuple[np.ndarray, np.ndarray]:
     """Bytes of ``like``'s code section whose value may differ in a copy of its code
     placed elsewhere: PC-relative fields of its instructions and fields its
     relocations fill (an instruction's length and kind never depend on them);
     and the bytes of relocations that are not such a field (no width kbuild-bolt
-    knows, or not strictly inside one instruction): code there is decoded again."""
+    knows, or not strictly inside one instruction): code there is decoded again.
+
+    Exact inside the address ranges [starts, ends) (sorted, of this section):
+    only what can reach into them is looked at (their instructions and the one
+    before each, their relocations and those up to 8 bytes before). A layout
+    of blocks in place asks about a few functions of the whole text."""
     variable = np.zeros(section.size, bool)
     unsure = np.zeros(section.size, bool)
     insns = like.insns
-    lo, hi = np.searchsorted(insns.addr, np.array([section.addr, section.end], np.uint64))
-    idx = np.arange(lo, hi)
+    sec_lo, sec_hi = np.array([section.addr, section.end], np.uint64)
+    lo, hi = np.searchsorted(insns.addr, [sec_lo, sec_hi])
+    a = np.maximum(np.searchsorted(insns.addr, starts) - 1, lo)
+    b = np.minimum(np.searchsorted(insns.addr, ends), hi)
+    # (ranges may overlap: a byte marked twice is marked all the same)
+    idx = concat_ranges(a, np.maximum(b - a, 0))
     idx = idx[insns.field_size[idx] > 0]
     size = insns.field_size[idx].astype(np.int64)
     first = (insns.addr[idx] - np.uint64(section.addr)).astype(np.int64) + insns.field_off[idx]
-    variable[concat_ranges(first, size)] = True
+    spots = concat_ranges(first, size)
+    variable[spots[spots < section.size]] = True
     rel = like.code_relocations
-    a, b = np.searchsorted(rel.offset, np.array([section.addr, section.end], np.uint64))
-    if b > a:
-        offset = rel.offset[a:b]
-        width = np.zeros(b - a, np.int64)
+    ra = np.searchsorted(rel.offset, np.maximum(starts, sec_lo + np.uint64(8)) - np.uint64(8))
+    rb = np.searchsorted(rel.offset, np.minimum(ends, sec_hi))
+    pick = concat_ranges(ra, np.maximum(rb - ra, 0))
+    if len(pick):
+        offset = rel.offset[pick]
+        width = np.zeros(len(pick), np.int64)
+        kinds = rel.type[pick]
         for kind, field_size in FIELD_SIZE.items():
-            width[rel.type[a:b] == kind] = field_size
+            width[kinds == kind] = field_size
         at = like.insn_containing(offset)
         inside = (at >= 0) & (width > 0)
         inside[inside] &= (offset[inside] > insns.addr[at[inside]]) \
@@ -210,9 +222,13 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
         if not (a_sec.has_bits and b_sec.has_bits):
             ok[group] = False
             continue
-        variable, unsure = _variable_bytes(like, b_sec)
         new_off = (r[group, 1] - np.uint64(a_sec.addr)).astype(np.int64)
-        old_off = (old.start[old_row[group]] - np.uint64(b_sec.addr)).astype(np.int64)
+        old_start = old.start[old_row[group]]
+        by_start = np.argsort(old_start, kind="stable")
+        variable, unsure = _variable_bytes(like, b_sec, old_start[by_start],
+                                           old_start[by_start] + size[group][by_start]
+                                           .astype(np.uint64))
+        old_off = (old_start - np.uint64(b_sec.addr)).astype(np.int64)
         # (a million bytes at a time: index arrays of the whole text would be big)
         for part in np.array_split(np.arange(len(group)),
                                    max(1, int(size[group].sum()) >> 20)):
@@ -451,18 +467,22 @@ class BinaryModel:
         t = self.timing.add("symbols", t)
         self.tables = kernel_tables.read_all(image, self.version.series)
         t = self.timing.add("tables", t)
+        region_ranges = [(image.section(region.section).index, region.start, region.end)
+                         for region in self.regions]
         ranges = list(zip(self.functions.section.tolist(), self.functions.start.tolist(),
-                          self.functions.end.tolist()))
-        for region in self.regions:
-            ranges.append((image.section(region.section).index, region.start, region.end))
-        self.decoded_ranges = ranges
+                          self.functions.end.tolist())) + region_ranges
+        # (section index, start, end) of every range decoded (the same as ``ranges``)
+        self.decoded_range_array = np.concatenate([
+            np.stack([self.functions.section.astype(np.uint64), self.functions.start,
+                      self.functions.end], axis=1).astype(np.uint64).reshape(-1, 3),
+            np.array(region_ranges, np.uint64).reshape(-1, 3)])
         if decoded is not None:
             self.insns = decoded
             self.timing.add("decode", t)
             return
         reused = moved = None
         if like is not None:
-            reused, ranges = _unchanged_ranges(image, ranges, like)
+            reused, ranges = _unchanged_ranges(image, ranges, self.decoded_range_array, like)
             moved, ranges = _moved_functions(image, self.functions, ranges, like)
         self.insns: x86.Decoded = decode_all(image, ranges, jobs or default_jobs())
         for known in (reused, moved):

@@ -161,8 +161,10 @@ class OutputImage:
         return value
 
     def finish(self) -> Path:
-        """Flush and close the temporary file; returns its path."""
-        self.mem.flush()
+        """Close the temporary file; returns its path. (No msync: what was written
+        through the shared mapping is in the page cache, which every later read
+        of the file sees; forcing it to disk would only wait for the device, as
+        the linker does not.)"""
         self._close_map()
         self._file.close()
         return self.tmp
@@ -174,7 +176,7 @@ class OutputImage:
         try:
             self.mem.close()
         except BufferError:
-            pass  # numpy views still point into it; the shared mapping is flushed
+            pass  # numpy views still point into it; its pages are the file's all the same
 
     def strip_debug(self) -> list[str]:
         """Empty the .debug_* sections (stale once code moved) and drop their bytes.
