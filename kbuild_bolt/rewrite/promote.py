@@ -122,8 +122,9 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
                            & ((flow == x86.IND_CALL) | (flow == x86.CALL)))
     thunk_of = {}
     symbols = model.image.symbols
-    for i, name in enumerate(symbols.names):
-        reg = enc.thunk_register(name)
+    names = symbols.names
+    for i in [i for i, name in enumerate(names) if name.startswith(enc.THUNK_PREFIXES)]:
+        reg = enc.thunk_register(names[i])
         if reg is not None and symbols.shndx[i] > 0:   # (inner labels: NOTYPE)
             thunk_of[int(symbols.value[i])] = reg
     direct = flow[calls] == x86.CALL
@@ -162,14 +163,16 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
     at_start = set(calls[starts_block & ok].tolist())
     template, disp_reloc = {}, {}
     relocs = model.code_relocations
-    for s in calls[ok].tolist():
+    candidates = calls[ok]
+    first_reloc = relocs.first_in(insns.addr[candidates],
+                                  insns.addr[candidates] + insns.length[candidates]).tolist()
+    for s, r in zip(candidates.tolist(), first_reloc):
         at, n = int(insns.addr[s]), int(insns.length[s])
         if flow[s] == x86.CALL:
             cmp = enc.cmp_register(thunk_of[int(insns.ref[s])])
         else:
             call = model.image.read(at, n)
             cmp = enc.cmp_like_call(call)
-            r = int(relocs.first_in([at], [at + n])[0])
             if cmp is not None and r >= 0:
                 # (a base-register operand's disp32 naming a symbol: the cmp's copy
                 # of it needs the same relocation; it sits one byte further when the

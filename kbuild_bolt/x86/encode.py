@@ -125,9 +125,12 @@ def cmp_like_call(call: bytes) -> bytes | None:
         + bytes(4)
 
 
+THUNK_PREFIXES = ("__x86_indirect_thunk_", "__x86_indirect_call_thunk_")
+
+
 def thunk_register(name: str) -> int | None:
     """The register a retpoline thunk calls through (``__x86_indirect_thunk_rax``: 0)."""
-    for prefix in ("__x86_indirect_thunk_", "__x86_indirect_call_thunk_"):
+    for prefix in THUNK_PREFIXES:
         if name.startswith(prefix):
             reg = name[len(prefix):]
             reg = reg[1:] if reg.startswith("r") else reg
