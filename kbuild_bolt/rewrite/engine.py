@@ -620,15 +620,18 @@ def verify_output(ctx: RewriteContext) -> None:
     path = ctx.output.tmp
     if ctx.debug_sample is not None:
         ctx.debug_sample.start_output(str(path))     # (in the background)
-    report = verify(path, against=ctx.model, expect_rewritten=set(ctx.rewritten_rows),
-                    fragments=ctx.fragments, moved_ranges=ctx.moved_ranges)
+    beside = []
     if ctx.code_image is not None and ".orc_unwind_ip" in ctx.model.tables:
         # ORC read back from the output: each moved instruction keeps its state
         from kbuild_bolt.rewrite.verify_orc import OrcTable, orc_follows_code
 
-        checked, problems = orc_follows_code(OrcTable(str(ctx.input_path)), OrcTable(str(path)),
-                                             ctx.code_image)
-        report.add("ORC states follow moved code", checked, problems)
+        def orc_check(output, code_image=ctx.code_image):
+            return ("ORC states follow moved code",
+                    *orc_follows_code(OrcTable(str(ctx.input_path)), OrcTable(str(output)),
+                                      code_image))
+        beside.append(orc_check)
+    report = verify(path, against=ctx.model, expect_rewritten=set(ctx.rewritten_rows),
+                    fragments=ctx.fragments, moved_ranges=ctx.moved_ranges, beside=beside)
     ctx.code_image = None
     ctx.result.verify_summary = report.summary()
     if not report.ok:

@@ -374,7 +374,8 @@ class Kallsyms(MetadataRewriter):
             return
         old = table.addresses
         new = _kallsyms_addresses(ctx, table)
-        added = self._add_names(ctx, table, kallsyms)
+        room = kallsyms.capacities(image, table)
+        added = self._add_names(ctx, table, kallsyms, room)
         if np.array_equal(old, new) and not added:
             return
         if added:
@@ -387,7 +388,6 @@ class Kallsyms(MetadataRewriter):
             table.count += len(added)
         order = kallsyms.address_order(table.names, new, np.arange(table.count))
         arrays = kallsyms.encode(table, order, new[order])
-        room = kallsyms.capacities(image, table)
         for name, data in arrays.items():
             if len(data) > room[name]:
                 raise KbbError(f"kallsyms: {name} needs {len(data)} bytes, has {room[name]}")
@@ -395,11 +395,9 @@ class Kallsyms(MetadataRewriter):
         ctx.result.tables["kallsyms"] = int((old != new[:len(old)]).sum()) + len(added)
 
     @staticmethod
-    def _add_names(ctx, table, kallsyms) -> list[tuple[str, bytes, int]]:
+    def _add_names(ctx, table, kallsyms, room) -> list[tuple[str, bytes, int]]:
         """(name with type, record, address) of the cold parts' names that fit the
-        arrays' room; the summary counts the others."""
-        image = ctx.model.image
-        room = kallsyms.capacities(image, table)
+        arrays' ``room``; the summary counts the others."""
         n = table.count
         used = {"kallsyms_names": sum(len(r) for r in table.records), "kallsyms_offsets": 4 * n,
                 "kallsyms_addresses": 8 * n, "kallsyms_seqs_of_names": 3 * n}
@@ -438,10 +436,12 @@ def _kallsyms_addresses(ctx, table) -> np.ndarray:
     where = dict(zip(zip([names[i] for i in moved.tolist()], symbols.value[moved].tolist()),
                      new_values[moved].tolist()))
     absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
-    return np.array([addr if fixed else where.get((name[1:], addr), addr)
-                     for name, addr, fixed in zip(table.names, table.addresses.tolist(),
-                                                  absolute.tolist())],
-                    np.uint64).reshape(-1)
+    out = table.addresses.astype(np.uint64).reshape(-1)
+    # (only entries at an address some moved symbol had can move: looked up by name there)
+    maybe = np.flatnonzero(np.isin(out, symbols.value[moved]) & ~absolute)
+    for i in maybe.tolist():
+        out[i] = where.get((table.names[i][1:], int(out[i])), int(out[i]))
+    return out
 
 
 def _insert_symbols(ctx, records) -> tuple[bytes, bytes, int]:
@@ -594,7 +594,7 @@ class PlantedFault(MetadataRewriter):
         model, out = ctx.model, ctx.output
         kind, _, function = self.fault.partition("@")
         name = {"smp-lock": ".smp_locks", "bug": "__bug_table",
-                "return": ".return_sites"}.get(kind)
+                "return": ".return_sites", "orc": ".orc_unwind_ip"}.get(kind)
         if name is None or name not in model.tables:
             raise KbbError(f"--plant-fault {kind}: this kernel has no such table")
         data = model.tables[name]

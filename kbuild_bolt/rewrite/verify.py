@@ -362,9 +362,11 @@ def _covered(base: int, size: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray
 
 def verify(path, against: BinaryModel | ElfImage | str | None = None,
            expect_rewritten: set | None = None, fragments=None,
-           moved_ranges: np.ndarray | None = None) -> VerifyReport:
+           moved_ranges: np.ndarray | None = None, beside=()) -> VerifyReport:
     """``moved_ranges``: where whole functions were placed anew (their code and
-    symbols may change anywhere there); found from the symbols when not given."""
+    symbols may change anywhere there); found from the symbols when not given.
+    ``beside``: more checks of the output, ``check(path) -> (name, checked,
+    problems)``, run here while the output's code is decoded in a child."""
     report = VerifyReport()
     inp = None
     if against is not None:
@@ -385,6 +387,8 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
         try:
             _compare(compared, _TablesOf(image), inp, path, expect_rewritten, fragments,
                      moved_ranges)
+            for check in beside:
+                compared.add(*check(path))
         except KbbError:
             raise
         except Exception:
