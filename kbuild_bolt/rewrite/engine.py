@@ -124,6 +124,7 @@ def attach_profile(ctx: RewriteContext) -> None:
     profile = resolve_profile(ctx.options.profile, ctx.model, ctx.cfg, log=ctx.say)
     layout = ProfileLayout(ctx.model, ctx.cfg, profile)
     ctx.profile_layout = layout
+    trim()   # (matching the profile masked a copy of the code)
     ctx.result.profile_used = profile.used if profile.used is not None else layout.profile.matched
     ctx.result.profile_applied = profile.applied
     ctx.say(f"profile: {100 * layout.profile.matched:.1f}% of its counts on this "
@@ -500,6 +501,10 @@ def update(ctx: RewriteContext) -> None:
     drop = (True if ctx.options.strip_debug else set(UPDATED)) if moved else False
     if ctx.options.keep_record:
         record_layout(ctx)
+    # The layout is in the emission: what only made it goes before the output's
+    # pages are written (the metadata rewriters read the emission and the model).
+    ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
+    trim()
     ctx.output = OutputImage(ctx.model.image, ctx.output_path, drop_debug=drop)
     if moved:  # (nothing moved: the output is the input, byte for byte)
         amap = AddressMap(ctx.model, ctx.emission)
@@ -509,10 +514,9 @@ def update(ctx: RewriteContext) -> None:
         for rewriter in ctx.metadata:
             rewriter.update(ctx, amap)
         del amap
-        # The rewriters have what they need of the new code and the layout: their
-        # memory goes to the debug sections' update.
+        # The rewriters have what they need of the new code: their memory goes to
+        # the debug sections' update.
         ctx.emission.drop_items()
-        ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
         trim()
     path = ctx.output.finish()
     shutil.copymode(ctx.model.image.path, path)

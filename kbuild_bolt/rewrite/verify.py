@@ -311,7 +311,8 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
     """Changed code bytes must lie in ``ranges`` (where code was rewritten or
     placed) or in fields pointing there."""
     a, b = inp.image, out.image
-    s_lo, s_hi = ranges[:, 0].astype(np.uint64), ranges[:, 1].astype(np.uint64)
+    spans = np.asarray(ranges, np.uint64).reshape(-1, 2)
+    spans = _union(spans[spans[:, 1] > spans[:, 0]])
     insns = inp.insns
     with_field = np.flatnonzero(insns.field_size > 0)
     # (instruction fields are disjoint and in address order; relocated fields are
@@ -330,34 +331,27 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
         other = b.section(s.name)
         if other is None or other.size != s.size:
             continue  # (the header check reports it)
-        x = a.bytes[s.offset:s.offset + s.size]
-        y = b.bytes[other.offset:other.offset + other.size]
         checked += s.size
-        changed = x != y
-        if not changed.any():
-            continue
-        bad = np.flatnonzero(changed & ~_covered(s.addr, s.size, s_lo, s_hi))
-        if len(bad):
-            at = np.uint64(s.addr) + bad.astype(np.uint64)
-            bad = bad[~(_inside(fields, at) | _inside(relocated, at))]
-        for off in bad[:5].tolist():
-            problems.append(f"{s.name}: {inp.symbolize(s.addr + off)} changed outside "
+        # (a part at a time, the addresses of its changed bytes: masks or counts
+        # over the whole text were the largest memory of a rewrite)
+        bad: list[int] = []
+        for at in range(0, s.size, _CODE_PART):
+            n = min(_CODE_PART, s.size - at)
+            x = a.bytes[s.offset + at:s.offset + at + n]
+            y = b.bytes[other.offset + at:other.offset + at + n]
+            changed = np.uint64(s.addr + at) + np.flatnonzero(x != y).astype(np.uint64)
+            outside = changed[~_inside(spans, changed)]
+            outside = outside[~(_inside(fields, outside) | _inside(relocated, outside))]
+            bad += outside[:5 - len(bad)].tolist()
+            if len(bad) >= 5:
+                break
+        for addr in bad:
+            problems.append(f"{s.name}: {inp.symbolize(addr)} changed outside "
                             "rewritten functions")
     return checked, problems
 
 
-def _covered(base: int, size: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Per byte of [base, base + size): inside at least one [lo, hi) range."""
-    lo = np.clip((lo.astype(np.uint64) - np.uint64(base)).view(np.int64), 0, size)
-    hi = np.clip((hi.astype(np.uint64) - np.uint64(base)).view(np.int64), 0, size)
-    keep = hi > lo
-    # +1 where a range starts, -1 where it ends: covered where the running sum is
-    # positive (int32: a section is tens of megabytes).
-    depth = np.zeros(size + 1, np.int32)
-    np.add.at(depth, lo[keep], 1)
-    np.add.at(depth, hi[keep], -1)
-    np.cumsum(depth, out=depth)
-    return depth[:size] > 0
+_CODE_PART = 1 << 22
 
 
 def verify(path, against: BinaryModel | ElfImage | str | None = None,
