@@ -278,6 +278,7 @@ class RewriteContext:
     options: RewriteOptions
     result: RewriteResult = field(default_factory=RewriteResult)
     session: Session | None = None          # read (or given: bisect reuses one)
+    own_session: bool = False               # read: made by this run (not given)
     model: BinaryModel | None = None        # read
     cfg: object = None                      # read: the CFG of every function
     candidates: np.ndarray | None = None    # discover: rows that may be laid out again

@@ -72,6 +72,7 @@ def read_input(ctx: RewriteContext) -> None:
     if ctx.session is None:
         ctx.say(f"reading {ctx.options.input_name or ctx.input_path}")
         ctx.session = Session(ctx.input_path, ctx.options.cache_dir)
+        ctx.own_session = True
         if ctx.session.analysis == "kept":
             ctx.say(f"decoded code and CFGs kept from an earlier run ({ctx.options.cache_dir})")
     ctx.model, ctx.cfg = ctx.session.model, ctx.session.cfg
@@ -504,6 +505,8 @@ def update(ctx: RewriteContext) -> None:
     # The layout is in the emission: what only made it goes before the output's
     # pages are written (the metadata rewriters read the emission and the model).
     ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
+    if ctx.own_session:
+        ctx.session.cfg = None   # (a session of this run alone: no later rewrite needs it)
     trim()
     ctx.output = OutputImage(ctx.model.image, ctx.output_path, drop_debug=drop)
     if moved:  # (nothing moved: the output is the input, byte for byte)
