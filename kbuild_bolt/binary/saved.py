@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import time
 import zipfile
@@ -101,8 +102,11 @@ def load(directory, key: str | None) -> KeptAnalysis | None:
         return None
     path = _path(directory, key)
     try:
-        with np.load(path, allow_pickle=False) as saved:
-            arrays = {name: saved[name] for name in saved.files}
+        try:
+            arrays = _read_arrays(path)
+        except _NotInPlace:
+            with np.load(path, allow_pickle=False) as saved:
+                arrays = {name: saved[name] for name in saved.files}
     except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile):
         return None
     try:
@@ -131,6 +135,50 @@ def load(directory, key: str | None) -> KeptAnalysis | None:
     with contextlib.suppress(OSError):
         os.utime(path)   # (newest first when the directory is pruned)
     return KeptAnalysis(insns, cfg, fill_insn)
+
+
+class _NotInPlace(Exception):
+    """An archive np.load reads, but not as stored arrays of a known header."""
+
+
+def _read_arrays(path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz that np.savez wrote, read in place: each member is
+    stored, so its array is a read-only view of the mapped file, after the
+    member's CRC is checked as unzipping would (np.load copies every array out
+    of the archive: the largest part of reading a kept analysis)."""
+    import mmap
+
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        members = archive.infolist()
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    arrays = {}
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED or not member.filename.endswith(".npy"):
+            raise _NotInPlace(member.filename)
+        head = member.header_offset
+        if data[head:head + 4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile("no local header")
+        name_len, extra_len = np.frombuffer(data, "<u2", 2, head + 26).tolist()
+        start = head + 30 + name_len + extra_len
+        end = start + member.file_size
+        if end > len(data) or zlib.crc32(memoryview(data)[start:end]) != member.CRC:
+            raise zipfile.BadZipFile(f"{member.filename}: damaged")
+        npy = io.BytesIO(data[start:start + min(member.file_size, 4096)])
+        version = np.lib.format.read_magic(npy)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(npy)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(npy)
+        else:
+            raise _NotInPlace(member.filename)
+        if dtype.hasobject or fortran:
+            raise _NotInPlace(member.filename)
+        count = int(np.prod(shape, dtype=np.int64))
+        offset = start + npy.tell()
+        if offset + count * dtype.itemsize > end:
+            raise ValueError(f"{member.filename}: shorter than its header says")
+        arrays[member.filename[:-4]] = np.frombuffer(data, dtype, count, offset).reshape(shape)
+    return arrays
 
 
 def _file_crc(image) -> str:
