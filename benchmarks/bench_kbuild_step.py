@@ -47,6 +47,11 @@ def main() -> int:
     args = parser.parse_args()
     bolt = shutil.which("llvm-bolt-22")
     kbb = [str(Path(sys.executable).parent / "kbuild-bolt")]
+    # Bytecode as an installed package has it: a shell with PYTHONDONTWRITEBYTECODE
+    # would otherwise time compiling every changed module at each start.
+    import kbuild_bolt
+    subprocess.run([sys.executable, "-m", "compileall", "-q",
+                    str(Path(kbuild_bolt.__file__).parent)], check=True, capture_output=True)
     rows = []
     for flavor in args.flavor or ["6.12-regular", "6.12-hardened", "6.1-regular"]:
         kernel = lab_kernel(flavor)

@@ -150,38 +150,42 @@ def _read_arrays(path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
         members = archive.infolist()
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    arrays = {}
-    for member in members:
-        if member.compress_type != zipfile.ZIP_STORED or not member.filename.endswith(".npy"):
-            raise _NotInPlace(member.filename)
-        head = member.header_offset
-        if data[head:head + 4] != b"PK\x03\x04":
-            raise zipfile.BadZipFile("no local header")
-        name_len, extra_len = np.frombuffer(data, "<u2", 2, head + 26).tolist()
-        start = head + 30 + name_len + extra_len
-        end = start + member.file_size
-        if end > len(data) or zlib.crc32(memoryview(data)[start:end]) != member.CRC:
-            raise zipfile.BadZipFile(f"{member.filename}: damaged")
-        npy = io.BytesIO(data[start:start + min(member.file_size, 4096)])
-        version = np.lib.format.read_magic(npy)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(npy)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(npy)
-        else:
-            raise _NotInPlace(member.filename)
-        if dtype.hasobject or fortran:
-            raise _NotInPlace(member.filename)
-        count = int(np.prod(shape, dtype=np.int64))
-        offset = start + npy.tell()
-        if offset + count * dtype.itemsize > end:
-            raise ValueError(f"{member.filename}: shorter than its header says")
-        # (copied out: views would keep the whole file mapped, and in this
-        # process's memory, after the rewrite has dropped what it no longer needs)
-        arrays[member.filename[:-4]] = np.frombuffer(data, dtype, count, offset).reshape(
-            shape).copy()
-    data.close()
-    return arrays
+    try:
+        return {member.filename[:-4]: _stored_array(data, member) for member in members}
+    finally:
+        with contextlib.suppress(BufferError):   # (a view still held by a traceback)
+            data.close()
+
+
+def _stored_array(data, member: zipfile.ZipInfo) -> np.ndarray:
+    """The array of one stored .npy member of the mapped archive ``data``, a copy."""
+    if member.compress_type != zipfile.ZIP_STORED or not member.filename.endswith(".npy"):
+        raise _NotInPlace(member.filename)
+    head = member.header_offset
+    if data[head:head + 4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("no local header")
+    name_len, extra_len = np.frombuffer(data, "<u2", 2, head + 26).tolist()
+    start = head + 30 + name_len + extra_len
+    end = start + member.file_size
+    if end > len(data) or zlib.crc32(memoryview(data)[start:end]) != member.CRC:
+        raise zipfile.BadZipFile(f"{member.filename}: damaged")
+    npy = io.BytesIO(data[start:start + min(member.file_size, 4096)])
+    version = np.lib.format.read_magic(npy)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(npy)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(npy)
+    else:
+        raise _NotInPlace(member.filename)
+    if dtype.hasobject or fortran:
+        raise _NotInPlace(member.filename)
+    count = int(np.prod(shape, dtype=np.int64))
+    offset = start + npy.tell()
+    if offset + count * dtype.itemsize > end:
+        raise ValueError(f"{member.filename}: shorter than its header says")
+    # (copied out: views would keep the whole file mapped, and in this
+    # process's memory, after the rewrite has dropped what it no longer needs)
+    return np.frombuffer(data, dtype, count, offset).reshape(shape).copy()
 
 
 def _file_crc(image) -> str:

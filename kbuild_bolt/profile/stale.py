@@ -100,10 +100,10 @@ def function_shape(model, cfg, row: int, blocks: bool = True) -> FunctionShape:
     (the blocks' hashes are only needed for a function whose code changed)."""
     functions = model.functions
     start = int(functions.start[row])
-    rows = cfg.blocks_of(row)
-    if not len(rows):
+    block_range = cfg.blocks_of(row)
+    if not len(block_range):
         return FunctionShape(functions.names[row], start, 0, 0)
-    lo, hi = int(cfg.block_first[rows.start]), int(cfg.block_end[rows.stop - 1])
+    lo, hi = int(cfg.block_first[block_range.start]), int(cfg.block_end[block_range.stop - 1])
     code, offs = _masked_code(model, lo, hi)
     shape = FunctionShape(functions.names[row], start, len(code), _digest(code))
     if not blocks:
@@ -111,8 +111,8 @@ def function_shape(model, cfg, row: int, blocks: bool = True) -> FunctionShape:
     # Each block's bytes: from its first instruction's offset to the next's
     # (the code's end after the last instruction).
     offs = np.append(offs, len(code))
-    o0 = offs[cfg.block_first[rows] - lo].tolist()
-    o1 = offs[cfg.block_end[rows] - lo].tolist()
+    o0 = offs[cfg.block_first[block_range] - lo].tolist()
+    o1 = offs[cfg.block_end[block_range] - lo].tolist()
     shape.blocks.extend((a, b - a, _digest(code[a:b])) for a, b in zip(o0, o1))
     return shape
 
