@@ -35,7 +35,7 @@ def freeze_survivors() -> bool:
     :func:`trim`), when nothing else has: True if this call froze them, and
     :func:`thaw` must follow. The model of the input lives for the whole
     rewrite; each later collection would walk its containers again (20-45 ms
-    each of the seven trims of a 6.12-regular rewrite)."""
+    at each trim of a 6.12-regular rewrite)."""
     if gc.get_freeze_count():
         return False
     gc.freeze()
