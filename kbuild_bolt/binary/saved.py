@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import time
 import zipfile
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kbuild_bolt.arrays import NotStoredNpz, read_stored_npz
 from kbuild_bolt.atomic import atomic_output
 from kbuild_bolt.binary.cfg import CFG
 from kbuild_bolt.elf.notes import build_id
@@ -103,8 +103,8 @@ def load(directory, key: str | None) -> KeptAnalysis | None:
     path = _path(directory, key)
     try:
         try:
-            arrays = _read_arrays(path)
-        except _NotInPlace:
+            arrays = read_stored_npz(path)
+        except NotStoredNpz:
             with np.load(path, allow_pickle=False) as saved:
                 arrays = {name: saved[name] for name in saved.files}
     except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile):
@@ -137,59 +137,20 @@ def load(directory, key: str | None) -> KeptAnalysis | None:
     return KeptAnalysis(insns, cfg, fill_insn)
 
 
-class _NotInPlace(Exception):
-    """An archive np.load reads, but not as stored arrays of a known header."""
-
-
-def _read_arrays(path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz that np.savez wrote, read from the mapped file: each
-    member is stored, its CRC checked as unzipping would, its array copied out
-    once (np.load reads each through zipfile's buffers: four times as long)."""
-    import mmap
-
-    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
-        members = archive.infolist()
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        return {member.filename[:-4]: _stored_array(data, member) for member in members}
-    finally:
-        with contextlib.suppress(BufferError):   # (a view still held by a traceback)
-            data.close()
-
-
-def _stored_array(data, member: zipfile.ZipInfo) -> np.ndarray:
-    """The array of one stored .npy member of the mapped archive ``data``, a copy."""
-    if member.compress_type != zipfile.ZIP_STORED or not member.filename.endswith(".npy"):
-        raise _NotInPlace(member.filename)
-    head = member.header_offset
-    if data[head:head + 4] != b"PK\x03\x04":
-        raise zipfile.BadZipFile("no local header")
-    name_len, extra_len = np.frombuffer(data, "<u2", 2, head + 26).tolist()
-    start = head + 30 + name_len + extra_len
-    end = start + member.file_size
-    if end > len(data) or zlib.crc32(memoryview(data)[start:end]) != member.CRC:
-        raise zipfile.BadZipFile(f"{member.filename}: damaged")
-    npy = io.BytesIO(data[start:start + min(member.file_size, 4096)])
-    version = np.lib.format.read_magic(npy)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(npy)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(npy)
-    else:
-        raise _NotInPlace(member.filename)
-    if dtype.hasobject or fortran:
-        raise _NotInPlace(member.filename)
-    count = int(np.prod(shape, dtype=np.int64))
-    offset = start + npy.tell()
-    if offset + count * dtype.itemsize > end:
-        raise ValueError(f"{member.filename}: shorter than its header says")
-    # (copied out: views would keep the whole file mapped, and in this
-    # process's memory, after the rewrite has dropped what it no longer needs)
-    return np.frombuffer(data, dtype, count, offset).reshape(shape).copy()
-
-
 def _file_crc(image) -> str:
-    return f"{len(image.bytes):x}-{zlib.crc32(image.bytes):08x}"
+    """The length and CRC of every byte of the image's file. Read in parts rather
+    than through the image's mapping: touching every page of the mapping would
+    keep the whole file in this process's resident memory for the rest of the
+    rewrite, where most of it (debug info, relocations of other sections) is
+    never looked at again."""
+    crc = 0
+    if isinstance(image._map, (bytes, bytearray)):
+        crc = zlib.crc32(image._map)
+    else:
+        with open(image.path, "rb") as f:
+            while part := f.read(1 << 20):
+                crc = zlib.crc32(part, crc)
+    return f"{len(image.bytes):x}-{crc:08x}"
 
 
 def was_checked(directory, key: str | None, image) -> bool:

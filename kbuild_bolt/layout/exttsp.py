@@ -639,12 +639,21 @@ class ProfileLayout:
         counts = self.profile.block_counts(cfg)
         hot_block = counts > 0
         self.hot_rows = set(cfg.block_func[hot_block].tolist())
+        self.kept = None   # KeptOrders: orders of earlier runs, by their input
 
     def prepare(self) -> None:
         """Make what every function's order reads (before a fork shares it)."""
         self.profile.taken_edges(self.model, self.cfg)
 
     def order(self, row: int, blocks: list[int]) -> list[int]:
+        """ext-TSP's order of ``blocks``, the blocks of function ``row``.
+
+        ext-TSP sees block positions 0..n-1, not the kernel's block numbers: the
+        order of a function then depends on its code and counts alone, not on
+        where it sits in the kernel (equal gains are broken by the iteration order
+        of sets of block numbers), so it can be kept and found again in another
+        build (see :mod:`kbuild_bolt.layout.kept`)."""
+        from kbuild_bolt.layout.kept import input_digest
         from kbuild_bolt.profile.attach import function_edges
 
         cfg = self.cfg
@@ -654,13 +663,32 @@ class ProfileLayout:
         if blocks == list(range(lo, hi)):   # the function's blocks, in order: slices
             at = slice(0, hi - lo)
             ends, firsts = cfg.block_end[lo:hi], cfg.block_first[lo:hi]
+            position = None
         else:
             at = np.asarray(blocks) - lo
             ends, firsts = cfg.block_end[at + lo], cfg.block_first[at + lo]
-        counts = dict(zip(blocks, counts_arr[at].tolist()))
-        sizes = dict(zip(blocks, (insns.end[ends - 1] - insns.addr[firsts]).tolist()))
+            position = {b: i for i, b in enumerate(blocks)}
+        counts = counts_arr[at].tolist()
+        sizes = (insns.end[ends - 1] - insns.addr[firsts]).tolist()
+        if position is None:
+            pairs = [(s - lo, d - lo, w) for (s, d), w in edges.items()]
+        else:   # (an edge to a block not given cannot be laid out: ext-TSP drops it)
+            pairs = [(position[s], position[d], w) for (s, d), w in edges.items()
+                     if s in position and d in position]
         e_lo, e_hi = cfg.edge_src.searchsorted((lo, hi)).tolist()
         sources = cfg.edge_src[e_lo:e_hi].tolist()   # sorted: a block's edges are together
         branching = {s for s, t in zip(sources, sources[1:]) if s == t}   # > 1 successor
-        cond = {b: b in branching for b in blocks}
-        return ext_tsp_order(blocks, sizes, counts, edges, cond)
+        cond = [b in branching for b in blocks]
+        digest = None
+        if self.kept is not None:
+            digest = input_digest(sizes, counts, pairs, cond)
+            found = self.kept.get(digest, len(blocks))
+            if found is not None:
+                return [blocks[i] for i in found]
+        n = len(blocks)
+        positions = ext_tsp_order(list(range(n)), dict(zip(range(n), sizes)),
+                                  dict(zip(range(n), counts)),
+                                  {(s, d): w for s, d, w in pairs}, dict(zip(range(n), cond)))
+        if digest is not None:
+            self.kept.add(digest, positions)
+        return [blocks[i] for i in positions]

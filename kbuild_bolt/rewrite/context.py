@@ -86,6 +86,7 @@ class RewriteResult:
     text_coverage: float = 0.0
     profile_used: float | None = None
     profile_applied: str = ""               # stale matching's summary
+    orders_kept: tuple = (0, 0)     # (ext-TSP orders found kept from earlier runs, ordered)
     dyno: tuple | None = None   # (before, after) predicted dyno-stats
     # (taken jmp/jcc the profile counts, predicted after): what measuring will show
     taken_prediction: tuple | None = None

@@ -136,8 +136,17 @@ def lay_out_blocks(ctx: RewriteContext) -> None:
     """candidates, profile_layout -> orders (functions whose order changes), unchanged_rows."""
     strategy = ctx.options.reorder_blocks
     names = ctx.model.functions.names
-    by_profile = profile_orders(ctx.profile_layout, ctx.cfg, ctx.candidates) \
-        if ctx.profile_layout is not None else None
+    by_profile = None
+    if ctx.profile_layout is not None:
+        from kbuild_bolt.layout.kept import KeptOrders
+
+        layout = ctx.profile_layout
+        layout.kept = KeptOrders.load(ctx.options.cache_dir)
+        by_profile = profile_orders(layout, ctx.cfg, ctx.candidates)
+        layout.kept.save()
+        ctx.result.orders_kept = (layout.kept.hits, len(by_profile))
+        if layout.kept.hits:
+            ctx.say(f"ext-TSP orders of {layout.kept.hits:,} functions kept from earlier runs")
     for row in ctx.candidates.tolist():
         blocks = list(ctx.cfg.blocks_of(row))
         if by_profile is not None:
@@ -176,13 +185,21 @@ def profile_orders(layout, cfg, rows: np.ndarray) -> dict[int, list[int]]:
         side = 0 if load[0] <= load[1] else 1
         shares[side].append(hot[k])
         load[side] += int(size[k]) ** 2
-    here, there = in_shares(lambda rows: _orders_of(layout, cfg, rows), list(shares), 2)
+    (here, _), (there, child_kept) = in_shares(
+        lambda rows: _orders_of(layout, cfg, rows, True), list(shares), 2)
     here.update(there)
+    if layout.kept is not None:
+        layout.kept.merge(child_kept)   # (what the child found and computed, for the next run)
     return here
 
 
-def _orders_of(layout, cfg, rows: list[int]) -> dict[int, list[int]]:
-    return {row: layout.order(row, list(cfg.blocks_of(row))) for row in rows}
+def _orders_of(layout, cfg, rows: list[int], forked: bool = False):
+    """{row: order}; ``forked``: and what this process found in and added to the kept
+    orders (a forked child's are lost with it otherwise)."""
+    orders = {row: layout.order(row, list(cfg.blocks_of(row))) for row in rows}
+    if not forked:
+        return orders
+    return orders, (layout.kept.delta() if layout.kept is not None else None)
 
 
 def promote_calls(ctx: RewriteContext) -> None:

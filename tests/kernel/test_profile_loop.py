@@ -135,3 +135,37 @@ def test_stale_profile_on_another_build(tmp_path_factory, tmp_path):
     assert result.rewritten >= 10
     assert "changed and left as compiled" in result.profile_applied
     assert 0.0 < result.profile_used < 0.2
+
+
+def test_kept_orders_give_the_same_kernel(tmp_path_factory, tmp_path):
+    """ext-TSP orders kept in the cache directory: a second rewrite of the same
+    kernel finds every hot function's order and writes the same bytes as a
+    rewrite without a cache; the hardened build of the same source, given the
+    regular kernel's profile, finds the orders of the functions whose code and
+    counts are the same there, and writes what it writes without a cache."""
+    _k, profile, out, _b, first = optimized("6.12-regular", "files", tmp_path_factory)
+    regular = lab_kernel("6.12-regular")
+    from kbuild_bolt.profile.stale import shapes_for
+
+    model = BinaryModel.open(regular.vmlinux)
+    profile.shapes = shapes_for(model, build_cfg(model), profile)
+    path = tmp_path / "regular.kbb"
+    write_profile(profile, path)
+    cache = tmp_path / "cache"
+
+    def run(vmlinux, name, cache_dir):
+        result = rewrite(vmlinux, tmp_path / name, RewriteOptions(
+            reorder_blocks="ext-tsp", profile=str(path), progress=False, cache_dir=cache_dir))
+        assert result.verify_summary.startswith("verify: ok"), result.verify_summary
+        return result, (tmp_path / name).read_bytes()
+
+    made, made_bytes = run(regular.vmlinux, "made", str(cache))
+    found, found_bytes = run(regular.vmlinux, "found", str(cache))
+    assert made.orders_kept[0] == 0 and made.orders_kept[1] > 1000
+    assert found.orders_kept == (made.orders_kept[1], made.orders_kept[1])
+    assert made_bytes == found_bytes == out.read_bytes()
+    hardened = lab_kernel("6.12-hardened")
+    kept, kept_bytes = run(hardened.vmlinux, "hardened", str(cache))
+    fresh, fresh_bytes = run(hardened.vmlinux, "hardened-fresh", None)
+    assert kept_bytes == fresh_bytes
+    assert 0 < kept.orders_kept[0] < kept.orders_kept[1] == fresh.orders_kept[1]

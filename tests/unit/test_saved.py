@@ -1,4 +1,4 @@
-"""The kept analysis's archive read from the mapped file: the same arrays np.load gives,
+"""A stored .npz (the kept analysis, kept orders) read from the mapped file: the same arrays np.load gives,
 a damaged member refused, an archive of another kind still read."""
 
 import zipfile
@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from kbuild_bolt.binary import saved
+from kbuild_bolt.arrays import NotStoredNpz, read_stored_npz
 
 
 def _arrays():
@@ -19,7 +19,7 @@ def _arrays():
 def test_stored_arrays_read_in_place_are_np_load_s(tmp_path):
     path = tmp_path / "x.npz"
     np.savez(path, **_arrays())
-    got = saved._read_arrays(path)
+    got = read_stored_npz(path)
     with np.load(path) as want:
         assert set(got) == set(want.files)
         for name in want.files:
@@ -36,11 +36,11 @@ def test_a_changed_byte_in_a_member_is_refused(tmp_path):
     data[at + 3] ^= 0x40
     path.write_bytes(bytes(data))
     with pytest.raises(zipfile.BadZipFile):
-        saved._read_arrays(path)
+        read_stored_npz(path)
 
 
 def test_a_compressed_archive_is_read_by_np_load(tmp_path):
     path = tmp_path / "x.npz"
     np.savez_compressed(path, **_arrays())
-    with pytest.raises(saved._NotInPlace):
-        saved._read_arrays(path)
+    with pytest.raises(NotStoredNpz):
+        read_stored_npz(path)
