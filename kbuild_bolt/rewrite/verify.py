@@ -242,18 +242,10 @@ def _data_problems(inp: BinaryModel, out: BinaryModel, extra=()) -> tuple[int, l
     covered = list(extra)
     for data in out.tables.values():
         covered.append((data.addr, data.addr + data.size))
-    allr = []
     # Field size by relocation type (0: unknown type, the last entry).
     field_size = np.zeros(max(FIELD_SIZE) + 2, np.uint64)
     for t, n in FIELD_SIZE.items():
         field_size[t] = n
-    for rela in b.rela_sections:
-        rr = b.relocations(rela)
-        rtype, _ = type_and_symbol(rr["info"])
-        size = field_size[np.minimum(rtype, len(field_size) - 1)]
-        allr.append(np.stack([rr["offset"], rr["offset"] + size], axis=1))
-    fields = np.concatenate(allr) if allr else np.zeros((0, 2), np.uint64)
-    fields = fields[np.argsort(fields[:, 0])]
     problems = []
     checked = 0
     for s in a.sections:
@@ -264,17 +256,27 @@ def _data_problems(inp: BinaryModel, out: BinaryModel, extra=()) -> tuple[int, l
             continue  # (the header check reports it)
         x = a.bytes[s.offset:s.offset + s.size]
         y = b.bytes[other.offset:other.offset + other.size]
-        diff = np.flatnonzero(x != y).astype(np.uint64) + np.uint64(s.addr)
+        changed = x != y
         checked += s.size
+        for lo, hi in covered:   # (tables change wholesale: not listed byte by byte)
+            lo, hi = int(lo), int(hi)
+            if lo < s.end and hi > s.addr:
+                changed[max(lo, s.addr) - s.addr:min(hi, s.end) - s.addr] = False
+        diff = np.flatnonzero(changed).astype(np.uint64) + np.uint64(s.addr)
+        del changed
         if not len(diff):
             continue
-        ok = np.zeros(len(diff), bool)
-        for lo, hi in covered:
-            ok |= (diff >= np.uint64(lo)) & (diff < np.uint64(hi))
-        i = np.searchsorted(fields[:, 0], diff, side="right").astype(np.int64) - 1
-        in_field = (i >= 0)
-        in_field[in_field] &= diff[in_field] < fields[i[in_field], 1]
-        ok |= in_field
+        # The relocated fields of this section: those of the relocations that
+        # apply to it (reading them checks each field lies inside it), read only
+        # for a section with changes outside tables.
+        rr = b.relocations_for(s.name)
+        rtype, _ = type_and_symbol(rr["info"])
+        size = field_size[np.minimum(rtype, len(field_size) - 1)]
+        order = np.argsort(rr["offset"])
+        starts, ends = rr["offset"][order], (rr["offset"] + size)[order]
+        i = np.searchsorted(starts, diff, side="right").astype(np.int64) - 1
+        ok = (i >= 0)
+        ok[ok] &= diff[ok] < ends[i[ok]]
         for addr in diff[~ok][:5].tolist():
             problems.append(f"{s.name}: byte at {int(addr):#x} changed outside tables and "
                             "relocated fields")

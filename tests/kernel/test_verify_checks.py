@@ -23,3 +23,52 @@ def test_a_stale_orc_entry_fails_the_rewrite_by_its_state(lab_regular, tmp_path,
     assert any(line.startswith("  ! ORC states follow moved code:") for line in orc), summary
     assert not out.exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_changed_data_is_reported_outside_tables_and_relocated_fields(lab_regular, tmp_path):
+    """The data check of a copy of the lab kernel with bytes changed in .rodata:
+    one inside a relocated field and one inside a table pass, one in neither is
+    reported by its address (the relocations of a section are read only for a
+    section with a change outside its tables)."""
+    import numpy as np
+
+    from kbuild_bolt.binary.model import BinaryModel
+    from kbuild_bolt.rewrite.verify import _data_problems
+
+    inp = BinaryModel.open(lab_regular.vmlinux)
+    image = inp.image
+    rodata = image.section(".rodata")
+    fields = np.sort(image.relocations_for(".rodata")["offset"])
+    tables = sorted((t.addr, t.addr + t.size) for t in inp.tables.values())
+
+    def in_table(addr):
+        return any(lo <= addr < hi for lo, hi in tables)
+
+    # A relocated field outside every table, and a byte in no field and no table.
+    field = next(int(a) for a in fields.tolist() if not in_table(a) and not in_table(a + 7))
+    def in_field(addr):   # (fields are at most 8 bytes)
+        k = int(np.searchsorted(fields, addr, "right")) - 1
+        return k >= 0 and addr < int(fields[k]) + 8
+
+    plain = next(a for a in range(rodata.addr + 64, rodata.end, 8)
+                 if not in_table(a) and not in_field(a))
+    table = next(t for t in inp.tables.values()
+                 if t.size and image.section_at(t.addr) is not None
+                 and not image.section_at(t.addr).is_exec)
+    data = bytearray(open(lab_regular.vmlinux, "rb").read())
+
+    def flip(addr):
+        section = image.section_at(addr)
+        data[section.offset + addr - section.addr] ^= 0x5A
+
+    flip(field + 1)
+    flip(table.addr)
+    copy = tmp_path / "copy"
+    copy.write_bytes(bytes(data))
+    checked, problems = _data_problems(inp, BinaryModel.open(copy))
+    assert checked > rodata.size and problems == []
+    flip(plain)
+    copy.write_bytes(bytes(data))
+    checked, problems = _data_problems(inp, BinaryModel.open(copy))
+    assert problems == [f".rodata: byte at {plain:#x} changed outside tables and "
+                        "relocated fields"]
