@@ -77,7 +77,7 @@ class KeptOrders:
             digests = arrays["digests"]
             starts = arrays["starts"].astype(np.int64, copy=False)
             positions = arrays["positions"]
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile):
             return cls(directory)
         n = len(starts) - 1
         if (digests.dtype != np.uint8 or digests.shape != (max(n, 0), _DIGEST) or n < 0
