@@ -16,18 +16,42 @@ import gc
 _libc = None
 
 
-def trim() -> None:
-    """Collect garbage and return free heap pages to the system (glibc only)."""
+# Arrays of this size or more get pages of their own from the system, given back
+# when they are freed (glibc's M_MMAP_THRESHOLD).
+OWN_PAGES_FROM = 1 << 20
+_M_MMAP_THRESHOLD = -3
+
+
+def _c_library():
     global _libc
-    gc.collect()
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    return _libc
+
+
+def big_arrays_on_own_pages() -> None:
+    """Fix glibc's mmap threshold at OWN_PAGES_FROM. Left to itself, glibc raises
+    the threshold to the size of each big block freed (up to 32 MB), so the
+    whole-kernel temporaries of one phase (columns of millions of entries) come
+    from the heap afterwards and stay resident after they are freed, scattered
+    between live blocks where malloc_trim cannot give them back: 10-20 MB at
+    each later peak of a rewrite. Set once per process (glibc only)."""
+    libc = _c_library()
+    if libc:
+        libc.mallopt(_M_MMAP_THRESHOLD, OWN_PAGES_FROM)
+
+
+def trim() -> None:
+    """Collect garbage and return free heap pages to the system (glibc only)."""
+    gc.collect()
+    libc = _c_library()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def freeze_survivors() -> bool:

@@ -171,6 +171,9 @@ def check_all(model) -> dict[str, TableCheck]:
     return {name: check_table(model, data) for name, data in model.tables.items()}
 
 
+RELOCATION_CHUNK = 1 << 16     # relocation records checked at once
+
+
 def check_relocations(model) -> tuple[int, list[str]]:
     """Every relocation's field holds S + A (- P).
 
@@ -184,47 +187,55 @@ def check_relocations(model) -> tuple[int, list[str]]:
     sorted_tables = [d for d in model.tables.values() if d.spec.sorted_field]
     expected_sorted = {d.spec.name: [] for d in sorted_tables}
     for rela in image.rela_sections:
-        r = image.relocations(rela)
-        if not len(r):
-            continue
-        rtype, sym = type_and_symbol(r["info"])
+        records = image.relocations(rela)
         target_section = image.sections[rela.info]
-        if not target_section.has_bits:
+        if not len(records) or not target_section.has_bits:
             continue
         data = image.bytes[target_section.offset:target_section.offset + target_section.size]
-        for t, size in FIELD_SIZE.items():
-            sel = np.flatnonzero(rtype == t)
-            if not len(sel):
-                continue
-            total += len(sel)
-            off = (r["offset"][sel] - np.uint64(target_section.addr)).astype(np.int64)
-            inside = (off >= 0) & (off + size <= target_section.size)
-            if not inside.all():
-                problems.append(f"{rela.name}: {int((~inside).sum())} relocations outside "
+        outside = {t: 0 for t in FIELD_SIZE}
+        disagree = {t: 0 for t in FIELD_SIZE}
+        shown = {t: 0 for t in FIELD_SIZE}
+        # (in parts: hundreds of thousands of records, each field's bytes
+        # gathered into temporaries of several times its size)
+        for lo in range(0, len(records), RELOCATION_CHUNK):
+            r = records[lo:lo + RELOCATION_CHUNK]
+            rtype, sym = type_and_symbol(r["info"])
+            for t, size in FIELD_SIZE.items():
+                sel = np.flatnonzero(rtype == t)
+                if not len(sel):
+                    continue
+                total += len(sel)
+                off = (r["offset"][sel] - np.uint64(target_section.addr)).astype(np.int64)
+                inside = (off >= 0) & (off + size <= target_section.size)
+                if not inside.all():
+                    outside[t] += int((~inside).sum())
+                    sel, off = sel[inside], off[inside]
+                value = np.zeros(len(sel), np.uint64)
+                for k in range(size):
+                    value |= data[off + k].astype(np.uint64) << np.uint64(8 * k)
+                where = r["offset"][sel]
+                target = symbols.value[sym[sel]] + r["addend"][sel].view(np.uint64)   # S + A
+                expect = target - where if t in PC_RELATIVE else target
+                mask = np.uint64((1 << (8 * size)) - 1) if size < 8 \
+                    else np.uint64(0xFFFFFFFFFFFFFFFF)
+                bad = (expect & mask) != value
+                for d in sorted_tables:
+                    inside = (where >= np.uint64(d.addr)) & (where < np.uint64(d.addr + d.size))
+                    if inside.any():
+                        expected_sorted[d.spec.name].append(target[inside])
+                        bad[inside] = False
+                disagree[t] += int(bad.sum())
+                for k in np.flatnonzero(bad)[:5 - shown[t]].tolist():
+                    shown[t] += 1
+                    problems.append(f"{rela.name}[{lo + int(sel[k])}] at {int(where[k]):#x}: "
+                                    f"field {int(value[k]):#x}, relocation says "
+                                    f"{int(expect[k] & mask):#x}")
+        for t in FIELD_SIZE:
+            if outside[t]:
+                problems.append(f"{rela.name}: {outside[t]} relocations outside "
                                 f"{target_section.name}")
-                sel, off = sel[inside], off[inside]
-            cols = off[:, None] + np.arange(size)[None, :]
-            raw = data[cols].astype(np.uint64)
-            value = np.zeros(len(sel), np.uint64)
-            for k in range(size):
-                value |= raw[:, k] << np.uint64(8 * k)
-            where = r["offset"][sel]
-            s = symbols.value[sym[sel]]
-            target = s + r["addend"][sel].view(np.uint64)          # S + A
-            expect = target - where if t in PC_RELATIVE else target
-            mask = np.uint64((1 << (8 * size)) - 1) if size < 8 else np.uint64(0xFFFFFFFFFFFFFFFF)
-            bad = (expect & mask) != value
-            for d in sorted_tables:
-                inside = (where >= np.uint64(d.addr)) & (where < np.uint64(d.addr + d.size))
-                if inside.any():
-                    expected_sorted[d.spec.name].append(target[inside])
-                    bad[inside] = False
-            for k in np.flatnonzero(bad)[:5].tolist():
-                problems.append(f"{rela.name}[{int(sel[k])}] at {int(where[k]):#x}: "
-                                f"field {int(value[k]):#x}, relocation says "
-                                f"{int(expect[k] & mask):#x}")
-            if bad.sum() > 5:
-                problems.append(f"{rela.name}: {int(bad.sum()) - 5} more disagreeing fields")
+            if disagree[t] > 5:
+                problems.append(f"{rela.name}: {disagree[t] - 5} more disagreeing fields")
     for d in sorted_tables:
         want = np.sort(np.concatenate(expected_sorted[d.spec.name])) \
             if expected_sorted[d.spec.name] else np.zeros(0, np.uint64)

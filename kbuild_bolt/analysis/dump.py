@@ -184,7 +184,7 @@ def function_view(model, cfg: CFG, row: int, formatter=None) -> dict:
         block_list.append({
             "label": labels[b],
             "address": int(model.insns.addr[first]),
-            "size": int(model.insns.end[stop - 1] - model.insns.addr[first]),
+            "size": int(model.insns.end_of(stop - 1) - model.insns.addr[first]),
             "successors": [{"label": labels.get(d, str(d)), "kind": EDGE_NAMES[k]}
                            for d, k in cfg.successors(b)],
             "instructions": insns,

@@ -247,7 +247,7 @@ def build_cfg(model) -> CFG:
     rip_idx = np.flatnonzero(insns.ref_kind == x86.REF_RIPREL)
     riprel = insns.ref[rip_idx]
     relocs = model.code_relocations
-    r = relocs.first_in(insns.addr[rip_idx], insns.end[rip_idx])
+    r = relocs.first_in(insns.addr[rip_idx], insns.end_of(rip_idx))
     has = r >= 0
     if has.any():
         symbols = model.image.symbols

@@ -133,7 +133,14 @@ def _unchanged_ranges(image: ElfImage, ranges, r: np.ndarray, like) -> tuple[x86
     addr = like.insns.addr
     lo = np.searchsorted(addr, keep[:, 1])
     hi = np.searchsorted(addr, keep[:, 2])
-    return like.insns.take(concat_ranges(lo, hi - lo)), rest
+    if len(lo) > 1 and not (hi[:-1] <= lo[1:]).all():    # (ranges that overlap)
+        return like.insns.take(concat_ranges(lo, hi - lo)), rest
+    # Disjoint runs of instructions, in address order: taken by a mask (a
+    # bool per instruction, not an int64 index of millions of them).
+    edge = np.zeros(len(addr) + 1, np.int8)
+    np.add.at(edge, lo, 1)
+    np.add.at(edge, hi, -1)
+    return like.insns.take(np.cumsum(edge[:-1], dtype=np.int8).view(bool)), rest
 
 
 def _variable_bytes(like: "BinaryModel", section, starts, ends) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +181,7 @@ def _variable_bytes(like: "BinaryModel", section, starts, ends) -> tuple[np.ndar
         at = like.insn_containing(offset)
         inside = (at >= 0) & (width > 0)
         inside[inside] &= (offset[inside] > insns.addr[at[inside]]) \
-            & (offset[inside] + width[inside].astype(np.uint64) <= insns.end[at[inside]])
+            & (offset[inside] + width[inside].astype(np.uint64) <= insns.end_of(at[inside]))
         start = (offset - np.uint64(section.addr)).astype(np.int64)
         spots = concat_ranges(start[inside], width[inside])
         variable[spots[spots < section.size]] = True
@@ -249,7 +256,7 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
     old_hi = old_lo + size.astype(np.uint64)
     a_insn = np.searchsorted(like.insns.addr, old_lo)
     b_insn = np.searchsorted(like.insns.addr, old_hi)
-    ok &= (b_insn > a_insn) & (like.insns.end[np.maximum(b_insn - 1, 0)] == old_hi)
+    ok &= (b_insn > a_insn) & (like.insns.end_of(np.maximum(b_insn - 1, 0)) == old_hi)
     chosen = np.flatnonzero(ok)
     rest = [ranges[i] for i in np.flatnonzero(~ok).tolist()]
     take = list(zip(a_insn[chosen].tolist(), b_insn[chosen].tolist()))

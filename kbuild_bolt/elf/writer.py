@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kbuild_bolt.elf.image import release_mapping
 from kbuild_bolt.errors import KbbError
 
 
@@ -241,6 +242,12 @@ class OutputImage:
             dst.seek(0x28)  # e_shoff
             dst.write(new_shoff.to_bytes(8, "little"))
         os.replace(packed, self.tmp)
+
+    def release_pages(self) -> None:
+        """Let go of the pages written so far (they stay in the page cache, dirty
+        until written back, and are mapped again when touched)."""
+        if hasattr(self, "mem") and not self.mem.closed:
+            release_mapping(self.mem)
 
     def commit(self) -> None:
         os.replace(self.tmp, self.dest)

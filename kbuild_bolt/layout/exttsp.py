@@ -669,7 +669,7 @@ class ProfileLayout:
             ends, firsts = cfg.block_end[at + lo], cfg.block_first[at + lo]
             position = {b: i for i, b in enumerate(blocks)}
         counts = counts_arr[at].tolist()
-        sizes = (insns.end[ends - 1] - insns.addr[firsts]).tolist()
+        sizes = (insns.end_of(ends - 1) - insns.addr[firsts]).tolist()
         if position is None:
             pairs = [(s - lo, d - lo, w) for (s, d), w in edges.items()]
         else:   # (an edge to a block not given cannot be laid out: ext-TSP drops it)

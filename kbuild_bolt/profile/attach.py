@@ -115,7 +115,7 @@ def attach(model, profile) -> CodeProfile:
     s, d, c = src[ok], profile.dst[ok], profile.count[ok]
     flow = insns.flow[s]
     ref = insns.ref[s]
-    ends = insns.end[s]
+    ends = insns.end_of(s)
     direct = np.isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[s] == x86.REF_BRANCH)
     good = (direct & (d == ref)) | ((flow == x86.IND_JMP) & (d != ends))
     # Static-key sites: nops in the file, jumps at run time.

@@ -55,7 +55,7 @@ class MemoryCounter:
             return self.cache[key]
         insns = self.model.insns
         start = int(insns.addr[i0])
-        end = int(insns.end[i1 - 1])
+        end = int(insns.end_of(i1 - 1))
         loads = stores = 0
         for ins in Decoder(64, self.model.image.read(start, end - start), ip=start):
             info = self.factory.info(ins)

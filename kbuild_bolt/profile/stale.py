@@ -76,14 +76,14 @@ def _masked_code(model, lo_insn: int, hi_insn: int) -> tuple[bytes, np.ndarray]:
     and each instruction's offset into them."""
     insns = model.insns
     start = int(insns.addr[lo_insn])
-    end = int(insns.end[hi_insn - 1])
+    end = int(insns.end_of(hi_insn - 1))
     offs = (insns.addr[lo_insn:hi_insn] - np.uint64(start)).astype(np.int64)
     section = model.image.section_at(start)
     rel = model.code_relocations
     near = np.searchsorted(rel.offset, np.array([max(start - 3, 0), start], np.uint64))
     if (section is None or not section.has_bits or end > section.end
             or near[1] > near[0]                  # a field before it reaching into it
-            or (lo_insn > 0 and int(insns.end[lo_insn - 1]) > start)
+            or (lo_insn > 0 and int(insns.end_of(lo_insn - 1)) > start)
             or (hi_insn < len(insns) and int(insns.addr[hi_insn]) < end)):  # overlaps
         # (masked from its own instructions and relocations alone)
         return _masked(model, start, end, lo_insn, hi_insn).tobytes(), offs

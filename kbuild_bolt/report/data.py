@@ -210,7 +210,7 @@ def block_layouts(model, cfg, code_profile, rows, fetches: np.ndarray, orders: d
         if hi <= lo:
             continue
         first, end = cfg.block_first[lo:hi], cfg.block_end[lo:hi]
-        sizes = (insns.end[end - 1] - insns.addr[first]).astype(np.int64)
+        sizes = (insns.end_of(end - 1) - insns.addr[first]).astype(np.int64)
         offsets = (insns.addr[first] - model.functions.start[row]).astype(np.int64)
         order = np.asarray(orders.get(row, range(lo, hi)), np.int64) - lo
         cold = np.zeros(hi - lo, bool)

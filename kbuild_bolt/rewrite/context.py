@@ -319,6 +319,14 @@ class RewriteContext:
             if self.bar is not None:
                 self.bar.draw()
 
+    def release_file_pages(self) -> None:
+        """Between passes: the input's and the output's file pages go back to the
+        page cache (each pass maps again what it reads; see ElfImage.release_pages)."""
+        if self.model is not None:
+            self.model.image.release_pages()
+        if self.output is not None:
+            self.output.release_pages()
+
     def leave_alone(self, rows, reason: str) -> None:
         names = self.model.functions.names
         self.result.leave_alone(reason, [names[row] for row in rows])

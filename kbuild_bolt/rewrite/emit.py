@@ -122,7 +122,6 @@ class BlockTable:
         insns = model.insns
         nb = len(cfg.block_first)
         first, end, term = cfg.block_first, cfg.block_end, cfg.block_term
-        ends = insns.addr + insns.length
         if rows is None:
             sel = np.arange(nb)
         else:
@@ -197,7 +196,8 @@ class BlockTable:
         has_pred[cfg.edge_dst[same]] = True
         entry = cfg.entry_insn[first] | cfg.external_entry_insn[first]
         entry[cfg.func_first_block[cfg.func_first_block < cfg.func_end_block]] = True
-        not_fill = np.concatenate([[0], np.cumsum(~fill, dtype=np.int64)])
+        not_fill = np.zeros(len(fill) + 1, np.int32)     # (int32: millions of instructions)
+        np.cumsum(~fill, dtype=np.int32, out=not_fill[1:])
         self.droppable = ~has_pred & ~entry & (not_fill[end] == not_fill[first])
 
         def column(values, default, dtype):
@@ -231,9 +231,10 @@ class BlockTable:
             self.p_off = (insns.addr[site] - insns.addr[first[b_of]]).astype(np.int64)
             self.p_len = insns.length[site].astype(np.int64)
         start = insns.addr[first]
-        self.whole = (ends[end - 1] - start).astype(np.int64)
+        last_end = insns.end_of(end - 1)
+        self.whole = (last_end - start).astype(np.int64)
         self.body = (insns.addr[term] - start).astype(np.int64)
-        self.tail = (ends[end - 1] - ends[term]).astype(np.int64)
+        self.tail = (last_end - insns.end_of(term)).astype(np.int64)
 
     _COLUMNS = ("kind", "first", "end", "term", "fall", "taken", "t_block", "target", "cc",
                 "site_jmp", "site_target", "whole", "body", "tail", "droppable", "may_reverse",
@@ -251,7 +252,7 @@ class BlockTable:
             "taken": np.full(n, -1, np.int64), "t_block": np.full(n, -1, np.int64),
             "target": np.zeros(n, np.uint64), "cc": np.zeros(n, np.int64),
             "site_jmp": np.zeros(n, bool), "site_target": np.zeros(n, np.uint64),
-            "whole": (insns.end[end - 1] - insns.addr[first]).astype(np.int64),
+            "whole": (insns.end_of(end - 1) - insns.addr[first]).astype(np.int64),
             "body": (insns.addr[end - 1] - insns.addr[first]).astype(np.int64),
             "tail": np.zeros(n, np.int64), "droppable": np.zeros(n, bool),
             "may_reverse": np.zeros(n, bool), "icp_first": np.zeros(n, np.int64),
@@ -325,6 +326,17 @@ class _Items:
         return (dest - addr[which] - self.size[which].astype(np.uint64)).view(np.int64)
 
 
+class _AtPositions:
+    """A slot's values at some positions (``rows``, sorted), where the slot is;
+    read nowhere else."""
+
+    def __init__(self, rows: np.ndarray, values: np.ndarray):
+        self.rows, self.values = rows, values
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        return self.values[np.searchsorted(self.rows, rows)]
+
+
 def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: np.ndarray,
                  moved_interior, no_icp: np.ndarray | None = None) -> _Items:
     """Items for the blocks ``lay`` (positions of functions ``lay_f`` in parts
@@ -389,7 +401,8 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
         return np.where(has, values[k] if len(values) else default, default), has
 
     # Slots: [copy] ([cmp] [jne] [call] [copy]) per promoted call, [terminator]
-    # [tail] [added jmp].
+    # [tail] [added jmp]. A slot's values are a scalar, one per position, or
+    # (a promoted call's slots: few positions have one) _AtPositions.
     s0 = plain | ((unit_nop | branch_end) & (i0 < term))
     c0, _ = per_call(0, p_insn, 0)
     off0, _ = per_call(0, p_off, 0)
@@ -397,31 +410,41 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     slot_values = {"kind": [COPY], "size": [np.where(count > 0, off0, body_size)],
                    "i0": [i0], "i1": [np.where(count > 0, c0, body_end)],
                    "state": [-1], "icp": [-1], "target": [0], "cc": [0]}
+    del c0, off0
     for j in range(m_icp):
-        c, has = per_call(j, p_insn, 0)
-        off, _ = per_call(j, p_off, 0)
-        ln, _ = per_call(j, p_len, 0)
-        nxt_c, more = per_call(j + 1, p_insn, 0)
-        nxt_off, _ = per_call(j + 1, p_off, 0)
-        seg_end = np.where(more, nxt_c, body_end)
-        seg_size = np.where(more, nxt_off, body_size) - off - ln
-        k = np.where(has, first_p + j, -1)
-        target = np.where(has, promos.target[np.maximum(k, 0)], 0)
-        cmp_size = np.where(has, promos.length[np.maximum(k, 0)], 0)
-        slots_present += [has, has, has, has & (seg_size > 0)]
+        rows = np.flatnonzero(count > j)            # positions with a j-th call
+        k = first_p[rows] + j                       # its promotion
+        c, off, ln = p_insn[k], p_off[k], p_len[k]
+        more = count[rows] > j + 1
+        k_next = np.where(more, k + 1, k)
+        seg_end = np.where(more, p_insn[k_next], body_end[rows])
+        seg_size = np.where(more, p_off[k_next], body_size[rows]) - off - ln
+        has = np.zeros(npos, bool)
+        has[rows] = True
+        rest = np.zeros(npos, bool)
+        rest[rows] = seg_size > 0
+        slots_present += [has, has, has, rest]
+
+        def at(values, rows=rows):
+            return _AtPositions(rows, values)
+
+        target = promos.target[k]
         for name, values in (("kind", (CMP, JCC, CALL, COPY)),
-                             ("size", (cmp_size, enc.JCC8, enc.CALL32, seg_size)),
-                             ("i0", (0, 0, 0, c + 1)), ("i1", (0, 0, 0, seg_end)),
-                             ("state", (c, c, c, -1)), ("icp", (k, -1, -1, -1)),
-                             ("target", (target, 0, target, 0)), ("cc", (0, JNE, 0, 0))):
+                             ("size", (at(promos.length[k]), enc.JCC8, enc.CALL32,
+                                       at(seg_size))),
+                             ("i0", (0, 0, 0, at(c + 1))), ("i1", (0, 0, 0, at(seg_end))),
+                             ("state", (at(c), at(c), at(c), -1)), ("icp", (at(k), -1, -1, -1)),
+                             ("target", (at(target), 0, at(target), 0)), ("cc", (0, JNE, 0, 0))):
             slot_values[name].extend(values)
     n_mid = len(slots_present)
     s1 = unit_nop | site | (is_jmp & ~elide) | is_jcc
     s2 = ((is_jmp & ~elide) | is_jcc | site) & (term + 1 < i1)
     fall_left = np.where(unit_nop | is_jmp | jcc_keep | jcc_flip | flip, -1, fall)
     s3 = (fall_left >= 0) & (fall_left != nxt)
-    present = np.stack(slots_present + [s1, s2, s3], axis=1)
-    counts = present.sum(axis=1)
+    slots_present += [s1, s2, s3]
+    counts = np.zeros(npos, np.int64)
+    for present in slots_present:
+        counts += present
     # Fallbacks, two items each, after the items of their function's last position
     # (in the order of their calls).
     fb_pos = np.repeat(np.arange(npos), count)
@@ -434,12 +457,24 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     first_item = np.zeros(npos, np.int64)
     np.cumsum(per_pos[:-1], out=first_item[1:])
     n_items = int(per_pos.sum())
-    slot_item = first_item[:, None] + np.cumsum(present, axis=1) - 1
-    normal = slot_item[present]
+    # Per slot: the positions that have it and the item it is there. (Not a
+    # positions x slots matrix: with a promoted call, each call adds four slots
+    # to every position, 100 MB a column on a hardened kernel.)
+    placed = []
+    item = first_item - 1
+    for present in slots_present:
+        item += present
+        at_pos = np.flatnonzero(present)
+        placed.append((at_pos, item[at_pos]))
+    del item, slots_present
     fb_copy = (first_item[anchor] + counts[anchor]
                + 2 * (np.arange(len(anchor)) - np.searchsorted(anchor, anchor, side="left")))
     fb_jmp = fb_copy + 1
-    fb_call = slot_item[fb_pos, 3 + 4 * fb_j]    # the direct call it stands beside
+    fb_call = np.zeros(len(fb_pos), np.int64)    # the direct call it stands beside
+    for j in np.unique(fb_j).tolist():
+        at_pos, items_there = placed[3 + 4 * j]
+        mine = fb_j == j
+        fb_call[mine] = items_there[np.searchsorted(at_pos, fb_pos[mine])]
     fb_insn = p_insn[fb_p] if len(fb_p) else np.zeros(0, np.int64)
 
     t_kind = np.select([unit_nop, site, is_jmp], [NOP, SITE, JMP], JCC).astype(np.int8)
@@ -447,11 +482,14 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     def column(dtype, slots, fallback=(0, 0)) -> np.ndarray:
         """One item attribute: each slot's values and the two fallback items'
         values, only the items present, in layout order."""
-        m = np.empty((npos, len(slots)), dtype)
-        for k, value in enumerate(slots):
-            m[:, k] = value
         out = np.empty(n_items, dtype)
-        out[normal] = m[present]
+        for (at_pos, items_there), value in zip(placed, slots):
+            if isinstance(value, _AtPositions):
+                out[items_there] = value.at(at_pos)
+            elif np.ndim(value):
+                out[items_there] = value[at_pos]
+            else:
+                out[items_there] = value
         out[fb_copy], out[fb_jmp] = fallback
         return out
 
@@ -1527,8 +1565,10 @@ def _translate(insns, new_addr: np.ndarray, moved, addrs: np.ndarray) -> np.ndar
 
 
 def _copy_bytes(model, code: np.ndarray, dest: np.ndarray, src_addr: np.ndarray,
-                size: np.ndarray, chunk: int = 1 << 16) -> None:
-    """Copy ``size`` bytes from each old address to each offset of ``code``."""
+                size: np.ndarray, chunk: int = 1 << 12) -> None:
+    """Copy ``size`` bytes from each old address to each offset of ``code``.
+    (``chunk`` runs at a time: each byte copied takes three int64 temporaries,
+    so 65,536 runs of blocks held 40 MB at once, emit's peak.)"""
     image = model.image
     raw = image.bytes
     src = np.zeros(len(src_addr), np.int64)

@@ -48,7 +48,7 @@ from kbuild_bolt.elf.notes import stamp as stamp_build_id
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout import orders as block_orders
-from kbuild_bolt.memory import freeze_survivors, thaw, trim
+from kbuild_bolt.memory import big_arrays_on_own_pages, freeze_survivors, thaw, trim
 from kbuild_bolt.processes import in_shares
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
@@ -285,7 +285,7 @@ def lay_out_functions(ctx: RewriteContext) -> None:
             # Split functions are ordered by what lands in the hot area: their hot
             # part (as BOLT orders by the hot size when it splits).
             insns = model.insns
-            nbytes = (insns.end[cfg.block_end - 1] - insns.addr[cfg.block_first]).astype(np.int64)
+            nbytes = (insns.end_of(cfg.block_end - 1) - insns.addr[cfg.block_first]).astype(np.int64)
             for i, row in enumerate(rows):
                 hot = ctx.hot_len.get(row)
                 if hot is not None:
@@ -533,6 +533,7 @@ def update(ctx: RewriteContext) -> None:
         ctx.result.sympos_changed = sympos_changes(ctx)
         for rewriter in ctx.metadata:
             rewriter.update(ctx, amap)
+            ctx.release_file_pages()
         del amap
         # The rewriters have what they need of the new code: their memory goes to
         # the debug sections' update.
@@ -723,6 +724,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
             session: Session | None = None, passes=PASSES) -> RewriteResult:
     if options.reorder_blocks == "ext-tsp" and options.profile is None:
         raise KbbError("--reorder-blocks=ext-tsp needs a profile (--profile)")
+    big_arrays_on_own_pages()
     ctx = RewriteContext(input_path, output_path, options, session=session)
     if ProgressBar.wanted(options):
         ctx.bar = ProgressBar(len(passes))
@@ -733,6 +735,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
             if step.when is None or step.when(ctx):
                 started = time.perf_counter()
                 step.run(ctx)
+                ctx.release_file_pages()
                 ctx.result.seconds[step.name] = time.perf_counter() - started
             if ctx.bar is not None:
                 ctx.bar.finish_step()

@@ -129,7 +129,7 @@ class MoveAnalysis:
         prev = np.maximum(before, 0)
         stops = np.isin(insns.flow, (x86.JMP, x86.IND_JMP, x86.RET, x86.CALL, x86.IND_CALL,
                                      x86.EXCEPTION, x86.INTERRUPT))
-        falls = ok & (insns.end[prev] == extent) & ~stops[prev] & ~self.fill[prev]
+        falls = ok & (insns.end_of(prev) == extent) & ~stops[prev] & ~self.fill[prev]
         self.fall_src = np.where(falls, f_of[prev], -2)     # -2: nothing falls in
         self.align_all = None
 
@@ -203,7 +203,7 @@ def free_fill(model, falls_off: np.ndarray) -> np.ndarray:
     # contiguous, not fill and not a terminator) is code.
     stops = np.isin(insns.flow, (x86.JMP, x86.IND_JMP, x86.RET, x86.INTERRUPT, x86.EXCEPTION))
     contiguous = np.zeros(n, bool)
-    contiguous[1:] = insns.addr[1:] == insns.end[:-1]
+    contiguous[1:] = insns.addr[1:] == insns.end_of(slice(None, -1))
     first = fill & ~np.r_[False, fill[:-1] & contiguous[1:]]
     starts = np.flatnonzero(first)
     prev = starts - 1
@@ -231,7 +231,7 @@ def alignment(model, extent: np.ndarray, rows: np.ndarray, fill: np.ndarray) -> 
     last_code = np.maximum.accumulate(code)
     k = np.searchsorted(insns.addr, starts) - 1
     j = last_code[np.maximum(k, 0)]
-    prev_end = np.where((k >= 0) & (j >= 0), insns.end[np.maximum(j, 0)], starts)
+    prev_end = np.where((k >= 0) & (j >= 0), insns.end_of(np.maximum(j, 0)), starts)
     prev_end = np.minimum(prev_end, starts)
     natural = starts & (~starts + np.uint64(1))            # lowest set bit
     natural = np.where(starts == 0, np.uint64(MAX_ALIGN), natural)
@@ -286,13 +286,13 @@ class Placement:
             # fill are cut too; a record of fill across a bound would still give
             # room only for its part inside)
             lo = int(np.searchsorted(insns.addr, r.start, side="right")) - 1
-            if lo < 0 or insns.end[lo] <= r.start:
+            if lo < 0 or insns.end_of(lo) <= r.start:
                 lo += 1
             hi = int(np.searchsorted(insns.addr, r.end))
             if not moving[lo:hi].any() and r.kind != PLAIN:
                 continue
             starts = np.maximum(insns.addr[lo:hi], np.uint64(r.start))
-            ends = np.minimum(insns.end[lo:hi], np.uint64(r.end))
+            ends = np.minimum(insns.end_of(slice(lo, hi)), np.uint64(r.end))
             free = ~stays[lo:hi]
             # Free runs: maximal runs of instructions that do not stay.
             edges = np.diff(np.concatenate([[0], free.astype(np.int8), [0]]))

@@ -104,7 +104,7 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
             # end: the address it refers to is S + A + (end - P) (call foo: A = -4).
             pc_code = np.isin(rtype, PC_RELATIVE)
             idx = model.insn_containing(offset[pc_code])
-            ends = np.where(idx >= 0, model.insns.end[np.maximum(idx, 0)], offset[pc_code])
+            ends = np.where(idx >= 0, model.insns.end_of(np.maximum(idx, 0)), offset[pc_code])
             target[pc_code] += ends - offset[pc_code]
         tgt_moved = handled & valid_sym & amap.moved(target)
         if tgt_moved.any():

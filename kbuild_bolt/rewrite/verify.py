@@ -437,11 +437,21 @@ def _code_agreement(image: ElfImage, inp: BinaryModel | None):
     (entries, problems) of its tables and (fields, problems) of its
     relocations, checked against its code."""
     out = BinaryModel(image, like=inp)
+    _release(image, inp)
     checks = check_all(out)
+    _release(image, inp)
     entries = sum(c.entries for c in checks.values())
     bad = [f"{m.table}[{m.index}] {m.field} -> {m.where}: {m.message}"
            for c in checks.values() for m in c.mismatches]
     return (entries, bad), check_relocations(out)
+
+
+def _release(image: ElfImage, inp: BinaryModel | None) -> None:
+    """Between checks: the pages of both files read so far go back to the page
+    cache (the next check maps what it reads; see ElfImage.release_pages)."""
+    image.release_pages()
+    if inp is not None:
+        inp.image.release_pages()
 
 
 def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) -> None:
@@ -450,6 +460,7 @@ def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) 
     table = kallsyms.read(out.image)
     if table is not None:
         report.add("kallsyms agree with the symbols", *_kallsyms_problems(out, table))
+        _release(out.image, inp)
     if inp is not None:
         report.add("ELF and section headers", len(inp.image.sections),
                    _header_problems(inp.image, out.image))
@@ -473,17 +484,21 @@ def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) 
             ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
         report.add("symbol table", len(inp.image.symbols),
                    _symbol_problems(inp, out.image, moved_ranges, ranges))
+        _release(out.image, inp)
         report.add("region markers keep their places", *_marker_problems(inp.image, out.image))
         note = build_id(out.image)
         own = [(note.addr, note.addr + note.size)] if note is not None and note.addr else []
         checked, problems = _data_problems(inp, out, own + (
             _kallsyms_ranges(table) if table is not None else []))
         report.add("data changed only in tables/fields", checked, problems)
+        _release(out.image, inp)
         if note is not None:
             report.add("build-id is the output's own", 1,
                        _build_id_problems(inp.image, out.image, path, note))
+            _release(out.image, inp)
         checked, problems = _code_problems(inp, out, ranges)
         report.add("code changed only where rewritten", checked, problems)
+        _release(out.image, inp)
         if ".orc_unwind_ip" in inp.tables and (out.tables[".orc_unwind_ip"].count
                                                 != inp.tables[".orc_unwind_ip"].count):
             report.add("ORC table size", 1, ["ORC entry count changed"])

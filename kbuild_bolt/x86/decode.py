@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 from iced_x86 import Code, Decoder, Instruction
@@ -114,10 +113,11 @@ class Decoded:
     def take(self, index) -> "Decoded":
         return Decoded(*(getattr(self, f)[index] for f in FIELDS))
 
-    @cached_property
-    def end(self) -> np.ndarray:
-        """Address after each instruction (computed once: millions of them)."""
-        return self.addr + self.length
+    def end_of(self, index):
+        """Address after the instruction(s) at ``index`` (an int, an index array or
+        a slice). Not kept as a column: a whole-kernel column of ends is 10 MB
+        held for the whole rewrite, where callers want the ends of a few."""
+        return self.addr[index] + self.length[index]
 
 
 def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
