@@ -236,6 +236,7 @@ def check_relocations(model) -> tuple[int, list[str]]:
                                 f"{target_section.name}")
             if disagree[t] > 5:
                 problems.append(f"{rela.name}: {disagree[t] - 5} more disagreeing fields")
+        image.release_pages()     # (this section's records and fields were read once)
     for d in sorted_tables:
         want = np.sort(np.concatenate(expected_sorted[d.spec.name])) \
             if expected_sorted[d.spec.name] else np.zeros(0, np.uint64)

@@ -125,6 +125,9 @@ def _unchanged_ranges(image: ElfImage, ranges, r: np.ndarray, like) -> tuple[x86
             same[in_sec] = False
         else:
             same[in_sec] &= kept
+    # (both files' code was read whole: its pages go back to the page cache)
+    image.release_pages()
+    like.image.release_pages()
     rest = [rr for rr, reused in zip(ranges, same.tolist()) if not reused]
     keep = r[same]
     if not len(keep):
@@ -251,6 +254,8 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
             before = np.concatenate([[0], np.cumsum(differs, dtype=np.int64)])
             ends = np.cumsum(n)
             ok[group[part]] &= before[ends] == before[ends - n]
+    image.release_pages()
+    like.image.release_pages()
     # ... and the old function decoded as a whole run of instructions.
     old_lo = old.start[np.maximum(old_row, 0)]
     old_hi = old_lo + size.astype(np.uint64)
