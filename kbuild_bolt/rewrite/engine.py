@@ -505,6 +505,8 @@ def predict_dyno_stats(ctx: RewriteContext) -> None:
 
 def fit_metadata(ctx: RewriteContext) -> None:
     """emission -> metadata (the rewriters of this run; they may shrink the emission)."""
+    if not ctx.options.keep_record:
+        _drop_layout_inputs(ctx)    # (the rewriters read the emission, not the CFGs)
     ctx.metadata = metadata_rewriters(ctx.options)
     for rewriter in ctx.metadata:
         rewriter.post_emit(ctx)
@@ -519,11 +521,7 @@ def update(ctx: RewriteContext) -> None:
     drop = (True if ctx.options.strip_debug else set(UPDATED)) if moved else False
     if ctx.options.keep_record:
         record_layout(ctx)
-    # The layout is in the emission: what only made it goes before the output's
-    # pages are written (the metadata rewriters read the emission and the model).
-    ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
-    if ctx.own_session:
-        ctx.session.cfg = None   # (a session of this run alone: no later rewrite needs it)
+    _drop_layout_inputs(ctx)
     trim()
     ctx.output = OutputImage(ctx.model.image, ctx.output_path, drop_debug=drop)
     if moved:  # (nothing moved: the output is the input, byte for byte)
@@ -560,6 +558,15 @@ def update(ctx: RewriteContext) -> None:
     ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
     ctx.hot_len = {}
     trim()
+
+
+def _drop_layout_inputs(ctx: RewriteContext) -> None:
+    """The layout is in the emission: what only made it (CFGs, orders, the
+    profile's counts) goes before the output's pages are written (the metadata
+    rewriters read the emission and the model)."""
+    ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
+    if ctx.own_session:
+        ctx.session.cfg = None   # (a session of this run alone: no later rewrite needs it)
 
 
 def record_layout(ctx: RewriteContext) -> None:
