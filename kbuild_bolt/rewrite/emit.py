@@ -130,8 +130,9 @@ class BlockTable:
             sel = np.unique(concat_ranges(lo, cfg.func_end_block[rows] - lo))
         self.covered = np.zeros(nb, bool)
         self.covered[sel] = True
-        fall = np.full(nb, -1, np.int64)
-        taken = np.full(nb, -1, np.int64)
+        # (int32 and smaller: one entry per block of the whole kernel)
+        fall = np.full(nb, -1, np.int32)
+        taken = np.full(nb, -1, np.int32)
         ft = cfg.edge_kind == FALLTHROUGH
         fall[cfg.edge_src[ft]] = cfg.edge_dst[ft]
         tk = np.isin(cfg.edge_kind, (TAKEN, STATIC_KEY))
@@ -208,9 +209,9 @@ class BlockTable:
         kind = column(kind_s, END_COPY, np.int8)
         static_key = column(static_key_s, False, bool)
         self.kind, self.first, self.end, self.term = kind, first, end, term
-        self.fall, self.taken, self.t_block = fall, taken, column(t_block_s, -1, np.int64)
+        self.fall, self.taken, self.t_block = fall, taken, column(t_block_s, -1, np.int32)
         self.target = column(target_s, 0, np.uint64)
-        self.cc = column(cc_s, 0, np.int64)
+        self.cc = column(cc_s, 0, np.int8)
         self.site_jmp = column(is_jmp, False, bool)
         self.site_target = column(site_target_s, 0, np.uint64)
         may = np.asarray(reverse_sites)
@@ -232,9 +233,9 @@ class BlockTable:
             self.p_len = insns.length[site].astype(np.int64)
         start = insns.addr[first]
         last_end = insns.end_of(end - 1)
-        self.whole = (last_end - start).astype(np.int64)
-        self.body = (insns.addr[term] - start).astype(np.int64)
-        self.tail = (last_end - insns.end_of(term)).astype(np.int64)
+        self.whole = (last_end - start).astype(np.int32)
+        self.body = (insns.addr[term] - start).astype(np.int32)
+        self.tail = (last_end - insns.end_of(term)).astype(np.int32)
 
     _COLUMNS = ("kind", "first", "end", "term", "fall", "taken", "t_block", "target", "cc",
                 "site_jmp", "site_target", "whole", "body", "tail", "droppable", "may_reverse",

@@ -348,11 +348,13 @@ def emit(ctx: RewriteContext) -> None:
     sites = table_sites(model)
     result.free_room = sum(b - a for a, b in holes)
     ctx.say(f"laying out {len(ctx.orders):,} functions ({ctx.options.reorder_blocks})")
+    reverse = reversible_sites(ctx)
+    if not (ctx.options.dyno_stats or ctx.options.keep_record):
+        ctx.profile_layout = None   # (its last reader here: its counts go before emission)
     trim()
     while True:
-        block_table = BlockTable(model, cfg, sites, fill_insn,
-                                 reverse_sites=reversible_sites(ctx), promotions=ctx.promotions,
-                                 rows=rows)
+        block_table = BlockTable(model, cfg, sites, fill_insn, reverse_sites=reverse,
+                                 promotions=ctx.promotions, rows=rows)
         emission, failures = emit_functions(model, cfg, block_table, ctx.orders, ctx.slots,
                                             moved_interior,
                                             HoleAllocator(list(holes)) if ctx.options.split
