@@ -125,6 +125,7 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
         if len(idx):
             updates.append(RelocationUpdate(
                 rela, idx, new_offset[idx].astype(np.uint64), new_addend[idx], rewrite[idx]))
+        image.release_pages()   # (each section's records are read once)
     return updates
 
 
@@ -149,4 +150,5 @@ def apply_updates(model, out, updates, new_values) -> int:
             value = field_values(t, new_values[sym[k]], u.addend[k], p)
             out.write_fields(p, size, value)
             fields += len(k)
+        out.release_pages()     # (written: the page cache has them)
     return fields
