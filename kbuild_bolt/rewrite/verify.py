@@ -376,8 +376,8 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     # The output decoded and its tables and relocations checked against its
     # code on the other CPU, while this process compares it with the input
     # (which reads its bytes, symbols and tables, not its instructions).
-    against_code = ForkedCall(_code_agreement, image, inp) if default_jobs() > 1 \
-        else _Done(_code_agreement, image, inp)
+    against_code = ForkedCall(_code_agreement, image, inp, True) if default_jobs() > 1 \
+        else _Done(_code_agreement, image, inp, False)
     compared = VerifyReport()
     try:
         try:
@@ -432,10 +432,19 @@ class _Done:
         pass
 
 
-def _code_agreement(image: ElfImage, inp: BinaryModel | None):
+# What a forked child may drop of the input's model (whole-kernel columns,
+# cached): decoding the output with the input's help does not read them.
+_NOT_READ_BY_THE_CHILD = ("function_of_insn", "fill_insn")
+
+
+def _code_agreement(image: ElfImage, inp: BinaryModel | None, forked: bool):
     """The output decoded (with the input's decoding of what did not change):
     (entries, problems) of its tables and (fields, problems) of its
-    relocations, checked against its code."""
+    relocations, checked against its code. ``forked``: this is a child, its
+    copy of the input's model its own."""
+    if forked and inp is not None:
+        for name in _NOT_READ_BY_THE_CHILD:   # (their pages leave the child)
+            inp.__dict__.pop(name, None)
     out = BinaryModel(image, like=inp)
     _release(image, inp)
     checks = check_all(out)
