@@ -463,12 +463,15 @@ class BinaryModel:
     """Everything known about a vmlinux's code before it is rewritten."""
 
     def __init__(self, image: ElfImage, *, jobs: int | None = None, require_relocations=False,
-                 like: "BinaryModel | None" = None, decoded: x86.Decoded | None = None):
+                 like: "BinaryModel | None" = None, decoded: x86.Decoded | None = None,
+                 consume_like: bool = False):
         """``decoded``: this very image's instructions, decoded before (binary.saved).
         ``like``: a model of a related vmlinux (the input of a rewrite, when this
         is its output): code ranges with the same bounds and the same bytes in
         both take its decoding instead of decoding again (the decoder is a pure
-        function of the bytes and their address)."""
+        function of the bytes and their address). ``consume_like``: ``like`` is
+        of no use after this (a forked child's copy): its instructions are let
+        go as soon as what is reused is taken from them."""
         self.image = image
         self.timing = Timing({})
         t = time.perf_counter()
@@ -496,6 +499,8 @@ class BinaryModel:
         if like is not None:
             reused, ranges = _unchanged_ranges(image, ranges, self.decoded_range_array, like)
             moved, ranges = _moved_functions(image, self.functions, ranges, like)
+            if consume_like:
+                like.insns = None   # (millions of instructions: the merge below is the peak)
         self.insns: x86.Decoded = decode_all(image, ranges, jobs or default_jobs())
         for known in (reused, moved):
             if known is not None and len(known):

@@ -445,7 +445,7 @@ def _code_agreement(image: ElfImage, inp: BinaryModel | None, forked: bool):
     if forked and inp is not None:
         for name in _NOT_READ_BY_THE_CHILD:   # (their pages leave the child)
             inp.__dict__.pop(name, None)
-    out = BinaryModel(image, like=inp)
+    out = BinaryModel(image, like=inp, consume_like=forked)
     _release(image, inp)
     checks = check_all(out)
     _release(image, inp)
