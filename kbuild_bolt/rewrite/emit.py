@@ -106,6 +106,22 @@ def table_sites(model, skip=()) -> np.ndarray:
     return is_site
 
 
+def _unreached_fill_blocks(cfg, fill: np.ndarray) -> np.ndarray:
+    """Per block: nothing reaches it (no edge from its own function, not an
+    entry) and it is only alignment fill. (A function of its own: its
+    whole-kernel temporaries go when it returns.)"""
+    first, end = cfg.block_first, cfg.block_end
+    same = cfg.block_func[cfg.edge_src] == cfg.block_func[cfg.edge_dst]
+    has_pred = np.zeros(len(first), bool)
+    has_pred[cfg.edge_dst[same]] = True
+    del same
+    entry = cfg.entry_insn[first] | cfg.external_entry_insn[first]
+    entry[cfg.func_first_block[cfg.func_first_block < cfg.func_end_block]] = True
+    not_fill = np.zeros(len(fill) + 1, np.int32)     # (int32: millions of instructions)
+    np.cumsum(~fill, dtype=np.int32, out=not_fill[1:])
+    return ~has_pred & ~entry & (not_fill[end] == not_fill[first])
+
+
 class BlockTable:
     """Per-block facts emission needs, for all blocks at once (numpy columns)."""
 
@@ -137,6 +153,7 @@ class BlockTable:
         fall[cfg.edge_src[ft]] = cfg.edge_dst[ft]
         tk = np.isin(cfg.edge_kind, (TAKEN, STATIC_KEY))
         taken[cfg.edge_src[tk]] = cfg.edge_dst[tk]
+        del ft, tk
         t_s = term[sel]
         flow = insns.flow[t_s]
         direct = np.isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[t_s] == x86.REF_BRANCH)
@@ -192,14 +209,7 @@ class BlockTable:
             site_target_s[static_key_s] = np.where(codes[k] == sites, targets[k], 0)
         # Blocks nobody reaches (no edge from their own function, not an entry)
         # that are only alignment fill: dropped from the new layout.
-        same = cfg.block_func[cfg.edge_src] == cfg.block_func[cfg.edge_dst]
-        has_pred = np.zeros(nb, bool)
-        has_pred[cfg.edge_dst[same]] = True
-        entry = cfg.entry_insn[first] | cfg.external_entry_insn[first]
-        entry[cfg.func_first_block[cfg.func_first_block < cfg.func_end_block]] = True
-        not_fill = np.zeros(len(fill) + 1, np.int32)     # (int32: millions of instructions)
-        np.cumsum(~fill, dtype=np.int32, out=not_fill[1:])
-        self.droppable = ~has_pred & ~entry & (not_fill[end] == not_fill[first])
+        self.droppable = _unreached_fill_blocks(cfg, fill)
 
         def column(values, default, dtype):
             out = np.full(nb, default, dtype)
