@@ -469,8 +469,8 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
     np.cumsum(per_pos[:-1], out=first_item[1:])
     n_items = int(per_pos.sum())
     # Per slot: the positions that have it and the item it is there. (Not a
-    # positions x slots matrix: with a promoted call, each call adds four slots
-    # to every position, 100 MB a column on a hardened kernel.)
+    # positions x slots matrix per column: each promoted call of any block adds
+    # four slots to every position, where few positions have one.)
     placed = []
     item = first_item - 1
     for present in slots_present:
@@ -1579,7 +1579,7 @@ def _copy_bytes(model, code: np.ndarray, dest: np.ndarray, src_addr: np.ndarray,
                 size: np.ndarray, chunk: int = 1 << 12) -> None:
     """Copy ``size`` bytes from each old address to each offset of ``code``.
     (``chunk`` runs at a time: each byte copied takes three int64 temporaries,
-    so 65,536 runs of blocks held 40 MB at once, emit's peak.)"""
+    tens of MB for 65,536 runs of blocks at once.)"""
     image = model.image
     raw = image.bytes
     src = np.zeros(len(src_addr), np.int64)
