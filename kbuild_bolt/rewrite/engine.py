@@ -285,7 +285,8 @@ def lay_out_functions(ctx: RewriteContext) -> None:
             # Split functions are ordered by what lands in the hot area: their hot
             # part (as BOLT orders by the hot size when it splits).
             insns = model.insns
-            nbytes = (insns.end_of(cfg.block_end - 1) - insns.addr[cfg.block_first]).astype(np.int64)
+            nbytes = (insns.end_of(cfg.block_end - 1)
+                      - insns.addr[cfg.block_first]).astype(np.int64)
             for i, row in enumerate(rows):
                 hot = ctx.hot_len.get(row)
                 if hot is not None:
