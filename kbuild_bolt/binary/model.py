@@ -239,9 +239,10 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
                                            old_start[by_start] + size[group][by_start]
                                            .astype(np.uint64))
         old_off = (old_start - np.uint64(b_sec.addr)).astype(np.int64)
-        # (a million bytes at a time: index arrays of the whole text would be big)
+        # (128 KiB at a time: each byte compared takes about 40 bytes of index
+        # arrays and masks)
         for part in np.array_split(np.arange(len(group)),
-                                   max(1, int(size[group].sum()) >> 20)):
+                                   max(1, int(size[group].sum()) >> 17)):
             if not len(part):
                 continue
             n = size[group[part]]

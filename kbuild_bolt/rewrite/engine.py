@@ -356,6 +356,7 @@ def emit(ctx: RewriteContext) -> None:
     while True:
         block_table = BlockTable(model, cfg, sites, fill_insn, reverse_sites=reverse,
                                  promotions=ctx.promotions, rows=rows)
+        model.image.release_pages()   # (it read the code of every block's end)
         emission, failures = emit_functions(model, cfg, block_table, ctx.orders, ctx.slots,
                                             moved_interior,
                                             HoleAllocator(list(holes)) if ctx.options.split
