@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kbuild_bolt.arrays import in_sorted
-from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, type_and_symbol
+from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, RELOCATION_PART, type_and_symbol
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import patterns
 
@@ -171,9 +171,6 @@ def check_all(model) -> dict[str, TableCheck]:
     return {name: check_table(model, data) for name, data in model.tables.items()}
 
 
-RELOCATION_CHUNK = 1 << 16     # relocation records checked at once
-
-
 def check_relocations(model) -> tuple[int, list[str]]:
     """Every relocation's field holds S + A (- P).
 
@@ -194,11 +191,8 @@ def check_relocations(model) -> tuple[int, list[str]]:
         data = image.bytes[target_section.offset:target_section.offset + target_section.size]
         outside = {t: 0 for t in FIELD_SIZE}
         disagree = {t: 0 for t in FIELD_SIZE}
-        shown = {t: 0 for t in FIELD_SIZE}
-        # (in parts: hundreds of thousands of records, each field's bytes
-        # gathered into temporaries of several times its size)
-        for lo in range(0, len(records), RELOCATION_CHUNK):
-            r = records[lo:lo + RELOCATION_CHUNK]
+        for lo in range(0, len(records), RELOCATION_PART):
+            r = records[lo:lo + RELOCATION_PART]
             rtype, sym = type_and_symbol(r["info"])
             for t, size in FIELD_SIZE.items():
                 sel = np.flatnonzero(rtype == t)
@@ -224,12 +218,12 @@ def check_relocations(model) -> tuple[int, list[str]]:
                     if inside.any():
                         expected_sorted[d.spec.name].append(target[inside])
                         bad[inside] = False
-                disagree[t] += int(bad.sum())
-                for k in np.flatnonzero(bad)[:5 - shown[t]].tolist():
-                    shown[t] += 1
+                # (the first five of each type are shown)
+                for k in np.flatnonzero(bad)[:max(0, 5 - disagree[t])].tolist():
                     problems.append(f"{rela.name}[{lo + int(sel[k])}] at {int(where[k]):#x}: "
                                     f"field {int(value[k]):#x}, relocation says "
                                     f"{int(expect[k] & mask):#x}")
+                disagree[t] += int(bad.sum())
         for t in FIELD_SIZE:
             if outside[t]:
                 problems.append(f"{rela.name}: {outside[t]} relocations outside "

@@ -144,8 +144,8 @@ def _file_crc(image) -> str:
     rewrite, where most of it (debug info, relocations of other sections) is
     never looked at again."""
     crc = 0
-    if isinstance(image._map, (bytes, bytearray)):
-        crc = zlib.crc32(image._map)
+    if not image.file_backed:
+        crc = zlib.crc32(image.buf)
     else:
         with open(image.path, "rb") as f:
             while part := f.read(1 << 20):

@@ -141,6 +141,11 @@ def _cstring(blob, offset: int) -> str:
     return bytes(blob[offset:end]).decode("utf-8", "replace")
 
 
+# Relocation records checked at once: a vmlinux's .rela.text holds hundreds of
+# thousands, and each check makes temporaries of several times a record's size.
+RELOCATION_PART = 1 << 16
+
+
 def release_mapping(mapped) -> None:
     """Drop a shared file mapping's pages from this process (``madvise(DONTNEED)``):
     the data stays in the page cache, dirty pages of a writable mapping included,
@@ -439,9 +444,8 @@ class ElfImage:
         return records
 
     def _check_relocations(self, rela: Section, records: np.ndarray) -> None:
-        # (in parts: a vmlinux's .rela.text holds hundreds of thousands of records)
-        for first in range(0, len(records), 1 << 16):
-            self._check_relocation_part(rela, records[first:first + (1 << 16)], first)
+        for first in range(0, len(records), RELOCATION_PART):
+            self._check_relocation_part(rela, records[first:first + RELOCATION_PART], first)
 
     def _check_relocation_part(self, rela: Section, r: np.ndarray, first: int) -> None:
         where = f"{self.path}: {rela.name}"

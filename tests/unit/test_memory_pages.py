@@ -82,7 +82,7 @@ def test_relocations_checked_in_parts_find_what_one_pass_finds(tmp_path, monkeyp
     bad = tmp_path / "bad"
     bad.write_bytes(bytes(data))
     whole = crosscheck.check_relocations(BinaryModel.open(bad))
-    monkeypatch.setattr(crosscheck, "RELOCATION_CHUNK", 3)
+    monkeypatch.setattr(crosscheck, "RELOCATION_PART", 3)
     parts = crosscheck.check_relocations(BinaryModel.open(bad))
     assert parts == whole
     assert whole[0] == total
