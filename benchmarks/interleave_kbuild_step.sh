@@ -1,0 +1,39 @@
+#!/bin/sh
+# The blocks-only Kbuild step (analysis kept) of another revision, of this
+# checkout and llvm-bolt-22, in turns, on one kernel and profile: wall time and
+# peak RSS (GNU time: the largest process, a forked child included).
+#
+#   benchmarks/interleave_kbuild_step.sh BASE_REV VMLINUX PROFILE.kbb [TURNS]
+#   (paths without spaces)
+#
+# Turns, not one tool after the other: this machine's speed drifts by more than
+# the differences measured. The base revision runs from a temporary git
+# worktree with the same Python environment (as same_outputs.py does).
+set -eu
+root=$(cd "$(dirname "$0")/.." && pwd)
+rev=$1 vmlinux=$(realpath "$2") profile=$(realpath "$3") turns=${4:-3}
+py=$root/.venv/bin/python
+work=$(mktemp -d)
+trap 'git -C "$root" worktree remove --force "$work/base" >/dev/null 2>&1; rm -rf "$work"' EXIT
+git -C "$root" worktree add --detach "$work/base" "$rev" >/dev/null 2>&1
+"$root/.venv/bin/kbuild-bolt" profile convert "$profile" --vmlinux "$vmlinux" --to fdata \
+    -o "$work/profile.fdata" >/dev/null
+cd "$work"     # (python -m puts the working directory first on the path)
+timed() {   # label command...: one line, "label seconds KB"
+    label=$1; shift
+    /usr/bin/time -f "$label %e s %M KB" -o "$work/time" "$@" >/dev/null 2>&1
+    cat "$work/time"
+}
+rewrite() {   # tree-label source-dir (a command line, for time to run)
+    echo env PYTHONPATH="$2" "$py" -m kbuild_bolt rewrite "$vmlinux" -o "$work/out" \
+        --profile "$profile" --reorder-blocks=ext-tsp --cache-dir "$work/cache-$1" -q
+}
+"$py" -m compileall -q "$work/base/kbuild_bolt" "$root/kbuild_bolt"
+$(rewrite base "$work/base") >/dev/null     # (the first run keeps the analysis)
+$(rewrite now "$root") >/dev/null
+for _ in $(seq "$turns"); do
+    timed base $(rewrite base "$work/base")
+    timed now $(rewrite now "$root")
+    timed llvm-bolt-22 llvm-bolt-22 "$vmlinux" -o "$work/bolt.out" -data="$work/profile.fdata" \
+        -reorder-blocks=ext-tsp -eliminate-unreachable=0 -simplify-conditional-tail-calls=0
+done
