@@ -176,7 +176,7 @@ def test_stale_module_profile_never_makes_it_slower(kernel, tmp_path):
     another build of ext4 (here: the same source laid out at random, so most
     functions changed): what matches confidently is applied, the rest keeps
     the compiler's layout, and re-profiling measures no more taken branches in
-    ext4 than that build unoptimized."""
+    ext4, per instruction executed there, than that build unoptimized."""
     from kbuild_bolt.rewrite.module import module_shapes
 
     profile = qemu.record(kernel.bzimage, kernel.initramfs, "disk", 2, kaslr=True,
@@ -193,12 +193,20 @@ def test_stale_module_profile_never_makes_it_slower(kernel, tmp_path):
         reorder_blocks="ext-tsp", profile=profile, progress=False))
     assert "changed and left as compiled" in result.profile_applied
     assert "verify: ok" in result.verify_summary
-    taken = {}
+    # Taken jumps per instruction executed in ext4. How much work the disk
+    # workload does in ext4 moves from run to run (writeback and the journal run
+    # on timers: the same ext4 measured 6.68 M and 6.80 M taken jumps in two
+    # runs); the share of that work spent jumping does not (within 0.2%). A
+    # layout that jumps more raises it: every taken jump it adds is an
+    # instruction executed too.
+    rate = {}
     for label, root in (("B", other), ("B with A's profile", optimized)):
         after = qemu.record(kernel.bzimage, initramfs_with(kernel, root, tmp_path / label),
                             "disk", 2, kaslr=True, vmlinux=kernel.vmlinux, modules_tree=root)
-        taken[label] = measured_module_taken(ko(root, "ext4"), after)["taken_branches"]
-    assert taken["B with A's profile"] <= 1.01 * taken["B"], taken
+        measured = measured_module_taken(ko(root, "ext4"), after)
+        assert measured["executed_instructions"] > 1_000_000, measured
+        rate[label] = measured["taken_branches"] / measured["executed_instructions"]
+    assert rate["B with A's profile"] <= 1.01 * rate["B"], rate
 
 
 def test_modules_signed_again_with_a_given_key(kernel, tmp_path):
