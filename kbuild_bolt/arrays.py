@@ -76,3 +76,237 @@ def _stored_array(data, member: zipfile.ZipInfo) -> np.ndarray:
     # (copied out: views would keep the whole file mapped, and in this
     # process's memory, after the rewrite has dropped what it no longer needs)
     return np.frombuffer(data, dtype, count, offset).reshape(shape).copy()
+
+
+class SparseColumn:
+    """A column of ``n`` values of which most are 0, kept as the sorted positions
+    of the others and their values. It reads like the dense column it stands
+    for (``column[index]`` with an int, a slice, a bool mask or an index array
+    gives what the dense array would), and ``column[index] = values`` writes.
+    (An instruction's referenced address is 0 for seven instructions in eight:
+    a dense uint64 column of a kernel is 20 MB held from start to end.)"""
+
+    __slots__ = ("n", "index", "values")
+
+    def __init__(self, n: int, index: np.ndarray, values: np.ndarray):
+        self.n = int(n)
+        self.index = np.asarray(index, np.int64)
+        self.values = np.asarray(values)
+
+    @classmethod
+    def from_dense(cls, dense) -> "SparseColumn":
+        dense = np.asarray(dense)
+        index = np.flatnonzero(dense)
+        return cls(len(dense), index, dense[index])
+
+    @classmethod
+    def zeros(cls, n: int, dtype) -> "SparseColumn":
+        return cls(n, np.zeros(0, np.int64), np.zeros(0, dtype))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.zeros(self.n, self.dtype)
+        out[self.index] = self.values
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _positions(self, key) -> np.ndarray:
+        """``key`` as int64 positions (bounds checked, negatives counted from the end)."""
+        if isinstance(key, slice):
+            return np.arange(*key.indices(self.n), dtype=np.int64)
+        key = np.asarray(key)
+        if key.dtype == bool:
+            if key.shape != (self.n,):
+                raise IndexError(f"boolean index of {key.shape} for a column of {self.n}")
+            return np.flatnonzero(key)
+        if key.size and not np.issubdtype(key.dtype, np.integer):
+            raise IndexError("only integers, slices and boolean masks index a column")
+        key = key.astype(np.int64, copy=False)
+        if key.size and (key.min() < -self.n or key.max() >= self.n):
+            raise IndexError(f"index out of bounds for a column of {self.n}")
+        return np.where(key < 0, key + self.n, key)
+
+    def __getitem__(self, key):
+        scalar = isinstance(key, (int, np.integer))
+        at = self._positions(key)
+        if isinstance(key, slice) and (key.step in (None, 1)) and len(at):
+            # (a run: the entries inside it, without a search per position)
+            lo, hi = np.searchsorted(self.index, [at[0], at[-1] + 1])
+            out = np.zeros(len(at), self.dtype)
+            out[self.index[lo:hi] - at[0]] = self.values[lo:hi]
+            return out
+        k = np.minimum(np.searchsorted(self.index, at), max(len(self.index) - 1, 0))
+        out = np.zeros(at.shape, self.dtype)
+        if len(self.index):
+            hit = self.index[k] == at
+            out[hit] = self.values[k[hit]]
+        return out[()] if scalar else out
+
+    def __setitem__(self, key, values) -> None:
+        at = self._positions(key).ravel()
+        values = np.broadcast_to(np.asarray(values, self.dtype), at.shape)
+        # (the last write to a position wins, as in numpy's assignment)
+        at, last = np.unique(at[::-1], return_index=True)
+        values = values[::-1][last]
+        keep = ~np.isin(self.index, at, assume_unique=True)
+        set_ = values != 0
+        index = np.concatenate([self.index[keep], at[set_]])
+        order = np.argsort(index, kind="stable")
+        self.index = index[order]
+        self.values = np.concatenate([self.values[keep], values[set_]])[order]
+
+    def take(self, key, chunk: int = 1 << 18) -> "SparseColumn":
+        """The column of ``self[key]``, itself sparse."""
+        if isinstance(key, slice) and key.step in (None, 1):
+            lo, hi, _ = key.indices(self.n)
+            hi = max(hi, lo)
+            a, b = np.searchsorted(self.index, [lo, hi])
+            return SparseColumn(hi - lo, self.index[a:b] - lo, self.values[a:b])
+        key = np.asarray(key) if not isinstance(key, slice) else key
+        if not isinstance(key, slice) and key.dtype == bool and key.shape == (self.n,):
+            # (a mask: an entry's new position is how many kept positions precede
+            # it, counted a chunk at a time, not in a whole column of int64)
+            kept = key[self.index]
+            index = self.index[kept]
+            new_pos = np.zeros(len(index), np.int64)
+            before = 0
+            for lo in range(0, self.n, chunk):
+                counted = np.cumsum(key[lo:lo + chunk], dtype=np.int64)
+                a, b = np.searchsorted(index, [lo, lo + chunk])
+                new_pos[a:b] = before + counted[index[a:b] - lo] - 1
+                before += int(counted[-1])
+            return SparseColumn(before, new_pos, self.values[kept])
+        key = key.astype(np.int64, copy=False) if not isinstance(key, slice) else key
+        if (not isinstance(key, slice) and key.ndim == 1 and len(key) > 1
+                and key[0] >= 0 and bool(np.all(key[1:] > key[:-1])) and key[-1] < self.n):
+            # (ascending positions, each once: where each entry's position is among
+            # them, a search per entry rather than per position)
+            at = np.minimum(np.searchsorted(key, self.index), len(key) - 1)
+            kept = key[at] == self.index
+            return SparseColumn(len(key), at[kept], self.values[kept])
+        return SparseColumn.from_dense(self[key])
+
+    @classmethod
+    def concatenate(cls, parts: list["SparseColumn"]) -> "SparseColumn":
+        lengths = np.array([len(p) for p in parts], np.int64)
+        base = np.cumsum(lengths) - lengths
+        return cls(int(lengths.sum()),
+                   np.concatenate([p.index + b for p, b in zip(parts, base.tolist())]),
+                   np.concatenate([p.values for p in parts]))
+
+    def scatter(self, n: int, positions: np.ndarray) -> "SparseColumn":
+        """This column's values at ``positions`` (ascending, one per entry of this
+        column) of a column of ``n`` (merging two sorted columns)."""
+        return SparseColumn(n, np.asarray(positions, np.int64)[self.index], self.values)
+
+
+class RunColumn:
+    """A column of ``n`` values that are 0 outside given runs of positions
+    ``[first, last)`` (ascending, apart): only the runs' values are kept. Reads
+    like the dense column (0 outside the runs); writes go inside the runs only.
+    (The new address of every instruction of the rewritten functions: a dense
+    uint64 column of a kernel is 20 MB where a profile's layout rewrites a
+    few percent of its code.) Runs over the whole column keep the dense array
+    itself, read and written as numpy does."""
+
+    __slots__ = ("n", "first", "last", "offset", "values", "whole")
+
+    def __init__(self, n: int, first, last, dtype, values: np.ndarray | None = None):
+        self.n = int(n)
+        self.first = np.asarray(first, np.int64)
+        self.last = np.asarray(last, np.int64)
+        length = self.last - self.first
+        if (length < 0).any() or (self.first[1:] < self.last[:-1]).any() or (
+                len(self.first) and (self.first[0] < 0 or self.last[-1] > self.n)):
+            raise ValueError("runs must be ascending, apart and inside the column")
+        self.offset = np.cumsum(length) - length
+        total = int(length.sum())
+        self.values = np.zeros(total, dtype) if values is None else values
+        if len(self.values) != total:
+            raise ValueError("values do not fill the runs")
+        # (one run over everything: the values are the dense column)
+        self.whole = total == self.n
+
+    @classmethod
+    def over(cls, n: int, lo, hi, dtype) -> "RunColumn":
+        """Zeros over every position of the ranges ``[lo, hi)``, which may come in
+        any order, overlap or touch (they are merged into runs); over the whole
+        column when they cover most of it."""
+        lo, hi = np.asarray(lo, np.int64), np.asarray(hi, np.int64)
+        keep = hi > lo
+        lo, hi = lo[keep], hi[keep]
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+        reach = np.maximum.accumulate(hi) if len(hi) else hi
+        # (a range starts a run where it begins after all the ones before it end)
+        new = np.ones(len(lo), bool)
+        new[1:] = lo[1:] > reach[:-1]
+        starts = np.flatnonzero(new)
+        first = lo[starts]
+        last = reach[np.r_[starts[1:] - 1, len(lo) - 1]] if len(lo) else hi
+        if 2 * int((last - first).sum()) > n:
+            # (most of the column: kept whole, read and written without a search)
+            return cls(n, [0], [n], dtype)
+        return cls(n, first, last, dtype)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    def __len__(self) -> int:
+        return self.n
+
+    def copy(self) -> "RunColumn":
+        return RunColumn(self.n, self.first, self.last, self.dtype, self.values.copy())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.zeros(self.n, self.dtype)
+        out[concat_ranges(self.first, self.last - self.first)] = self.values
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _at(self, key) -> np.ndarray:
+        """(position in ``values``, or -1 outside every run) of each position ``key``
+        names (an int, a slice, a bool mask or an index array)."""
+        if isinstance(key, slice):
+            at = np.arange(*key.indices(self.n), dtype=np.int64)
+        else:
+            at = np.asarray(key)
+            if at.dtype == bool:
+                if at.shape != (self.n,):
+                    raise IndexError(f"boolean index of {at.shape} for a column of {self.n}")
+                at = np.flatnonzero(at)
+            elif at.size and not np.issubdtype(at.dtype, np.integer):
+                raise IndexError("only integers, slices and boolean masks index a column")
+            at = at.astype(np.int64, copy=False)
+            if at.size and (at.min() < -self.n or at.max() >= self.n):
+                raise IndexError(f"index out of bounds for a column of {self.n}")
+            at = np.where(at < 0, at + self.n, at)
+        if not len(self.first):
+            return np.full(at.shape, -1, np.int64)
+        k = np.searchsorted(self.first, at, side="right").astype(np.int64) - 1
+        kk = np.maximum(k, 0)
+        inside = (k >= 0) & (at < self.last[kk])
+        return np.where(inside, self.offset[kk] + at - self.first[kk], -1)
+
+    def __getitem__(self, key):
+        if self.whole:
+            return self.values[key]
+        pos = self._at(key)
+        out = np.zeros(pos.shape, self.dtype)
+        inside = pos >= 0
+        out[inside] = self.values[pos[inside]]
+        return out[()] if isinstance(key, (int, np.integer)) else out
+
+    def __setitem__(self, key, values) -> None:
+        if self.whole:
+            self.values[key] = values
+            return
+        pos = self._at(key)
+        if (pos < 0).any():
+            raise IndexError("a write outside the column's runs")
+        self.values[pos] = values

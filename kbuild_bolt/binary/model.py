@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from kbuild_bolt.arrays import concat_ranges
+from kbuild_bolt.arrays import SparseColumn, concat_ranges
 from kbuild_bolt.binary.functions import (
     AUX_CODE_SECTIONS, MODULE_INFO_SECTION, CodeRegion, FunctionTable, discover_functions, discover_regions,
 )
@@ -386,7 +386,7 @@ def _split_int3_fill(image: ElfImage, ranges):
     n = len(addr)
     z8 = np.zeros(n, np.uint8)
     return x86.Decoded(addr, np.concatenate(lengths), np.full(n, x86.INTERRUPT, np.uint8),
-                       np.zeros(n, np.uint64), z8, z8, z8, np.zeros(n, bool)), rest
+                       SparseColumn.zeros(n, np.uint64), z8, z8, z8, np.zeros(n, bool)), rest
 
 
 def default_jobs() -> int:

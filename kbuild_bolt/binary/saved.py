@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kbuild_bolt.arrays import NotStoredNpz, read_stored_npz
+from kbuild_bolt.arrays import NotStoredNpz, SparseColumn, read_stored_npz
 from kbuild_bolt.atomic import atomic_output
 from kbuild_bolt.binary.cfg import CFG
 from kbuild_bolt.elf.notes import build_id
@@ -118,8 +118,7 @@ def load(directory, key: str | None) -> KeptAnalysis | None:
         base = np.repeat(run_addr - addr[run_first],
                          np.diff(np.append(run_first, len(length))))
         addr += base
-        ref = np.zeros(len(length), np.uint64)
-        ref[arrays["ref_index"]] = arrays["ref_value"]
+        ref = SparseColumn(len(length), arrays["ref_index"], arrays["ref_value"])
         insns = x86.Decoded(addr, length, arrays["insn_flow"], ref, arrays["insn_ref_kind"],
                             arrays["insn_field_off"], arrays["insn_field_size"],
                             arrays["insn_invalid"])
@@ -183,11 +182,7 @@ def save(directory, key: str | None, insns: x86.Decoded, cfg: CFG,
         Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError:
         return
-    n = len(insns)
-    breaks = np.ones(n, bool)
-    if n > 1:
-        breaks[1:] = insns.addr[1:] != insns.addr[:-1] + insns.length[:-1]
-    run_first = np.flatnonzero(breaks)
+    run_first = np.flatnonzero(~insns.follows_on())
     has_ref = np.flatnonzero(insns.ref_kind != x86.REF_NONE)
     arrays = {
         "insn_length": insns.length, "insn_flow": insns.flow, "insn_ref_kind": insns.ref_kind,

@@ -79,9 +79,13 @@ def mostly_jumping(model, code_profile) -> np.ndarray | None:
     which cannot tell."""
     if code_profile.sampled or not len(code_profile.taken_src):
         return None
-    jumped = np.zeros(len(model.insns.addr), np.int64)
-    np.add.at(jumped, code_profile.taken_src, code_profile.taken_count)
-    return 2 * jumped > code_profile.insn_count
+    # (summed over the instructions that jumped, not in a whole-kernel column)
+    src, at = np.unique(code_profile.taken_src, return_inverse=True)
+    jumped = np.zeros(len(src), np.int64)
+    np.add.at(jumped, at, code_profile.taken_count)
+    mask = np.zeros(len(model.insns.addr), bool)
+    mask[src] = 2 * jumped > code_profile.insn_count[src]
+    return mask
 
 
 def dyno_stats(model, cfg, code_profile, orders: dict | None = None,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kbuild_bolt.arrays import concat_ranges
+from kbuild_bolt.arrays import RunColumn, concat_ranges
 from kbuild_bolt.binary.cfg import FALLTHROUGH, STATIC_KEY, TAKEN
 from kbuild_bolt.elf.writer import put_fields
 from kbuild_bolt.kernel.tables import base
@@ -614,7 +614,9 @@ class Emission:
     item_base: np.ndarray     # COPY: old address of its first byte
     item_state: np.ndarray    # branches: old instruction whose ORC state applies
     item_origin: np.ndarray   # branches: old instruction it stands for (-1: an added jump)
-    new_addr: np.ndarray      # uint64 per instruction of the model: new address (0: none)
+    # uint64 per instruction of the model: new address (0: none), kept over the
+    # instructions of the emitted functions only
+    new_addr: RunColumn
     # PC-relative fields that point into another rewritten function's interior,
     # resolved once every function has its place: function, field address, size,
     # next ip, old target.
@@ -671,7 +673,7 @@ class Emission:
         self.item_func = self.item_size = self.item_state = self.item_origin = none
         self.item_kind = np.zeros(0, np.int8)
         self.item_addr = self.item_base = nowhere
-        self.new_addr = nowhere
+        self.new_addr = RunColumn(0, none, none, np.uint64)
         self.deferred = (none, nowhere, none, nowhere, nowhere)
 
     def items_per_function(self) -> np.ndarray:
@@ -790,7 +792,7 @@ def emit_functions(model, cfg, bt: BlockTable, orders: dict, slots: np.ndarray,
     _place_fragments(plan, allocator)
     items, addr = _final_layout(plan, bt, moved_interior)
     copied = _Copied.of(items, model.insns)
-    new_addr = _new_addresses(model.insns, bt, items, addr, copied)
+    new_addr = _new_addresses(model.insns, plan, bt, items, addr, copied)
     code, item_off = _bytes(model, bt, items, addr, copied)
     deferred = _fields(model.insns, plan, items, copied, item_off, new_addr, code,
                        moved_interior)
@@ -811,7 +813,8 @@ def _no_emission(n_insns: int) -> Emission:
                     code_len=none, frag_base=nowhere, frag_off=none, frag_len=none,
                     inserted_jumps=none, dropped_bytes=none, item_func=none,
                     item_kind=none, item_addr=nowhere, item_size=none, item_base=nowhere,
-                    item_state=none, item_origin=none, new_addr=np.zeros(n_insns, np.uint64),
+                    item_state=none, item_origin=none,
+                    new_addr=RunColumn(n_insns, none, none, np.uint64),
                     deferred=(none, nowhere, none, nowhere, nowhere))
 
 
@@ -967,11 +970,14 @@ class _Copied:
                    base)
 
 
-def _new_addresses(insns, bt: BlockTable, items: _Items, addr: np.ndarray,
-                   copied: _Copied) -> np.ndarray:
+def _new_addresses(insns, plan: _Plan, bt: BlockTable, items: _Items, addr: np.ndarray,
+                   copied: _Copied) -> RunColumn:
     """New address of every old instruction of the emitted functions (0: none)."""
-    new_addr = np.zeros(len(insns.addr), np.uint64)
     copy, idx = copied.items, copied.insn
+    # (kept over each function's instructions and whatever is copied with it: a
+    # function placed anew takes the padding before its entry along)
+    new_addr = RunColumn.over(len(insns.addr), np.r_[plan.first_insn, items.i0[copy]],
+                              np.r_[plan.last_insn, items.i1[copy]], np.uint64)
     new_addr[idx] = insns.addr[idx] + (addr[copy] - copied.base[copy])[copied.run_of]
     branch = np.flatnonzero((items.kind != COPY) & (items.origin >= 0))
     new_addr[items.origin[branch]] = addr[branch]
@@ -1036,7 +1042,7 @@ def _short_fields_in_reach(insns, bt: BlockTable, plan: _Plan, items: _Items) ->
     starts = items.part_starts()
     first_of_item = np.repeat(starts, np.diff(np.r_[starts, n]))
     addr = plan.bases[items.part] + (cs[:-1] - cs[first_of_item]).astype(np.uint64)
-    new_addr = _new_addresses(insns, bt, items, addr, copied)
+    new_addr = _new_addresses(insns, plan, bt, items, addr, copied)
     f_idx = idx[short]
     f_func = items.func[copied.items[copied.run_of[short]]]
     target = insns.ref[f_idx]
@@ -1299,7 +1305,7 @@ def emit_placed(model, cfg, bt: BlockTable, orders: dict, hot_len: dict, prefixe
     addr, final = _tighten(items, final, align, room, plan.rows, keep_in_place=ordered)
     code_base, plan.frag_base = final[0::2].copy(), final[1::2].copy()
     copied = _Copied.of(items, insns)
-    new_addr = _new_addresses(insns, bt, items, addr, copied)
+    new_addr = _new_addresses(insns, plan, bt, items, addr, copied)
     code, item_off = _bytes(model, bt, items, addr, copied)
     deferred = _fields(insns, plan, items, copied, item_off, new_addr, code, moved)
     _raise_failures(model, plan)   # (found only once placed: all is placed again)
@@ -1556,23 +1562,6 @@ def _raise_failures(model, plan: _Plan) -> None:
     if len(bad):
         reasons = {int(plan.rows[f]): FAILURES[int(plan.failure[f])] for f in bad.tolist()}
         raise NoRoom(list(reasons), f"{len(reasons)} functions cannot be laid out", reasons)
-
-
-def _translate(insns, new_addr: np.ndarray, moved, addrs: np.ndarray) -> np.ndarray:
-    """Old -> new addresses for targets of branches (instruction starts, or inside
-    an instruction: same offset), through the new address of every moved
-    instruction; addresses outside moved code stay."""
-    addrs = np.asarray(addrs, np.uint64)
-    out = addrs.copy()
-    m = moved(addrs)
-    if m.any():
-        i = np.searchsorted(insns.addr, addrs[m], side="right").astype(np.int64) - 1
-        base = new_addr[i]
-        if (base == 0).any():
-            bad = int(addrs[m][base == 0][0])
-            raise NoRoom([], f"a branch goes to {bad:#x}, code that was dropped")
-        out[m] = base + (addrs[m] - insns.addr[i])
-    return out
 
 
 def _copy_bytes(model, code: np.ndarray, dest: np.ndarray, src_addr: np.ndarray,

@@ -800,16 +800,16 @@ def slot_ends(model, fill_insn: np.ndarray) -> np.ndarray:
     n = len(insns.addr)
     if not n:
         return ends.copy()
-    # End of the run of back-to-back fill instructions that starts at each instruction.
-    insn_end = insns.addr + insns.length.astype(np.uint64)
+    # The last instruction of each run of back-to-back fill instructions: fill
+    # that no fill right behind it continues.
     joined = np.zeros(n, bool)
-    joined[:-1] = fill_insn[1:] & (insn_end[:-1] == insns.addr[1:])
-    last = np.flatnonzero(fill_insn & ~joined)            # last instruction of each run
+    joined[:-1] = fill_insn[1:] & insns.follows_on()[1:]
+    last = np.flatnonzero(fill_insn & ~joined)
     i = np.searchsorted(insns.addr, ends)
     at = np.minimum(i, n - 1)
     starts_run = (i < n) & (insns.addr[at] == ends) & fill_insn[at]
     if not starts_run.any():  # (a run starting there also means ``last`` is not empty)
         return ends.copy()
     # A run that starts at ``at`` ends with the first run-last instruction at or after it.
-    run_end = insn_end[last[np.minimum(np.searchsorted(last, at), len(last) - 1)]]
+    run_end = insns.end_of(last[np.minimum(np.searchsorted(last, at), len(last) - 1)])
     return np.where(starts_run, np.minimum(run_end, nxt), ends).astype(np.uint64)

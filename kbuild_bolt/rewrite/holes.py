@@ -28,11 +28,7 @@ def find_holes(model) -> list[tuple[int, int]]:
     symbols = image.symbols
     lo = symbols.address("_stext") or text.addr
     hi = symbols.address("_etext") or text.end
-    data = image.bytes[text.offset:text.offset + text.size]
-    cc = np.concatenate([[False], data == 0xCC, [False]]).astype(np.int8)
-    edges = np.diff(cc)
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
+    starts, ends = runs_of_byte(image.bytes[text.offset:text.offset + text.size], 0xCC)
     values = model.symbol_values
     names = symbols.names
     # Special ranges: __X_start ... __X_end (and X_start/X_end) label pairs.
@@ -107,3 +103,25 @@ class HoleAllocator:
                 hole[0] = base + used
                 break
         self.used.append((base, base + used))
+
+
+def runs_of_byte(data: np.ndarray, value: int,
+                 chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of every run of ``value`` in the bytes ``data``, as offsets.
+    Looked for ``chunk`` bytes at a time: a kernel's .text is tens of MB, and a
+    mask and its differences at once are several times that."""
+    n = len(data)
+    flips = []       # offsets where a byte is ``value`` and the one before is not, or the reverse
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk + 1, n)     # (one byte more: flips at the chunk's end)
+        same = data[lo:hi] == value
+        flips.append(np.flatnonzero(same[1:] != same[:-1]) + (lo + 1))
+    flips = np.concatenate(flips) if flips else np.zeros(0, np.int64)
+    into = data[flips] == value
+    starts, ends = flips[into], flips[~into]
+    if n and data[0] == value:
+        starts = np.r_[0, starts]
+    if n and data[n - 1] == value:
+        ends = np.r_[ends, n]
+    return starts.astype(np.int64), ends.astype(np.int64)
+

@@ -202,8 +202,7 @@ def free_fill(model, falls_off: np.ndarray) -> np.ndarray:
     # Runs of fill: a run that code falls into (the instruction before it is
     # contiguous, not fill and not a terminator) is code.
     stops = np.isin(insns.flow, (x86.JMP, x86.IND_JMP, x86.RET, x86.INTERRUPT, x86.EXCEPTION))
-    contiguous = np.zeros(n, bool)
-    contiguous[1:] = insns.addr[1:] == insns.end_of(slice(None, -1))
+    contiguous = insns.follows_on()
     first = fill & ~np.r_[False, fill[:-1] & contiguous[1:]]
     starts = np.flatnonzero(first)
     prev = starts - 1

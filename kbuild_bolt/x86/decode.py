@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from iced_x86 import Code, Decoder, Instruction
 
+from kbuild_bolt.arrays import SparseColumn
+
 # iced-x86 FlowControl values (kept as plain ints in the arrays).
 NEXT = 0
 JMP = 1          # direct unconditional branch
@@ -54,11 +56,17 @@ class Decoded:
     addr: np.ndarray      # uint64 start address
     length: np.ndarray    # uint8
     flow: np.ndarray      # uint8, one of the flow constants
-    ref: np.ndarray       # uint64 branch target / RIP-relative address (0: none)
+    # uint64 branch target / RIP-relative address (0: none), kept where it is not
+    # 0 (one instruction in eight has one)
+    ref: SparseColumn
     ref_kind: np.ndarray  # uint8 REF_*
     field_off: np.ndarray  # uint8 offset of the rel8/rel32/disp32 field holding ``ref``
     field_size: np.ndarray  # uint8 its size (0: no PC-relative field)
     invalid: np.ndarray   # bool: iced could not decode the bytes
+
+    def __post_init__(self):
+        if isinstance(self.ref, np.ndarray):
+            self.ref = SparseColumn.from_dense(self.ref.astype(np.uint64, copy=False))
 
     def __len__(self) -> int:
         return len(self.addr)
@@ -66,7 +74,7 @@ class Decoded:
     @classmethod
     def empty(cls) -> "Decoded":
         z8 = np.zeros(0, np.uint8)
-        return cls(np.zeros(0, np.uint64), z8, z8, np.zeros(0, np.uint64), z8, z8, z8,
+        return cls(np.zeros(0, np.uint64), z8, z8, SparseColumn.zeros(0, np.uint64), z8, z8, z8,
                    np.zeros(0, bool))
 
     @classmethod
@@ -79,7 +87,8 @@ class Decoded:
             return cls.empty()
         columns = {}
         for f in FIELDS:
-            columns[f] = np.concatenate([getattr(p, f) for p in parts])
+            join = SparseColumn.concatenate if f == "ref" else np.concatenate
+            columns[f] = join([getattr(p, f) for p in parts])
             if consume:
                 for p in parts:
                     setattr(p, f, None)
@@ -99,8 +108,19 @@ class Decoded:
             from_a = np.ones(n, bool)
             from_a[np.searchsorted(a.addr, b.addr, side="right") + np.arange(len(b))] = False
         from_b = ~from_a
-        columns = {}
+        # Where the entries of each ``ref`` go: an instruction of ``a`` comes after
+        # the ones of ``b`` below its address, one of ``b`` after those of ``a`` at
+        # or below its address.
+        ia, ib = a.ref.index, b.ref.index
+        at = np.concatenate([np.searchsorted(b.addr, a.addr[ia], side="left") + ia,
+                             np.searchsorted(a.addr, b.addr[ib], side="right") + ib])
+        order = np.argsort(at, kind="stable")
+        columns = {"ref": SparseColumn(n, at[order],
+                                       np.concatenate([a.ref.values, b.ref.values])[order])}
+        a.ref = b.ref = None
         for f in FIELDS:
+            if f == "ref":
+                continue
             x, y = getattr(a, f), getattr(b, f)
             out = np.empty(n, x.dtype)
             out[from_a] = x
@@ -111,13 +131,25 @@ class Decoded:
         return cls(**columns)
 
     def take(self, index) -> "Decoded":
-        return Decoded(*(getattr(self, f)[index] for f in FIELDS))
+        return Decoded(*(self.ref.take(index) if f == "ref" else getattr(self, f)[index]
+                         for f in FIELDS))
 
     def end_of(self, index):
         """Address after the instruction(s) at ``index`` (an int, an index array or
         a slice). Not kept as a column: a whole-kernel column of ends is 10 MB
         held for the whole rewrite, where callers want the ends of a few."""
         return self.addr[index] + self.length[index]
+
+    def follows_on(self, chunk: int = 1 << 18) -> np.ndarray:
+        """Per instruction: it starts where the one before it ends (bool; False
+        for the first). Worked out ``chunk`` instructions at a time: the ends of
+        a whole kernel at once are 20 MB of uint64 for a column of bools."""
+        n = len(self.addr)
+        out = np.zeros(n, bool)
+        for lo in range(1, n, chunk):
+            hi = min(lo + chunk, n)
+            out[lo:hi] = self.addr[lo:hi] == self.end_of(slice(lo - 1, hi - 1))
+        return out
 
 
 def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
@@ -188,19 +220,19 @@ def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
                 break
         if pos > end:  # the last instruction runs past the end of its range
             bad.append(count - 1)
+    idx = np.frombuffer(ref_index, np.int64) if len(ref_index) else np.zeros(0, np.int64)
     out = Decoded(
         addr=np.frombuffer(addrs, np.uint64).copy() if count else np.zeros(0, np.uint64),
         length=np.frombuffer(lengths, np.uint8).copy() if count else np.zeros(0, np.uint8),
         flow=np.frombuffer(flows, np.uint8).copy() if count else np.zeros(0, np.uint8),
-        ref=np.zeros(count, np.uint64),
+        ref=SparseColumn(count, idx.copy(), np.frombuffer(ref_value, np.uint64).copy()
+                         if len(ref_index) else np.zeros(0, np.uint64)),
         ref_kind=np.zeros(count, np.uint8),
         field_off=np.zeros(count, np.uint8),
         field_size=np.zeros(count, np.uint8),
         invalid=np.zeros(count, bool),
     )
     if len(ref_index):
-        idx = np.frombuffer(ref_index, np.int64)
-        out.ref[idx] = np.frombuffer(ref_value, np.uint64)
         out.ref_kind[idx] = np.frombuffer(ref_kinds, np.uint8)
         out.field_off[idx] = np.frombuffer(ref_field, np.uint8)
         out.field_size[idx] = np.frombuffer(ref_fsize, np.uint8)

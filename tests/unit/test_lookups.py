@@ -93,7 +93,7 @@ def test_int3_fill_is_one_record_per_run_of_up_to_255_bytes():
     assert fill.addr.tolist() == [0x10000, 0x10001, 0x10001 + 255, 0x10001 + 510, 0x10b00,
                                   0x10b01]
     assert fill.length.tolist() == [1, 255, 255, 89, 1, 254]
-    assert set(fill.flow.tolist()) == {x86.INTERRUPT} and not fill.ref.any()
+    assert set(fill.flow.tolist()) == {x86.INTERRUPT} and not np.asarray(fill.ref).any()
     assert not fill.field_size.any() and not fill.invalid.any()
 
 

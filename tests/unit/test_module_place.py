@@ -103,7 +103,7 @@ def test_placed_module_reads_as_a_linked_kernel(module):
     total, problems = check_relocations(model)
     assert total > 5 and problems == []
     # a call to printk decodes with printk as its target
-    calls = np.flatnonzero(model.insns.ref == np.uint64(printk))
+    calls = np.flatnonzero(np.asarray(model.insns.ref) == np.uint64(printk))
     assert len(calls) >= 1
 
 
