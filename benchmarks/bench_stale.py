@@ -38,7 +38,7 @@ from kbuild_bolt.profile.attach import attach
 from kbuild_bolt.profile.dyno import measured_taken_branches
 from kbuild_bolt.profile.model import read_profile, write_profile
 from kbuild_bolt.profile import stale
-from kbuild_bolt.profile.stale import shapes_for
+from kbuild_bolt.profile.stale import describe_build
 from kbuild_bolt.qemu.runner import boot
 from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite
 
@@ -75,7 +75,7 @@ def recording(kernel, vmlinux: Path, workload: str, name: str):
     cache = cache_root() / "bench" / f"stale-{workload}-{name}-{kernel.root.name}.kbb"
     if name == "original" and cache.exists():
         profile = read_profile(cache)
-        if profile.shapes:
+        if profile.shapes and profile.build_id:
             return profile
     else:
         profile = qemu.record(vmlinux, kernel.initramfs, workload=workload,
@@ -83,7 +83,7 @@ def recording(kernel, vmlinux: Path, workload: str, name: str):
     if name == "original":
         model = BinaryModel.open(vmlinux)
         profile.kernel = model.version.release
-        profile.shapes = shapes_for(model, build_cfg(model), profile)
+        describe_build(profile, model, build_cfg(model))
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_profile(profile, cache)
     return profile

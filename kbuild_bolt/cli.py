@@ -510,7 +510,7 @@ def cmd_profile(args) -> int:
     if args.profile_command == "record":
         from kbuild_bolt.qemu.runner import kernel_entry
         from kbuild_bolt.profile import qemu
-        from kbuild_bolt.profile.stale import shapes_for
+        from kbuild_bolt.profile.stale import describe_build
 
         vmlinux = args.vmlinux or (args.kernel if kernel_entry(args.kernel) == "pvh" else None)
         if vmlinux is None:
@@ -551,7 +551,7 @@ def cmd_profile(args) -> int:
                     "nor a listed module's left out")
         model, cfg = _model_and_cfg(vmlinux)
         profile.kernel = model.version.release
-        profile.shapes = shapes_for(model, cfg, profile)
+        describe_build(profile, model, cfg)
         _add_module_shapes(profile, args.modules)
         from kbuild_bolt.profile.attach import attach
         matched = attach(model, profile).matched
@@ -590,9 +590,9 @@ def cmd_profile(args) -> int:
             lines = fdata.write_fdata(profile, model, args.output)
             print(f"fdata: {lines:,} lines -> {args.output}")
             return 0
-        from kbuild_bolt.profile.stale import shapes_for
+        from kbuild_bolt.profile.stale import describe_build
         if not profile.shapes:
-            profile.shapes = shapes_for(model, cfg, profile)
+            describe_build(profile, model, cfg)
             _add_module_shapes(profile, args.modules)
         write_profile(profile, args.output)
         print(f"profile: {len(profile.range_start):,} ranges, {len(profile.src):,} transfers "

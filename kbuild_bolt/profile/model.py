@@ -15,6 +15,7 @@ The file format (``kbuild-bolt profile v1``) is plain text, one record per line:
     # kbuild-bolt profile v1
     kernel 6.12.117
     source qemu
+    build-id <GNU build-id of the vmlinux, hex>
     R <start> <last> <count>
     B <src> <dst> <count>
     H <function> <hash> <address> <size>
@@ -25,6 +26,8 @@ The file format (``kbuild-bolt profile v1``) is plain text, one record per line:
 addresses, offsets and hashes in hex, counts in decimal; ``H`` and the ``K``
 lines after it describe a function the profile saw (code hashes with addresses
 masked), so the profile can be applied to a rebuilt kernel (stale profiles).
+``build-id`` names the build they describe: on that very build every count
+applies as it is, with no function to match again.
 ``S`` lines are counters of the run the recorder measured besides the code
 (``l1i_fetches``/``l1i_misses``: the QEMU recorder's simulated L1i;
 ``instructions``, and ``instructions:<module>`` for the part in a module).
@@ -119,6 +122,10 @@ class Profile:
     stats: dict = field(default_factory=dict)
     # (module, section) per index that module addresses encode (see MODULE_TAG).
     module_sections: tuple = ()
+    # GNU build-id (hex) of the vmlinux whose addresses and shapes these are ("":
+    # not known): a kernel with the same one is that very build, where every
+    # count applies as it is.
+    build_id: str = ""
 
     @property
     def total(self) -> int:
@@ -128,7 +135,7 @@ class Profile:
         """Identical records summed."""
         out = Profile(kernel=self.kernel, source=self.source, shapes=dict(self.shapes),
                       sampled=self.sampled, stats=dict(self.stats),
-                      module_sections=self.module_sections)
+                      module_sections=self.module_sections, build_id=self.build_id)
         if len(self.range_start):
             out.range_start, out.range_last, out.range_count = _sum_pairs(
                 self.range_start, self.range_last, self.range_count)
@@ -147,7 +154,7 @@ class Profile:
         return Profile(shift(self.range_start), shift(self.range_last), self.range_count.copy(),
                        shift(self.src), shift(self.dst), self.count.copy(), self.kernel,
                        self.source, dict(self.shapes), self.sampled, stats=dict(self.stats),
-                       module_sections=self.module_sections)
+                       module_sections=self.module_sections, build_id=self.build_id)
 
     def scaled(self, factor: float) -> "Profile":
         return Profile(self.range_start, self.range_last,
@@ -155,7 +162,7 @@ class Profile:
                        np.round(self.count * factor).astype(np.int64), self.kernel, self.source,
                        dict(self.shapes), self.sampled,
                        stats={k: round(v * factor) for k, v in self.stats.items()},
-                       module_sections=self.module_sections)
+                       module_sections=self.module_sections, build_id=self.build_id)
 
     def select(self, keep_ranges: np.ndarray, keep_transfers: np.ndarray,
                **changes) -> "Profile":
@@ -163,7 +170,8 @@ class Profile:
         ``changes`` say: shapes=..., module_sections=...)."""
         fields = dict(kernel=self.kernel, source=self.source, shapes=dict(self.shapes),
                       sampled=self.sampled, used=self.used, applied=self.applied,
-                      stats=dict(self.stats), module_sections=self.module_sections)
+                      stats=dict(self.stats), module_sections=self.module_sections,
+                      build_id=self.build_id)
         fields.update(changes)
         return Profile(self.range_start[keep_ranges], self.range_last[keep_ranges],
                        self.range_count[keep_ranges], self.src[keep_transfers],
@@ -219,7 +227,8 @@ class Profile:
         if not self.module_sections or tuple(sections) == self.module_sections:
             return Profile(self.range_start, self.range_last, self.range_count, self.src,
                            self.dst, self.count, self.kernel, self.source, self.shapes,
-                           self.sampled, self.used, self.applied, self.stats, tuple(sections))
+                           self.sampled, self.used, self.applied, self.stats, tuple(sections),
+                           self.build_id)
         where = {key: i for i, key in enumerate(sections)}
         new_index = np.array([where[key] for key in self.module_sections], np.int64)
 
@@ -233,7 +242,7 @@ class Profile:
         return Profile(renumber(self.range_start), renumber(self.range_last), self.range_count,
                        renumber(self.src), renumber(self.dst), self.count, self.kernel,
                        self.source, self.shapes, self.sampled, self.used, self.applied,
-                       self.stats, tuple(sections))
+                       self.stats, tuple(sections), self.build_id)
 
 
 COMBINE_BATCH = 1 << 20     # records gathered before they are folded into the sum
@@ -252,6 +261,7 @@ def combine(profiles, weights: list[float] | None = None, batch: int = COMBINE_B
     pending: list[Profile] = []
     pending_records = 0
     kernel, sources, shapes, sampled, stats, seen = "", set(), {}, False, None, 0
+    builds = set()      # (the sum is of one build only when every part is)
     # Module sections of every profile so far, one numbering for the sum (it only
     # grows: what is pending keeps its indices).
     sections: list = []
@@ -267,6 +277,7 @@ def combine(profiles, weights: list[float] | None = None, batch: int = COMBINE_B
         if profile.source:
             sources.add(profile.source)
         shapes.update(profile.shapes)
+        builds.add(profile.build_id)
         sampled = sampled or profile.sampled
         stats = dict(part.stats) if stats is None else _summed_stats(stats, part.stats)
         pending.append(Profile(part.range_start, part.range_last, part.range_count, part.src,
@@ -280,7 +291,8 @@ def combine(profiles, weights: list[float] | None = None, batch: int = COMBINE_B
     total = _fold(total, pending)
     out = Profile(total.range_start, total.range_last, total.range_count, total.src, total.dst,
                   total.count, kernel, "+".join(sorted(sources)), shapes, sampled,
-                  module_sections=tuple(sections))
+                  module_sections=tuple(sections),
+                  build_id=builds.pop() if len(builds) == 1 else "")
     out.stats = {k: max(0, v) for k, v in sorted((stats or {}).items())}
     # Differences of two noisy runs can go slightly negative: clip.
     out.range_count = np.maximum(out.range_count, 0)
@@ -321,6 +333,8 @@ def write_profile(profile: Profile, path) -> None:
         head.append(f"source {profile.source}")
     if profile.sampled:
         head.append("sampled")
+    if profile.build_id:
+        head.append(f"build-id {profile.build_id}")
     head += [f"M {i} {module} {section}"
              for i, (module, section) in enumerate(profile.module_sections)]
     tail = [f"S {name} {int(value)}" for name, value in profile.stats.items()]
@@ -342,6 +356,40 @@ def write_profile(profile: Profile, path) -> None:
 _WRITE_BATCH = 1 << 16
 
 
+def _records(tag: str, lines: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The columns of ``tag a b count`` lines (a and b in hex); ValueError if
+    any line is not one."""
+    tokens = " ".join(lines).split()
+    if len(tokens) != 4 * len(lines) or any(t != tag for t in tokens[0::4]):
+        raise ValueError(tag)
+    return (np.array([int(x, 16) for x in tokens[1::4]], np.uint64),
+            np.array([int(x, 16) for x in tokens[2::4]], np.uint64),
+            np.array([int(x) for x in tokens[3::4]], np.int64))
+
+
+def _first_malformed(lines: list[str]) -> tuple[int, str]:
+    """(line number, line) of the first record or shape line that does not read
+    (sorted out as read_profile does: by its first letter, or its first word)."""
+    for n, line in enumerate(lines[1:], 2):
+        parts = line.split()
+        tag = line[:1] if line[:1] in ("R", "B", "H", "K") else \
+            parts[0] if parts and parts[0] in ("R", "B", "H", "K") else None
+        try:
+            if tag in ("R", "B"):
+                _records(tag, [" ".join(parts)])
+            elif tag is not None:
+                if parts[0] != tag:
+                    raise ValueError(tag)
+                fields = parts[2:5] if tag == "H" else parts[1:4]
+                if len(fields) != 3:
+                    raise IndexError(tag)
+                for x in fields:
+                    int(x, 16)
+        except (ValueError, IndexError):
+            return n, line
+    return 1, lines[0]
+
+
 def read_profile(path) -> Profile:
     try:
         with open(path) as f:
@@ -352,29 +400,34 @@ def read_profile(path) -> Profile:
         raise KbbError(f"{path}: not a text profile") from None
     if not text.startswith(MAGIC):
         raise KbbError(f"{path}: not a kbuild-bolt profile")
-    rs, rl, rc, bs, bd, bc = [], [], [], [], [], []
-    shape_lines = []
+    lines = text.splitlines()
+    # Records and shapes (nearly every line) sorted out by their first letter and
+    # read in bulk; the few other lines one by one.
+    shape_lines: list[str] = []       # (H and K lines in their order: K follows its H)
+    by_tag = {"R": [], "B": [], "H": shape_lines, "K": shape_lines}
+    rest = []
+    for n, line in enumerate(lines[1:], 2):
+        kind = by_tag.get(line[:1])
+        if kind is not None:
+            kind.append(line)
+        elif line and not line.startswith("#"):
+            rest.append((n, line))
     sections: list = []
     profile = Profile()
-    for n, line in enumerate(text.splitlines()[1:], 2):
-        if not line or line.startswith("#"):
-            continue
+    for n, line in rest:
         parts = line.split()
         try:
             tag = parts[0]
-            if tag == "R":
-                rs.append(int(parts[1], 16)); rl.append(int(parts[2], 16)); rc.append(int(parts[3]))
-            elif tag == "B":
-                bs.append(int(parts[1], 16)); bd.append(int(parts[2], 16)); bc.append(int(parts[3]))
-            elif tag in ("H", "K"):
-                int(parts[2], 16)
-                shape_lines.append(line)
+            if tag in by_tag:                  # (indented)
+                by_tag[tag].append(" ".join(parts))
             elif tag == "kernel":
                 profile.kernel = parts[1]
             elif tag == "source":
                 profile.source = parts[1]
             elif tag == "sampled":
                 profile.sampled = True
+            elif tag == "build-id":
+                profile.build_id = bytes.fromhex(parts[1]).hex()
             elif tag == "S":
                 profile.stats[parts[1]] = int(parts[2])
             elif tag == "M":
@@ -385,13 +438,13 @@ def read_profile(path) -> Profile:
                 raise ValueError(tag)
         except (ValueError, IndexError):
             raise KbbError(f"{path}:{n}: malformed profile line: {line[:60]}") from None
-    profile.shapes = parse_shapes(shape_lines)
-    profile.range_start = np.array(rs, dtype=np.uint64)
-    profile.range_last = np.array(rl, dtype=np.uint64)
-    profile.range_count = np.array(rc, dtype=np.int64)
-    profile.src = np.array(bs, dtype=np.uint64)
-    profile.dst = np.array(bd, dtype=np.uint64)
-    profile.count = np.array(bc, dtype=np.int64)
+    try:
+        profile.range_start, profile.range_last, profile.range_count = _records("R", by_tag["R"])
+        profile.src, profile.dst, profile.count = _records("B", by_tag["B"])
+        profile.shapes = parse_shapes(shape_lines)
+    except (ValueError, IndexError):
+        n, line = _first_malformed(lines)
+        raise KbbError(f"{path}:{n}: malformed profile line: {line[:60]}") from None
     profile.module_sections = tuple(sections)
     for column in (profile.range_start, profile.range_last, profile.src, profile.dst):
         index = module_section_index(column[in_modules(column)])

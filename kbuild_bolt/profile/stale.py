@@ -29,6 +29,7 @@ from difflib import SequenceMatcher
 import numpy as np
 
 from kbuild_bolt.arrays import concat_ranges
+from kbuild_bolt.elf.notes import build_id
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.model import Profile
 from kbuild_bolt.profile.shapes import FunctionShape
@@ -115,6 +116,20 @@ def function_shape(model, cfg, row: int, blocks: bool = True) -> FunctionShape:
     o1 = offs[cfg.block_end[block_range] - lo].tolist()
     shape.blocks.extend((a, b - a, _digest(code[a:b])) for a, b in zip(o0, o1))
     return shape
+
+
+def build_id_of(model) -> str:
+    """The GNU build-id of ``model``'s vmlinux, in hex ("" when it has none)."""
+    note = build_id(model.image)
+    return note.hex() if note is not None else ""
+
+
+def describe_build(profile: Profile, model, cfg) -> None:
+    """Give ``profile`` what applies it to other builds of the kernel in
+    ``model``, where it was recorded: its functions' shapes, and the build-id
+    that says which build they describe."""
+    profile.shapes = shapes_for(model, cfg, profile)
+    profile.build_id = build_id_of(model)
 
 
 def shapes_for(model, cfg, profile: Profile) -> dict[str, FunctionShape]:
@@ -226,6 +241,16 @@ def adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tup
 
 def _adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tuple[Profile, AdaptReport]:
     report = AdaptReport(total=int(profile.range_count.sum()))
+    # Recorded on this very build: each function is where its shape says, with
+    # the same code (no hash to work out again: most of the time of adapting).
+    same_build = bool(profile.build_id) and profile.build_id == build_id_of(model)
+    starts, names = model.functions.start, model.functions.names
+
+    def row_at(old):
+        row = int(np.searchsorted(starts, np.uint64(old.start)))
+        return row if row < len(starts) and int(starts[row]) == old.start \
+            and names[row] == old.name else -1
+
     old_lo, old_hi, deltas_delta = [], [], []
     # Piecewise map: old address interval -> delta.
     rows_by_name: dict[str, list[int]] = {}
@@ -254,18 +279,26 @@ def _adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tu
 
     weights = _executed_bytes(profile)
     matched_rows = {}
+    identical = set()       # (start addresses of the functions with unchanged code)
     for name, old in shapes.items():  # (keys: name@address)
-        row = best_row(old)
+        row = row_at(old) if same_build else -1
+        if row < 0:
+            row = best_row(old)
         if row < 0:
             report.functions_missing += 1
             continue
         matched_rows[name] = row
-        new = shape_of(row)
-        if new.hash == old.hash:
+        if same_build and int(starts[row]) == old.start:
+            new_start = old.start
+        else:
+            new = shape_of(row)
+            new_start = new.start if new.hash == old.hash else None
+        if new_start is not None:
             report.functions_same += 1
+            identical.add(old.start)
             old_lo.append(old.start)
             old_hi.append(old.start + old.size)
-            deltas_delta.append(new.start - old.start)
+            deltas_delta.append(new_start - old.start)
             continue
         new = shape_of(row, blocks=True)
         pairs = match_blocks(old, new)
@@ -323,13 +356,8 @@ def _adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tu
     out.dst = profile.dst[keep_t] + delta[i_dst].view(np.uint64)[keep_t]
     out.count = profile.count[keep_t]
     # Which kept counts came from identical functions?
-    same_ranges = set()
-    for name, old in shapes.items():
-        row = matched_rows.get(name, -1)
-        if row >= 0 and shape_of(row).hash == old.hash:
-            same_ranges.add(old.start)
-    from_same = np.isin(lo[i_s], np.array(sorted(same_ranges), dtype=np.uint64).view(np.int64)) \
-        if same_ranges else np.zeros(len(keep), bool)
+    from_same = np.isin(lo[i_s], np.array(sorted(identical), dtype=np.uint64).view(np.int64)) \
+        if identical else np.zeros(len(keep), bool)
     report.exact = int(profile.range_count[keep & from_same].sum())
     report.fuzzy = int(profile.range_count[keep & ~from_same].sum())
     out = out.merged()

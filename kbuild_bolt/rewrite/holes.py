@@ -33,8 +33,11 @@ def find_holes(model) -> list[tuple[int, int]]:
     names = symbols.names
     # Special ranges: __X_start ... __X_end (and X_start/X_end) label pairs.
     by_name = {}
-    for i in np.flatnonzero((symbols.shndx == text.index)).tolist():
-        by_name.setdefault(names[i], int(symbols.value[i]))
+    in_text = np.flatnonzero(symbols.shndx == text.index)
+    for i, value in zip(in_text.tolist(), symbols.value[in_text].tolist()):
+        name = names[i]
+        if name.endswith(("_start", "_end")):
+            by_name.setdefault(name, value)
     ranges = []
     for name, value in by_name.items():
         if name.endswith("_start"):

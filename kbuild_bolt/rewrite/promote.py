@@ -166,10 +166,10 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
     candidates = calls[ok]
     first_reloc = relocs.first_in(insns.addr[candidates],
                                   insns.addr[candidates] + insns.length[candidates]).tolist()
-    for s, r in zip(candidates.tolist(), first_reloc):
+    for s, r, ref in zip(candidates.tolist(), first_reloc, insns.ref[candidates].tolist()):
         at, n = int(insns.addr[s]), int(insns.length[s])
         if flow[s] == x86.CALL:
-            cmp = enc.cmp_register(thunk_of[int(insns.ref[s])])
+            cmp = enc.cmp_register(thunk_of[ref])
         else:
             call = model.image.read(at, n)
             cmp = enc.cmp_like_call(call)

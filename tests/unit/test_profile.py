@@ -46,6 +46,22 @@ def test_malformed_profile(tmp_path):
     (tmp_path / "bad.kbb").write_text("# kbuild-bolt profile v1\nR zz 1 2\n")
     with pytest.raises(KbbError, match="bad.kbb:2: malformed"):
         read_profile(tmp_path / "bad.kbb")
+    # Records and shapes are read in bulk; a bad one is still named by its line.
+    good = ["# kbuild-bolt profile v1", "kernel 6.12.0", "R ffffffff81000000 ffffffff81000010 7",
+            "  R ffffffff81000020 ffffffff81000030 2", "B ffffffff81000010 ffffffff81000020 3",
+            "H f 00000000000000aa ffffffff81000000 40", "K 0 10 00000000000000bb",
+            "K 10 30 00000000000000cc"]
+    (tmp_path / "ok.kbb").write_text("\n".join(good) + "\n")
+    ok = read_profile(tmp_path / "ok.kbb")
+    assert ok.range_count.tolist() == [7, 2] and ok.count.tolist() == [3]
+    assert ok.shapes["f@ffffffff81000000"].blocks == [(0, 0x10, 0xbb), (0x10, 0x30, 0xcc)]
+    for at, bad in ((3, "R ffffffff81000000 ffffffff81000010"), (5, "Bogus 1 2 3"),
+                    (7, "K 0 zz 00000000000000bb"), (6, "H f 00aa ffffffff81000000"),
+                    (4, "  R 1 2 3 4"), (3, "R 1 2 -"), (9, "B 1 2 3 4")):
+        lines = good[:at - 1] + [bad] + good[at - 1:]
+        (tmp_path / "bad.kbb").write_text("\n".join(lines) + "\n")
+        with pytest.raises(KbbError, match=f"bad.kbb:{at}: malformed"):
+            read_profile(tmp_path / "bad.kbb")
     (tmp_path / "junk").write_bytes(b"\x00\x01binary")
     with pytest.raises(KbbError, match="unknown profile format"):
         load_profile(tmp_path / "junk")
@@ -171,6 +187,43 @@ def test_stale_profile_moves_and_matches(model, tmp_path):
     delta = sym(m2, "startup_64") - sym(m, "startup_64")
     assert delta == 64
     assert (moved.range_start - profile.range_start == np.uint64(delta)).all()
+
+
+@needs_as
+def test_profile_of_this_very_build_applies_without_matching_again(tmp_path, monkeypatch):
+    """A profile says which build it describes (the vmlinux's GNU build-id, kept
+    in the file and by sums of profiles of that build). On that build it applies
+    as stale matching would apply it, without working out a single function's
+    shape again; on any other build it is matched as before."""
+    from dataclasses import replace
+
+    from elfkit import assemble
+    from kbuild_bolt.profile import stale
+
+    ld = ("-m", "elf_x86_64", "--emit-relocs", "-z", "noexecstack", "--build-id=sha1")
+    m = BinaryModel.open(assemble(tmp_path, CODE + "".join(TABLES.values()), ld_args=ld), jobs=1)
+    cfg = build_cfg(m)
+    profile = hot_profile(m)
+    stale.describe_build(profile, m, cfg)
+    assert len(profile.build_id) == 40 and profile.shapes
+    write_profile(profile, tmp_path / "p.kbb")
+    assert read_profile(tmp_path / "p.kbb").build_id == profile.build_id
+    assert combine([profile, profile]).build_id == profile.build_id
+    assert combine([profile, replace(profile, build_id="")]).build_id == ""
+    matched, matched_report = adapt(replace(profile, build_id=""), m, cfg, profile.shapes)
+
+    def no_shapes(*args, **kwargs):
+        raise AssertionError("a shape worked out again for a profile of this build")
+
+    monkeypatch.setattr(stale, "function_shape", no_shapes)
+    same, report = adapt(profile, m, cfg, profile.shapes)
+    assert report.summary() == matched_report.summary() and report.functions_same >= 1
+    for column in ("range_start", "range_last", "range_count", "src", "dst", "count"):
+        assert np.array_equal(getattr(same, column), getattr(matched, column)), column
+    assert same.used == matched.used == 1.0
+    # Another build (here: the build-id of another one) is matched function by function.
+    with pytest.raises(AssertionError, match="worked out again"):
+        adapt(replace(profile, build_id="00" * 20), m, cfg, profile.shapes)
 
 
 def test_ext_tsp_prefers_fall_throughs():
