@@ -24,13 +24,49 @@ from kbuild_bolt.errors import KbbError
 
 
 def _copy_range(src, dst, offset: int, size: int, chunk: int = 1 << 22) -> None:
-    src.seek(offset)
+    """``size`` bytes of file ``src`` from ``offset`` on to the same offset of file
+    ``dst``: by the kernel (copy_file_range: no pass through this process), or
+    read and written where it cannot (another file system, an old kernel)."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done, offset + done,
+                                   offset + done)
+            if n == 0:
+                raise KbbError("input file ended early while copying it")
+            done += n
+        return
+    except (AttributeError, OSError):
+        pass                    # (the rest read and written)
+    src.seek(offset + done)
+    dst.seek(offset + done)
+    size -= done
     while size > 0:
         block = src.read(min(chunk, size))
         if not block:
-            raise KbbError("input file ended early while packing sections")
+            raise KbbError("input file ended early while copying it")
         dst.write(block)
         size -= len(block)
+
+
+def _move_in_file(fd: int, old: int, new: int, size: int, chunk: int = 1 << 22) -> None:
+    """Move ``size`` bytes of the file from offset ``old`` to ``new`` (the two
+    ranges may overlap), ``chunk`` bytes at a time."""
+    starts = range(0, size, chunk)
+    for at in (starts if new < old else reversed(starts)):
+        n = min(chunk, size - at)
+        data = os.pread(fd, n, old + at)
+        if len(data) != n:
+            raise KbbError("output file ended early while packing sections")
+        _write_in_file(fd, new + at, data)
+
+
+def _write_in_file(fd: int, at: int, data) -> None:
+    view = memoryview(data).cast("B")       # (bytes, whatever the records are)
+    while len(view):
+        done = os.pwrite(fd, view, at)
+        at += done
+        view = view[done:]
 
 
 def put_fields(raw: np.ndarray, offsets: np.ndarray, size: int, values: np.ndarray) -> None:
@@ -59,8 +95,6 @@ def _copy_without(source_path, dest_path, size: int, holes: list[tuple[int, int]
     with open(source_path, "rb") as src, open(dest_path, "r+b") as dst:
         dst.truncate(size)
         for lo, hi in keep:
-            src.seek(lo)
-            dst.seek(lo)
             _copy_range(src, dst, lo, hi - lo)
 
 
@@ -196,7 +230,8 @@ class OutputImage:
         ``replace`` (index -> bytes) get new contents of any size, ``info``
         (index -> value) sets sh_info. The loadable part, every section index and
         every other section's bytes stay as they are; the section header table
-        goes last."""
+        goes last. (Done in the finished file itself: only what lies after the
+        loadable part moves, not the tens of MB before it.)"""
         from kbuild_bolt.elf.image import SHT_NOBITS
 
         sections = self.source.sections
@@ -213,35 +248,51 @@ class OutputImage:
         moving = {s.index for s in movable}
         if not set(replace) <= moving:
             raise KbbError("only sections after the loadable part can change size")
-        packed = self.tmp.with_suffix(".packed")
-        with open(self.tmp, "rb") as src, open(packed, "wb") as dst:
-            _copy_range(src, dst, 0, keep_end)
-            pos = keep_end
-            for s in movable:
-                if s.index in empty:
-                    shdrs["offset"][s.index] = pos
-                    shdrs["size"][s.index] = 0
-                    continue
-                pad = (-pos) % max(1, s.addralign)
-                dst.write(b"\0" * pad)
-                pos += pad
+        # Where each section goes: (old offset, new offset, size) of the bytes that
+        # move, (new offset, bytes) of what is written, and the zeros between.
+        moves, writes, zeros = [], [], []
+        pos = keep_end
+        for s in movable:
+            if s.index in empty:
                 shdrs["offset"][s.index] = pos
-                if s.index in replace:
-                    data = replace[s.index]
-                    dst.write(data)
-                    shdrs["size"][s.index] = len(data)
-                    pos += len(data)
-                elif s.type != SHT_NOBITS:
-                    _copy_range(src, dst, s.offset, s.size)
-                    pos += s.size
-            pad = (-pos) % 8
-            dst.write(b"\0" * pad)
+                shdrs["size"][s.index] = 0
+                continue
+            pad = (-pos) % max(1, s.addralign)
+            zeros.append((pos, pad))
             pos += pad
-            new_shoff = pos
-            dst.write(shdrs.tobytes())
-            dst.seek(0x28)  # e_shoff
-            dst.write(new_shoff.to_bytes(8, "little"))
-        os.replace(packed, self.tmp)
+            shdrs["offset"][s.index] = pos
+            if s.index in replace:
+                data = replace[s.index]
+                writes.append((pos, data))
+                shdrs["size"][s.index] = len(data)
+                pos += len(data)
+            elif s.type != SHT_NOBITS:
+                moves.append((s.offset, pos, s.size))
+                pos += s.size
+        pad = (-pos) % 8
+        zeros.append((pos, pad))
+        pos += pad
+        writes.append((pos, shdrs.tobytes()))
+        writes.append((0x28, pos.to_bytes(8, "little")))      # e_shoff
+        fd = os.open(self.tmp, os.O_RDWR)
+        try:
+            # Bytes that move to lower offsets go first, front to back; those that
+            # move to higher ones then, back to front: no section's bytes are
+            # overwritten before they have moved (the order in the file is kept).
+            for old, new, size in moves:
+                if new < old:
+                    _move_in_file(fd, old, new, size)
+            for old, new, size in reversed(moves):
+                if new > old:
+                    _move_in_file(fd, old, new, size)
+            for at, size in zeros:
+                if size:
+                    os.pwrite(fd, b"\0" * size, at)
+            for at, data in writes:
+                _write_in_file(fd, at, data)
+            os.ftruncate(fd, pos + shdrs.nbytes)
+        finally:
+            os.close(fd)
 
     def release_pages(self) -> None:
         """Let go of the pages written so far (they stay in the page cache, dirty
