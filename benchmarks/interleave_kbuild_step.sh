@@ -18,22 +18,24 @@ trap 'git -C "$root" worktree remove --force "$work/base" >/dev/null 2>&1; rm -r
 git -C "$root" worktree add --detach "$work/base" "$rev" >/dev/null 2>&1
 "$root/.venv/bin/kbuild-bolt" profile convert "$profile" --vmlinux "$vmlinux" --to fdata \
     -o "$work/profile.fdata" >/dev/null
+# (revisions before the profile named its build cannot read that line)
+grep -v '^build-id ' "$profile" > "$work/base.kbb"
 cd "$work"     # (python -m puts the working directory first on the path)
 timed() {   # label command...: one line, "label seconds KB"
     label=$1; shift
     /usr/bin/time -f "$label %e s %M KB" -o "$work/time" "$@" >/dev/null 2>&1
     cat "$work/time"
 }
-rewrite() {   # tree-label source-dir (a command line, for time to run)
+rewrite() {   # tree-label source-dir profile (a command line, for time to run)
     echo env PYTHONPATH="$2" "$py" -m kbuild_bolt rewrite "$vmlinux" -o "$work/out" \
-        --profile "$profile" --reorder-blocks=ext-tsp --cache-dir "$work/cache-$1" -q
+        --profile "$3" --reorder-blocks=ext-tsp --cache-dir "$work/cache-$1" -q
 }
 "$py" -m compileall -q "$work/base/kbuild_bolt" "$root/kbuild_bolt"
-$(rewrite base "$work/base") >/dev/null     # (the first run keeps the analysis)
-$(rewrite now "$root") >/dev/null
+$(rewrite base "$work/base" "$work/base.kbb") >/dev/null   # (the first run keeps the analysis)
+$(rewrite now "$root" "$profile") >/dev/null
 for _ in $(seq "$turns"); do
-    timed base $(rewrite base "$work/base")
-    timed now $(rewrite now "$root")
+    timed base $(rewrite base "$work/base" "$work/base.kbb")
+    timed now $(rewrite now "$root" "$profile")
     timed llvm-bolt-22 llvm-bolt-22 "$vmlinux" -o "$work/bolt.out" -data="$work/profile.fdata" \
         -reorder-blocks=ext-tsp -eliminate-unreachable=0 -simplify-conditional-tail-calls=0
 done

@@ -203,17 +203,22 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
     old = like.functions
     if not (len(old) and len(functions) and len(like.insns) and len(ranges)):
         return None, ranges
-    known: dict[tuple[str, int], int] = {}
-    ambiguous = set()
-    for row, (name, size) in enumerate(zip(old.names, (old.end - old.start).tolist())):
-        key = (name, size)
-        if key in known:
-            ambiguous.add(key)
-        known[key] = row
     r = np.array(ranges, np.uint64).reshape(-1, 3)
     rows = np.minimum(np.searchsorted(functions.start, r[:, 1]), max(len(functions) - 1, 0))
     whole = (functions.start[rows] == r[:, 1]) & (functions.end[rows] == r[:, 2]) \
         & (r[:, 2] > r[:, 1])
+    # (only the names of the functions still to decode are looked for: a layout
+    # of blocks in place leaves a few hundred of tens of thousands)
+    wanted = {functions.names[i] for i in rows[whole].tolist()}
+    known: dict[tuple[str, int], int] = {}
+    ambiguous = set()
+    sizes = (old.end - old.start).tolist()
+    for row, name in enumerate(old.names):
+        if name in wanted:
+            key = (name, sizes[row])
+            if key in known:
+                ambiguous.add(key)
+            known[key] = row
     old_row = np.full(len(ranges), -1, np.int64)
     seen = set()
     for i in np.flatnonzero(whole).tolist():

@@ -373,16 +373,21 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     except KbbError as err:
         report.add("output reads as a kernel", 1, [str(err)])
         return report
-    # The output decoded and its tables and relocations checked against its
-    # code on the other CPU, while this process compares it with the input
-    # (which reads its bytes, symbols and tables, not its instructions).
+    # The output decoded and its tables checked against its code on the other
+    # CPU, while this process compares it with the input and checks its
+    # relocations (which read its bytes, symbols and tables, not its
+    # instructions).
     against_code = ForkedCall(_code_agreement, image, inp, True) if default_jobs() > 1 \
         else _Done(_code_agreement, image, inp, False)
     compared = VerifyReport()
     try:
         try:
-            _compare(compared, _TablesOf(image), inp, path, expect_rewritten, fragments,
-                     moved_ranges)
+            tables_of = _TablesOf(image)
+            _compare(compared, tables_of, inp, path, expect_rewritten, fragments, moved_ranges)
+            # (the relocations read the tables and the bytes, not the decoded code:
+            # checked here, the child has the decoding to do)
+            relocations = check_relocations(tables_of)
+            image.release_pages()
             for check in beside:
                 compared.add(*check(path))
         except KbbError:
@@ -392,7 +397,8 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
             # it was decoded before anything else)
             against_code.result()
             raise
-        (entries, bad), (total, problems) = against_code.result()
+        entries, bad = against_code.result()
+        total, problems = relocations
     except KbbError as err:
         against_code.cancel()
         report.add("output reads as a kernel", 1, [str(err)])
@@ -439,9 +445,8 @@ _NOT_READ_BY_THE_CHILD = ("function_of_insn", "fill_insn")
 
 def _code_agreement(image: ElfImage, inp: BinaryModel | None, forked: bool):
     """The output decoded (with the input's decoding of what did not change):
-    (entries, problems) of its tables and (fields, problems) of its
-    relocations, checked against its code. ``forked``: this is a child, its
-    copy of the input's model its own."""
+    (entries, problems) of its tables, checked against its code. ``forked``:
+    this is a child, its copy of the input's model its own."""
     if forked and inp is not None:
         for name in _NOT_READ_BY_THE_CHILD:   # (their pages leave the child)
             inp.__dict__.pop(name, None)
@@ -452,7 +457,7 @@ def _code_agreement(image: ElfImage, inp: BinaryModel | None, forked: bool):
     entries = sum(c.entries for c in checks.values())
     bad = [f"{m.table}[{m.index}] {m.field} -> {m.where}: {m.message}"
            for c in checks.values() for m in c.mismatches]
-    return (entries, bad), check_relocations(out)
+    return entries, bad
 
 
 def _release(image: ElfImage, inp: BinaryModel | None) -> None:
