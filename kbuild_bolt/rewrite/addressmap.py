@@ -53,16 +53,18 @@ class AddressMap:
     def is_moved(self, addr: int) -> bool:
         return bool(self.moved(np.array([addr], dtype=np.uint64))[0])
 
-    def translate(self, addrs, bytes_of: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def translate(self, addrs, bytes_of: bool = False,
+                  moved: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(new addresses as uint64, ok mask). Addresses outside rewritten functions
         map to themselves; ``ok`` is False where the address was in dropped code.
         ``bytes_of``: the addresses name instructions' bytes (a site the kernel
         patches), not where control arrives: an instruction start maps to where
-        its bytes are, as addresses inside it always do."""
+        its bytes are, as addresses inside it always do. ``moved``: what
+        :meth:`moved` says of ``addrs``, when the caller has it already."""
         addrs = np.asarray(addrs, dtype=np.uint64)
         out = addrs.copy()
         ok = np.ones(len(addrs), bool)
-        moved = self.moved(addrs)
+        moved = self.moved(addrs) if moved is None else moved
         if moved.any():
             a = addrs[moved]
             i = np.searchsorted(self.old, a, side="right").astype(np.int64) - 1

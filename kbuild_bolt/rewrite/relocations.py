@@ -87,7 +87,7 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
             handled &= ~((offset >= np.uint64(lo)) & (offset < np.uint64(hi)))
 
         off_moved = amap.moved(offset)
-        new_offset, ok_off = amap.translate(offset)
+        new_offset, ok_off = amap.translate(offset, moved=off_moved)
         if (off_moved & ~ok_off & handled).any():
             bad = int(offset[off_moved & ~ok_off & handled][0])
             raise KbbError(f"{rela.name}: relocation at {bad:#x} is in code that was dropped")
@@ -106,11 +106,12 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
             idx = model.insn_containing(offset[pc_code])
             ends = np.where(idx >= 0, model.insns.end_of(np.maximum(idx, 0)), offset[pc_code])
             target[pc_code] += ends - offset[pc_code]
-        tgt_moved = handled & valid_sym & amap.moved(target)
+        target_moved = amap.moved(target)
+        tgt_moved = handled & valid_sym & target_moved
         if tgt_moved.any():
             tgt_moved[tgt_moved] &= names_moved_code(model, sym[tgt_moved], target[tgt_moved],
                                                       fixed)
-        new_target, ok_t = amap.translate(target)
+        new_target, ok_t = amap.translate(target, moved=target_moved)
         if (tgt_moved & ~ok_t).any():
             k = np.flatnonzero(tgt_moved & ~ok_t)[0]
             raise KbbError(f"{rela.name}: relocation at {int(offset[k]):#x} points to "

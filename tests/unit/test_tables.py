@@ -216,3 +216,29 @@ def test_dump_unknown_names(kernel):
                               capture_output=True, text=True)
         assert proc.returncode == 2
         assert "nope" in proc.stderr
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kallsyms_names_read_in_bulk_as_record_by_record(seed):
+    """kallsyms names: records of one- and two-byte lengths (and none), walked 256
+    at a time from the markers, read as walking them one by one does; markers
+    that do not fit the records fall back to that walk."""
+    from kbuild_bolt.kernel.tables import kallsyms
+
+    rng = np.random.default_rng(seed)
+    tokens = [chr(65 + i % 26) * int(rng.integers(0, 4)) for i in range(256)]
+    count = int(rng.integers(1, 1500))
+    blob, starts, names = bytearray(), [], []
+    for _ in range(count):
+        n = int(rng.choice([0, 1, 5, 20, 127, 128, 300], p=[.02, .2, .5, .2, .04, .02, .02]))
+        starts.append(len(blob))
+        blob += bytes([n]) if n < 128 else bytes([0x80 | (n & 0x7F), n >> 7])
+        body = rng.integers(0, 256, n).astype(np.uint8)
+        blob += body.tobytes()
+        names.append("".join(tokens[b] for b in body.tolist()))
+    blob += bytes(5)
+    markers = np.array(starts[::256], np.int64)
+    for given in (markers, None, markers + 1, markers[:1]):
+        bounds = kallsyms._record_bounds(bytes(blob), count, given)
+        assert bounds[0].tolist() == starts
+        assert kallsyms._expanded(bytes(blob), bounds, tokens) == names

@@ -16,10 +16,12 @@ rules of scripts/kallsyms.c (``compare_symbols``, ``compare_names``).
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.arrays import concat_ranges
 from kbuild_bolt.errors import KbbError
 
 # The arrays, in the names scripts/kallsyms.c gives them.
@@ -74,24 +76,17 @@ def read(image) -> Kallsyms | None:
         tokens.append(blob[off:end].decode("latin-1"))
     section = image.section_at(table.names_addr)
     names_blob = image.read(table.names_addr, section.end - table.names_addr)
-    names, records = [], []
-    pos = 0
-    for _ in range(table.count):
-        start = pos
-        length = names_blob[pos]
-        pos += 1
-        if length & 0x80:
-            length = (length & 0x7F) | (names_blob[pos] << 7)
-            pos += 1
-        names.append("".join(map(tokens.__getitem__, names_blob[pos:pos + length])))
-        pos += length
-        records.append(names_blob[start:pos])
-    table.names = names
-    table.records = records
+    markers_addr = _sym(image, "kallsyms_markers")
+    markers = (image.array_at(markers_addr, "<u4", (table.count + 255) // 256)
+               .astype(np.int64) if markers_addr is not None and table.count else None)
+    bounds = _record_bounds(names_blob, table.count, markers)
+    table.names = _expanded(names_blob, bounds, tokens)
+    table.records = [names_blob[a:b] for a, b in zip(bounds[0].tolist(),
+                                                     (bounds[1] + bounds[2]).tolist())]
     table.tokens = tokens
     table.arrays = {name: _sym(image, name) for name in ARRAYS
                     if _sym(image, name) is not None}
-    table.addresses, table.encoding = _addresses(image, table.count, names)
+    table.addresses, table.encoding = _addresses(image, table.count, table.names)
     if table.encoding != "absolute":
         offsets = image.array_at(table.arrays["kallsyms_offsets"], "<i4", table.count)
         table.absolute = (offsets >= 0) if table.encoding == "absolute-percpu" \
@@ -102,6 +97,74 @@ def read(image) -> Kallsyms | None:
 
 
 read_full = read
+
+
+def _record_bounds(blob: bytes, count: int,
+                   markers: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, payload start, payload length) of each of ``count`` name records.
+    A record's place follows from the lengths of all before it; with the
+    markers (where every 256th record starts) the 256 records of every group are
+    walked at once, one position per group at a time, and the walk must arrive
+    at each next marker. Without them, or where it does not, record by record."""
+    data = np.frombuffer(blob, np.uint8)
+    if markers is not None and count and len(markers) == (count + 255) // 256 \
+            and markers[0] == 0 and int(markers.max()) < len(data):
+        groups = len(markers)
+        pos = markers.copy()
+        start = np.zeros(count, np.int64)
+        payload = np.zeros(count, np.int64)
+        length = np.zeros(count, np.int64)
+        first = np.arange(groups, dtype=np.int64) * 256
+        ok = True
+        for j in range(256):
+            at = first + j
+            live = at < count
+            if not live.any():
+                break
+            p = pos[live]
+            if int(p.max()) >= len(data):
+                ok = False
+                break
+            b0 = data[p].astype(np.int64)
+            two = (b0 & 0x80) != 0
+            b1 = data[np.minimum(p + 1, len(data) - 1)].astype(np.int64)
+            n = np.where(two, (b0 & 0x7F) | (b1 << 7), b0)
+            start[at[live]] = p
+            payload[at[live]] = p + 1 + two
+            length[at[live]] = n
+            pos[live] = p + 1 + two + n
+        if ok and np.array_equal(pos[:-1], markers[1:]) and int(pos[-1]) <= len(data):
+            return start, payload, length
+    start, payload, length = [], [], []
+    pos = 0
+    for _ in range(count):
+        start.append(pos)
+        n = blob[pos]
+        pos += 1
+        if n & 0x80:
+            n = (n & 0x7F) | (blob[pos] << 7)
+            pos += 1
+        payload.append(pos)
+        length.append(n)
+        pos += n
+    return (np.array(start, np.int64), np.array(payload, np.int64),
+            np.array(length, np.int64))
+
+
+def _expanded(blob: bytes, bounds, tokens: list[str]) -> list[str]:
+    """Each record's name: its token indices expanded to their tokens (all
+    records at once by a charmap decoding, then cut by the tokens' lengths)."""
+    _, payload, length = bounds
+    data = np.frombuffer(blob, np.uint8)
+    indices = data[concat_ranges(payload, length)]
+    text = codecs.charmap_decode(indices.tobytes(), "strict", dict(enumerate(tokens)))[0]
+    token_len = np.array([len(t) for t in tokens], np.int64)
+    # (where each record's name starts and ends in ``text``: the tokens' lengths
+    # summed up to each record's first and past its last index)
+    at = np.concatenate([[0], np.cumsum(token_len[indices])])
+    last = np.cumsum(length)
+    cut = np.concatenate([at[last - length][:1], at[last]]) if len(length) else at[:1]
+    return [text[a:b] for a, b in zip(cut[:-1].tolist(), cut[1:].tolist())]
 
 
 def _addresses(image, count: int, names: list[str]) -> tuple[np.ndarray, str]:
