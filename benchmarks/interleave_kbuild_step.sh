@@ -7,8 +7,10 @@
 #   (paths without spaces)
 #
 # Turns, not one tool after the other: this machine's speed drifts by more than
-# the differences measured. The base revision runs from a temporary git
-# worktree with the same Python environment (as same_outputs.py does).
+# the differences measured; each run starts once the last one's output is
+# written back (sync). At the end, per tool: best and median time, peak. The
+# base revision runs from a temporary git worktree with the same Python
+# environment (as same_outputs.py does).
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 rev=$1 vmlinux=$(realpath "$2") profile=$(realpath "$3") turns=${4:-3}
@@ -23,8 +25,9 @@ grep -v '^build-id ' "$profile" > "$work/base.kbb"
 cd "$work"     # (python -m puts the working directory first on the path)
 timed() {   # label command...: one line, "label seconds KB"
     label=$1; shift
+    sync    # (each run starts with the last one's output written back)
     /usr/bin/time -f "$label %e s %M KB" -o "$work/time" "$@" >/dev/null 2>&1
-    cat "$work/time"
+    tee -a "$work/all" < "$work/time"
 }
 rewrite() {   # tree-label source-dir profile (a command line, for time to run)
     echo env PYTHONPATH="$2" "$py" -m kbuild_bolt rewrite "$vmlinux" -o "$work/out" \
@@ -39,3 +42,16 @@ for _ in $(seq "$turns"); do
     timed llvm-bolt-22 llvm-bolt-22 "$vmlinux" -o "$work/bolt.out" -data="$work/profile.fdata" \
         -reorder-blocks=ext-tsp -eliminate-unreachable=0 -simplify-conditional-tail-calls=0
 done
+# Per tool: the best and the median time, the largest peak.
+"$py" - "$work/all" <<'EOF'
+import statistics
+import sys
+runs = {}
+for line in open(sys.argv[1]):
+    label, seconds, _, kb, _ = line.split()
+    runs.setdefault(label, []).append((float(seconds), int(kb)))
+for label, got in runs.items():
+    times = [t for t, _ in got]
+    print(f"{label}: best {min(times):.2f} s, median {statistics.median(times):.2f} s, "
+          f"peak {max(kb for _, kb in got) / 1024:.0f} MB ({len(got)} runs)")
+EOF

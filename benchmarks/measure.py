@@ -18,6 +18,7 @@ count the benchmark's pages in its own peak RSS.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,9 @@ with open(sys.argv[1], "w") as out:
 
 
 def measure(command: list[str], env=None) -> Run:
+    # (each run starts with what the last one wrote written back: the kernel's
+    # writeback of a 34 MB output otherwise runs into the next one's time)
+    os.sync()
     with tempfile.NamedTemporaryFile("r", suffix=".measure") as result:
         proc = subprocess.run([sys.executable, "-c", _HELPER, result.name, *command],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

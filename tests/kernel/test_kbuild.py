@@ -382,3 +382,35 @@ def test_no_patch_mode(profile612, tmp_path_factory, tmp_path):
     modules = tmp_path / "modules"
     tree.make(f"INSTALL_MOD_PATH={modules}", "modules_install")
     boot_with_modules(tree.path("arch/x86/boot/bzImage"), modules, tree.kernel.release, tmp_path)
+
+
+def test_profile_of_this_build_applies_without_matching_again(profile612, tmp_path,
+                                                               monkeypatch):
+    """`profile record` names the vmlinux it recorded (its build-id). Rewriting that
+    vmlinux with the profile works out no function's shape again, and lays it
+    out exactly as matching every function would (the profile without its
+    build-id line)."""
+    from kbuild_bolt.elf.notes import build_id
+    from kbuild_bolt.profile import stale
+    from kbuild_bolt.profile.model import read_profile
+    from kbuild_bolt.rewrite.context import RewriteOptions
+    from kbuild_bolt.rewrite.engine import rewrite
+
+    kernel = lab_kernel("6.12-regular")
+    profile = read_profile(profile612)
+    assert profile.build_id == build_id(ElfImage(kernel.vmlinux)).hex()
+    matched = tmp_path / "matched.kbb"
+    matched.write_text("".join(line for line in profile612.read_text().splitlines(True)
+                               if not line.startswith("build-id ")))
+    cli("rewrite", kernel.vmlinux, "-o", tmp_path / "matched", "--profile", matched,
+        "--reorder-blocks=ext-tsp", "-q")
+
+    def no_shapes(*args, **kwargs):
+        raise AssertionError("a shape worked out again for a profile of this build")
+
+    monkeypatch.setattr(stale, "function_shape", no_shapes)
+    result = rewrite(kernel.vmlinux, tmp_path / "same", RewriteOptions(
+        reorder_blocks="ext-tsp", profile=str(profile612), progress=False))
+    assert result.verify_summary.startswith("verify: ok")
+    assert f"{len(profile.shapes)} functions unchanged" in result.profile_applied
+    assert (tmp_path / "same").read_bytes() == (tmp_path / "matched").read_bytes()
