@@ -29,23 +29,19 @@ def write_shapes(shapes: dict[str, FunctionShape]) -> list[str]:
 def parse_shapes(lines: list[str]) -> dict[str, FunctionShape]:
     """The shapes of ``H`` lines, each with the ``K`` lines that follow it (K
     lines before the first H belong to none). ValueError or IndexError on a line
-    that is not one. (The K lines, most of a profile's shape lines, are read in
-    bulk.)"""
-    heads = [i for i, line in enumerate(lines) if line[:1] == "H"]
-    blocks = [line for line in lines if line[:1] != "H"]
-    tokens = " ".join(blocks).split()
-    if len(tokens) != 4 * len(blocks) or any(t != "K" for t in tokens[0::4]):
-        raise ValueError("K")
-    values = list(zip([int(x, 16) for x in tokens[1::4]], [int(x, 16) for x in tokens[2::4]],
-                      [int(x, 16) for x in tokens[3::4]]))
+    that is not one."""
     shapes: dict[str, FunctionShape] = {}
-    # (the K lines before the j-th H line: its index less the H lines before it)
-    first = [i - j for j, i in enumerate(heads)] + [len(blocks)]
-    for j, i in enumerate(heads):
-        parts = lines[i].split()
-        if parts[0] != "H":
-            raise ValueError("H")
-        shape = FunctionShape(parts[1], int(parts[3], 16), int(parts[4], 16), int(parts[2], 16),
-                              values[first[j]:first[j + 1]])
-        shapes[f"{shape.name}@{shape.start:x}"] = shape
+    current = None
+    for line in lines:
+        parts = line.split()
+        if parts[0] == "H":
+            current = FunctionShape(parts[1], int(parts[3], 16), int(parts[4], 16),
+                                    int(parts[2], 16))
+            shapes[f"{current.name}@{current.start:x}"] = current
+        elif parts[0] == "K":
+            block = (int(parts[1], 16), int(parts[2], 16), int(parts[3], 16))
+            if current is not None:
+                current.blocks.append(block)
+        else:
+            raise ValueError(parts[0])
     return shapes
