@@ -199,11 +199,6 @@ class SparseColumn:
                    np.concatenate([p.index + b for p, b in zip(parts, base.tolist())]),
                    np.concatenate([p.values for p in parts]))
 
-    def scatter(self, n: int, positions: np.ndarray) -> "SparseColumn":
-        """This column's values at ``positions`` (ascending, one per entry of this
-        column) of a column of ``n`` (merging two sorted columns)."""
-        return SparseColumn(n, np.asarray(positions, np.int64)[self.index], self.values)
-
 
 class RunColumn:
     """A column of ``n`` values that are 0 outside given runs of positions

@@ -385,7 +385,7 @@ def _first_malformed(lines: list[str]) -> tuple[int, str]:
                     raise IndexError(tag)
                 for x in fields:
                     int(x, 16)
-        except (ValueError, IndexError):
+        except (ValueError, IndexError, OverflowError):
             return n, line
     return 1, lines[0]
 
@@ -442,7 +442,7 @@ def read_profile(path) -> Profile:
         profile.range_start, profile.range_last, profile.range_count = _records("R", by_tag["R"])
         profile.src, profile.dst, profile.count = _records("B", by_tag["B"])
         profile.shapes = parse_shapes(shape_lines)
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, OverflowError):     # (a number of more than 64 bits)
         n, line = _first_malformed(lines)
         raise KbbError(f"{path}:{n}: malformed profile line: {line[:60]}") from None
     profile.module_sections = tuple(sections)

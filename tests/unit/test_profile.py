@@ -57,7 +57,8 @@ def test_malformed_profile(tmp_path):
     assert ok.shapes["f@ffffffff81000000"].blocks == [(0, 0x10, 0xbb), (0x10, 0x30, 0xcc)]
     for at, bad in ((3, "R ffffffff81000000 ffffffff81000010"), (5, "Bogus 1 2 3"),
                     (7, "K 0 zz 00000000000000bb"), (6, "H f 00aa ffffffff81000000"),
-                    (4, "  R 1 2 3 4"), (3, "R 1 2 -"), (9, "B 1 2 3 4")):
+                    (4, "  R 1 2 3 4"), (3, "R 1 2 -"), (9, "B 1 2 3 4"),
+                    (5, "B 1 ffffffffffffffffff 3"), (3, "R 1 2 99999999999999999999")):
         lines = good[:at - 1] + [bad] + good[at - 1:]
         (tmp_path / "bad.kbb").write_text("\n".join(lines) + "\n")
         with pytest.raises(KbbError, match=f"bad.kbb:{at}: malformed"):
