@@ -78,6 +78,25 @@ def _stored_array(data, member: zipfile.ZipInfo) -> np.ndarray:
     return np.frombuffer(data, dtype, count, offset).reshape(shape).copy()
 
 
+def _positions(key, n: int) -> np.ndarray:
+    """What ``key`` (an int, a slice, a bool mask or an index array) names of a
+    column of ``n``, as int64 positions: bounds checked, negatives counted from
+    the end (SparseColumn's and RunColumn's indexing)."""
+    if isinstance(key, slice):
+        return np.arange(*key.indices(n), dtype=np.int64)
+    key = np.asarray(key)
+    if key.dtype == bool:
+        if key.shape != (n,):
+            raise IndexError(f"boolean index of {key.shape} for a column of {n}")
+        return np.flatnonzero(key)
+    if key.size and not np.issubdtype(key.dtype, np.integer):
+        raise IndexError("only integers, slices and boolean masks index a column")
+    key = key.astype(np.int64, copy=False)
+    if key.size and (key.min() < -n or key.max() >= n):
+        raise IndexError(f"index out of bounds for a column of {n}")
+    return np.where(key < 0, key + n, key)
+
+
 class SparseColumn:
     """A column of ``n`` values of which most are 0, kept as the sorted positions
     of the others and their values. It reads like the dense column it stands
@@ -115,25 +134,9 @@ class SparseColumn:
         out[self.index] = self.values
         return out if dtype is None else out.astype(dtype, copy=False)
 
-    def _positions(self, key) -> np.ndarray:
-        """``key`` as int64 positions (bounds checked, negatives counted from the end)."""
-        if isinstance(key, slice):
-            return np.arange(*key.indices(self.n), dtype=np.int64)
-        key = np.asarray(key)
-        if key.dtype == bool:
-            if key.shape != (self.n,):
-                raise IndexError(f"boolean index of {key.shape} for a column of {self.n}")
-            return np.flatnonzero(key)
-        if key.size and not np.issubdtype(key.dtype, np.integer):
-            raise IndexError("only integers, slices and boolean masks index a column")
-        key = key.astype(np.int64, copy=False)
-        if key.size and (key.min() < -self.n or key.max() >= self.n):
-            raise IndexError(f"index out of bounds for a column of {self.n}")
-        return np.where(key < 0, key + self.n, key)
-
     def __getitem__(self, key):
         scalar = isinstance(key, (int, np.integer))
-        at = self._positions(key)
+        at = _positions(key, self.n)
         if isinstance(key, slice) and (key.step in (None, 1)) and len(at):
             # (a run: the entries inside it, without a search per position)
             lo, hi = np.searchsorted(self.index, [at[0], at[-1] + 1])
@@ -148,7 +151,7 @@ class SparseColumn:
         return out[()] if scalar else out
 
     def __setitem__(self, key, values) -> None:
-        at = self._positions(key).ravel()
+        at = _positions(key, self.n).ravel()
         values = np.broadcast_to(np.asarray(values, self.dtype), at.shape)
         # (the last write to a position wins, as in numpy's assignment)
         at, last = np.unique(at[::-1], return_index=True)
@@ -267,20 +270,7 @@ class RunColumn:
     def _at(self, key) -> np.ndarray:
         """(position in ``values``, or -1 outside every run) of each position ``key``
         names (an int, a slice, a bool mask or an index array)."""
-        if isinstance(key, slice):
-            at = np.arange(*key.indices(self.n), dtype=np.int64)
-        else:
-            at = np.asarray(key)
-            if at.dtype == bool:
-                if at.shape != (self.n,):
-                    raise IndexError(f"boolean index of {at.shape} for a column of {self.n}")
-                at = np.flatnonzero(at)
-            elif at.size and not np.issubdtype(at.dtype, np.integer):
-                raise IndexError("only integers, slices and boolean masks index a column")
-            at = at.astype(np.int64, copy=False)
-            if at.size and (at.min() < -self.n or at.max() >= self.n):
-                raise IndexError(f"index out of bounds for a column of {self.n}")
-            at = np.where(at < 0, at + self.n, at)
+        at = _positions(key, self.n)
         if not len(self.first):
             return np.full(at.shape, -1, np.int64)
         k = np.searchsorted(self.first, at, side="right").astype(np.int64) - 1

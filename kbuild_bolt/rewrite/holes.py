@@ -127,4 +127,3 @@ def runs_of_byte(data: np.ndarray, value: int,
     if n and data[n - 1] == value:
         ends = np.r_[ends, n]
     return starts.astype(np.int64), ends.astype(np.int64)
-
