@@ -51,24 +51,26 @@ class TableCheck:
         return not self.mismatches
 
 
-def places_of(model, addrs: np.ndarray) -> np.ndarray:
-    """Place name of each address: "function", "region", an aux code section, a data
-    section name, or "outside"."""
-    names = np.empty(len(addrs), dtype=object)
-    names[:] = "outside"
+def places_of(model, addrs: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Place of each address, as an index into the names returned with them:
+    "function", "region", an aux code section, a data section name, or
+    "outside". (Numbers, not a string per address: ORC alone has hundreds of
+    thousands of entries.)"""
+    names = ["outside", "function"]
+    codes = np.zeros(len(addrs), np.int32)
     sec = model.section_index_of(addrs)
     for index in np.unique(sec).tolist():
-        mask = sec == index
         if index < 0:
             continue
         section = model.image.sections[index]
-        if section.is_exec:
-            names[mask] = section.name if section.name in model.aux_sections else "region"
-        else:
-            names[mask] = section.name
-    in_function = model.functions.rows_containing(addrs) >= 0
-    names[in_function] = "function"
-    return names
+        name = section.name
+        if section.is_exec and name not in model.aux_sections:
+            name = "region"
+        if name not in names:
+            names.append(name)
+        codes[sec == index] = names.index(name)
+    codes[model.functions.rows_containing(addrs) >= 0] = names.index("function")
+    return codes, names
 
 
 def check_table(model, data: base.TableData) -> TableCheck:
@@ -91,8 +93,10 @@ def check_table(model, data: base.TableData) -> TableCheck:
         if ref.role == base.RANGE:
             lengths = data.entries[ref.other][index].astype(np.int64)
             live = lengths > 0  # an empty replacement points nowhere in particular
-        where = places_of(model, targets)
-        result.places.update(Counter(where[live].tolist()))
+        codes, place_names = places_of(model, targets)
+        counts = np.bincount(codes[live], minlength=len(place_names)).tolist()
+        result.places.update({name: n for name, n in zip(place_names, counts) if n})
+        where = _Places(codes, place_names)
 
         if ref.role == base.SYMBOL:
             known = in_sorted(model.symbol_values, targets)
@@ -104,7 +108,7 @@ def check_table(model, data: base.TableData) -> TableCheck:
             fail(live & ~known, ref, targets, where, "not a function start")
             continue
 
-        allowed = np.isin(where, list(ref.places) + ["function"])
+        allowed = where.any_of(list(ref.places) + ["function"])
         if ref.role == base.OPERAND:
             fail(~allowed, ref, targets, where,
                  lambda k: f"points into {where[k]}, expected {' or '.join(ref.places)}")
@@ -150,12 +154,27 @@ def check_table(model, data: base.TableData) -> TableCheck:
     return result
 
 
+class _Places:
+    """Each target's place (see places_of): its name by index, as the messages
+    want it; a mask of the targets in some of them."""
+
+    def __init__(self, codes: np.ndarray, names: list[str]):
+        self.codes, self.names = codes, names
+
+    def __getitem__(self, k: int) -> str:
+        return self.names[int(self.codes[k])]
+
+    def any_of(self, names) -> np.ndarray:
+        return np.isin(self.codes, [i for i, name in enumerate(self.names) if name in names])
+
+
 def _check_orc_ips(model, targets, fail, ref, where) -> Counter:
     """ORC addresses: an instruction start; or inside an alternative/paravirt unit
     (objtool gives the replacement's instructions their own entries at the
     original site); or the end of a code section (terminator entries)."""
     explained = Counter()
-    ok = (model.insn_index(targets) >= 0) | model.in_int3_run(targets)
+    ok = model.insn_index(targets) >= 0
+    ok[~ok] = model.in_int3_run(targets[~ok])
     inside_unit = ~ok & model.inside_patch_unit(targets)
     explained["inside an alternative or paravirt site"] = int(inside_unit.sum())
     ends = np.array([s.end for s in model.image.sections if s.is_exec and s.is_alloc],

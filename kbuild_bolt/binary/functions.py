@@ -100,7 +100,7 @@ class CodeRegion:
     start: int
     end: int
     section: str
-    kind: str      # "padding", "prefix", "code", "aux"
+    kind: str      # "prefix", "code", "aux" (REGION_KINDS)
     label: str     # a symbol covering it, or ""
 
 
@@ -112,10 +112,8 @@ def discover_functions(image) -> FunctionTable:
         z = np.zeros(0, np.uint64)
         return FunctionTable(z, z, np.zeros(0, np.int32), np.zeros(0, np.int64), [])
     mask = (symbols.type == STT_FUNC) & np.isin(symbols.shndx, indices)
-    idx = np.flatnonzero(mask)
+    idx = np.flatnonzero(mask & ~symbols.names_start_with(PREFIX_SYMBOLS)).astype(np.int64)
     names = symbols.names
-    idx = np.array([i for i in idx.tolist() if not names[i].startswith(PREFIX_SYMBOLS)],
-                   dtype=np.int64)
     value = symbols.value[idx]
     size = symbols.size[idx]
     bind = symbols.bind[idx]
@@ -139,28 +137,61 @@ def discover_functions(image) -> FunctionTable:
     )
 
 
-def discover_regions(image, functions: FunctionTable) -> list[CodeRegion]:
+# Region kinds, by their code in RegionTable.kind.
+REGION_KINDS = ("code", "prefix", "aux")
+CODE, PREFIX, AUX = range(3)
+
+
+@dataclass
+class RegionTable:
+    """Code-section bytes outside every function (numpy columns, one row per
+    region: section by section, each by address). Tens of thousands of rows,
+    one per call padding: columns, not objects (the verification child finds
+    them again for the output); iterating gives :class:`CodeRegion` rows."""
+
+    start: np.ndarray        # uint64
+    end: np.ndarray          # uint64
+    section: np.ndarray      # int32 section index
+    kind: np.ndarray         # uint8: REGION_KINDS
+    label: np.ndarray        # int64 symbol index of the label at the start, -1: none
+    image: object = field(repr=False, default=None)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __getitem__(self, row: int) -> CodeRegion:
+        section = self.image.sections[int(self.section[row])].name
+        kind = int(self.kind[row])
+        label = int(self.label[row])
+        name = section if kind == AUX else (self.image.symbols.names[label] if label >= 0 else "")
+        return CodeRegion(int(self.start[row]), int(self.end[row]), section,
+                          REGION_KINDS[kind], name)
+
+    def __iter__(self):
+        return (self[row] for row in range(len(self)))
+
+
+def discover_regions(image, functions: FunctionTable) -> RegionTable:
     """Code-section bytes outside every function, split at symbols."""
     symbols = image.symbols
-    names = symbols.names
-    regions: list[CodeRegion] = []
+    # (call padding named __pfx_/__cfi_ wins over a marker at the same address:
+    # _sinittext is where __pfx_ of the first init function is)
+    prefix_symbol = symbols.names_start_with(PREFIX_SYMBOLS)
+    labelled_type = np.isin(symbols.type, (STT_NOTYPE, STT_FUNC, STT_OBJECT))
+    parts = []
     for section_name in function_sections(image) + AUX_CODE_SECTIONS:
         section = image.section(section_name)
         if section is None or section.size == 0:
             continue
         if section_name in AUX_CODE_SECTIONS:
-            regions.append(CodeRegion(section.addr, section.end, section_name, "aux", section_name))
+            parts.append((np.array([section.addr], np.uint64), np.array([section.end], np.uint64),
+                          section.index, np.array([AUX], np.uint8), np.array([-1], np.int64)))
             continue
         rows = np.flatnonzero(functions.section == section.index)
         # Labels: non-function symbols in the section (SYM_CODE, __pfx_, local labels).
-        in_sec = np.flatnonzero((symbols.shndx == section.index)
-                                & np.isin(symbols.type, (STT_NOTYPE, STT_FUNC, STT_OBJECT)))
+        in_sec = np.flatnonzero((symbols.shndx == section.index) & labelled_type)
         label_addr = symbols.value[in_sec]
-        # (call padding named __pfx_/__cfi_ wins over a marker at the same address:
-        # _sinittext is where __pfx_ of the first init function is)
-        is_prefix = np.array([names[i].startswith(PREFIX_SYMBOLS) for i in in_sec.tolist()],
-                             bool)
-        order = np.lexsort((in_sec, is_prefix, label_addr))
+        order = np.lexsort((in_sec, prefix_symbol[in_sec], label_addr))
         label_addr = label_addr[order]
         label_idx = in_sec[order]
         # Gaps between functions (functions may overlap: aliases, nested symbols).
@@ -186,11 +217,18 @@ def discover_regions(image, functions: FunctionTable) -> list[CodeRegion]:
         # The label at a cut: the last symbol (in symbol order, padding last) there.
         j = np.searchsorted(label_addr, cuts, side="right").astype(np.int64) - 1
         has = j >= 0
-        has[has] &= label_addr[j[has]] == cuts[has]
-        label_of = label_idx[np.maximum(j, 0)].tolist() if len(label_idx) else [0] * len(j)
-        for cut, end, sym, labelled in zip(cuts.tolist(), stop.tolist(), label_of,
-                                           has.tolist()):
-            label = names[sym] if labelled else ""
-            kind = "prefix" if label.startswith(PREFIX_SYMBOLS) else "code"
-            regions.append(CodeRegion(cut, end, section_name, kind, label))
-    return regions
+        if len(label_idx):
+            has[has] &= label_addr[j[has]] == cuts[has]
+        label = np.where(has, label_idx[np.maximum(j, 0)] if len(label_idx) else -1,
+                         -1).astype(np.int64)
+        kind = np.where((label >= 0) & prefix_symbol[np.maximum(label, 0)], PREFIX,
+                        CODE).astype(np.uint8)
+        parts.append((cuts.astype(np.uint64), stop.astype(np.uint64), section.index, kind, label))
+    return RegionTable(
+        start=np.concatenate([p[0] for p in parts] or [np.zeros(0, np.uint64)]),
+        end=np.concatenate([p[1] for p in parts] or [np.zeros(0, np.uint64)]),
+        section=np.concatenate([np.full(len(p[0]), p[2], np.int32) for p in parts]
+                               or [np.zeros(0, np.int32)]),
+        kind=np.concatenate([p[3] for p in parts] or [np.zeros(0, np.uint8)]),
+        label=np.concatenate([p[4] for p in parts] or [np.zeros(0, np.int64)]),
+        image=image)

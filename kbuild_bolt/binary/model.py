@@ -18,7 +18,8 @@ import numpy as np
 
 from kbuild_bolt.arrays import SparseColumn, concat_ranges
 from kbuild_bolt.binary.functions import (
-    AUX_CODE_SECTIONS, MODULE_INFO_SECTION, CodeRegion, FunctionTable, discover_functions, discover_regions,
+    AUX_CODE_SECTIONS, MODULE_INFO_SECTION, FunctionTable, RegionTable, discover_functions,
+    discover_regions,
 )
 from kbuild_bolt.elf.image import FIELD_SIZE, ElfImage
 from kbuild_bolt.errors import KbbError
@@ -49,10 +50,15 @@ def _decode_chunk(chunk: list[tuple[int, int, int]]) -> x86.Decoded:
     return x86.Decoded.concatenate(parts)
 
 
-def decode_all(image: ElfImage, ranges: list[tuple[int, int, int]], jobs: int) -> x86.Decoded:
-    """Decode every range; with ``jobs`` > 1 in this process and forked children."""
+def decode_all(image: ElfImage, ranges, jobs: int) -> x86.Decoded:
+    """Decode every ``(section_index, start, end)`` range (a list, or an (n, 3)
+    array); with ``jobs`` > 1 in this process and forked children."""
     global _WORKER_IMAGE
-    ranges = sorted(ranges, key=lambda r: r[1])
+    if isinstance(ranges, np.ndarray):
+        ranges = ranges.reshape(-1, 3)
+        ranges = ranges[np.argsort(ranges[:, 1], kind="stable")].tolist()
+    else:
+        ranges = sorted(ranges, key=lambda r: r[1])
     # Padding between functions is int3 fill, often megabytes of it (the holes
     # for cold code): no decoder needed, and one record per run of up to
     # FILL_RECORD bytes (see _split_int3_fill).
@@ -107,10 +113,11 @@ def same_bytes(image: ElfImage, other: ElfImage, section, lo, hi) -> np.ndarray 
     return np.searchsorted(changed, hi) == np.searchsorted(changed, lo)
 
 
-def _unchanged_ranges(image: ElfImage, ranges, r: np.ndarray, like) -> tuple[x86.Decoded, list]:
-    """Split ``ranges`` (``r``: the same as an array) into the instructions ``like``
-    decoded for ranges that are the same there (same bounds, same section
-    placement, same bytes) and the ranges still to decode."""
+def _unchanged_ranges(image: ElfImage, r: np.ndarray, like) -> tuple[x86.Decoded | None,
+                                                                      np.ndarray]:
+    """Split the (n, 3) ranges ``r`` into the instructions ``like`` decoded for
+    ranges that are the same there (same bounds, same section placement, same
+    bytes) and the ranges still to decode."""
     sec, start, end = r[:, 0].astype(np.int64), r[:, 1], r[:, 2]
     # The same range in ``like``: same start, end and section.
     known = like.decoded_range_array
@@ -128,10 +135,10 @@ def _unchanged_ranges(image: ElfImage, ranges, r: np.ndarray, like) -> tuple[x86
     # (both files' code was read whole: its pages go back to the page cache)
     image.release_pages()
     like.image.release_pages()
-    rest = [rr for rr, reused in zip(ranges, same.tolist()) if not reused]
+    rest = r[~same]
     keep = r[same]
     if not len(keep):
-        return None, ranges
+        return None, r
     keep = keep[np.argsort(keep[:, 1], kind="stable")]
     addr = like.insns.addr
     lo = np.searchsorted(addr, keep[:, 1])
@@ -139,10 +146,12 @@ def _unchanged_ranges(image: ElfImage, ranges, r: np.ndarray, like) -> tuple[x86
     if len(lo) > 1 and not (hi[:-1] <= lo[1:]).all():    # (ranges that overlap)
         return like.insns.take(concat_ranges(lo, hi - lo)), rest
     # Disjoint runs of instructions, in address order: taken by a mask (a
-    # bool per instruction, not an int64 index of millions of them).
+    # bool per instruction, not an int64 index of millions of them). Without
+    # the empty runs, the starts are distinct and so are the ends (no ufunc.at).
     edge = np.zeros(len(addr) + 1, np.int8)
-    np.add.at(edge, lo, 1)
-    np.add.at(edge, hi, -1)
+    runs = hi > lo
+    edge[lo[runs]] += 1
+    edge[hi[runs]] -= 1
     return like.insns.take(np.cumsum(edge[:-1], dtype=np.int8).view(bool)), rest
 
 
@@ -192,18 +201,17 @@ def _variable_bytes(like: "BinaryModel", section, starts, ends) -> tuple[np.ndar
     return variable, unsure
 
 
-def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
-                     like: "BinaryModel") -> tuple[x86.Decoded | None, list]:
-    """Split ``ranges`` into the instructions of functions that ``like`` holds
+def _moved_functions(image: ElfImage, functions: "FunctionTable", r: np.ndarray,
+                     like: "BinaryModel") -> tuple[x86.Decoded | None, np.ndarray]:
+    """Split the (n, 3) ranges ``r`` into the instructions of functions that ``like`` holds
     elsewhere with the same name, size and bytes (but for their PC-relative and
     relocated fields): ``like``'s decoding moved to the new place, each branch
     target and RIP-relative address read again from the new bytes; and the
     ranges still to decode. (A whole-kernel layout moves most functions
     unchanged: decoding them again would only repeat the input's decoding.)"""
     old = like.functions
-    if not (len(old) and len(functions) and len(like.insns) and len(ranges)):
-        return None, ranges
-    r = np.array(ranges, np.uint64).reshape(-1, 3)
+    if not (len(old) and len(functions) and len(like.insns) and len(r)):
+        return None, r
     rows = np.minimum(np.searchsorted(functions.start, r[:, 1]), max(len(functions) - 1, 0))
     whole = (functions.start[rows] == r[:, 1]) & (functions.end[rows] == r[:, 2]) \
         & (r[:, 2] > r[:, 1])
@@ -219,7 +227,7 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
             if key in known:
                 ambiguous.add(key)
             known[key] = row
-    old_row = np.full(len(ranges), -1, np.int64)
+    old_row = np.full(len(r), -1, np.int64)
     seen = set()
     for i in np.flatnonzero(whole).tolist():
         key = (functions.names[rows[i]], int(r[i, 2] - r[i, 1]))
@@ -269,12 +277,12 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
     b_insn = np.searchsorted(like.insns.addr, old_hi)
     ok &= (b_insn > a_insn) & (like.insns.end_of(np.maximum(b_insn - 1, 0)) == old_hi)
     chosen = np.flatnonzero(ok)
-    rest = [ranges[i] for i in np.flatnonzero(~ok).tolist()]
+    rest = r[~ok]
     take = list(zip(a_insn[chosen].tolist(), b_insn[chosen].tolist()))
     shift = (r[chosen, 1] - old_lo[chosen]).view(np.int64).tolist()
-    placed = [ranges[i] for i in chosen.tolist()]
+    placed = r[chosen]
     if not take:
-        return None, ranges
+        return None, r
     lo_hi = np.array(take, np.int64)
     counts = lo_hi[:, 1] - lo_hi[:, 0]
     moved = like.insns.take(concat_ranges(lo_hi[:, 0], counts))
@@ -288,14 +296,14 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", ranges,
     if len(odd):
         drop = np.zeros(len(take), bool)
         drop[owner[odd]] = True
-        rest.extend(span for span, dropped in zip(placed, drop.tolist()) if dropped)
+        rest = np.concatenate([rest, placed[drop]])
         keep = ~drop[owner]
         moved, owner = moved.take(np.flatnonzero(keep)), owner[keep]
         refs = np.flatnonzero(moved.ref_kind != x86.REF_NONE)
     moved.addr = moved.addr + np.array(shift, np.int64)[owner].astype(np.uint64)
     if len(refs):
         moved.ref[refs] = _pc_relative_targets(image, moved, refs)
-    rest.sort(key=lambda r: r[1])
+    rest = rest[np.argsort(rest[:, 1], kind="stable")]
     return moved.take(np.argsort(moved.addr, kind="stable")), rest
 
 
@@ -484,26 +492,23 @@ class BinaryModel:
         check_readable(image, require_relocations)
         self.version: KernelVersion = kernel_version(image)
         self.functions: FunctionTable = discover_functions(image)
-        self.regions: list[CodeRegion] = discover_regions(image, self.functions)
+        self.regions: RegionTable = discover_regions(image, self.functions)
         t = self.timing.add("symbols", t)
         self.tables = kernel_tables.read_all(image, self.version.series)
         t = self.timing.add("tables", t)
-        region_ranges = [(image.section(region.section).index, region.start, region.end)
-                         for region in self.regions]
-        ranges = list(zip(self.functions.section.tolist(), self.functions.start.tolist(),
-                          self.functions.end.tolist())) + region_ranges
-        # (section index, start, end) of every range decoded (the same as ``ranges``)
+        # (section index, start, end) of every range decoded: functions, then regions
         self.decoded_range_array = np.concatenate([
-            np.stack([self.functions.section.astype(np.uint64), self.functions.start,
-                      self.functions.end], axis=1).astype(np.uint64).reshape(-1, 3),
-            np.array(region_ranges, np.uint64).reshape(-1, 3)])
+            np.stack([part.section.astype(np.uint64), part.start, part.end],
+                     axis=1).astype(np.uint64).reshape(-1, 3)
+            for part in (self.functions, self.regions)])
         if decoded is not None:
             self.insns = decoded
             self.timing.add("decode", t)
             return
         reused = moved = None
+        ranges = self.decoded_range_array
         if like is not None:
-            reused, ranges = _unchanged_ranges(image, ranges, self.decoded_range_array, like)
+            reused, ranges = _unchanged_ranges(image, ranges, like)
             moved, ranges = _moved_functions(image, self.functions, ranges, like)
             if consume_like:
                 like.insns = None   # (millions of instructions: the merge below is the peak)
@@ -559,11 +564,14 @@ class BinaryModel:
         # (an end is the end of the last instruction starting before it: no column
         # of every instruction's end is made for it, as verifying an output would)
         insns = self.insns
-        before = np.searchsorted(insns.addr, addrs, side="left").astype(np.int64) - 1
-        k = np.maximum(before, 0)
-        ends = (before >= 0) & (insns.addr[k] + insns.length[k] == addrs) if len(insns) \
-            else np.zeros(len(addrs), bool)
-        return (self.insn_index(addrs) >= 0) | ends | self.in_int3_run(addrs)
+        if not len(insns):
+            return np.zeros(len(addrs), bool)
+        at = np.searchsorted(insns.addr, addrs, side="left").astype(np.int64)
+        starts = (at < len(insns)) & (insns.addr[np.minimum(at, len(insns) - 1)] == addrs)
+        k = np.maximum(at - 1, 0)
+        out = starts | ((at > 0) & (insns.addr[k] + insns.length[k] == addrs))
+        out[~out] = self.in_int3_run(addrs[~out])
+        return out
 
     def in_int3_run(self, addrs) -> np.ndarray:
         """True where an address is inside a run of int3 fill kept as one record
@@ -650,12 +658,13 @@ class BinaryModel:
         cache = self.__dict__.setdefault("_symbol_address_cache", {})
         if key not in cache:
             symbols = self.image.symbols
-            names = symbols.names
-            values = symbols.value
-            shndx = symbols.shndx
-            hits = [int(values[i]) for i, n in enumerate(names)
-                    if (n == name if exact else n.startswith(name)) and 0 < shndx[i] < 0xFF00]
-            cache[key] = np.unique(np.array(hits, dtype=np.uint64))
+            defined = (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
+            if name.isascii():   # (compared in the string table: a NUL ends an exact name)
+                named = symbols.names_start_with((name + "\0",) if exact else (name,))
+            else:
+                named = np.array([n == name if exact else n.startswith(name)
+                                  for n in symbols.names], bool)
+            cache[key] = np.unique(symbols.value[named & defined].astype(np.uint64))
         return cache[key]
 
     @cached_property

@@ -15,6 +15,7 @@ class SymbolTable:
     def __init__(self, raw: np.ndarray, strtab):
         self.raw = raw
         self._strtab = bytes(strtab)
+        self._prefixed: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def empty(cls) -> "SymbolTable":
@@ -59,6 +60,27 @@ class SymbolTable:
             text = strtab.decode("ascii")
             return [text[a:b] for a, b in zip(starts, ends)]
         return [strtab[a:b].decode("utf-8", "replace") for a, b in zip(starts, ends)]
+
+    def names_start_with(self, prefixes: tuple[str, ...]) -> np.ndarray:
+        """Whether each symbol's name starts with one of ``prefixes`` (ASCII),
+        compared in the string table: no name is decoded. (Kept: functions and
+        regions both ask for the call padding's prefixes.)"""
+        known = self._prefixed.get(prefixes)
+        if known is not None:
+            return known
+        strtab = np.frombuffer(self._strtab, np.uint8)
+        offsets = self.raw["name"].astype(np.int64)
+        out = np.zeros(len(offsets), bool)
+        longest = max((len(p) for p in prefixes), default=0)
+        # (zeros past the end: a name near it simply does not match)
+        padded = np.concatenate([strtab, np.zeros(longest, np.uint8)])
+        offsets = np.minimum(offsets, len(strtab))
+        for prefix in prefixes:
+            want = np.frombuffer(prefix.encode("ascii"), np.uint8)
+            got = padded[offsets[:, None] + np.arange(len(want))]
+            out |= (got == want).all(axis=1)
+        self._prefixed[prefixes] = out
+        return out
 
     @cached_property
     def _index_by_name(self) -> dict[str, int]:

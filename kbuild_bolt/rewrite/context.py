@@ -308,6 +308,7 @@ class RewriteContext:
     moved_ranges: np.ndarray | None = None  # update: where whole functions were placed
     committed: bool = False                 # write
 
+    profile_reading: object = None          # read: ForkedCall reading the profile file
     bar: object = None                      # the passes' progress bar (a terminal only)
     frozen: bool = False                    # read: the collector ignores what was alive
 

@@ -49,7 +49,7 @@ from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout import orders as block_orders
 from kbuild_bolt.memory import big_arrays_on_own_pages, freeze_survivors, thaw, trim
-from kbuild_bolt.processes import in_shares
+from kbuild_bolt.processes import ForkedCall, in_shares
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
     LayoutRecord, ProgressBar, RewriteContext, RewriteOptions, RewriteResult, Session,
@@ -68,7 +68,9 @@ class Pass:
 
 
 def read_input(ctx: RewriteContext) -> None:
-    """-> model, cfg, session (a given session is reused: bisect reads once)."""
+    """-> model, cfg, session (a given session is reused: bisect reads once);
+    profile_reading (the profile file read on the other CPU meanwhile)."""
+    ctx.profile_reading = _read_profile_beside(ctx)
     if ctx.session is None:
         ctx.say(f"reading {ctx.options.input_name or ctx.input_path}")
         ctx.session = Session(ctx.input_path, ctx.options.cache_dir)
@@ -117,12 +119,38 @@ def discover(ctx: RewriteContext) -> None:
     ctx.candidates = np.flatnonzero(selected & (cfg.func_reason == 0))
 
 
+def _read_profile_beside(ctx: RewriteContext):
+    """A ForkedCall reading the profile file, for a profile that needs no
+    kernel to be read (kbuild-bolt's own format): its text is parsed on the
+    other CPU while this one reads the input. None: read when it is attached."""
+    from kbuild_bolt.profile.model import MAGIC
+
+    path = ctx.options.profile
+    if ctx.options.reorder_blocks != "ext-tsp" or not isinstance(path, (str, os.PathLike)) \
+            or default_jobs() < 2:
+        return None
+    try:
+        with open(path, "rb") as f:
+            if not f.read(len(MAGIC)) == MAGIC.encode():
+                return None
+    except OSError:
+        return None    # (reading it later says what is wrong)
+    from kbuild_bolt.profile.formats import load_profile
+
+    return ForkedCall(load_profile, path)
+
+
 def attach_profile(ctx: RewriteContext) -> None:
-    """options.profile -> profile_layout (the profile resolved for this kernel)."""
+    """options.profile, profile_reading -> profile_layout (the profile resolved
+    for this kernel)."""
     from kbuild_bolt.layout.exttsp import ProfileLayout
     from kbuild_bolt.profile.formats import resolve_profile
 
-    profile = resolve_profile(ctx.options.profile, ctx.model, ctx.cfg, log=ctx.say)
+    profile = ctx.options.profile
+    if ctx.profile_reading is not None:
+        reading, ctx.profile_reading = ctx.profile_reading, None
+        profile = reading.result()
+    profile = resolve_profile(profile, ctx.model, ctx.cfg, log=ctx.say)
     layout = ProfileLayout(ctx.model, ctx.cfg, profile)
     ctx.profile_layout = layout
     trim()   # (matching the profile masked a copy of the code)
@@ -757,6 +785,8 @@ def rewrite(input_path, output_path, options: RewriteOptions,
             rewriter.close()
         if ctx.debug_sample is not None:
             ctx.debug_sample.cancel()
+        if ctx.profile_reading is not None:
+            ctx.profile_reading.cancel()
         if ctx.output is not None and not ctx.committed:
             ctx.output.discard()
         if ctx.frozen:

@@ -21,7 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from kbuild_bolt.arrays import in_sorted
-from kbuild_bolt.binary.functions import PREFIX_SYMBOLS
+from kbuild_bolt.binary.functions import PREFIX
 from kbuild_bolt.kernel.text import PLAIN, TextLayout
 from kbuild_bolt.rewrite.emit import NoRoom, table_sites
 from kbuild_bolt.x86 import decode as x86
@@ -56,17 +56,17 @@ def prefixes(model) -> dict[int, tuple[int, int]]:
     """Call padding (``__pfx_``/``__cfi_``) right in front of a function: row ->
     (first instruction, end instruction)."""
     functions = model.functions
-    out = {}
-    for region in model.regions:
-        if region.kind != "prefix" or not region.label.startswith(PREFIX_SYMBOLS):
-            continue
-        row = functions.find(region.end)
-        if row < 0 or int(functions.start[row]) != region.end:
-            continue
-        lo, hi = np.searchsorted(model.insns.addr, [region.start, region.end])
-        if hi > lo:
-            out[row] = (int(lo), int(hi))
-    return out
+    regions = model.regions
+    # (a prefix region is one labelled __pfx_/__cfi_)
+    padding = np.flatnonzero(regions.kind == PREFIX)
+    start, end = regions.start[padding], regions.end[padding]
+    rows = functions.rows_containing(end)
+    at_start = rows >= 0
+    at_start[at_start] = functions.start[rows[at_start]] == end[at_start]
+    lo = np.searchsorted(model.insns.addr, start)
+    hi = np.searchsorted(model.insns.addr, end)
+    keep = np.flatnonzero(at_start & (hi > lo))
+    return dict(zip(rows[keep].tolist(), zip(lo[keep].tolist(), hi[keep].tolist())))
 
 
 class MoveAnalysis:

@@ -108,7 +108,7 @@ class Eligible:
 
 
 def has_kcfi(model) -> bool:
-    return any(n.startswith("__cfi_") for n in model.image.symbols.names)
+    return bool(model.image.symbols.names_start_with(("__cfi_",)).any())
 
 
 def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
@@ -123,7 +123,7 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
     thunk_of = {}
     symbols = model.image.symbols
     names = symbols.names
-    for i in [i for i, name in enumerate(names) if name.startswith(enc.THUNK_PREFIXES)]:
+    for i in np.flatnonzero(symbols.names_start_with(enc.THUNK_PREFIXES)).tolist():
         reg = enc.thunk_register(names[i])
         if reg is not None and symbols.shndx[i] > 0:   # (inner labels: NOTYPE)
             thunk_of[int(symbols.value[i])] = reg
@@ -197,9 +197,11 @@ def permanent_entries(model) -> np.ndarray:
     """Function entries a promoted call may go to (sorted): in code that stays
     (init text is freed after boot)."""
     functions = model.functions
-    names = {s.index: s.name for s in model.image.sections}
-    permanent = np.array([not names.get(int(k), "").startswith((".init", ".exit"))
-                          for k in functions.section.tolist()], bool)
+    sections = model.image.sections
+    # (per section, then per function through its section index)
+    stays = np.array([not s.name.startswith((".init", ".exit")) for s in sections] + [True])
+    k = functions.section.astype(np.int64)
+    permanent = stays[np.where((k >= 0) & (k < len(sections)), k, len(sections))]
     return np.unique(functions.start[permanent].astype(np.uint64))
 
 

@@ -75,16 +75,35 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
     image = model.image
     symbols = image.symbols
     updates = []
+    # (the ranges skipped, merged and sorted: each record is looked up once)
+    skip = sorted((int(lo), int(hi)) for lo, hi in skip_ranges if hi > lo)
+    merged: list[list[int]] = []
+    for lo, hi in skip:
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    skip_lo = np.array([m[0] for m in merged], np.uint64)
+    skip_hi = np.array([m[1] for m in merged], np.uint64)
     for rela in image.rela_sections:
         r = image.relocations(rela)
         if not len(r):
             continue
+        rtype, _ = type_and_symbol(r["info"])
+        handled = np.isin(rtype, list(FIELD_SIZE))
+        if len(skip_lo):
+            k = np.searchsorted(skip_lo, r["offset"], side="right").astype(np.int64) - 1
+            handled &= ~((k >= 0) & (r["offset"] < skip_hi[np.maximum(k, 0)]))
+        # (only the records handled here are looked at further: ORC's alone are
+        # hundreds of thousands, all in a table)
+        records = np.flatnonzero(handled)
+        if not len(records):
+            continue
+        r = r[records]
         rtype, sym = type_and_symbol(r["info"])
         offset = r["offset"]
         addend = r["addend"]
-        handled = np.isin(rtype, list(FIELD_SIZE))
-        for lo, hi in skip_ranges:
-            handled &= ~((offset >= np.uint64(lo)) & (offset < np.uint64(hi)))
+        handled = np.ones(len(r), bool)
 
         off_moved = amap.moved(offset)
         new_offset, ok_off = amap.translate(offset, moved=off_moved)
@@ -125,7 +144,8 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
         idx = np.flatnonzero(changed)
         if len(idx):
             updates.append(RelocationUpdate(
-                rela, idx, new_offset[idx].astype(np.uint64), new_addend[idx], rewrite[idx]))
+                rela, records[idx], new_offset[idx].astype(np.uint64), new_addend[idx],
+                rewrite[idx]))
         image.release_pages()   # (each section's records are read once)
     return updates
 

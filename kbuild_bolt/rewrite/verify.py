@@ -20,6 +20,7 @@ same as the input's take the input's decoding, the rest is decoded anew):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,10 +118,12 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
     problems = []
     index = np.arange(len(x))
     out_index = index
+    names_a, y_names = x.names, y.names
     added = len(y) - len(x)
     first_x, first_y = a.symtab.info, b.symtab.info
     if added > 0 and first_y - first_x == added:
         out_index = np.where(index < first_x, index, index + added)
+        y_names = y_names[:first_x] + y_names[first_y:]
         new = np.arange(first_x, first_y)
         info = y.raw["info"][new]
         ok = ((info & 0xF) == 2) & ((info >> 4) == 0) & _inside(code, y.value[new])
@@ -138,14 +141,12 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
             return [f"{len(x)} symbols became {len(y)}"]
         index = out_index = np.flatnonzero(keep)
         out_index = np.arange(len(y))
-    y_names = [y.names[j] for j in out_index.tolist()]
-    names_a = [x.names[i] for i in index.tolist()]
+        names_a = [x.names[i] for i in index.tolist()]
     if names_a != y_names:
         problems.append("symbol names differ")
-    sec_a = np.array([a.sections[i].name if 0 < i < len(a.sections) else str(i)
-                      for i in x.shndx[index].tolist()])
-    sec_b = np.array([b.sections[i].name if 0 < i < len(b.sections) else str(i)
-                      for i in y.shndx[out_index].tolist()])
+    codes: dict[str, int] = {}
+    sec_a = _section_keys(a, x.shndx[index], codes)
+    sec_b = _section_keys(b, y.shndx[out_index], codes)
     for i in np.flatnonzero(sec_a != sec_b)[:5].tolist():
         problems.append(f"symbol {y_names[i]}: section changed")
     xr = x.raw[index]
@@ -181,18 +182,55 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
     return problems
 
 
-def _build_id_problems(a: ElfImage, b: ElfImage, path, note) -> list[str]:
+class _OutputHash:
+    """The build-id the output's bytes give (elf.notes.compute), hashed by a
+    thread while the comparison goes on: reading the file and SHA-1 let go of
+    the interpreter. Hashed only when the note is not the input's (an output
+    that keeps the input's is judged by its bytes instead)."""
+
+    def __init__(self, a: ElfImage, path, note):
+        self.value: bytes | None = None
+        self.error: BaseException | None = None
+        before = build_id(a)
+        self.thread = None
+        if note is not None and not (before is not None and note.value == before.value):
+            self.thread = threading.Thread(target=self._hash, args=(path, note), daemon=True)
+            self.thread.start()
+
+    def _hash(self, path, note) -> None:
+        try:
+            self.value = compute_build_id(path, note)
+        except BaseException as e:          # (raised where the value is asked for)
+            self.error = e
+
+    def result(self) -> bytes:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _section_keys(image: ElfImage, shndx: np.ndarray, codes: dict) -> np.ndarray:
+    """The section of each symbol as a number that two images share by section
+    name (``codes``: name -> number, filled as met); a special index (undefined,
+    absolute, common) as its negative."""
+    table = np.array([codes.setdefault(s.name, len(codes)) for s in image.sections], np.int64)
+    i = shndx.astype(np.int64)
+    named = (i > 0) & (i < len(table))
+    return np.where(named, table[np.where(named, i, 0)], -1 - i)
+
+
+def _build_id_problems(a: ElfImage, b: ElfImage, note, hashed: _OutputHash) -> list[str]:
     """A rewritten kernel is a new binary (the debug vmlinux and the running
     kernel must match by build-id): its build-id is the hash of the output. An
     output whose loaded bytes are the input's keeps the input's."""
-    before = build_id(a)
-    if before is not None and note.value == before.value:
+    if hashed.thread is None:
         same = all(b.section(s.name) is not None
                    and a.section_data(s) == b.section_data(b.section(s.name))
                    for s in a.sections if s.is_alloc and s.has_bits and s.size)
         return [] if same else [f"build-id {note.hex()} is the input's: the output is "
                                 "another binary"]
-    value = compute_build_id(path, note)
+    value = hashed.result()
     return [] if note.value == value else [f"build-id {note.hex()} is not the output's "
                                            f"({value.hex()})"]
 
@@ -471,6 +509,9 @@ def _release(image: ElfImage, inp: BinaryModel | None) -> None:
 def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) -> None:
     from kbuild_bolt.kernel.tables import kallsyms
 
+    note = build_id(out.image)
+    # (the output's own hash, on the side, from the start)
+    hashed = _OutputHash(inp.image, path, note) if inp is not None else None
     table = kallsyms.read(out.image)
     if table is not None:
         report.add("kallsyms agree with the symbols", *_kallsyms_problems(out, table))
@@ -500,7 +541,6 @@ def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) 
                    _symbol_problems(inp, out.image, moved_ranges, ranges))
         _release(out.image, inp)
         report.add("region markers keep their places", *_marker_problems(inp.image, out.image))
-        note = build_id(out.image)
         own = [(note.addr, note.addr + note.size)] if note is not None and note.addr else []
         checked, problems = _data_problems(inp, out, own + (
             _kallsyms_ranges(table) if table is not None else []))
@@ -508,7 +548,7 @@ def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) 
         _release(out.image, inp)
         if note is not None:
             report.add("build-id is the output's own", 1,
-                       _build_id_problems(inp.image, out.image, path, note))
+                       _build_id_problems(inp.image, out.image, note, hashed))
             _release(out.image, inp)
         checked, problems = _code_problems(inp, out, ranges)
         report.add("code changed only where rewritten", checked, problems)
@@ -556,12 +596,27 @@ def _functions_moved(a: ElfImage, b: ElfImage) -> bool:
     """Some input function symbol is not at its old address in the output. Matched
     by name and address, not by index: the output may have gained local symbols
     (``name.cold`` for parts placed in free room), which renumbers the rest."""
-    def functions(symbols):
-        rows = np.flatnonzero(symbols.type == 2)
+    x, y = a.symbols, b.symbols
+    rows = np.flatnonzero(x.type == 2)
+    # Most are the same symbol at the same index (past the locals added in
+    # front of the globals, when some were): only the others are looked for by
+    # name and address among all of the output's functions.
+    added = len(y) - len(x)
+    if added == 0 or (added > 0 and b.symtab.info - a.symtab.info == added):
+        j = np.where(rows < a.symtab.info, rows, rows + added)
+        xn, yn = x.names, y.names
+        same = (y.type[j] == 2) & (y.value[j] == x.value[rows])
+        same[same] = [xn[i] == yn[k] for i, k in zip(rows[same].tolist(), j[same].tolist())]
+        rows = rows[~same]
+        if not len(rows):
+            return False
+
+    def functions(symbols, rows=None):
+        rows = np.flatnonzero(symbols.type == 2) if rows is None else rows
         names = symbols.names
         return set(zip([names[i] for i in rows.tolist()], symbols.value[rows].tolist()))
 
-    return not functions(a.symbols) <= functions(b.symbols)
+    return not functions(x, rows) <= functions(y)
 
 
 def _union(ranges: np.ndarray) -> np.ndarray:

@@ -72,3 +72,49 @@ def test_changed_data_is_reported_outside_tables_and_relocated_fields(lab_regula
     checked, problems = _data_problems(inp, BinaryModel.open(copy))
     assert problems == [f".rodata: byte at {plain:#x} changed outside tables and "
                         "relocated fields"]
+
+
+def test_orc_entries_given_up_for_room_leave_every_code_state(lab_regular, tmp_path,
+                                                               monkeypatch):
+    """When the new ORC table would not fit, repeated states and then undefined
+    entries over fill are given up: at every address of code (functions and the
+    new code) the unwinder finds the state it finds in the table that did not
+    have to shrink. (A table smaller than the kernel's forces both steps.)"""
+    import numpy as np
+
+    from kbuild_bolt.kernel.tables import orc
+
+    taken = {}
+    real = orc.regenerate
+
+    def keep_inputs(model, runs, branch_states, moved_ranges, capacity=None):
+        taken.update(model=model, args=(runs, branch_states, moved_ranges))
+        return real(model, runs, branch_states, moved_ranges, capacity)
+
+    monkeypatch.setattr(orc, "regenerate", keep_inputs)
+    rewrite(lab_regular.vmlinux, tmp_path / "out", RewriteOptions(
+        reorder_blocks="reverse", split_functions=True, verify=False))
+    model, (runs, branch_states, moved_ranges) = taken["model"], taken["args"]
+    ips, states = real(model, runs, branch_states, moved_ranges)
+    # (the table is padded with its last entry: the entries in use come before)
+    used = len(ips) - int(np.argmax((ips[::-1] != ips[-1]))) + 1
+    key = lambda s: (s["sp_offset"], s["bp_offset"], s["bits"])  # noqa: E731
+
+    def state(table, addrs):
+        at = np.searchsorted(table[0], addrs, side="right") - 1
+        return np.stack(key(table[1][at]), axis=1)
+
+    code = np.concatenate([np.asarray(runs, np.uint64).reshape(-1, 3)[:, 0],
+                           np.asarray(branch_states[0], np.uint64)])
+    in_functions = ips[:used][model.functions.rows_containing(ips[:used]) >= 0]
+    addrs = np.unique(np.concatenate([code, in_functions]))
+    addrs = addrs[addrs >= ips[0]]
+    full = state((ips, states), addrs)
+    # Entries that repeat the state before them go first; past those, undefined
+    # entries over fill.
+    same = np.all(np.diff(np.stack(key(states[:used]), axis=1), axis=0) == 0, axis=1)
+    repeats = int(same.sum())
+    for smaller in (used - repeats // 2, used - repeats - 10, used - repeats - 100):
+        got_ips, got_states = real(model, runs, branch_states, moved_ranges, capacity=smaller)
+        assert len(got_ips) == smaller
+        assert np.array_equal(state((got_ips, got_states), addrs), full)

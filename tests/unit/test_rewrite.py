@@ -226,19 +226,32 @@ def test_verify_tells_functions_that_moved_from_symbols_renumbered():
 
     from kbuild_bolt.rewrite.verify import _functions_moved
 
-    def image(entries):
+    class Symbols(SimpleNamespace):
+        def __len__(self):
+            return len(self.names)
+
+    def image(entries, first_global):
         names = [n for n, _t, _v in entries]
-        return SimpleNamespace(symbols=SimpleNamespace(
+        return SimpleNamespace(symtab=SimpleNamespace(info=first_global), symbols=Symbols(
             names=names, type=np.array([t for _n, t, _v in entries]),
             value=np.array([v for _n, _t, v in entries], np.uint64)))
 
-    before = image([("a", 2, 0x100), ("b", 2, 0x200), ("c", 0, 0x300)])
-    renumbered = image([("a", 2, 0x100), ("a.cold", 2, 0x900), ("b", 2, 0x200),
-                        ("c", 0, 0x300)])
-    moved = image([("a", 2, 0x100), ("a.cold", 2, 0x900), ("b", 2, 0x240),
-                   ("c", 0, 0x300)])
+    before = image([("x", 2, 0x50), ("a", 2, 0x100), ("b", 2, 0x200), ("c", 0, 0x300)], 1)
+    renumbered = image([("x", 2, 0x50), ("a.cold", 2, 0x900), ("a", 2, 0x100), ("b", 2, 0x200),
+                        ("c", 0, 0x300)], 2)
+    moved = image([("x", 2, 0x50), ("a.cold", 2, 0x900), ("a", 2, 0x100), ("b", 2, 0x240),
+                   ("c", 0, 0x300)], 2)
     assert not _functions_moved(before, renumbered)
     assert _functions_moved(before, moved)
+    # Symbols not where the index says (added at the end; two swapped): looked
+    # for by name and address.
+    appended = image([("x", 2, 0x50), ("a", 2, 0x100), ("b", 2, 0x200), ("c", 0, 0x300),
+                      ("a.cold", 2, 0x900)], 1)
+    swapped = image([("x", 2, 0x50), ("b", 2, 0x200), ("a", 2, 0x100), ("c", 0, 0x300)], 1)
+    renamed = image([("x", 2, 0x50), ("b", 2, 0x100), ("a", 2, 0x200), ("c", 0, 0x300)], 1)
+    assert not _functions_moved(before, appended)
+    assert not _functions_moved(before, swapped)
+    assert _functions_moved(before, renamed)
 
 
 def test_progress_bar_on_a_terminal_plain_lines_in_a_log_quiet_with_q(kernel, tmp_path):

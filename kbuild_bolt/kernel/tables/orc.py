@@ -69,7 +69,10 @@ def loader_order(ips, sp_reg):
     return np.lexsort((np.asarray(sp_reg) != 0, ips))
 
 
-def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
+FILL_UNKNOWN = 2
+
+
+def regenerate(model, runs, branch_states, moved_ranges, capacity: int | None = None) -> tuple:
     """New (ips, entries) for the ORC tables after the rewrite moved code.
 
     ORC describes the stack at every instruction; an instruction's state does
@@ -86,6 +89,8 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     copied run; ``branch_states``: (new addresses, old instruction indices) of the
     emitted branches; ``moved_ranges``: (start, old end, new end) of every
     rewritten slot and every fragment placed in free room (old end = start there).
+    ``capacity``: entries the table holds (its size; less only to test giving
+    entries up).
     """
     import numpy as np
 
@@ -93,7 +98,7 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     orc_table = model.tables[".orc_unwind"]
     old_ip = ip_table.targets("ip")
     old_e = np.array(orc_table.entries)
-    capacity = len(old_ip)
+    capacity = len(old_ip) if capacity is None else capacity
     order = loader_order(old_ip, old_e["bits"] & 0xF)
     if order is not None:           # (a module's: as the loader will have it)
         old_ip, old_e = old_ip[order], old_e[order]
@@ -114,8 +119,8 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     keep_src = [np.flatnonzero(~inside)]
     # Entries that only describe fill (int3/nop between functions, after new code):
     # no instruction there ever runs, so they are the first to give up for room.
-    kept_fill = _in_fill(model, old_ip[~inside])
-    keep_fill = [kept_fill]
+    # (FILL_UNKNOWN: an old entry kept where it was, looked at only if room runs out)
+    keep_fill = [np.full(int((~inside).sum()), FILL_UNKNOWN, np.uint8)]
     keep_new = [np.zeros(int((~inside).sum()), bool)]
 
     runs = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)
@@ -125,7 +130,7 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
         # An entry at the start of every copied run: the state there.
         keep_ip.append(r_at)
         keep_src.append(state_at(r_base))
-        keep_fill.append(np.zeros(len(r_at), bool))
+        keep_fill.append(np.zeros(len(r_at), np.uint8))
         keep_new.append(np.ones(len(r_at), bool))
         # Old entries strictly inside a run move with it (patch-unit entries included).
         order = np.argsort(r_base)
@@ -138,7 +143,7 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
         sel = np.flatnonzero(inside_run)
         keep_ip.append(old_ip[sel] - r_base[k[sel]] + r_at[k[sel]])
         keep_src.append(sel)
-        keep_fill.append(np.zeros(len(sel), bool))
+        keep_fill.append(np.zeros(len(sel), np.uint8))
         keep_new.append(np.ones(len(sel), bool))
     ats, state_insns = branch_states
     if len(ats):
@@ -147,7 +152,7 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
         olds = model.insns.addr[np.asarray(state_insns, np.int64)]
         keep_ip.append(ats)
         keep_src.append(state_at(olds))
-        keep_fill.append(np.zeros(len(ats), bool))
+        keep_fill.append(np.zeros(len(ats), np.uint8))
         keep_new.append(np.ones(len(ats), bool))
     # After the new code: what followed the old code (int3 fill, the next function).
     # First in the lists, so that any other entry at the same address wins: where
@@ -155,7 +160,7 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
     # (undefined) must not cover its first instructions.
     keep_ip.insert(0, ranges[:, 2])
     keep_src.insert(0, state_at(range_end))
-    keep_fill.insert(0, np.ones(len(ranges), bool))
+    keep_fill.insert(0, np.ones(len(ranges), np.uint8))
     keep_new.insert(0, np.ones(len(ranges), bool))
 
     ips = np.concatenate(keep_ip)
@@ -185,6 +190,9 @@ def regenerate(model, runs, branch_states, moved_ranges) -> tuple:
                     & (states["bits"][1:] == states["bits"][:-1]))
         ips, states, fill = ips[~same], states[~same], fill[~same]
     if len(ips) > capacity:
+        unknown = np.flatnonzero(fill == FILL_UNKNOWN)
+        fill = fill == 1
+        fill[unknown] = _in_fill(model, ips[unknown])
         # Undefined entries over fill only stop the unwinder in bytes that never
         # run: the cheapest to give up.
         undefined = ((states["sp_offset"] == 0) & (states["bp_offset"] == 0)
