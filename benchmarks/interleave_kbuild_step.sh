@@ -8,7 +8,8 @@
 #
 # Turns, not one tool after the other: this machine's speed drifts by more than
 # the differences measured; each run starts once the last one's output is
-# written back (sync). At the end, per tool: best and median time, peak. The
+# written back (sync). At the end, per tool: best and median time, peak, and
+# the median ratio to llvm-bolt-22's time in the same turn. The
 # base revision runs from a temporary git worktree with the same Python
 # environment (as same_outputs.py does).
 set -eu
@@ -42,7 +43,9 @@ for _ in $(seq "$turns"); do
     timed llvm-bolt-22 llvm-bolt-22 "$vmlinux" -o "$work/bolt.out" -data="$work/profile.fdata" \
         -reorder-blocks=ext-tsp -eliminate-unreachable=0 -simplify-conditional-tail-calls=0
 done
-# Per tool: the best and the median time, the largest peak.
+# Per tool: the best and the median time, the largest peak, and the median of
+# its time over llvm-bolt-22's in the same turn (the machine's speed drifts
+# from turn to turn more than within one).
 "$py" - "$work/all" <<'EOF'
 import statistics
 import sys
@@ -50,8 +53,11 @@ runs = {}
 for line in open(sys.argv[1]):
     label, seconds, _, kb, _ = line.split()
     runs.setdefault(label, []).append((float(seconds), int(kb)))
+bolt = [t for t, _ in runs["llvm-bolt-22"]]
 for label, got in runs.items():
     times = [t for t, _ in got]
+    ratio = statistics.median(t / b for t, b in zip(times, bolt))
     print(f"{label}: best {min(times):.2f} s, median {statistics.median(times):.2f} s, "
-          f"peak {max(kb for _, kb in got) / 1024:.0f} MB ({len(got)} runs)")
+          f"peak {max(kb for _, kb in got) / 1024:.0f} MB ({len(got)} runs), "
+          f"{ratio:.2f}x llvm-bolt-22 in the same turn (median)")
 EOF

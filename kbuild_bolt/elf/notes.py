@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 from kbuild_bolt.errors import KbbError
@@ -87,3 +88,34 @@ def stamp(path, note: BuildId) -> bytes:
     finally:
         os.close(fd)
     return value
+
+
+class PendingStamp:
+    """:func:`stamp`, with the file hashed by a thread from now on (reading and
+    SHA-1 let go of the interpreter) and the id written by :meth:`write`. Until
+    then nothing may change the file, and what reads it must not read the note:
+    a rewrite's verification starts decoding the output meanwhile."""
+
+    def __init__(self, path, note: BuildId):
+        self.path, self.note = path, note
+        self.value: bytes | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._hash, daemon=True)
+        self.thread.start()
+
+    def _hash(self) -> None:
+        try:
+            self.value = compute(self.path, self.note)
+        except BaseException as e:      # (raised by write)
+            self.error = e
+
+    def write(self) -> bytes:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, self.value, self.note.offset)
+        finally:
+            os.close(fd)
+        return self.value

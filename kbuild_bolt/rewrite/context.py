@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kbuild_bolt.binary.cfg import build_cfg
-from kbuild_bolt.binary.model import BinaryModel
+from kbuild_bolt.binary.model import BinaryModel, default_jobs
+from kbuild_bolt.processes import ForkedCall
 
 
 @dataclass
@@ -306,9 +307,12 @@ class RewriteContext:
     debug_sample: object = None             # update: DebugSample (rewrite's own DWARF check)
     new_symbols: list = field(default_factory=list)  # update: (name, value, size, section)
     moved_ranges: np.ndarray | None = None  # update: where whole functions were placed
+    pending_build_id: object = None         # update: PendingStamp (written by verify/write)
     committed: bool = False                 # write
 
-    profile_reading: object = None          # read: ForkedCall reading the profile file
+    # read: work on the other CPU (forked children) whose results later passes
+    # take by name: the profile file read, the input's kallsyms decoded
+    beside: dict = field(default_factory=dict)
     bar: object = None                      # the passes' progress bar (a terminal only)
     frozen: bool = False                    # read: the collector ignores what was alive
 
@@ -319,6 +323,23 @@ class RewriteContext:
             print(f"  BOLT    {message}", file=sys.stderr, flush=True)
             if self.bar is not None:
                 self.bar.draw()
+
+    def start_beside(self, name: str, fn, *args) -> None:
+        """``fn(*args)`` started on the other CPU (a forked child) for a later pass
+        to :meth:`take_beside`; nothing when there is no CPU to spare."""
+        if default_jobs() > 1:
+            self.beside[name] = ForkedCall(fn, *args)
+
+    def take_beside(self, name: str, fn, *args):
+        """What :meth:`start_beside` began as ``name`` (an error it raised is
+        raised here), else ``fn(*args)`` now."""
+        call = self.beside.pop(name, None)
+        return call.result() if call is not None else fn(*args)
+
+    def cancel_beside(self) -> None:
+        for call in self.beside.values():
+            call.cancel()
+        self.beside.clear()
 
     def release_file_pages(self) -> None:
         """Between passes: the input's and the output's file pages go back to the

@@ -44,12 +44,12 @@ from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.binary.cfg import REASONS
 from kbuild_bolt.binary.model import default_jobs
 from kbuild_bolt.elf.notes import build_id
-from kbuild_bolt.elf.notes import stamp as stamp_build_id
+from kbuild_bolt.elf.notes import PendingStamp
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout import orders as block_orders
 from kbuild_bolt.memory import big_arrays_on_own_pages, freeze_survivors, thaw, trim
-from kbuild_bolt.processes import ForkedCall, in_shares
+from kbuild_bolt.processes import in_shares
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
     LayoutRecord, ProgressBar, RewriteContext, RewriteOptions, RewriteResult, Session,
@@ -69,8 +69,9 @@ class Pass:
 
 def read_input(ctx: RewriteContext) -> None:
     """-> model, cfg, session (a given session is reused: bisect reads once);
-    profile_reading (the profile file read on the other CPU meanwhile)."""
-    ctx.profile_reading = _read_profile_beside(ctx)
+    beside: the profile file read, and the input's kallsyms decoded, on the
+    other CPU meanwhile."""
+    _read_profile_beside(ctx)
     if ctx.session is None:
         ctx.say(f"reading {ctx.options.input_name or ctx.input_path}")
         ctx.session = Session(ctx.input_path, ctx.options.cache_dir)
@@ -81,6 +82,13 @@ def read_input(ctx: RewriteContext) -> None:
     trim()
     ctx.frozen = freeze_survivors()
     ctx.result.functions = len(ctx.model.functions)
+    # The input's kallsyms, decoded while the layout is made (its update wants it)
+    from kbuild_bolt.kernel.tables import kallsyms
+
+    image = ctx.model.image
+    if ctx.output_path is not None and not ctx.model.is_module \
+            and kallsyms.read_count(image) is not None:
+        ctx.start_beside("kallsyms", kallsyms.read, image)
 
 
 def check_input(ctx: RewriteContext) -> None:
@@ -119,37 +127,34 @@ def discover(ctx: RewriteContext) -> None:
     ctx.candidates = np.flatnonzero(selected & (cfg.func_reason == 0))
 
 
-def _read_profile_beside(ctx: RewriteContext):
-    """A ForkedCall reading the profile file, for a profile that needs no
-    kernel to be read (kbuild-bolt's own format): its text is parsed on the
-    other CPU while this one reads the input. None: read when it is attached."""
+def _read_profile_beside(ctx: RewriteContext) -> None:
+    """A profile that needs no kernel to be read (kbuild-bolt's own format) is
+    parsed on the other CPU while this one reads the input."""
     from kbuild_bolt.profile.model import MAGIC
 
     path = ctx.options.profile
-    if ctx.options.reorder_blocks != "ext-tsp" or not isinstance(path, (str, os.PathLike)) \
-            or default_jobs() < 2:
-        return None
+    if ctx.options.reorder_blocks != "ext-tsp" or not isinstance(path, (str, os.PathLike)):
+        return
     try:
         with open(path, "rb") as f:
             if not f.read(len(MAGIC)) == MAGIC.encode():
-                return None
+                return
     except OSError:
-        return None    # (reading it later says what is wrong)
+        return    # (reading it later says what is wrong)
     from kbuild_bolt.profile.formats import load_profile
 
-    return ForkedCall(load_profile, path)
+    ctx.start_beside("profile", load_profile, path)
 
 
 def attach_profile(ctx: RewriteContext) -> None:
-    """options.profile, profile_reading -> profile_layout (the profile resolved
-    for this kernel)."""
+    """options.profile (or what read began reading of it) -> profile_layout (the
+    profile resolved for this kernel)."""
     from kbuild_bolt.layout.exttsp import ProfileLayout
     from kbuild_bolt.profile.formats import resolve_profile
 
     profile = ctx.options.profile
-    if ctx.profile_reading is not None:
-        reading, ctx.profile_reading = ctx.profile_reading, None
-        profile = reading.result()
+    if "profile" in ctx.beside:
+        profile = ctx.take_beside("profile", None)
     profile = resolve_profile(profile, ctx.model, ctx.cfg, log=ctx.say)
     layout = ProfileLayout(ctx.model, ctx.cfg, profile)
     ctx.profile_layout = layout
@@ -577,10 +582,11 @@ def update(ctx: RewriteContext) -> None:
             rewriter.finalize(ctx, changes)
         if changes:
             ctx.output.repack(changes.empty, changes.replace, changes.info)
-        # A new binary, a new build-id (last: it hashes the finished file).
+        # A new binary, a new build-id (last: it hashes the finished file, on a
+        # thread while verification starts; see finish_build_id).
         note = build_id(ctx.model.image)
         if note is not None:
-            ctx.result.build_id = (note.hex(), stamp_build_id(path, note).hex())
+            ctx.pending_build_id = PendingStamp(path, note)
     ctx.rewritten_rows = ctx.emission.rows.tolist()
     ctx.fragments = ctx.emission.fragments()
     ctx.moved_ranges = ctx.emission.free if ctx.emission.placed else None
@@ -676,6 +682,13 @@ def symbol_values(ctx: RewriteContext, amap) -> np.ndarray:
     return values
 
 
+def finish_build_id(ctx: RewriteContext) -> None:
+    """The output's build-id written into it (update left it hashing)."""
+    if ctx.pending_build_id is not None:
+        pending, ctx.pending_build_id = ctx.pending_build_id, None
+        ctx.result.build_id = (pending.note.hex(), pending.write().hex())
+
+
 def verify_output(ctx: RewriteContext) -> None:
     """output, rewritten_rows, fragments -> result.verify_summary (or an error)."""
     from kbuild_bolt.rewrite.verify import verify
@@ -694,8 +707,10 @@ def verify_output(ctx: RewriteContext) -> None:
                     *orc_follows_code(OrcTable(str(ctx.input_path)), OrcTable(str(output)),
                                       code_image))
         beside.append(orc_check)
+    # (the build-id is written once the decoding child runs: it reads no note)
     report = verify(path, against=ctx.model, expect_rewritten=set(ctx.rewritten_rows),
-                    fragments=ctx.fragments, moved_ranges=ctx.moved_ranges, beside=beside)
+                    fragments=ctx.fragments, moved_ranges=ctx.moved_ranges, beside=beside,
+                    after_fork=lambda: finish_build_id(ctx))
     ctx.code_image = None
     ctx.result.verify_summary = report.summary()
     if not report.ok:
@@ -719,6 +734,7 @@ def verify_output(ctx: RewriteContext) -> None:
 
 def write_output(ctx: RewriteContext) -> None:
     """output -> the output file in place; the result's totals."""
+    finish_build_id(ctx)
     ctx.output.commit()
     ctx.committed = True
     result, functions = ctx.result, ctx.model.functions
@@ -785,8 +801,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
             rewriter.close()
         if ctx.debug_sample is not None:
             ctx.debug_sample.cancel()
-        if ctx.profile_reading is not None:
-            ctx.profile_reading.cancel()
+        ctx.cancel_beside()
         if ctx.output is not None and not ctx.committed:
             ctx.output.discard()
         if ctx.frozen:

@@ -369,7 +369,7 @@ class Kallsyms(MetadataRewriter):
         from kbuild_bolt.kernel.tables import kallsyms
 
         image = ctx.model.image
-        table = kallsyms.read(image)
+        table = ctx.take_beside("kallsyms", kallsyms.read, image)
         if table is None:
             return
         old = table.addresses

@@ -396,11 +396,14 @@ _CODE_PART = 1 << 22
 
 def verify(path, against: BinaryModel | ElfImage | str | None = None,
            expect_rewritten: set | None = None, fragments=None,
-           moved_ranges: np.ndarray | None = None, beside=()) -> VerifyReport:
+           moved_ranges: np.ndarray | None = None, beside=(),
+           after_fork=None) -> VerifyReport:
     """``moved_ranges``: where whole functions were placed anew (their code and
     symbols may change anywhere there); found from the symbols when not given.
     ``beside``: more checks of the output, ``check(path) -> (name, checked,
-    problems)``, run here while the output's code is decoded in a child."""
+    problems)``, run here while the output's code is decoded in a child.
+    ``after_fork``: called once that child runs, before the output is compared
+    (a rewrite writes its build-id there: the child does not read it)."""
     report = VerifyReport()
     inp = None
     if against is not None:
@@ -420,6 +423,8 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     compared = VerifyReport()
     try:
         try:
+            if after_fork is not None:
+                after_fork()
             tables_of = _TablesOf(image)
             _compare(compared, tables_of, inp, path, expect_rewritten, fragments, moved_ranges)
             # (the relocations read the tables and the bytes, not the decoded code:

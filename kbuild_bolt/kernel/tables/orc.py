@@ -235,4 +235,7 @@ def _in_fill(model, ips):
     sel = np.flatnonzero(ok)
     if len(sel):
         out[sel] = is_fill(model, idx[sel])
-    return out | (model.in_int3_run(ips) & (model.functions.rows_containing(ips) < 0))
+    # (inside a run of int3 kept as one record: only where no record starts)
+    miss = np.flatnonzero(idx < 0)
+    out[miss] = model.in_int3_run(ips[miss]) & (model.functions.rows_containing(ips[miss]) < 0)
+    return out
