@@ -228,6 +228,29 @@ class ForkedCall:
             self._done = True
 
 
+class OnThread:
+    """``fn(*args)`` on a thread while the caller goes on, for work that lets go
+    of the interpreter (reading a file, hashing it, CRCs of large buffers: the
+    other CPU does it); :meth:`result` returns its value or raises its error."""
+
+    def __init__(self, fn, *args):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:      # (raised by result)
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def child_dies_with_us():
     """A ``preexec_fn`` for subprocesses (QEMU) that must not outlive kbuild-bolt."""
     parent = os.getpid()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kbuild_bolt.arrays import in_sorted
+from kbuild_bolt.arrays import in_sorted, isin, unique
 from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, RELOCATION_PART, type_and_symbol
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.x86 import patterns
@@ -59,7 +59,7 @@ def places_of(model, addrs: np.ndarray) -> tuple[np.ndarray, list[str]]:
     names = ["outside", "function"]
     codes = np.zeros(len(addrs), np.int32)
     sec = model.section_index_of(addrs)
-    for index in np.unique(sec).tolist():
+    for index in unique(sec).tolist():
         if index < 0:
             continue
         section = model.image.sections[index]
@@ -165,7 +165,7 @@ class _Places:
         return self.names[int(self.codes[k])]
 
     def any_of(self, names) -> np.ndarray:
-        return np.isin(self.codes, [i for i, name in enumerate(self.names) if name in names])
+        return isin(self.codes, [i for i, name in enumerate(self.names) if name in names])
 
 
 def _check_orc_ips(model, targets, fail, ref, where) -> Counter:
@@ -179,7 +179,7 @@ def _check_orc_ips(model, targets, fail, ref, where) -> Counter:
     explained["inside an alternative or paravirt site"] = int(inside_unit.sum())
     ends = np.array([s.end for s in model.image.sections if s.is_exec and s.is_alloc],
                     dtype=np.uint64)
-    at_end = ~ok & ~inside_unit & np.isin(targets, ends)
+    at_end = ~ok & ~inside_unit & isin(targets, ends)
     explained["end of a code section"] = int(at_end.sum())
     fail(~(ok | inside_unit | at_end), ref, targets, where,
          "not an instruction start, patch site or code end")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kbuild_bolt.arrays import unique
 from kbuild_bolt.analysis.crosscheck import check_all
 from kbuild_bolt.binary.cfg import build_cfg
 from kbuild_bolt.binary.model import BinaryModel
@@ -34,7 +35,7 @@ def function_starts(image: ElfImage, section_name: str) -> np.ndarray:
     idx = symbols.functions_in(section.index)
     names = symbols.names
     keep = [i for i in idx.tolist() if not names[i].startswith(PREFIX_SYMBOLS)]
-    return np.unique(symbols.value[np.array(keep, dtype=np.int64)]) if keep else np.zeros(0, np.uint64)
+    return unique(symbols.value[np.array(keep, dtype=np.int64)]) if keep else np.zeros(0, np.uint64)
 
 
 def relocation_counts(image: ElfImage) -> dict[str, int]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin, unique
 from kbuild_bolt.elf.image import type_and_symbol
 from kbuild_bolt.kernel.tables import base
 from kbuild_bolt.kernel.tables.bug_table import BUGFLAG_WARNING
@@ -119,9 +120,9 @@ def _code_references(model) -> np.ndarray:
             continue
         kind, sym = type_and_symbol(r["info"])
         if target_section.is_exec:
-            keep = np.isin(kind, (1, 10, 11))            # R_X86_64_64, _32, _32S
+            keep = isin(kind, (1, 10, 11))            # R_X86_64_64, _32, _32S
         else:
-            keep = np.isin(kind, (1, 2, 4, 10, 11, 24))  # + PC32, PLT32, PC64
+            keep = isin(kind, (1, 2, 4, 10, 11, 24))  # + PC32, PLT32, PC64
         offsets = r["offset"]
         for lo, hi in table_ranges:
             keep &= ~((offsets >= np.uint64(lo)) & (offsets < np.uint64(hi)))
@@ -162,8 +163,8 @@ def build_cfg(model) -> CFG:
     # Labels inside a function (ftrace_caller's ftrace_call, ...) are addresses other
     # code patches or copies between: the function must keep its layout.
     symbols = model.image.symbols
-    code_sections = np.unique(functions.section)
-    labels = symbols.value[np.isin(symbols.shndx, code_sections) & np.isin(symbols.type, (0, 1, 2))]
+    code_sections = unique(functions.section)
+    labels = symbols.value[isin(symbols.shndx, code_sections) & isin(symbols.type, (0, 1, 2))]
     label_row = functions.rows_containing(labels)
     interior = (label_row >= 0) & (labels != functions.start[np.maximum(label_row, 0)])
     flag(label_row[interior], "interior-symbol")
@@ -205,7 +206,7 @@ def build_cfg(model) -> CFG:
                 entry[idx[idx >= 0]] = True
                 flag(functions.rows_containing(targets[idx < 0]), "branch-into-instruction")
 
-    terminator = (np.isin(flow, (x86.JMP, x86.IND_JMP, x86.JCC, x86.RET))
+    terminator = (isin(flow, (x86.JMP, x86.IND_JMP, x86.JCC, x86.RET))
                   | int3 | (ud2 & ~warn_insn) | static_key)
     # int3 right after a ret or jmp is a straight-line-speculation stop (SLS):
     # it stays glued to the jump it guards instead of becoming a block.
@@ -214,12 +215,12 @@ def build_cfg(model) -> CFG:
     int3_idx = np.flatnonzero(int3)
     if len(int3_idx) and len(not_int3):
         prev = not_int3[np.maximum(np.searchsorted(not_int3, int3_idx) - 1, 0)]
-        ok = (prev < int3_idx) & np.isin(flow[prev], (x86.JMP, x86.IND_JMP, x86.RET))
+        ok = (prev < int3_idx) & isin(flow[prev], (x86.JMP, x86.IND_JMP, x86.RET))
         ok &= f_of[prev] == f_of[int3_idx]
         glued[int3_idx[ok]] = True
 
     # --- references into functions ----------------------------------------
-    direct = (insns.ref_kind == x86.REF_BRANCH) & np.isin(flow, (x86.JMP, x86.JCC))
+    direct = (insns.ref_kind == x86.REF_BRANCH) & isin(flow, (x86.JMP, x86.JCC))
     src = np.flatnonzero(direct)
     tgt = insns.ref[src]
     t_idx = model.insn_index(tgt)
@@ -298,7 +299,7 @@ def build_cfg(model) -> CFG:
     # one, unless it is a call (to a noreturn function) or a trap.
     last = func_end - 1
     has_insns = func_end > func_first
-    last_ok = terminator[last[has_insns]] | np.isin(flow[last[has_insns]], (x86.CALL, x86.IND_CALL,
+    last_ok = terminator[last[has_insns]] | isin(flow[last[has_insns]], (x86.CALL, x86.IND_CALL,
                                                                              x86.EXCEPTION))
     # A patch unit at the very end (e.g. jmp + padding nops) ends where its jump does.
     last_in_unit = unit_inside[last[has_insns]]
@@ -335,7 +336,7 @@ def build_cfg(model) -> CFG:
     t_static = static_key[block_term]
     has_next = (blocks + 1 < nb)
     has_next[has_next] &= block_func[blocks[has_next] + 1] == block_func[has_next]
-    falls = has_next & ~np.isin(t_flow, (x86.JMP, x86.IND_JMP, x86.RET)) \
+    falls = has_next & ~isin(t_flow, (x86.JMP, x86.IND_JMP, x86.RET)) \
         & ~(int3[block_term] | (ud2[block_term] & ~warn_insn[block_term]))
     falls |= has_next & t_static
     # A jump that is (part of) an alternative's original site may be patched into
@@ -352,7 +353,7 @@ def build_cfg(model) -> CFG:
     dst_l = [blocks[falls] + 1]
     kind_l = [np.full(int(falls.sum()), FALLTHROUGH, np.uint8)]
 
-    branchy = np.isin(t_flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[block_term] == x86.REF_BRANCH)
+    branchy = isin(t_flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[block_term] == x86.REF_BRANCH)
     tb = blocks[branchy]
     target = insns.ref[block_term[tb]]
     t_i = model.insn_index(target)
@@ -384,7 +385,7 @@ def build_cfg(model) -> CFG:
             f = block_func[b]
             lo, hi = np.searchsorted(taken_func, [f, f + 1])
             if hi > lo:
-                dst = np.unique(taken_blocks[lo:hi])
+                dst = unique(taken_blocks[lo:hi])
                 src_l.append(np.full(len(dst), b, np.int64))
                 dst_l.append(dst)
                 kind_l.append(np.full(len(dst), INDIRECT, np.uint8))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin, unique
 from kbuild_bolt.elf.image import STT_FUNC, STT_NOTYPE, STT_OBJECT
 
 # Code sections whose functions kbuild-bolt models (and may lay out again).
@@ -111,7 +112,7 @@ def discover_functions(image) -> FunctionTable:
     if not len(symbols) or not indices:
         z = np.zeros(0, np.uint64)
         return FunctionTable(z, z, np.zeros(0, np.int32), np.zeros(0, np.int64), [])
-    mask = (symbols.type == STT_FUNC) & np.isin(symbols.shndx, indices)
+    mask = (symbols.type == STT_FUNC) & isin(symbols.shndx, indices)
     idx = np.flatnonzero(mask & ~symbols.names_start_with(PREFIX_SYMBOLS)).astype(np.int64)
     names = symbols.names
     value = symbols.value[idx]
@@ -177,7 +178,7 @@ def discover_regions(image, functions: FunctionTable) -> RegionTable:
     # (call padding named __pfx_/__cfi_ wins over a marker at the same address:
     # _sinittext is where __pfx_ of the first init function is)
     prefix_symbol = symbols.names_start_with(PREFIX_SYMBOLS)
-    labelled_type = np.isin(symbols.type, (STT_NOTYPE, STT_FUNC, STT_OBJECT))
+    labelled_type = isin(symbols.type, (STT_NOTYPE, STT_FUNC, STT_OBJECT))
     parts = []
     for section_name in function_sections(image) + AUX_CODE_SECTIONS:
         section = image.section(section_name)
@@ -207,7 +208,7 @@ def discover_regions(image, functions: FunctionTable) -> RegionTable:
         k = np.searchsorted(g_start, label_addr, side="right").astype(np.int64) - 1
         inside = k >= 0
         inside[inside] &= label_addr[inside] < g_end[k[inside]]
-        cuts = np.unique(np.concatenate([g_start, label_addr[inside]]))
+        cuts = unique(np.concatenate([g_start, label_addr[inside]]))
         if not len(cuts):
             continue
         g = np.searchsorted(g_start, cuts, side="right").astype(np.int64) - 1

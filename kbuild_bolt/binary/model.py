@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from kbuild_bolt.arrays import SparseColumn, concat_ranges
+from kbuild_bolt.arrays import SparseColumn, concat_ranges, isin, unique
 from kbuild_bolt.binary.functions import (
     AUX_CODE_SECTIONS, MODULE_INFO_SECTION, FunctionTable, RegionTable, discover_functions,
     discover_regions,
@@ -125,7 +125,7 @@ def _unchanged_ranges(image: ElfImage, r: np.ndarray, like) -> tuple[x86.Decoded
     i = np.minimum(np.searchsorted(known[:, 1], start), max(len(known) - 1, 0))
     same = (len(known) > 0) & (known[i, 1] == start) & (known[i, 2] == end) \
         & (known[i, 0] == sec.astype(np.uint64))
-    for k in np.unique(sec).tolist():
+    for k in unique(sec).tolist():
         in_sec = sec == k
         kept = same_bytes(image, like.image, image.sections[k], start[in_sec], end[in_sec])
         if kept is None:
@@ -315,7 +315,7 @@ def _pc_relative_targets(image: ElfImage, insns: x86.Decoded, refs: np.ndarray) 
     disp = np.where(size == 1, raw[:, 0].view(np.int8).astype(np.int64),
                     raw.view("<i4").ravel().astype(np.int64))
     target = insns.addr[refs] + insns.length[refs] + disp.astype(np.uint64)
-    return np.where(np.isin(size, (1, 4)), target, np.uint64(0))
+    return np.where(isin(size, (1, 4)), target, np.uint64(0))
 
 
 def read_at(image: ElfImage, addrs, count: int) -> np.ndarray:
@@ -650,7 +650,7 @@ class BinaryModel:
         """Sorted unique addresses of all defined symbols."""
         symbols = self.image.symbols
         defined = (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
-        return np.unique(symbols.value[defined])
+        return unique(symbols.value[defined])
 
     def symbol_addresses(self, name: str, exact: bool = False) -> np.ndarray:
         """Addresses of defined symbols named ``name`` (or starting with it)."""
@@ -664,7 +664,7 @@ class BinaryModel:
             else:
                 named = np.array([n == name if exact else n.startswith(name)
                                   for n in symbols.names], bool)
-            cache[key] = np.unique(symbols.value[named & defined].astype(np.uint64))
+            cache[key] = unique(symbols.value[named & defined].astype(np.uint64))
         return cache[key]
 
     @cached_property
@@ -737,7 +737,7 @@ class BinaryModel:
         """Sorted (address, name) of function starts and code labels, for symbolizing."""
         symbols = self.image.symbols
         names = symbols.names
-        mask = np.isin(symbols.type, (0, 1, 2)) & (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
+        mask = isin(symbols.type, (0, 1, 2)) & (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
         idx = np.flatnonzero(mask)
         idx = np.array([i for i in idx.tolist() if names[i] and not names[i].startswith(".L")],
                        dtype=np.int64)

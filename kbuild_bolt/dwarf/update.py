@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.dwarf import aranges as aranges_mod
 from kbuild_bolt.dwarf import frame as frame_mod
 from kbuild_bolt.dwarf.expr import addr_operands
@@ -287,7 +288,7 @@ def _high_values(info, found, sel: np.ndarray, f: _Bytes, lo: np.ndarray):
         v, e = uleb(info, int(high[k]))
         hi[k] = lo[k] + np.uint64(v)
         size[k] = e - int(high[k])
-    bad = ~np.isin(form, list(HIGH_SIZE) + [FORM_UDATA])
+    bad = ~isin(form, list(HIGH_SIZE) + [FORM_UDATA])
     if bad.any():
         raise DwarfError(f"DW_AT_high_pc as form {int(form[bad][0]):#x} is not supported")
     return hi, size, form
@@ -308,7 +309,7 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
     count, fc, same = _image_shape(lo, hi, idx, nlo, nhi)
     empty_same = (count == 0) & (lo == hi)
     changed = ~(same | empty_same)
-    is_cu = np.isin(s_tag[sel], [TAG_COMPILE_UNIT, TAG_PARTIAL_UNIT])
+    is_cu = isin(s_tag[sel], [TAG_COMPILE_UNIT, TAG_PARTIAL_UNIT])
     unit_table = np.array([u.abbrev_offset for u in found.units], np.int64)
     table = unit_table[s_unit[sel]]
     # Contiguous still: new low_pc, new length.
@@ -349,7 +350,7 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
         return convert
     keys = table * (1 << 32) + s_code[sel]
     want = np.array([t * (1 << 32) + c for t, c in convert], np.int64)
-    members = np.flatnonzero(np.isin(keys, want))
+    members = np.flatnonzero(isin(keys, want))
     # every DIE of a converted abbreviation must have room for a section offset
     small = members[(size[members] < 4) | ((form[members] == FORM_UDATA) & (size[members] < 5))]
     drop_low = set()
@@ -371,11 +372,11 @@ def _scopes(found, info, f: _Bytes, image: CodeImage, version, base, writer, res
         for key in bad_keys:
             convert.pop((key >> 32, key & 0xFFFFFFFF), None)
         if bad_keys:
-            lost = int(np.isin(keys[need], list(bad_keys)).sum())
+            lost = int(isin(keys[need], list(bad_keys)).sum())
             res.problems.append(f"{lost} scopes are not contiguous any more and their DW_AT_high_pc "
                                 "has no room for DW_AT_ranges (kept as they were)")
-        members = members[~np.isin(keys[members], list(bad_keys))]
-    dropped = np.isin(keys[members], [t * (1 << 32) + c for t, c in drop_low])
+        members = members[~isin(keys[members], list(bad_keys))]
+    dropped = isin(keys[members], [t * (1 << 32) + c for t, c in drop_low])
     for key in drop_low:
         convert[key] = "drop_low"
     starts = np.cumsum(count) - count

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.errors import KbbError
 
 EM_X86_64 = 62
@@ -378,8 +379,8 @@ class ElfImage:
         where = f"{self.path}: {self.symtab.name}"
         checks = [
             (raw["name"] >= max(strtab.size, 1), "name offset past the string table"),
-            (~np.isin(raw["info"] & 0xF, _SYMBOL_TYPES), "unknown symbol type"),
-            (~np.isin(raw["info"] >> 4, _SYMBOL_BINDS), "unknown symbol binding"),
+            (~isin(raw["info"] & 0xF, _SYMBOL_TYPES), "unknown symbol type"),
+            (~isin(raw["info"] >> 4, _SYMBOL_BINDS), "unknown symbol binding"),
             ((raw["shndx"] >= len(self.sections)) & (raw["shndx"] != SHN_ABS)
              & (raw["shndx"] != SHN_COMMON), "no such section"),
         ]
@@ -457,7 +458,7 @@ class ElfImage:
             i = int(bad[0])
             raise KbbError(f"{where}[{first + i}]: symbol index {int(sym[i])} past the symbol "
                            f"table ({nsyms:,} symbols)")
-        known = np.isin(rtype, (R_X86_64_NONE, *FIELD_SIZE))
+        known = isin(rtype, (R_X86_64_NONE, *FIELD_SIZE))
         if not known.all():
             i = int(np.flatnonzero(~known)[0])
             t = int(rtype[i])

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import threading
 from dataclasses import dataclass
 
 from kbuild_bolt.errors import KbbError
+from kbuild_bolt.processes import OnThread
 
 SHT_NOTE = 7
 NT_GNU_BUILD_ID = 3
@@ -91,31 +91,20 @@ def stamp(path, note: BuildId) -> bytes:
 
 
 class PendingStamp:
-    """:func:`stamp`, with the file hashed by a thread from now on (reading and
-    SHA-1 let go of the interpreter) and the id written by :meth:`write`. Until
-    then nothing may change the file, and what reads it must not read the note:
-    a rewrite's verification starts decoding the output meanwhile."""
+    """:func:`stamp`, with the file hashed on a thread from now on and the id
+    written by :meth:`write`. Until then nothing may change the file, and what
+    reads it must not read the note: a rewrite's verification starts decoding
+    the output meanwhile."""
 
     def __init__(self, path, note: BuildId):
         self.path, self.note = path, note
-        self.value: bytes | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._hash, daemon=True)
-        self.thread.start()
-
-    def _hash(self) -> None:
-        try:
-            self.value = compute(self.path, self.note)
-        except BaseException as e:      # (raised by write)
-            self.error = e
+        self._hashing = OnThread(compute, path, note)
 
     def write(self) -> bytes:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+        value = self._hashing.result()
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            os.pwrite(fd, self.value, self.note.offset)
+            os.pwrite(fd, value, self.note.offset)
         finally:
             os.close(fd)
-        return self.value
+        return value

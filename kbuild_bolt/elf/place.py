@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.elf.image import (
     EHDR, ET_EXEC, FIELD_SIZE, PC_RELATIVE, R_X86_64_NONE, RELA, SHDR, SHF_ALLOC,
     SHN_LORESERVE, SHN_UNDEF, SHT_NOBITS, SHT_NULL, SHT_RELA, SHT_SYMTAB, SIGNED,
@@ -247,7 +248,7 @@ def _apply(name, where, r, values, section_addr, blob: bytearray) -> None:
     place_at = (r["offset"] + np.uint64(section_addr)).view(np.int64)
     # (two's complement: kernel addresses as int64, wrapping as the CPU does)
     value = values[rsym].view(np.int64) + r["addend"]
-    value = np.where(np.isin(rtype, PC_RELATIVE), value - place_at, value)
+    value = np.where(isin(rtype, PC_RELATIVE), value - place_at, value)
     view = np.frombuffer(blob, np.uint8)
     for t, size in FIELD_SIZE.items():
         mine = keep & (rtype == t)
@@ -397,7 +398,7 @@ def records_outside_their_section(image: ElfImage) -> int:
             continue
         at = symbols.value[sym[mine]].astype(np.int64) + r["addend"][mine]
         end = size[k[sym[mine]]]
-        bias = np.where(np.isin(rtype[mine], list(PC_RELATIVE)), PC_BIAS, 0)
+        bias = np.where(isin(rtype[mine], list(PC_RELATIVE)), PC_BIAS, 0)
         total += int(((at < -bias) | (at > end + bias)).sum())
     return total
 
@@ -449,7 +450,7 @@ def _orc_end_of_text(before: ElfImage, after: ElfImage, contents: dict) -> None:
     own = np.flatnonzero((symbols.type == STT_SECTION) & (symbols.shndx == text.index))
     r = np.frombuffer(contents[relas[0].index], RELA).copy()
     _, sym = type_and_symbol(r["info"])
-    at_end = np.isin(sym, own) & (r["addend"] == placed_end)
+    at_end = isin(sym, own) & (r["addend"] == placed_end)
     if at_end.any():
         r["addend"][at_end] = end
         contents[relas[0].index][:] = r.tobytes()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kbuild_bolt.arrays import unique
 from kbuild_bolt.elf.image import release_mapping
 from kbuild_bolt.errors import KbbError
 
@@ -166,7 +167,7 @@ class OutputImage:
         if len(i) and i.min() < 0:
             raise KbbError(f"field outside every section at {int(addrs[i < 0][0]):#x}")
         offsets = np.empty(len(addrs), np.int64)
-        for k in np.unique(i).tolist():
+        for k in unique(i).tolist():
             s = self._alloc[k]
             sel = i == k
             inside = addrs[sel] - np.uint64(s.addr)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin, unique
 from kbuild_bolt.elf.image import STT_FILE, STT_FUNC, STT_NOTYPE
 
 # The alignment of entry text under page-table isolation (PMD_SIZE).
@@ -128,10 +129,10 @@ def region_markers(image, layout: TextLayout) -> np.ndarray:
     ``__cpuidle_text_end``). A marker shares its address with the first function
     after it, but names the edge: it stays when that function moves."""
     symbols = image.symbols
-    edges = np.unique(np.array([b for r in layout.regions for b in (r.start, r.end)],
+    edges = unique(np.array([b for r in layout.regions for b in (r.start, r.end)],
                                np.uint64))
     defined = (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
-    return (symbols.type == STT_NOTYPE) & defined & np.isin(symbols.value, edges)
+    return (symbols.type == STT_NOTYPE) & defined & isin(symbols.value, edges)
 
 
 def _text_regions(image, text) -> list[TextRegion]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.elf.image import STT_FUNC, ElfImage
 
 CODE_SECTIONS = (".text", ".init.text", ".exit.text")
@@ -52,7 +53,7 @@ def kallsyms_problems(vmlinux, dump, missing_ok=()) -> tuple[int, list[str]]:
     running = min(listed.get("_text", {0}))
     offset = running - text
     sections = [image.section(n).index for n in CODE_SECTIONS if image.section(n) is not None]
-    funcs = np.flatnonzero((symbols.type == STT_FUNC) & np.isin(symbols.shndx, sections))
+    funcs = np.flatnonzero((symbols.type == STT_FUNC) & isin(symbols.shndx, sections))
     names = symbols.names
     problems = []
     for i in funcs.tolist():

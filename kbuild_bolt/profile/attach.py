@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.binary.cfg import FALLTHROUGH
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.x86 import decode as x86
@@ -116,7 +117,7 @@ def attach(model, profile) -> CodeProfile:
     flow = insns.flow[s]
     ref = insns.ref[s]
     ends = insns.end_of(s)
-    direct = np.isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[s] == x86.REF_BRANCH)
+    direct = isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[s] == x86.REF_BRANCH)
     good = (direct & (d == ref)) | ((flow == x86.IND_JMP) & (d != ends))
     # Static-key sites: nops in the file, jumps at run time.
     jt = model.tables.get("__jump_table")
@@ -138,7 +139,7 @@ def attach(model, profile) -> CodeProfile:
     # (A patched-in "rep movsb" restarts itself every iteration under QEMU: a
     # transfer to its own address is not a branch.)
     good |= (in_unit | at_unit) & same_function & (d != ends) & (d != insns.addr[s])
-    calls = np.isin(flow, (x86.CALL, x86.IND_CALL)) & (d != ends)
+    calls = isin(flow, (x86.CALL, x86.IND_CALL)) & (d != ends)
     return CodeProfile(insn_count, s[good], d[good], c[good], matched,
                        sampled=getattr(profile, "sampled", False),
                        call_src=s[calls], call_dst=d[calls], call_count=c[calls])
@@ -153,7 +154,7 @@ def function_calls(model, cp: CodeProfile) -> tuple[np.ndarray, ...]:
     functions = model.functions
     f_of = model.function_of_insn
     direct = np.flatnonzero((insns.ref_kind == x86.REF_BRANCH) & (cp.insn_count > 0)
-                            & np.isin(insns.flow, (x86.CALL, x86.JMP)))
+                            & isin(insns.flow, (x86.CALL, x86.JMP)))
     callee = functions.rows_containing(insns.ref[direct])
     at_entry = (callee >= 0) & (insns.ref[direct] == functions.start[np.maximum(callee, 0)])
     direct, callee = direct[at_entry], callee[at_entry]
@@ -208,7 +209,7 @@ def indirect_calls(model, cp: CodeProfile) -> IndirectCalls:
     thunk_calls = np.zeros(len(s), bool)
     table = model.tables.get(".retpoline_sites")
     if table is not None and table.count:
-        thunk_calls = (np.isin(insns.addr[s], table.targets("site")) & (flow == x86.CALL)
+        thunk_calls = (isin(insns.addr[s], table.targets("site")) & (flow == x86.CALL)
                        & (d != insns.ref[s]))   # (not the call into the thunk itself)
     keep = (flow == x86.IND_CALL) | thunk_calls
     return IndirectCalls(s[keep], d[keep], c[keep])

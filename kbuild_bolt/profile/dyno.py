@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 from iced_x86 import Decoder, InstructionInfoFactory, OpAccess
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.binary.cfg import FALLTHROUGH, STATIC_KEY, TAKEN
 from kbuild_bolt.x86 import decode as x86
 
@@ -125,7 +126,7 @@ def dyno_stats(model, cfg, code_profile, orders: dict | None = None,
             stats["LOADS"] += c * loads
             stats["STORES"] += c * stores
             flows = insns.flow[i0:i1]
-            calls = int(np.count_nonzero(np.isin(flows, (x86.CALL, x86.IND_CALL))))
+            calls = int(np.count_nonzero(isin(flows, (x86.CALL, x86.IND_CALL))))
             stats["FUNCTION_CALLS"] += c * calls
             stats["INDIRECT_CALLS"] += (c * int(np.count_nonzero(flows == x86.IND_CALL))
                                         + runtime.indirect_calls(i0, i1))
@@ -306,7 +307,7 @@ def measured_taken_branches(model, code_profile) -> dict[str, int]:
     flow = insns.flow[src]
     # Every validated taken transfer is a jump (static-key sites and alternatives
     # jump at run time from what the file holds as nops).
-    jumps = ~np.isin(flow, (x86.CALL, x86.IND_CALL, x86.RET))
+    jumps = ~isin(flow, (x86.CALL, x86.IND_CALL, x86.RET))
     in_kernel_code = model.function_of_insn[src] >= 0
     cond = flow == x86.JCC
     counts = code_profile.taken_count

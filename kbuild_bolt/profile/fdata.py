@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.atomic import atomic_output
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.model import Profile
@@ -42,7 +43,7 @@ def _name_table(model):
     names = symbols.names
     table = {}
     defined = (symbols.shndx > 0) & (symbols.shndx < 0xFF00)
-    for i in np.flatnonzero(defined & np.isin(symbols.type, (0, 2))).tolist():
+    for i in np.flatnonzero(defined & isin(symbols.type, (0, 2))).tolist():
         table.setdefault(names[i], int(symbols.value[i]))
     for i in np.flatnonzero(defined & (symbols.type == 2)).tolist():
         table[names[i]] = int(symbols.value[i])  # functions win

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kbuild_bolt.arrays import unique
 from kbuild_bolt.profile.attach import attach
 
 
@@ -47,7 +48,7 @@ def footprint(model, profile, addresses: np.ndarray | None = None) -> dict:
         "lines99": _covering(addr >> np.uint64(6), count, 0.99),
         "pages90": _covering(addr >> np.uint64(12), count, 0.90),
         "pages99": _covering(addr >> np.uint64(12), count, 0.99),
-        "huge_pages": int(len(np.unique(addr >> np.uint64(21)))),
+        "huge_pages": int(len(unique(addr >> np.uint64(21)))),
     }
     stats = getattr(profile, "stats", {}) or {}
     if "l1i_misses" in stats and out["instructions"]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kbuild_bolt.arrays import unique
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.model import in_modules, module_address
 
@@ -98,7 +99,7 @@ class ModuleMap:
         keys = list(zip(self.module, self.section))
         number = {key: i for i, key in enumerate(sections)}
         to_profile = np.full(len(keys), -1, np.int64)
-        for i in np.unique(index[hit]).tolist():      # (only sections that ran)
+        for i in unique(index[hit]).tolist():      # (only sections that ran)
             if keys[i] not in number:
                 number[keys[i]] = len(sections)
                 sections.append(keys[i])

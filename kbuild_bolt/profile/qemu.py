@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.cache import cache_root, locked
 from kbuild_bolt.qemu.runner import DEFAULT_TEXT, boot
@@ -160,8 +161,8 @@ def find_kaslr_offset(model, profile: Profile, sample: int = 20000) -> int:
     # (int3 and ud2 count as neither: a shift into int3 fill, such as the 2 MiB
     # after the entry text, would match every byte)
     flow = model.insns.flow
-    transfer = np.isin(flow, (x86.JMP, x86.IND_JMP, x86.JCC, x86.RET, x86.CALL, x86.IND_CALL))
-    code = ~np.isin(flow, (x86.INTERRUPT, x86.EXCEPTION))
+    transfer = isin(flow, (x86.JMP, x86.IND_JMP, x86.JCC, x86.RET, x86.CALL, x86.IND_CALL))
+    code = ~isin(flow, (x86.INTERRUPT, x86.EXCEPTION))
     best, best_hits, second = 0, -1, -1
 
     def is_insn(addrs):

@@ -28,7 +28,7 @@ from difflib import SequenceMatcher
 
 import numpy as np
 
-from kbuild_bolt.arrays import concat_ranges
+from kbuild_bolt.arrays import concat_ranges, isin
 from kbuild_bolt.elf.notes import build_id
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.profile.model import Profile
@@ -356,7 +356,7 @@ def _adapt(profile: Profile, model, cfg, shapes: dict[str, FunctionShape]) -> tu
     out.dst = profile.dst[keep_t] + delta[i_dst].view(np.uint64)[keep_t]
     out.count = profile.count[keep_t]
     # Which kept counts came from identical functions?
-    from_same = np.isin(lo[i_s], np.array(sorted(identical), dtype=np.uint64).view(np.int64)) \
+    from_same = isin(lo[i_s], np.array(sorted(identical), dtype=np.uint64).view(np.int64)) \
         if identical else np.zeros(len(keep), bool)
     report.exact = int(profile.range_count[keep & from_same].sum())
     report.fuzzy = int(profile.range_count[keep & ~from_same].sum())

@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from kbuild_bolt.arrays import unique
+
 from kbuild_bolt import __version__
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.report import data
@@ -220,7 +222,7 @@ def _left_alone(report: ReportData, result, record) -> None:
     rows_by_reason = result.left_alone_rows
     out = []
     for reason, count in result.left_alone.items():
-        rows = np.unique(np.asarray(rows_by_reason.get(reason, []), np.int64))
+        rows = unique(np.asarray(rows_by_reason.get(reason, []), np.int64))
         hot = rows[np.argsort(-fetches[rows], kind="stable")][:EXAMPLES] if len(rows) else rows
         examples = [(names[r], int(fetches[r])) for r in hot.tolist() if fetches[r] > 0]
         if not examples and reason in result.examples:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.arrays import union1d, unique
 from kbuild_bolt.profile.footprint import covering, hottest_cumulative
 
 # Cells of one heatmap row, and at most this many rows: the bucket size grows in
@@ -156,8 +157,8 @@ class FetchCurve:
         n = self.touched
         if not n or self.cumulative[-1] <= 0:
             return np.zeros(0, np.int64), np.zeros(0)
-        x = np.unique(np.round(np.logspace(0, np.log10(n), count)).astype(np.int64))
-        x = np.union1d(x, [self.covering(0.9), self.covering(0.99), n]).astype(np.int64)
+        x = unique(np.round(np.logspace(0, np.log10(n), count)).astype(np.int64))
+        x = union1d(x, [self.covering(0.9), self.covering(0.99), n]).astype(np.int64)
         return x, self.cumulative[x - 1] / self.cumulative[-1]
 
 

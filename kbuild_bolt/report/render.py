@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
+
+from kbuild_bolt.arrays import unique
 from markupsafe import Markup
 
 from kbuild_bolt.atomic import atomic_output
@@ -285,7 +287,7 @@ def _footprint_rows(report, runs) -> list[dict]:
             "lines": lines[k].touched,
             "pages90": pages[k].covering(0.9), "pages99": pages[k].covering(0.99),
             "pages": pages[k].touched,
-            "huge": int(len(np.unique(run.addr >> np.uint64(21)))), "mpki": mpki,
+            "huge": int(len(unique(run.addr >> np.uint64(21)))), "mpki": mpki,
             "lost": run.lost})
     return rows
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from kbuild_bolt.binary.cfg import build_cfg
 from kbuild_bolt.binary.model import BinaryModel, default_jobs
-from kbuild_bolt.processes import ForkedCall
+from kbuild_bolt.processes import ForkedCall, OnThread
 
 
 @dataclass
@@ -249,6 +249,11 @@ class Session:
 
         image = open_vmlinux(input_path)
         key = saved.analysis_key(image) if cache_dir is not None else None
+        # Whether this very file passed the input's cross-check before: a CRC of
+        # the whole file, on a thread while the rest is read.
+        self._checking = OnThread(saved.was_checked, cache_dir, key, image) \
+            if key is not None else None
+        self._checked = False
         kept = saved.load(cache_dir, key)
         self.model = BinaryModel(image, require_relocations=True,
                                  decoded=kept.insns if kept else None)
@@ -259,14 +264,21 @@ class Session:
         if key is not None and not kept:
             saved.save(cache_dir, key, self.model.insns, self.cfg, self.model.fill_insn)
         self._cache = (cache_dir, key)
-        # the input's tables and relocations agree with its code
-        self.checked = saved.was_checked(cache_dir, key, image) if kept else False
+
+    @property
+    def checked(self) -> bool:
+        """The input's tables and relocations agree with its code (found so by
+        an earlier run that made the analysis kept now, or by this one)."""
+        if self._checking is not None:
+            checking, self._checking = self._checking, None
+            self._checked = bool(checking.result()) and self.analysis == "kept"
+        return self._checked
 
     def passed_check(self) -> None:
         """The input's cross-check found no problem (kept with its analysis)."""
         from kbuild_bolt.binary import saved
 
-        self.checked = True
+        self._checking, self._checked = None, True
         saved.mark_checked(*self._cache, self.model.image)
 
 

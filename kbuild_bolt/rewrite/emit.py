@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kbuild_bolt.arrays import RunColumn, concat_ranges
+from kbuild_bolt.arrays import RunColumn, concat_ranges, isin, unique
 from kbuild_bolt.binary.cfg import FALLTHROUGH, STATIC_KEY, TAKEN
 from kbuild_bolt.elf.writer import put_fields
 from kbuild_bolt.kernel.tables import base
@@ -143,7 +143,7 @@ class BlockTable:
         else:
             rows = np.asarray(rows, np.int64)
             lo = cfg.func_first_block[rows]
-            sel = np.unique(concat_ranges(lo, cfg.func_end_block[rows] - lo))
+            sel = unique(concat_ranges(lo, cfg.func_end_block[rows] - lo))
         self.covered = np.zeros(nb, bool)
         self.covered[sel] = True
         # (int32 and smaller: one entry per block of the whole kernel)
@@ -151,12 +151,12 @@ class BlockTable:
         taken = np.full(nb, -1, np.int32)
         ft = cfg.edge_kind == FALLTHROUGH
         fall[cfg.edge_src[ft]] = cfg.edge_dst[ft]
-        tk = np.isin(cfg.edge_kind, (TAKEN, STATIC_KEY))
+        tk = isin(cfg.edge_kind, (TAKEN, STATIC_KEY))
         taken[cfg.edge_src[tk]] = cfg.edge_dst[tk]
         del ft, tk
         t_s = term[sel]
         flow = insns.flow[t_s]
-        direct = np.isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[t_s] == x86.REF_BRANCH)
+        direct = isin(flow, (x86.JMP, x86.JCC)) & (insns.ref_kind[t_s] == x86.REF_BRANCH)
         target_s = insns.ref[t_s]
         t_idx = model.insn_index(target_s)
         block_of = np.searchsorted(first, np.maximum(t_idx, 0), side="right").astype(np.int64) - 1
@@ -321,7 +321,7 @@ class _Items:
 
     def branches(self) -> np.ndarray:
         """Indices of the branch items (jmp, jcc, static-key site, direct call)."""
-        return np.flatnonzero(np.isin(self.kind, BRANCHES))
+        return np.flatnonzero(isin(self.kind, BRANCHES))
 
     def destinations(self, addr: np.ndarray, which: np.ndarray) -> np.ndarray:
         """Where each item ``which`` (a branch, a cmp) goes, at the addresses ``addr``."""
@@ -482,7 +482,7 @@ def _build_items(bt: BlockTable, lay: np.ndarray, lay_f: np.ndarray, lay_part: n
                + 2 * (np.arange(len(anchor)) - np.searchsorted(anchor, anchor, side="left")))
     fb_jmp = fb_copy + 1
     fb_call = np.zeros(len(fb_pos), np.int64)    # the direct call it stands beside
-    for j in np.unique(fb_j).tolist():
+    for j in unique(fb_j).tolist():
         at_pos, items_there = placed[3 + 4 * j]
         mine = fb_j == j
         fb_call[mine] = items_there[np.searchsorted(at_pos, fb_pos[mine])]
@@ -887,7 +887,7 @@ def _split(plan: _Plan, bt: BlockTable, split: np.ndarray, whole: _Items,
     nf = len(plan)
     pos_start = plan.positions_per_function(lay_f)
     # First guess: every branch near, plus a jump to the fragment.
-    long_size = np.where(np.isin(whole.kind, (COPY, NOP, CMP)), whole.size,
+    long_size = np.where(isin(whole.kind, (COPY, NOP, CMP)), whole.size,
                          LONG_SIZE[whole.kind])
     cum = np.zeros(len(long_size) + 1, np.int64)
     np.cumsum(long_size, out=cum[1:])
@@ -895,7 +895,7 @@ def _split(plan: _Plan, bt: BlockTable, split: np.ndarray, whole: _Items,
     # (the first item of the next position: of the next function after the last)
     nxt_item = np.r_[whole.first_item[1:], len(long_size)]
     after = cum[nxt_item] - cum[first_of_f[lay_f]] + enc.JMP32
-    fits = (after <= slot[lay_f]) & np.isin(lay_f, split)
+    fits = (after <= slot[lay_f]) & isin(lay_f, split)
     guess = np.bincount(lay_f[fits], minlength=nf)
     npos = np.diff(pos_start)
     keep[split] = np.minimum(guess[split], npos[split] - 1)
@@ -907,7 +907,7 @@ def _split(plan: _Plan, bt: BlockTable, split: np.ndarray, whole: _Items,
         pending = pending[keep[pending] >= 1]
         if not len(pending):
             break
-        sel = np.isin(lay_f, pending)
+        sel = isin(lay_f, pending)
         t_lay, t_f = lay[sel], lay_f[sel]
         t_part = 2 * t_f + (np.arange(len(lay))[sel] - pos_start[t_f] >= keep[t_f])
         trial = _build_items(bt, t_lay, t_f, t_part, moved_interior, plan.no_icp)
@@ -1054,7 +1054,7 @@ def _short_fields_in_reach(insns, bt: BlockTable, plan: _Plan, items: _Items) ->
     disp = (new_target - (new_addr[f_idx] + insns.length[f_idx].astype(np.uint64))).view(np.int64)
     out = ok & ((disp < -128) | (disp > 127))
     if out.any():
-        plan.fail(np.unique(f_func[out]), OUT_OF_RANGE)
+        plan.fail(unique(f_func[out]), OUT_OF_RANGE)
 
 
 def _fields(insns, plan: _Plan, items: _Items, copied: _Copied, item_off, new_addr, code,
@@ -1079,14 +1079,14 @@ def _fields(insns, plan: _Plan, items: _Items, copied: _Copied, item_off, new_ad
     j_ok = (j >= plan.first_insn[lf]) & (j < plan.last_insn[lf])
     mapped = new_addr[np.maximum(j, 0)]
     bad = ~j_ok | (mapped == 0)
-    plan.fail(np.unique(lf[bad]), DROPPED_REF)
+    plan.fail(unique(lf[bad]), DROPPED_REF)
     new_target[local] = np.where(bad, t, mapped + (t - insns.addr[np.maximum(j, 0)]))
     fo = insns.field_off[f_idx]
     fs = insns.field_size[f_idx].astype(np.int64)
     disp = (new_target - next_ip).view(np.int64)
     limit = np.where(fs == 1, 1 << 7, 1 << 31).astype(np.int64)
     out_of_range = (disp < -limit) | (disp >= limit)
-    plan.fail(np.unique(f_func[out_of_range]), OUT_OF_RANGE)
+    plan.fail(unique(f_func[out_of_range]), OUT_OF_RANGE)
     pos = item_off[f_item] + (insns.addr[f_idx] - item_base[f_item]).astype(np.int64) \
         + fo.astype(np.int64)
     for width in (1, 2, 4):
@@ -1413,7 +1413,7 @@ def _optimistic(insns, items: _Items) -> None:
 def _link_targets(insns, bt: BlockTable, items: _Items, moved) -> None:
     """Point every branch to another function that moved at the item its target is
     in now (``dest_item`` + ``dest_off``): its address then follows the layout."""
-    out = np.flatnonzero(np.isin(items.kind, TARGETED) & (items.dest_item < 0))
+    out = np.flatnonzero(isin(items.kind, TARGETED) & (items.dest_item < 0))
     items.dest_off = np.zeros(len(items.kind), np.int64)
     if not len(out):
         return

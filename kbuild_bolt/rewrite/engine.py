@@ -40,6 +40,7 @@ from typing import Callable
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin, setdiff1d, union1d, unique
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
 from kbuild_bolt.binary.cfg import REASONS
 from kbuild_bolt.binary.model import default_jobs
@@ -251,7 +252,7 @@ def promote_calls(ctx: RewriteContext) -> None:
                                 every_site=options.icp_every_site, seed=options.seed)
     ctx.promotions = promotions
     ctx.result.icp_skipped = promotions.skipped
-    rows = set(np.unique(model.function_of_insn[promotions.site]).tolist())
+    rows = set(unique(model.function_of_insn[promotions.site]).tolist())
     for row in rows - set(ctx.orders):
         ctx.orders[row] = list(cfg.blocks_of(row))
         ctx.result.unchanged -= 1
@@ -402,7 +403,7 @@ def emit(ctx: RewriteContext) -> None:
         if promotions is None or not len(promotions) or not failures:
             break
         failed = np.array([row for row, _ in failures], np.int64)
-        drop = np.isin(model.function_of_insn[promotions.site], failed)
+        drop = isin(model.function_of_insn[promotions.site], failed)
         if not drop.any():
             break
         ctx.promotions = promotions.without(drop, "no room in its function")
@@ -442,11 +443,11 @@ def emit_moved(ctx: RewriteContext, sizes: dict | None = None) -> None:
     model, cfg, result = ctx.model, ctx.cfg, ctx.result
     analysis = ctx.move_analysis
     moves = first_moves = ctx.moves
-    fill_insn = alignment_fill(model, np.union1d(moves.rows, moves.in_place))
+    fill_insn = alignment_fill(model, union1d(moves.rows, moves.in_place))
     ctx.slots = slot_ends(model, fill_insn)
     block_table = BlockTable(model, cfg, table_sites(model), fill_insn,
                              reverse_sites=reversible_sites(ctx), promotions=ctx.promotions,
-                             rows=np.union1d(moves.rows, moves.in_place))
+                             rows=union1d(moves.rows, moves.in_place))
     ctx.say(f"laying out {len(moves.rows):,} functions ({ctx.options.reorder_blocks} blocks, "
             f"{ctx.options.reorder_functions} functions"
             f"{', split' if ctx.options.split_functions else ''})")
@@ -459,7 +460,7 @@ def emit_moved(ctx: RewriteContext, sizes: dict | None = None) -> None:
         placed = {}
 
         def place(hot, cold, others, grow):
-            candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
+            candidates = setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
             plan, placement, hot_base, cold_base, room, no_room, variant = place_functions(
                 model, analysis, candidates, hot, cold, others, ctx.rank,
                 ctx.slots, ctx.same_name_before, memo, grow)
@@ -483,7 +484,7 @@ def emit_moved(ctx: RewriteContext, sizes: dict | None = None) -> None:
                 raise KbbError(str(stop)) from None
             for row in stop.rows:
                 stay[row] = stop.reasons.get(row, "no room")
-            candidates = np.setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
+            candidates = setdiff1d(ctx.candidates, np.array(sorted(stay), np.int64))
             moves = ctx.moves = analysis.plan(candidates, ctx.relaid)
     promotions = ctx.promotions
     if len(placed["no_room"]) and promotions is not None and len(promotions):
@@ -491,9 +492,9 @@ def emit_moved(ctx: RewriteContext, sizes: dict | None = None) -> None:
         # given up before any function's layout is (all placed again; promotions
         # only ever shrink, so this ends).
         text = ctx.text
-        full = np.unique(text.region_index(model.functions.start[np.array(placed["no_room"])]))
+        full = unique(text.region_index(model.functions.start[np.array(placed["no_room"])]))
         site_region = text.region_index(model.insns.addr[promotions.site])
-        drop = np.isin(site_region, full)
+        drop = isin(site_region, full)
         if drop.any():
             ctx.promotions = promotions.without(drop, "no room in its region")
             ctx.result.icp_skipped = ctx.promotions.skipped

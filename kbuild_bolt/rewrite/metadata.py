@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kbuild_bolt.arrays import in_sorted
+from kbuild_bolt.arrays import in_sorted, isin, unique
 from kbuild_bolt.elf.image import R_X86_64_PC32, RELA, SYM
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.tables import orc as orc_table
@@ -317,7 +317,7 @@ class PromotedCalls(MetadataRewriter):
         target_section = model.section_index_of(target)
         sec_sym = _section_symbols(model)
         if (target_section < 0).any() or any(int(t) not in sec_sym
-                                            for t in np.unique(target_section).tolist()):
+                                            for t in unique(target_section).tolist()):
             raise KbbError("a promoted call's target has no section symbol to relocate against")
         sym = np.array([sec_sym[int(t)] for t in target_section.tolist()], np.uint64)
         addend = (target - np.array([image.sections[int(t)].addr
@@ -331,7 +331,7 @@ class PromotedCalls(MetadataRewriter):
         disp_sym = promotions.disp_sym[k].astype(np.uint64)
         disp_sym[disp_sym >= np.uint64(image.symtab.info)] += np.uint64(len(ctx.new_symbols))
         rela_of = {r.info: r for r in image.rela_sections}
-        for section in np.unique(field_section).tolist():
+        for section in unique(field_section).tolist():
             rela = rela_of.get(section)
             if rela is None:
                 raise KbbError(f"no relocation section for {image.sections[section].name}: "
@@ -438,7 +438,7 @@ def _kallsyms_addresses(ctx, table) -> np.ndarray:
     absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
     out = table.addresses.astype(np.uint64).reshape(-1)
     # (only entries at an address some moved symbol had can move: looked up by name there)
-    maybe = np.flatnonzero(np.isin(out, symbols.value[moved]) & ~absolute)
+    maybe = np.flatnonzero(isin(out, symbols.value[moved]) & ~absolute)
     for i in maybe.tolist():
         out[i] = where.get((table.names[i][1:], int(out[i])), int(out[i]))
     return out
@@ -644,7 +644,7 @@ def retarget(amap, out, field_addr, size, next_ip, target, dropped, unreachable)
     bad = (disp < -limit) | (disp >= limit)
     if bad.any():
         raise KbbError(unreachable(int(np.flatnonzero(bad)[0])))
-    for width in np.unique(size).tolist():
+    for width in unique(size).tolist():
         sel = size == width
         out.write_fields(field_addr[sel], int(width), disp[sel])
 
@@ -683,7 +683,7 @@ def write_orc(model, out, ips, states) -> None:
         # section's end: a terminator there, an entry without a CFA register,
         # belongs to the code section; the loader puts the sections apart)
         ends = np.array(sorted(at_end), np.uint64)
-        pick |= np.isin(ips, ends) & ((states["bits"] & 0xF) == 0)
+        pick |= isin(ips, ends) & ((states["bits"] & 0xF) == 0)
     outside = np.flatnonzero(pick)
     sec_idx[outside] = [at_end.get(ip, -1) for ip in ips[outside].tolist()]
     addr_of = np.array([sec.addr for sec in sections] + [0], np.uint64)

@@ -20,7 +20,7 @@ from functools import cached_property
 
 import numpy as np
 
-from kbuild_bolt.arrays import in_sorted
+from kbuild_bolt.arrays import in_sorted, isin, setdiff1d
 from kbuild_bolt.binary.functions import PREFIX
 from kbuild_bolt.kernel.text import PLAIN, TextLayout
 from kbuild_bolt.rewrite.emit import NoRoom, table_sites
@@ -121,13 +121,13 @@ class MoveAnalysis:
         self.entered_inside[tgt[into][insns.ref[rel8][into] != functions.start[tgt[into]]]] = True
         # (emission re-encodes a plain jump or jcc; anything else, or a jump that
         # starts or sits inside a patch unit, keeps its size: then both stay)
-        self.rel8_fixed = ~np.isin(insns.flow[rel8], (x86.JMP, x86.JCC)) \
+        self.rel8_fixed = ~isin(insns.flow[rel8], (x86.JMP, x86.JCC)) \
             | model.insn_inside_patch_unit[rel8] | in_sorted(model.patch_units[0], insns.addr[rel8])
         # The instruction just in front of each extent, when code falls from it into it.
         before = np.searchsorted(insns.addr, extent).astype(np.int64) - 1
         ok = before >= 0
         prev = np.maximum(before, 0)
-        stops = np.isin(insns.flow, (x86.JMP, x86.IND_JMP, x86.RET, x86.CALL, x86.IND_CALL,
+        stops = isin(insns.flow, (x86.JMP, x86.IND_JMP, x86.RET, x86.CALL, x86.IND_CALL,
                                      x86.EXCEPTION, x86.INTERRUPT))
         falls = ok & (insns.end_of(prev) == extent) & ~stops[prev] & ~self.fill[prev]
         self.fall_src = np.where(falls, f_of[prev], -2)     # -2: nothing falls in
@@ -201,7 +201,7 @@ def free_fill(model, falls_off: np.ndarray) -> np.ndarray:
         return fill
     # Runs of fill: a run that code falls into (the instruction before it is
     # contiguous, not fill and not a terminator) is code.
-    stops = np.isin(insns.flow, (x86.JMP, x86.IND_JMP, x86.RET, x86.INTERRUPT, x86.EXCEPTION))
+    stops = isin(insns.flow, (x86.JMP, x86.IND_JMP, x86.RET, x86.INTERRUPT, x86.EXCEPTION))
     contiguous = insns.follows_on()
     first = fill & ~np.r_[False, fill[:-1] & contiguous[1:]]
     starts = np.flatnonzero(first)
@@ -354,7 +354,7 @@ class Placement:
         align[plan.rows] = plan.align
         failed = []
         for group in self.groups():
-            members = plan.rows[np.isin(plan.region, group)]
+            members = plan.rows[isin(plan.region, group)]
             floors = self._floors(members, before)
             key = None
             if memo is not None:
@@ -605,7 +605,7 @@ def place_functions(model, analysis: MoveAnalysis, candidates: np.ndarray, hot: 
                 as_was.add(k)
                 best_fit.discard(k)  # (first fit in address order: as the linker had it)
         if stayed:
-            plan = analysis.plan(np.setdiff1d(candidates, np.array(stayed, np.int64)))
+            plan = analysis.plan(setdiff1d(candidates, np.array(stayed, np.int64)))
 
 
 def lay_in_place(model, rows: np.ndarray, hot_base: np.ndarray, cold_base: np.ndarray,

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kbuild_bolt.arrays import unique
 from kbuild_bolt.binary.cfg import FALLTHROUGH
 from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE
 from kbuild_bolt.rewrite.emit import table_sites
@@ -202,7 +203,7 @@ def permanent_entries(model) -> np.ndarray:
     stays = np.array([not s.name.startswith((".init", ".exit")) for s in sections] + [True])
     k = functions.section.astype(np.int64)
     permanent = stays[np.where((k >= 0) & (k < len(sections)), k, len(sections))]
-    return np.unique(functions.start[permanent].astype(np.uint64))
+    return unique(functions.start[permanent].astype(np.uint64))
 
 
 def choose(model, cfg, rows: np.ndarray, calls_seen, share: float = DEFAULT_SHARE,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, RELA, SIGNED, type_and_symbol
 from kbuild_bolt.errors import KbbError
 
@@ -90,7 +91,7 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
         if not len(r):
             continue
         rtype, _ = type_and_symbol(r["info"])
-        handled = np.isin(rtype, list(FIELD_SIZE))
+        handled = isin(rtype, list(FIELD_SIZE))
         if len(skip_lo):
             k = np.searchsorted(skip_lo, r["offset"], side="right").astype(np.int64) - 1
             handled &= ~((k >= 0) & (r["offset"] < skip_hi[np.maximum(k, 0)]))
@@ -121,7 +122,7 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
         if image.sections[rela.info].is_exec:
             # A PC-relative field in an instruction is relative to the instruction's
             # end: the address it refers to is S + A + (end - P) (call foo: A = -4).
-            pc_code = np.isin(rtype, PC_RELATIVE)
+            pc_code = isin(rtype, PC_RELATIVE)
             idx = model.insn_containing(offset[pc_code])
             ends = np.where(idx >= 0, model.insns.end_of(np.maximum(idx, 0)), offset[pc_code])
             target[pc_code] += ends - offset[pc_code]
@@ -138,7 +139,7 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
         new_addend = addend.copy()
         delta = (new_target[tgt_moved] - target[tgt_moved]).view(np.int64)
         new_addend[tgt_moved] = addend[tgt_moved] + delta - (s_new - s_value)[tgt_moved]
-        pc = np.isin(rtype, PC_RELATIVE)
+        pc = isin(rtype, PC_RELATIVE)
         rewrite = handled & (tgt_moved | sym_moved | (off_moved & pc))
         changed = (off_moved & handled) | tgt_moved | sym_moved
         idx = np.flatnonzero(changed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, RELA, type_and_symbol
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel.tables import base
@@ -91,7 +92,7 @@ def reverse_static_keys(model, amap, out, flipped: np.ndarray) -> int:
         raise KbbError("a reversed static-key site jumps to code that was dropped")
     target_of = dict(zip(insns.addr[flipped[:, 1]].tolist(), new_target.tolist()))
     codes = data.targets("code")
-    mine = np.flatnonzero(np.isin(codes, np.fromiter(target_of, np.uint64, len(target_of))))
+    mine = np.flatnonzero(isin(codes, np.fromiter(target_of, np.uint64, len(target_of))))
     if len(mine) != len(target_of):
         raise KbbError(f"{len(target_of) - len(mine)} reversed static-key sites have no "
                        "__jump_table entry")

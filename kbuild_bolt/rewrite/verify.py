@@ -20,13 +20,12 @@ same as the input's take the input's decoding, the rest is decoded anew):
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
-from kbuild_bolt.arrays import concat_ranges
+from kbuild_bolt.arrays import concat_ranges, isin, unique
 from kbuild_bolt.binary.model import BinaryModel, check_readable, default_jobs, same_bytes
 from kbuild_bolt.elf.image import (
     FIELD_SIZE, SHT_RELA, SHT_STRTAB, SHT_SYMTAB, ElfImage, type_and_symbol,
@@ -37,7 +36,7 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel import tables as kernel_tables
 from kbuild_bolt.kernel.version import kernel_version
 from kbuild_bolt.kernel.vmlinux import open_vmlinux
-from kbuild_bolt.processes import ForkedCall
+from kbuild_bolt.processes import ForkedCall, OnThread
 
 
 @dataclass
@@ -136,7 +135,7 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
         # objcopy --strip-debug drops the section symbols of the debug sections.
         gone = {s.index for s in a.sections if s.name.startswith(".debug")
                 and b.section(s.name) is None}
-        keep = ~((x.type == 3) & np.isin(x.shndx, list(gone)))
+        keep = ~((x.type == 3) & isin(x.shndx, list(gone)))
         if int(keep.sum()) != len(y):
             return [f"{len(x)} symbols became {len(y)}"]
         index = out_index = np.flatnonzero(keep)
@@ -182,32 +181,14 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
     return problems
 
 
-class _OutputHash:
-    """The build-id the output's bytes give (elf.notes.compute), hashed by a
-    thread while the comparison goes on: reading the file and SHA-1 let go of
-    the interpreter. Hashed only when the note is not the input's (an output
-    that keeps the input's is judged by its bytes instead)."""
-
-    def __init__(self, a: ElfImage, path, note):
-        self.value: bytes | None = None
-        self.error: BaseException | None = None
-        before = build_id(a)
-        self.thread = None
-        if note is not None and not (before is not None and note.value == before.value):
-            self.thread = threading.Thread(target=self._hash, args=(path, note), daemon=True)
-            self.thread.start()
-
-    def _hash(self, path, note) -> None:
-        try:
-            self.value = compute_build_id(path, note)
-        except BaseException as e:          # (raised where the value is asked for)
-            self.error = e
-
-    def result(self) -> bytes:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
+def _output_hash(a: ElfImage, path, note) -> OnThread | None:
+    """The build-id the output's bytes give (elf.notes.compute), hashed on a
+    thread while the comparison goes on; None (not hashed) where the note is
+    the input's: such an output is judged by its bytes instead."""
+    before = build_id(a)
+    if note is None or (before is not None and note.value == before.value):
+        return None
+    return OnThread(compute_build_id, path, note)
 
 
 def _section_keys(image: ElfImage, shndx: np.ndarray, codes: dict) -> np.ndarray:
@@ -220,11 +201,11 @@ def _section_keys(image: ElfImage, shndx: np.ndarray, codes: dict) -> np.ndarray
     return np.where(named, table[np.where(named, i, 0)], -1 - i)
 
 
-def _build_id_problems(a: ElfImage, b: ElfImage, note, hashed: _OutputHash) -> list[str]:
+def _build_id_problems(a: ElfImage, b: ElfImage, note, hashed: OnThread | None) -> list[str]:
     """A rewritten kernel is a new binary (the debug vmlinux and the running
     kernel must match by build-id): its build-id is the hash of the output. An
     output whose loaded bytes are the input's keeps the input's."""
-    if hashed.thread is None:
+    if hashed is None:
         same = all(b.section(s.name) is not None
                    and a.section_data(s) == b.section_data(b.section(s.name))
                    for s in a.sections if s.is_alloc and s.has_bits and s.size)
@@ -516,7 +497,7 @@ def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) 
 
     note = build_id(out.image)
     # (the output's own hash, on the side, from the start)
-    hashed = _OutputHash(inp.image, path, note) if inp is not None else None
+    hashed = _output_hash(inp.image, path, note) if inp is not None else None
     table = kallsyms.read(out.image)
     if table is not None:
         report.add("kallsyms agree with the symbols", *_kallsyms_problems(out, table))
@@ -649,7 +630,7 @@ def _changed_functions(inp: BinaryModel, out: BinaryModel) -> np.ndarray:
     running count of differing bytes that grows over a function)."""
     functions = inp.functions
     changed = np.ones(len(functions), bool)
-    for k in np.unique(functions.section).tolist():
+    for k in unique(functions.section).tolist():
         rows = np.flatnonzero(functions.section == k)
         same = same_bytes(inp.image, out.image, inp.image.sections[k], functions.start[rows],
                           functions.end[rows])

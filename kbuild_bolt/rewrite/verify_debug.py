@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kbuild_bolt.arrays import unique
 from kbuild_bolt.dwarf.image import INHERIT, LINEAR
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.errors import KbbError
@@ -103,7 +104,7 @@ def moved_instructions(image_in: ElfImage, code) -> np.ndarray:
         starts.append(code.old_lo[sel & (code.kind != LINEAR)])
     if not starts:
         return np.zeros(0, np.uint64)
-    return np.unique(np.concatenate(starts).astype(np.uint64))
+    return unique(np.concatenate(starts).astype(np.uint64))
 
 
 def sample_moved_instructions(image_in: ElfImage, code, n: int, seed: int = 0) -> np.ndarray:
@@ -134,7 +135,7 @@ def sample_moved_instructions(image_in: ElfImage, code, n: int, seed: int = 0) -
         picked.append(starts[pick])
     if not picked:
         return np.zeros(0, np.uint64)
-    return np.unique(np.concatenate(picked).astype(np.uint64))
+    return unique(np.concatenate(picked).astype(np.uint64))
 
 
 def symbolizer_available() -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kbuild_bolt.arrays import unique
 from kbuild_bolt.dwarf.image import INHERIT, LINEAR
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.elf.place import orc_targets
@@ -95,7 +96,7 @@ def orc_follows_code(orc_in: OrcTable, orc_out: OrcTable, code) -> tuple[int, li
     ok[ok] &= orc_out.ip[ok] < new_hi[o][k[ok]]
     kk = k[ok]
     points.append(orc_out.ip[ok] - new_lo[o][kk] + old_lo[o][kk])
-    old = np.unique(np.concatenate(points))
+    old = unique(np.concatenate(points))
     new, mapped = code.points(old)
     old, new = old[mapped], new[mapped]
     before, after = orc_in.state_at(old), orc_out.state_at(new)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kbuild_bolt.arrays import in_sorted
+from kbuild_bolt.arrays import in_sorted, isin, unique
 from kbuild_bolt.x86 import decode as x86
 
 
@@ -74,8 +74,8 @@ def static_key_site(code, addrs, idx):
 
 def _direct_to(code, idx, flows, targets):
     flow = code.insns.flow[idx]
-    ok = np.isin(flow, flows) & (code.insns.ref_kind[idx] == x86.REF_BRANCH)
-    targets = np.unique(np.asarray(targets, dtype=np.uint64))
+    ok = isin(flow, flows) & (code.insns.ref_kind[idx] == x86.REF_BRANCH)
+    targets = unique(np.asarray(targets, dtype=np.uint64))
     return ok & in_sorted(targets, code.insns.ref[idx])
 
 

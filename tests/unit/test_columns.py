@@ -189,3 +189,52 @@ def test_run_column_over_ranges_in_any_order(seed):
     assert most.whole and list(most.first) == [0] and list(most.last) == [n]
     most[[5, 1450]] = 7
     assert most[1450] == 7 and most[-1] == 0 and np.asarray(most).sum() == 14
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int64, np.int32, np.uint8])
+def test_set_helpers_are_numpys(dtype):
+    """unique, isin (and invert), union1d and setdiff1d give numpy's values and
+    dtypes: empty arrays, repeats, 2-D elements, the top of uint64, and mixed
+    dtypes (left to np.isin)."""
+    from kbuild_bolt.arrays import isin, setdiff1d, union1d, unique
+
+    rng = np.random.default_rng(7)
+    for n, m in ((0, 0), (0, 5), (6, 0), (100, 1000), (1000, 30), (40000, 20000)):
+        a = rng.integers(0, 3000, n).astype(dtype)
+        b = rng.integers(0, 3000, m).astype(dtype)
+        for invert in (False, True):
+            assert np.array_equal(isin(a, b, invert=invert), np.isin(a, b, invert=invert))
+        for mine, theirs in ((unique(a), np.unique(a)), (union1d(a, b), np.union1d(a, b)),
+                             (setdiff1d(a, b), np.setdiff1d(a, b))):
+            assert np.array_equal(mine, theirs) and mine.dtype == theirs.dtype
+    grid = rng.integers(0, 50, (7, 9)).astype(dtype)
+    assert np.array_equal(isin(grid, np.arange(0, 50, 3, dtype=dtype)),
+                          np.isin(grid, np.arange(0, 50, 3)))
+    assert np.array_equal(unique(grid), np.unique(grid))
+    assert np.array_equal(isin(grid, [3, 4]), np.isin(grid, [3, 4]))   # (a list: numpy's)
+    top = np.array([2**64 - 1, 0, 2**63], np.uint64)
+    assert isin(top, np.array([2**64 - 1], np.uint64)).tolist() == [True, False, False]
+
+
+def test_a_rewrite_does_not_import_numpy_ma(tmp_path):
+    """np.unique's first plain call (np.isin and the set functions make one)
+    imports numpy.ma: 25-40 ms of every Kbuild step. The package's own helpers
+    keep a rewrite of the small kernel (verification included) clear of it."""
+    import subprocess
+    import sys
+
+    from elfkit import tools_available
+    from synthetic_kernel import build
+
+    if not tools_available():
+        pytest.skip("binutils (as, ld) missing")
+    kernel = build(tmp_path)
+    code = ("import sys\n"
+            "from kbuild_bolt.rewrite.engine import RewriteOptions, rewrite\n"
+            f"rewrite({str(kernel)!r}, {str(tmp_path / 'out')!r}, RewriteOptions("
+            "reorder_blocks='reverse', reorder_functions='random', split_functions=True,"
+            " progress=False))\n"
+            "print('numpy.ma' in sys.modules)\n")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert got.stdout.strip() == "False", got.stderr

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbuild_bolt.arrays import concat_ranges
+from kbuild_bolt.arrays import concat_ranges, unique
 from kbuild_bolt.errors import KbbError
 
 # The arrays, in the names scripts/kallsyms.c gives them.
@@ -288,7 +288,7 @@ def compress(text: str, tokens: list[str], lookup: tuple | None = None) -> bytes
 def capacities(image, table: Kallsyms) -> dict[str, int]:
     """Bytes each array may take: up to the next symbol (a kernel built with
     kbuild-bolt's kallsyms reserve leaves room there for names it adds)."""
-    values = np.unique(image.symbols.value)
+    values = unique(image.symbols.value)
     out = {}
     for name, at in (table.arrays or {}).items():
         section = image.section_at(at)
