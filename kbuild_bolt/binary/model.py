@@ -513,7 +513,8 @@ class BinaryModel:
             if consume_like:
                 like.insns = None   # (millions of instructions: the merge below is the peak)
         self.insns: x86.Decoded = decode_all(image, ranges, jobs or default_jobs())
-        for known in (reused, moved):
+        # (the few first: the whole kernel's instructions are merged into once)
+        for known in (moved, reused):
             if known is not None and len(known):
                 self.insns = x86.Decoded.merge(self.insns, known)
         self.timing.add("decode", t)

@@ -6,6 +6,7 @@ from functools import cached_property
 
 import numpy as np
 
+from kbuild_bolt.arrays import isin
 from kbuild_bolt.elf.image import SYM, STT_FUNC
 
 
@@ -60,6 +61,23 @@ class SymbolTable:
             text = strtab.decode("ascii")
             return [text[a:b] for a, b in zip(starts, ends)]
         return [strtab[a:b].decode("utf-8", "replace") for a, b in zip(starts, ends)]
+
+    @cached_property
+    def name_hashes(self) -> np.ndarray:
+        """Python's hash of every symbol's name (int64): names compared in bulk."""
+        return np.fromiter(map(hash, self.names), np.int64, len(self.raw))
+
+    def named(self, names) -> np.ndarray:
+        """Per symbol: its name is one of ``names`` (found by hash, then compared)."""
+        wanted = set(names)
+        out = np.zeros(len(self.raw), bool)
+        if not wanted or not len(self.raw):
+            return out
+        maybe = np.flatnonzero(isin(self.name_hashes, np.array([hash(n) for n in wanted],
+                                                                  np.int64)))
+        all_names = self.names
+        out[maybe] = [all_names[i] in wanted for i in maybe.tolist()]
+        return out
 
     def names_start_with(self, prefixes: tuple[str, ...]) -> np.ndarray:
         """Whether each symbol's name starts with one of ``prefixes`` (ASCII),

@@ -116,8 +116,7 @@ def text_layout(image) -> TextLayout:
         a, b = symbols.address(first), symbols.address(past)
         if a is not None and b is not None and b > a:
             pinned.append((a, b, f"{first}..{past}"))
-    types = symbols.type
-    funcs = [i for i in np.flatnonzero(types == STT_FUNC).tolist() if names[i] in COPIED_FUNCTIONS]
+    funcs = np.flatnonzero((symbols.type == STT_FUNC) & symbols.named(COPIED_FUNCTIONS)).tolist()
     for i in funcs:
         start = int(symbols.value[i])
         pinned.append((start, start + max(1, int(symbols.size[i])), names[i]))
@@ -199,14 +198,13 @@ def _head_end(image, text) -> int:
     not a head file. (Head code comes first in .text; every object's local
     functions follow its file symbol in the symbol table.)"""
     symbols = image.symbols
-    names = symbols.names
     types = symbols.type
     # The file group of every symbol: the last STT_FILE at or before it.
     is_file = types == STT_FILE
     group = np.maximum.accumulate(np.where(is_file, np.arange(len(types)), -1))
     local_text = np.flatnonzero((types == STT_FUNC) & (symbols.bind == 0)
                                 & (symbols.shndx == text.index) & (group >= 0))
-    head_file = np.array([names[g] in HEAD_FILES for g in group[local_text].tolist()], bool)
+    head_file = symbols.named(HEAD_FILES)[group[local_text]]
     others = local_text[~head_file] if len(local_text) else local_text
     best = int(symbols.value[others].min()) if len(others) else None
     if best is None:

@@ -231,22 +231,26 @@ def _kallsyms_problems(out: BinaryModel, table) -> tuple[int, list[str]]:
     symbols = out.image.symbols
     problems = []
     absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
-    # Most names are one symbol's: the symbol the name index gives is at that
-    # address. The others (static symbols that share a name) are looked for
-    # among every symbol of their name.
-    rows = symbols.rows_of(name[1:] for name in table.names)
-    found = (rows >= 0) & (symbols.value[np.maximum(rows, 0)] == table.addresses)
-    unsure = np.flatnonzero(~found & ~absolute).tolist()
-    if unsure:
-        wanted = {table.names[i][1:] for i in unsure}
-        there = {(name, value) for name, value in zip(symbols.names, symbols.value.tolist())
-                 if name in wanted}
-        for i in unsure:
-            name, addr = table.names[i][1:], int(table.addresses[i])
-            if (name, addr) not in there:
-                problems.append(f"{name} at {addr:#x}: no such symbol there")
-                if len(problems) >= 20:
-                    break
+    names = [name[1:] for name in table.names]
+    # The symbols at each entry's address (a binary search in their values, not a
+    # lookup per name), compared by the hashes of their names, and the pairs of
+    # equal hashes as strings.
+    order = np.argsort(symbols.value, kind="stable")
+    values = symbols.value[order]
+    lo = np.searchsorted(values, table.addresses, side="left")
+    count = np.searchsorted(values, table.addresses, side="right") - lo
+    entry = np.repeat(np.arange(table.count), count)
+    symbol = order[concat_ranges(lo, count)]
+    symbol_names = symbols.names
+    same = symbols.name_hashes[symbol] == np.fromiter(map(hash, names), np.int64,
+                                                      len(names))[entry]
+    pairs = np.flatnonzero(same)
+    equal = np.array([symbol_names[k] == names[i] for i, k in
+                      zip(entry[pairs].tolist(), symbol[pairs].tolist())], bool)
+    found = np.zeros(table.count, bool)
+    found[entry[pairs[equal]] if len(pairs) else pairs] = True
+    for i in np.flatnonzero(~found & ~absolute)[:20].tolist():
+        problems.append(f"{names[i]} at {int(table.addresses[i]):#x}: no such symbol there")
     rel = table.addresses[~absolute]
     bad = np.flatnonzero(rel[1:] < rel[:-1])
     for i in bad[:5].tolist():
@@ -557,8 +561,7 @@ def _marker_problems(a: ElfImage, b: ElfImage) -> tuple[int, list[str]]:
                 for name, value in names.items()
                 if b.symbols.address(name) not in (None, value)]
     y = b.symbols
-    y_marker = np.array([y.names[j] in names for j in range(len(y))], bool) \
-        if names else np.zeros(len(y), bool)
+    y_marker = y.named(names)
     checked = len(names)
     for rela in a.rela_sections:
         other = b.section(rela.name)

@@ -175,3 +175,30 @@ def test_kallsyms_check_finds_each_name_at_its_address_among_all_of_that_name():
     # Out of address order.
     swapped = [("solo", 0x400), ("dup", 0x100)]
     assert "entry 1 lies below the one before it" in _kallsyms_problems(out, table(swapped))[1]
+
+
+def test_symbols_named_and_by_prefix_are_the_names_compared():
+    """SymbolTable.named (by hash, then compared) and names_start_with (in the
+    string table) say what comparing every decoded name says: repeated names,
+    names that are prefixes or tails of others (a shared string table tail),
+    non-ASCII names, absent names and the empty set."""
+    from kbuild_bolt.elf.image import SYM
+    from kbuild_bolt.elf.symbols import SymbolTable
+
+    names = ["dup", "dup", "__pfx_dup", "du", "dupe", "x_dup", "café", "", "__cfi_a",
+             "__pfx_", "__pf"]
+    strtab = bytearray(b"\0")
+    raw = np.zeros(len(names) + 1, SYM)
+    for k, name in enumerate(names):
+        raw[k] = (len(strtab), 2, 0, 1, 0x100 * k, 1)
+        strtab += name.encode() + b"\0"
+    raw[-1] = (strtab.index(b"dup\0", 10), 2, 0, 1, 0, 1)    # (the tail of __pfx_dup)
+    symbols = SymbolTable(raw, strtab)
+    every = symbols.names
+    assert every[-1] == "dup"
+    for wanted in ({"dup"}, {"du", "café"}, {"nothing"}, set(), {"", "x_dup"}):
+        assert symbols.named(wanted).tolist() == [n in wanted for n in every]
+    for prefixes in (("__pfx_", "__cfi_"), ("dup",), ("du", "x"), ("dup\0",)):
+        assert symbols.names_start_with(prefixes).tolist() == \
+            [n.startswith(prefixes) if "\0" not in prefixes[0] else n == prefixes[0][:-1]
+             for n in every]
