@@ -399,7 +399,7 @@ class Kallsyms(MetadataRewriter):
         """(name with type, record, address) of the cold parts' names that fit the
         arrays' ``room``; the summary counts the others."""
         n = table.count
-        used = {"kallsyms_names": sum(len(r) for r in table.records), "kallsyms_offsets": 4 * n,
+        used = {"kallsyms_names": table.names_size, "kallsyms_offsets": 4 * n,
                 "kallsyms_addresses": 8 * n, "kallsyms_seqs_of_names": 3 * n}
         per_entry = {"kallsyms_offsets": 4, "kallsyms_addresses": 8, "kallsyms_seqs_of_names": 3}
         free = {k: room[k] - v for k, v in used.items() if k in room}

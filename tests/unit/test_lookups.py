@@ -157,8 +157,11 @@ def test_kallsyms_check_finds_each_name_at_its_address_among_all_of_that_name():
                              ("moved", 0x500, True)])
     out = SimpleNamespace(image=SimpleNamespace(symbols=symbols))
 
-    def table(entries, absolute=None):
-        return SimpleNamespace(names=["t" + n for n, _ in entries], count=len(entries),
+    def table(entries, absolute=None, bare=False):
+        # (as read for a new layout: names with their type; to check: bare names)
+        return SimpleNamespace(names=None if bare else ["t" + n for n, _ in entries],
+                               bare_names=[n for n, _ in entries] if bare else None,
+                               count=len(entries),
                                addresses=np.array([a for _, a in entries], np.uint64),
                                absolute=None if absolute is None else np.array(absolute))
 
@@ -167,6 +170,8 @@ def test_kallsyms_check_finds_each_name_at_its_address_among_all_of_that_name():
     bad = [("dup", 0x100), ("dup", 0x250), ("solo", 0x400), ("moved", 0x480), ("gone", 0x490)]
     count, problems = _kallsyms_problems(out, table(bad))
     assert [p.split(" at ")[0] for p in problems[:3]] == ["dup", "moved", "gone"]
+    assert _kallsyms_problems(out, table(bad, bare=True)) == (count, problems)
+    assert _kallsyms_problems(out, table(good, bare=True)) == (5, [])
     assert "entry 4 lies below the one before it" not in problems   # (0x480 < 0x490)
     # A per-cpu entry is an offset, not a symbol's address.
     percpu = [("dup", 0x100), ("pcpu_var", 0x8), ("solo", 0x400)]

@@ -38,6 +38,8 @@ class Kallsyms:
     names: list[str] | None = None        # with the leading type character
     encoding: str = ""
     records: list[bytes] | None = None    # compressed name records (token indices)
+    bare_names: list[str] | None = None   # the names without their type (read to check)
+    names_size: int = 0                   # bytes of kallsyms_names in use
     absolute: np.ndarray | None = None    # bool: stored as an absolute value (per-cpu)
     tokens: list[str] | None = None
     relative_base: int = 0
@@ -58,8 +60,10 @@ def read_count(image) -> Kallsyms | None:
     return Kallsyms(count=count, names_addr=names_addr)
 
 
-def read(image) -> Kallsyms | None:
-    """Decode every kallsyms name and address."""
+def read(image, records: bool = True) -> Kallsyms | None:
+    """Decode every kallsyms name and address. ``records``: keep each entry's
+    compressed record and its name with the type character (what a new layout
+    writes again); without, ``bare_names`` only (what checking it needs)."""
     table = read_count(image)
     if table is None:
         return None
@@ -80,13 +84,19 @@ def read(image) -> Kallsyms | None:
     markers = (image.array_at(markers_addr, "<u4", (table.count + 255) // 256)
                .astype(np.int64) if markers_addr is not None and table.count else None)
     bounds = _record_bounds(names_blob, table.count, markers)
-    table.names = _expanded(names_blob, bounds, tokens)
-    table.records = [names_blob[a:b] for a, b in zip(bounds[0].tolist(),
-                                                     (bounds[1] + bounds[2]).tolist())]
+    table.names_size = int((bounds[1] + bounds[2])[-1]) if table.count else 0
+    if records:
+        table.names = _expanded(names_blob, bounds, tokens)
+        table.records = [names_blob[a:b] for a, b in zip(bounds[0].tolist(),
+                                                         (bounds[1] + bounds[2]).tolist())]
+        bare = None
+    else:
+        table.bare_names = bare = _expanded(names_blob, bounds, tokens, skip=1)
     table.tokens = tokens
     table.arrays = {name: _sym(image, name) for name in ARRAYS
                     if _sym(image, name) is not None}
-    table.addresses, table.encoding = _addresses(image, table.count, table.names)
+    table.addresses, table.encoding = _addresses(
+        image, table.count, bare if bare is not None else table.names, 0 if bare else 1)
     if table.encoding != "absolute":
         offsets = image.array_at(table.arrays["kallsyms_offsets"], "<i4", table.count)
         table.absolute = (offsets >= 0) if table.encoding == "absolute-percpu" \
@@ -151,9 +161,10 @@ def _record_bounds(blob: bytes, count: int,
             np.array(length, np.int64))
 
 
-def _expanded(blob: bytes, bounds, tokens: list[str]) -> list[str]:
+def _expanded(blob: bytes, bounds, tokens: list[str], skip: int = 0) -> list[str]:
     """Each record's name: its token indices expanded to their tokens (all
-    records at once by a charmap decoding, then cut by the tokens' lengths)."""
+    records at once by a charmap decoding, then cut by the tokens' lengths),
+    without its first ``skip`` characters (1: the type)."""
     _, payload, length = bounds
     data = np.frombuffer(blob, np.uint8)
     indices = data[concat_ranges(payload, length)]
@@ -164,10 +175,11 @@ def _expanded(blob: bytes, bounds, tokens: list[str]) -> list[str]:
     at = np.concatenate([[0], np.cumsum(token_len[indices])])
     last = np.cumsum(length)
     cut = np.concatenate([at[last - length][:1], at[last]]) if len(length) else at[:1]
-    return [text[a:b] for a, b in zip(cut[:-1].tolist(), cut[1:].tolist())]
+    return [text[a:b] for a, b in zip((cut[:-1] + skip).tolist(), cut[1:].tolist())]
 
 
-def _addresses(image, count: int, names: list[str]) -> tuple[np.ndarray, str]:
+def _addresses(image, count: int, names: list[str], skip: int) -> tuple[np.ndarray, str]:
+    """(addresses, encoding); ``names[i][skip:]``: entry i's symbol name."""
     absolute = _sym(image, "kallsyms_addresses")
     if absolute is not None:
         return image.array_at(absolute, "<u8", count).astype(np.uint64), "absolute"
@@ -185,7 +197,7 @@ def _addresses(image, count: int, names: list[str]) -> tuple[np.ndarray, str]:
     symbols = image.symbols
     agree = {"relative": 0, "absolute-percpu": 0}
     for i in range(0, count, max(1, count // 400)):
-        want = symbols.address(names[i][1:])
+        want = symbols.address(names[i][skip:])
         if want is None:
             continue
         agree["relative"] += int(relative[i]) == want
