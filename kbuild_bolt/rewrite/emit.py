@@ -26,6 +26,7 @@ Python work per block. The result is an :class:`Emission`.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 
@@ -226,9 +227,18 @@ class BlockTable:
         self.site_target = column(site_target_s, 0, np.uint64)
         may = np.asarray(reverse_sites)
         self.may_reverse = (np.full(nb, bool(may)) if may.ndim == 0 else may[term]) & static_key
-        # Promoted calls of each block: promotions [icp_first, icp_first + icp_count)
-        # (sites ascending, so a block's are contiguous); per promotion, its
-        # call's offset in its block and length.
+        self._promote(insns, promotions)
+        start = insns.addr[first]
+        last_end = insns.end_of(end - 1)
+        self.whole = (last_end - start).astype(np.int32)
+        self.body = (insns.addr[term] - start).astype(np.int32)
+        self.tail = (last_end - insns.end_of(term)).astype(np.int32)
+
+    def _promote(self, insns, promotions) -> None:
+        """Promoted calls of each block: promotions [icp_first, icp_first +
+        icp_count) (sites ascending, so a block's are contiguous); per
+        promotion, its call's offset in its block and length."""
+        nb, first = len(self.first), self.first
         self.promotions = promotions
         self.icp_first = np.zeros(nb, np.int64)
         self.icp_count = np.zeros(nb, np.int64)
@@ -241,11 +251,13 @@ class BlockTable:
             self.p_insn = site
             self.p_off = (insns.addr[site] - insns.addr[first[b_of]]).astype(np.int64)
             self.p_len = insns.length[site].astype(np.int64)
-        start = insns.addr[first]
-        last_end = insns.end_of(end - 1)
-        self.whole = (last_end - start).astype(np.int32)
-        self.body = (insns.addr[term] - start).astype(np.int32)
-        self.tail = (last_end - insns.end_of(term)).astype(np.int32)
+
+    def with_promotions(self, model, promotions) -> "BlockTable":
+        """The same blocks with other promoted calls (fewer, when some left no
+        room): nothing else of the table depends on them."""
+        other = copy.copy(self)
+        other._promote(model.insns, promotions)
+        return other
 
     _COLUMNS = ("kind", "first", "end", "term", "fall", "taken", "t_block", "target", "cc",
                 "site_jmp", "site_target", "whole", "body", "tail", "droppable", "may_reverse",

@@ -387,15 +387,14 @@ def emit(ctx: RewriteContext) -> None:
     if not (ctx.options.dyno_stats or ctx.options.keep_record):
         ctx.profile_layout = None   # (its last reader here: its counts go before emission)
     trim()
+    block_table = BlockTable(model, cfg, sites, fill_insn, reverse_sites=reverse,
+                             promotions=ctx.promotions, rows=rows)
+    model.image.release_pages()   # (it read the code of every block's end)
     while True:
-        block_table = BlockTable(model, cfg, sites, fill_insn, reverse_sites=reverse,
-                                 promotions=ctx.promotions, rows=rows)
-        model.image.release_pages()   # (it read the code of every block's end)
         emission, failures = emit_functions(model, cfg, block_table, ctx.orders, ctx.slots,
                                             moved_interior,
                                             HoleAllocator(list(holes)) if ctx.options.split
                                             else None)
-        del block_table
         trim()
         # A function that cannot be laid out with its promoted calls (no room for
         # what they add) is laid out without them: all again, until none fails so.
@@ -408,6 +407,8 @@ def emit(ctx: RewriteContext) -> None:
             break
         ctx.promotions = promotions.without(drop, "no room in its function")
         ctx.result.icp_skipped = ctx.promotions.skipped
+        block_table = block_table.with_promotions(model, ctx.promotions)
+    del block_table
     for row, reason in failures:
         ctx.leave_alone([row], reason)
     result.fragments = int((emission.frag_len > 0).sum())
