@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from functools import cached_property
+from operator import itemgetter
 
 import numpy as np
 
 from kbuild_bolt.arrays import isin
 from kbuild_bolt.elf.image import SYM, STT_FUNC
+
+
+# Names looked up one by one before the whole name index is built.
+_LOOKUPS_BEFORE_INDEX = 256
 
 
 class SymbolTable:
@@ -17,6 +22,7 @@ class SymbolTable:
         self.raw = raw
         self._strtab = bytes(strtab)
         self._prefixed: dict[tuple, np.ndarray] = {}
+        self._lookups = 0
 
     @classmethod
     def empty(cls) -> "SymbolTable":
@@ -54,13 +60,25 @@ class SymbolTable:
         nuls = np.flatnonzero(np.frombuffer(strtab, np.uint8) == 0)
         at = np.searchsorted(nuls, offsets)
         ends = np.where(at < len(nuls), nuls[np.minimum(at, len(nuls) - 1)], len(strtab))
-        starts, ends = offsets.tolist(), ends.tolist()
-        if strtab.isascii():
-            # (one decode for the whole table: an ASCII string's character
-            # offsets are its byte offsets)
-            text = strtab.decode("ascii")
-            return [text[a:b] for a, b in zip(starts, ends)]
-        return [strtab[a:b].decode("utf-8", "replace") for a, b in zip(starts, ends)]
+        if not strtab.isascii():
+            return [strtab[a:b].decode("utf-8", "replace")
+                    for a, b in zip(offsets.tolist(), ends.tolist())]
+        # One decode and one split of the whole table (an ASCII string's
+        # character offsets are its byte offsets): a name that starts a string
+        # is that string, picked by the number of its NUL; one that is the tail
+        # of another (the linker shares tails), or has no NUL, is cut out.
+        text = strtab.decode("ascii")
+        strings = text.split("\0")
+        whole = (at < len(nuls)) & (offsets <= len(strtab))
+        after_nul = np.ones(len(offsets), bool)
+        inner = whole & (offsets > 0)
+        after_nul[inner] = np.frombuffer(strtab, np.uint8)[offsets[inner] - 1] == 0
+        whole &= after_nul
+        picked = np.where(whole, at, 0).tolist()
+        names = list(itemgetter(*picked)(strings)) if len(picked) > 1 else [strings[picked[0]]]
+        for i in np.flatnonzero(~whole).tolist():
+            names[i] = text[int(offsets[i]):int(ends[i])]
+        return names
 
     @cached_property
     def name_hashes(self) -> np.ndarray:
@@ -103,27 +121,58 @@ class SymbolTable:
     @cached_property
     def _index_by_name(self) -> dict[str, int]:
         # Globals win over locals of the same name; among equals, the first.
-        # (dict() keeps the last of equal keys: so locals go first, and each
-        # group from its last symbol to its first)
+        # (dict() keeps the last of equal keys: every name from the last symbol
+        # to the first, then the globals' the same way)
         names = self.names
-        rows = np.arange(len(names))
-        local = self.bind == 0
-        order = np.concatenate([rows[local][::-1], rows[~local][::-1]]).tolist()
-        index = dict(zip([names[i] for i in order], order))
+        index = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
+        rows = np.flatnonzero(self.bind != 0)[::-1].tolist()
+        if rows:
+            index.update(zip(itemgetter(*rows)(names) if len(rows) > 1 else [names[rows[0]]],
+                             rows))
         index.pop("", None)
         return index
 
     def index(self, name: str) -> int | None:
-        return self._index_by_name.get(name)
+        """The symbol named ``name``: a global before locals of that name, and
+        among equals the first (None: none). The first lookups compare hashes
+        of every name; many lookups build the name index instead (a dict of
+        every name costs as much as a few hundred lookups)."""
+        known = self.__dict__.get("_index_by_name")
+        if known is not None or self._lookups >= _LOOKUPS_BEFORE_INDEX:
+            return self._index_by_name.get(name)
+        self._lookups += 1
+        if not name:
+            return None
+        names = self.names
+        rows = [r for r in np.flatnonzero(self.name_hashes == hash(name)).tolist()
+                if names[r] == name]
+        if not rows:
+            return None
+        binds = (self.raw["info"][rows] >> 4).tolist()
+        return next((r for r, b in zip(rows, binds) if b != 0), rows[0])
 
     def rows_of(self, names) -> np.ndarray:
-        """:meth:`index` of each name, -1 where there is none."""
-        get = self._index_by_name.get
-        return np.array([get(name, -1) for name in names], np.int64)
+        """:meth:`index` of each name, -1 where there is none (the symbols of
+        those names found by their hashes, unless the name index is built)."""
+        names = list(names)
+        known = self.__dict__.get("_index_by_name")
+        if known is not None:
+            return np.array([known.get(name, -1) for name in names], np.int64)
+        wanted = np.fromiter(map(hash, names), np.int64, len(names))
+        rows = np.flatnonzero(isin(self.name_hashes, wanted))
+        every = self.names
+        best: dict[str, tuple[int, int]] = {}
+        for row, bind in zip(rows.tolist(), (self.raw["info"][rows] >> 4).tolist()):
+            name = every[row]
+            have = best.get(name)
+            if have is None or (bind != 0 and have[1] == 0):   # (rows ascending)
+                best[name] = (row, bind)
+        return np.array([best[name][0] if name and name in best else -1 for name in names],
+                        np.int64)
 
     def address(self, name: str) -> int | None:
-        """Value of symbol ``name`` (None when absent)."""
-        i = self._index_by_name.get(name)
+        """Value of symbol ``name`` (None when absent; see :meth:`index`)."""
+        i = self.index(name)
         return None if i is None else int(self.raw["value"][i])
 
     def functions_in(self, shndx: int) -> np.ndarray:

@@ -207,3 +207,47 @@ def test_symbols_named_and_by_prefix_are_the_names_compared():
         assert symbols.names_start_with(prefixes).tolist() == \
             [n.startswith(prefixes) if "\0" not in prefixes[0] else n == prefixes[0][:-1]
              for n in every]
+
+
+def test_symbol_names_and_the_name_index_as_read_one_by_one():
+    """Names read by one split of the string table are each symbol's string
+    read on its own (names starting a string, tails the linker shares, empty
+    names, an offset past the table), and the name index gives a global before
+    locals of the same name, and among equals the first."""
+    from kbuild_bolt.elf.image import SYM
+    from kbuild_bolt.elf.symbols import SymbolTable
+
+    rng = np.random.default_rng(3)
+    words = ["a", "ab", "b_ab", "dup", "x", "tail_dup", "", "pfx_a"]
+    strtab = bytearray(b"\0")
+    at = {}
+    for w in words[:6] + ["pfx_a"]:
+        at[w] = len(strtab)
+        strtab += w.encode() + b"\0"
+    offsets = [at["a"], at["ab"], at["b_ab"] + 2, at["dup"], at["tail_dup"] + 5, 0,
+               at["pfx_a"] + 4, at["x"], len(strtab) + 7, at["dup"], at["dup"]]
+    raw = np.zeros(len(offsets) * 4, SYM)
+    for k in range(len(raw)):
+        raw[k] = (offsets[rng.integers(len(offsets))], int(rng.integers(3)) << 4, 0, 1, k, 1)
+    symbols = SymbolTable(raw, strtab)
+
+    def one(o):
+        return bytes(strtab[o:]).split(b"\0", 1)[0].decode() if o < len(strtab) else ""
+
+    assert symbols.names == [one(int(o)) for o in raw["name"]]
+    wanted = sorted(set(symbols.names)) + ["nothing"]
+    expect = []
+    for name in wanted:
+        rows = [i for i, n in enumerate(symbols.names) if n == name]
+        globals_ = [i for i in rows if raw["info"][i] >> 4]
+        expect.append((globals_ or rows)[0] if rows and name else -1)
+    # Looked up by hashes (a few names), then through the name index (many).
+    fresh = SymbolTable(raw, strtab)
+    assert fresh.rows_of(wanted).tolist() == expect
+    assert [fresh.index(n) for n in wanted] == [None if e < 0 else e for e in expect]
+    assert "_index_by_name" not in fresh.__dict__
+    for _ in range(300):
+        fresh.index("dup")
+    assert "_index_by_name" in fresh.__dict__
+    assert [fresh.index(n) for n in wanted] == [None if e < 0 else e for e in expect]
+    assert fresh.rows_of(wanted).tolist() == expect

@@ -195,13 +195,12 @@ def _addresses(image, count: int, names: list[str], skip: int) -> tuple[np.ndarr
     # Which encoding the kernel used depends on KALLSYMS_ABSOLUTE_PERCPU: take the
     # one that agrees with the ELF symbol table.
     symbols = image.symbols
-    agree = {"relative": 0, "absolute-percpu": 0}
-    for i in range(0, count, max(1, count // 400)):
-        want = symbols.address(names[i][skip:])
-        if want is None:
-            continue
-        agree["relative"] += int(relative[i]) == want
-        agree["absolute-percpu"] += int(percpu[i]) == want
+    sample = np.arange(0, count, max(1, count // 400))
+    rows = symbols.rows_of([names[i][skip:] for i in sample.tolist()])
+    have = rows >= 0
+    want = symbols.value[rows[have]]
+    agree = {"relative": int((relative[sample[have]] == want).sum()),
+             "absolute-percpu": int((percpu[sample[have]] == want).sum())}
     if agree["absolute-percpu"] > agree["relative"]:
         return percpu.astype(np.uint64), "absolute-percpu"
     return relative.astype(np.uint64), "relative"
