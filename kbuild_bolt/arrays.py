@@ -55,7 +55,14 @@ def isin(element, test_elements, invert: bool = False) -> np.ndarray:
     a, b = np.asarray(element), np.asarray(test_elements)
     if a.dtype != b.dtype or a.dtype.kind not in "iu":
         return np.isin(element, test_elements, invert=invert)
-    found = in_sorted(unique(b), a.ravel()).reshape(a.shape)
+    b = b.ravel()
+    if len(b) < 10 * max(a.size, 1) ** 0.145:
+        # (a few test values: compared one by one, as np.isin does)
+        found = np.zeros(a.shape, bool)
+        for value in b:
+            found |= a == value
+    else:
+        found = in_sorted(unique(b), a.ravel()).reshape(a.shape)
     return ~found if invert else found
 
 
@@ -71,6 +78,28 @@ def in_sorted(haystack: np.ndarray, needles) -> np.ndarray:
 
 class NotStoredNpz(Exception):
     """An archive np.load reads, but not as stored arrays of a known header."""
+
+
+def inside_ranges(ranges, addrs: np.ndarray) -> np.ndarray:
+    """True where an address lies in one of the sorted, disjoint (n, 2) ranges."""
+    ranges = np.asarray(ranges, np.uint64).reshape(-1, 2)
+    i = np.searchsorted(ranges[:, 0], addrs, side="right").astype(np.int64) - 1
+    ok = i >= 0
+    ok[ok] &= addrs[ok] < ranges[i[ok], 1]
+    return ok
+
+
+def union_ranges(ranges: np.ndarray) -> np.ndarray:
+    """(n, 2) ranges as sorted, disjoint ones covering the same addresses."""
+    ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
+    if not len(ranges):
+        return ranges
+    reach = np.maximum.accumulate(ranges[:, 1])
+    # A range starts a new run where it begins after everything before it ended.
+    new_run = np.r_[True, ranges[1:, 0] > reach[:-1]]
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:] - 1, len(ranges) - 1]
+    return np.stack([ranges[starts, 0], reach[ends]], axis=1)
 
 
 def read_stored_npz(path) -> dict[str, np.ndarray]:

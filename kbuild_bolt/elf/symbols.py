@@ -137,19 +137,11 @@ class SymbolTable:
         among equals the first (None: none). The first lookups compare hashes
         of every name; many lookups build the name index instead (a dict of
         every name costs as much as a few hundred lookups)."""
-        known = self.__dict__.get("_index_by_name")
-        if known is not None or self._lookups >= _LOOKUPS_BEFORE_INDEX:
+        if "_index_by_name" in self.__dict__ or self._lookups >= _LOOKUPS_BEFORE_INDEX:
             return self._index_by_name.get(name)
         self._lookups += 1
-        if not name:
-            return None
-        names = self.names
-        rows = [r for r in np.flatnonzero(self.name_hashes == hash(name)).tolist()
-                if names[r] == name]
-        if not rows:
-            return None
-        binds = (self.raw["info"][rows] >> 4).tolist()
-        return next((r for r, b in zip(rows, binds) if b != 0), rows[0])
+        row = int(self.rows_of((name,))[0])
+        return None if row < 0 else row
 
     def rows_of(self, names) -> np.ndarray:
         """:meth:`index` of each name, -1 where there is none (the symbols of

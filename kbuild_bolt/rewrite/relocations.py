@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kbuild_bolt.arrays import isin
+from kbuild_bolt.arrays import inside_ranges, isin, union_ranges
 from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE, RELA, SIGNED, type_and_symbol
 from kbuild_bolt.errors import KbbError
 
@@ -77,39 +77,28 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
     symbols = image.symbols
     updates = []
     # (the ranges skipped, merged and sorted: each record is looked up once)
-    skip = sorted((int(lo), int(hi)) for lo, hi in skip_ranges if hi > lo)
-    merged: list[list[int]] = []
-    for lo, hi in skip:
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
-        else:
-            merged.append([lo, hi])
-    skip_lo = np.array([m[0] for m in merged], np.uint64)
-    skip_hi = np.array([m[1] for m in merged], np.uint64)
+    skip = np.array([(lo, hi) for lo, hi in skip_ranges if hi > lo], np.uint64).reshape(-1, 2)
+    skip = union_ranges(skip)
     for rela in image.rela_sections:
         r = image.relocations(rela)
         if not len(r):
             continue
         rtype, _ = type_and_symbol(r["info"])
-        handled = isin(rtype, list(FIELD_SIZE))
-        if len(skip_lo):
-            k = np.searchsorted(skip_lo, r["offset"], side="right").astype(np.int64) - 1
-            handled &= ~((k >= 0) & (r["offset"] < skip_hi[np.maximum(k, 0)]))
         # (only the records handled here are looked at further: ORC's alone are
         # hundreds of thousands, all in a table)
-        records = np.flatnonzero(handled)
+        records = np.flatnonzero(isin(rtype, list(FIELD_SIZE))
+                                 & ~inside_ranges(skip, r["offset"]))
         if not len(records):
             continue
         r = r[records]
         rtype, sym = type_and_symbol(r["info"])
         offset = r["offset"]
         addend = r["addend"]
-        handled = np.ones(len(r), bool)
 
         off_moved = amap.moved(offset)
         new_offset, ok_off = amap.translate(offset, moved=off_moved)
-        if (off_moved & ~ok_off & handled).any():
-            bad = int(offset[off_moved & ~ok_off & handled][0])
+        if (off_moved & ~ok_off).any():
+            bad = int(offset[off_moved & ~ok_off][0])
             raise KbbError(f"{rela.name}: relocation at {bad:#x} is in code that was dropped")
 
         valid_sym = sym < len(symbols)
@@ -117,7 +106,7 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
         s_value[valid_sym] = symbols.value[sym[valid_sym]].astype(np.int64)
         s_new = s_value.copy()
         s_new[valid_sym] = new_values[sym[valid_sym]].astype(np.int64)
-        sym_moved = handled & (s_new != s_value)
+        sym_moved = s_new != s_value
         target = (s_value + addend).astype(np.uint64)
         if image.sections[rela.info].is_exec:
             # A PC-relative field in an instruction is relative to the instruction's
@@ -127,7 +116,7 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
             ends = np.where(idx >= 0, model.insns.end_of(np.maximum(idx, 0)), offset[pc_code])
             target[pc_code] += ends - offset[pc_code]
         target_moved = amap.moved(target)
-        tgt_moved = handled & valid_sym & target_moved
+        tgt_moved = valid_sym & target_moved
         if tgt_moved.any():
             tgt_moved[tgt_moved] &= names_moved_code(model, sym[tgt_moved], target[tgt_moved],
                                                       fixed)
@@ -140,8 +129,8 @@ def plan_updates(model, amap, new_values, skip_ranges=(), fixed=None) -> list[Re
         delta = (new_target[tgt_moved] - target[tgt_moved]).view(np.int64)
         new_addend[tgt_moved] = addend[tgt_moved] + delta - (s_new - s_value)[tgt_moved]
         pc = isin(rtype, PC_RELATIVE)
-        rewrite = handled & (tgt_moved | sym_moved | (off_moved & pc))
-        changed = (off_moved & handled) | tgt_moved | sym_moved
+        rewrite = tgt_moved | sym_moved | (off_moved & pc)
+        changed = off_moved | tgt_moved | sym_moved
         idx = np.flatnonzero(changed)
         if len(idx):
             updates.append(RelocationUpdate(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kbuild_bolt.analysis.crosscheck import check_all, check_relocations
-from kbuild_bolt.arrays import concat_ranges, isin, unique
+from kbuild_bolt.arrays import concat_ranges, inside_ranges, isin, union_ranges, unique
 from kbuild_bolt.binary.model import BinaryModel, check_readable, default_jobs, same_bytes
 from kbuild_bolt.elf.image import (
     FIELD_SIZE, SHT_RELA, SHT_STRTAB, SHT_SYMTAB, ElfImage, type_and_symbol,
@@ -125,7 +125,7 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
         y_names = y_names[:first_x] + y_names[first_y:]
         new = np.arange(first_x, first_y)
         info = y.raw["info"][new]
-        ok = ((info & 0xF) == 2) & ((info >> 4) == 0) & _inside(code, y.value[new])
+        ok = ((info & 0xF) == 2) & ((info >> 4) == 0) & inside_ranges(code, y.value[new])
         names = y.names
         for j, fine in zip(new.tolist(), ok.tolist()):
             if not (fine and ".cold" in names[j]):
@@ -152,7 +152,7 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
     yr = y.raw[out_index]
     placed = np.zeros(len(index), bool)
     if moved is not None and len(moved):
-        placed = _inside(moved, xr["value"]) & _inside(moved, yr["value"])
+        placed = inside_ranges(moved, xr["value"]) & inside_ranges(moved, yr["value"])
     for f in ("value", "info", "other"):
         changed = xr[f] != yr[f]
         if f == "value":
@@ -306,15 +306,6 @@ def _data_problems(inp: BinaryModel, out: BinaryModel, extra=()) -> tuple[int, l
     return checked, problems
 
 
-def _inside(ranges: np.ndarray, addrs: np.ndarray) -> np.ndarray:
-    """True where an address lies in one of the sorted, disjoint (n, 2) ranges."""
-    ranges = np.asarray(ranges, np.uint64).reshape(-1, 2)
-    i = np.searchsorted(ranges[:, 0], addrs, side="right").astype(np.int64) - 1
-    ok = i >= 0
-    ok[ok] &= addrs[ok] < ranges[i[ok], 1]
-    return ok
-
-
 def _rewritten_ranges(inp: BinaryModel, rewritten: set, fragments) -> np.ndarray:
     """Rewritten functions' slots (up to the next symbol after each one's end) and
     the fragments placed in free room, as (n, 2) ranges."""
@@ -337,7 +328,7 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
     placed) or in fields pointing there."""
     a, b = inp.image, out.image
     spans = np.asarray(ranges, np.uint64).reshape(-1, 2)
-    spans = _union(spans[spans[:, 1] > spans[:, 0]])
+    spans = union_ranges(spans[spans[:, 1] > spans[:, 0]])
     insns = inp.insns
     with_field = np.flatnonzero(insns.field_size > 0)
     # (instruction fields are disjoint and in address order; relocated fields are
@@ -365,8 +356,8 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
             x = a.bytes[s.offset + at:s.offset + at + n]
             y = b.bytes[other.offset + at:other.offset + at + n]
             changed = np.uint64(s.addr + at) + np.flatnonzero(x != y).astype(np.uint64)
-            outside = changed[~_inside(spans, changed)]
-            outside = outside[~(_inside(fields, outside) | _inside(relocated, outside))]
+            outside = changed[~inside_ranges(spans, changed)]
+            outside = outside[~(inside_ranges(fields, outside) | inside_ranges(relocated, outside))]
             bad += outside[:5 - len(bad)].tolist()
             if len(bad) >= 5:
                 break
@@ -516,7 +507,7 @@ def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) 
             changed = np.flatnonzero(_changed_functions(inp, out))
             own = np.stack([functions.start[changed], functions.end[changed]],
                            axis=1).astype(np.uint64)
-            moved_ranges = _union(np.concatenate([_movable_ranges(inp.image), own]))
+            moved_ranges = union_ranges(np.concatenate([_movable_ranges(inp.image), own]))
         if moved_ranges is not None:
             ranges = np.asarray(moved_ranges, np.uint64).reshape(-1, 2)
         else:
@@ -606,19 +597,6 @@ def _functions_moved(a: ElfImage, b: ElfImage) -> bool:
         return set(zip([names[i] for i in rows.tolist()], symbols.value[rows].tolist()))
 
     return not functions(x, rows) <= functions(y)
-
-
-def _union(ranges: np.ndarray) -> np.ndarray:
-    """(n, 2) ranges as sorted, disjoint ones covering the same addresses."""
-    ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
-    if not len(ranges):
-        return ranges
-    reach = np.maximum.accumulate(ranges[:, 1])
-    # A range starts a new run where it begins after everything before it ended.
-    new_run = np.r_[True, ranges[1:, 0] > reach[:-1]]
-    starts = np.flatnonzero(new_run)
-    ends = np.r_[starts[1:] - 1, len(ranges) - 1]
-    return np.stack([ranges[starts, 0], reach[ends]], axis=1)
 
 
 def _movable_ranges(image: ElfImage) -> np.ndarray:

@@ -96,7 +96,7 @@ def read(image, records: bool = True) -> Kallsyms | None:
     table.arrays = {name: _sym(image, name) for name in ARRAYS
                     if _sym(image, name) is not None}
     table.addresses, table.encoding = _addresses(
-        image, table.count, bare if bare is not None else table.names, 0 if bare else 1)
+        image, table.count, *((bare, 0) if bare is not None else (table.names, 1)))
     if table.encoding != "absolute":
         offsets = image.array_at(table.arrays["kallsyms_offsets"], "<i4", table.count)
         table.absolute = (offsets >= 0) if table.encoding == "absolute-percpu" \
