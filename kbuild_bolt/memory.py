@@ -20,6 +20,9 @@ _libc = None
 # when they are freed (glibc's M_MMAP_THRESHOLD).
 OWN_PAGES_FROM = 1 << 20
 _M_MMAP_THRESHOLD = -3
+# Free memory kept at the top of the heap when it shrinks (glibc's M_TOP_PAD).
+HEAP_TOP_KEPT = 8 << 20
+_M_TOP_PAD = -2
 
 
 def _c_library():
@@ -34,16 +37,27 @@ def _c_library():
     return _libc
 
 
-def big_arrays_on_own_pages() -> None:
-    """Fix glibc's mmap threshold at OWN_PAGES_FROM. Left to itself, glibc raises
-    the threshold to the size of each big block freed (up to 32 MB), so the
-    whole-kernel temporaries of one phase (columns of millions of entries) come
-    from the heap afterwards and stay resident after they are freed, scattered
-    between live blocks where malloc_trim cannot give them back: 10-20 MB at
-    each later peak of a rewrite. Set once per process (glibc only)."""
+def tune_heap() -> None:
+    """glibc's heap, set for a rewrite (once per process; glibc only).
+
+    The mmap threshold is fixed at OWN_PAGES_FROM. Left to itself, glibc raises
+    it to the size of each big block freed (up to 32 MB), so the whole-kernel
+    temporaries of one phase (columns of millions of entries) come from the
+    heap afterwards and stay resident after they are freed, scattered between
+    live blocks where malloc_trim cannot give them back: 10-20 MB at each later
+    peak of a rewrite.
+
+    HEAP_TOP_KEPT stays at the top of the heap when it shrinks. With glibc's
+    128 KB, the temporaries below the threshold (a function's columns, a
+    table's) are given back as they are freed and faulted in again page by page
+    by the next: 6.1-regular's rewrite took 225 k page faults, 0.6 s of system
+    time, against llvm-bolt-22's 36 k; with 8 MB kept, 150 k and 0.45 s, for
+    about 10 MB more at the peak. (trim() between phases still gives back
+    everything free.)"""
     libc = _c_library()
     if libc:
         libc.mallopt(_M_MMAP_THRESHOLD, OWN_PAGES_FROM)
+        libc.mallopt(_M_TOP_PAD, HEAP_TOP_KEPT)
 
 
 def trim() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.processes import OnThread
@@ -53,6 +53,17 @@ def build_id(image) -> BuildId | None:
                                descsz, bytes(data[desc_at:desc_at + descsz]))
             pos = end
     return None
+
+
+def read_build_id(path, note: BuildId) -> BuildId:
+    """``note`` with the value the file at ``path`` holds now (read from the
+    file, not from a map or copy made before it was stamped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        value = os.pread(fd, note.size, note.offset)
+    finally:
+        os.close(fd)
+    return replace(note, value=value)
 
 
 def compute(path, note: BuildId, chunk: int = 1 << 22) -> bytes:

@@ -13,6 +13,18 @@ from kbuild_bolt.elf.image import SYM, STT_FUNC
 
 # Names looked up one by one before the whole name index is built.
 _LOOKUPS_BEFORE_INDEX = 256
+# A name's key: its first bytes, its length mixed in (an odd constant).
+_KEY_BYTES = 8
+_LENGTH_MIX = 0x9E3779B97F4A7C15
+
+
+def name_key(name: str) -> int:
+    """The 64-bit key of a symbol name: its first _KEY_BYTES bytes (UTF-8, zeros
+    past its end) as a little-endian number, xor its length times _LENGTH_MIX.
+    Equal names have equal keys; few unequal ones do."""
+    data = name.encode("utf-8")
+    return int.from_bytes(data[:_KEY_BYTES], "little") ^ (len(data) * _LENGTH_MIX
+                                                          & 0xFFFFFFFFFFFFFFFF)
 
 
 class SymbolTable:
@@ -52,14 +64,26 @@ class SymbolTable:
         return self.raw["info"] >> 4
 
     @cached_property
+    def _name_nuls(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per name, the number of the NUL that ends it in the string table (the
+        count of NULs where there is none), and where it ends (that NUL, or the
+        table's end)."""
+        strtab = self._strtab
+        nuls = np.flatnonzero(np.frombuffer(strtab, np.uint8) == 0)
+        at = np.searchsorted(nuls, self.raw["name"].astype(np.int64))
+        return at, np.where(at < len(nuls), nuls[np.minimum(at, len(nuls) - 1)], len(strtab))
+
+    @property
+    def _name_ends(self) -> np.ndarray:
+        return self._name_nuls[1]
+
+    @cached_property
     def names(self) -> list[str]:
         strtab = self._strtab
         offsets = self.raw["name"].astype(np.int64)
         if not len(offsets):
             return []
-        nuls = np.flatnonzero(np.frombuffer(strtab, np.uint8) == 0)
-        at = np.searchsorted(nuls, offsets)
-        ends = np.where(at < len(nuls), nuls[np.minimum(at, len(nuls) - 1)], len(strtab))
+        at, ends = self._name_nuls
         if not strtab.isascii():
             return [strtab[a:b].decode("utf-8", "replace")
                     for a, b in zip(offsets.tolist(), ends.tolist())]
@@ -69,10 +93,11 @@ class SymbolTable:
         # of another (the linker shares tails), or has no NUL, is cut out.
         text = strtab.decode("ascii")
         strings = text.split("\0")
-        whole = (at < len(nuls)) & (offsets <= len(strtab))
+        table = np.frombuffer(strtab, np.uint8)
+        whole = (ends < len(strtab)) & (offsets <= len(strtab))
         after_nul = np.ones(len(offsets), bool)
         inner = whole & (offsets > 0)
-        after_nul[inner] = np.frombuffer(strtab, np.uint8)[offsets[inner] - 1] == 0
+        after_nul[inner] = table[offsets[inner] - 1] == 0
         whole &= after_nul
         picked = np.where(whole, at, 0).tolist()
         names = list(itemgetter(*picked)(strings)) if len(picked) > 1 else [strings[picked[0]]]
@@ -81,20 +106,45 @@ class SymbolTable:
         return names
 
     @cached_property
-    def name_hashes(self) -> np.ndarray:
-        """Python's hash of every symbol's name (int64): names compared in bulk."""
-        return np.fromiter(map(hash, self.names), np.int64, len(self.raw))
+    def name_keys(self) -> np.ndarray:
+        """Per symbol, a 64-bit key of its name (:func:`name_key`): names looked
+        up are compared only with the few symbols of their key, and no name is
+        decoded or hashed to find them (70 ms of a lab kernel's symbols)."""
+        strtab = self._strtab
+        if not strtab.isascii():   # (a name decoded with replacements: by its string)
+            return np.fromiter(map(name_key, self.names), np.uint64, len(self.raw))
+        table = np.frombuffer(strtab, np.uint8)
+        offsets = np.minimum(self.raw["name"].astype(np.int64), len(table))
+        lengths = self._name_ends - offsets
+        key = np.zeros(len(offsets), np.uint64)
+        padded = np.concatenate([table, np.zeros(_KEY_BYTES, np.uint8)])
+        for k in range(_KEY_BYTES):
+            byte = np.where(lengths > k, padded[offsets + k], 0).astype(np.uint64)
+            key |= byte << np.uint64(8 * k)
+        return key ^ (lengths.astype(np.uint64) * np.uint64(_LENGTH_MIX))
+
+    def _candidates(self, names: list[str]) -> np.ndarray:
+        """Rows whose name may be one of ``names`` (by key; to be compared)."""
+        wanted = np.fromiter(map(name_key, names), np.uint64, len(names))
+        return np.flatnonzero(isin(self.name_keys, wanted))
+
+    def _names_of(self, rows: list[int]) -> list[str]:
+        """The names of a few symbols (from the decoded names when they are)."""
+        every = self.__dict__.get("names")
+        if every is not None:
+            return [every[i] for i in rows]
+        strtab, offsets, ends = self._strtab, self.raw["name"], self._name_ends
+        return [strtab[int(offsets[i]):int(ends[i])].decode("utf-8", "replace")
+                if offsets[i] < len(strtab) else "" for i in rows]
 
     def named(self, names) -> np.ndarray:
-        """Per symbol: its name is one of ``names`` (found by hash, then compared)."""
+        """Per symbol: its name is one of ``names`` (found by key, then compared)."""
         wanted = set(names)
         out = np.zeros(len(self.raw), bool)
         if not wanted or not len(self.raw):
             return out
-        maybe = np.flatnonzero(isin(self.name_hashes, np.array([hash(n) for n in wanted],
-                                                                  np.int64)))
-        all_names = self.names
-        out[maybe] = [all_names[i] in wanted for i in maybe.tolist()]
+        maybe = self._candidates(list(wanted)).tolist()
+        out[maybe] = [name in wanted for name in self._names_of(maybe)]
         return out
 
     def names_start_with(self, prefixes: tuple[str, ...]) -> np.ndarray:
@@ -150,12 +200,10 @@ class SymbolTable:
         known = self.__dict__.get("_index_by_name")
         if known is not None:
             return np.array([known.get(name, -1) for name in names], np.int64)
-        wanted = np.fromiter(map(hash, names), np.int64, len(names))
-        rows = np.flatnonzero(isin(self.name_hashes, wanted))
-        every = self.names
+        rows = self._candidates(names)
         best: dict[str, tuple[int, int]] = {}
-        for row, bind in zip(rows.tolist(), (self.raw["info"][rows] >> 4).tolist()):
-            name = every[row]
+        for name, row, bind in zip(self._names_of(rows.tolist()), rows.tolist(),
+                                   (self.raw["info"][rows] >> 4).tolist()):
             have = best.get(name)
             if have is None or (bind != 0 and have[1] == 0):   # (rows ascending)
                 best[name] = (row, bind)

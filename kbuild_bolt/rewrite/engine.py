@@ -49,7 +49,7 @@ from kbuild_bolt.elf.notes import PendingStamp
 from kbuild_bolt.elf.writer import OutputImage
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.layout import orders as block_orders
-from kbuild_bolt.memory import big_arrays_on_own_pages, freeze_survivors, thaw, trim
+from kbuild_bolt.memory import freeze_survivors, thaw, trim, tune_heap
 from kbuild_bolt.processes import in_shares
 from kbuild_bolt.rewrite.addressmap import AddressMap
 from kbuild_bolt.rewrite.context import (  # noqa: F401 - the engine's public names
@@ -709,10 +709,10 @@ def verify_output(ctx: RewriteContext) -> None:
                     *orc_follows_code(OrcTable(str(ctx.input_path)), OrcTable(str(output)),
                                       code_image))
         beside.append(orc_check)
-    # (the build-id is written once the decoding child runs: it reads no note)
+    # (the build-id is written when verification reads it: it is hashed meanwhile)
     report = verify(path, against=ctx.model, expect_rewritten=set(ctx.rewritten_rows),
                     fragments=ctx.fragments, moved_ranges=ctx.moved_ranges, beside=beside,
-                    after_fork=lambda: finish_build_id(ctx))
+                    stamp_build_id=lambda: finish_build_id(ctx))
     ctx.code_image = None
     ctx.result.verify_summary = report.summary()
     if not report.ok:
@@ -781,7 +781,7 @@ def rewrite(input_path, output_path, options: RewriteOptions,
             session: Session | None = None, passes=PASSES) -> RewriteResult:
     if options.reorder_blocks == "ext-tsp" and options.profile is None:
         raise KbbError("--reorder-blocks=ext-tsp needs a profile (--profile)")
-    big_arrays_on_own_pages()
+    tune_heap()
     ctx = RewriteContext(input_path, output_path, options, session=session)
     if ProgressBar.wanted(options):
         ctx.bar = ProgressBar(len(passes))

@@ -21,6 +21,7 @@ same as the input's take the input's decoding, the rest is decoded anew):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import eq, itemgetter
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from kbuild_bolt.binary.model import BinaryModel, check_readable, default_jobs, 
 from kbuild_bolt.elf.image import (
     FIELD_SIZE, SHT_RELA, SHT_STRTAB, SHT_SYMTAB, ElfImage, type_and_symbol,
 )
-from kbuild_bolt.elf.notes import build_id
+from kbuild_bolt.elf.notes import build_id, read_build_id
 from kbuild_bolt.elf.notes import compute as compute_build_id
 from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel import tables as kernel_tables
@@ -181,12 +182,13 @@ def _symbol_problems(inp: BinaryModel, b: ElfImage, moved: np.ndarray | None,
     return problems
 
 
-def _output_hash(a: ElfImage, path, note) -> OnThread | None:
-    """The build-id the output's bytes give (elf.notes.compute), hashed on a
-    thread while the comparison goes on; None (not hashed) where the note is
-    the input's: such an output is judged by its bytes instead."""
+def _output_hash(a: ElfImage, path, note, stamping: bool) -> OnThread | None:
+    """The build-id the output's bytes give (elf.notes.compute, which zeroes the
+    note: whatever it holds yet), hashed on a thread while the comparison goes
+    on; None (not hashed) where the note is the input's and no new one is to be
+    stamped: such an output is judged by its bytes instead."""
     before = build_id(a)
-    if note is None or (before is not None and note.value == before.value):
+    if note is None or (not stamping and before is not None and note.value == before.value):
         return None
     return OnThread(compute_build_id, path, note)
 
@@ -205,7 +207,8 @@ def _build_id_problems(a: ElfImage, b: ElfImage, note, hashed: OnThread | None) 
     """A rewritten kernel is a new binary (the debug vmlinux and the running
     kernel must match by build-id): its build-id is the hash of the output. An
     output whose loaded bytes are the input's keeps the input's."""
-    if hashed is None:
+    before = build_id(a)
+    if hashed is None or (before is not None and note.value == before.value):
         same = all(b.section(s.name) is not None
                    and a.section_data(s) == b.section_data(b.section(s.name))
                    for s in a.sections if s.is_alloc and s.has_bits and s.size)
@@ -233,8 +236,8 @@ def _kallsyms_problems(out: BinaryModel, table) -> tuple[int, list[str]]:
     absolute = table.absolute if table.absolute is not None else np.zeros(table.count, bool)
     names = table.bare_names if table.bare_names is not None else [n[1:] for n in table.names]
     # The symbols at each entry's address (a binary search in their values, not a
-    # lookup per name), compared by the hashes of their names, and the pairs of
-    # equal hashes as strings.
+    # lookup per name), their names compared with the entry's (most are equal:
+    # hashing them first would only add work).
     order = np.argsort(symbols.value, kind="stable")
     values = symbols.value[order]
     lo = np.searchsorted(values, table.addresses, side="left")
@@ -242,13 +245,13 @@ def _kallsyms_problems(out: BinaryModel, table) -> tuple[int, list[str]]:
     entry = np.repeat(np.arange(table.count), count)
     symbol = order[concat_ranges(lo, count)]
     symbol_names = symbols.names
-    same = symbols.name_hashes[symbol] == np.fromiter(map(hash, names), np.int64,
-                                                      len(names))[entry]
-    pairs = np.flatnonzero(same)
-    equal = np.array([symbol_names[k] == names[i] for i, k in
-                      zip(entry[pairs].tolist(), symbol[pairs].tolist())], bool)
+    equal = np.fromiter(map(eq, itemgetter(*entry.tolist())(names) if len(entry) > 1
+                            else [names[i] for i in entry.tolist()],
+                            itemgetter(*symbol.tolist())(symbol_names) if len(symbol) > 1
+                            else [symbol_names[k] for k in symbol.tolist()]),
+                        bool, len(entry))
     found = np.zeros(table.count, bool)
-    found[entry[pairs[equal]] if len(pairs) else pairs] = True
+    found[entry[equal]] = True
     for i in np.flatnonzero(~found & ~absolute)[:20].tolist():
         problems.append(f"{names[i]} at {int(table.addresses[i]):#x}: no such symbol there")
     rel = table.addresses[~absolute]
@@ -373,13 +376,15 @@ _CODE_PART = 1 << 22
 def verify(path, against: BinaryModel | ElfImage | str | None = None,
            expect_rewritten: set | None = None, fragments=None,
            moved_ranges: np.ndarray | None = None, beside=(),
-           after_fork=None) -> VerifyReport:
+           stamp_build_id=None) -> VerifyReport:
     """``moved_ranges``: where whole functions were placed anew (their code and
     symbols may change anywhere there); found from the symbols when not given.
     ``beside``: more checks of the output, ``check(path) -> (name, checked,
     problems)``, run here while the output's code is decoded in a child.
-    ``after_fork``: called once that child runs, before the output is compared
-    (a rewrite writes its build-id there: the child does not read it)."""
+    ``stamp_build_id``: called before the output's build-id is read (a rewrite
+    writes it then, hashed on a thread meanwhile): until then the note may hold
+    anything, nothing else reads it (the child, the comparison of the data and
+    the hash of the output all pass over it)."""
     report = VerifyReport()
     inp = None
     if against is not None:
@@ -399,10 +404,9 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     compared = VerifyReport()
     try:
         try:
-            if after_fork is not None:
-                after_fork()
             tables_of = _TablesOf(image)
-            _compare(compared, tables_of, inp, path, expect_rewritten, fragments, moved_ranges)
+            _compare(compared, tables_of, inp, path, expect_rewritten, fragments, moved_ranges,
+                     stamp_build_id)
             # (the relocations read the tables and the bytes, not the decoded code:
             # checked here, the child has the decoding to do)
             relocations = check_relocations(tables_of)
@@ -487,12 +491,14 @@ def _release(image: ElfImage, inp: BinaryModel | None) -> None:
         inp.image.release_pages()
 
 
-def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) -> None:
+def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges,
+             stamp_build_id=None) -> None:
     from kbuild_bolt.kernel.tables import kallsyms
 
-    note = build_id(out.image)
+    note = build_id(out.image)     # (where it is; its value is read when stamped)
     # (the output's own hash, on the side, from the start)
-    hashed = _output_hash(inp.image, path, note) if inp is not None else None
+    hashed = _output_hash(inp.image, path, note, stamp_build_id is not None) \
+        if inp is not None else None
     table = kallsyms.read(out.image, records=False)
     if table is not None:
         report.add("kallsyms agree with the symbols", *_kallsyms_problems(out, table))
@@ -528,6 +534,9 @@ def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges) 
         report.add("data changed only in tables/fields", checked, problems)
         _release(out.image, inp)
         if note is not None:
+            if stamp_build_id is not None:
+                stamp_build_id()
+            note = read_build_id(path, note)
             report.add("build-id is the output's own", 1,
                        _build_id_problems(inp.image, out.image, note, hashed))
             _release(out.image, inp)

@@ -183,7 +183,7 @@ def test_kallsyms_check_finds_each_name_at_its_address_among_all_of_that_name():
 
 
 def test_symbols_named_and_by_prefix_are_the_names_compared():
-    """SymbolTable.named (by hash, then compared) and names_start_with (in the
+    """SymbolTable.named (by key, then compared) and names_start_with (in the
     string table) say what comparing every decoded name says: repeated names,
     names that are prefixes or tails of others (a shared string table tail),
     non-ASCII names, absent names and the empty set."""
@@ -191,7 +191,7 @@ def test_symbols_named_and_by_prefix_are_the_names_compared():
     from kbuild_bolt.elf.symbols import SymbolTable
 
     names = ["dup", "dup", "__pfx_dup", "du", "dupe", "x_dup", "café", "", "__cfi_a",
-             "__pfx_", "__pf"]
+             "__pfx_", "__pf", "__pfx_dup_a", "__pfx_dup_b", "__pfx_dup_ab"]
     strtab = bytearray(b"\0")
     raw = np.zeros(len(names) + 1, SYM)
     for k, name in enumerate(names):
@@ -201,8 +201,11 @@ def test_symbols_named_and_by_prefix_are_the_names_compared():
     symbols = SymbolTable(raw, strtab)
     every = symbols.names
     assert every[-1] == "dup"
-    for wanted in ({"dup"}, {"du", "café"}, {"nothing"}, set(), {"", "x_dup"}):
+    for wanted in ({"dup"}, {"du", "café"}, {"nothing"}, set(), {"", "x_dup"},
+                   {"__pfx_dup_a"}, {"__pfx_dup_c", "__pfx_dup_ab"}):
         assert symbols.named(wanted).tolist() == [n in wanted for n in every]
+        # (before the names are decoded, and after)
+        assert SymbolTable(raw, strtab).named(wanted).tolist() == [n in wanted for n in every]
     for prefixes in (("__pfx_", "__cfi_"), ("dup",), ("du", "x"), ("dup\0",)):
         assert symbols.names_start_with(prefixes).tolist() == \
             [n.startswith(prefixes) if "\0" not in prefixes[0] else n == prefixes[0][:-1]
@@ -241,7 +244,7 @@ def test_symbol_names_and_the_name_index_as_read_one_by_one():
         rows = [i for i, n in enumerate(symbols.names) if n == name]
         globals_ = [i for i in rows if raw["info"][i] >> 4]
         expect.append((globals_ or rows)[0] if rows and name else -1)
-    # Looked up by hashes (a few names), then through the name index (many).
+    # Looked up by keys (a few names), then through the name index (many).
     fresh = SymbolTable(raw, strtab)
     assert fresh.rows_of(wanted).tolist() == expect
     assert [fresh.index(n) for n in wanted] == [None if e < 0 else e for e in expect]
@@ -251,3 +254,30 @@ def test_symbol_names_and_the_name_index_as_read_one_by_one():
     assert "_index_by_name" in fresh.__dict__
     assert [fresh.index(n) for n in wanted] == [None if e < 0 else e for e in expect]
     assert fresh.rows_of(wanted).tolist() == expect
+
+
+def test_name_keys_are_the_keys_of_the_names():
+    """Keys taken from the string table in bulk are name_key of each decoded
+    name: short and long names, names sharing their first eight bytes, tails,
+    an empty name, an offset past the table, and (decoded with replacements)
+    a table that is not ASCII."""
+    from kbuild_bolt.elf.image import SYM
+    from kbuild_bolt.elf.symbols import SymbolTable, name_key
+
+    words = ["a", "abcdefgh", "abcdefghi", "abcdefghj", "__pfx_do_fork", "", "x" * 40]
+    for extra in (b"", "café".encode(), b"bad\xff"):
+        strtab = bytearray(b"\0")
+        offsets = []
+        for w in [w.encode() for w in words] + ([extra] if extra else []):
+            offsets.append(len(strtab))
+            strtab += w + b"\0"
+        offsets += [offsets[1] + 3, len(strtab) + 5, 0]
+        raw = np.zeros(len(offsets), SYM)
+        raw["name"] = offsets
+        symbols = SymbolTable(raw, strtab)
+        assert symbols.name_keys.tolist() == [name_key(n) for n in symbols.names]
+        # (one key for both: found apart by comparing the names)
+        assert symbols.name_keys[2] == symbols.name_keys[3]
+        for name in symbols.names:
+            row = SymbolTable(raw, strtab).index(name)
+            assert row is not None and symbols.names[row] == name if name else row is None
