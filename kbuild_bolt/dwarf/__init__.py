@@ -7,3 +7,8 @@ location lists, both versions), ``frame`` (.debug_frame), ``aranges``. They see
 bytes and an :class:`~kbuild_bolt.dwarf.image.CodeImage` (where old code is
 now), never the rewrite engine; ``update`` puts them together.
 """
+
+# The debug sections a rewrite writes again (or empties) when code moved. (Here,
+# not in ``update``: a rewrite without debug info asks only for this.)
+UPDATED = (".debug_info", ".debug_abbrev", ".debug_line", ".debug_loclists", ".debug_rnglists",
+           ".debug_loc", ".debug_ranges", ".debug_aranges", ".debug_frame")

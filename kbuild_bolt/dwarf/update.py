@@ -31,8 +31,6 @@ from kbuild_bolt.dwarf.lists import (DEFAULT, ListWriter, encode_loclists, encod
 from kbuild_bolt.processes import ForkedCall
 
 # The sections this module writes again (the others, .debug_str and friends, stay).
-UPDATED = (".debug_info", ".debug_abbrev", ".debug_line", ".debug_loclists", ".debug_rnglists",
-           ".debug_loc", ".debug_ranges", ".debug_aranges", ".debug_frame")
 # Location lists written per slice of this many (bounds the memory of the records).
 LIST_BATCH = 1 << 16
 # Location lists read and imaged this many at a time (bounds the memory of their

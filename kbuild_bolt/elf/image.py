@@ -147,13 +147,20 @@ def _cstring(blob, offset: int) -> str:
 RELOCATION_PART = 1 << 16
 
 
-def release_mapping(mapped) -> None:
+def release_mapping(mapped, offset: int = 0, size: int | None = None) -> None:
     """Drop a shared file mapping's pages from this process (``madvise(DONTNEED)``):
     the data stays in the page cache, dirty pages of a writable mapping included,
-    and is mapped again when next touched. Anything but an mmap is left alone."""
+    and is mapped again when next touched. Anything but an mmap is left alone.
+    ``offset``, ``size``: only the pages wholly or partly in that part of it."""
     if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
         with contextlib.suppress(OSError, ValueError):
-            mapped.madvise(mmap.MADV_DONTNEED)
+            if size is None and not offset:
+                mapped.madvise(mmap.MADV_DONTNEED)
+                return
+            start = offset - offset % mmap.PAGESIZE
+            end = len(mapped) if size is None else min(offset + size, len(mapped))
+            if end > start:
+                mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class ElfImage:
@@ -508,13 +515,14 @@ class ElfImage:
         """Whether the bytes are the file's pages (mapped), not a copy held in memory."""
         return isinstance(self._map, mmap.mmap)
 
-    def release_pages(self) -> None:
+    def release_pages(self, offset: int = 0, size: int | None = None) -> None:
         """Let go of the file's pages this process has read (they stay in the page
         cache: the next read maps them again at the cost of a minor fault). A
         rewrite reads most of a vmlinux once in one phase or another; without
         this every page read stays in the process's resident memory until the
-        end, 34 MB of a lab kernel's file at each later phase's peak."""
-        release_mapping(self._map)
+        end, 34 MB of a lab kernel's file at each later phase's peak.
+        ``offset``, ``size``: only those of that part of the file."""
+        release_mapping(self._map, offset, size)
 
     def close(self) -> None:
         self.bytes = None

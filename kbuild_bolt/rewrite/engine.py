@@ -555,7 +555,7 @@ def update(ctx: RewriteContext) -> None:
     """emission, metadata -> output (a finished temporary file), rewritten_rows, fragments."""
     moved = len(ctx.emission) > 0
     # (debug sections emptied or written again when code moved: no need to copy them)
-    from kbuild_bolt.dwarf.update import UPDATED
+    from kbuild_bolt.dwarf import UPDATED
 
     drop = (True if ctx.options.strip_debug else set(UPDATED)) if moved else False
     if ctx.options.keep_record:

@@ -535,7 +535,7 @@ class DebugSections(MetadataRewriter):
         return read
 
     def finalize(self, ctx, changes: FileChanges) -> None:
-        from kbuild_bolt.dwarf.update import UPDATED
+        from kbuild_bolt.dwarf import UPDATED
         from kbuild_bolt.elf.writer import debug_sections
 
         image = ctx.model.image

@@ -37,6 +37,7 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.kernel import tables as kernel_tables
 from kbuild_bolt.kernel.version import kernel_version
 from kbuild_bolt.kernel.vmlinux import open_vmlinux
+from kbuild_bolt.memory import trim
 from kbuild_bolt.processes import ForkedCall, OnThread
 
 
@@ -284,6 +285,10 @@ def _data_problems(inp: BinaryModel, out: BinaryModel, extra=()) -> tuple[int, l
         y = b.bytes[other.offset:other.offset + other.size]
         changed = x != y
         checked += s.size
+        # (both sections' pages go as soon as they are compared: the data of
+        # two kernels at once was this process's largest memory)
+        a.release_pages(s.offset, s.size)
+        b.release_pages(other.offset, other.size)
         for lo, hi in covered:   # (tables change wholesale: not listed byte by byte)
             lo, hi = int(lo), int(hi)
             if lo < s.end and hi > s.addr:
@@ -359,6 +364,8 @@ def _code_problems(inp: BinaryModel, out: BinaryModel,
             x = a.bytes[s.offset + at:s.offset + at + n]
             y = b.bytes[other.offset + at:other.offset + at + n]
             changed = np.uint64(s.addr + at) + np.flatnonzero(x != y).astype(np.uint64)
+            a.release_pages(s.offset + at, n)      # (as in _data_problems)
+            b.release_pages(other.offset + at, n)
             outside = changed[~inside_ranges(spans, changed)]
             outside = outside[~(inside_ranges(fields, outside) | inside_ranges(relocated, outside))]
             bad += outside[:5 - len(bad)].tolist()
@@ -502,7 +509,9 @@ def _compare(report, out, inp, path, expect_rewritten, fragments, moved_ranges,
     table = kallsyms.read(out.image, records=False)
     if table is not None:
         report.add("kallsyms agree with the symbols", *_kallsyms_problems(out, table))
+        table.bare_names = None
         _release(out.image, inp)
+        trim()
     if inp is not None:
         report.add("ELF and section headers", len(inp.image.sections),
                    _header_problems(inp.image, out.image))

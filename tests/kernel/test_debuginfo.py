@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kbuild_bolt.dwarf import UPDATED
 from kbuild_bolt.elf.image import ElfImage
 from kbuild_bolt.lab.kernels import lab_kernel
 from kbuild_bolt.qemu.runner import boot
@@ -89,7 +90,7 @@ def test_debug_update_is_the_same_in_any_number_of_pieces(dwarf4, monkeypatch):
             return image.read_file_range(s.offset, s.size) if s is not None and s.size else None
 
         expected = {}
-        for name in update.UPDATED:
+        for name in UPDATED:
             s = written.section(name)
             if s is not None and s.size:
                 expected[name] = written.read_file_range(s.offset, s.size)

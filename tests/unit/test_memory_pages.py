@@ -148,3 +148,26 @@ def test_temporaries_at_the_top_of_the_heap_are_not_faulted_in_again():
     if faults[False] < 2000:
         pytest.skip(f"this C library keeps the top of its heap on its own ({faults})")
     assert faults[True] < faults[False] // 10, faults
+
+
+def test_part_of_a_mapping_released_leaves_the_rest_resident(tmp_path):
+    import mmap
+
+    from kbuild_bolt.elf.image import release_mapping
+
+    path = tmp_path / "pages"
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, 16 * MB, np.uint8).tobytes())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        before = _rss_file_kb()
+        data = np.frombuffer(m, np.uint8)
+        assert int(data[::4096].sum()) >= 0          # (every page touched)
+        del data
+        touched = _rss_file_kb()
+        if touched - before < 15 * 1024:
+            pytest.skip("the pages read do not show in RssFile here")
+        release_mapping(m, 4 * MB + 100, 8 * MB)    # (from its page on: 8 MB and a page)
+        released = touched - _rss_file_kb()
+        # (a kernel that maps the file by 2 MB folios may drop the ones at the
+        # edges whole)
+        assert 8 * 1024 <= released <= 12 * 1024, released
+        assert bytes(m[4 * MB:4 * MB + 64]) == path.read_bytes()[4 * MB:4 * MB + 64]
