@@ -307,6 +307,277 @@ def _moved_functions(image: ElfImage, functions: "FunctionTable", r: np.ndarray,
     return moved.take(np.argsort(moved.addr, kind="stable")), rest
 
 
+@dataclass
+class KnownCode:
+    """Code decoded before it was written into a file (a rewrite's new code,
+    decoded on the other CPU while the rest of the output is made): each piece's
+    address range, its bytes, and their decoding (each piece from its start).
+    See :func:`_known_code` for what of it a model of the file takes."""
+
+    start: np.ndarray     # uint64 per piece: sorted, disjoint
+    end: np.ndarray
+    offset: np.ndarray    # int64: where each piece's bytes are in ``code``
+    code: bytes
+    insns: x86.Decoded    # the pieces' instructions, in address order
+    # Per byte of ``code``: inside the PC-relative field of an instruction whose
+    # target is the next instruction plus the field's value (rel8/rel32/disp32),
+    # out of reach of a ud2's look at the bytes after it. Such a byte may differ
+    # in the file (a call's target filled in after the code was made): lengths
+    # and kinds of instructions never depend on it, the target is read again.
+    variable: np.ndarray
+    regular: np.ndarray   # per instruction: its target follows that rule
+
+    @classmethod
+    def decode(cls, code, start, offset, length) -> "KnownCode":
+        """The pieces ``code[offset:offset + length]`` placed at ``start``, decoded
+        (empty pieces dropped; a piece overlapping one before it is left out)."""
+        start = np.asarray(start, np.uint64)
+        offset = np.asarray(offset, np.int64)
+        length = np.asarray(length, np.int64)
+        order = np.argsort(start, kind="stable")
+        order = order[length[order] > 0]
+        start, offset, length = start[order], offset[order], length[order]
+        end = start + length.astype(np.uint64)
+        keep = np.ones(len(start), bool)
+        if len(start):
+            reach = np.maximum.accumulate(end)
+            keep[1:] = start[1:] >= reach[:-1]
+        start, end, offset = start[keep], end[keep], offset[keep]
+        code = bytes(np.asarray(code, np.uint8).data) if not isinstance(code, bytes) else code
+        insns = x86.decode_ranges(code, 0, list(zip(start.tolist(), end.tolist())),
+                                  offsets=offset.tolist())
+        # Where each instruction's bytes are in ``code``.
+        piece = np.searchsorted(start, insns.addr, side="right") - 1
+        at = offset[piece] + (insns.addr - start[piece]).astype(np.int64)
+        data = np.frombuffer(code, np.uint8)
+        refs = np.flatnonzero((insns.ref_kind != x86.REF_NONE) & ~insns.invalid
+                              & isin(insns.field_size, (1, 4)))
+        field = at[refs] + insns.field_off[refs]
+        raw = data[np.minimum(field[:, None] + np.arange(4), len(data) - 1)]
+        disp = np.where(insns.field_size[refs] == 1, raw[:, 0].view(np.int8).astype(np.int64),
+                        raw.copy().view("<i4").ravel().astype(np.int64))
+        target = insns.addr[refs] + insns.length[refs] + disp.astype(np.uint64)
+        refs = refs[target == insns.ref[refs]]
+        regular = np.zeros(len(insns), bool)
+        regular[refs] = True
+        variable = np.zeros(len(data), bool)
+        variable[concat_ranges(at[refs] + insns.field_off[refs],
+                               insns.field_size[refs].astype(np.int64))] = True
+        ud2 = np.flatnonzero(insns.flow == x86.EXCEPTION)
+        looked_at = concat_ranges(at[ud2], np.full(len(ud2), 5, np.int64))
+        variable[looked_at[looked_at < len(data)]] = False
+        return cls(start, end, offset, code, insns, variable, regular)
+
+
+def _known_code(image: ElfImage, r: np.ndarray, known: KnownCode) -> tuple[x86.Decoded | None,
+                                                                         np.ndarray]:
+    """Split the (n, 3) ranges ``r`` into the instructions ``known`` gives them
+    and the ranges still to decode. A range that starts on one of its
+    instructions takes them as far as they lie wholly inside both the range and
+    the piece, over bytes that are the same in the file but for PC-relative
+    fields (``KnownCode.variable``; the decoder is a pure function of the bytes
+    and their address, and lengths and kinds do not depend on those fields:
+    decoding the file there would give the same, targets read from the file's
+    fields). What follows in the range is decoded here, from where they
+    end (an instruction boundary of the file's own decoding). Left to decode
+    whole: ranges it does not cover so, and ranges of nothing but int3 fill
+    (decode_all keeps those as runs)."""
+    insns = known.insns
+    if not (len(r) and len(insns)):
+        return None, r
+    sec, start, end = r[:, 0].astype(np.int64), r[:, 1], r[:, 2]
+    again = np.zeros(0, np.int64)
+    piece = np.searchsorted(known.start, start, side="right").astype(np.int64) - 1
+    piece_c = np.maximum(piece, 0)
+    ok = (piece >= 0) & (start < known.end[piece_c]) & (end > start)
+    first = np.searchsorted(insns.addr, start)
+    first_c = np.minimum(first, len(insns) - 1)
+    ok &= (first < len(insns)) & (insns.addr[first_c] == start)
+    # Instructions wholly before the range's end and the piece's. (Ends, cut at
+    # their piece's end, rise with the addresses: the pieces are disjoint, each
+    # decoded from its start; only its last instruction may run past it.)
+    ends = insns.end_of(slice(None))
+    own_piece_end = known.end[np.searchsorted(known.start, insns.addr, side="right") - 1]
+    limit = np.minimum(end, known.end[piece_c])
+    last = np.searchsorted(np.minimum(ends, own_piece_end), limit, side="right").astype(np.int64)
+    # ... and not past an instruction decoded from bytes the file may not hold:
+    # one iced could not decode (or that ran past its piece), or a ud2 whose look
+    # at the next bytes (for the xen/kvm emulation prefixes) reached past its piece.
+    doubtful = np.flatnonzero(insns.invalid | ((insns.flow == x86.EXCEPTION)
+                                               & (insns.addr + np.uint64(5) > own_piece_end)))
+    k = np.searchsorted(doubtful, first)
+    stop = np.where(k < len(doubtful), doubtful[np.minimum(k, max(len(doubtful) - 1, 0))]
+                    if len(doubtful) else 0, len(insns))
+    last = np.minimum(last, stop)
+    ok &= last > first
+    upto = np.where(ok, ends[np.maximum(last - 1, 0)], start)
+    # The bytes they were decoded from, and those a ud2 among the last looked at
+    # (up to 3 past the end), the same in the file.
+    checked_end = np.minimum(upto + np.uint64(3), known.end[piece_c])
+    rows = np.flatnonzero(ok)
+    if len(rows):
+        n = (checked_end[rows] - start[rows]).astype(np.int64)
+        at_code = known.offset[piece[rows]] + (start[rows] - known.start[piece[rows]]).astype(
+            np.int64)
+        sec_offset = np.array([s.offset for s in image.sections], np.int64)
+        sec_addr = np.array([s.addr for s in image.sections], np.uint64)
+        in_file = np.array([s.has_bits for s in image.sections], bool)
+        s_rows = sec[rows]
+        at_file = sec_offset[s_rows] + (start[rows] - sec_addr[s_rows]).astype(np.int64)
+        good = in_file[s_rows] & (at_file + n <= len(image.bytes))
+        code = np.frombuffer(known.code, np.uint8)
+        g = np.flatnonzero(good)
+        in_code = concat_ranges(at_code[g], n[g])
+        differs = np.flatnonzero((code[in_code] != image.bytes[concat_ranges(at_file[g], n[g])])
+                                 & ~known.variable[in_code])
+        ok[rows[~good]] = False
+        if len(differs):
+            # (other bytes that differ, an absolute address filled in after the
+            # code was made, say: the instructions they are in decoded again)
+            stops = np.cumsum(n[g])
+            part = np.searchsorted(stops, differs, side="right")
+            owner = g[part]
+            at = start[rows[owner]] + (differs - (stops - n[g])[part]).astype(np.uint64)
+            again, again_ref, failed = _decoded_again(image, insns, at, rows[owner],
+                                                      upto[rows[owner]])
+            ok[failed] = False
+        rows = np.flatnonzero(ok)
+    if len(rows):
+        # (a range of int3 alone is fill, kept by decode_all as runs)
+        fill = insns.flow[first[rows]] == x86.INTERRUPT
+        if fill.any():
+            f = rows[fill]
+            long_enough = (end[f] - start[f]) >= np.uint64(16)
+            for row in f[long_enough].tolist():
+                section = image.sections[int(sec[row])]
+                lo = section.offset + int(start[row]) - section.addr
+                if (image.bytes[lo:lo + int(end[row] - start[row])] == x86.INT3).all():
+                    ok[row] = False
+            rows = np.flatnonzero(ok)
+    # (a range that overlaps another is left to decode_all, which orders the
+    # instructions they share)
+    by_start = np.argsort(start, kind="stable")
+    ordered_end = end[by_start]
+    reach = np.maximum.accumulate(ordered_end)
+    overlaps = np.zeros(len(r), bool)
+    overlaps[1:] = start[by_start][1:] < reach[:-1]
+    overlaps[:-1] |= ordered_end[:-1] > start[by_start][1:]
+    ok[by_start[overlaps]] = False
+    rows = by_start[ok[by_start]]
+    if not len(rows):
+        return None, r
+    # (ascending positions: the sparse column keeps its entries as they are)
+    index = concat_ranges(first[rows], last[rows] - first[rows])
+    found = insns.take(index)
+    # Targets read from the file's fields (they may differ from the pieces'), or
+    # given by the decoding again.
+    entries = found.ref.index
+    regular = known.regular[index[entries]]
+    found.ref.values[regular] = _pc_relative_targets(image, found, entries[regular])
+    if len(again):
+        k = np.searchsorted(again, index[entries])
+        hit = again[np.minimum(k, len(again) - 1)] == index[entries]
+        found.ref.values[hit] = again_ref[k[hit]]
+    # What follows in each range taken, decoded from where its instructions end:
+    # mostly the int3 after code that shrank, an instruction per byte.
+    tails = rows[upto[rows] < end[rows]]
+    parts = []
+    if len(tails):
+        int3, all_int3 = _int3_tails(image, sec[tails], upto[tails], end[tails])
+        parts.append(int3)
+        tails = tails[~all_int3]
+    for k_sec in unique(sec[tails]).tolist():
+        section = image.sections[k_sec]
+        these = tails[sec[tails] == k_sec]
+        parts.append(x86.decode_ranges(image.section_data(section), section.addr,
+                                       list(zip(upto[these].tolist(), end[these].tolist()))))
+    for part in parts:
+        if len(part):
+            found = x86.Decoded.merge(found, part)
+    return found, r[~ok]
+
+
+def _decoded_again(image: ElfImage, insns: x86.Decoded, at: np.ndarray, row: np.ndarray,
+                   upto: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Known instructions (of ranges ``row``, taken up to ``upto``) whose bytes
+    differ in the file at the addresses ``at``: each one holding such a byte, and
+    each ud2 whose look at the bytes after it reaches one, decoded from the file.
+    Returns those that decode the same but for their target (sorted indices),
+    their targets from the file, and the rows where one does not (all taken
+    again from the file's decoding)."""
+    holder = np.searchsorted(insns.addr, at, side="right").astype(np.int64) - 1
+    candidates = [holder[at < upto]]
+    for back in range(1, 5):
+        j = np.searchsorted(insns.addr, at - np.uint64(back), side="right").astype(np.int64) - 1
+        ud2 = (j >= 0) & (insns.flow[np.maximum(j, 0)] == x86.EXCEPTION) \
+            & (insns.addr[np.maximum(j, 0)] + np.uint64(5) > at) \
+            & (insns.addr[np.maximum(j, 0)] < upto)
+        candidates.append(j[ud2])
+    which = unique(np.concatenate(candidates))
+    which = which[which >= 0]
+    same = np.ones(len(which), bool)
+    ref = np.zeros(len(which), np.uint64)
+    lo = insns.addr[which]
+    hi = lo + insns.length[which]
+    for section in image.sections:
+        inside = (lo >= np.uint64(section.addr)) & (lo < np.uint64(section.end))
+        if not inside.any():
+            continue
+        k = np.flatnonzero(inside)
+        if not section.has_bits:
+            same[k] = False
+            continue
+        fresh = x86.decode_ranges(image.section_data(section), section.addr,
+                                  list(zip(lo[k].tolist(), hi[k].tolist())))
+        # (each must be one instruction, as before but for its target)
+        owner = np.searchsorted(lo[k], fresh.addr, side="right") - 1
+        count = np.bincount(owner, minlength=len(k))
+        one = count == 1
+        first = np.searchsorted(owner, np.arange(len(k)))
+        f = np.minimum(first, max(len(fresh) - 1, 0))
+        if len(fresh):
+            old = which[k]
+            one &= (fresh.addr[f] == lo[k]) & (fresh.length[f] == insns.length[old]) \
+                & (fresh.flow[f] == insns.flow[old]) & (fresh.ref_kind[f] == insns.ref_kind[old]) \
+                & (fresh.field_off[f] == insns.field_off[old]) \
+                & (fresh.field_size[f] == insns.field_size[old]) \
+                & (fresh.invalid[f] == insns.invalid[old])
+            ref[k] = fresh.ref[f]
+        same[k] = one
+    failed_insns = which[~same]
+    # (the rows of the bytes that led to an instruction that differs)
+    bad_byte = isin(holder, failed_insns)
+    for j_back in range(1, 5):
+        j = np.searchsorted(insns.addr, at - np.uint64(j_back), side="right").astype(np.int64) - 1
+        bad_byte |= isin(j, failed_insns)
+    return which[same], ref[same], unique(row[bad_byte])
+
+
+def _int3_tails(image: ElfImage, sec: np.ndarray, lo: np.ndarray,
+                hi: np.ndarray) -> tuple[x86.Decoded, np.ndarray]:
+    """The decoding of the ranges [lo, hi) (of sections ``sec``) made of int3
+    alone -- each byte an int3, as the decoder gives it -- and which ranges
+    those are (the others are left to the decoder)."""
+    sec_offset = np.array([s.offset for s in image.sections], np.int64)
+    sec_addr = np.array([s.addr for s in image.sections], np.uint64)
+    in_file = np.array([s.has_bits for s in image.sections], bool)
+    n = (hi - lo).astype(np.int64)
+    at = sec_offset[sec] + (lo - sec_addr[sec]).astype(np.int64)
+    whole = in_file[sec] & (at + n <= len(image.bytes))
+    w = np.flatnonzero(whole)
+    other = image.bytes[concat_ranges(at[w], n[w])] != x86.INT3
+    before = np.concatenate([[0], np.cumsum(other, dtype=np.int64)])
+    stops = np.cumsum(n[w])
+    whole[w] = before[stops] == before[stops - n[w]]
+    k = np.flatnonzero(whole)
+    addr = concat_ranges(lo[k].astype(np.int64), n[k]).astype(np.uint64)
+    count = len(addr)
+    z8 = np.zeros(count, np.uint8)
+    return x86.Decoded(addr, np.ones(count, np.uint8), np.full(count, x86.INTERRUPT, np.uint8),
+                       SparseColumn.zeros(count, np.uint64), z8, z8.copy(), z8.copy(),
+                       np.zeros(count, bool)), whole
+
+
 def _pc_relative_targets(image: ElfImage, insns: x86.Decoded, refs: np.ndarray) -> np.ndarray:
     """Next instruction + the rel8/rel32/disp32 field's value, for ``insns[refs]``
     (0 where the field is of another size)."""
@@ -478,14 +749,16 @@ class BinaryModel:
 
     def __init__(self, image: ElfImage, *, jobs: int | None = None, require_relocations=False,
                  like: "BinaryModel | None" = None, decoded: x86.Decoded | None = None,
-                 consume_like: bool = False):
+                 consume_like: bool = False, known: KnownCode | None = None):
         """``decoded``: this very image's instructions, decoded before (binary.saved).
         ``like``: a model of a related vmlinux (the input of a rewrite, when this
         is its output): code ranges with the same bounds and the same bytes in
         both take its decoding instead of decoding again (the decoder is a pure
         function of the bytes and their address). ``consume_like``: ``like`` is
         of no use after this (a forked child's copy): its instructions are let
-        go as soon as what is reused is taken from them."""
+        go as soon as what is reused is taken from them. ``known``: code decoded
+        before it was written here (:class:`KnownCode`), taken where it is the
+        same bytes."""
         self.image = image
         self.timing = Timing({})
         t = time.perf_counter()
@@ -505,18 +778,20 @@ class BinaryModel:
             self.insns = decoded
             self.timing.add("decode", t)
             return
-        reused = moved = None
+        reused = moved = predecoded = None
         ranges = self.decoded_range_array
         if like is not None:
             reused, ranges = _unchanged_ranges(image, ranges, like)
             moved, ranges = _moved_functions(image, self.functions, ranges, like)
             if consume_like:
                 like.insns = None   # (millions of instructions: the merge below is the peak)
+        if known is not None:
+            predecoded, ranges = _known_code(image, ranges, known)
         self.insns: x86.Decoded = decode_all(image, ranges, jobs or default_jobs())
         # (the few first: the whole kernel's instructions are merged into once)
-        for known in (moved, reused):
-            if known is not None and len(known):
-                self.insns = x86.Decoded.merge(self.insns, known)
+        for part in (predecoded, moved, reused):
+            if part is not None and len(part):
+                self.insns = x86.Decoded.merge(self.insns, part)
         self.timing.add("decode", t)
 
     @property

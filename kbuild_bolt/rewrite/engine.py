@@ -562,6 +562,8 @@ def update(ctx: RewriteContext) -> None:
         record_layout(ctx)
     _drop_layout_inputs(ctx)
     trim()
+    if moved and ctx.options.verify:
+        _decode_new_code_beside(ctx)
     ctx.output = OutputImage(ctx.model.image, ctx.output_path, drop_debug=drop)
     if moved:  # (nothing moved: the output is the input, byte for byte)
         amap = AddressMap(ctx.model, ctx.emission)
@@ -598,6 +600,21 @@ def update(ctx: RewriteContext) -> None:
     ctx.cfg = ctx.orders = ctx.move_analysis = ctx.moves = ctx.profile_layout = None
     ctx.hot_len = {}
     trim()
+
+
+def _decode_new_code_beside(ctx: RewriteContext) -> None:
+    """The new code decoded on the other CPU while the output is made: the
+    decoding of the output during verification takes it where the output's
+    bytes are the same (binary.model.KnownCode), instead of decoding them
+    after everything else."""
+    from kbuild_bolt.binary.model import KnownCode
+
+    e = ctx.emission
+    at = e.code_base if e.placed else e.start
+    ctx.start_beside("new code", KnownCode.decode, e.code,
+                     np.concatenate([at, e.frag_base]).astype(np.uint64),
+                     np.concatenate([e.code_off, e.frag_off]),
+                     np.concatenate([e.code_len, e.frag_len]))
 
 
 def _drop_layout_inputs(ctx: RewriteContext) -> None:
@@ -712,7 +729,8 @@ def verify_output(ctx: RewriteContext) -> None:
     # (the build-id is written when verification reads it: it is hashed meanwhile)
     report = verify(path, against=ctx.model, expect_rewritten=set(ctx.rewritten_rows),
                     fragments=ctx.fragments, moved_ranges=ctx.moved_ranges, beside=beside,
-                    stamp_build_id=lambda: finish_build_id(ctx))
+                    stamp_build_id=lambda: finish_build_id(ctx),
+                    known_code=ctx.take_beside("new code", lambda: None))
     ctx.code_image = None
     ctx.result.verify_summary = report.summary()
     if not report.ok:

@@ -383,7 +383,7 @@ _CODE_PART = 1 << 22
 def verify(path, against: BinaryModel | ElfImage | str | None = None,
            expect_rewritten: set | None = None, fragments=None,
            moved_ranges: np.ndarray | None = None, beside=(),
-           stamp_build_id=None) -> VerifyReport:
+           stamp_build_id=None, known_code=None) -> VerifyReport:
     """``moved_ranges``: where whole functions were placed anew (their code and
     symbols may change anywhere there); found from the symbols when not given.
     ``beside``: more checks of the output, ``check(path) -> (name, checked,
@@ -391,7 +391,9 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     ``stamp_build_id``: called before the output's build-id is read (a rewrite
     writes it then, hashed on a thread meanwhile): until then the note may hold
     anything, nothing else reads it (the child, the comparison of the data and
-    the hash of the output all pass over it)."""
+    the hash of the output all pass over it).
+    ``known_code``: code decoded before it was written (binary.model.KnownCode),
+    which the decoding of the output takes where its bytes are the same."""
     report = VerifyReport()
     inp = None
     if against is not None:
@@ -406,8 +408,8 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     # CPU, while this process compares it with the input and checks its
     # relocations (which read its bytes, symbols and tables, not its
     # instructions).
-    against_code = ForkedCall(_code_agreement, image, inp, True) if default_jobs() > 1 \
-        else _Done(_code_agreement, image, inp, False)
+    against_code = ForkedCall(_code_agreement, image, inp, True, known_code) \
+        if default_jobs() > 1 else _Done(_code_agreement, image, inp, False, known_code)
     compared = VerifyReport()
     try:
         try:
@@ -473,14 +475,15 @@ class _Done:
 _NOT_READ_BY_THE_CHILD = ("function_of_insn", "fill_insn")
 
 
-def _code_agreement(image: ElfImage, inp: BinaryModel | None, forked: bool):
+def _code_agreement(image: ElfImage, inp: BinaryModel | None, forked: bool, known=None):
     """The output decoded (with the input's decoding of what did not change):
     (entries, problems) of its tables, checked against its code. ``forked``:
-    this is a child, its copy of the input's model its own."""
+    this is a child, its copy of the input's model its own. ``known``: code
+    decoded before (BinaryModel's ``known``)."""
     if forked and inp is not None:
         for name in _NOT_READ_BY_THE_CHILD:   # (their pages leave the child)
             inp.__dict__.pop(name, None)
-    out = BinaryModel(image, like=inp, consume_like=forked)
+    out = BinaryModel(image, like=inp, consume_like=forked, known=known)
     _release(image, inp)
     checks = check_all(out)
     _release(image, inp)

@@ -152,8 +152,10 @@ class Decoded:
         return out
 
 
-def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
-    """Decode each ``(start, end)`` address range of ``data`` (mapped at ``base``).
+def decode_ranges(data, base: int, ranges: list[tuple[int, int]],
+                  offsets: list[int] | None = None) -> Decoded:
+    """Decode each ``(start, end)`` address range of ``data`` (mapped at ``base``;
+    or, given ``offsets``, each range's bytes at its offset in ``data``).
 
     Every range is decoded on its own from its start, so a function's decoding
     never depends on the bytes before it. An instruction that would run past
@@ -171,10 +173,12 @@ def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
     count = 0
     data = bytes(data)
     decoder = Decoder(64, data, ip=base)
-    for start, end in ranges:
+    for k, (start, end) in enumerate(ranges):
         if end <= start:
             continue
-        decoder.position = start - base
+        # (the offset in ``data`` of an address of this range, less the address)
+        delta = offsets[k] - start if offsets is not None else -base
+        decoder.position = start + delta
         decoder.ip = start
         pos = start
         for ins in decoder:
@@ -194,11 +198,11 @@ def decode_ranges(data, base: int, ranges: list[tuple[int, int]]) -> Decoded:
                 elif f == EXCEPTION:
                     if ins.code == Code.INVALID:
                         bad.append(count)
-                    elif data[pos - base:pos - base + 5] in EMULATE_PREFIXES:
+                    elif data[pos + delta:pos + delta + 5] in EMULATE_PREFIXES:
                         # ud2 + "xen"/"kvm": a hypervisor-emulated prefix, one 5-byte unit.
                         lengths[-1] = n = 5
                         flows[-1] = f = NEXT
-                        decoder.position = pos - base + 5
+                        decoder.position = pos + delta + 5
                         decoder.ip = pos + 5
                 elif (f == IND_JMP or f == IND_CALL) and ins.is_ip_rel_memory_operand:
                     co = decoder.get_constant_offsets(ins)
