@@ -190,8 +190,9 @@ def check_all(model) -> dict[str, TableCheck]:
     return {name: check_table(model, data) for name, data in model.tables.items()}
 
 
-def check_relocations(model) -> tuple[int, list[str]]:
-    """Every relocation's field holds S + A (- P).
+def check_relocations(model, code: bool | None = None) -> tuple[int, list[str]]:
+    """Every relocation's field holds S + A (- P). ``code``: only those that apply
+    to code (True) or only the others (False); None: all.
 
     Tables the kernel's sorttable sorts after the link keep the records of the
     unsorted order, so there the targets must be a permutation of what the
@@ -203,8 +204,10 @@ def check_relocations(model) -> tuple[int, list[str]]:
     sorted_tables = [d for d in model.tables.values() if d.spec.sorted_field]
     expected_sorted = {d.spec.name: [] for d in sorted_tables}
     for rela in image.rela_sections:
-        records = image.relocations(rela)
         target_section = image.sections[rela.info]
+        if code is not None and target_section.is_exec != code:
+            continue
+        records = image.relocations(rela)
         if not len(records) or not target_section.has_bits:
             continue
         data = image.bytes[target_section.offset:target_section.offset + target_section.size]

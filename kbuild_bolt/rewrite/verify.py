@@ -404,10 +404,9 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
     except KbbError as err:
         report.add("output reads as a kernel", 1, [str(err)])
         return report
-    # The output decoded and its tables checked against its code on the other
-    # CPU, while this process compares it with the input and checks its
-    # relocations (which read its bytes, symbols and tables, not its
-    # instructions).
+    # The output decoded, its tables checked against its code and the
+    # relocations of its code against its bytes on the other CPU, while this
+    # process compares it with the input and checks the other relocations.
     against_code = ForkedCall(_code_agreement, image, inp, True, known_code) \
         if default_jobs() > 1 else _Done(_code_agreement, image, inp, False, known_code)
     compared = VerifyReport()
@@ -416,9 +415,9 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
             tables_of = _TablesOf(image)
             _compare(compared, tables_of, inp, path, expect_rewritten, fragments, moved_ranges,
                      stamp_build_id)
-            # (the relocations read the tables and the bytes, not the decoded code:
-            # checked here, the child has the decoding to do)
-            relocations = check_relocations(tables_of)
+            # (they read bytes, symbols and tables, not decoded code: split so that
+            # neither process waits long for the other)
+            in_data = check_relocations(tables_of, code=False)
             image.release_pages()
             for check in beside:
                 compared.add(*check(path))
@@ -429,8 +428,8 @@ def verify(path, against: BinaryModel | ElfImage | str | None = None,
             # it was decoded before anything else)
             against_code.result()
             raise
-        entries, bad = against_code.result()
-        total, problems = relocations
+        entries, bad, in_code = against_code.result()
+        total, problems = in_code[0] + in_data[0], in_code[1] + in_data[1]
     except KbbError as err:
         against_code.cancel()
         report.add("output reads as a kernel", 1, [str(err)])
@@ -477,7 +476,10 @@ _NOT_READ_BY_THE_CHILD = ("function_of_insn", "fill_insn")
 
 def _code_agreement(image: ElfImage, inp: BinaryModel | None, forked: bool, known=None):
     """The output decoded (with the input's decoding of what did not change):
-    (entries, problems) of its tables, checked against its code. ``forked``:
+    (entries, problems) of its tables, checked against its code, and (count,
+    problems) of the relocations that apply to its code, checked against its
+    bytes (they read no decoded code: here, they balance the comparison in the
+    parent, which checks the others). ``forked``:
     this is a child, its copy of the input's model its own. ``known``: code
     decoded before (BinaryModel's ``known``)."""
     if forked and inp is not None:
@@ -490,7 +492,9 @@ def _code_agreement(image: ElfImage, inp: BinaryModel | None, forked: bool, know
     entries = sum(c.entries for c in checks.values())
     bad = [f"{m.table}[{m.index}] {m.field} -> {m.where}: {m.message}"
            for c in checks.values() for m in c.mismatches]
-    return entries, bad
+    relocations = check_relocations(out, code=True)
+    _release(image, inp)
+    return entries, bad, relocations
 
 
 def _release(image: ElfImage, inp: BinaryModel | None) -> None:

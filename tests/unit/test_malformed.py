@@ -124,3 +124,22 @@ def test_table_disagreeing_with_the_code_is_refused_before_the_work(tmp_path):
     proc = rewrite(bad, tmp_path / "out")
     refused(proc, tmp_path / "out", ".smp_locks[0]",
             "the input's own table disagrees with its code")
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["two-cpus", "one-cpu"])
+def test_verification_reports_relocations_of_code_and_of_data(kernel, tmp_path, monkeypatch,
+                                                              forked):
+    """Verification checks the relocations of the code in its decoding process
+    and the others beside it: a record that disagrees with its field is reported
+    either way, and with one CPU."""
+    from kbuild_bolt.rewrite import verify as verify_module
+
+    if not forked:
+        monkeypatch.setattr(verify_module, "default_jobs", lambda: 1)
+    assert verify_module.verify(kernel, against=kernel).ok
+    for section in (".rela.text", ".rela.rodata"):
+        r = ElfImage(kernel).relocations(ElfImage(kernel).section(section))
+        bad = patched(kernel, tmp_path, section, RELA, 0, addend=int(r["addend"][0]) + 0x40)
+        report = verify_module.verify(bad, against=kernel)
+        assert [p for p in report.problems if f"{section}[0]" in p and "relocation says" in p], \
+            report.problems
