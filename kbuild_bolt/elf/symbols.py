@@ -162,9 +162,15 @@ class SymbolTable:
         padded = np.concatenate([strtab, np.zeros(longest, np.uint8)])
         offsets = np.minimum(offsets, len(strtab))
         for prefix in prefixes:
-            want = np.frombuffer(prefix.encode("ascii"), np.uint8)
-            got = padded[offsets[:, None] + np.arange(len(want))]
-            out |= (got == want).all(axis=1)
+            # Byte by byte, among the names that matched so far: the first byte
+            # is read for every name, the next ones for fewer and fewer.
+            rows = None
+            for k, byte in enumerate(prefix.encode("ascii")):
+                if rows is None:
+                    rows = np.flatnonzero(padded[offsets] == byte)
+                else:
+                    rows = rows[padded[offsets[rows] + k] == byte]
+            out[np.arange(len(offsets)) if rows is None else rows] = True
         self._prefixed[prefixes] = out
         return out
 

@@ -664,6 +664,15 @@ def sympos_changes(ctx: RewriteContext) -> list[str]:
     addresses a static function as name + sympos, its rank in that order)."""
     symbols = ctx.model.image.symbols
     funcs = np.flatnonzero(symbols.type == 2)
+    # (only functions whose name key another shares can share their name: the
+    # names of the few grouped, not of every function)
+    keys = symbols.name_keys[funcs]
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    shared = np.zeros(len(funcs), bool)
+    shared[1:] = ordered[1:] == ordered[:-1]
+    shared[:-1] |= shared[1:]
+    funcs = np.sort(funcs[order[shared]])
     names = symbols.names
     groups: dict[str, list[int]] = {}
     for i in funcs.tolist():

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kbuild_bolt.arrays import unique
+from kbuild_bolt.arrays import isin, unique
 from kbuild_bolt.binary.cfg import FALLTHROUGH
 from kbuild_bolt.elf.image import FIELD_SIZE, PC_RELATIVE
 from kbuild_bolt.rewrite.emit import table_sites
@@ -129,7 +129,7 @@ def eligible_calls(model, cfg, rows: np.ndarray) -> Eligible:
         if reg is not None and symbols.shndx[i] > 0:   # (inner labels: NOTYPE)
             thunk_of[int(symbols.value[i])] = reg
     direct = flow[calls] == x86.CALL
-    via_thunk = np.array([int(t) in thunk_of for t in insns.ref[calls[direct]].tolist()], bool)
+    via_thunk = isin(insns.ref[calls[direct]], np.array(list(thunk_of), np.uint64))
     keep = np.ones(len(calls), bool)
     keep[np.flatnonzero(direct)[~via_thunk]] = False
     calls = calls[keep]

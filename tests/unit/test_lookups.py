@@ -281,3 +281,29 @@ def test_name_keys_are_the_keys_of_the_names():
         for name in symbols.names:
             row = SymbolTable(raw, strtab).index(name)
             assert row is not None and symbols.names[row] == name if name else row is None
+
+
+def test_sympos_changes_are_the_names_whose_functions_changed_order():
+    """livepatch's sympos: the names of same-named functions whose order by
+    address a layout changed. Names that share their key (first eight bytes and
+    length) but not their text are not one group."""
+    from types import SimpleNamespace
+
+    from kbuild_bolt.rewrite.engine import sympos_changes
+
+    entries = [("dup", 0x100, False), ("abcdefghX", 0x200, False), ("dup", 0x300, False),
+               ("abcdefghY", 0x400, False), ("solo", 0x500, True), ("kept", 0x600, False),
+               ("kept", 0x700, False), ("abcdefghX", 0x800, False)]
+    symbols = _symbol_table(entries)
+    ctx = SimpleNamespace(model=SimpleNamespace(image=SimpleNamespace(symbols=symbols)))
+    values = symbols.value.copy()
+    ctx.symbol_values = values
+    assert sympos_changes(ctx) == []
+    values = symbols.value.copy()
+    values[[0, 2]] = values[[2, 0]]          # the two "dup" swap places
+    values[3] = 0x900                        # alone of its name: no rank to change
+    values[[1, 7]] = [0x810, 0x820]          # still in their order
+    ctx.symbol_values = values
+    assert sympos_changes(ctx) == ["dup"]
+    values[[1, 7]] = [0x820, 0x810]
+    assert sympos_changes(ctx) == ["dup", "abcdefghX"]     # (in the order of the symbols)
