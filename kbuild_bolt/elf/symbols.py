@@ -7,7 +7,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from kbuild_bolt.arrays import isin
+from kbuild_bolt.arrays import concat_ranges, unique
 from kbuild_bolt.elf.image import SYM, STT_FUNC
 
 
@@ -123,19 +123,33 @@ class SymbolTable:
             key |= byte << np.uint64(8 * k)
         return key ^ (lengths.astype(np.uint64) * np.uint64(_LENGTH_MIX))
 
+    @cached_property
+    def _keys_in_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows by name key, their keys sorted): a name's candidates are a
+        binary search away (a comparison with every key was a few tenths of a
+        millisecond per lookup, and a rewrite looks up a few hundred names)."""
+        order = np.argsort(self.name_keys, kind="stable")
+        return order, self.name_keys[order]
+
     def _candidates(self, names: list[str]) -> np.ndarray:
-        """Rows whose name may be one of ``names`` (by key; to be compared)."""
+        """Rows whose name may be one of ``names`` (by key; to be compared), in
+        ascending order."""
         wanted = np.fromiter(map(name_key, names), np.uint64, len(names))
-        return np.flatnonzero(isin(self.name_keys, wanted))
+        order, keys = self._keys_in_order
+        lo = np.searchsorted(keys, wanted, side="left")
+        hi = np.searchsorted(keys, wanted, side="right")
+        return unique(order[concat_ranges(lo, hi - lo)])
 
     def _names_of(self, rows: list[int]) -> list[str]:
         """The names of a few symbols (from the decoded names when they are)."""
         every = self.__dict__.get("names")
         if every is not None:
             return [every[i] for i in rows]
-        strtab, offsets, ends = self._strtab, self.raw["name"], self._name_ends
-        return [strtab[int(offsets[i]):int(ends[i])].decode("utf-8", "replace")
-                if offsets[i] < len(strtab) else "" for i in rows]
+        strtab = self._strtab
+        offsets = self.raw["name"][rows].tolist()
+        ends = self._name_ends[rows].tolist()
+        return [strtab[a:b].decode("utf-8", "replace") if a < len(strtab) else ""
+                for a, b in zip(offsets, ends)]
 
     def named(self, names) -> np.ndarray:
         """Per symbol: its name is one of ``names`` (found by key, then compared)."""
