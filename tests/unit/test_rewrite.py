@@ -323,3 +323,25 @@ def test_a_slot_never_runs_into_a_hole_after_its_function():
     # 0x200's slot ran over both holes: cut at the first; the others end before a hole
     assert got.tolist() == [0x180, 0x1000, 0x6000, 0x9100]
     assert slots_short_of_holes(starts, slots, []).tolist() == slots.tolist()
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+def test_new_code_decoded_beside_only_when_it_is_small(kernel, tmp_path, monkeypatch, limit):
+    """The new code is decoded beside the update when verification will take it
+    (on the other CPU, when there is one); past NEW_CODE_DECODED_BESIDE bytes (a
+    whole-kernel layout) it is not, and verification decodes it itself."""
+    from kbuild_bolt.rewrite import engine
+    from kbuild_bolt.rewrite.context import RewriteContext
+
+    if limit is not None:
+        monkeypatch.setattr(engine, "NEW_CODE_DECODED_BESIDE", limit)
+    started = []
+    real = RewriteContext.start_beside
+    monkeypatch.setattr(RewriteContext, "start_beside", lambda self, name, fn, *args: (
+        started.append(name), real(self, name, fn, *args))[1])
+    out = tmp_path / "out"
+    result = rewrite(kernel, out, options(reorder_blocks="reverse"))
+    assert result.verify_summary.startswith("verify: ok")
+    assert ("new code" in started) == (limit is None)
+    result = rewrite(kernel, out, options(reorder_blocks="reverse", verify=False))
+    assert started.count("new code") <= 1
