@@ -1,9 +1,12 @@
 """Debian's distro kernel as a real input: the debug vmlinux (with relocations)
-from ``linux-image-amd64-dbg`` and the matching vmlinuz, config and modules
-from the unsigned image package, fetched once into the cache."""
+from ``linux-image-<flavor>-dbg`` and the matching vmlinuz, config and modules
+from the unsigned image package, fetched once into the cache. The flavor is
+Debian's (``amd64``, ``cloud-amd64``, ``rt-amd64``): ``KBB_DISTRO_FLAVOR`` picks
+another than ``amd64`` for the tests and benchmarks."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -15,7 +18,8 @@ from kbuild_bolt.errors import KbbError
 from kbuild_bolt.cache import cache_root, locked
 from kbuild_bolt.lab.kernels import progress, run
 
-META_PACKAGE = "linux-image-amd64-dbg"
+DEFAULT_FLAVOR = "amd64"
+FLAVORS = ("amd64", "cloud-amd64", "rt-amd64")
 
 
 @dataclass(frozen=True)
@@ -44,17 +48,27 @@ class DistroKernel:
         return self.root / "modules"
 
 
-def _dbg_package() -> str:
-    proc = subprocess.run(["apt-cache", "depends", META_PACKAGE], capture_output=True, text=True)
+def _dbg_package(flavor: str) -> str:
+    meta = f"linux-image-{flavor}-dbg"
+    proc = subprocess.run(["apt-cache", "depends", meta], capture_output=True, text=True)
     m = re.search(r"Depends: (linux-image-\S+-dbg)", proc.stdout)
     if proc.returncode != 0 or not m:
-        raise KbbError(f"cannot resolve {META_PACKAGE} (apt-get update?)")
+        raise KbbError(f"cannot resolve {meta} (apt-get update?)")
     return m.group(1)
 
 
-def distro_kernel(fetch: bool = True) -> DistroKernel:
-    """Debian's current distro kernel, downloaded and unpacked on first use."""
-    dbg = _dbg_package()
+def distro_flavor() -> str:
+    """The flavor asked for by ``KBB_DISTRO_FLAVOR`` (``amd64`` by default)."""
+    flavor = os.environ.get("KBB_DISTRO_FLAVOR", "").strip() or DEFAULT_FLAVOR
+    if flavor not in FLAVORS:
+        raise KbbError(f"KBB_DISTRO_FLAVOR={flavor}: not one of {', '.join(FLAVORS)}")
+    return flavor
+
+
+def distro_kernel(fetch: bool = True, flavor: str | None = None) -> DistroKernel:
+    """Debian's current distro kernel of ``flavor`` (distro_flavor() by default),
+    downloaded and unpacked on first use."""
+    dbg = _dbg_package(flavor or distro_flavor())
     release = dbg[len("linux-image-"):-len("-dbg")]
     root = cache_root() / "distro" / release
     kernel = DistroKernel(release, root)

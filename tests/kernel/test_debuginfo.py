@@ -344,7 +344,8 @@ def test_crash_backtraces_symbols_and_source(dwarf5, distro_dump, tmp_path_facto
     code, sym gives a moved instruction's source line as the input had it, and
     dis -l of a moved, split function shows each instruction under the source
     line the input had for it. (The lab kernels' tiny configuration is beyond
-    crash 8.0.2 even unoptimized: it cannot read their exception stacks.)"""
+    crash 8.0.2 even unoptimized: it cannot read their exception stacks. So is
+    Debian's cloud flavor: there bt -a is asked to fail as it does unoptimized.)"""
     vmlinux, out, amap, _ = dwarf5
     code = load_code_image(str(amap))
     with ElfImage(vmlinux) as image:
@@ -352,11 +353,19 @@ def test_crash_backtraces_symbols_and_source(dwarf5, distro_dump, tmp_path_facto
     old = old[len(old) // 3:len(old) // 3 + 1]
     new, _ = code.points(old)
     name = "vfs_read"
+    # (crash needs a dump of the unoptimized kernel too: what it makes of that
+    # is the measure)
+    input_text = _crash(vmlinux, _distro_dump(vmlinux, tmp_path_factory, "input-vmcore"),
+                        f"bt -a\ndis -l {name}\n")
     text = _crash(out, distro_dump, f"bt -a\nsym {int(new[0]):#x}\ndis -l {name}\n")
     # bt -a: a backtrace per CPU, through functions of the optimized kernel
     assert len(re.findall(r"^PID: \d+\s+TASK:", text, re.M)) >= 2, text[:3000]
     frames = re.findall(r"#\d+ \[[0-9a-f]+\] (\S+) at ([0-9a-f]+)", text)
-    assert len(frames) >= 4 and "bt: " not in text, text[:3000]
+    input_frames = re.findall(r"#\d+ \[[0-9a-f]+\] (\S+) at ([0-9a-f]+)", input_text)
+    if len(input_frames) >= 4 and "bt: " not in input_text:
+        assert len(frames) >= 4 and "bt: " not in text, text[:3000]
+    else:   # (crash unwinds neither kernel: it fails on the stacks, not on our code)
+        assert "bt: read of stack" in text and "bt: read of stack" in input_text, text[:3000]
     with ElfImage(out) as image:
         # (crash shows GCC's clones and our cold parts by their function's name)
         names = {CLONE.sub("", n) for n in image.symbols.names}
@@ -370,8 +379,7 @@ def test_crash_backtraces_symbols_and_source(dwarf5, distro_dump, tmp_path_facto
     # instruction of the unoptimized kernel (crash needs a dump of that one too)
     lines = _dis_lines(text)
     assert len(lines) > 50, text[-3000:]
-    before = _dis_lines(_crash(vmlinux, _distro_dump(vmlinux, tmp_path_factory, "input-vmcore"),
-                               f"dis -l {name}\n"))
+    before = _dis_lines(input_text)
     addrs = np.array(sorted(lines), np.uint64)
     old_of, ok = code.old_of(addrs)
     assert ok.sum() > 50

@@ -48,8 +48,15 @@ def test_boot_distro_vmlinux_pvh(distro, tmp_path):
     from kbuild_bolt.lab.initramfs import build_lab_initramfs
 
     initrd = build_lab_initramfs(tmp_path / "initrd.gz")
-    result = boot(distro.vmlinux, initrd, workload="files", iterations=3, memory="1G")
+    # (the kallsyms channel keeps the second serial port busy: a PREEMPT_RT
+    # kernel, rt-amd64, disables its IRQ there unless booted with noirqdebug)
+    dump = tmp_path / "kallsyms.txt"
+    result = boot(distro.vmlinux, initrd, workload="files", iterations=3, memory="1G",
+                  kallsyms_to=dump)
     assert_clean(result)
+    assert len(dump.read_text().splitlines()) > 50000
+    rt = "CONFIG_PREEMPT_RT=y" in distro.config.read_text().splitlines()
+    assert ("noirqdebug" in result.cmdline.split()) == rt, result.cmdline
 
 
 def test_boot_cli_json(lab_regular, tmp_path):

@@ -100,9 +100,11 @@ def test_scan_log_problems_and_missing_markers():
         "[ 0.4] Oops: invalid opcode: 0000 [#1] PREEMPT SMP",
         "[ 0.5] Kernel panic - not syncing: Attempted to kill init!",
         "KBB-FAIL workload files",
+        "[ 2.7] irq 3: nobody cared (try booting with the \"irqpoll\" option)",
     ])
     assert not result.ok
-    assert [p.kind for p in result.problems] == ["warning", "return-thunk", "oops", "panic", "lab"]
+    assert [p.kind for p in result.problems] == ["warning", "return-thunk", "oops", "panic", "lab",
+                                                 "irq"]
     assert result.missing == ["done"]
 
 
@@ -165,3 +167,22 @@ def test_guest_boot_judged_by_its_own_line():
     warned = up + ["[    1.0] WARNING: CPU: 0 PID: 1 at kernel/foo.c:1"]
     assert not judged(warned, "system is up").ok
     assert "not seen" in judged(up, "never said").summary()
+
+
+def test_preempt_rt_from_the_bzimage_version_string(tmp_path):
+    """A PREEMPT_RT kernel boots with noirqdebug (QEMU's UART trips the rt
+    kernel's unhandled-IRQ count): told by the setup header's version string."""
+    from kbuild_bolt.qemu.runner import preempt_rt
+
+    def bzimage(version: bytes):
+        head = bytearray(0x1000)
+        head[0x202:0x206] = b"HdrS"
+        head[0x20E:0x210] = (0x400 - 0x200).to_bytes(2, "little")
+        head[0x400:0x400 + len(version) + 1] = version + b"\0"
+        path = tmp_path / f"bz{len(version)}"
+        path.write_bytes(bytes(head) + b"PREEMPT_RT elsewhere does not count")
+        return path
+
+    rt = b"6.1.0-57-rt-amd64 (debian-kernel@lists.debian.org) #1 SMP PREEMPT_RT Debian 6.1.192-3"
+    assert preempt_rt(bzimage(rt), "bzImage")
+    assert not preempt_rt(bzimage(b"6.12.117 (root@lab) #1 SMP PREEMPT_DYNAMIC"), "bzImage")
