@@ -148,8 +148,8 @@ def preempt_rt(path: Path, entry: str) -> bool:
     """Whether the kernel (bzImage or vmlinux) was built with PREEMPT_RT, from its
     version string."""
     if entry == "bzImage":
-        with open(path, "rb") as f:
-            head = f.read(0x10000)
+        with open(path, "rb") as f:   # (the pointer is 16 bits: all it can reach)
+            head = f.read(0x200 + 0x10000 + 256)
         if len(head) < _SETUP_KERNEL_VERSION + 2:
             return False
         at = 0x200 + int.from_bytes(head[_SETUP_KERNEL_VERSION:_SETUP_KERNEL_VERSION + 2],
